@@ -1,0 +1,213 @@
+"""Load and check config.toml into typed sections.
+
+Every value is checked once at startup so a typo or a bad value stops Mynah with a
+message naming the key, instead of failing later in the middle of a chat.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key and the problem."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "starter"
+    format: str = "auto"
+    device: str = "auto"
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    repetition_penalty: float = 1.2
+    max_new_tokens: int = 40
+    min_new_tokens: int = 1
+    max_history_turns: int = 6
+    max_context_tokens: int = 256
+    banned_words: list = field(default_factory=list)
+    seed: int | None = None
+    fallback_reply: str = "Hmm, I'm not sure what to say to that."
+    mmi_model: str = ""
+    mmi_candidates: int = 1
+    mmi_weight: float = 0.5
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 16
+    max_queue: int = 256
+    threads: int = 0
+    quantize: str = "none"
+
+
+@dataclass
+class StorageConfig:
+    path: str = "data/mynah.sqlite3"
+
+
+@dataclass
+class ChatConfig:
+    answer_all_in_groups: bool = False
+    rate_limit_messages: int = 8
+    rate_limit_seconds: float = 60.0
+    max_message_chars: int = 4000
+
+
+@dataclass
+class AdminsConfig:
+    telegram: list = field(default_factory=list)
+    discord: list = field(default_factory=list)
+
+
+@dataclass
+class TelegramConfig:
+    base_url: str = ""
+    mode: str = "polling"
+    webhook_url: str = ""
+    webhook_listen: str = "0.0.0.0"
+    webhook_port: int = 8443
+
+
+@dataclass
+class DiscordConfig:
+    command_guilds: list = field(default_factory=list)
+    answer_all_channels: list = field(default_factory=list)
+
+
+@dataclass
+class LearningConfig:
+    enabled: bool = False
+    schedule: str = "24h"
+    min_new_messages: int = 200
+    promote_margin: float = 0.01
+    base_loss_tolerance: float = 0.05
+    registry: str = "models"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    admins: AdminsConfig = field(default_factory=AdminsConfig)
+    telegram: TelegramConfig = field(default_factory=TelegramConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    source: Path | None = None
+
+
+_CHOICES = {
+    ("model", "format"): {"auto", "dialogpt", "chitchat", "chat_template"},
+    ("model", "device"): {"auto", "cpu", "cuda", "mps"},
+    ("telegram", "mode"): {"polling", "webhook"},
+    ("engine", "quantize"): {"none", "int8"},
+}
+_POSITIVE = {
+    ("generation", "max_new_tokens"), ("generation", "max_history_turns"),
+    ("generation", "max_context_tokens"), ("engine", "max_batch_size"),
+    ("engine", "max_queue"), ("chat", "rate_limit_messages"),
+    ("chat", "rate_limit_seconds"), ("chat", "max_message_chars"),
+    ("generation", "mmi_candidates"),
+}
+
+
+def _check_value(section: str, key: str, value: Any, hint: Any) -> Any:
+    where = f"[{section}] {key}"
+    hint_text = str(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+    elif hint is int or hint_text == "int | None":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+    elif hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+    if (section, key) in _CHOICES and value not in _CHOICES[(section, key)]:
+        allowed = ", ".join(sorted(_CHOICES[(section, key)]))
+        raise ConfigError(f"{where} must be one of {allowed}; got {value!r}")
+    if (section, key) in _POSITIVE and value <= 0:
+        raise ConfigError(f"{where} must be greater than 0, got {value!r}")
+    return value
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"[{name}] has unknown key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {k: _check_value(name, k, v, hints[k]) for k, v in raw.items()}
+    section = cls(**values)
+    _check_section(name, section)
+    return section
+
+
+def _check_section(name: str, section: Any) -> None:
+    if name == "generation":
+        if not 0 < section.temperature <= 10:
+            raise ConfigError(f"[generation] temperature must be in (0, 10], got {section.temperature}")
+        if not 0 < section.top_p <= 1:
+            raise ConfigError(f"[generation] top_p must be in (0, 1], got {section.top_p}")
+        if section.top_k < 0:
+            raise ConfigError(f"[generation] top_k must be 0 (off) or more, got {section.top_k}")
+        if section.repetition_penalty < 1:
+            raise ConfigError("[generation] repetition_penalty must be 1.0 (off) or more")
+        if section.min_new_tokens > section.max_new_tokens:
+            raise ConfigError("[generation] min_new_tokens must not exceed max_new_tokens")
+    if name == "learning":
+        from bots.schedule import parse_schedule  # local: avoids a cycle at import time
+
+        try:
+            parse_schedule(section.schedule)
+        except ValueError as exc:
+            raise ConfigError(f"[learning] schedule: {exc}") from None
+
+
+def parse_config(raw: dict, source: Path | None = None) -> Config:
+    """Turn a parsed TOML document into a checked Config."""
+    sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+    hints = get_type_hints(Config)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(unknown)}; known: {', '.join(sorted(sections))}")
+    built = {name: _build_section(name, hints[name], raw.get(name, {})) for name in sections}
+    return Config(**built, source=source)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a config file; a missing default file means all defaults."""
+    if path is None:
+        path = Path("config.toml")
+        if not path.exists():
+            return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse_config(raw, source=path)

@@ -1,0 +1,127 @@
+"""Dialogue formats: how a conversation becomes token ids and back.
+
+Three formats cover the GPT-2 dialogue family:
+- ``dialogpt``: each turn followed by the eos token (DialoGPT, byte-level BPE);
+- ``chitchat``: ``[CLS]u1[SEP]u2[SEP]`` with a BERT WordPiece vocab (GPT2-chitchat);
+- ``chat_template``: the tokenizer's own chat template (modern instruct models).
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+FORMATS = ("dialogpt", "chitchat", "chat_template")
+
+# Turns arrive as (role, text) with role "user" or "bot".
+Turn = tuple[str, str]
+
+_CJK_GAP = re.compile(r"(?<=[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]) (?=[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef])")
+
+
+def detect_format(tokenizer) -> str:
+    """Pick the format a tokenizer was trained for."""
+    vocab = tokenizer.get_vocab()
+    if "[CLS]" in vocab and "[SEP]" in vocab:
+        return "chitchat"
+    if getattr(tokenizer, "chat_template", None) and "message" in tokenizer.chat_template and not _is_eos_join_template(tokenizer):
+        return "chat_template"
+    return "dialogpt"
+
+
+def _is_eos_join_template(tokenizer) -> bool:
+    """DialoGPT's own template just joins turns with eos: treat it as dialogpt."""
+    template = tokenizer.chat_template.replace(" ", "")
+    return "{{message.content}}{{eos_token}}" in template or "{{message['content']}}{{eos_token}}" in template
+
+
+class DialogueFormat:
+    """Encodes contexts for generation and whole dialogues for training."""
+
+    def __init__(self, tokenizer, name: str = "auto"):
+        if name == "auto":
+            name = detect_format(tokenizer)
+        if name not in FORMATS:
+            raise ValueError(f"unknown dialogue format {name!r}; choose from {', '.join(FORMATS)}")
+        self.name = name
+        self.tokenizer = tokenizer
+        if name == "chitchat":
+            self.start_ids = [tokenizer.convert_tokens_to_ids("[CLS]")]
+            self.turn_end_id = tokenizer.convert_tokens_to_ids("[SEP]")
+        else:
+            if tokenizer.eos_token_id is None:
+                raise ValueError("the tokenizer has no eos token, which the dialogpt/chat_template formats need")
+            self.start_ids = []
+            self.turn_end_id = tokenizer.eos_token_id
+        self.stop_ids = {self.turn_end_id}
+        if tokenizer.eos_token_id is not None:
+            self.stop_ids.add(tokenizer.eos_token_id)
+        self.banned_ids = self._never_generate()
+
+    def _never_generate(self) -> set[int]:
+        """[UNK], padding and start tokens must never appear in a reply."""
+        tok = self.tokenizer
+        banned = {tok.unk_token_id, tok.pad_token_id, tok.cls_token_id, getattr(tok, "mask_token_id", None)}
+        if self.name != "chitchat":
+            banned.discard(tok.pad_token_id if tok.pad_token_id in self.stop_ids else None)
+        return {i for i in banned if i is not None and i not in self.stop_ids}
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else self.turn_end_id
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def context_ids(self, turns: Sequence[Turn], max_tokens: int) -> list[int]:
+        """The prompt for the next bot turn: newest turns kept within max_tokens."""
+        if self.name == "chat_template":
+            return self._template_context(turns, max_tokens)
+        pieces = [self.encode_text(text) + [self.turn_end_id] for _, text in turns]
+        budget = max_tokens - len(self.start_ids)
+        kept: list[list[int]] = []
+        used = 0
+        for piece in reversed(pieces):
+            if used + len(piece) > budget:
+                if not kept:  # the newest turn alone is too long: keep its tail
+                    kept.append(piece[-budget:])
+                break
+            kept.append(piece)
+            used += len(piece)
+        return self.start_ids + [i for piece in reversed(kept) for i in piece]
+
+    def _template_context(self, turns: Sequence[Turn], max_tokens: int) -> list[int]:
+        messages = [{"role": "assistant" if role == "bot" else "user", "content": text} for role, text in turns]
+        while True:
+            ids = self._apply_template(messages, add_generation_prompt=True)
+            if len(ids) <= max_tokens or len(messages) <= 1:
+                return ids[-max_tokens:]
+            messages = messages[1:]
+
+    def _apply_template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if hasattr(out, "keys"):  # transformers 5 may return a BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+
+    def dialogue_ids(self, utterances: Sequence[str]) -> list[int]:
+        """A whole dialogue as one training sequence (every turn, each closed)."""
+        if self.name == "chat_template":
+            n = len(utterances)
+            roles = ["assistant" if (n - 1 - i) % 2 == 0 else "user" for i in range(n)]
+            return self._apply_template([{"role": r, "content": u} for r, u in zip(roles, utterances)], False)
+        ids = list(self.start_ids)
+        for utterance in utterances:
+            ids += self.encode_text(utterance) + [self.turn_end_id]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Reply text from generated ids (without the closing token)."""
+        ids = [i for i in ids if i not in self.stop_ids]
+        if self.name != "chitchat":
+            return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True).replace(" ##", "")
+        prev = None
+        while prev != text:  # WordPiece decoding spaces every CJK character apart
+            prev, text = text, _CJK_GAP.sub("", text)
+        return text.strip()

@@ -1,0 +1,105 @@
+"""Load any Hugging Face causal LM and its tokenizer, with clear errors.
+
+A folder can be a normal HF save (config + safetensors + tokenizer files), a DialoGPT /
+GPT-2 download, or a GPT2-chitchat checkpoint (config.json + pytorch_model.bin +
+vocab.txt), which loads unchanged. A hub name works where the machine is online.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.dialogue import DialogueFormat
+
+log = logging.getLogger(__name__)
+
+STARTER = Path(__file__).resolve().parent / "starter"
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be used; the message says which path and why."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    fmt: DialogueFormat
+    version: str
+    path: str
+    device: torch.device
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def resolve_path(path: str) -> str:
+    """"starter" names the model shipped with Mynah; anything else is used as given."""
+    if path in ("", "starter"):
+        if not (STARTER / "config.json").exists():
+            raise ModelLoadError(f"the starter model is missing from {STARTER}; reinstall Mynah or set [model] path")
+        return str(STARTER)
+    return path
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer, except a bare BERT vocab.txt folder (GPT2-chitchat) → BertTokenizerFast."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    folder = Path(path)
+    has_own = any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+    if folder.is_dir() and (folder / "vocab.txt").exists() and not has_own:
+        # from_pretrained(folder) reads vocab.txt; the vocab_file= keyword is ignored in transformers 5
+        tok = BertTokenizerFast.from_pretrained(str(folder))
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
+    if len(tok.get_vocab()) < 10:
+        raise ModelLoadError(f"the tokenizer in {path} has only {len(tok.get_vocab())} tokens; its vocabulary did not load")
+    return tok
+
+
+def _load_weights(path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    config_file = Path(path) / "config.json"
+    if config_file.exists():
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        if "model_type" not in raw and "n_embd" in raw:  # old GPT2-chitchat configs name no model type
+            return GPT2LMHeadModel.from_pretrained(path, config=GPT2Config(**raw), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: str = "", quantize: str = "none") -> LoadedModel:
+    """Load model + tokenizer + dialogue format ready for generation (eval mode)."""
+    path = resolve_path(path)
+    folder = Path(path)
+    if not folder.exists() and ("/" not in path or path.startswith((".", "/"))):
+        raise ModelLoadError(f"model folder not found: {path}")
+    try:
+        tokenizer = load_tokenizer(path)
+        model = _load_weights(path, torch.float32)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # corrupt weights, missing files, no network for a hub name …
+        raise ModelLoadError(f"could not load the model from {path}: {type(exc).__name__}: {exc}") from exc
+    dev = pick_device(device)
+    model.eval()
+    if quantize == "int8":
+        from engine.quantize import quantize_int8
+
+        model = quantize_int8(model)
+        dev = torch.device("cpu")
+    model.to(dev)
+    dialogue = DialogueFormat(tokenizer, fmt)
+    return LoadedModel(model=model, tokenizer=tokenizer, fmt=dialogue, version=version or folder.name, path=path, device=dev)

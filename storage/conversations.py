@@ -1,0 +1,244 @@
+"""What the bot said and heard: logging, per-chat context, /reset, /forget and export.
+
+Every platform id is stored as TEXT so Telegram ints and Discord snowflakes compare the
+same way. A thread or forum topic is its own chat, so it keeps its own context.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from storage.db import Database
+
+ROLES = ("user", "bot")
+STATUSES = ("ok", "pending", "failed")
+DIALOGUE_GAP_SECONDS = 3600  # a longer silence starts a new conversation
+
+
+@dataclass
+class Turn:
+    role: str
+    text: str
+
+
+@dataclass
+class Dialogue:
+    chat_id: int
+    turns: list[str]
+    first_message_id: int
+    last_message_id: int
+
+
+def _id(value: str | int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+class Conversations:
+    """The conversation tables, behind one shared Database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # --- chats and users -------------------------------------------------------------
+
+    async def chat(self, platform: str, platform_chat_id: str | int, *, thread_id: str | int = "",
+                   type: str = "private", title: str | None = None) -> int:
+        """The chats.id for this chat (created on first sight; title kept current)."""
+        key = (platform, str(platform_chat_id), str(thread_id or ""))
+        row = await self.db.fetchone(
+            "SELECT id, title FROM chats WHERE platform = ? AND platform_chat_id = ? AND thread_id = ?", key)
+        if row is not None and (title is None or row["title"] == title):
+            return row["id"]  # the common case needs no write lock
+        async with self.db.transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "INSERT INTO chats (platform, platform_chat_id, thread_id, type, title, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (platform, platform_chat_id, thread_id) "
+                "DO UPDATE SET title = COALESCE(excluded.title, title) RETURNING id",
+                (*key, type, title, time.time()))
+        return list(rows)[0][0]
+
+    async def user(self, platform: str, platform_user_id: str | int, *, name: str | None = None) -> int:
+        """The users.id for this user (created on first sight; name kept current)."""
+        key = (platform, str(platform_user_id))
+        row = await self.db.fetchone(
+            "SELECT id, name FROM users WHERE platform = ? AND platform_user_id = ?", key)
+        if row is not None and (name is None or row["name"] == name):
+            return row["id"]
+        async with self.db.transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "INSERT INTO users (platform, platform_user_id, name, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (platform, platform_user_id) "
+                "DO UPDATE SET name = COALESCE(excluded.name, name) RETURNING id",
+                (*key, name, time.time()))
+        return list(rows)[0][0]
+
+    async def set_consent(self, chat_id: int, consent: bool) -> None:
+        async with self.db.transaction() as conn:
+            await conn.execute("UPDATE chats SET consent = ? WHERE id = ?", (int(consent), chat_id))
+
+    async def consent(self, chat_id: int) -> bool:
+        """Whether this chat's messages may be used for training (chats opt in by default)."""
+        row = await self.db.fetchone("SELECT consent FROM chats WHERE id = ?", (chat_id,))
+        return True if row is None else bool(row[0])
+
+    # --- messages ----------------------------------------------------------------------
+
+    async def log_message(self, chat_id: int, role: str, text: str, *, user_id: int | None = None,
+                          platform_message_id: str | int | None = None, reply_to: str | int | None = None,
+                          model_version: str | None = None, status: str = "ok") -> int:
+        """Store one message and return its id; it is committed when this returns."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO messages (chat_id, user_id, role, text, platform_message_id, "
+                "reply_to_platform_id, model_version, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (chat_id, user_id, role, text, _id(platform_message_id), _id(reply_to),
+                 model_version, status, time.time()))
+            return cursor.lastrowid
+
+    async def set_status(self, message_id: int, status: str, *, platform_message_id: str | int | None = None) -> None:
+        """Mark a bot reply sent ('ok') or 'failed', and remember the id the platform gave it."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE messages SET status = ?, platform_message_id = COALESCE(?, platform_message_id) "
+                "WHERE id = ?", (status, _id(platform_message_id), message_id))
+
+    async def is_bot_message(self, chat_id: int, platform_message_id: str | int) -> bool:
+        """Whether a reply targets something the bot said in this chat."""
+        row = await self.db.fetchone(
+            "SELECT 1 FROM messages WHERE chat_id = ? AND platform_message_id = ? AND role = 'bot' LIMIT 1",
+            (chat_id, str(platform_message_id)))
+        return row is not None
+
+    async def context(self, chat_id: int, max_turns: int) -> list[Turn]:
+        """The chat's last max_turns messages since its last reset, oldest first."""
+        if max_turns <= 0:
+            return []
+        rows = await self.db.fetchall(
+            "SELECT role, text FROM ("
+            "  SELECT m.id, m.role, m.text FROM messages m JOIN chats c ON c.id = m.chat_id"
+            "  WHERE m.chat_id = ? AND m.id > c.context_start_id AND m.status != 'failed'"
+            "  ORDER BY m.id DESC LIMIT ?"
+            ") ORDER BY id", (chat_id, max_turns))
+        return [Turn(row["role"], row["text"]) for row in rows]
+
+    async def reset(self, chat_id: int) -> None:
+        """Start a fresh context; nothing is deleted, so the history still trains the model."""
+        async with self.db.transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT MAX(COALESCE((SELECT MAX(id) FROM messages WHERE chat_id = ?), 0), context_start_id) "
+                "FROM chats WHERE id = ?", (chat_id, chat_id))
+            rows = list(rows)
+            if not rows:
+                raise LookupError(f"no chat with id {chat_id}")
+            at = rows[0][0]
+            await conn.execute("UPDATE chats SET context_start_id = ? WHERE id = ?", (at, chat_id))
+            await conn.execute(
+                "INSERT INTO context_resets (chat_id, at_message_id, created_at) VALUES (?, ?, ?)",
+                (chat_id, at, time.time()))
+
+    async def forget_user(self, platform: str, platform_user_id: str | int) -> int:
+        """Delete the user's messages in every chat of the platform, and the bot replies to them.
+
+        Returns how many of the user's messages were deleted. The ids are recorded in
+        `forgotten` so data exported before now can be purged too.
+        """
+        key = (platform, str(platform_user_id))
+        async with self.db.transaction() as conn:
+            own = [row[0] for row in await conn.execute_fetchall(
+                "SELECT m.id FROM messages m JOIN users u ON u.id = m.user_id "
+                "WHERE u.platform = ? AND u.platform_user_id = ?", key)]
+            # The bot reply to a user message is the chat's next message, when the bot wrote it.
+            replies = [row[0] for row in await conn.execute_fetchall(
+                "SELECT n.id FROM messages m JOIN users u ON u.id = m.user_id "
+                "JOIN messages n ON n.id = (SELECT MIN(x.id) FROM messages x "
+                "                           WHERE x.chat_id = m.chat_id AND x.id > m.id) "
+                "WHERE u.platform = ? AND u.platform_user_id = ? AND m.role = 'user' AND n.role = 'bot'", key)]
+            deleted = sorted(set(own) | set(replies))
+            await conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in deleted])
+            await conn.execute("UPDATE users SET name = NULL WHERE platform = ? AND platform_user_id = ?", key)
+            await conn.execute(
+                "INSERT INTO forgotten (platform, platform_user_id, forgotten_at, message_ids) VALUES (?, ?, ?, ?)",
+                (*key, time.time(), json.dumps(deleted)))
+        await self.db.compact_wal()  # secure_delete zeroed the rows; now flush the old WAL frames too
+        return len(own)
+
+    async def forgotten_message_ids(self) -> set[int]:
+        """Every message id ever removed by forget_user (ids are never reused)."""
+        rows = await self.db.fetchall("SELECT message_ids FROM forgotten")
+        return {i for row in rows for i in json.loads(row[0])}
+
+    # --- learning loop -----------------------------------------------------------------
+
+    async def export_dialogues(self, *, after_message_id: int = 0, min_turns: int = 2) -> list[Dialogue]:
+        """Opted-in conversations for training, ordered by their last message id.
+
+        A chat's history is cut at every /reset and at silences over an hour; consecutive
+        messages from the same side are merged into one turn.
+        """
+        rows = await self.db.fetchall(
+            "SELECT m.id, m.chat_id, m.role, m.text, m.created_at, "
+            "  (SELECT COUNT(*) FROM context_resets r "
+            "   WHERE r.chat_id = m.chat_id AND r.at_message_id < m.id) AS epoch "
+            "FROM messages m JOIN chats c ON c.id = m.chat_id "
+            "WHERE c.consent = 1 AND m.status = 'ok' "
+            "  AND m.chat_id IN (SELECT chat_id FROM messages WHERE id > ?) "
+            "ORDER BY m.chat_id, m.id", (after_message_id,))
+        dialogues: list[Dialogue] = []
+        current: Dialogue | None = None
+        prev = None
+        for row in rows:
+            starts_new = (prev is None or row["chat_id"] != prev["chat_id"] or row["epoch"] != prev["epoch"]
+                          or row["created_at"] - prev["created_at"] > DIALOGUE_GAP_SECONDS)
+            if starts_new:
+                current = Dialogue(row["chat_id"], [row["text"]], row["id"], row["id"])
+                dialogues.append(current)
+            elif row["role"] == prev["role"]:
+                current.turns[-1] += "\n" + row["text"]
+                current.last_message_id = row["id"]
+            else:
+                current.turns.append(row["text"])
+                current.last_message_id = row["id"]
+            prev = row
+        kept = [d for d in dialogues if len(d.turns) >= min_turns and d.last_message_id > after_message_id]
+        return sorted(kept, key=lambda d: d.last_message_id)
+
+    async def count_user_messages(self, *, after_message_id: int = 0) -> int:
+        """New material for training: user messages in opted-in chats after the given id."""
+        row = await self.db.fetchone(
+            "SELECT COUNT(*) FROM messages m JOIN chats c ON c.id = m.chat_id "
+            "WHERE c.consent = 1 AND m.role = 'user' AND m.status = 'ok' AND m.id > ?", (after_message_id,))
+        return row[0]
+
+    async def max_message_id(self) -> int:
+        row = await self.db.fetchone("SELECT COALESCE(MAX(id), 0) FROM messages")
+        return row[0]
+
+    # --- admin -------------------------------------------------------------------------
+
+    async def audit(self, platform: str, platform_user_id: str | int, command: str, args: str | None,
+                    allowed: bool) -> None:
+        """Record an admin command attempt, allowed or refused."""
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO admin_audit (platform, platform_user_id, command, args, allowed, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (platform, str(platform_user_id), command, args, int(allowed), time.time()))
+
+    async def recent_audit(self, limit: int = 20) -> list[dict]:
+        """Newest first."""
+        rows = await self.db.fetchall(
+            "SELECT id, platform, platform_user_id, command, args, allowed, created_at "
+            "FROM admin_audit ORDER BY id DESC LIMIT ?", (limit,))
+        return [{**dict(row), "allowed": bool(row["allowed"])} for row in rows]
+
+    async def stats(self) -> dict:
+        row = await self.db.fetchone(
+            "SELECT (SELECT COUNT(*) FROM chats), (SELECT COUNT(*) FROM users), (SELECT COUNT(*) FROM messages)")
+        return {"chats": row[0], "users": row[1], "messages": row[2]}

@@ -1,0 +1,254 @@
+"""One SQLite file for everything Mynah remembers.
+
+WAL lets readers (exports, /status) run while the bot writes; a busy timeout plus a few
+retries rides out another process (the trainer, a CLI) briefly holding the write lock.
+The schema is versioned with PRAGMA user_version and only ever migrated forward.
+"""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable
+
+import aiosqlite
+
+
+class StorageError(Exception):
+    """The database cannot be used: not a database, too new, or locked for too long."""
+
+
+# Each entry is one schema version; entry i moves user_version from i to i + 1.
+# Never edit an entry that has shipped: append a new one.
+MIGRATIONS: list[str] = [
+    # 1: the conversation core.
+    """
+    CREATE TABLE chats (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        platform_chat_id TEXT NOT NULL,
+        thread_id TEXT NOT NULL DEFAULT '',
+        type TEXT NOT NULL DEFAULT 'private',
+        title TEXT,
+        consent INTEGER NOT NULL DEFAULT 1,
+        context_start_id INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        UNIQUE (platform, platform_chat_id, thread_id)
+    );
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        platform_user_id TEXT NOT NULL,
+        name TEXT,
+        is_admin INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        UNIQUE (platform, platform_user_id)
+    );
+    -- AUTOINCREMENT: ids are never reused after /forget, so "after message id N"
+    -- watermarks and context_start_id stay meaningful.
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+        user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'bot')),
+        text TEXT NOT NULL,
+        platform_message_id TEXT,
+        reply_to_platform_id TEXT,
+        model_version TEXT,
+        status TEXT NOT NULL DEFAULT 'ok' CHECK (status IN ('ok', 'pending', 'failed')),
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX messages_chat_id ON messages (chat_id, id);
+    CREATE TABLE context_resets (
+        id INTEGER PRIMARY KEY,
+        chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+        at_message_id INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+    # 2: lookups used by /forget and reply detection, plus the learning loop and admin tables.
+    """
+    CREATE INDEX messages_user ON messages (user_id);
+    CREATE INDEX messages_platform_id ON messages (chat_id, platform_message_id);
+    CREATE INDEX context_resets_chat ON context_resets (chat_id, at_message_id);
+    CREATE TABLE model_versions (
+        version TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        metrics_json TEXT,
+        note TEXT
+    );
+    CREATE TABLE training_runs (
+        id INTEGER PRIMARY KEY,
+        trigger TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        status TEXT NOT NULL DEFAULT 'running',
+        data_json TEXT,
+        losses_json TEXT,
+        decision TEXT,
+        error TEXT
+    );
+    CREATE TABLE admin_audit (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        platform_user_id TEXT NOT NULL,
+        command TEXT NOT NULL,
+        args TEXT,
+        allowed INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    -- Who asked to be forgotten and which message ids went with them, so the learning
+    -- loop can drop those ids from data it exported before the deletion.
+    CREATE TABLE forgotten (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        platform_user_id TEXT NOT NULL,
+        forgotten_at REAL NOT NULL,
+        message_ids TEXT NOT NULL DEFAULT '[]'
+    );
+    """,
+]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements (executescript would commit our transaction)."""
+    statements, current = [], ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n\t;"):
+                statements.append(current.strip())
+            current = ""
+    return statements
+
+
+def _is_locked(error: sqlite3.OperationalError) -> bool:
+    message = str(error).lower()
+    return "locked" in message or "busy" in message
+
+
+class Database:
+    """One aiosqlite connection shared by every coroutine of the process.
+
+    Write through `transaction()`; it serializes coroutines with a lock, because SQLite
+    has one transaction per connection and interleaved BEGINs would mix their writes.
+    """
+
+    retries = 5            # extra BEGIN attempts after busy_timeout gave up
+    retry_delay = 0.05     # seconds, doubled each attempt
+
+    def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
+        self.conn = conn
+        self.path = path
+        self.busy_timeout_ms = 5000
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path, *, busy_timeout_ms: int = 5000) -> "Database":
+        path = str(path)
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; transaction() issues BEGIN itself.
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        db = cls(conn, path)
+        db.busy_timeout_ms = int(busy_timeout_ms)
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {db.busy_timeout_ms}")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA synchronous = NORMAL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+            # /forget must remove text from the file, not just unlink it from the b-tree.
+            await conn.execute("PRAGMA secure_delete = ON")
+            await db._migrate()
+        except StorageError:
+            await conn.close()
+            raise
+        except sqlite3.DatabaseError as e:
+            await conn.close()
+            raise StorageError(f"cannot use {path} as a SQLite database: {e}") from e
+        return db
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def user_version(self) -> int:
+        row = await self.fetchone("PRAGMA user_version")
+        return row[0]
+
+    async def _migrate(self) -> None:
+        known = len(MIGRATIONS)
+        current = await self.user_version()
+        if current > known:
+            raise StorageError(
+                f"{self.path} has schema version {current}, newer than this code knows ({known}); "
+                "upgrade Mynah instead of opening it with an old version")
+        for version in range(current + 1, known + 1):
+            async with self.transaction() as conn:
+                # Re-check inside the write lock: another process may have migrated meanwhile.
+                (applied,) = await (await conn.execute("PRAGMA user_version")).fetchone()
+                if applied >= version:
+                    continue
+                try:
+                    for statement in _statements(MIGRATIONS[version - 1]):
+                        await conn.execute(statement)
+                except sqlite3.Error as e:
+                    raise StorageError(f"{self.path}: migration {version} failed and was rolled back: {e}") from e
+                await conn.execute(f"PRAGMA user_version = {version}")
+
+    async def _begin(self) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                await self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if not _is_locked(e):
+                    raise
+                if attempt == self.retries:
+                    raise StorageError(
+                        f"{self.path} stayed locked by another writer; gave up after "
+                        f"{self.retries + 1} attempts") from e
+                await asyncio.sleep(self.retry_delay * 2 ** attempt)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception.
+
+        Use the yielded connection inside; do not call fetchone/fetchall (they take the
+        same lock and would wait forever).
+        """
+        async with self._lock:
+            await self._begin()
+            try:
+                yield self.conn
+                await self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    await self.conn.rollback()
+                raise
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        """A read that never sees another coroutine's half-done transaction."""
+        async with self._lock:
+            return list(await self.conn.execute_fetchall(sql, tuple(params)))
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
+        async with self._lock:
+            async with self.conn.execute(sql, tuple(params)) as cursor:
+                return await cursor.fetchone()
+
+    async def compact_wal(self) -> bool:
+        """Checkpoint and empty the WAL so deleted text leaves the disk, not just the tables.
+
+        Best effort with a short wait: False when a reader elsewhere kept it from finishing.
+        """
+        async with self._lock:
+            await self.conn.execute("PRAGMA busy_timeout = 200")
+            try:
+                async with self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                    busy, _, _ = await cursor.fetchone()
+            finally:
+                await self.conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+        return busy == 0
