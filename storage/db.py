@@ -150,8 +150,11 @@ class Database:
         path = str(path)
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions; transaction() issues BEGIN itself.
-        conn = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            # isolation_level=None: no implicit transactions; transaction() issues BEGIN itself.
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot open {path}: {e}") from e
         conn.row_factory = aiosqlite.Row
         db = cls(conn, path)
         db.busy_timeout_ms = int(busy_timeout_ms)
@@ -188,7 +191,7 @@ class Database:
         for version in range(current + 1, known + 1):
             async with self.transaction() as conn:
                 # Re-check inside the write lock: another process may have migrated meanwhile.
-                (applied,) = await (await conn.execute("PRAGMA user_version")).fetchone()
+                (applied,), = await conn.execute_fetchall("PRAGMA user_version")
                 if applied >= version:
                     continue
                 try:

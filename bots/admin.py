@@ -1,0 +1,73 @@
+"""Admin-only commands behind a real ACL: /retrain, /status, /rollback, /models.
+
+Admins are platform user ids listed in config under [admins]. Every attempt, allowed or
+not, is written to the audit table. The learning loop plugs in as `learning`; without it
+the commands that need it say so.
+"""
+from __future__ import annotations
+
+import time
+
+from bots.events import Incoming, Outgoing
+
+ADMIN_COMMANDS = {
+    "retrain": "fine-tune on logged chats now",
+    "status": "model, runs, queue, latency, uptime",
+    "rollback": "make the previous (or a given) version active",
+    "models": "list model versions and their metrics",
+}
+
+
+class AdminCommands:
+    def __init__(self, admins_config, conversations, engine, learning=None):
+        self.admins = {
+            "telegram": {str(i) for i in admins_config.telegram},
+            "discord": {str(i) for i in admins_config.discord},
+        }
+        self.conversations = conversations
+        self.engine = engine
+        self.learning = learning
+        self.started_at = time.time()
+
+    def is_admin(self, platform: str, user_id: str) -> bool:
+        if platform == "console":  # whoever runs the console owns the machine
+            return True
+        return str(user_id) in self.admins.get(platform, set())
+
+    async def handle(self, name: str, args: list[str], msg: Incoming) -> list[Outgoing]:
+        allowed = self.is_admin(msg.platform, msg.user_id)
+        await self.conversations.audit(msg.platform, msg.user_id, name, " ".join(args), allowed)
+        if not allowed:
+            return [Outgoing(f"Sorry, /{name} is for the bot's admins only.", ephemeral=True)]
+        if name == "status":
+            return [Outgoing(await self.status_text(), ephemeral=True)]
+        if self.learning is None:
+            return [Outgoing(f"/{name} is not available yet: the learning loop is not running.", ephemeral=True)]
+        handler = getattr(self.learning, f"command_{name}")
+        return await handler(args, msg)
+
+    async def status_text(self) -> str:
+        stats = self.engine.stats()
+        counts = await self.conversations.stats()
+        p50, p95 = stats["latency_p50_s"], stats["latency_p95_s"]
+        lines = [
+            f"Model version: {stats['model_version']}",
+            f"Queue: {stats['queue_depth']} waiting, {stats['active']} generating",
+            f"Reply latency: p50 {_secs(p50)}, p95 {_secs(p95)} over {stats['replies']} replies",
+            f"Uptime: {_duration(time.time() - self.started_at)}",
+            f"Stored: {counts.get('chats', 0)} chats, {counts.get('messages', 0)} messages",
+        ]
+        if self.learning is not None:
+            lines += await self.learning.status_lines()
+        return "\n".join(lines)
+
+
+def _secs(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}s"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    days, h = divmod(hours, 24)
+    return f"{days}d {h}h {m}m" if days else f"{h}h {m}m {s}s"

@@ -1,0 +1,37 @@
+"""Platform-neutral messages: every adapter turns its platform's event into an Incoming
+and sends back each Outgoing; everything in between is platform-blind."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Incoming:
+    platform: str                 # "telegram", "discord", "console"
+    chat_id: str                  # the platform's chat / channel / DM id
+    user_id: str
+    text: str | None              # None for stickers, photos, voice, attachments
+    chat_type: str = "private"    # "private" or "group" (groups, supergroups, guild channels)
+    user_name: str | None = None
+    thread_id: str = ""           # forum topic / Discord thread: its own context
+    chat_title: str | None = None
+    message_id: str | None = None
+    reply_to_message_id: str | None = None
+    mentions_bot: bool = False
+    reply_to_bot: bool = False
+    answer_all: bool = False      # this chat/channel is configured to answer everything
+    kind: str = "text"            # "text", "sticker", "photo", "voice", "attachment", "other"
+
+    @property
+    def is_private(self) -> bool:
+        return self.chat_type == "private"
+
+
+@dataclass
+class Outgoing:
+    text: str
+    image: Path | None = None       # a picture to attach (loss curves)
+    ephemeral: bool = False         # only the asker sees it, where the platform can do that
+    stored_id: int | None = None    # storage row of a bot reply: mark it sent / failed
+    reply_to: str | None = None     # platform message id this answers
