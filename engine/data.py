@@ -132,7 +132,8 @@ def turn_ids(fmt, utterances: Sequence[str]) -> tuple[list[int], list[list[int]]
     """
     if fmt.name == "chat_template":
         return [], [fmt.dialogue_ids(utterances)]
-    return list(fmt.start_ids), [fmt.encode_text(u) + [fmt.turn_end_id] for u in utterances]
+    encoded = fmt.tokenizer(list(utterances), add_special_tokens=False)["input_ids"]  # one batched call
+    return list(fmt.start_ids), [ids + [fmt.turn_end_id] for ids in encoded]
 
 
 def windows(ids_per_dialogue: Iterable[Sequence[Sequence[int]]], max_len: int, prefix: Sequence[int] = ()) -> list[list[int]]:
@@ -167,7 +168,7 @@ def encode_windows(fmt, dialogues: Iterable[Dialogue], max_len: int, progress: s
     if progress:
         from tqdm import tqdm
 
-        dialogues = tqdm(dialogues, desc=progress, unit="dlg")
+        dialogues = tqdm(dialogues, desc=progress, unit="dlg", mininterval=1.0)
     out: list[list[int]] = []
     for dialogue in dialogues:
         prefix, turns = turn_ids(fmt, dialogue)

@@ -334,7 +334,7 @@ def train(cfg: TrainConfig) -> dict:
             with _autocast(device):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / cfg.grad_accum
             loss.backward()
-            step_loss += float(loss)
+            step_loss += loss.item()
             tokens += int(mask.sum())
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

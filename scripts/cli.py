@@ -15,6 +15,12 @@ SUBCOMMANDS = [
     "scripts.run",
     "scripts.preprocess",
     "scripts.train",
+    "scripts.generate",
+    "scripts.eval",
+    "scripts.bench",
+    "scripts.retrain",
+    "scripts.models",
+    "scripts.rollback",
 ]
 
 
