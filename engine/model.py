@@ -18,6 +18,8 @@ from engine.dialogue import DialogueFormat
 log = logging.getLogger(__name__)
 
 STARTER = Path(__file__).resolve().parent / "starter"
+# Built-in names: the shipped starter model and its MMI backward model.
+BUILTIN = {"starter": STARTER, "starter-mmi": STARTER.parent / "starter_mmi"}
 
 
 class ModelLoadError(RuntimeError):
@@ -39,12 +41,13 @@ class LoadedModel:
 
 
 def resolve_path(path: str) -> str:
-    """"starter" names the model shipped with Mynah; anything else is used as given."""
-    if path in ("", "starter"):
-        if not (STARTER / "config.json").exists():
-            raise ModelLoadError(f"the starter model is missing from {STARTER}; reinstall Mynah or set [model] path")
-        return str(STARTER)
-    return path
+    """"starter" / "starter-mmi" name the models shipped with Mynah; anything else is used as given."""
+    folder = BUILTIN.get(path or "starter")
+    if folder is None:
+        return path
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"the built-in model {path!r} is missing from {folder}; reinstall Mynah or set [model] path")
+    return str(folder)
 
 
 def pick_device(name: str = "auto") -> torch.device:
