@@ -1,0 +1,202 @@
+"""Discord front end: Mynah as a discord.py `commands.Bot`.
+
+What it does (the chat rules live in `bots.chat.ChatService`, shared with Telegram):
+
+- DMs: every message is answered, with that DM's own context.
+- Guild channels: answered on a mention, a reply to the bot, or a command; a thread keeps
+  its own context. Channels listed in `[discord] answer_all_channels` answer everything.
+- Slash commands (/reset, /forget, /optout, /optin, /help; admin: /retrain, /status,
+  /rollback, /models), synced at startup to `[discord] command_guilds` or globally.
+  Typed commands ("/reset" sent as a message) go through the same ChatService path.
+- Replies show the typing indicator, are split at 2000 characters (never truncated) and
+  never ping anyone: `allowed_mentions` is "none" for every message the bot sends.
+
+Run it with `DISCORD_BOT_TOKEN=... mynah run` (see docs/DISCORD.md for the Developer
+Portal steps). `start()` returns once the bot is connected and ready, with the client
+running as a background task; reconnects are left to discord.py. A bad token or a missing
+Message Content intent raises `PlatformStartError` with what to fix. The token is never
+logged, and never part of an error message.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+import discord
+from discord.ext import commands
+
+from bots.discord_cog import NO_MENTIONS, ChatCog
+from bots.runner import PlatformStartError
+
+log = logging.getLogger(__name__)
+
+PORTAL = "https://discord.com/developers/applications"
+
+
+def required_intents() -> discord.Intents:
+    """Exactly what Mynah needs: guilds (channels, threads), guild and DM messages, and
+    the privileged Message Content intent (enable it in the Developer Portal)."""
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.guild_messages = True
+    intents.dm_messages = True
+    intents.message_content = True
+    return intents
+
+
+class MynahBot(commands.Bot):
+    """The discord.py client: no prefix commands of its own; the cog does the work."""
+
+    def __init__(self, adapter: "DiscordAdapter", **options):
+        options.setdefault("intents", adapter.intents)
+        super().__init__(command_prefix=commands.when_mentioned, help_command=None,
+                         allowed_mentions=NO_MENTIONS, **options)
+        self.adapter = adapter
+
+    async def setup_hook(self) -> None:
+        await self.add_cog(ChatCog(self, self.adapter))
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """Register the slash commands: in the configured guilds (instant) or globally
+        (Discord may take a while to show new global commands)."""
+        guild_ids = [int(g) for g in self.adapter.app.config.discord.command_guilds]
+        try:
+            if guild_ids:
+                for guild_id in guild_ids:
+                    guild = discord.Object(id=guild_id)
+                    self.tree.copy_global_to(guild=guild)
+                    synced = await self.tree.sync(guild=guild)
+                    log.info("synced %d slash commands to guild %s", len(synced), guild_id)
+            else:
+                synced = await self.tree.sync()
+                log.info("synced %d slash commands globally", len(synced))
+        except discord.Forbidden as exc:
+            log.warning("could not sync slash commands (%s): invite the bot with the applications.commands "
+                        "scope (see docs/DISCORD.md); typed commands like /reset still work", exc.text or exc.status)
+        except discord.HTTPException as exc:
+            log.warning("could not sync slash commands: %s; typed commands like /reset still work", exc)
+
+    async def on_message(self, message: discord.Message, /) -> None:
+        """No ext.commands prefix commands: the cog sends every message, typed commands
+        like "/reset" included, through ChatService (so nothing here to process)."""
+
+    async def on_ready(self) -> None:
+        log.info("connected to Discord as %s (id %s) in %d servers", self.user, self.user.id if self.user else "?",
+                 len(self.guilds))
+        self.adapter.ready.set()
+
+
+class DiscordAdapter:
+    """One Discord bot serving a shared `Mynah` app; see the module docstring."""
+
+    platform = "discord"
+
+    def __init__(self, app, token: str, *, intents: discord.Intents | None = None, ready_timeout: float = 180.0,
+                 defer_after: float = 2.0, drain_timeout: float = 30.0, **bot_options):
+        self.app = app
+        self._token = (token or "").strip()
+        self.intents = intents or required_intents()
+        self.ready_timeout = ready_timeout    # start() gives up if Discord is not ready by then
+        self.defer_after = defer_after        # slash commands slower than this are deferred
+        self.drain_timeout = drain_timeout    # stop() waits this long for replies in flight
+        self.bot_options = bot_options        # extra commands.Bot options (e.g. guild_ready_timeout)
+        self.bot: MynahBot | None = None
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    def __repr__(self) -> str:  # never show the token
+        return f"<DiscordAdapter ready={self.ready.is_set()}>"
+
+    @property
+    def chat(self):
+        return self.app.chat
+
+    def build_bot(self) -> MynahBot:
+        """A fresh client (tests drive it with dpytest without calling start())."""
+        self.bot = MynahBot(self, **self.bot_options)
+        return self.bot
+
+    @property
+    def cog(self) -> ChatCog | None:
+        return self.bot.get_cog(ChatCog.__cog_name__) if self.bot else None
+
+    # ---- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        """Log in, sync commands, connect; return once Discord says we are ready."""
+        if not self._token:
+            raise PlatformStartError(f"DISCORD_BOT_TOKEN is empty: copy the bot token from {PORTAL} -> "
+                                     "your application -> Bot")
+        bot = self.build_bot()
+        self.ready.clear()
+        self._task = asyncio.create_task(bot.start(self._token), name="mynah-discord")
+        ready = asyncio.create_task(self.ready.wait())
+        try:
+            await asyncio.wait({self._task, ready}, timeout=self.ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if self.ready.is_set() and not self._task.done():
+            self._task.add_done_callback(self._client_exited)
+            return
+        if self._task.done():
+            error = self._start_error(self._task.exception() if not self._task.cancelled() else None)
+        else:
+            error = PlatformStartError(f"Discord did not become ready within {self.ready_timeout:.0f} s; "
+                                       "check the network connection to discord.com")
+        await self._close_client()
+        raise error
+
+    async def stop(self) -> None:
+        """Stop taking messages, let replies in flight finish, then disconnect."""
+        self._stopping = True
+        cog = self.cog
+        if cog is not None:
+            await cog.drain(self.drain_timeout)
+        await self._close_client()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def _close_client(self) -> None:
+        if self.bot is not None and not self.bot.is_closed():
+            await self.bot.close()
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(self._task, timeout=10)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+            except Exception:  # already reported by _client_exited or start()
+                pass
+
+    def _client_exited(self, task: asyncio.Task) -> None:
+        if self._stopping or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("the Discord client stopped: %s", self._start_error(exc))
+        else:
+            log.error("the Discord client stopped unexpectedly; Discord messages are no longer served")
+
+    def _start_error(self, exc: BaseException | None) -> PlatformStartError:
+        if isinstance(exc, discord.LoginFailure) or (
+                isinstance(exc, discord.ConnectionClosed) and exc.code == 4004):
+            text = ("Discord rejected the bot token: DISCORD_BOT_TOKEN is wrong or was reset. Copy a fresh one from "
+                    f"{PORTAL} -> your application -> Bot -> Reset Token.")
+        elif isinstance(exc, discord.PrivilegedIntentsRequired):
+            text = ("Discord refused the connection because the Message Content intent is not enabled. Turn it on at "
+                    f"{PORTAL} -> your application -> Bot -> Privileged Gateway Intents -> Message Content Intent, "
+                    "then start Mynah again.")
+        elif isinstance(exc, (discord.HTTPException, aiohttp.ClientError, OSError, asyncio.TimeoutError)):
+            text = f"could not connect to Discord: {type(exc).__name__}: {exc}"
+        elif exc is None:
+            text = "the Discord client stopped before it was ready"
+        else:
+            text = f"Discord failed to start: {type(exc).__name__}: {exc}"
+        if self._token:
+            text = text.replace(self._token, "***")
+        error = PlatformStartError(text)
+        error.__cause__ = None
+        return error

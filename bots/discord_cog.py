@@ -1,0 +1,316 @@
+"""The Discord cog: turns Discord messages and slash commands into `Incoming`, hands them
+to the shared `ChatService`, and sends each `Outgoing` back the Discord way.
+
+Ids: chat_id is the channel id (the DM channel id in DMs; the parent channel id for a
+thread, whose own id is the thread_id, so a thread keeps its own context).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bots.admin import ADMIN_COMMANDS
+from bots.chat import ERROR_TEXT, USER_COMMANDS, parse_command
+from bots.events import Incoming, Outgoing
+from bots.splitting import split_message
+
+if TYPE_CHECKING:
+    from bots.discord_adapter import DiscordAdapter
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 2000  # Discord's limit on message content, in characters
+NO_MENTIONS = discord.AllowedMentions.none()  # generated text must never ping anyone
+# Slash commands whose answer only the asker should see, even when it has to be deferred.
+PRIVATE_COMMANDS = set(ADMIN_COMMANDS) | {"forget"}
+
+_USER_MENTION = re.compile(r"<@!?(\d+)>")
+_ROLE_MENTION = re.compile(r"<@&(\d+)>")
+_CHANNEL_MENTION = re.compile(r"<#(\d+)>")
+_SPACES = re.compile(r"[ \t]{2,}")
+
+
+# ---- Discord -> Incoming -------------------------------------------------------------
+def place(channel) -> tuple[str, str, str, str | None]:
+    """(chat_type, chat_id, thread_id, title) of a channel, DM channel or thread."""
+    if isinstance(channel, discord.Thread):
+        guild, parent = channel.guild, channel.parent
+        parent_name = parent.name if parent is not None else str(channel.parent_id)
+        return "group", str(channel.parent_id), str(channel.id), f"{guild.name} #{parent_name} > {channel.name}"
+    guild = getattr(channel, "guild", None)
+    if guild is not None:
+        return "group", str(channel.id), "", f"{guild.name} #{getattr(channel, 'name', channel.id)}"
+    recipient = getattr(channel, "recipient", None)
+    return "private", str(channel.id), "", f"DM with {recipient}" if recipient else None
+
+
+def readable_text(message: discord.Message, bot_id: int) -> str:
+    """The message as the model should read it: the bot's own mention removed, other
+    mentions turned into names (no raw <@123> ids in the logs or the training data)."""
+    users = {m.id: m.display_name for m in message.mentions}
+    roles = {r.id: r.name for r in message.role_mentions}
+    guild = message.guild
+
+    def user(m: re.Match) -> str:
+        uid = int(m.group(1))
+        return "" if uid == bot_id else "@" + users.get(uid, "someone")
+
+    def role(m: re.Match) -> str:
+        rid = int(m.group(1))
+        if guild is not None and guild.self_role is not None and rid == guild.self_role.id:
+            return ""  # the bot's own managed role counts as mentioning the bot
+        return "@" + roles.get(rid, "role")
+
+    def channel(m: re.Match) -> str:
+        found = guild.get_channel_or_thread(int(m.group(1))) if guild is not None else None
+        return "#" + (found.name if found is not None else "channel")
+
+    text = _USER_MENTION.sub(user, message.content)
+    text = _ROLE_MENTION.sub(role, text)
+    text = _CHANNEL_MENTION.sub(channel, text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def mentions_bot(message: discord.Message, bot_user: discord.abc.User) -> bool:
+    """A direct mention of the bot (or of its managed role); @everyone does not count."""
+    if any(m.id == bot_user.id for m in message.mentions):
+        return True
+    guild = message.guild
+    return guild is not None and guild.self_role is not None and guild.self_role in message.role_mentions
+
+
+def message_kind(message: discord.Message, text: str) -> str:
+    if text:
+        return "text"
+    if message.stickers:
+        return "sticker"
+    if message.attachments:
+        return "attachment"
+    return "text"  # nothing at all (an embed, a bare mention): ChatService ignores empty text
+
+
+# ---- the cog -------------------------------------------------------------------------
+class ChatCog(commands.Cog, name="Mynah"):
+    """Messages and slash commands, all answered by the one shared ChatService."""
+
+    def __init__(self, bot: commands.Bot, adapter: "DiscordAdapter"):
+        self.bot = bot
+        self.adapter = adapter
+        self._inflight: set[asyncio.Task] = set()
+
+    @property
+    def chat(self):
+        return self.adapter.app.chat
+
+    @property
+    def config(self):
+        return self.adapter.app.config
+
+    # ---- messages ---------------------------------------------------------------------
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if self.adapter.stopping or self.ignored(message):
+            return
+        task = asyncio.current_task()
+        self._inflight.add(task)
+        try:
+            await self.handle_message(message)
+        finally:
+            self._inflight.discard(task)
+
+    def ignored(self, message: discord.Message) -> bool:
+        """Its own messages, other bots and webhooks, and system messages are never answered."""
+        me = self.bot.user
+        if me is not None and message.author.id == me.id:
+            return True
+        return message.author.bot or message.webhook_id is not None or message.is_system()
+
+    async def incoming(self, message: discord.Message) -> Incoming:
+        me = self.bot.user
+        chat_type, chat_id, thread_id, title = place(message.channel)
+        text = readable_text(message, me.id)
+        kind = message_kind(message, text)
+        reply_to, reply_to_bot = None, False
+        ref = message.reference
+        if ref is not None and ref.message_id is not None:
+            reply_to = str(ref.message_id)
+            if isinstance(ref.resolved, discord.Message):
+                reply_to_bot = ref.resolved.author.id == me.id
+            else:  # not delivered with the message (deleted, or too old): ask the log
+                db_chat = await self.adapter.app.conversations.chat(
+                    "discord", chat_id, thread_id=thread_id, type=chat_type, title=title)
+                reply_to_bot = await self.adapter.app.conversations.is_bot_message(db_chat, ref.message_id)
+        answer_all = {str(c) for c in self.config.discord.answer_all_channels}
+        return Incoming(
+            platform="discord", chat_id=chat_id, user_id=str(message.author.id),
+            text=text if kind == "text" else None, chat_type=chat_type, user_name=message.author.display_name,
+            thread_id=thread_id, chat_title=title, message_id=str(message.id), reply_to_message_id=reply_to,
+            mentions_bot=mentions_bot(message, me), reply_to_bot=reply_to_bot,
+            answer_all=chat_id in answer_all or (thread_id != "" and thread_id in answer_all), kind=kind,
+        )
+
+    async def handle_message(self, message: discord.Message) -> None:
+        msg = await self.incoming(message)
+        generating = (msg.kind == "text" and bool(msg.text) and parse_command(msg.text) is None
+                      and self.chat.should_answer(msg))
+        if generating:
+            async with typing(message.channel):
+                outgoing = await self.chat.handle(msg)
+        else:
+            outgoing = await self.chat.handle(msg)
+        quote = message if not msg.is_private else None  # in a DM the answer needs no quote
+        for out in outgoing:
+            await self.send(message.channel, out, reply_to=quote)
+
+    async def send(self, channel: discord.abc.Messageable, out: Outgoing, *,
+                   reply_to: discord.Message | None = None) -> list[discord.Message]:
+        """Send one Outgoing as one or more messages of at most 2000 characters, then mark
+        it delivered (with the first message's id) or failed."""
+        parts = split_message(out.text, MESSAGE_LIMIT) if out.text else []
+        if not parts and out.image is None:
+            await self.chat.failed(out)
+            return []
+        parts = parts or [None]
+        sent: list[discord.Message] = []
+        try:
+            for i, part in enumerate(parts):
+                kwargs = {"allowed_mentions": NO_MENTIONS}
+                if i == 0 and reply_to is not None:
+                    kwargs["reference"] = reply_to.to_reference(fail_if_not_exists=False)
+                    kwargs["mention_author"] = False
+                if i == len(parts) - 1 and out.image is not None:
+                    kwargs["file"] = discord.File(out.image)
+                sent.append(await channel.send(part, **kwargs))
+        except discord.HTTPException as exc:
+            log.warning("could not send a reply in Discord channel %s: %s", getattr(channel, "id", "?"), exc)
+        if sent:
+            await self.chat.delivered(out, str(sent[0].id))
+        else:
+            await self.chat.failed(out)
+        return sent
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for the replies in flight (stop() calls this after intake has stopped)."""
+        pending = {t for t in self._inflight if not t.done()}
+        if pending:
+            log.info("waiting for %d Discord replies in flight", len(pending))
+            await asyncio.wait(pending, timeout=timeout)
+
+    # ---- slash commands ---------------------------------------------------------------
+    def interaction_incoming(self, interaction: discord.Interaction, name: str, args: str = "") -> Incoming:
+        channel = interaction.channel
+        if interaction.guild_id is None or channel is None:
+            chat_type, chat_id, thread_id, title = "private", str(interaction.channel_id), "", None
+        else:
+            chat_type, chat_id, thread_id, title = place(channel)
+        answer_all = {str(c) for c in self.config.discord.answer_all_channels}
+        return Incoming(
+            platform="discord", chat_id=chat_id, user_id=str(interaction.user.id),
+            text=f"/{name} {args}".strip(), chat_type=chat_type, user_name=interaction.user.display_name,
+            thread_id=thread_id, chat_title=title, mentions_bot=True, answer_all=chat_id in answer_all,
+        )
+
+    async def run_command(self, interaction: discord.Interaction, name: str, args: str = "") -> None:
+        """Answer a slash command through ChatService; defer when it takes a while."""
+        if self.adapter.stopping:
+            await interaction.response.send_message("I'm restarting; please try again in a minute.", ephemeral=True)
+            return
+        task = asyncio.ensure_future(self.chat.handle(self.interaction_incoming(interaction, name, args)))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        try:
+            try:
+                outgoing = await asyncio.wait_for(asyncio.shield(task), timeout=self.adapter.defer_after)
+            except asyncio.TimeoutError:
+                await interaction.response.defer(ephemeral=name in PRIVATE_COMMANDS, thinking=True)
+                outgoing = await task
+        except discord.HTTPException as exc:  # the defer itself failed: the interaction is gone
+            log.warning("could not defer /%s: %s", name, exc)
+            return
+        except Exception:
+            log.exception("/%s failed", name)
+            outgoing = [Outgoing(ERROR_TEXT, ephemeral=True)]
+        if not outgoing:
+            outgoing = [Outgoing("Done.", ephemeral=True)]
+        for out in outgoing:
+            await self.respond(interaction, out)
+
+    async def respond(self, interaction: discord.Interaction, out: Outgoing) -> None:
+        parts = split_message(out.text, MESSAGE_LIMIT) or [None]
+        first_id = None
+        try:
+            for i, part in enumerate(parts):
+                kwargs = {"ephemeral": out.ephemeral, "allowed_mentions": NO_MENTIONS}
+                if i == len(parts) - 1 and out.image is not None:
+                    kwargs["file"] = discord.File(out.image)
+                if not interaction.response.is_done():
+                    await interaction.response.send_message(part, **kwargs)
+                else:
+                    sent = await interaction.followup.send(part, wait=True, **kwargs)
+                    first_id = first_id or sent.id
+        except discord.HTTPException as exc:
+            log.warning("could not answer /%s: %s", interaction.command.name if interaction.command else "?", exc)
+            await self.chat.failed(out)
+            return
+        await self.chat.delivered(out, str(first_id) if first_id else None)
+
+    @app_commands.command(name="help", description=USER_COMMANDS["help"])
+    async def help_command(self, interaction: discord.Interaction) -> None:
+        await self.run_command(interaction, "help")
+
+    @app_commands.command(name="reset", description=USER_COMMANDS["reset"])
+    async def reset_command(self, interaction: discord.Interaction) -> None:
+        await self.run_command(interaction, "reset")
+
+    @app_commands.command(name="forget", description=USER_COMMANDS["forget"])
+    async def forget_command(self, interaction: discord.Interaction) -> None:
+        await self.run_command(interaction, "forget")
+
+    @app_commands.command(name="optout", description=USER_COMMANDS["optout"])
+    async def optout_command(self, interaction: discord.Interaction) -> None:
+        await self.run_command(interaction, "optout")
+
+    @app_commands.command(name="optin", description=USER_COMMANDS["optin"])
+    async def optin_command(self, interaction: discord.Interaction) -> None:
+        await self.run_command(interaction, "optin")
+
+    @app_commands.command(name="retrain", description="(admin) " + ADMIN_COMMANDS["retrain"])
+    async def retrain_command(self, interaction: discord.Interaction) -> None:
+        await self.run_command(interaction, "retrain")
+
+    @app_commands.command(name="status", description="(admin) " + ADMIN_COMMANDS["status"])
+    async def status_command(self, interaction: discord.Interaction) -> None:
+        await self.run_command(interaction, "status")
+
+    @app_commands.command(name="rollback", description="(admin) " + ADMIN_COMMANDS["rollback"])
+    @app_commands.describe(version="the version to make active, e.g. v0003 (default: the previous one)")
+    async def rollback_command(self, interaction: discord.Interaction, version: str | None = None) -> None:
+        await self.run_command(interaction, "rollback", version or "")
+
+    @app_commands.command(name="models", description="(admin) " + ADMIN_COMMANDS["models"])
+    async def models_command(self, interaction: discord.Interaction) -> None:
+        await self.run_command(interaction, "models")
+
+
+@contextlib.asynccontextmanager
+async def typing(channel: discord.abc.Messageable):
+    """The typing indicator while the body runs (kept alive by discord.py every few
+    seconds); a channel that refuses it does not stop the reply."""
+    indicator = channel.typing()
+    try:
+        await indicator.__aenter__()
+    except discord.HTTPException as exc:
+        log.debug("no typing indicator in %s: %s", getattr(channel, "id", "?"), exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        await indicator.__aexit__(None, None, None)
