@@ -186,11 +186,14 @@ class PreparedData:
 
 
 def prepare(fmt, dialogues: Sequence[Dialogue], max_len: int, valid_fraction: float = 0.05, seed: int = 0,
-            reverse: bool = False, progress: bool = False) -> PreparedData:
-    """Split by conversation, optionally reverse turn order, encode into windows."""
+            reverse: bool = False, progress: bool = False, valid: Sequence[Dialogue] | None = None) -> PreparedData:
+    """Split by conversation (unless a held-out `valid` set is given), optionally reverse, encode into windows."""
+    if valid is None:
+        train_d, valid_d = split_by_conversation(dialogues, valid_fraction, seed)
+    else:
+        train_d, valid_d = list(dialogues), list(valid)
     if reverse:
-        dialogues = reverse_turns(dialogues)
-    train_d, valid_d = split_by_conversation(dialogues, valid_fraction, seed)
+        train_d, valid_d = reverse_turns(train_d), reverse_turns(valid_d)
     train = encode_windows(fmt, train_d, max_len, "encode train" if progress else None)
     valid = encode_windows(fmt, valid_d, max_len, "encode valid" if progress else None)
     counts = {

@@ -44,6 +44,7 @@ class TrainConfig:
     data: str = ""
     corpus: list[str] = field(default_factory=list)
     dialogues: list[Dialogue] | None = None
+    valid_dialogues: list[Dialogue] | None = None  # a held-out set of its own instead of a random split
     valid_fraction: float = 0.05
     max_len: int = 128               # tokens per training window (whole turns)
     reverse: bool = False            # reverse turn order: the MMI backward model
@@ -209,7 +210,8 @@ def _setup(cfg: TrainConfig):
         if fmt is None:
             fmt = DialogueFormat(tokenizer, cfg.format)
         max_len = cfg.max_len
-        data = prepare(fmt, dialogues, max_len, cfg.valid_fraction, cfg.seed, cfg.reverse, progress=cfg.progress)
+        data = prepare(fmt, dialogues, max_len, cfg.valid_fraction, cfg.seed, cfg.reverse, progress=cfg.progress,
+                       valid=cfg.valid_dialogues)
         info = {"format": fmt.name, "max_len": max_len, "reverse": cfg.reverse, "corpus": list(cfg.corpus), **data.counts}
 
     if model is None:
@@ -335,7 +337,7 @@ def train(cfg: TrainConfig) -> dict:
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / cfg.grad_accum
             loss.backward()
             step_loss += loss.item()
-            tokens += int(mask.sum())
+            tokens += sum(len(train_seqs[i]) for i in idx)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -399,7 +401,8 @@ def train(cfg: TrainConfig) -> dict:
         "lr": lr,
         "data": data_info,
         "command": cfg.command,
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("on_progress", "dialogues")},
+        "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                   if f.name not in ("on_progress", "dialogues", "valid_dialogues")},
         "history": history,
         "train_history": train_history,
         "output": str(out),
