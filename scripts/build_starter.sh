@@ -40,7 +40,7 @@ done
 
 case "$size" in
     small) model=(--n-layer 4 --n-embd 192 --n-head 4 --batch-size 16 --lr 2e-3 --warmup-steps 50 --eval-every 150) ;;
-    large) model=(--n-layer 6 --n-embd 384 --n-head 6 --batch-size 64 --lr 1e-3 --warmup-steps 100 --eval-every 100) ;;
+    large) model=(--n-layer 6 --n-embd 384 --n-head 6 --n-positions 512 --batch-size 64 --lr 1e-3 --warmup-steps 100 --eval-every 100) ;;
     *) echo "build_starter.sh: --size is small or large" >&2; exit 2 ;;
 esac
 
