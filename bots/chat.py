@@ -55,8 +55,11 @@ class ChatService:
         self.limiter = RateLimiter(config.chat.rate_limit_messages, config.chat.rate_limit_seconds)
 
     # ---- entry point --------------------------------------------------------------
-    async def handle(self, msg: Incoming) -> list[Outgoing]:
-        """Everything the bot says back to one incoming message (often nothing)."""
+    async def handle(self, msg: Incoming, *, on_logged=None) -> list[Outgoing]:
+        """Everything the bot says back to one incoming message (often nothing).
+
+        `on_logged()`, when given, is called as soon as the user's message is stored, before
+        generation starts: an adapter may acknowledge the platform's delivery from then on."""
         if msg.kind != "text" or msg.text is None:
             return [Outgoing(NON_TEXT_TEXT, reply_to=msg.message_id)] if msg.is_private else []
         text = msg.text.strip()
@@ -67,7 +70,7 @@ class ChatService:
             return await self._command(*command[:2], msg)
         if not self.should_answer(msg):
             return []
-        return await self._converse(msg, text)
+        return await self._converse(msg, text, on_logged)
 
     def should_answer(self, msg: Incoming) -> bool:
         if msg.is_private or msg.answer_all or self.config.chat.answer_all_in_groups:
@@ -87,11 +90,13 @@ class ChatService:
         return await self.conversations.chat(msg.platform, msg.chat_id, thread_id=msg.thread_id,
                                              type=msg.chat_type, title=msg.chat_title)
 
-    async def _converse(self, msg: Incoming, text: str) -> list[Outgoing]:
+    async def _converse(self, msg: Incoming, text: str, on_logged=None) -> list[Outgoing]:
         chat_id = await self._chat_id(msg)
         user_id = await self.conversations.user(msg.platform, msg.user_id, name=msg.user_name)
         await self.conversations.log_message(chat_id, "user", text, user_id=user_id,
                                              platform_message_id=msg.message_id, reply_to=msg.reply_to_message_id)
+        if on_logged is not None:
+            on_logged()
         if not self.limiter.allow((msg.platform, msg.user_id)):
             wait = self.limiter.retry_in((msg.platform, msg.user_id))
             return [Outgoing(f"You're sending messages faster than I can think. Please wait {wait:.0f} s.",

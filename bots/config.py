@@ -75,6 +75,7 @@ class TelegramConfig:
     webhook_url: str = ""
     webhook_listen: str = "0.0.0.0"
     webhook_port: int = 8443
+    answer_all_chat_types: list = field(default_factory=list)   # "group", "supergroup"
 
 
 @dataclass
@@ -91,6 +92,28 @@ class LearningConfig:
     promote_margin: float = 0.01
     base_loss_tolerance: float = 0.05
     registry: str = "models"
+    # what a run trains on
+    held_out_fraction: float = 0.2       # newest slice of the new dialogues, never trained on
+    replay_fraction: float = 0.5         # older logged dialogues mixed in, per new training dialogue
+    base_corpus: str = "chitchat"        # replayed and used for the forgetting check ("" = none)
+    base_replay_fraction: float = 0.5    # base-corpus dialogues mixed in, per new training dialogue
+    base_eval_dialogues: int = 100       # the fixed base-corpus sample both models are scored on
+    # how a run trains
+    lr: float = 1e-4
+    epochs: float = 2.0
+    batch_size: int = 8
+    max_len: int = 256
+    max_minutes: float = 10.0            # training time budget (evaluation comes on top)
+    # keeping the bot responsive while it trains
+    threads: int = 1
+    nice: int = 10
+    max_memory_mb: int = 4096            # 0 = no limit
+    min_free_disk_mb: int = 500
+    # housekeeping
+    keep_versions: int = 0               # fine-tuned versions kept on disk (0 = all)
+    poll_seconds: float = 5.0            # how often a running bot looks for `mynah rollback`
+    misfire_grace_seconds: int = 3600
+    notify: list = field(default_factory=list)   # "telegram:12345": also told about scheduled runs
 
 
 @dataclass
@@ -175,6 +198,10 @@ def _check_section(name: str, section: Any) -> None:
             raise ConfigError("[generation] repetition_penalty must be 1.0 (off) or more")
         if section.min_new_tokens > section.max_new_tokens:
             raise ConfigError("[generation] min_new_tokens must not exceed max_new_tokens")
+    if name == "telegram":
+        bad = [t for t in section.answer_all_chat_types if t not in ("group", "supergroup")]
+        if bad:
+            raise ConfigError(f"[telegram] answer_all_chat_types may hold \"group\" and \"supergroup\"; got {bad!r}")
     if name == "learning":
         from bots.schedule import parse_schedule  # local: avoids a cycle at import time
 
@@ -182,6 +209,33 @@ def _check_section(name: str, section: Any) -> None:
             parse_schedule(section.schedule)
         except ValueError as exc:
             raise ConfigError(f"[learning] schedule: {exc}") from None
+        _check_learning(section)
+
+
+def _check_learning(section: Any) -> None:
+    def bad(key: str, rule: str) -> ConfigError:
+        return ConfigError(f"[learning] {key} must be {rule}, got {getattr(section, key)!r}")
+
+    if not 0 < section.held_out_fraction < 1:
+        raise bad("held_out_fraction", "between 0 and 1")
+    for key in ("replay_fraction", "base_replay_fraction", "promote_margin", "base_loss_tolerance"):
+        if getattr(section, key) < 0:
+            raise bad(key, "0 or more")
+    for key in ("lr", "epochs", "batch_size", "max_len", "poll_seconds", "misfire_grace_seconds"):
+        if getattr(section, key) <= 0:
+            raise bad(key, "greater than 0")
+    for key in ("min_new_messages", "base_eval_dialogues", "max_minutes", "threads", "max_memory_mb",
+                "min_free_disk_mb", "keep_versions"):
+        if getattr(section, key) < 0:
+            raise bad(key, "0 or more")
+    if not 0 <= section.nice <= 19:
+        raise bad("nice", "between 0 and 19")
+    if not section.registry.strip():
+        raise bad("registry", "a folder")
+    for target in section.notify:
+        platform, _, chat = str(target).partition(":")
+        if not platform or not chat:
+            raise ConfigError(f"[learning] notify entries look like \"telegram:CHAT_ID\", got {target!r}")
 
 
 def parse_config(raw: dict, source: Path | None = None) -> Config:
