@@ -26,6 +26,7 @@ import aiohttp
 import discord
 from discord.ext import commands
 
+from bots.events import Outgoing
 from bots.discord_cog import NO_MENTIONS, ChatCog
 from bots.runner import PlatformStartError
 
@@ -139,6 +140,9 @@ class DiscordAdapter:
             ready.cancel()
         if self.ready.is_set() and not self._task.done():
             self._task.add_done_callback(self._client_exited)
+            learning = getattr(self.app, "learning", None)
+            if learning is not None:
+                learning.add_notifier("discord", self.notify)  # retrain results reach the channel that asked
             return
         if self._task.done():
             error = self._start_error(self._task.exception() if not self._task.cancelled() else None)
@@ -147,6 +151,15 @@ class DiscordAdapter:
                                        "check the network connection to discord.com")
         await self._close_client()
         raise error
+
+    async def notify(self, chat_id: str, out: Outgoing, thread_id: str = "") -> None:
+        """Deliver something nobody just asked for (a retrain result) to a channel or thread."""
+        if self.bot is None or self.bot.is_closed() or self.cog is None:
+            log.info("discord is stopped; not delivered to channel %s: %s", chat_id, out.text)
+            return
+        target = int(thread_id or chat_id)
+        channel = self.bot.get_channel(target) or await self.bot.fetch_channel(target)
+        await self.cog.send(channel, out)
 
     async def stop(self) -> None:
         """Stop taking messages, let replies in flight finish, then disconnect."""

@@ -539,12 +539,12 @@ class TelegramAdapter:
         await self.chat.delivered(out, str(sent[0]))
         return sent
 
-    async def notify(self, chat_id: str, out: Outgoing) -> None:
-        """Deliver something nobody just asked for (a retrain result) to a Telegram chat."""
+    async def notify(self, chat_id: str, out: Outgoing, thread_id: str = "") -> None:
+        """Deliver something nobody just asked for (a retrain result) to a Telegram chat / topic."""
         if self.application is None:
             log.info("telegram is stopped; not delivered to chat %s: %s", chat_id, out.text)
             return
-        await self.send(int(chat_id), out)
+        await self.send(int(chat_id), out, thread_id=int(thread_id) if thread_id else None)
 
     async def _with_retries(self, call, target: dict, **kwargs):
         """call(**target, **kwargs), waiting out 429s (beyond what AIORateLimiter already

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from storage.db import Database
 
@@ -28,6 +28,7 @@ class Dialogue:
     turns: list[str]
     first_message_id: int
     last_message_id: int
+    message_ids: list[int] = field(default_factory=list, compare=False)  # every message in it
 
 
 def _id(value: str | int | None) -> str | None:
@@ -206,6 +207,7 @@ class Conversations:
             else:
                 current.turns.append(row["text"])
                 current.last_message_id = row["id"]
+            current.message_ids.append(row["id"])
             prev = row
         kept = [d for d in dialogues if len(d.turns) >= min_turns and d.last_message_id > after_message_id]
         return sorted(kept, key=lambda d: d.last_message_id)
@@ -220,6 +222,89 @@ class Conversations:
     async def max_message_id(self) -> int:
         row = await self.db.fetchone("SELECT COALESCE(MAX(id), 0) FROM messages")
         return row[0]
+
+    async def consenting_chats(self, chat_ids) -> set[int]:
+        """Which of these chats still allow training (the others opted out meanwhile)."""
+        ids = sorted({int(i) for i in chat_ids})
+        if not ids:
+            return set()
+        rows = await self.db.fetchall(
+            f"SELECT id FROM chats WHERE consent = 1 AND id IN ({','.join('?' * len(ids))})", ids)
+        return {row[0] for row in rows}
+
+    # --- training runs and model versions (the learning loop's record) ---------------------
+
+    async def start_training_run(self, trigger: str, data: dict | None = None) -> int:
+        """A new 'running' row; returns its id."""
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO training_runs (trigger, started_at, status, data_json) VALUES (?, ?, 'running', ?)",
+                (trigger, time.time(), json.dumps(data or {})))
+            return cursor.lastrowid
+
+    async def update_training_run(self, run_id: int, *, status: str | None = None, data: dict | None = None,
+                                  losses: dict | None = None, decision: str | None = None,
+                                  error: str | None = None, finished: bool = False) -> None:
+        """Change the given fields (None leaves a field as it is); finished=True stamps finished_at."""
+        sets, params = [], []
+        for column, value in (("status", status), ("data_json", None if data is None else json.dumps(data)),
+                              ("losses_json", None if losses is None else json.dumps(losses)),
+                              ("decision", decision), ("error", error)):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                params.append(value)
+        if finished:
+            sets.append("finished_at = ?")
+            params.append(time.time())
+        if not sets:
+            return
+        async with self.db.transaction() as conn:
+            await conn.execute(f"UPDATE training_runs SET {', '.join(sets)} WHERE id = ?", (*params, run_id))
+
+    @staticmethod
+    def _run_row(row) -> dict:
+        out = dict(row)
+        out["data"] = json.loads(out.pop("data_json") or "{}")
+        out["losses"] = json.loads(out.pop("losses_json") or "{}")
+        out["duration_s"] = (out["finished_at"] - out["started_at"]) if out["finished_at"] else None
+        return out
+
+    async def training_runs(self, limit: int = 10) -> list[dict]:
+        """Newest first, JSON columns decoded (data, losses) and duration_s added."""
+        rows = await self.db.fetchall("SELECT * FROM training_runs ORDER BY id DESC LIMIT ?", (limit,))
+        return [self._run_row(row) for row in rows]
+
+    async def training_run(self, run_id: int) -> dict | None:
+        row = await self.db.fetchone("SELECT * FROM training_runs WHERE id = ?", (run_id,))
+        return None if row is None else self._run_row(row)
+
+    async def interrupt_running_runs(self, reason: str) -> list[int]:
+        """Mark rows still 'running' (their process died) as 'interrupted'; returns their ids."""
+        async with self.db.transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "UPDATE training_runs SET status = 'interrupted', error = ?, finished_at = ? "
+                "WHERE status = 'running' RETURNING id", (reason, time.time()))
+        return sorted(row[0] for row in rows)
+
+    async def record_model_version(self, version: str, path: str, created_at: float, metrics: dict | None = None,
+                                   note: str | None = None) -> None:
+        """Insert or refresh a model_versions row (the registry on disk is the source of truth)."""
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO model_versions (version, path, created_at, metrics_json, note) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (version) DO UPDATE SET path = excluded.path, metrics_json = excluded.metrics_json, "
+                "note = excluded.note", (version, path, created_at, json.dumps(metrics or {}), note))
+
+    async def model_versions(self) -> list[dict]:
+        rows = await self.db.fetchall("SELECT * FROM model_versions ORDER BY version")
+        return [{**dict(row), "metrics": json.loads(row["metrics_json"] or "{}")} for row in rows]
+
+    async def replies_by_version(self) -> dict[str, int]:
+        """How many logged bot replies each model version wrote."""
+        rows = await self.db.fetchall(
+            "SELECT model_version, COUNT(*) FROM messages WHERE role = 'bot' AND model_version IS NOT NULL "
+            "GROUP BY model_version")
+        return {row[0]: row[1] for row in rows}
 
     # --- admin -------------------------------------------------------------------------
 

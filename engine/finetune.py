@@ -1,0 +1,307 @@
+"""The learning loop's trainer: one fine-tuning job, run as a child process.
+
+    python -m engine.finetune JOB.json
+
+The bot (bots/learning.py) or `mynah retrain` exports the dialogues, writes JOB.json and
+starts this in a separate process, so training never runs in the bot's event loop or its
+generation thread. The job runs at a lower priority (os.nice), with a capped number of
+torch threads and a memory bound (RLIMIT_AS plus a resident-memory check), so chats keep
+flowing while it trains.
+
+What it does:
+1. read the exported dialogues (splits "train", "held_out", "base_eval"), dropping any that
+   hold a message id listed in the job's `forgotten` file (a /forget that came after the
+   export keeps those messages out);
+2. evaluate the current (active) model on the held-out dialogues and the base-corpus sample;
+3. fine-tune it (engine.train.train with init = the active model; early stopping on a
+   validation slice of the training dialogues, never on the held-out set);
+4. load the saved candidate back (a candidate that does not load is a failure) and evaluate
+   it on exactly the same dialogues;
+5. write result.json (atomically) and print it as the last stdout line.
+
+Progress goes to stdout as one JSON object per line ({"event": ...}); logs go to stderr.
+It never decides whether to promote and never touches the registry's pointer: the parent
+does, so killing this process at any moment changes nothing that is being served.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("engine.finetune")
+
+
+class TrainerMemoryError(MemoryError):
+    """The trainer went over its memory budget."""
+
+
+def emit(event: str, **info) -> None:
+    """One progress line for the parent."""
+    sys.stdout.write(json.dumps({"event": event, "time": time.time(), **info}) + "\n")
+    sys.stdout.flush()
+
+
+def _proc_status_mb(key: str) -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+def resident_mb() -> int:
+    return _proc_status_mb("VmRSS")
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent dies, so an orphaned trainer never runs on."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def lower_priority(nice: int) -> None:
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError as exc:
+            log.warning("could not lower the priority: %s", exc)
+
+
+_AS_LIMIT_MB = 0
+
+
+def limit_memory(max_mb: int) -> None:
+    """Cap the address space at what is mapped now plus the budget (the OOM killer must
+    never have to choose between the trainer and the bot)."""
+    global _AS_LIMIT_MB
+    if max_mb <= 0:
+        return
+    limit = (_proc_status_mb("VmSize") + max_mb) * 2**20
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    _AS_LIMIT_MB = limit // 2**20
+
+
+def hit_memory_limit() -> bool:
+    """Whether the address space came within 64 MB of the cap: a failure then, whatever
+    exception a C extension turned it into, is an out-of-memory failure."""
+    return bool(_AS_LIMIT_MB) and _proc_status_mb("VmPeak") >= _AS_LIMIT_MB - 64
+
+
+def lift_memory_limit() -> None:
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+    except (OSError, ValueError):
+        pass
+    import gc
+
+    gc.collect()
+
+
+def read_data(path: str | Path, forgotten: set[int]) -> tuple[dict[str, list[list[str]]], int]:
+    """{"train": [...], "held_out": [...], "base_eval": [...]} and how many dialogues were dropped."""
+    splits: dict[str, list[list[str]]] = {"train": [], "held_out": [], "base_eval": []}
+    dropped = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if forgotten and forgotten.intersection(row.get("ids") or ()):
+                dropped += 1
+                continue
+            splits.setdefault(row["split"], []).append(list(row["turns"]))
+    return splits, dropped
+
+
+def classify(exc: BaseException) -> str:
+    """A clear, one-line reason for a failed job."""
+    text = f"{type(exc).__name__}: {exc}"
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:  # a wrapped cause counts (ModelLoadError from MemoryError)
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, TrainerMemoryError):
+        return f"out of memory: {exc}"
+    if hit_memory_limit():
+        return (f"out of memory: the trainer reached its address-space limit of {_AS_LIMIT_MB} MB "
+                f"([learning] max_memory_mb = {_limit_note()}): {text}")
+    for e in chain:
+        if isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "Cannot allocate memory" in str(e):
+            return f"out of memory (the trainer's limit is [learning] max_memory_mb = {_limit_note()}): {text}"
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"disk full: {text}"
+    return text
+
+
+_MAX_MB = 0
+
+
+def _limit_note() -> str:
+    return f"{_MAX_MB} MB" if _MAX_MB else "no limit"
+
+
+def _finite_parameters(model) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def run_job(job: dict) -> dict:
+    """Evaluate, fine-tune, evaluate; return the result (raises on failure)."""
+    import torch
+
+    from engine.data import encode_windows
+    from engine.model import load_model
+    from engine.train import TrainConfig, evaluate_loss, train
+
+    started = time.time()
+    threads = int(job.get("threads") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    global _MAX_MB
+    max_mb = _MAX_MB = int(job.get("max_memory_mb") or 0)
+    parent = os.getppid()
+
+    def check(stage: str) -> None:
+        if max_mb > 0 and resident_mb() > max_mb:
+            raise TrainerMemoryError(f"{resident_mb()} MB resident while {stage}, over the {max_mb} MB limit "
+                                     "([learning] max_memory_mb)")
+        if os.getppid() != parent:
+            raise RuntimeError("the parent process went away; stopping")
+
+    check("starting")                      # already over budget: say so before anything fails oddly
+    limit_memory(max_mb)
+
+    forgotten: set[int] = set()
+    if job.get("forgotten"):
+        forgotten = set(json.loads(Path(job["forgotten"]).read_text(encoding="utf-8")))
+    splits, dropped = read_data(job["data"], forgotten)
+    train_d, held_out, base_eval = splits["train"], splits["held_out"], splits["base_eval"]
+    counts = {"train": len(train_d), "held_out": len(held_out), "base_eval": len(base_eval), "dropped_forgotten": dropped}
+    emit("data", **counts)
+    if not held_out:
+        raise ValueError("no held-out dialogues to evaluate on")
+    if len(train_d) < 2:
+        raise ValueError(f"need at least 2 training dialogues, got {len(train_d)}")
+
+    t = job.get("train", {})
+    max_len = int(t.get("max_len", 256))
+    fmt_name = job.get("format", "auto")
+    device = job.get("device", "auto")
+
+    def losses(model, fmt) -> dict:
+        out = {"held_out": evaluate_loss(model, fmt, held_out, batch_size=8, max_len=max_len)}
+        check("evaluating")
+        out["base"] = evaluate_loss(model, fmt, base_eval, batch_size=8, max_len=max_len) if base_eval else None
+        check("evaluating")
+        return out
+
+    # 1. the model being served now, on the held-out and base dialogues
+    emit("stage", stage="evaluating the active model")
+    active = load_model(job["init"], fmt=fmt_name, device=device)
+    before = losses(active.model, active.fmt)
+    emit("before", **before)
+    # 2. fine-tune it: about six evaluations per run (early stopping on a validation slice
+    #    of the training dialogues; the held-out set is never seen before the final scoring)
+    batch = int(t.get("batch_size", 8))
+    epochs = float(t.get("epochs", 2.0))
+    valid_fraction = float(t.get("valid_fraction", 0.1))
+    n_windows = len(encode_windows(active.fmt, train_d, max_len))
+    est_steps = max(1, round(epochs * math.ceil(n_windows * (1 - valid_fraction) / batch)))
+    del active
+    emit("stage", stage="training")
+
+    def on_progress(info: dict) -> None:
+        check("training")
+        fields = {k: v for k, v in info.items() if k != "event" and (isinstance(v, (int, float, str)) or v is None)}
+        emit("train", kind=info.get("event", ""), **fields)
+
+    metrics = train(TrainConfig(
+        output=job["output"], overwrite=True, dialogues=train_d, valid_fraction=valid_fraction, max_len=max_len,
+        init=job["init"], format=fmt_name, lr=float(t.get("lr", 1e-4)), batch_size=batch, epochs=epochs,
+        max_minutes=float(t.get("max_minutes", 0.0)), eval_every=max(5, est_steps // 6), eval_batch_size=8,
+        patience=int(t.get("patience", 3)), warmup_steps=int(t.get("warmup_steps", 10)), device=device,
+        threads=threads, seed=int(t.get("seed", 0)), progress=False, log_every=max(1, min(10, est_steps // 20)),
+        command=f"learning run {job.get('run_id')}", on_progress=on_progress,
+    ))
+
+    # 3. the candidate as it will be served: loaded back from disk, same dialogues
+    emit("stage", stage="evaluating the candidate")
+    try:
+        candidate = load_model(job["output"], fmt=fmt_name, device=device)
+    except Exception as exc:
+        raise RuntimeError(f"the candidate does not load: {exc}") from exc
+    after = losses(candidate.model, candidate.fmt)
+    finite = _finite_parameters(candidate.model) and all(v is None or math.isfinite(v) for v in after.values())
+    emit("after", **after)
+    keep = ("best_valid_loss", "initial_valid_loss", "best_step", "steps", "tokens", "tokens_per_s",
+            "train_time_s", "stopped_early", "stop_reason", "params", "device", "lr", "data")
+    return {"ok": True, "before": before, "after": after, "finite": finite, "counts": counts,
+            "train": {k: metrics.get(k) for k in keep}, "candidate": str(job["output"]),
+            "loss_curve": str(Path(job["output"]) / "loss_curve.png"), "duration_s": time.time() - started,
+            "max_resident_mb": _proc_status_mb("VmHWM")}
+
+
+def write_result(path: str | Path | None, result: dict) -> None:
+    if not path:
+        return
+    try:
+        from engine.registry import write_json_atomic
+
+        write_json_atomic(Path(path), result)
+    except OSError as exc:  # a full disk must not hide the real reason: stdout still carries it
+        log.error("could not write %s: %s", path, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m engine.finetune JOB.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    die_with_parent()
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    lower_priority(int(job.get("nice") or 0))
+    emit("started", pid=os.getpid(), run_id=job.get("run_id"))
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        result = run_job(job)
+        code = 0
+    except BaseException as exc:  # everything ends in a result with a reason
+        lift_memory_limit()  # reporting an out-of-memory failure needs a little memory itself
+        if isinstance(exc, KeyboardInterrupt):
+            exc = RuntimeError("interrupted")
+        log.exception("the job failed")
+        result = {"ok": False, "error": classify(exc)}
+        code = 1
+    write_result(job.get("result"), result)
+    emit("finished", **result)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

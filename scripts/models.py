@@ -1,0 +1,63 @@
+"""`mynah models`: the model versions in the registry, their metrics, and the last runs."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+NAME = "models"
+HELP = "list the model versions (registry) with their metrics and the last training runs"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--runs", type=int, default=5, metavar="N", help="also show the last N training runs (default 5)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args) -> int:
+    from bots.config import load_config
+    from bots.learning import describe_run, describe_version
+    from engine.registry import Registry
+
+    config = load_config(args.config)
+    registry = Registry(config.learning.registry)
+    versions = registry.versions()
+    active = registry.active_name()
+    runs = asyncio.run(_runs(config.storage.path, args.runs)) if args.runs > 0 else []
+    if args.json:
+        print(json.dumps({"registry": str(registry.root), "active": active,
+                          "versions": [{**v.to_json(), "model_path": v.model_path} for v in versions],
+                          "runs": runs}, indent=2, default=str))
+        return 0
+    if not versions:
+        print(f"no versions in {registry.root} yet: the bot registers [model] path ({config.model.path}) as v0001 "
+              "when it starts with [learning] enabled = true, and so does `mynah retrain`")
+    else:
+        print(f"registry {registry.root} ({len(versions)} versions; * = active):")
+        for v in reversed(versions):
+            print(describe_version(v, active))
+            if v.kind == "fine-tuned" and v.loss_curve:
+                print(f"        loss curve: {v.loss_curve}")
+    if runs:
+        print("last training runs:")
+        for r in runs:
+            print(f"  {describe_run(r)}")
+    return 0
+
+
+async def _runs(path: str, limit: int) -> list[dict]:
+    if path != ":memory:" and not Path(path).exists():
+        return []
+    from storage.conversations import Conversations
+    from storage.db import Database, StorageError
+
+    try:
+        db = await Database.open(path)
+    except StorageError as exc:
+        print(f"mynah: {exc}", file=sys.stderr)
+        return []
+    try:
+        return await Conversations(db).training_runs(limit)
+    finally:
+        await db.close()

@@ -1,0 +1,43 @@
+"""`mynah rollback [VERSION]`: make a version (default: the previously active one) active.
+
+A running bot notices the new pointer within [learning] poll_seconds and hot-swaps to it
+between batches; no restart needed. The version is test-loaded first (skip with
+--no-check), so the pointer never names a model that does not load.
+"""
+from __future__ import annotations
+
+import sys
+
+NAME = "rollback"
+HELP = "make the previous (or a given) model version active; a running bot switches within seconds"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("version", nargs="?", help="e.g. 3 or v0003 (default: the version active before this one)")
+    parser.add_argument("--no-check", action="store_true", help="do not test-load the model first")
+
+
+def run(args) -> int:
+    from bots.config import load_config
+    from engine.registry import Registry, RegistryError, parse_version
+
+    config = load_config(args.config)
+    registry = Registry(config.learning.registry)
+    try:
+        name = parse_version(args.version) if args.version else registry.previous()
+        if name is None:
+            raise RegistryError("there is no previous version to roll back to")
+        version = registry.get(name)
+        if not args.no_check:
+            from engine.model import ModelLoadError, load_model
+
+            try:
+                load_model(version.model_path, fmt=config.model.format, device="cpu")
+            except ModelLoadError as exc:
+                raise RegistryError(f"{version.name} does not load: {exc}") from None
+        version, old = registry.rollback(version.name, "rollback by mynah rollback")
+    except RegistryError as exc:
+        print(f"mynah: {exc}", file=sys.stderr)
+        return 1
+    print(f"active: {version.name} (was {old}); a running bot switches within {config.learning.poll_seconds:g} s")
+    return 0
