@@ -54,6 +54,8 @@ class AdminCommands:
             f"Model version: {stats['model_version']}",
             f"Queue: {stats['queue_depth']} waiting, {stats['active']} generating",
             f"Reply latency: p50 {_secs(p50)}, p95 {_secs(p95)} over {stats['replies']} replies",
+            f"MMI reranking: on ({stats['mmi_candidates']} candidates, weight {stats['mmi_weight']:g}, "
+            f"backward model {stats['mmi_model']})" if stats.get("mmi") else "MMI reranking: off",
             f"Uptime: {_duration(time.time() - self.started_at)}",
             f"Stored: {counts.get('chats', 0)} chats, {counts.get('messages', 0)} messages",
         ]

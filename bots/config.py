@@ -198,6 +198,8 @@ def _check_section(name: str, section: Any) -> None:
             raise ConfigError("[generation] repetition_penalty must be 1.0 (off) or more")
         if section.min_new_tokens > section.max_new_tokens:
             raise ConfigError("[generation] min_new_tokens must not exceed max_new_tokens")
+        if not 0.0 <= section.mmi_weight <= 1.0:
+            raise ConfigError(f"[generation] mmi_weight must be in [0, 1], got {section.mmi_weight}")
     if name == "telegram":
         bad = [t for t in section.answer_all_chat_types if t not in ("group", "supergroup")]
         if bad:
