@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.data import (Dialogue, PreparedData, encode_windows, load_prepared, prepare, read_corpora,
+from engine.data import (Dialogue, encode_windows, load_prepared, prepare, read_corpora,
                          train_tokenizer)
 from engine.dialogue import DialogueFormat
 from engine.model import load_model, load_tokenizer, pick_device

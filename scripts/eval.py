@@ -175,7 +175,7 @@ def _retrieval(mmi, prompts: list[dict], distractors: int, seed: int, weight: fl
     """How often each scorer ranks the human's real next turn first among it and `distractors`
     next turns of other held-out dialogues (chance: 1 / (distractors + 1)). The backward model
     can only beat chance by knowing what the context says."""
-    from engine.mmi import backward_scores, combined_scores, forward_scores
+    from engine.mmi import combined_scores
 
     rng = random.Random(seed)
     hits = {"forward": 0, "backward": 0, "combined": 0}

@@ -46,7 +46,6 @@ def test_pipe_gets_one_line_per_message_and_remembers_after_restart(tmp_path, ti
 
     # a new process: the context of the earlier run is still there and grows
     chat(config, ["i like books"])
-    from storage.conversations import Conversations  # noqa: F401  (same schema the bot uses)
     texts = [r[0] for r in db.execute("SELECT text FROM messages WHERE role='user' ORDER BY id")]
     assert texts == ["hello there", "what do you like to do ?", "i like books"]
 
@@ -87,6 +86,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
     ('[model]\nformat = "xml"\n', "format must be one of"),
     ('[storage]\npth = "x"\n', "unknown key"),
     ('[learning]\nschedule = "sometimes"\n', "neither an interval"),
+    ('[generation]\nmmi_weight = 2.0\n', "mmi_weight must be in [0, 1]"),
 ])
 def test_bad_config_value_is_named(tmp_path, bad, message):
     config = tmp_path / "config.toml"

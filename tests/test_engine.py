@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from engine.batcher import Engine, EngineBusy
 from engine.dialogue import DialogueFormat
