@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import inspect
 import logging
 import threading
 import time
@@ -23,7 +24,8 @@ import torch
 
 from engine import kvcache
 from engine.model import LoadedModel
-from engine.sampling import RowSampler, SamplingParams, next_tokens
+from engine.quantize import pack_fp32, release_freed_memory
+from engine.sampling import BatchSampler, RowSampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +74,12 @@ class _Request:
 
 def _forward_kwargs(model) -> str:
     """transformers 5 calls the cache argument `cache`; 4.x called it `past_key_values`."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether forward() can skip the output projection for all but the last position."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 class Engine:
@@ -90,6 +95,8 @@ class Engine:
         max_context_tokens: int = 256,
         fallback_reply: str = "Hmm, I'm not sure what to say to that.",
         threads: int = 0,
+        grow_cache: bool = True,
+        pack_weights: bool = True,
     ):
         self.defaults = defaults or SamplingParams()
         self.max_batch_size = max_batch_size
@@ -97,6 +104,8 @@ class Engine:
         self.max_context_tokens = max_context_tokens
         self.fallback_reply = fallback_reply
         self.threads = threads
+        self.grow_cache = grow_cache  # KV cache with spare room (kvcache.GrowingLayer) where the model allows it
+        self.pack_weights = pack_weights  # fp32 CPU models: linear weights pre-packed for oneDNN (quantize.pack_fp32)
         self._loaded = loaded
         self._pending_swap: LoadedModel | None = None
         self._prepare(loaded)
@@ -107,6 +116,8 @@ class Engine:
         self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
         self.replies_served = 0
         self.started_at = time.time()
+        # Where the worker's time goes (read by `mynah bench`): seconds and counts since start.
+        self.timing = {"prefill_s": 0.0, "prefilled_tokens": 0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
 
     # ---- public, event-loop side -------------------------------------------------
     @property
@@ -178,6 +189,7 @@ class Engine:
     def _prepare(self, loaded: LoadedModel) -> None:
         """Per-model facts the worker needs: cache kwarg, banned ids, context limit."""
         loaded.cache_kwarg = _forward_kwargs(loaded.model)
+        loaded.keeps_last_logits = _takes_logits_to_keep(loaded.model)
         positions = getattr(loaded.model.config, "n_positions", None) or getattr(loaded.model.config, "max_position_embeddings", 1024)
         loaded.max_positions = positions
         loaded.banned_word_ids = {}
@@ -203,86 +215,135 @@ class Engine:
         return banned
 
     # ---- worker thread ----------------------------------------------------------
+    def _pack(self, loaded: LoadedModel) -> None:
+        """fp32 CPU weights → oneDNN's blocked layout, once per model, in the worker thread.
+
+        In this thread on purpose: once another thread has run torch's parallel regions, this
+        thread's steps ran ~1.5x slower on 2 cores (measured), so the worker does the
+        packing and all the model's work itself.
+        """
+        if self.pack_weights and not getattr(loaded, "packed", False) and loaded.device.type == "cpu":
+            started = time.perf_counter()
+            try:
+                loaded.packed = pack_fp32(loaded.model) > 0
+            except Exception:  # an optimisation only: serve the model as it is
+                log.exception("could not pack the fp32 weights; serving them unpacked")
+                loaded.packed = False
+            if loaded.packed:
+                log.info("fp32 weights packed for oneDNN in %.1f s", time.perf_counter() - started)
+
     def _run(self) -> None:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
-        rows: list[_Request] = []
-        state = None  # (cache, mask, positions, next_input) for `rows`
+        self._pack(self._loaded)
+        batch: _Batch | None = None
         with torch.inference_mode():
             while True:
+                swapped = False
                 with self._wake:
-                    if not rows and self._pending_swap is not None:
+                    if batch is None and self._pending_swap is not None:
                         self._loaded, self._pending_swap = self._pending_swap, None
                         self._prepare(self._loaded)
+                        swapped = True
                         log.info("now serving model version %s", self._loaded.version)
                     admitted = []
                     if self._pending_swap is None:
-                        while self._queue and len(rows) + len(admitted) < self.max_batch_size:
+                        running = len(batch.rows) if batch else 0
+                        while self._queue and running + len(admitted) < self.max_batch_size:
                             admitted.append(self._queue.popleft())
-                    if not rows and not admitted:
+                    if batch is None and not admitted and not swapped:
                         if not self._running and not self._queue:
                             return
                         self._wake.wait(timeout=0.5)
                         continue
+                if swapped:  # outside the lock: reply() must not wait for this
+                    self._pack(self._loaded)
+                    if batch is None and not admitted:
+                        continue
                 try:
-                    rows, state = self._step(rows, state, admitted)
+                    batch = self._step(batch, admitted)
                 except Exception as exc:  # a broken model must not take the bot down
                     log.exception("generation failed")
-                    for request in rows + admitted:
+                    for request in (batch.rows if batch else []) + admitted:
                         request.finish(RuntimeError(f"generation failed: {exc}"))
-                    rows, state = [], None
-                self._active_count = len(rows)
+                    batch = None
+                self._active_count = len(batch.rows) if batch else 0
+                if batch is None and not self._queue:
+                    release_freed_memory(collect=False)  # idle: hand the burst's KV cache and activations back to the OS
 
-    def _step(self, rows: list[_Request], state, admitted: list[_Request]):
+    def _step(self, batch: "_Batch | None", admitted: list[_Request]) -> "_Batch | None":
+        """Admit new requests (prefill, merge), then one decode step for every running row."""
         loaded = self._loaded
         if admitted:
-            new_rows, new_state = self._prefill(loaded, admitted)
-            if new_rows:
-                if rows:
-                    state = self._merge(state, new_state)
-                    rows = rows + new_rows
+            started = time.perf_counter()
+            joining = self._prefill(loaded, admitted)
+            self.timing["prefill_s"] += time.perf_counter() - started
+            self.timing["prefilled_tokens"] += sum(len(r.context_ids) for r in admitted)
+            if joining is not None:
+                if batch is None:
+                    batch = joining
                 else:
-                    rows, state = new_rows, new_state
-        if not rows:
-            return [], None
-        cache, mask, positions, next_input = state
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                    batch.merge(joining)
+        if batch is None:
+            return None
+        started = time.perf_counter()
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        attention_mask = batch.mask
+        if batch.growing:  # write into the cache's spare room; the 4D mask hides what is not filled yet
+            kvcache.reserve(batch.cache, 1)
+            attention_mask = kvcache.mask_4d(batch.cache, batch.mask)
         out = loaded.model(
-            input_ids=next_input[:, None], attention_mask=mask, position_ids=positions[:, None],
-            use_cache=True, **{loaded.cache_kwarg: cache},
+            input_ids=batch.next_input[:, None], attention_mask=attention_mask, position_ids=batch.positions[:, None],
+            use_cache=True, **{loaded.cache_kwarg: batch.cache},
         )
-        cache = getattr(out, loaded.cache_kwarg, None) or out.past_key_values
-        tokens = next_tokens(out.logits[:, -1, :], [r.sampler for r in rows], [len(r.generated) for r in rows], loaded.fmt.stop_ids)
-        state = (cache, mask, positions + 1, torch.tensor(tokens, device=loaded.device))
-        return self._retire(rows, state, tokens)
+        batch.cache = _cache_of(out, loaded)
+        tokens = batch.sampler.sample(out.logits[:, -1, :], [len(r.generated) for r in batch.rows], inplace=True)
+        batch.positions = batch.positions + 1
+        batch.next_input = torch.tensor(tokens, device=loaded.device)
+        self.timing["decode_s"] += time.perf_counter() - started
+        self.timing["decode_steps"] += 1
+        self.timing["decode_rows"] += len(batch.rows)
+        return self._retire(batch, tokens)
 
-    def _prefill(self, loaded: LoadedModel, admitted: list[_Request]):
+    def _prefill(self, loaded: LoadedModel, admitted: list[_Request]) -> "_Batch | None":
+        """Run the new requests' contexts (left-padded, one pass) and sample their first tokens.
+
+        Requests with the same context (MMI candidates, retries) share one prefill row; their
+        KV cache rows are copied afterwards.
+        """
         for request in admitted:
             request.version = loaded.version
             request.sampler = RowSampler(request.params, request.context_ids, self._banned_ids(loaded, request.params))
-        width = max(len(r.context_ids) for r in admitted)
+        unique: dict[tuple[int, ...], int] = {}
+        expand = [unique.setdefault(tuple(r.context_ids), len(unique)) for r in admitted]
+        contexts = list(unique)
+        width = max(len(c) for c in contexts)
         pad = loaded.fmt.pad_id
-        ids = torch.tensor([[pad] * (width - len(r.context_ids)) + r.context_ids for r in admitted], device=loaded.device)
-        mask = torch.tensor([[0] * (width - len(r.context_ids)) + [1] * len(r.context_ids) for r in admitted], device=loaded.device)
+        ids = torch.tensor([[pad] * (width - len(c)) + list(c) for c in contexts], device=loaded.device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=loaded.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-        cache = getattr(out, loaded.cache_kwarg, None) or out.past_key_values
-        tokens = next_tokens(out.logits[:, -1, :], [r.sampler for r in admitted], [0] * len(admitted), loaded.fmt.stop_ids)
+        extra = {"logits_to_keep": 1} if loaded.keeps_last_logits else {}
+        out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra)
+        cache = _cache_of(out, loaded)
+        logits = out.logits[:, -1, :]
+        if len(contexts) < len(admitted):
+            mask = kvcache.select(cache, mask, expand)
+            logits = logits.index_select(0, torch.tensor(expand, device=logits.device))
+        sampler = BatchSampler([r.sampler for r in admitted], loaded.fmt.stop_ids)
+        tokens = sampler.sample(logits, [0] * len(admitted), inplace=True)
         positions = mask.sum(-1)
-        state = (cache, mask, positions, torch.tensor(tokens, device=loaded.device))
-        return self._retire(admitted, state, tokens)
+        growing = self.grow_cache and kvcache.can_grow(cache, loaded.model)
+        if growing:
+            kvcache.use_growing(cache)
+        batch = _Batch(list(admitted), cache, mask, positions, torch.tensor(tokens, device=loaded.device), sampler,
+                       growing)
+        return self._retire(batch, tokens)
 
-    def _merge(self, state, new_state):
-        cache, mask, positions, next_input = state
-        new_cache, new_mask, new_positions, new_input = new_state
-        mask = kvcache.merge(cache, mask, new_cache, new_mask)
-        return cache, mask, torch.cat([positions, new_positions]), torch.cat([next_input, new_input])
-
-    def _retire(self, rows: list[_Request], state, tokens: list[int]):
+    def _retire(self, batch: "_Batch", tokens: list[int]) -> "_Batch | None":
         """Append each row's token; finish rows that stopped; keep the others."""
         stop_ids = self._loaded.fmt.stop_ids
         keep = []
-        for i, (request, token) in enumerate(zip(rows, tokens)):
+        for i, (request, token) in enumerate(zip(batch.rows, tokens)):
             stopped = token in stop_ids
             if not stopped:
                 request.generated.append(token)
@@ -292,14 +353,12 @@ class Engine:
                 self._complete(request)
             else:
                 keep.append(i)
-        if len(keep) == len(rows):
-            return rows, state
+        if len(keep) == len(batch.rows):
+            return batch
         if not keep:
-            return [], None
-        cache, mask, positions, next_input = state
-        mask = kvcache.select(cache, mask, keep)
-        index = torch.tensor(keep, device=positions.device)
-        return [rows[i] for i in keep], (cache, mask, positions.index_select(0, index), next_input.index_select(0, index))
+            return None
+        batch.select(keep)
+        return batch
 
     def _complete(self, request: _Request) -> None:
         loaded = self._loaded
@@ -318,3 +377,41 @@ class Engine:
         self._latencies.append(latency)
         self.replies_served += 1
         request.finish(reply)
+
+
+def _cache_of(out, loaded: LoadedModel):
+    """The KV cache a forward pass returned (`cache` in transformers 5, `past_key_values` before)."""
+    cache = getattr(out, loaded.cache_kwarg, None)
+    return cache if cache is not None else out.past_key_values
+
+
+@dataclass
+class _Batch:
+    """The running batch: one row per request, everything aligned on the row index."""
+
+    rows: list[_Request]
+    cache: object               # the model's KV cache, [rows, heads, length, head_dim] per layer
+    mask: torch.Tensor          # [rows, length] attention mask (0 = left padding)
+    positions: torch.Tensor     # [rows] position id of next_input
+    next_input: torch.Tensor    # [rows] the token each row feeds next
+    sampler: BatchSampler
+    growing: bool = False       # the cache is kvcache.GrowingLayer's (decode passes a 4D mask)
+
+    def merge(self, other: "_Batch") -> None:
+        """Append `other`'s rows (left-padding whichever cache is shorter)."""
+        if self.growing != other.growing:
+            raise RuntimeError("cannot merge a growing KV cache with a concatenating one")
+        self.mask = kvcache.merge(self.cache, self.mask, other.cache, other.mask)
+        self.positions = torch.cat([self.positions, other.positions])
+        self.next_input = torch.cat([self.next_input, other.next_input])
+        self.sampler.merge(other.sampler)
+        self.rows = self.rows + other.rows
+
+    def select(self, keep: list[int]) -> None:
+        """Keep rows `keep` only (and drop padding columns no row needs any more)."""
+        self.mask = kvcache.select(self.cache, self.mask, keep)
+        index = torch.tensor(keep, device=self.positions.device)
+        self.positions = self.positions.index_select(0, index)
+        self.next_input = self.next_input.index_select(0, index)
+        self.sampler.select(keep)
+        self.rows = [self.rows[i] for i in keep]

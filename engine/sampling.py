@@ -2,11 +2,22 @@
 
 GPT2-chitchat parity: temperature, top-k, top-p (nucleus), repetition penalty, plus
 min/max new tokens, banned tokens and a per-request seed.
+
+The engine keeps one `BatchSampler` per running batch: the rows' settings as small
+tensors plus two [rows, vocab] masks (tokens seen, tokens banned), so one step is a few
+tensor operations on the whole batch whatever its size, not a Python loop per row. Rows
+join (`merge`) and leave (`select`) together with the rows of the KV cache. Only the
+final draw of a row with its own seed uses that row's random generator.
+
+Order of operations per row: banned tokens → no stop before min_new_tokens →
+repetition penalty on every seen token (context and generated) → greedy argmax, or
+temperature → top-k → top-p over what top-k left → draw.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -46,47 +57,202 @@ class RowSampler:
             self.generator = torch.Generator().manual_seed(params.seed)
 
 
-def _apply_penalty(logits: torch.Tensor, seen: set[int], penalty: float) -> None:
-    if penalty == 1.0 or not seen:
-        return
-    idx = torch.tensor(sorted(seen), device=logits.device)
-    picked = logits[idx]
-    logits[idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
+_NEG_INF = float("-inf")
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cumulative > top_p
-        drop[1:] = drop[:-1].clone()  # keep the token that crosses the threshold
-        drop[0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+class BatchSampler:
+    """Sampling state of a running batch, row i belonging to rows[i].
+
+    Seen and banned tokens are kept as [rows, n] index tensors (padded by repeating a
+    row's own first entry, which changes nothing: the penalty is applied through
+    gather → penalize → scatter, and banning twice bans once), so a step touches
+    rows × n entries instead of rows × vocabulary. They are built on the first `sample`
+    (when the vocabulary width is known from the logits); afterwards the sampler follows
+    the batch through `merge` and `select`, and `sample` appends the chosen tokens.
+    """
+
+    def __init__(self, rows: Sequence[RowSampler], stop_ids: set[int] | Sequence[int]):
+        self.rows = list(rows)
+        self.stop = sorted(stop_ids)
+        self.seen: torch.Tensor | None = None     # [B, n_seen] token ids
+        self.banned: torch.Tensor | None = None   # [B, n_banned] token ids; None when no row bans anything
+        self._settings()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # ---- per-row settings as tensors (rebuilt when the rows change) --------------------
+    def _settings(self) -> None:
+        params = [r.params for r in self.rows]
+        self.min_new = [p.min_new_tokens for p in params]
+        self.penalty = torch.tensor([[p.repetition_penalty] for p in params], dtype=torch.float32)
+        self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        self.sampled = [i for i, p in enumerate(params) if p.do_sample]
+        self.greedy = [i for i, p in enumerate(params) if not p.do_sample]
+        sampled = [params[i] for i in self.sampled]
+        self.temperature = torch.tensor([[max(p.temperature, 1e-5)] for p in sampled], dtype=torch.float32)
+        self.top_k = [p.top_k for p in sampled]
+        self.top_p = torch.tensor([[p.top_p] for p in sampled], dtype=torch.float32)
+        self.any_top_p = any(p.top_p < 1.0 for p in sampled)
+        self.seeded = [j for j, i in enumerate(self.sampled) if self.rows[i].generator is not None]
+        self.unseeded = [j for j, i in enumerate(self.sampled) if self.rows[i].generator is None]
+        self._index_cache: dict[str, torch.Tensor] = {}
+
+    def _index(self, name: str, values: list[int]) -> torch.Tensor:
+        if name not in self._index_cache:
+            self._index_cache[name] = torch.tensor(values, dtype=torch.long)
+        return self._index_cache[name]
+
+    def _build(self, vocab: int) -> None:
+        self.seen = _padded([sorted(t for t in r.seen if 0 <= t < vocab) for r in self.rows])
+        banned = [[t for t in r.banned if 0 <= t < vocab] for r in self.rows]
+        self.banned = _padded(banned) if any(banned) else None
+
+    # ---- batch surgery, mirroring the KV cache -----------------------------------------
+    def merge(self, other: "BatchSampler") -> None:
+        """Append `other`'s rows (both have sampled at least once, or neither has)."""
+        if (self.seen is None) != (other.seen is None):
+            raise ValueError("cannot merge a sampler that has sampled with one that has not")
+        if self.seen is not None:
+            self.seen = _stack(self.seen, other.seen)
+            if self.banned is not None or other.banned is not None:
+                self.banned = _stack(self._banned_or_empty(), other._banned_or_empty())
+        self.rows += other.rows
+        self._settings()
+
+    def _banned_or_empty(self) -> torch.Tensor:
+        return self.banned if self.banned is not None else torch.full((len(self.rows), 1), -1, dtype=torch.long)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows `keep`, in that order."""
+        index = torch.tensor(keep, dtype=torch.long)
+        self.rows = [self.rows[i] for i in keep]
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, index)
+        if self.banned is not None:
+            self.banned = self.banned.index_select(0, index)
+            if (self.banned < 0).all():
+                self.banned = None
+        self._settings()
+
+    # ---- one step ------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, steps: Sequence[int], *, inplace: bool = False) -> list[int]:
+        """One token per row from logits [rows, vocab] at the last position; steps[i] = tokens row i made so far.
+
+        inplace: the logits may be overwritten (the engine's own model output); otherwise they are copied.
+        """
+        if logits.shape[0] != len(self.rows):
+            raise ValueError(f"{logits.shape[0]} rows of logits for {len(self.rows)} samplers")
+        owned = logits.dtype != torch.float32 or logits.device.type != "cpu"
+        logits = logits.float().cpu()
+        if not (inplace or owned):
+            logits = logits.clone()
+        if self.seen is None:
+            self._build(logits.shape[1])
+        if self.banned is not None:
+            _update(logits, self.banned, lambda picked: torch.full_like(picked, _NEG_INF))
+        early = [i for i, (s, m) in enumerate(zip(steps, self.min_new)) if s < m]
+        if early and self.stop:
+            logits[torch.tensor(early)[:, None], self._index("stop", self.stop)[None, :]] = _NEG_INF
+        if self.any_penalty and self.seen.shape[1]:
+            penalty = self.penalty
+            _update(logits, self.seen, lambda picked: torch.where(picked > 0, picked / penalty, picked * penalty))
+
+        chosen = torch.empty(len(self.rows), dtype=torch.long)
+        if self.greedy:
+            if not self.sampled:
+                chosen = logits.argmax(dim=-1)
+            else:
+                g = self._index("greedy", self.greedy)
+                chosen[g] = logits.index_select(0, g).argmax(dim=-1)
+        if self.sampled:
+            if self.greedy:
+                s = self._index("sampled", self.sampled)
+                chosen[s] = self._draw(logits.index_select(0, s))
+            else:
+                chosen = self._draw(logits)
+        seen = self.seen
+        if seen.shape[1] and bool((seen[:, 0] < 0).any()):  # a row that had seen nothing has now
+            seen = torch.where(seen < 0, chosen[:, None], seen)
+        self.seen = torch.cat([seen, chosen[:, None]], dim=1)
+        return chosen.tolist()
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature, top-k, top-p and the draw for the sampled rows (logits [S, V])."""
+        vocab = logits.shape[1]
+        logits = logits.div_(self.temperature)
+        ks = [k if 0 < k < vocab else vocab for k in self.top_k]
+        k_max = max(ks)
+        if k_max == vocab and not self.any_top_p:
+            candidates, order = logits, None  # plain sampling over the whole vocabulary
+        else:
+            candidates, order = torch.topk(logits, k_max, dim=-1)  # sorted, largest first
+            if min(ks) < k_max:  # rows with a smaller top-k drop their tail
+                rank = torch.arange(k_max)[None, :]
+                candidates = candidates.masked_fill(rank >= torch.tensor(ks)[:, None], _NEG_INF)
+            if self.any_top_p:
+                probs = torch.softmax(candidates, dim=-1)
+                before = probs.cumsum(dim=-1)
+                # drop a token when the ones before it already reach top_p (the crossing one stays)
+                drop = torch.zeros_like(before, dtype=torch.bool)
+                drop[:, 1:] = before[:, :-1] > self.top_p
+                candidates = candidates.masked_fill(drop, _NEG_INF)
+        probs = torch.softmax(candidates, dim=-1)
+        picked = torch.empty(len(ks), dtype=torch.long)
+        if self.unseeded:
+            if not self.seeded:
+                picked = torch.multinomial(probs, 1).squeeze(1)
+            else:
+                u = self._index("unseeded", self.unseeded)
+                picked[u] = torch.multinomial(probs.index_select(0, u), 1).squeeze(1)
+        for j in self.seeded:
+            picked[j] = torch.multinomial(probs[j], 1, generator=self.rows[self.sampled[j]].generator)[0]
+        if order is None:
+            return picked
+        return order.gather(1, picked[:, None]).squeeze(1)
+
+
+def _update(logits: torch.Tensor, index: torch.Tensor, change) -> None:
+    """logits[i, index[i, j]] = change(that value), in place; rows of index that are -1 change nothing.
+
+    A row of index is either all real ids or all -1 (see `_padded`), so the clamped -1s
+    of a row only ever write back the value they read.
+    """
+    safe = index.clamp(min=0)
+    picked = logits.gather(1, safe)
+    changed = change(picked)
+    if bool((index[:, :1] < 0).any()):
+        changed = torch.where(index < 0, picked, changed)
+    logits.scatter_(1, safe, changed)
+
+
+def _padded(rows: list[list[int]]) -> torch.Tensor:
+    """[len(rows), longest] ids; a short row repeats its first id (-1 for an empty row)."""
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([r + [r[0] if r else -1] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
+
+
+def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of a over rows of b, the narrower padded with its first column (or -1)."""
+    width = max(a.shape[1], b.shape[1])
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[1] == width:
+            return t
+        fill = t[:, :1] if t.shape[1] else torch.full((t.shape[0], 1), -1, dtype=t.dtype)
+        return torch.cat([t, fill.expand(t.shape[0], width - t.shape[1])], dim=1)
+
+    return torch.cat([widen(a), widen(b)])
 
 
 def next_tokens(logits: torch.Tensor, rows: list[RowSampler], steps: list[int], stop_ids: set[int]) -> list[int]:
-    """One token per row. logits: [batch, vocab] for the last position."""
-    logits = logits.float().cpu()
-    chosen = []
-    stop = sorted(stop_ids)
-    for i, row in enumerate(rows):
-        p = row.params
-        row_logits = logits[i].clone()
-        if row.banned:
-            row_logits[row.banned] = float("-inf")
-        if steps[i] < p.min_new_tokens:
-            row_logits[stop] = float("-inf")
-        _apply_penalty(row_logits, row.seen, p.repetition_penalty)
-        if not p.do_sample:
-            token = int(torch.argmax(row_logits))
-        else:
-            row_logits = _filter_top_k_top_p(row_logits / max(p.temperature, 1e-5), p.top_k, p.top_p)
-            probs = torch.softmax(row_logits, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=row.generator))
+    """One token per row, each row with its own settings. logits: [batch, vocab] for the last position.
+
+    Stateless helper for callers outside the engine: the rows' `seen` sets are read and
+    updated, so calling it step after step penalizes repeats like the engine does.
+    """
+    sampler = BatchSampler(rows, stop_ids)
+    chosen = sampler.sample(logits, steps)
+    for row, token in zip(rows, chosen):
         row.seen.add(token)
-        chosen.append(token)
     return chosen

@@ -1,0 +1,227 @@
+"""CPU weight formats for serving: dynamic int8 quantization, and fp32 weights pre-packed for oneDNN.
+
+`torch.ao.quantization.quantize_dynamic` swaps `nn.Linear` layers for int8 ones whose
+weights are stored as int8 (one scale per output channel) and whose activations are
+quantized on the fly at each call. GPT-2's blocks use transformers' `Conv1D` (a linear
+layer with its weight stored transposed), which quantize_dynamic does not know, so on a
+stock GPT-2 it would quantize only `lm_head`. We first turn every `Conv1D` into an
+equivalent `nn.Linear` (weight transposed; outputs identical), then quantize them all.
+
+At batch 1 decoding is memory-bandwidth bound, so reading a quarter of the bytes per
+token is the point; the effect on quality is measured by `mynah bench` (next-token
+agreement and held-out loss against fp32, see docs/BENCHMARKS.md).
+
+fp32 models keep their numbers but not their layout: `pack_fp32` stores each linear
+layer's weight in oneDNN's blocked format once, so every decode step runs oneDNN's
+matrix multiply on it (1.5-2.4x the GFLOP/s of the default path for the small row counts
+of decoding on this machine; same results to ~1e-6). The engine does this by default.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it today
+        return None
+    return Conv1D
+
+
+def as_linear(conv) -> nn.Linear:
+    """The `nn.Linear` equal to a transformers `Conv1D` (which computes x @ W + b with W: [in, out])."""
+    n_in, n_out = conv.weight.shape
+    linear = nn.Linear(n_in, n_out, bias=conv.bias is not None, device=conv.weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
+
+
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace every transformers `Conv1D` in `model` by an equal `nn.Linear`; returns how many."""
+    conv1d = _conv1d_class()
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if conv1d is not None and isinstance(child, conv1d):
+                setattr(parent, name, as_linear(child))
+                replaced += 1
+    return replaced
+
+
+_LIBC = None
+
+
+def release_freed_memory(collect: bool = True) -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise), so RSS shows the truth.
+
+    collect: run Python's garbage collector first (holds the GIL; the engine's idle call skips it).
+    """
+    global _LIBC
+    if collect:
+        gc.collect()
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        _LIBC = False
+
+
+def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head: bool = True,
+                  embeddings: bool = True) -> nn.Module:
+    """A CPU model whose linear layers (Conv1D included) run in dynamic int8; eval mode.
+
+    Layers are converted one at a time (Conv1D → Linear → int8), so loading never holds a
+    second fp32 copy of the model.
+
+    per_channel: one weight scale per output row (better quality than one per tensor, same speed).
+    include_lm_head: also quantize the output projection (the largest matrix of a small
+        GPT-2: 38.6M of its 124M parameters).
+    embeddings: store the token/position tables as 8-bit rows too (they are only looked
+        up, never multiplied, so this saves memory, not time).
+    Remaining fp32 tensors are copied out of the checkpoint's memory map, so the fp32 file
+    pages are released and RSS is what the int8 model needs.
+    """
+    from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, \
+        per_channel_dynamic_qconfig
+
+    model = model.to("cpu").eval()
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    head = _output_head(model)
+    conv1d = _conv1d_class()
+    counts = {"linear": 0, "embedding": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if conv1d is not None and isinstance(child, conv1d):
+                    child = as_linear(child)
+                if type(child) is nn.Linear and (include_lm_head or child is not head):
+                    child.qconfig = qconfig
+                    setattr(parent, name, DynamicInt8Linear.from_float(child))
+                    counts["linear"] += 1
+                elif type(child) is nn.Embedding and embeddings and child.padding_idx is None:
+                    child.qconfig = float_qparams_weight_only_qconfig
+                    setattr(parent, name, QuantizedEmbedding.from_float(child))
+                    counts["embedding"] += 1
+    _own_memory(model)
+    release_freed_memory()
+    log.debug("int8: %d linear layers and %d embeddings quantized", counts["linear"], counts["embedding"])
+    return model
+
+
+class PackedLinear(nn.Module):
+    """An fp32 linear layer whose weight is pre-packed for oneDNN (inference only, CPU).
+
+    Same function as the `nn.Linear` (or transformers `Conv1D`) it replaces; inputs of any
+    leading shape. The weight stays a (non-trainable) parameter, so parameter counts hold.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float().contiguous()
+        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(self.out_features)
+        self.weight = nn.Parameter(weight.to_mkldnn(), requires_grad=False)
+        self.bias = nn.Parameter(bias.contiguous().to_mkldnn(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        y = torch._C._nn.mkldnn_linear(flat.contiguous().to_mkldnn(), self.weight, self.bias).to_dense()
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed fp32"
+
+
+def can_pack(model: nn.Module) -> bool:
+    """fp32 weights on the CPU and a torch built with oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    params = [p for p in model.parameters() if not p.is_mkldnn]
+    return bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+
+
+def pack_fp32(model: nn.Module) -> int:
+    """Replace every fp32 `nn.Linear` / `Conv1D` of an eval-mode CPU model by a `PackedLinear`.
+
+    Returns how many layers were packed (0 when the model cannot be packed). The model is
+    changed in place and is for inference only afterwards (no gradients, no saving).
+    A tied output head gets its own packed copy (the input embedding stays as it is).
+    """
+    if not can_pack(model):
+        return 0
+    conv1d = _conv1d_class()
+    packed = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if conv1d is not None and isinstance(child, conv1d):
+                child = as_linear(child)
+            if type(child) is nn.Linear:
+                setattr(parent, name, PackedLinear(child))
+                packed += 1
+    _own_memory(model)
+    release_freed_memory()
+    return packed
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy every float tensor left in the model, dropping views onto the checkpoint's mmap."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if not param.is_mkldnn:
+                    param.data = param.data.clone()
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.is_floating_point():
+                    module._buffers[name] = buffer.clone()
+
+
+def _output_head(model: nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if get is not None else None
+    except Exception:  # noqa: BLE001 - models without output embeddings
+        return None
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every layer's weights except embedding tables.
+
+    An embedding table is only gathered (one row per token), unless it doubles as the fp32
+    output projection (tied GPT-2 lm_head), where the whole of it is read every step.
+    Packed int8 weights count one byte per element (plus their fp32 bias).
+    """
+    total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            weight, bias = packed._weight_bias()
+            total += weight.numel() * weight.element_size()
+            if bias is not None:
+                total += bias.numel() * bias.element_size()
+    return total
