@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 extra="${1:-}"
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv"
+  echo "[setup] creating .venv" >&2
   "$python" -m venv .venv
 fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
@@ -18,7 +18,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   else
     spec="${MYNAH_TORCH:-torch==2.13.0}"
   fi
-  echo "[setup] installing $spec (this is the big one)"
+  echo "[setup] installing $spec (this is the big one)" >&2
   if [ -n "${MYNAH_TORCH_INDEX:-}" ]; then
     pip install "$spec" --index-url "$MYNAH_TORCH_INDEX"
   else
@@ -29,7 +29,7 @@ target="."
 [ "$extra" = "test" ] && target=".[test]"
 stamp=".venv/.mynah-installed-$extra"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "[setup] installing Mynah and its dependencies"
+  echo "[setup] installing Mynah and its dependencies" >&2
   pip install -e "$target" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import bots, engine, storage, telegram, discord" && touch "$stamp"
 fi
