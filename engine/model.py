@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,10 @@ class LoadedModel:
     version: str
     path: str
     device: torch.device
+    # filled in by the engine that serves this model (engine.batcher.Engine._prepare)
+    cache_kwarg: str = "past_key_values"
+    max_positions: int = 1024
+    banned_word_ids: dict = field(default_factory=dict)
 
     @property
     def parameters(self) -> int:
