@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from bots.chat import ChatService
+from bots.chat.service import ChatService
 from bots.config import Config
-from engine.batcher import Engine
+from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
-from engine.sampling import SamplingParams
+from engine.serving.sampling import SamplingParams
 from storage.conversations import Conversations
 from storage.db import Database
 
@@ -44,7 +44,7 @@ async def wrap_mmi(config: Config, engine: Engine):
     if g.mmi_candidates < 2:
         log.warning("[generation] mmi_model is set but mmi_candidates = %d: MMI reranking is off", g.mmi_candidates)
         return engine
-    from engine.mmi import MMIEngine
+    from engine.serving.mmi import MMIEngine
 
     backward = await asyncio.to_thread(load_model, g.mmi_model, device=config.model.device,
                                        quantize=config.engine.quantize)
@@ -93,7 +93,7 @@ class Mynah:
         self.conversations = conversations
         self.engine = engine
         self.chat = chat
-        self.learning = learning  # bots.learning.Learning, or None when [learning] enabled = false
+        self.learning = learning  # bots.learning.loop.Learning, or None when [learning] enabled = false
 
     @classmethod
     async def open(cls, config: Config, *, model_path: str | None = None) -> "Mynah":
@@ -112,7 +112,7 @@ class Mynah:
         conversations = Conversations(db)
         learning = None
         if registry is not None:
-            from bots.learning import Learning
+            from bots.learning.loop import Learning
 
             learning = Learning(config, registry, conversations, engine, serving=loaded.version)
         engine.start()

@@ -205,7 +205,7 @@ def _check_section(name: str, section: Any) -> None:
         if bad:
             raise ConfigError(f"[telegram] answer_all_chat_types may hold \"group\" and \"supergroup\"; got {bad!r}")
     if name == "learning":
-        from bots.schedule import parse_schedule  # local: avoids a cycle at import time
+        from bots.learning.schedule import parse_schedule  # local: avoids a cycle at import time
 
         try:
             parse_schedule(section.schedule)

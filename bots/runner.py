@@ -24,10 +24,10 @@ class PlatformStartError(RuntimeError):
 
 def make_adapter(platform: str, app: Mynah, token: str):
     if platform == "telegram":
-        from bots.telegram_adapter import TelegramAdapter
+        from bots.platforms.telegram.adapter import TelegramAdapter
 
         return TelegramAdapter(app, token)
-    from bots.discord_adapter import DiscordAdapter
+    from bots.platforms.discord.adapter import DiscordAdapter
 
     return DiscordAdapter(app, token)
 

@@ -34,7 +34,7 @@ class LoadedModel:
     version: str
     path: str
     device: torch.device
-    # filled in by the engine that serves this model (engine.batcher.Engine._prepare)
+    # filled in by the engine that serves this model (engine.serving.batcher.Engine._prepare)
     cache_kwarg: str = "past_key_values"
     max_positions: int = 1024
     banned_word_ids: dict = field(default_factory=dict)
@@ -103,7 +103,7 @@ def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: s
     dev = pick_device(device)
     model.eval()
     if quantize == "int8":
-        from engine.quantize import quantize_int8
+        from engine.serving.quantize import quantize_int8
 
         model = quantize_int8(model)
         dev = torch.device("cpu")

@@ -18,7 +18,7 @@ Crash safety, all by rename:
   killed trainer or bot never leaves the registry locked.
 
 Other folders inside the registry (a user's own ``models/mine``) are left alone.
-This module knows nothing of SQLite or the bots; bots/learning.py wires it to them.
+This module knows nothing of SQLite or the bots; bots/learning/loop.py wires it to them.
 """
 from __future__ import annotations
 

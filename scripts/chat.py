@@ -15,7 +15,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from bots.app import Mynah
     from bots.config import load_config
-    from bots.console import run_console
+    from bots.platforms.console import run_console
     from engine.model import ModelLoadError
     from storage.db import StorageError
 

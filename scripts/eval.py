@@ -58,7 +58,7 @@ def held_out_prompts(dialogues, n: int, valid_fraction: float, split_seed: int, 
                      cuts: int = 1) -> list[dict]:
     """Up to n (context, reference) pairs from the held-out dialogues: `cuts` random cuts per
     dialogue, the turns before a cut as the context, the turn after it as the human reference."""
-    from engine.data import split_by_conversation
+    from engine.training.data import split_by_conversation
 
     _, valid = split_by_conversation(dialogues, valid_fraction, split_seed)
     rng = random.Random(seed)
@@ -82,9 +82,9 @@ def row_weights(text: str, configured: float) -> list[float]:
 
 async def run_eval(args, config) -> dict:
     from bots.app import build_engine
-    from engine.data import read_corpora
-    from engine.evaluation import reply_metrics
-    from engine.mmi import MMIEngine, pick_best
+    from engine.training.data import read_corpora
+    from engine.training.evaluation import reply_metrics
+    from engine.serving.mmi import MMIEngine, pick_best
     from engine.model import load_model
 
     g, m = config.generation, config.model
@@ -145,8 +145,8 @@ async def run_eval(args, config) -> dict:
         table[name] = metrics
     direction = None
     if not args.no_direction_check:  # a real backward model predicts reversed dialogues far better
-        from engine.data import reverse_turns
-        from engine.train import evaluate_loss
+        from engine.training.data import reverse_turns
+        from engine.training.train import evaluate_loss
 
         held = list({id(p["dialogue"]): p["dialogue"] for p in prompts}.values())
         direction = {
@@ -175,7 +175,7 @@ def _retrieval(mmi, prompts: list[dict], distractors: int, seed: int, weight: fl
     """How often each scorer ranks the human's real next turn first among it and `distractors`
     next turns of other held-out dialogues (chance: 1 / (distractors + 1)). The backward model
     can only beat chance by knowing what the context says."""
-    from engine.mmi import combined_scores
+    from engine.serving.mmi import combined_scores
 
     rng = random.Random(seed)
     hits = {"forward": 0, "backward": 0, "combined": 0}

@@ -85,7 +85,7 @@ def check_args(args) -> str | None:
 
 async def generate(args, config) -> list[dict]:
     from bots.app import build_engine
-    from engine.mmi import MMIEngine
+    from engine.serving.mmi import MMIEngine
     from engine.model import load_model
 
     m = config.model

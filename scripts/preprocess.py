@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from engine.data import prepare, read_corpora, save_prepared, train_tokenizer
+    from engine.training.data import prepare, read_corpora, save_prepared, train_tokenizer
     from engine.dialogue import DialogueFormat
     from engine.model import load_tokenizer
 

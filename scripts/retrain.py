@@ -59,7 +59,7 @@ def progress_printer(out=sys.stdout):
 
 async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | None = None):
     """Run once; returns (exit status, RunResult or None)."""
-    from bots.learning import AlreadyRunning, Learning
+    from bots.learning.loop import AlreadyRunning, Learning
     from engine.registry import Registry
     from storage.conversations import Conversations
     from storage.db import Database

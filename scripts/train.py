@@ -6,7 +6,7 @@
     mynah train --corpus chitchat --reverse --output models/mmi      # backward model for MMI reranking
 
 Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) with metrics.json
-and loss_curve.png; see engine/train.py.
+and loss_curve.png; see engine/training/train.py.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ HELP = "train a dialogue model from scratch or fine-tune an existing one"
 
 
 def add_arguments(parser) -> None:
-    from engine.train import SAVE_DTYPES, TrainConfig
+    from engine.training.train import SAVE_DTYPES, TrainConfig
 
     d = TrainConfig()
     data = parser.add_argument_group("data")
@@ -70,7 +70,7 @@ def add_arguments(parser) -> None:
 
 
 def config_from_args(args):
-    from engine.train import TrainConfig
+    from engine.training.train import TrainConfig
 
     return TrainConfig(
         output=args.output, overwrite=args.overwrite, data=args.data, corpus=list(args.corpus),
@@ -89,7 +89,7 @@ def config_from_args(args):
 
 def run(args) -> int:
     from engine.model import ModelLoadError
-    from engine.train import train
+    from engine.training.train import train
 
     if not args.corpus and not args.data:
         print("mynah: give --corpus SPEC (repeatable) or --data DIR", file=sys.stderr)

@@ -5,7 +5,7 @@ Two ways to drive it, neither of which contacts discord.com:
 - dpytest (messages, mentions, DMs, permissions), with its known caveats: intents.members
   must be on, `bot._connection.loop` must be the running loop for typing, replies lose
   message_reference, and there is no 2000-character limit (so the split is counted here);
-- tests/fake_discord.py, a local REST API + gateway, for what dpytest cannot do: login
+- tests/fakes/discord_api.py, a local REST API + gateway, for what dpytest cannot do: login
   (bad token), IDENTIFY (missing intent), READY, slash-command sync, interactions, the
   exact JSON the bot sends.
 """
@@ -23,14 +23,14 @@ from discord.ext.test import callbacks as dpy_callbacks
 from discord.ext.test import factories as dpy_factories
 
 from bots.app import Mynah
-from bots.chat import NON_TEXT_TEXT
+from bots.chat.service import NON_TEXT_TEXT
 from bots.config import parse_config
-from bots.discord_adapter import DiscordAdapter, required_intents
-from bots.discord_cog import MESSAGE_LIMIT, ChatCog
-from bots.events import Outgoing
+from bots.platforms.discord.adapter import DiscordAdapter, required_intents
+from bots.platforms.discord.cog import MESSAGE_LIMIT, ChatCog
+from bots.chat.events import Outgoing
 from bots.runner import PlatformStartError, serve
-import fake_discord as fd
-from fake_telegram import TOKEN as TELEGRAM_TOKEN, FakeTelegram
+import tests.fakes.discord_api as fd
+from tests.fakes.telegram_api import TOKEN as TELEGRAM_TOKEN, FakeTelegram
 
 pytestmark = pytest.mark.timeout(60)
 

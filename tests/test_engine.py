@@ -5,10 +5,10 @@ import asyncio
 
 import pytest
 
-from engine.batcher import Engine, EngineBusy
+from engine.serving.batcher import Engine, EngineBusy
 from engine.dialogue import DialogueFormat
 from engine.model import ModelLoadError, load_model
-from engine.sampling import SamplingParams
+from engine.serving.sampling import SamplingParams
 
 GREEDY = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12, repetition_penalty=1.0)
 PROMPTS = [[("user", t)] for t in ["hello there", "what do you like to do ?", "i live in a big city and i like it",

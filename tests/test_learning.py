@@ -18,9 +18,9 @@ import pytest
 
 from bots.app import Mynah
 from bots.config import parse_config
-from bots.events import Incoming, Outgoing
-from bots.learning import Learning, _Run
-from engine.finetune import read_data
+from bots.chat.events import Incoming, Outgoing
+from bots.learning.loop import Learning, _Run
+from engine.training.finetune import read_data
 from engine.registry import FileLock, Registry, RegistryError, parse_version
 from storage.conversations import Conversations
 from storage.db import Database
@@ -39,8 +39,8 @@ FAST = dict(schedule="24h", base_eval_dialogues=20, epochs=2, lr=3e-3, max_len=6
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory) -> Path:
     """A tiny GPT-2 that has seen some of the chitchat corpus (its base loss means something)."""
-    from engine.data import read_corpus
-    from engine.train import TrainConfig, train
+    from engine.training.data import read_corpus
+    from engine.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("learning-base")
     init = build_dialogpt_model(root / "init", n_layer=1)

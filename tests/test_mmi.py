@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.batcher import Engine
-from engine.evaluation import distinct_n, is_echo, is_stock, reply_metrics
-from engine.mmi import (MMIEngine, backward_scores, backward_sequences, combined_scores, forward_scores,
+from engine.serving.batcher import Engine
+from engine.training.evaluation import distinct_n, is_echo, is_stock, reply_metrics
+from engine.serving.mmi import (MMIEngine, backward_scores, backward_sequences, combined_scores, forward_scores,
                         forward_sequences, pick_best)
 from engine.model import LoadedModel, load_model
-from engine.sampling import SamplingParams
+from engine.serving.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLING = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=6, min_new_tokens=2)
@@ -38,7 +38,7 @@ def forward(tiny_dialogpt):
 
 @pytest.fixture(scope="module")
 def backward(tmp_path_factory):
-    from conftest import build_dialogpt_model
+    from tests.conftest import build_dialogpt_model
 
     return load_model(str(build_dialogpt_model(tmp_path_factory.mktemp("mmi") / "backward", seed=1)))
 
@@ -46,7 +46,7 @@ def backward(tmp_path_factory):
 # --------------------------------------------------------------------------- the reversed corpus
 
 def test_prepare_reverse_puts_turns_newest_first(forward):
-    from engine.data import prepare, reverse_turns
+    from engine.training.data import prepare, reverse_turns
 
     assert reverse_turns([["a", "b", "c"]]) == [["c", "b", "a"]]
     data = prepare(forward.fmt, DIALOGUES, max_len=200, valid_fraction=0.0, reverse=True)
@@ -59,7 +59,7 @@ def test_prepare_reverse_puts_turns_newest_first(forward):
 
 def test_train_reverse_trains_on_reversed_dialogues(tmp_path, monkeypatch, forward):
     """`mynah train --reverse` goes through prepare(reverse=True): the windows it trains on are reversed."""
-    import engine.train as train_module
+    import engine.training.train as train_module
     from scripts.cli import build_parser
     from scripts.train import config_from_args
 
@@ -263,7 +263,7 @@ async def test_greedy_or_one_candidate_skips_reranking(forward, backward):
 async def test_mynah_open_wires_mmi_and_status_shows_it(tmp_path, tiny_dialogpt, backward):
     from bots.app import Mynah
     from bots.config import parse_config
-    from bots.events import Incoming
+    from bots.chat.events import Incoming
 
     raw = {"model": {"path": str(tiny_dialogpt)}, "storage": {"path": str(tmp_path / "db.sqlite3")},
            "generation": {"max_new_tokens": 6, "seed": 5, "mmi_model": backward.path, "mmi_candidates": 3}}

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.batcher import Engine
+from engine.serving.batcher import Engine
 from engine.model import load_model
-from engine.sampling import BatchSampler, RowSampler, SamplingParams, next_tokens
+from engine.serving.sampling import BatchSampler, RowSampler, SamplingParams, next_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10, repetition_penalty=1.0)
@@ -128,7 +128,7 @@ def test_next_tokens_keeps_the_old_stateless_interface():
 
 async def test_identical_contexts_share_one_prefill_and_still_match_alone(fp32):
     """MMI sends N requests with one context: they are prefilled once and decoded as N rows."""
-    from engine.batcher import _Request
+    from engine.serving.batcher import _Request
 
     async with Engine(fp32, SamplingParams(), max_batch_size=8) as engine:
         alone = [(await engine.reply(p, GREEDY)).text for p in PROMPTS[:2]]
@@ -157,7 +157,7 @@ async def test_identical_contexts_share_one_prefill_and_still_match_alone(fp32):
 
 async def test_growing_kv_cache_gives_the_same_greedy_replies_as_concatenation(fp32):
     """The in-place KV cache (spare room + 4D mask) against transformers' own concatenating cache."""
-    from engine import kvcache
+    from engine.serving import kvcache
 
     results = {}
     for grow in (True, False):
@@ -174,7 +174,7 @@ async def test_growing_kv_cache_gives_the_same_greedy_replies_as_concatenation(f
 
 
 def test_growing_layer_keeps_keys_and_values_through_select_and_merge():
-    from engine import kvcache
+    from engine.serving import kvcache
 
     def cache_of(rows, length, start):
         from transformers import DynamicCache
@@ -210,7 +210,7 @@ async def test_engine_timing_counts_decode_and_prefill(fp32):
 # --------------------------------------------------------------------------- int8
 
 def test_conv1d_to_linear_is_exact(tiny_dialogpt):
-    from engine.quantize import conv1d_to_linear
+    from engine.serving.quantize import conv1d_to_linear
 
     model = load_model(str(tiny_dialogpt)).model
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
@@ -222,7 +222,7 @@ def test_conv1d_to_linear_is_exact(tiny_dialogpt):
 
 
 def test_packed_fp32_gives_the_same_logits_and_the_engine_packs_by_default(tiny_dialogpt):
-    from engine.quantize import PackedLinear, pack_fp32
+    from engine.serving.quantize import PackedLinear, pack_fp32
 
     dense = load_model(str(tiny_dialogpt))
     ids = torch.randint(0, dense.model.config.vocab_size, (3, 15))
@@ -252,7 +252,7 @@ def test_int8_quantizes_every_layer_and_agrees_with_fp32(fp32, int8):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
     from transformers.pytorch_utils import Conv1D
 
-    from engine.quantize import weight_bytes
+    from engine.serving.quantize import weight_bytes
 
     modules = list(int8.model.modules())
     assert not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in modules)
@@ -291,9 +291,9 @@ def test_config_int8_reaches_the_engine(tmp_path, tiny_dialogpt):
 # --------------------------------------------------------------------------- overload
 
 async def test_overload_gets_the_busy_text_through_chat_service(tmp_path, fp32):
-    from bots.chat import BUSY_TEXT, ChatService
+    from bots.chat.service import BUSY_TEXT, ChatService
     from bots.config import Config
-    from bots.events import Incoming
+    from bots.chat.events import Incoming
     from storage.conversations import Conversations
     from storage.db import Database
 

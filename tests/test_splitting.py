@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from bots.splitting import split_message
+from bots.chat.splitting import split_message
 
 
 def words(text: str) -> list[str]:

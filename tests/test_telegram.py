@@ -19,13 +19,13 @@ import aiohttp
 import pytest
 
 from bots.app import Mynah
-from bots.chat import NON_TEXT_TEXT
+from bots.chat.service import NON_TEXT_TEXT
 from bots.config import ConfigError, parse_config
-from bots.events import Outgoing
+from bots.chat.events import Outgoing
 from bots.runner import PlatformStartError, serve
-from bots.splitting import split_message
-from bots.telegram_adapter import TelegramAdapter, api_urls
-from fake_telegram import BOT_ID, BOT_USERNAME, TOKEN, FakeTelegram
+from bots.chat.splitting import split_message
+from bots.platforms.telegram.adapter import TelegramAdapter, api_urls
+from tests.fakes.telegram_api import BOT_ID, BOT_USERNAME, TOKEN, FakeTelegram
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = 4242
@@ -219,7 +219,7 @@ async def test_sticker_and_voice_get_a_note_empty_text_and_edits_are_ignored(bot
 
 
 async def test_typing_is_resent_while_generating_and_stops_after(make_bot, fake, monkeypatch):
-    monkeypatch.setattr("bots.telegram_adapter.TYPING_EVERY_S", 0.05)    # Telegram's is 4 s
+    monkeypatch.setattr("bots.platforms.telegram.adapter.TYPING_EVERY_S", 0.05)    # Telegram's is 4 s
     bot = await make_bot(generation={"max_new_tokens": 24, "min_new_tokens": 24})
     # the tiny model answers in milliseconds; make each decode step take 20 ms so the
     # reply takes ~0.5 s, long enough for several typing resends however fast the machine is

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.data import (encode_windows, load_prepared, prepare, read_chitchat_dataset, read_corpus, read_jsonl,
+from engine.training.data import (encode_windows, load_prepared, prepare, read_chitchat_dataset, read_corpus, read_jsonl,
                          read_train_txt, reverse_turns, split_by_conversation, turn_ids, windows)
 from engine.dialogue import DialogueFormat
-from engine.train import TrainConfig, evaluate_loss, train
+from engine.training.train import TrainConfig, evaluate_loss, train
 
 LINES = [
     "hello there", "hi , how are you ?", "i am fine thanks", "what do you like to do ?",

@@ -7,7 +7,7 @@ One run, start to end (``Learning.run_once`` / ``start_run``):
 2. export from SQLite what is new since the active version (opted-in chats only; forgotten
    messages are gone from the table and filtered again by id), plus a replay sample of
    older logs and of the base corpus; the newest slice of the new dialogues is held out;
-3. fine-tune the active model in a child process (``python -m engine.finetune``: nice,
+3. fine-tune the active model in a child process (``python -m engine.training.finetune``: nice,
    few threads, bounded memory), which also scores the active model and the candidate on
    the same held-out dialogues and the same fixed base-corpus sample;
 4. promote only when the held-out loss fell by ``promote_margin`` and the base loss rose by
@@ -18,7 +18,7 @@ One run, start to end (``Learning.run_once`` / ``start_run``):
 5. record the run (training_runs), clean up the exported text, tell whoever asked.
 
 The scheduler is an APScheduler AsyncIOScheduler job in the bot's event loop; admin
-commands (/retrain, /rollback, /models, /status lines) come through bots/admin.py, after
+commands (/retrain, /rollback, /models, /status lines) come through bots/chat/admin.py, after
 its ACL. Adapters register `add_notifier(platform, async fn(chat_id, Outgoing))` so a
 run's result (numbers + loss-curve picture) reaches the chat that asked for it.
 """
@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from bots.events import Incoming, Outgoing
-from bots.schedule import parse_schedule
+from bots.chat.events import Incoming, Outgoing
+from bots.learning.schedule import parse_schedule
 from engine.registry import FileLock, Registry, RegistryError, Version, folder_bytes, parse_version, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -659,7 +659,7 @@ class Learning:
         if not spec:
             return [], []
         if self._base_cache is None or self._base_cache[0] != spec:
-            from engine.data import read_corpus
+            from engine.training.data import read_corpus
 
             dialogues = list(read_corpus(spec))
             random.Random(BASE_SAMPLE_SEED).shuffle(dialogues)
@@ -677,7 +677,7 @@ class Learning:
         run.stage = "starting the trainer"
         with open(folder / "trainer.log", "ab") as stderr:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "engine.finetune", str((folder / "job.json").resolve()),
+                sys.executable, "-m", "engine.training.finetune", str((folder / "job.json").resolve()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr,
                 env=env, start_new_session=True, limit=2**22)
         run.pid = proc.pid
@@ -784,7 +784,7 @@ class Learning:
             self._serving = version.name
             return version, old
 
-    # ---- admin commands (after bots/admin.py's ACL and audit) -----------------------------
+    # ---- admin commands (after bots/chat/admin.py's ACL and audit) -----------------------------
     async def command_retrain(self, args: list[str], msg: Incoming) -> list[Outgoing]:
         who = f"{msg.platform}:{msg.user_id}" + (f" ({msg.user_name})" if msg.user_name else "")
         try:

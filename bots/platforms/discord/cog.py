@@ -16,13 +16,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bots.admin import ADMIN_COMMANDS
-from bots.chat import ERROR_TEXT, USER_COMMANDS, parse_command
-from bots.events import Incoming, Outgoing
-from bots.splitting import split_message
+from bots.chat.admin import ADMIN_COMMANDS
+from bots.chat.service import ERROR_TEXT, USER_COMMANDS, parse_command
+from bots.chat.events import Incoming, Outgoing
+from bots.chat.splitting import split_message
 
 if TYPE_CHECKING:
-    from bots.discord_adapter import DiscordAdapter
+    from bots.platforms.discord.adapter import DiscordAdapter
 
 log = logging.getLogger(__name__)
 

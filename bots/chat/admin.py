@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from bots.events import Incoming, Outgoing
+from bots.chat.events import Incoming, Outgoing
 
 ADMIN_COMMANDS = {
     "retrain": "fine-tune on logged chats now",

@@ -45,7 +45,7 @@ from typing import Sequence
 
 import torch
 
-from engine.batcher import Engine, Reply
+from engine.serving.batcher import Engine, Reply
 from engine.model import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.data import (Dialogue, encode_windows, load_prepared, prepare, read_corpora,
+from engine.training.data import (Dialogue, encode_windows, load_prepared, prepare, read_corpora,
                          train_tokenizer)
 from engine.dialogue import DialogueFormat
 from engine.model import load_model, load_tokenizer, pick_device
@@ -414,7 +414,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         model.to(dtype=SAVE_DTYPES[cfg.save_dtype]).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        from engine.plot import plot_loss_curve
+        from engine.training.plot import plot_loss_curve
 
         plot_loss_curve(tmp / "loss_curve.png", train_history, [(s, v) for s, _, v in history],
                         title=f"{out.name}: best valid loss {best_loss:.3f} (ppl {math.exp(min(best_loss, 50)):.1f})")

@@ -12,8 +12,8 @@ Everything runs on the same model and the same prompts:
 - whether reusing a chat's KV cache across turns (prefix reuse) would pay.
 
 Each configuration can run in a process of its own (``isolate``), so its RSS is its own;
-a worker is ``python -m engine.bench '<case as JSON>'`` and prints one JSON line. The
-storage part lives in scripts/bench_storage.py (the engine never imports storage).
+a worker is ``python -m scripts.bench.engine '<case as JSON>'`` and prints one JSON line. The
+storage part lives in scripts/bench/storage.py (the engine never imports storage).
 
 Without a model path the model is GPT-2 124M's shape (GPT2Config() defaults) with random
 weights and a byte-level tokenizer of GPT-2's 50,257 ids, built in memory and saved to a
@@ -122,7 +122,7 @@ def chitchat_dialogues(limit: int | None = None) -> list[list[str]]:
     The starter model held out exactly these; a model trained with `mynah train`'s default
     5% split (same seed, same shuffle) held out a superset of them.
     """
-    from engine.data import read_chitchat_dataset, split_by_conversation
+    from engine.training.data import read_chitchat_dataset, split_by_conversation
 
     _, valid = split_by_conversation(list(read_chitchat_dataset()), 0.02, 0)
     return valid[:limit] if limit else valid
@@ -335,8 +335,8 @@ def run_hf_generate(loaded, prompt_ids: list[list[int]], new_tokens: int, params
 
 def make_engine(loaded, cfg: "BenchConfig"):
     """One engine for every concurrency level of a run (one worker thread, as in the bot)."""
-    from engine.batcher import Engine
-    from engine.sampling import SamplingParams
+    from engine.serving.batcher import Engine
+    from engine.serving.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens)
     top = max(cfg.concurrency)
@@ -494,7 +494,7 @@ def measure_prefix_reuse(loaded, new_tokens: int, max_history_turns: int, max_co
 
 
 def _copy_cache(cache):
-    from engine import kvcache
+    from engine.serving import kvcache
 
     import copy
 
@@ -511,8 +511,8 @@ def _copy_cache(cache):
 def run_case(case: dict) -> dict:
     """One configuration, measured in this process. case["kind"]: baselines | engine | quality | bandwidth."""
     from engine.model import load_model
-    from engine.sampling import SamplingParams
-    from engine.quantize import weight_bytes
+    from engine.serving.sampling import SamplingParams
+    from engine.serving.quantize import weight_bytes
 
     cfg = BenchConfig(**case["config"])
     if cfg.threads > 0:
@@ -579,7 +579,7 @@ def run_case(case: dict) -> dict:
 def prepare_inputs(cfg: BenchConfig, path: str) -> dict:
     """Prompts and dialogues every case uses, made once here (with the model's tokenizer only)."""
     from engine.dialogue import DialogueFormat
-    from engine.data import read_chitchat_dataset
+    from engine.training.data import read_chitchat_dataset
     from engine.model import load_tokenizer
 
     fmt = DialogueFormat(load_tokenizer(path))
@@ -634,7 +634,7 @@ def _run_isolated(case: dict) -> dict:
                TRANSFORMERS_VERBOSITY="error")
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "engine.bench"], input=json.dumps(case), capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench.engine"], input=json.dumps(case), capture_output=True,
                           text=True, env=env, cwd=root)
     if proc.returncode != 0:
         raise RuntimeError(f"bench case {case['kind']} failed:\n{proc.stderr[-3000:]}")
@@ -796,7 +796,7 @@ def _table(cols: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point: `python -m engine.bench` reads a case as JSON on stdin, prints the result as one JSON line."""
+    """Worker entry point: `python -m scripts.bench.engine` reads a case as JSON on stdin, prints the result as one JSON line."""
     import logging
     import warnings
 

@@ -1,8 +1,8 @@
 """The learning loop's trainer: one fine-tuning job, run as a child process.
 
-    python -m engine.finetune JOB.json
+    python -m engine.training.finetune JOB.json
 
-The bot (bots/learning.py) or `mynah retrain` exports the dialogues, writes JOB.json and
+The bot (bots/learning/loop.py) or `mynah retrain` exports the dialogues, writes JOB.json and
 starts this in a separate process, so training never runs in the bot's event loop or its
 generation thread. The job runs at a lower priority (os.nice), with a capped number of
 torch threads and a memory bound (RLIMIT_AS plus a resident-memory check), so chats keep
@@ -13,7 +13,7 @@ What it does:
    hold a message id listed in the job's `forgotten` file (a /forget that came after the
    export keeps those messages out);
 2. evaluate the current (active) model on the held-out dialogues and the base-corpus sample;
-3. fine-tune it (engine.train.train with init = the active model; early stopping on a
+3. fine-tune it (engine.training.train.train with init = the active model; early stopping on a
    validation slice of the training dialogues, never on the held-out set);
 4. load the saved candidate back (a candidate that does not load is a failure) and evaluate
    it on exactly the same dialogues;
@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("engine.finetune")
+log = logging.getLogger("engine.training.finetune")
 
 
 class TrainerMemoryError(MemoryError):
@@ -169,9 +169,9 @@ def run_job(job: dict) -> dict:
     """Evaluate, fine-tune, evaluate; return the result (raises on failure)."""
     import torch
 
-    from engine.data import encode_windows
+    from engine.training.data import encode_windows
     from engine.model import load_model
-    from engine.train import TrainConfig, evaluate_loss, train
+    from engine.training.train import TrainConfig, evaluate_loss, train
 
     started = time.time()
     threads = int(job.get("threads") or 0)
@@ -275,7 +275,7 @@ def write_result(path: str | Path | None, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m engine.finetune JOB.json", file=sys.stderr)
+        print("usage: python -m engine.training.finetune JOB.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

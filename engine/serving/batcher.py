@@ -22,10 +22,10 @@ from typing import Sequence
 
 import torch
 
-from engine import kvcache
+from engine.serving import kvcache
 from engine.model import LoadedModel
-from engine.quantize import pack_fp32, release_freed_memory
-from engine.sampling import BatchSampler, RowSampler, SamplingParams
+from engine.serving.quantize import pack_fp32, release_freed_memory
+from engine.serving.sampling import BatchSampler, RowSampler, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ Measures in one run, on the same model and prompts: the GPT2-chitchat loop (no K
 HF `generate` (one request at a time, and one batch), Mynah's engine with 1/8/16/32 chats
 at once in fp32 and int8 (tokens/s, p50/p95 reply latency, RSS), the memory-bandwidth
 floor of batch-1 decoding, int8 quality against fp32, whether prefix KV reuse would pay,
-and SQLite context fetch/logging with N stored messages. See engine/bench.py.
+and SQLite context fetch/logging with N stored messages. See scripts/bench/engine.py.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def add_arguments(parser) -> None:
 
 
 def _config(args):
-    from engine.bench import BenchConfig
+    from scripts.bench.engine import BenchConfig
 
     overrides = {}
     for name, key in (("new_tokens", "new_tokens"), ("context_tokens", "context_tokens"),
@@ -77,7 +77,7 @@ def _config(args):
 
 
 def run(args) -> int:
-    from engine.bench import run_all
+    from scripts.bench.engine import run_all
 
     cfg = _config(args)
     storage_messages = args.storage_messages if args.storage_messages is not None else (5_000 if args.quick else 1_000_000)
@@ -87,7 +87,7 @@ def run(args) -> int:
     started = time.perf_counter()
     results = run_all(cfg, progress=progress)
     if storage_messages > 0:
-        from scripts.bench_storage import bench_storage
+        from scripts.bench.storage import bench_storage
 
         progress(f"storage: loading {storage_messages:,} messages …")
         results["storage"] = asyncio.run(bench_storage(storage_messages))
@@ -101,8 +101,8 @@ def run(args) -> int:
 
 
 def render(results: dict, markdown: bool) -> str:
-    from engine.bench import format_report
-    from scripts.bench_storage import format_storage
+    from scripts.bench.engine import format_report
+    from scripts.bench.storage import format_storage
 
     parts = [f"command: `{results.get('command', 'mynah bench')}` ({results['seconds']:.0f} s)", "",
              format_report(results, markdown)]

@@ -1,6 +1,6 @@
 """Discord front end: Mynah as a discord.py `commands.Bot`.
 
-What it does (the chat rules live in `bots.chat.ChatService`, shared with Telegram):
+What it does (the chat rules live in `bots.chat.service.ChatService`, shared with Telegram):
 
 - DMs: every message is answered, with that DM's own context.
 - Guild channels: answered on a mention, a reply to the bot, or a command; a thread keeps
@@ -26,8 +26,8 @@ import aiohttp
 import discord
 from discord.ext import commands
 
-from bots.events import Outgoing
-from bots.discord_cog import NO_MENTIONS, ChatCog
+from bots.chat.events import Outgoing
+from bots.platforms.discord.cog import NO_MENTIONS, ChatCog
 from bots.runner import PlatformStartError
 
 log = logging.getLogger(__name__)

@@ -44,11 +44,11 @@ from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, BaseU
                           ContextTypes, ExtBot, MessageHandler, filters)
 from telegram.request import HTTPXRequest
 
-from bots.admin import ADMIN_COMMANDS
-from bots.chat import USER_COMMANDS, parse_command
-from bots.events import Incoming, Outgoing
+from bots.chat.admin import ADMIN_COMMANDS
+from bots.chat.service import USER_COMMANDS, parse_command
+from bots.chat.events import Incoming, Outgoing
 from bots.runner import PlatformStartError
-from bots.splitting import split_message
+from bots.chat.splitting import split_message
 
 log = logging.getLogger(__name__)
 

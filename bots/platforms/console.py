@@ -10,7 +10,7 @@ import asyncio
 import getpass
 import sys
 
-from bots.events import Incoming
+from bots.chat.events import Incoming
 
 QUIT = {"/quit", "/exit"}
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from bots.admin import ADMIN_COMMANDS, AdminCommands
-from bots.events import Incoming, Outgoing
-from bots.ratelimit import RateLimiter
-from engine.batcher import EngineBusy, EngineStopped
+from bots.chat.admin import ADMIN_COMMANDS, AdminCommands
+from bots.chat.events import Incoming, Outgoing
+from bots.chat.ratelimit import RateLimiter
+from engine.serving.batcher import EngineBusy, EngineStopped
 
 log = logging.getLogger(__name__)
 
