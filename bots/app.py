@@ -9,9 +9,10 @@ import logging
 
 from bots.chat.service import ChatService
 from bots.config import Config
+from bots.platforms.base import Platform
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
-from engine.serving.sampling import SamplingParams
+from engine.serving.protocol import ModelEngine, SamplingParams
 from storage.conversations import Conversations
 from storage.db import Database
 
@@ -36,7 +37,7 @@ def build_engine(config: Config, loaded: LoadedModel) -> Engine:
     )
 
 
-async def wrap_mmi(config: Config, engine: Engine):
+async def wrap_mmi(config: Config, engine: Engine) -> ModelEngine:
     """With [generation] mmi_model set and mmi_candidates > 1: the MMI reranker around the engine."""
     g = config.generation
     if not g.mmi_model:
@@ -119,6 +120,12 @@ class Mynah:
         if learning is not None:
             await learning.start()
         return cls(config, db, conversations, engine, ChatService(config, engine, conversations, learning), learning)
+
+    def attach(self, platform: Platform) -> None:
+        """A platform has started: the learning loop may now deliver through it what nobody
+        just asked for (a retrain's result reaches the chat that asked for it)."""
+        if self.learning is not None:
+            self.learning.add_notifier(platform.name, platform.notify)
 
     async def close(self) -> None:
         """Stop the learning loop (a run in flight is stopped and recorded), finish in-flight

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from engine.serving.protocol import FALLBACK_REPLY, SamplingParams
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key and the problem."""
@@ -25,17 +27,18 @@ class ModelConfig:
 
 @dataclass
 class GenerationConfig:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.9
-    repetition_penalty: float = 1.2
-    max_new_tokens: int = 40
-    min_new_tokens: int = 1
+    # sampling: the engine's own defaults (SamplingParams is the one source) unless config.toml sets them
+    temperature: float = SamplingParams.temperature
+    top_k: int = SamplingParams.top_k
+    top_p: float = SamplingParams.top_p
+    repetition_penalty: float = SamplingParams.repetition_penalty
+    max_new_tokens: int = SamplingParams.max_new_tokens
+    min_new_tokens: int = SamplingParams.min_new_tokens
     max_history_turns: int = 6
     max_context_tokens: int = 256
     banned_words: list = field(default_factory=list)
-    seed: int | None = None
-    fallback_reply: str = "Hmm, I'm not sure what to say to that."
+    seed: int | None = SamplingParams.seed
+    fallback_reply: str = FALLBACK_REPLY
     mmi_model: str = ""
     mmi_candidates: int = 1
     mmi_weight: float = 0.5
@@ -117,6 +120,14 @@ class LearningConfig:
 
 
 @dataclass
+class DashboardConfig:
+    enabled: bool = False                # needs MYNAH_DASHBOARD_TOKEN in the environment
+    listen: str = "127.0.0.1"            # keep it on loopback unless a TLS proxy fronts it
+    port: int = 8080                     # 0 = any free port
+    show_messages: bool = False          # show message text on the Chats page
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -127,6 +138,7 @@ class Config:
     telegram: TelegramConfig = field(default_factory=TelegramConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: Path | None = None
 
 
@@ -204,6 +216,11 @@ def _check_section(name: str, section: Any) -> None:
         bad = [t for t in section.answer_all_chat_types if t not in ("group", "supergroup")]
         if bad:
             raise ConfigError(f"[telegram] answer_all_chat_types may hold \"group\" and \"supergroup\"; got {bad!r}")
+    if name == "dashboard":
+        if not 0 <= section.port <= 65535:
+            raise ConfigError(f"[dashboard] port must be between 1 and 65535 (0 = any free port), got {section.port}")
+        if not section.listen.strip():
+            raise ConfigError("[dashboard] listen must be an address, e.g. \"127.0.0.1\"")
     if name == "learning":
         from bots.learning.schedule import parse_schedule  # local: avoids a cycle at import time
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-FORMATS = ("dialogpt", "chitchat", "chat_template")
+from engine.types import Turn  # (role, text), role "user" or "bot"
 
-# Turns arrive as (role, text) with role "user" or "bot".
-Turn = tuple[str, str]
+FORMATS = ("dialogpt", "chitchat", "chat_template")
 
 _CJK_GAP = re.compile(r"(?<=[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]) (?=[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef])")
 

@@ -21,6 +21,9 @@ SUBCOMMANDS = [
     "scripts.retrain",
     "scripts.models",
     "scripts.rollback",
+    "scripts.backup",
+    "scripts.restore",
+    "scripts.export",
 ]
 
 

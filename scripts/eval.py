@@ -82,17 +82,15 @@ def row_weights(text: str, configured: float) -> list[float]:
 
 async def run_eval(args, config) -> dict:
     from bots.app import build_engine
-    from engine.training.data import read_corpora
-    from engine.training.evaluation import reply_metrics
-    from engine.serving.mmi import MMIEngine, pick_best
     from engine.model import load_model
+    from engine.serving.mmi import MMIEngine
+    from engine.training.data import read_corpora
 
     g, m = config.generation, config.model
     mmi_path = args.mmi_model or g.mmi_model
     if not mmi_path:
         raise ValueError("no backward model: give --mmi-model PATH or set [generation] mmi_model")
     n = args.candidates or max(2, g.mmi_candidates)
-    weights = row_weights(args.weights, g.mmi_weight)
     max_turns = args.max_history_turns or g.max_history_turns
     dialogues = read_corpora(args.corpus or ["chitchat"])
     prompts = held_out_prompts(dialogues, args.prompts, args.valid_fraction, args.split_seed, max_turns, args.seed,
@@ -107,35 +105,65 @@ async def run_eval(args, config) -> dict:
     engine.max_batch_size = max(engine.max_batch_size, min(64, n * args.concurrency))
     mmi = MMIEngine(engine, backward, candidates=n, weight=g.mmi_weight)
     overrides = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    started = time.monotonic()
+    results = await _rerank_all(mmi, prompts, overrides, args.concurrency, args.seed, n)
+    elapsed = time.monotonic() - started
 
-    gate = asyncio.Semaphore(max(1, args.concurrency))
+    rows, table = _choice_table(results, prompts, row_weights(args.weights, g.mmi_weight), g.mmi_weight,
+                                g.fallback_reply)
+    direction = None
+    if not args.no_direction_check:  # a real backward model predicts reversed dialogues far better
+        direction = await asyncio.to_thread(_direction_check, backward, prompts)
+    retrieval = None
+    if args.distractors > 0 and len({id(p["dialogue"]) for p in prompts}) > args.distractors:
+        retrieval = await asyncio.to_thread(_retrieval, mmi, prompts, args.distractors, args.seed, g.mmi_weight)
+    return {
+        "model": forward.path, "mmi_model": backward.path, "prompts": len(prompts), "candidates": n,
+        "configured_weight": g.mmi_weight, "seed": args.seed, "elapsed_s": elapsed,
+        "sampling": {k: getattr(mmi.defaults.merged(overrides), k) for k in
+                     ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")},
+        "table": table, "rows": rows, "backward_loss": direction, "retrieval": retrieval,
+        "details": [{"turns": p["turns"], "reference": p["reference"], "chosen": r.chosen,
+                     "candidates": [{"text": c.text, "forward": c.forward, "backward": c.backward} for c in r.candidates]}
+                    for p, r in zip(prompts, results)],
+    }
+
+
+async def _rerank_all(mmi, prompts: list[dict], overrides: dict, concurrency: int, seed: int, n: int) -> list:
+    """Every prompt through the MMI engine, `concurrency` at a time (prompt i samples seeds SEED + i*N …)."""
+    gate = asyncio.Semaphore(max(1, concurrency))
     done = 0
     started = time.monotonic()
 
     async def one(i: int, prompt: dict):
         nonlocal done
         async with gate:
-            result = await mmi.rerank(prompt["turns"], {**overrides, "seed": args.seed + i * n})
+            result = await mmi.rerank(prompt["turns"], {**overrides, "seed": seed + i * n})
         done += 1
         if done % 20 == 0 or done == len(prompts):
             print(f"  {done}/{len(prompts)} prompts, {time.monotonic() - started:.0f}s", file=sys.stderr)
         return result
 
     async with mmi:
-        results = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
-    elapsed = time.monotonic() - started
+        return await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+
+
+def _choice_table(results: list, prompts: list[dict], weights: list[float], configured: float,
+                  fallback: str) -> tuple[dict[str, list[int]], dict[str, dict]]:
+    """(which candidate each row picks per prompt, the metrics of each row's replies)."""
+    from engine.serving.mmi import pick_best
+    from engine.training.evaluation import reply_metrics
 
     contexts = [[t for _, t in p["turns"]] for p in prompts]
-    fallback = config.generation.fallback_reply
     rows: dict[str, list[int]] = {"no MMI (1 sample)": [0] * len(results)}
     choose = lambda r, w: pick_best([c.text for c in r.candidates], [c.forward for c in r.candidates],  # noqa: E731
                                     [c.backward for c in r.candidates], w)
     rows["forward rerank (w=0)"] = [choose(r, 0.0) for r in results]
     for w in weights:
         if w > 0:
-            rows[f"MMI w={w:g}" + (" (configured)" if w == g.mmi_weight else "")] = [choose(r, w) for r in results]
+            rows[f"MMI w={w:g}" + (" (configured)" if w == configured else "")] = [choose(r, w) for r in results]
     # the serving path's own choice must be the configured row
-    assert [r.chosen for r in results] == [choose(r, g.mmi_weight) for r in results]
+    assert [r.chosen for r in results] == [choose(r, configured) for r in results]
 
     table = {}
     for name, picks in rows.items():
@@ -143,32 +171,20 @@ async def run_eval(args, config) -> dict:
         metrics = reply_metrics(replies, contexts, fallback=fallback).as_dict()
         metrics["forward_logprob"] = sum(r.candidates[k].forward for r, k in zip(results, picks)) / len(results)
         table[name] = metrics
-    direction = None
-    if not args.no_direction_check:  # a real backward model predicts reversed dialogues far better
-        from engine.training.data import reverse_turns
-        from engine.training.train import evaluate_loss
-
-        held = list({id(p["dialogue"]): p["dialogue"] for p in prompts}.values())
-        direction = {
-            "reversed": await asyncio.to_thread(evaluate_loss, backward.model, backward.fmt, reverse_turns(held)),
-            "forward_order": await asyncio.to_thread(evaluate_loss, backward.model, backward.fmt, held),
-        }
-    retrieval = None
-    if args.distractors > 0 and len({id(p["dialogue"]) for p in prompts}) > args.distractors:
-        retrieval = await asyncio.to_thread(_retrieval, mmi, prompts, args.distractors, args.seed, g.mmi_weight)
     human = reply_metrics([p["reference"] for p in prompts], contexts).as_dict()
     human["forward_logprob"] = None
     table["human reference"] = human
-    return {
-        "model": forward.path, "mmi_model": backward.path, "prompts": len(prompts), "candidates": n,
-        "configured_weight": g.mmi_weight, "seed": args.seed, "elapsed_s": elapsed,
-        "sampling": {k: getattr(engine.defaults.merged(overrides), k) for k in
-                     ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")},
-        "table": table, "rows": rows, "backward_loss": direction, "retrieval": retrieval,
-        "details": [{"turns": p["turns"], "reference": p["reference"], "chosen": r.chosen,
-                     "candidates": [{"text": c.text, "forward": c.forward, "backward": c.backward} for c in r.candidates]}
-                    for p, r in zip(prompts, results)],
-    }
+    return rows, table
+
+
+def _direction_check(backward, prompts: list[dict]) -> dict:
+    """The backward model's held-out loss on the prompts' dialogues reversed and in forward order."""
+    from engine.training.data import reverse_turns
+    from engine.training.train import evaluate_loss
+
+    held = list({id(p["dialogue"]): p["dialogue"] for p in prompts}.values())
+    return {"reversed": evaluate_loss(backward.model, backward.fmt, reverse_turns(held)),
+            "forward_order": evaluate_loss(backward.model, backward.fmt, held)}
 
 
 def _retrieval(mmi, prompts: list[dict], distractors: int, seed: int, weight: float) -> dict:
@@ -182,7 +198,7 @@ def _retrieval(mmi, prompts: list[dict], distractors: int, seed: int, weight: fl
     for i, p in enumerate(prompts):
         others = rng.sample([j for j in range(len(prompts)) if prompts[j]["dialogue"] is not p["dialogue"]], distractors)
         texts = [p["reference"]] + [prompts[j]["reference"] for j in others]
-        fwd, bwd = mmi._score(p["turns"], texts)
+        fwd, bwd = mmi.score(p["turns"], texts)
         for name, scores in (("forward", fwd), ("backward", bwd), ("combined", combined_scores(fwd, bwd, weight))):
             hits[name] += int(max(range(len(texts)), key=scores.__getitem__) == 0)
     return {"distractors": distractors, "chance": 1 / (distractors + 1),

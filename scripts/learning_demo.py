@@ -34,7 +34,7 @@ threads = 1
 
 
 async def populate(root: Path, old: int, new: int, base_eval: int) -> tuple[int, int]:
-    from bots.learning.loop import BASE_SAMPLE_SEED
+    from bots.learning.export import BASE_SAMPLE_SEED
     from engine.training.data import read_corpus
     from engine.registry import Registry
     from storage.conversations import Conversations

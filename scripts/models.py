@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from bots.config import load_config
-    from bots.learning.loop import describe_run, describe_version
+    from bots.learning.report import describe_run, describe_version
     from engine.registry import Registry
 
     config = load_config(args.config)

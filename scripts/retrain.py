@@ -60,6 +60,7 @@ def progress_printer(out=sys.stdout):
 async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | None = None):
     """Run once; returns (exit status, RunResult or None)."""
     from bots.learning.loop import AlreadyRunning, Learning
+    from bots.learning.report import RunStatus
     from engine.registry import Registry
     from storage.conversations import Conversations
     from storage.db import Database
@@ -85,7 +86,7 @@ async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | No
         print(result.summary())
         if result.loss_curve:
             print(f"loss curve: {result.loss_curve}")
-        return (0 if result.ok else 3 if result.status == "skipped" else 1), result
+        return (0 if result.ok else 3 if result.status == RunStatus.SKIPPED else 1), result
     finally:
         await learning.stop()
         await db.close()

@@ -17,13 +17,17 @@ DIALOGUE_GAP_SECONDS = 3600  # a longer silence starts a new conversation
 
 
 @dataclass
-class Turn:
+class StoredTurn:
+    """One logged message as chat context: role "user" or "bot", and its text."""
+
     role: str
     text: str
 
 
 @dataclass
-class Dialogue:
+class StoredDialogue:
+    """One exported conversation: its turns (same-side messages merged) and where it lies in the log."""
+
     chat_id: int
     turns: list[str]
     first_message_id: int
@@ -118,7 +122,7 @@ class Conversations:
             (chat_id, str(platform_message_id)))
         return row is not None
 
-    async def context(self, chat_id: int, max_turns: int) -> list[Turn]:
+    async def context(self, chat_id: int, max_turns: int) -> list[StoredTurn]:
         """The chat's last max_turns messages since its last reset, oldest first."""
         if max_turns <= 0:
             return []
@@ -128,7 +132,7 @@ class Conversations:
             "  WHERE m.chat_id = ? AND m.id > c.context_start_id AND m.status != 'failed'"
             "  ORDER BY m.id DESC LIMIT ?"
             ") ORDER BY id", (chat_id, max_turns))
-        return [Turn(row["role"], row["text"]) for row in rows]
+        return [StoredTurn(row["role"], row["text"]) for row in rows]
 
     async def reset(self, chat_id: int) -> None:
         """Start a fresh context; nothing is deleted, so the history still trains the model."""
@@ -178,7 +182,7 @@ class Conversations:
 
     # --- learning loop -----------------------------------------------------------------
 
-    async def export_dialogues(self, *, after_message_id: int = 0, min_turns: int = 2) -> list[Dialogue]:
+    async def export_dialogues(self, *, after_message_id: int = 0, min_turns: int = 2) -> list[StoredDialogue]:
         """Opted-in conversations for training, ordered by their last message id.
 
         A chat's history is cut at every /reset and at silences over an hour; consecutive
@@ -192,14 +196,14 @@ class Conversations:
             "WHERE c.consent = 1 AND m.status = 'ok' "
             "  AND m.chat_id IN (SELECT chat_id FROM messages WHERE id > ?) "
             "ORDER BY m.chat_id, m.id", (after_message_id,))
-        dialogues: list[Dialogue] = []
-        current: Dialogue | None = None
+        dialogues: list[StoredDialogue] = []
+        current: StoredDialogue | None = None
         prev = None
         for row in rows:
             starts_new = (prev is None or row["chat_id"] != prev["chat_id"] or row["epoch"] != prev["epoch"]
                           or row["created_at"] - prev["created_at"] > DIALOGUE_GAP_SECONDS)
             if starts_new:
-                current = Dialogue(row["chat_id"], [row["text"]], row["id"], row["id"])
+                current = StoredDialogue(row["chat_id"], [row["text"]], row["id"], row["id"])
                 dialogues.append(current)
             elif row["role"] == prev["role"]:
                 current.turns[-1] += "\n" + row["text"]

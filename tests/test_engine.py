@@ -5,10 +5,15 @@ import asyncio
 
 import pytest
 
+import dataclasses
+from types import SimpleNamespace
+
 from engine.serving.batcher import Engine, EngineBusy
 from engine.dialogue import DialogueFormat
 from engine.model import ModelLoadError, load_model
+from engine.serving.protocol import EngineStats, EngineStopped, ModelEngine, ReplyEngine
 from engine.serving.sampling import SamplingParams
+from engine.types import max_positions, percentile
 
 GREEDY = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12, repetition_penalty=1.0)
 PROMPTS = [[("user", t)] for t in ["hello there", "what do you like to do ?", "i live in a big city and i like it",
@@ -101,6 +106,44 @@ async def test_sixteen_concurrent_replies_all_answered(dialogpt):
         replies = await asyncio.gather(*[engine.reply([("user", f"hello number {i}")]) for i in range(16)])
     assert len(replies) == 16
     assert all(r.text.strip() and r.model_version == dialogpt.version for r in replies)
+
+
+async def test_engine_keeps_the_reply_engine_contract_and_reports_typed_stats(dialogpt):
+    engine = Engine(dialogpt, SamplingParams(max_new_tokens=6))
+    assert isinstance(engine, ReplyEngine) and isinstance(engine, ModelEngine)
+    before = engine.stats()
+    assert isinstance(before, EngineStats) and before.mmi is None
+    assert (before.replies, before.queue_depth, before.active, before.latency_p50_s) == (0, 0, 0, None)
+    with pytest.raises(EngineStopped):
+        await engine.reply(PROMPTS[0])
+    async with engine:
+        await asyncio.gather(*[engine.reply(p) for p in PROMPTS[:3]])
+    after = engine.stats()
+    assert after.replies == 3 and after.model_version == dialogpt.version and after.active == 0
+    assert 0 < after.latency_p50_s <= after.latency_p95_s and after.uptime_s > 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        after.replies = 0
+
+
+def test_one_position_limit_and_one_percentile(dialogpt):
+    assert max_positions(dialogpt.model) == max_positions(dialogpt.model.config) == 256
+    assert max_positions(SimpleNamespace(max_position_embeddings=2048)) == 2048  # llama-style configs
+    assert max_positions(SimpleNamespace()) == 1024
+    assert percentile([], 0.5) is None
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile([1.0, 2.0], 0.5) == 1.5  # linear between neighbours
+    assert percentile(range(101), 0.95) == 95
+    with pytest.raises(ValueError):
+        percentile([1.0], 1.5)
+
+
+def test_config_generation_defaults_are_the_engines():
+    from bots.config import GenerationConfig
+
+    config, engine = GenerationConfig(), SamplingParams()
+    shared = [f.name for f in dataclasses.fields(SamplingParams) if hasattr(config, f.name)]
+    assert len(shared) >= 8
+    assert {n: getattr(config, n) for n in shared} == {n: getattr(engine, n) for n in shared}
 
 
 async def test_seed_makes_sampling_reproducible(dialogpt):

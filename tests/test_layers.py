@@ -1,5 +1,9 @@
-"""The layers point one way: bots uses engine and storage; engine and storage know
-nothing of each other or of the platforms."""
+"""The shape of the code, checked: layers point one way, no import cycles, small modules.
+
+bots uses engine and storage; engine and storage know nothing of each other or of the
+platforms; only scripts imports scripts. Imports inside functions and TYPE_CHECKING blocks
+count too: a cycle hidden in a function is still a cycle a reader has to untangle.
+"""
 from __future__ import annotations
 
 import ast
@@ -8,18 +12,87 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("bots", "engine", "storage", "scripts")
 FORBIDDEN = {"engine": {"bots", "storage", "scripts"}, "storage": {"bots", "engine", "scripts"}, "bots": {"scripts"}}
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+LONG_FUNCTIONS_ALLOWED = 1   # the training loop may stay one readable top-to-bottom function
+
+
+def source_files() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
 
 def imported_packages(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in imported_modules(path)}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, anywhere in the file, as absolute dotted names."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package[:len(package) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
     return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in source_files()}
+    graph = {}
+    for name, path in modules.items():
+        targets = {m for m in imported_modules(path) if m in modules and m != name}
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -30,3 +103,29 @@ def test_package_imports_only_lower_layers(package):
         if bad:
             offenders[str(path.relative_to(ROOT))] = sorted(bad)
     assert not offenders, f"{package} must not import {sorted(FORBIDDEN[package])}: {offenders}"
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_modules_stay_small():
+    long = {str(p.relative_to(ROOT)): n for p in source_files()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_functions_stay_short():
+    long = {}
+    for path in source_files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{path.relative_to(ROOT)}:{node.name}"] = n
+    assert len(long) <= LONG_FUNCTIONS_ALLOWED, f"functions over {MAX_FUNCTION_LINES} lines: {long}"

@@ -6,6 +6,7 @@ The configured model is a tiny GPT-2 trained for a few seconds on the chitchat c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -19,7 +20,10 @@ import pytest
 from bots.app import Mynah
 from bots.config import parse_config
 from bots.chat.events import Incoming, Outgoing
-from bots.learning.loop import Learning, _Run
+from bots.learning.decide import Decision, decide
+from bots.learning.export import BaseCorpus, changed_since_export, export_dialogues
+from bots.learning.loop import Learning
+from bots.learning.schedule import ScheduleState
 from engine.training.finetune import read_data
 from engine.registry import FileLock, Registry, RegistryError, parse_version
 from storage.conversations import Conversations
@@ -194,17 +198,24 @@ async def test_candidate_trained_on_noise_is_rejected(tmp_path, base_model):
         await db.close()
 
 
-def test_judge_never_promotes_nan_and_needs_the_margin(tmp_path):
-    config = make_config(tmp_path, tmp_path, promote_margin=0.05, base_loss_tolerance=0.1)
-    learning = Learning(config, Registry(tmp_path / "models"), conversations=None)
+def test_decide_never_promotes_nan_and_needs_the_margin():
     nan = float("nan")
-    assert "NaN" in learning._judge({"held_out": 3.0, "base": 4.0}, {"held_out": nan, "base": 4.0}, True)
-    assert "NaN" in learning._judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.0, "base": 4.0}, False)
-    assert "NaN" in learning._judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.0, "base": nan}, True)
-    assert "margin" in learning._judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.96, "base": 4.0}, True)
-    assert "tolerance" in learning._judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.0, "base": 4.2}, True)
-    assert learning._judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.9, "base": 4.05}, True) is None
-    assert learning._judge({"held_out": 3.0, "base": None}, {"held_out": 2.9, "base": None}, True) is None
+
+    def judge(before: dict, after: dict, finite: bool = True):
+        return decide(before, after, finite, margin=0.05, tolerance=0.1)
+
+    def rejected(verdict) -> str:
+        assert verdict.decision is Decision.REJECTED and not verdict.promoted
+        return verdict.reason
+
+    assert "NaN" in rejected(judge({"held_out": 3.0, "base": 4.0}, {"held_out": nan, "base": 4.0}))
+    assert "NaN" in rejected(judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.0, "base": 4.0}, finite=False))
+    assert "NaN" in rejected(judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.0, "base": nan}))
+    assert "margin" in rejected(judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.96, "base": 4.0}))
+    assert "tolerance" in rejected(judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.0, "base": 4.2}))
+    ok = judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.9, "base": 4.05})
+    assert ok.decision is Decision.PROMOTED and ok.decision == "promoted" and "fell by 0.1000" in ok.reason
+    assert judge({"held_out": 3.0, "base": None}, {"held_out": 2.9, "base": None}).promoted
 
 
 # --------------------------------------------------------------------------- failures
@@ -333,11 +344,14 @@ async def test_an_overdue_interval_catches_up_after_a_restart(tmp_path):
     db = await Database.open(config.storage.path)
     try:
         learning = Learning(config, registry, Conversations(db))
-        first = await learning._first_interval_fire(86400)     # first start: a whole interval from now
-        assert first.timestamp() == pytest.approx(time.time() + 86400, abs=5)
-        learning._save_schedule_state(time.time() - 3 * 86400)  # the bot was down when it was due
-        soon = await learning._first_interval_fire(86400)
-        assert soon.timestamp() == pytest.approx(time.time() + 60, abs=5)
+        await learning.start()                                  # first start: a whole interval from now
+        assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 86400, abs=5)
+        await learning.stop()
+        ScheduleState(registry.root).save(time.time() - 3 * 86400)  # the bot was down when it was due
+        learning = Learning(config, registry, Conversations(db))
+        await learning.start()
+        assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 60, abs=5)
+        await learning.stop()
     finally:
         await db.close()
 
@@ -377,15 +391,14 @@ async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
         async def export(run_id):
             folder = registry.runs_dir() / f"run-{run_id:04d}"
             folder.mkdir(parents=True, exist_ok=True)
-            plan = await learning._export(_Run(run_id, "test", True, FileLock(tmp_path / "l"), [], folder=folder),
-                                          registry.active())
+            plan = await export_dialogues(conv, config.learning, registry.active(), run_id, folder, BaseCorpus())
             return plan, folder / "data.jsonl"
 
         plan, data = await export(1)
         text = data.read_text(encoding="utf-8")
         assert "public reply" in text and "LATE-CHAT" in text
         assert "SECRET-OPTOUT" not in text and "SECRET-FORGOTTEN" not in text
-        assert private not in plan["chats"]
+        assert not plan.skip and private not in plan.chats and late[0] in plan.chats
 
         # a /forget after the export: the trainer drops those dialogues at use time, the
         # finished candidate is vetoed, and the next export no longer has them
@@ -393,12 +406,12 @@ async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
         forgotten = await conv.forgotten_message_ids()
         splits, dropped = read_data(data, forgotten)
         assert dropped == 1 and "LATE-CHAT" in json.dumps(splits)  # late1 did not ask
-        assert "/forget" in await learning._changed_meanwhile(registry.active(), plan)
+        assert "/forget" in await changed_since_export(conv, plan)
         await conv.set_consent(late[1], False)
         plan2, data2 = await export(2)
         assert "LATE-CHAT" not in data2.read_text(encoding="utf-8")
-        assert "/optout" in await learning._changed_meanwhile(registry.active(), {**plan2, "ids": set(),
-                                                                                   "chats": plan["chats"]})
+        assert "/optout" in await changed_since_export(conv, dataclasses.replace(plan2, ids=set(), chats=plan.chats))
+        assert await changed_since_export(conv, plan2) is None   # what is exported now is all still allowed
         # stale export files from a crashed run are deleted on the next start
         await learning.recover()
         assert not data.exists() and not data2.exists()

@@ -19,6 +19,7 @@ from engine.training.evaluation import distinct_n, is_echo, is_stock, reply_metr
 from engine.serving.mmi import (MMIEngine, backward_scores, backward_sequences, combined_scores, forward_scores,
                         forward_sequences, pick_best)
 from engine.model import LoadedModel, load_model
+from engine.serving.protocol import ModelEngine, ReplyEngine
 from engine.serving.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,8 +247,19 @@ async def test_several_chats_at_once_share_batches(forward, backward):
         for c in result.candidates:
             if c.text:
                 assert c.backward == pytest.approx(expected[c.text], abs=1e-4)
-    assert stats["replies"] == len(chats) and stats["candidates_generated"] == len(chats) * n
-    assert stats["mmi"] is True and stats["mmi_candidates"] == n
+    assert stats.replies == len(chats) and stats.mmi.candidates_generated == len(chats) * n
+    assert stats.mmi.candidates == n and stats.mmi.weight == 0.5 and stats.mmi.backward_model == backward.version
+    assert stats.latency_p50_s is not None and stats.latency_p50_s <= stats.latency_p95_s
+
+
+def test_mmi_engine_is_a_model_engine_that_delegates_explicitly(forward, backward):
+    engine = Engine(forward, SAMPLING, max_context_tokens=100)
+    mmi = MMIEngine(engine, backward, candidates=2)
+    assert isinstance(mmi, ReplyEngine) and isinstance(mmi, ModelEngine)
+    assert mmi.model is engine.model and mmi.version == engine.version and mmi.defaults is engine.defaults
+    assert mmi.max_context_tokens == 100 and mmi.max_batch_size == engine.max_batch_size
+    assert not hasattr(mmi, "max_queue")  # nothing forwarded implicitly: the protocol is what it offers
+    assert mmi.stats().mmi.backward_model == backward.version
 
 
 async def test_greedy_or_one_candidate_skips_reranking(forward, backward):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import storage.db as dbmod
-from storage.conversations import Conversations, Dialogue, Turn
+from storage.conversations import Conversations, StoredDialogue, StoredTurn
 from storage.db import MIGRATIONS, Database, StorageError
 
 ALL_TABLES = {"chats", "users", "messages", "context_resets", "model_versions", "training_runs",
@@ -81,7 +81,7 @@ async def test_migrates_from_previous_version_keeping_rows(tmp_path):
         conv = Conversations(database)
         assert await database.user_version() == len(MIGRATIONS)
         assert await conv.chat("tg", 7) == 1
-        assert await conv.context(1, 10) == [Turn("user", "old hi"), Turn("bot", "old hello")]
+        assert await conv.context(1, 10) == [StoredTurn("user", "old hi"), StoredTurn("bot", "old hello")]
         await conv.audit("tg", 9, "/status", "", True)  # a table from migration 2 works
         assert await conv.forget_user("tg", 9) == 1
     finally:
@@ -121,7 +121,7 @@ async def test_memory_database_works():
         conv = Conversations(database)
         chat = await conv.chat("console", "local", type="console")
         await conv.log_message(chat, "user", "hi")
-        assert await conv.context(chat, 5) == [Turn("user", "hi")]
+        assert await conv.context(chat, 5) == [StoredTurn("user", "hi")]
     finally:
         await database.close()
 
@@ -179,7 +179,7 @@ async def test_failed_replies_leave_context_and_replies_are_recognised(conv):
     good = await conv.log_message(chat, "bot", "hello", status="pending")
     await conv.set_status(bad, "failed")
     await conv.set_status(good, "ok", platform_message_id=11)
-    assert await conv.context(chat, 10) == [Turn("user", "hi"), Turn("bot", "hello")]
+    assert await conv.context(chat, 10) == [StoredTurn("user", "hi"), StoredTurn("bot", "hello")]
     assert await conv.is_bot_message(chat, 11)
     assert await conv.is_bot_message(chat, "11")
     assert not await conv.is_bot_message(chat, 10)   # the user's own message
@@ -214,10 +214,10 @@ async def test_reset_keeps_rows_but_empties_context(conv):
     await conv.log_message(other, "user", "elsewhere")
     await conv.reset(chat)
     assert await conv.context(chat, 10) == []
-    assert await conv.context(other, 10) == [Turn("user", "elsewhere")]
+    assert await conv.context(other, 10) == [StoredTurn("user", "elsewhere")]
     assert (await conv.stats())["messages"] == 3
     await conv.log_message(chat, "user", "again")
-    assert await conv.context(chat, 10) == [Turn("user", "again")]
+    assert await conv.context(chat, 10) == [StoredTurn("user", "again")]
     resets = await conv.db.fetchall("SELECT chat_id FROM context_resets")
     assert [r[0] for r in resets] == [chat]
 
@@ -321,7 +321,7 @@ async def test_write_waits_out_a_brief_external_lock(tmp_path):
         asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
         mid = await conv.log_message(chat, "user", "after the lock")
         other.close()
-        assert await conv.context(chat, 1) == [Turn("user", "after the lock")]
+        assert await conv.context(chat, 1) == [StoredTurn("user", "after the lock")]
         assert mid > 0
     finally:
         await database.close()
@@ -340,7 +340,7 @@ async def test_write_gives_up_on_a_lock_that_stays(tmp_path):
             await conv.log_message(chat, "user", "never")
         other.execute("ROLLBACK")
         await conv.log_message(chat, "user", "later")  # the connection is still usable
-        assert await conv.context(chat, 5) == [Turn("user", "later")]
+        assert await conv.context(chat, 5) == [StoredTurn("user", "later")]
     finally:
         other.close()
         await database.close()
@@ -374,9 +374,9 @@ async def test_export_dialogues(db, conv):
 
     dialogues = await conv.export_dialogues()
     assert dialogues == [
-        Dialogue(a, ["hi", "hello", "how are you", "fine"], dialogues[0].first_message_id, dialogues[0].last_message_id),
-        Dialogue(a, ["new topic\nreally", "tell me"], dialogues[1].first_message_id, first_part_end),
-        Dialogue(group, ["bob one", "bot one", "bob two", "bot two"],
+        StoredDialogue(a, ["hi", "hello", "how are you", "fine"], dialogues[0].first_message_id, dialogues[0].last_message_id),
+        StoredDialogue(a, ["new topic\nreally", "tell me"], dialogues[1].first_message_id, first_part_end),
+        StoredDialogue(group, ["bob one", "bot one", "bob two", "bot two"],
                  dialogues[2].first_message_id, dialogues[2].last_message_id),
     ]
     assert [d.last_message_id for d in dialogues] == sorted(d.last_message_id for d in dialogues)

@@ -21,8 +21,8 @@ import pytest
 from bots.app import Mynah
 from bots.chat.service import NON_TEXT_TEXT
 from bots.config import ConfigError, parse_config
-from bots.chat.events import Outgoing
-from bots.runner import PlatformStartError, serve
+from bots.chat.events import Outgoing, PlatformStartError
+from bots.runner import serve
 from bots.chat.splitting import split_message
 from bots.platforms.telegram.adapter import TelegramAdapter, api_urls
 from tests.fakes.telegram_api import BOT_ID, BOT_USERNAME, TOKEN, FakeTelegram
@@ -522,6 +522,32 @@ async def test_the_token_never_reaches_the_logs(tmp_path, tiny_dialogpt, fake, c
         await harness.stop()
     assert "Set Bot API URL" in caplog.text and "getUpdates" in caplog.text    # URLs were logged…
     assert TOKEN not in caplog.text and SECRET_HALF not in caplog.text          # …without the token
+
+
+async def test_mynah_run_connects_the_learning_loop_to_telegram(tmp_path, tiny_dialogpt, fake, monkeypatch):
+    """The composition root registers each started platform's notify with the learning loop
+    (no adapter goes looking for it), so a run's result reaches the Telegram chat that asked."""
+    opened = []
+    real_open = Mynah.open.__func__
+
+    async def recording_open(cls, config, **kwargs):
+        opened.append(await real_open(cls, config, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(Mynah, "open", classmethod(recording_open))
+    config = make_config(tmp_path, tiny_dialogpt, fake,
+                         learning={"enabled": True, "registry": str(tmp_path / "models")})
+    stop = asyncio.Event()
+    served = asyncio.create_task(serve(config, environ={"TELEGRAM_BOT_TOKEN": TOKEN}, stop_event=stop))
+    try:
+        fake.message(900, "hello there")        # answered: Telegram is up (and registered)
+        await fake.wait_sent(900, 1, timeout=30)
+        [app] = opened
+        await app.learning.notify([("telegram", "900", "")], Outgoing("run #1: promoted"))
+        assert fake.texts(900)[1:] == ["run #1: promoted"]
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(served, 30) == 0
 
 
 async def test_webhook_mode(make_bot, fake):

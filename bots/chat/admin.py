@@ -10,13 +10,6 @@ import time
 
 from bots.chat.events import Incoming, Outgoing
 
-ADMIN_COMMANDS = {
-    "retrain": "fine-tune on logged chats now",
-    "status": "model, runs, queue, latency, uptime",
-    "rollback": "make the previous (or a given) version active",
-    "models": "list model versions and their metrics",
-}
-
 
 class AdminCommands:
     def __init__(self, admins_config, conversations, engine, learning=None):
@@ -28,6 +21,11 @@ class AdminCommands:
         self.engine = engine
         self.learning = learning
         self.started_at = time.time()
+        # Each admin command's handler, by name; without the learning loop its commands say so.
+        self.handlers = {"status": self._status}
+        if learning is not None:
+            self.handlers.update(retrain=learning.command_retrain, rollback=learning.command_rollback,
+                                 models=learning.command_models)
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         if platform == "console":  # whoever runs the console owns the machine
@@ -39,23 +37,25 @@ class AdminCommands:
         await self.conversations.audit(msg.platform, msg.user_id, name, " ".join(args), allowed)
         if not allowed:
             return [Outgoing(f"Sorry, /{name} is for the bot's admins only.", ephemeral=True)]
-        if name == "status":
-            return [Outgoing(await self.status_text(), ephemeral=True)]
-        if self.learning is None:
+        handler = self.handlers.get(name)
+        if handler is None:
             return [Outgoing(f"/{name} is not available yet: the learning loop is not running.", ephemeral=True)]
-        handler = getattr(self.learning, f"command_{name}")
         return await handler(args, msg)
 
+    async def _status(self, args: list[str], msg: Incoming) -> list[Outgoing]:
+        return [Outgoing(await self.status_text(), ephemeral=True)]
+
     async def status_text(self) -> str:
-        stats = self.engine.stats()
+        stats = self.engine.stats()  # engine.serving.protocol.EngineStats
         counts = await self.conversations.stats()
-        p50, p95 = stats["latency_p50_s"], stats["latency_p95_s"]
+        mmi = stats.mmi
         lines = [
-            f"Model version: {stats['model_version']}",
-            f"Queue: {stats['queue_depth']} waiting, {stats['active']} generating",
-            f"Reply latency: p50 {_secs(p50)}, p95 {_secs(p95)} over {stats['replies']} replies",
-            f"MMI reranking: on ({stats['mmi_candidates']} candidates, weight {stats['mmi_weight']:g}, "
-            f"backward model {stats['mmi_model']})" if stats.get("mmi") else "MMI reranking: off",
+            f"Model version: {stats.model_version}",
+            f"Queue: {stats.queue_depth} waiting, {stats.active} generating",
+            f"Reply latency: p50 {_secs(stats.latency_p50_s)}, p95 {_secs(stats.latency_p95_s)} "
+            f"over {stats.replies} replies",
+            f"MMI reranking: on ({mmi.candidates} candidates, weight {mmi.weight:g}, "
+            f"backward model {mmi.backward_model})" if mmi else "MMI reranking: off",
             f"Uptime: {_duration(time.time() - self.started_at)}",
             f"Stored: {counts.get('chats', 0)} chats, {counts.get('messages', 0)} messages",
         ]

@@ -35,3 +35,10 @@ class Outgoing:
     ephemeral: bool = False         # only the asker sees it, where the platform can do that
     stored_id: int | None = None    # storage row of a bot reply: mark it sent / failed
     reply_to: str | None = None     # platform message id this answers
+
+
+class PlatformStartError(RuntimeError):
+    """A platform could not start (bad token, missing intent…); the message says what to fix.
+
+    It lives with the neutral events so that adapters raise it and the runner catches it
+    without either importing the other."""

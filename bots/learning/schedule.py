@@ -1,10 +1,28 @@
-"""Parse the learning schedule: an interval like "6h" / "30m" or a 5-field cron line."""
+"""When the learning loop runs: the schedule's syntax, the APScheduler job, the last fire.
+
+The schedule is an interval like "6h" / "30m" or a 5-field cron line. The job is an
+APScheduler AsyncIOScheduler job in the bot's event loop (coalesced, one instance at a
+time, with a misfire grace). An in-memory interval job starts counting afresh with every
+start of the bot, so the last fire is kept on disk (``.schedule.json`` in the registry) and
+a fire that fell due while the bot was down happens shortly after startup instead.
+"""
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
 import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from engine.registry import write_json_atomic
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+JOB_ID = "mynah-retrain"
+STARTUP_DELAY_S = 60.0         # an overdue interval job fires this long after startup
+STATE_FILE = ".schedule.json"
 
 
 @dataclass(frozen=True)
@@ -28,3 +46,64 @@ def parse_schedule(text: str) -> Schedule:
         CronTrigger.from_crontab(text)  # raises ValueError on a bad field
         return Schedule(cron=text)
     raise ValueError(f"{text!r} is neither an interval (e.g. '6h', '30m') nor a cron line ('0 4 * * *')")
+
+
+class ScheduleState:
+    """The last time the job fired, kept in the registry folder so it survives restarts
+    (blocking file I/O: call it from a thread in the event loop)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @property
+    def path(self) -> Path:
+        return self.folder / STATE_FILE
+
+    def last_fire(self) -> float | None:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8")).get("last_fire")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def save(self, last_fire: float) -> None:
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, {"last_fire": last_fire})
+
+    def first_fire(self, interval: float) -> dt.datetime:
+        """When an interval job should fire first: a whole interval after the last fire, but
+        no sooner than shortly after startup; the first start ever counts as a fire."""
+        now = time.time()
+        last = self.last_fire()
+        if last is None:
+            self.save(now)
+            last = now
+        return dt.datetime.fromtimestamp(max(now + min(interval, STARTUP_DELAY_S), last + interval), dt.timezone.utc)
+
+
+def start_scheduler(schedule: Schedule, job: Callable[[], Awaitable[None]], *, misfire_grace_seconds: int,
+                    first_fire: dt.datetime | None = None):
+    """Start an AsyncIOScheduler (in the running event loop) with the retrain job; returns it."""
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1,
+                                               "misfire_grace_time": int(misfire_grace_seconds)})
+    kwargs = {}
+    if schedule.interval_seconds is not None:
+        trigger = IntervalTrigger(seconds=schedule.interval_seconds)
+        if first_fire is not None:
+            kwargs["next_run_time"] = first_fire
+    else:
+        trigger = CronTrigger.from_crontab(schedule.cron)
+    scheduler.add_job(job, trigger, id=JOB_ID, name="scheduled retrain", replace_existing=True, **kwargs)
+    scheduler.start()
+    return scheduler
+
+
+def next_run_time(scheduler) -> dt.datetime | None:
+    if scheduler is None:
+        return None
+    job = scheduler.get_job(JOB_ID)
+    return job.next_run_time if job is not None else None

@@ -10,7 +10,8 @@ import asyncio
 import getpass
 import sys
 
-from bots.chat.events import Incoming
+from bots.chat.events import Incoming, Outgoing
+from bots.platforms.base import Platform
 
 QUIT = {"/quit", "/exit"}
 
@@ -30,25 +31,62 @@ async def _read_line(stream, prompt: str | None) -> str | None:
     return None if line == "" else line.rstrip("\r\n")
 
 
+class ConsolePlatform(Platform):
+    """One person at a terminal (or a script at a pipe); `run()` chats until /quit or end of input."""
+
+    name = "console"
+
+    def __init__(self, chat, *, session: str | None = None, stdin=None, stdout=None):
+        self.chat = chat
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.interactive = self.stdin.isatty()
+        self.session = session or getpass.getuser()
+        self._stopped = False
+
+    async def start(self) -> None:
+        self._stopped = False
+        if self.interactive:
+            print("Mynah console. /reset starts afresh, /help lists commands, /quit leaves.", file=self.stdout)
+
+    async def stop(self) -> None:
+        """Read no further line (the one being answered still is)."""
+        self._stopped = True
+
+    async def run(self) -> None:
+        await self.start()
+        while not self._stopped:
+            line = await _read_line(self.stdin, "you> " if self.interactive else None)
+            if line is None or line.strip() in QUIT:
+                break
+            msg = Incoming(platform=self.name, chat_id=self.session, user_id=self.session, user_name=self.session,
+                           text=line)
+            await self._answer(await self.chat.handle(msg))
+        await self.stop()
+
+    async def _answer(self, outgoing: list[Outgoing]) -> None:
+        """Interactive: one "mynah>" line per reply. Piped: exactly one line per input line."""
+        if self.interactive:
+            if not outgoing:
+                print("mynah> (nothing to answer)", file=self.stdout)
+            for out in outgoing:
+                await self.send(self.session, out)
+            return
+        for out in outgoing:
+            await self.chat.delivered(out, None)
+        texts = [out.text for out in outgoing] or ["(nothing to answer)"]
+        print(_one_line(" ".join(texts)), file=self.stdout, flush=True)
+
+    async def send(self, target, out: Outgoing, **options) -> list[str]:
+        await self.chat.delivered(out, None)
+        print(f"mynah> {out.text}", file=self.stdout, flush=True)
+        return [out.text]
+
+    async def notify(self, chat_id: str, out: Outgoing, thread_id: str = "") -> None:
+        picture = f"\n(loss curve: {out.image})" if out.image else ""
+        print(f"mynah> {out.text}{picture}", file=self.stdout, flush=True)
+
+
 async def run_console(chat, *, session: str | None = None, stdin=None, stdout=None) -> None:
     """Chat until /quit or end of input."""
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
-    interactive = stdin.isatty()
-    session = session or getpass.getuser()
-    if interactive:
-        print("Mynah console. /reset starts afresh, /help lists commands, /quit leaves.", file=stdout)
-    while True:
-        line = await _read_line(stdin, "you> " if interactive else None)
-        if line is None or line.strip() in QUIT:
-            break
-        msg = Incoming(platform="console", chat_id=session, user_id=session, user_name=session, text=line)
-        outgoing = await chat.handle(msg)
-        for out in outgoing:
-            await chat.delivered(out, None)
-        texts = [out.text for out in outgoing] or ["(nothing to answer)"]
-        if interactive:
-            for text in texts:
-                print(f"mynah> {text}", file=stdout)
-        else:
-            print(_one_line(" ".join(texts)), file=stdout, flush=True)
+    await ConsolePlatform(chat, session=session, stdin=stdin, stdout=stdout).run()

@@ -7,6 +7,9 @@ sampling settings, and finished rows leave at once. So a short reply never waits
 long one and a new chat never waits for a whole batch. Torch runs in this thread, never
 in the event loop. A model swap happens between batches: rows in flight finish on the
 model they started with, and each reply names the version that wrote it.
+
+Shapes in comments: B rows of the running batch, T columns of its mask and KV cache, U
+distinct contexts in one prefill, V vocabulary, H attention heads, D head width.
 """
 from __future__ import annotations
 
@@ -22,31 +25,16 @@ from typing import Sequence
 
 import torch
 
-from engine.serving import kvcache
 from engine.model import LoadedModel
+from engine.serving import kvcache
+# EngineBusy, EngineStopped and Reply are the contract's (protocol.py); importing them from here still works
+from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, ModelEngine, Reply,
+                                     SamplingParams)
 from engine.serving.quantize import pack_fp32, release_freed_memory
-from engine.serving.sampling import BatchSampler, RowSampler, SamplingParams
+from engine.serving.sampling import BatchSampler, RowSampler
+from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
-
-Turn = tuple[str, str]
-
-
-class EngineBusy(RuntimeError):
-    """The queue is full: the caller should say "busy, try again" instead of waiting."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
-
-
-@dataclass
-class Reply:
-    text: str
-    model_version: str
-    new_tokens: int
-    latency_s: float
-    fallback: bool = False
 
 
 @dataclass
@@ -82,8 +70,8 @@ def _takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-class Engine:
-    """Async front (`reply`) over a batching worker thread (`_run`)."""
+class Engine(ModelEngine):
+    """Async front (`reply`) over a batching worker thread (`_run`): the local ModelEngine."""
 
     def __init__(
         self,
@@ -93,7 +81,7 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 256,
         max_context_tokens: int = 256,
-        fallback_reply: str = "Hmm, I'm not sure what to say to that.",
+        fallback_reply: str = FALLBACK_REPLY,
         threads: int = 0,
         grow_cache: bool = True,
         pack_weights: bool = True,
@@ -114,6 +102,7 @@ class Engine:
         self._running = False
         self._thread: threading.Thread | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
+        self._active = 0  # rows in the running batch (written by the worker, read by stats())
         self.replies_served = 0
         self.started_at = time.time()
         # Where the worker's time goes (read by `mynah bench`): seconds and counts since start.
@@ -172,26 +161,20 @@ class Engine:
             self._pending_swap = loaded
             self._wake.notify()
 
-    def stats(self) -> dict:
-        lat = sorted(self._latencies)
-        pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None  # noqa: E731
-        return {
-            "model_version": self.version,
-            "queue_depth": len(self._queue),
-            "active": getattr(self, "_active_count", 0),
-            "replies": self.replies_served,
-            "latency_p50_s": pick(0.5),
-            "latency_p95_s": pick(0.95),
-            "uptime_s": time.time() - self.started_at,
-        }
+    def stats(self) -> EngineStats:
+        latencies = list(self._latencies)
+        return EngineStats(
+            model_version=self.version, queue_depth=len(self._queue), active=self._active,
+            replies=self.replies_served, latency_p50_s=percentile(latencies, 0.5),
+            latency_p95_s=percentile(latencies, 0.95), uptime_s=time.time() - self.started_at,
+        )
 
     # ---- helpers ----------------------------------------------------------------
     def _prepare(self, loaded: LoadedModel) -> None:
         """Per-model facts the worker needs: cache kwarg, banned ids, context limit."""
         loaded.cache_kwarg = _forward_kwargs(loaded.model)
         loaded.keeps_last_logits = _takes_logits_to_keep(loaded.model)
-        positions = getattr(loaded.model.config, "n_positions", None) or getattr(loaded.model.config, "max_position_embeddings", 1024)
-        loaded.max_positions = positions
+        loaded.max_positions = max_positions(loaded.model)
         loaded.banned_word_ids = {}
 
     def _context_ids(self, loaded: LoadedModel, turns: Sequence[Turn], params: SamplingParams) -> list[int]:
@@ -267,7 +250,7 @@ class Engine:
                     for request in (batch.rows if batch else []) + admitted:
                         request.finish(RuntimeError(f"generation failed: {exc}"))
                     batch = None
-                self._active_count = len(batch.rows) if batch else 0
+                self._active = len(batch.rows) if batch else 0
                 if batch is None and not self._queue:
                     release_freed_memory(collect=False)  # idle: hand the burst's KV cache and activations back to the OS
 
@@ -287,19 +270,19 @@ class Engine:
         if batch is None:
             return None
         started = time.perf_counter()
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)  # (B, T + 1)
         attention_mask = batch.mask
         if batch.growing:  # write into the cache's spare room; the 4D mask hides what is not filled yet
             kvcache.reserve(batch.cache, 1)
-            attention_mask = kvcache.mask_4d(batch.cache, batch.mask)
+            attention_mask = kvcache.mask_4d(batch.cache, batch.mask)  # (B, 1, 1, capacity)
         out = loaded.model(
             input_ids=batch.next_input[:, None], attention_mask=attention_mask, position_ids=batch.positions[:, None],
             use_cache=True, **{loaded.cache_kwarg: batch.cache},
-        )
+        )  # out.logits: (B, 1, V)
         batch.cache = _cache_of(out, loaded)
         tokens = batch.sampler.sample(out.logits[:, -1, :], [len(r.generated) for r in batch.rows], inplace=True)
-        batch.positions = batch.positions + 1
-        batch.next_input = torch.tensor(tokens, device=loaded.device)
+        batch.positions = batch.positions + 1  # (B,)
+        batch.next_input = torch.tensor(tokens, device=loaded.device)  # (B,)
         self.timing["decode_s"] += time.perf_counter() - started
         self.timing["decode_steps"] += 1
         self.timing["decode_rows"] += len(batch.rows)
@@ -319,24 +302,24 @@ class Engine:
         contexts = list(unique)
         width = max(len(c) for c in contexts)
         pad = loaded.fmt.pad_id
-        ids = torch.tensor([[pad] * (width - len(c)) + list(c) for c in contexts], device=loaded.device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=loaded.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids = torch.tensor([[pad] * (width - len(c)) + list(c) for c in contexts], device=loaded.device)  # (U, T)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=loaded.device)  # (U, T)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, T)
         extra = {"logits_to_keep": 1} if loaded.keeps_last_logits else {}
         out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra)
         cache = _cache_of(out, loaded)
-        logits = out.logits[:, -1, :]
-        if len(contexts) < len(admitted):
-            mask = kvcache.select(cache, mask, expand)
-            logits = logits.index_select(0, torch.tensor(expand, device=logits.device))
+        logits = out.logits[:, -1, :]  # (U, V)
+        if len(contexts) < len(admitted):  # U unique contexts → B requests
+            mask = kvcache.select(cache, mask, expand)  # (B, T)
+            logits = logits.index_select(0, torch.tensor(expand, device=logits.device))  # (B, V)
         sampler = BatchSampler([r.sampler for r in admitted], loaded.fmt.stop_ids)
         tokens = sampler.sample(logits, [0] * len(admitted), inplace=True)
-        positions = mask.sum(-1)
+        positions = mask.sum(-1)  # (B,)
         growing = self.grow_cache and kvcache.can_grow(cache, loaded.model)
         if growing:
             kvcache.use_growing(cache)
-        batch = _Batch(list(admitted), cache, mask, positions, torch.tensor(tokens, device=loaded.device), sampler,
-                       growing)
+        next_input = torch.tensor(tokens, device=loaded.device)  # (B,)
+        batch = _Batch(list(admitted), cache, mask, positions, next_input, sampler, growing)
         return self._retire(batch, tokens)
 
     def _retire(self, batch: "_Batch", tokens: list[int]) -> "_Batch | None":
@@ -390,10 +373,10 @@ class _Batch:
     """The running batch: one row per request, everything aligned on the row index."""
 
     rows: list[_Request]
-    cache: object               # the model's KV cache, [rows, heads, length, head_dim] per layer
-    mask: torch.Tensor          # [rows, length] attention mask (0 = left padding)
-    positions: torch.Tensor     # [rows] position id of next_input
-    next_input: torch.Tensor    # [rows] the token each row feeds next
+    cache: object               # the model's KV cache, (B, H, T, D) keys and values per layer
+    mask: torch.Tensor          # (B, T) attention mask (0 = left padding)
+    positions: torch.Tensor     # (B,) position id of next_input
+    next_input: torch.Tensor    # (B,) the token each row feeds next
     sampler: BatchSampler
     growing: bool = False       # the cache is kvcache.GrowingLayer's (decode passes a 4D mask)
 
@@ -401,17 +384,17 @@ class _Batch:
         """Append `other`'s rows (left-padding whichever cache is shorter)."""
         if self.growing != other.growing:
             raise RuntimeError("cannot merge a growing KV cache with a concatenating one")
-        self.mask = kvcache.merge(self.cache, self.mask, other.cache, other.mask)
-        self.positions = torch.cat([self.positions, other.positions])
-        self.next_input = torch.cat([self.next_input, other.next_input])
+        self.mask = kvcache.merge(self.cache, self.mask, other.cache, other.mask)  # (B + B', T)
+        self.positions = torch.cat([self.positions, other.positions])  # (B + B',)
+        self.next_input = torch.cat([self.next_input, other.next_input])  # (B + B',)
         self.sampler.merge(other.sampler)
         self.rows = self.rows + other.rows
 
     def select(self, keep: list[int]) -> None:
         """Keep rows `keep` only (and drop padding columns no row needs any more)."""
-        self.mask = kvcache.select(self.cache, self.mask, keep)
-        index = torch.tensor(keep, device=self.positions.device)
-        self.positions = self.positions.index_select(0, index)
-        self.next_input = self.next_input.index_select(0, index)
+        self.mask = kvcache.select(self.cache, self.mask, keep)  # (B', T')
+        index = torch.tensor(keep, device=self.positions.device)  # (B',)
+        self.positions = self.positions.index_select(0, index)  # (B',)
+        self.next_input = self.next_input.index_select(0, index)  # (B',)
         self.sampler.select(keep)
         self.rows = [self.rows[i] for i in keep]

@@ -4,6 +4,9 @@ Continuous batching keeps one cache for all running requests. A request that joi
 prefilled on its own, then its cache is left-padded to the batch's length and stacked
 onto it; a request that ends is dropped from it. Padding columns are masked out by the
 attention mask, so their (zero) keys and values never matter.
+
+Shapes in comments: B rows, H attention heads, T cached positions, D head width; keys
+and values are (B, H, T, D) per layer, the attention mask (B, T).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
         return t
     shape = list(t.shape)
     shape[2] = n
-    return torch.cat([t.new_zeros(shape), t], dim=2)
+    return torch.cat([t.new_zeros(shape), t], dim=2)  # (B, H, n + T, D)
 
 
 def merge(cache, mask: torch.Tensor, other, other_mask: torch.Tensor) -> torch.Tensor:
@@ -38,22 +41,24 @@ def merge(cache, mask: torch.Tensor, other, other_mask: torch.Tensor) -> torch.T
     length, other_length = mask.shape[1], other_mask.shape[1]
     target = max(length, other_length)
     for mine, theirs in zip(layers(cache), layers(other)):
-        mine.keys = torch.cat([_pad_left(mine.keys, target - length), _pad_left(theirs.keys, target - other_length)], 0)
-        mine.values = torch.cat([_pad_left(mine.values, target - length), _pad_left(theirs.values, target - other_length)], 0)
+        mine.keys = torch.cat([_pad_left(mine.keys, target - length),
+                               _pad_left(theirs.keys, target - other_length)], 0)  # (B + B', H, T, D)
+        mine.values = torch.cat([_pad_left(mine.values, target - length),
+                                 _pad_left(theirs.values, target - other_length)], 0)  # (B + B', H, T, D)
     pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], 1) if n else m  # noqa: E731
-    return torch.cat([pad(mask, target - length), pad(other_mask, target - other_length)], 0)
+    return torch.cat([pad(mask, target - length), pad(other_mask, target - other_length)], 0)  # (B + B', T)
 
 
 def select(cache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
     """Keep only rows `keep` (in place) and drop padding columns no row needs any more."""
-    index = torch.tensor(keep, device=mask.device)
-    mask = mask.index_select(0, index)
-    used = mask.any(dim=0).nonzero()
+    index = torch.tensor(keep, device=mask.device)  # (B',)
+    mask = mask.index_select(0, index)  # (B', T)
+    used = mask.any(dim=0).nonzero()  # (columns some row attends to, 1)
     start = int(used[0]) if len(used) else mask.shape[1]
     for layer in layers(cache):
-        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-        layer.values = layer.values.index_select(0, index)[:, :, start:]
-    return mask[:, start:]
+        layer.keys = layer.keys.index_select(0, index)[:, :, start:]  # (B', H, T - start, D)
+        layer.values = layer.values.index_select(0, index)[:, :, start:]  # (B', H, T - start, D)
+    return mask[:, start:]  # (B', T - start)
 
 
 # --------------------------------------------------------------------------- a cache that grows in place
@@ -114,6 +119,7 @@ if _DynamicLayer is not None:
                 setattr(self, name, None)
                 self._filled[name] = 0
                 return
+            # (B, H, T + headroom, D)
             buffer = tensor.new_zeros(*tensor.shape[:2], tensor.shape[2] + self.headroom, tensor.shape[3])
             buffer[:, :, :tensor.shape[2]] = tensor
             setattr(self, name, buffer)
@@ -141,7 +147,7 @@ if _DynamicLayer is not None:
             q = key_states.shape[2]
             self.reserve(q)
             n = self.n
-            self._k[:, :, n:n + q] = key_states
+            self._k[:, :, n:n + q] = key_states  # (B, H, q, D) into (B, H, capacity, D)
             self._v[:, :, n:n + q] = value_states
             self._filled["_k"] = self._filled["_v"] = n + q
             return self._k, self._v  # the whole buffer: the caller's 4D mask hides the spare columns
@@ -186,6 +192,6 @@ def mask_4d(cache, mask: torch.Tensor) -> torch.Tensor:
     For one new token per row (decoding): `mask` must already include the new column.
     """
     capacity = cache.layers[0].capacity
-    full = torch.zeros(mask.shape[0], 1, 1, capacity, dtype=torch.bool, device=mask.device)
-    full[:, 0, 0, :mask.shape[1]] = mask.bool()
+    full = torch.zeros(mask.shape[0], 1, 1, capacity, dtype=torch.bool, device=mask.device)  # (B, 1, 1, capacity)
+    full[:, 0, 0, :mask.shape[1]] = mask.bool()  # (B, T) into the first T columns
     return full

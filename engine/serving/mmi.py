@@ -20,8 +20,8 @@ backward = log-prob of the whole context given the candidate under the backward 
            ~0.95 just reranked by the forward model, which prefers short stock replies
            ("Yeah!"). weight 0.0 is forward-only. See docs/MMI.md.
 
-`MMIEngine` wraps an `Engine` behind the same `reply(turns, overrides)` interface, so the
-console, Telegram and Discord use it unchanged. Each reply() sends N requests with
+`MMIEngine` wraps a local engine (a `ModelEngine`, see protocol.py) and is one itself, so
+the console, Telegram and Discord use it unchanged. Each reply() sends N requests with
 distinct seeds to the engine at once: they are decoded in the same continuous batch as
 every other chat's requests. Scoring runs off the event loop (asyncio.to_thread), one
 scoring pass at a time (one lock), batched over the candidates.
@@ -29,6 +29,8 @@ scoring pass at a time (one lock), batched over the candidates.
 Both models see text, not the other's token ids: the backward model may have its own
 tokenizer and dialogue format. The forward score re-encodes the candidate text, which can
 differ from the sampled ids where a tokenizer has several spellings of the same text.
+
+Shapes in comments: C candidate sequences being scored, T their padded length, V vocabulary.
 """
 from __future__ import annotations
 
@@ -45,12 +47,11 @@ from typing import Sequence
 
 import torch
 
-from engine.serving.batcher import Engine, Reply
 from engine.model import LoadedModel
+from engine.serving.protocol import EngineStats, MMIStats, ModelEngine, Reply, SamplingParams
+from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
-
-Turn = tuple[str, str]
 
 
 # --------------------------------------------------------------------------- choosing
@@ -86,11 +87,6 @@ def pick_best(candidates: Sequence[str], forward_scores: Sequence[float], backwa
 
 # --------------------------------------------------------------------------- scoring
 
-def _n_positions(model) -> int:
-    config = getattr(model, "config", None)
-    return (getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024)
-
-
 @torch.inference_mode()
 def _logprobs(loaded: LoadedModel, sequences: list[list[int]], starts: list[int], mean: bool = True) -> list[float]:
     """Log-prob of tokens seq[start:] given seq[:start] (mean or sum), for each sequence, in one batch.
@@ -103,21 +99,21 @@ def _logprobs(loaded: LoadedModel, sequences: list[list[int]], starts: list[int]
         return scores
     width = max(len(sequences[i]) for i in rows)
     pad = loaded.fmt.pad_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.zeros((len(rows), width), dtype=torch.bool)  # positions whose token is scored
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (C, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (C, T)
+    target = torch.zeros((len(rows), width), dtype=torch.bool)  # (C, T) positions whose token is scored
     for r, i in enumerate(rows):
         seq = sequences[i]
         ids[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[r, :len(seq)] = 1
         target[r, starts[i]:len(seq)] = True
     ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-    out = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    logits = out.logits[:, :-1, :].float()
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
-    scored = target[:, 1:]
+    out = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)  # out.logits: (C, T, V)
+    logits = out.logits[:, :-1, :].float()  # (C, T - 1, V): position t predicts token t + 1
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()  # (C, T - 1)
+    scored = target[:, 1:]  # (C, T - 1)
     for r, i in enumerate(rows):
-        picked = logprobs[r][scored[r]]
+        picked = logprobs[r][scored[r]]  # (tokens scored in row r,)
         scores[i] = float(picked.mean() if mean else picked.sum())
     return scores
 
@@ -127,7 +123,7 @@ def forward_sequences(loaded: LoadedModel, turns: Sequence[Turn], candidates: Se
     """(context + candidate + closing token, index of the first candidate token) per candidate."""
     fmt = loaded.fmt
     encoded = [fmt.encode_text(c) + [fmt.turn_end_id] for c in candidates]
-    positions = _n_positions(loaded.model)
+    positions = max_positions(loaded.model)
     encoded = [e[:max(1, positions - 8)] for e in encoded]  # absurdly long candidate: score its head
     budget = max(8, min(max_context_tokens, positions - max(len(e) for e in encoded)))
     context = fmt.context_ids(list(turns), budget) if turns else list(fmt.start_ids) or [fmt.turn_end_id]
@@ -142,7 +138,7 @@ def backward_sequences(loaded: LoadedModel, turns: Sequence[Turn], candidates: S
     with like. The oldest turns are dropped first when the model's positions run out.
     """
     fmt = loaded.fmt
-    positions = _n_positions(loaded.model)
+    positions = max_positions(loaded.model)
     heads = [list(fmt.start_ids) + fmt.encode_text(c) + [fmt.turn_end_id] for c in candidates]
     heads = [h[:max(1, positions // 2)] for h in heads]
     budget = min(max_context_tokens, positions - max((len(h) for h in heads), default=0))
@@ -191,7 +187,7 @@ def _template_backward(loaded: LoadedModel, turns: Sequence[Turn], candidates: S
         start = 0
         while start < min(len(full), len(head)) and full[start] == head[start]:
             start += 1
-        sequences.append(full[:_n_positions(loaded.model)])
+        sequences.append(full[:max_positions(loaded.model)])
         starts.append(max(1, start))
     return _logprobs(loaded, sequences, starts, mean=False)
 
@@ -217,14 +213,15 @@ class Reranked:
     scoring_s: float
 
 
-class MMIEngine:
-    """An Engine that answers with the best of N sampled candidates (see the module docstring).
+class MMIEngine(ModelEngine):
+    """A ModelEngine that answers with the best of N sampled candidates (see the module docstring).
 
-    Same public interface as Engine: reply(), stats(), version, model, swap(), start(),
-    stop(); swap_backward() replaces the backward model (the learning loop can refresh it).
+    Everything but reply() and stats() is the wrapped engine's: the same model, version,
+    defaults and context limit. swap_backward() replaces the backward model (the learning
+    loop can refresh it).
     """
 
-    def __init__(self, engine: Engine, backward: LoadedModel, *, candidates: int = 8, weight: float = 0.5):
+    def __init__(self, engine: ModelEngine, backward: LoadedModel, *, candidates: int = 8, weight: float = 0.5):
         if candidates < 1:
             raise ValueError(f"MMI needs at least 1 candidate, got {candidates}")
         if not 0.0 <= weight <= 1.0:
@@ -239,7 +236,7 @@ class MMIEngine:
         self.replies_served = 0
         self.changed_by_backward = 0  # replies where the backward model overruled the forward favourite
 
-    # ---- Engine's interface ------------------------------------------------------
+    # ---- ModelEngine, delegated to the wrapped engine ------------------------------
     @property
     def version(self) -> str:
         return self.engine.version
@@ -249,8 +246,16 @@ class MMIEngine:
         return self.engine.model
 
     @property
-    def defaults(self):
+    def defaults(self) -> SamplingParams:
         return self.engine.defaults
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.engine.max_context_tokens
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.engine.max_batch_size
 
     def start(self) -> None:
         self.engine.start()
@@ -274,32 +279,19 @@ class MMIEngine:
         with self._lock:
             self.backward = loaded
 
-    def __getattr__(self, name):  # anything else the Engine offers (max_batch_size, …)
-        if name == "engine":
-            raise AttributeError(name)
-        return getattr(self.engine, name)
-
+    # ---- ModelEngine, MMI's own -----------------------------------------------------
     async def reply(self, turns: Sequence[Turn], overrides: dict | None = None) -> Reply:
         return (await self.rerank(turns, overrides)).reply
 
-    def stats(self) -> dict:
-        stats = dict(self.engine.stats())
-        lat = sorted(self._latencies)
-        pick = lambda values, q: values[min(len(values) - 1, int(q * len(values)))] if values else None  # noqa: E731
-        scoring = sorted(self._scoring)
-        stats.update({
-            "candidates_generated": stats.get("replies", 0),
-            "replies": self.replies_served,
-            "latency_p50_s": pick(lat, 0.5),
-            "latency_p95_s": pick(lat, 0.95),
-            "mmi": True,
-            "mmi_candidates": self.candidates,
-            "mmi_weight": self.weight,
-            "mmi_model": self.backward.version,
-            "mmi_scoring_p50_s": pick(scoring, 0.5),
-            "mmi_changed": self.changed_by_backward,
-        })
-        return stats
+    def stats(self) -> EngineStats:
+        """The wrapped engine's queue and model; replies and latencies counted per reranked answer."""
+        inner = self.engine.stats()
+        latencies = list(self._latencies)
+        mmi = MMIStats(candidates=self.candidates, weight=self.weight, backward_model=self.backward.version,
+                       candidates_generated=inner.replies, scoring_p50_s=percentile(self._scoring, 0.5),
+                       changed_by_backward=self.changed_by_backward)
+        return dataclasses.replace(inner, replies=self.replies_served, latency_p50_s=percentile(latencies, 0.5),
+                                   latency_p95_s=percentile(latencies, 0.95), mmi=mmi)
 
     # ---- reranking ---------------------------------------------------------------
     async def rerank(self, turns: Sequence[Turn], overrides: dict | None = None, *, n: int | None = None) -> Reranked:
@@ -325,7 +317,7 @@ class MMIEngine:
         unique = list(dict.fromkeys(c.text for c in candidates if c.text))
         t0 = time.monotonic()
         if len(unique) > 1:
-            scores = await asyncio.to_thread(self._score, turns, unique)
+            scores = await asyncio.to_thread(self.score, turns, unique)
             by_text = dict(zip(unique, zip(*scores)))
             for c in candidates:
                 if c.text in by_text:
@@ -353,8 +345,9 @@ class MMIEngine:
         self._scoring.append(scoring_s)
         self.replies_served += 1
 
-    def _score(self, turns: list[Turn], texts: list[str]) -> tuple[list[float], list[float]]:
-        """(forward scores, backward scores); runs in a worker thread, one pass at a time."""
+    def score(self, turns: Sequence[Turn], texts: list[str]) -> tuple[list[float], list[float]]:
+        """(forward scores, backward scores) of `texts` as replies to `turns`; blocking (run it in a
+        worker thread), one pass at a time."""
         with self._lock:
             limit = self.engine.max_context_tokens
             fwd = forward_scores(self.engine.model, turns, texts, limit)

@@ -4,7 +4,7 @@ GPT2-chitchat parity: temperature, top-k, top-p (nucleus), repetition penalty, p
 min/max new tokens, banned tokens and a per-request seed.
 
 The engine keeps one `BatchSampler` per running batch: the rows' settings as small
-tensors plus two [rows, vocab] masks (tokens seen, tokens banned), so one step is a few
+tensors plus two (B, N) index tensors (tokens seen, tokens banned), so one step is a few
 tensor operations on the whole batch whatever its size, not a Python loop per row. Rows
 join (`merge`) and leave (`select`) together with the rows of the KV cache. Only the
 final draw of a row with its own seed uses that row's random generator.
@@ -12,37 +12,18 @@ final draw of a row with its own seed uses that row's random generator.
 Order of operations per row: banned tokens → no stop before min_new_tokens →
 repetition penalty on every seen token (context and generated) → greedy argmax, or
 temperature → top-k → top-p over what top-k left → draw.
+
+Shapes in comments: B rows in the batch, V vocabulary, S rows that sample (not greedy),
+K the widest top-k of those, N seen (or banned) ids per row, E rows still under their
+min_new_tokens.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-
-@dataclass
-class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.9
-    repetition_penalty: float = 1.2
-    max_new_tokens: int = 40
-    min_new_tokens: int = 1
-    do_sample: bool = True
-    seed: int | None = None
-    banned_words: list[str] = field(default_factory=list)
-
-    def merged(self, overrides: dict | None) -> "SamplingParams":
-        """A copy with per-request overrides; unknown names are an error, not ignored."""
-        if not overrides:
-            return dataclasses.replace(self)
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **overrides)
+from engine.serving.protocol import SamplingParams  # defined with the engine's contract; imported from here too
 
 
 class RowSampler:
@@ -74,8 +55,8 @@ class BatchSampler:
     def __init__(self, rows: Sequence[RowSampler], stop_ids: set[int] | Sequence[int]):
         self.rows = list(rows)
         self.stop = sorted(stop_ids)
-        self.seen: torch.Tensor | None = None     # [B, n_seen] token ids
-        self.banned: torch.Tensor | None = None   # [B, n_banned] token ids; None when no row bans anything
+        self.seen: torch.Tensor | None = None     # (B, N) token ids
+        self.banned: torch.Tensor | None = None   # (B, N) token ids; None when no row bans anything
         self._settings()
 
     def __len__(self) -> int:
@@ -85,14 +66,14 @@ class BatchSampler:
     def _settings(self) -> None:
         params = [r.params for r in self.rows]
         self.min_new = [p.min_new_tokens for p in params]
-        self.penalty = torch.tensor([[p.repetition_penalty] for p in params], dtype=torch.float32)
+        self.penalty = torch.tensor([[p.repetition_penalty] for p in params], dtype=torch.float32)  # (B, 1)
         self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
         self.sampled = [i for i, p in enumerate(params) if p.do_sample]
         self.greedy = [i for i, p in enumerate(params) if not p.do_sample]
         sampled = [params[i] for i in self.sampled]
-        self.temperature = torch.tensor([[max(p.temperature, 1e-5)] for p in sampled], dtype=torch.float32)
+        self.temperature = torch.tensor([[max(p.temperature, 1e-5)] for p in sampled], dtype=torch.float32)  # (S, 1)
         self.top_k = [p.top_k for p in sampled]
-        self.top_p = torch.tensor([[p.top_p] for p in sampled], dtype=torch.float32)
+        self.top_p = torch.tensor([[p.top_p] for p in sampled], dtype=torch.float32)  # (S, 1)
         self.any_top_p = any(p.top_p < 1.0 for p in sampled)
         self.seeded = [j for j, i in enumerate(self.sampled) if self.rows[i].generator is not None]
         self.unseeded = [j for j, i in enumerate(self.sampled) if self.rows[i].generator is None]
@@ -104,9 +85,9 @@ class BatchSampler:
         return self._index_cache[name]
 
     def _build(self, vocab: int) -> None:
-        self.seen = _padded([sorted(t for t in r.seen if 0 <= t < vocab) for r in self.rows])
+        self.seen = _padded([sorted(t for t in r.seen if 0 <= t < vocab) for r in self.rows])  # (B, N)
         banned = [[t for t in r.banned if 0 <= t < vocab] for r in self.rows]
-        self.banned = _padded(banned) if any(banned) else None
+        self.banned = _padded(banned) if any(banned) else None  # (B, N)
 
     # ---- batch surgery, mirroring the KV cache -----------------------------------------
     def merge(self, other: "BatchSampler") -> None:
@@ -114,7 +95,7 @@ class BatchSampler:
         if (self.seen is None) != (other.seen is None):
             raise ValueError("cannot merge a sampler that has sampled with one that has not")
         if self.seen is not None:
-            self.seen = _stack(self.seen, other.seen)
+            self.seen = _stack(self.seen, other.seen)  # (B + B', N)
             if self.banned is not None or other.banned is not None:
                 self.banned = _stack(self._banned_or_empty(), other._banned_or_empty())
         self.rows += other.rows
@@ -125,12 +106,12 @@ class BatchSampler:
 
     def select(self, keep: list[int]) -> None:
         """Keep only rows `keep`, in that order."""
-        index = torch.tensor(keep, dtype=torch.long)
+        index = torch.tensor(keep, dtype=torch.long)  # (B',)
         self.rows = [self.rows[i] for i in keep]
         if self.seen is not None:
-            self.seen = self.seen.index_select(0, index)
+            self.seen = self.seen.index_select(0, index)  # (B', N)
         if self.banned is not None:
-            self.banned = self.banned.index_select(0, index)
+            self.banned = self.banned.index_select(0, index)  # (B', N)
             if (self.banned < 0).all():
                 self.banned = None
         self._settings()
@@ -144,7 +125,7 @@ class BatchSampler:
         if logits.shape[0] != len(self.rows):
             raise ValueError(f"{logits.shape[0]} rows of logits for {len(self.rows)} samplers")
         owned = logits.dtype != torch.float32 or logits.device.type != "cpu"
-        logits = logits.float().cpu()
+        logits = logits.float().cpu()  # (B, V)
         if not (inplace or owned):
             logits = logits.clone()
         if self.seen is None:
@@ -153,55 +134,56 @@ class BatchSampler:
             _update(logits, self.banned, lambda picked: torch.full_like(picked, _NEG_INF))
         early = [i for i, (s, m) in enumerate(zip(steps, self.min_new)) if s < m]
         if early and self.stop:
-            logits[torch.tensor(early)[:, None], self._index("stop", self.stop)[None, :]] = _NEG_INF
+            rows, stops = torch.tensor(early)[:, None], self._index("stop", self.stop)[None, :]  # (E, 1), (1, n_stop)
+            logits[rows, stops] = _NEG_INF
         if self.any_penalty and self.seen.shape[1]:
             penalty = self.penalty
             _update(logits, self.seen, lambda picked: torch.where(picked > 0, picked / penalty, picked * penalty))
 
-        chosen = torch.empty(len(self.rows), dtype=torch.long)
+        chosen = torch.empty(len(self.rows), dtype=torch.long)  # (B,)
         if self.greedy:
             if not self.sampled:
-                chosen = logits.argmax(dim=-1)
+                chosen = logits.argmax(dim=-1)  # (B,)
             else:
                 g = self._index("greedy", self.greedy)
-                chosen[g] = logits.index_select(0, g).argmax(dim=-1)
+                chosen[g] = logits.index_select(0, g).argmax(dim=-1)  # (B - S,)
         if self.sampled:
             if self.greedy:
                 s = self._index("sampled", self.sampled)
-                chosen[s] = self._draw(logits.index_select(0, s))
+                chosen[s] = self._draw(logits.index_select(0, s))  # (S,)
             else:
-                chosen = self._draw(logits)
+                chosen = self._draw(logits)  # (B,)
         seen = self.seen
         if seen.shape[1] and bool((seen[:, 0] < 0).any()):  # a row that had seen nothing has now
-            seen = torch.where(seen < 0, chosen[:, None], seen)
-        self.seen = torch.cat([seen, chosen[:, None]], dim=1)
+            seen = torch.where(seen < 0, chosen[:, None], seen)  # (B, N)
+        self.seen = torch.cat([seen, chosen[:, None]], dim=1)  # (B, N + 1)
         return chosen.tolist()
 
     def _draw(self, logits: torch.Tensor) -> torch.Tensor:
         """Temperature, top-k, top-p and the draw for the sampled rows (logits [S, V])."""
         vocab = logits.shape[1]
-        logits = logits.div_(self.temperature)
+        logits = logits.div_(self.temperature)  # (S, V)
         ks = [k if 0 < k < vocab else vocab for k in self.top_k]
         k_max = max(ks)
         if k_max == vocab and not self.any_top_p:
-            candidates, order = logits, None  # plain sampling over the whole vocabulary
+            candidates, order = logits, None  # (S, V); plain sampling over the whole vocabulary
         else:
-            candidates, order = torch.topk(logits, k_max, dim=-1)  # sorted, largest first
+            candidates, order = torch.topk(logits, k_max, dim=-1)  # (S, K) each; sorted, largest first
             if min(ks) < k_max:  # rows with a smaller top-k drop their tail
-                rank = torch.arange(k_max)[None, :]
-                candidates = candidates.masked_fill(rank >= torch.tensor(ks)[:, None], _NEG_INF)
+                rank = torch.arange(k_max)[None, :]  # (1, K)
+                candidates = candidates.masked_fill(rank >= torch.tensor(ks)[:, None], _NEG_INF)  # (S, K)
             if self.any_top_p:
-                probs = torch.softmax(candidates, dim=-1)
-                before = probs.cumsum(dim=-1)
+                probs = torch.softmax(candidates, dim=-1)  # (S, K)
+                before = probs.cumsum(dim=-1)  # (S, K)
                 # drop a token when the ones before it already reach top_p (the crossing one stays)
-                drop = torch.zeros_like(before, dtype=torch.bool)
+                drop = torch.zeros_like(before, dtype=torch.bool)  # (S, K)
                 drop[:, 1:] = before[:, :-1] > self.top_p
-                candidates = candidates.masked_fill(drop, _NEG_INF)
-        probs = torch.softmax(candidates, dim=-1)
-        picked = torch.empty(len(ks), dtype=torch.long)
+                candidates = candidates.masked_fill(drop, _NEG_INF)  # (S, K)
+        probs = torch.softmax(candidates, dim=-1)  # (S, K) or (S, V)
+        picked = torch.empty(len(ks), dtype=torch.long)  # (S,) column index into candidates
         if self.unseeded:
             if not self.seeded:
-                picked = torch.multinomial(probs, 1).squeeze(1)
+                picked = torch.multinomial(probs, 1).squeeze(1)  # (S,)
             else:
                 u = self._index("unseeded", self.unseeded)
                 picked[u] = torch.multinomial(probs.index_select(0, u), 1).squeeze(1)
@@ -209,7 +191,7 @@ class BatchSampler:
             picked[j] = torch.multinomial(probs[j], 1, generator=self.rows[self.sampled[j]].generator)[0]
         if order is None:
             return picked
-        return order.gather(1, picked[:, None]).squeeze(1)
+        return order.gather(1, picked[:, None]).squeeze(1)  # (S,) token ids
 
 
 def _update(logits: torch.Tensor, index: torch.Tensor, change) -> None:
@@ -218,18 +200,19 @@ def _update(logits: torch.Tensor, index: torch.Tensor, change) -> None:
     A row of index is either all real ids or all -1 (see `_padded`), so the clamped -1s
     of a row only ever write back the value they read.
     """
-    safe = index.clamp(min=0)
-    picked = logits.gather(1, safe)
-    changed = change(picked)
+    safe = index.clamp(min=0)  # (B, N)
+    picked = logits.gather(1, safe)  # (B, N)
+    changed = change(picked)  # (B, N)
     if bool((index[:, :1] < 0).any()):
         changed = torch.where(index < 0, picked, changed)
-    logits.scatter_(1, safe, changed)
+    logits.scatter_(1, safe, changed)  # (B, V)
 
 
 def _padded(rows: list[list[int]]) -> torch.Tensor:
     """[len(rows), longest] ids; a short row repeats its first id (-1 for an empty row)."""
     width = max((len(r) for r in rows), default=0)
-    return torch.tensor([r + [r[0] if r else -1] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
+    return torch.tensor([r + [r[0] if r else -1] * (width - len(r)) for r in rows],
+                        dtype=torch.long).reshape(len(rows), width)  # (B, N)
 
 
 def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -242,7 +225,7 @@ def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fill = t[:, :1] if t.shape[1] else torch.full((t.shape[0], 1), -1, dtype=t.dtype)
         return torch.cat([t, fill.expand(t.shape[0], width - t.shape[1])], dim=1)
 
-    return torch.cat([widen(a), widen(b)])
+    return torch.cat([widen(a), widen(b)])  # (B + B', N)
 
 
 def next_tokens(logits: torch.Tensor, rows: list[RowSampler], steps: list[int], stop_ids: set[int]) -> list[int]:

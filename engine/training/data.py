@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-Dialogue = list[str]
+from engine.types import Dialogue
 
 
 # --------------------------------------------------------------------------- readers

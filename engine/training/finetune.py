@@ -2,11 +2,11 @@
 
     python -m engine.training.finetune JOB.json
 
-The bot (bots/learning/loop.py) or `mynah retrain` exports the dialogues, writes JOB.json and
-starts this in a separate process, so training never runs in the bot's event loop or its
-generation thread. The job runs at a lower priority (os.nice), with a capped number of
-torch threads and a memory bound (RLIMIT_AS plus a resident-memory check), so chats keep
-flowing while it trains.
+The bot (bots/learning/) or `mynah retrain` exports the dialogues, writes JOB.json (a
+``FinetuneJob``, below) and starts this in a separate process, so training never runs in
+the bot's event loop or its generation thread. The job runs at a lower priority (os.nice),
+with a capped number of torch threads and a memory bound (RLIMIT_AS plus a resident-memory
+check), so chats keep flowing while it trains.
 
 What it does:
 1. read the exported dialogues (splits "train", "held_out", "base_eval"), dropping any that
@@ -35,9 +35,66 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 log = logging.getLogger("engine.training.finetune")
+
+
+@dataclass
+class TrainSettings:
+    """How the candidate is trained (engine.training.train.TrainConfig's knobs a run sets)."""
+    lr: float = 1e-4
+    epochs: float = 2.0
+    batch_size: int = 8
+    max_len: int = 256
+    max_minutes: float = 0.0          # 0 = no time budget
+    valid_fraction: float = 0.1       # early stopping looks at this slice of the training dialogues
+    patience: int = 3
+    warmup_steps: int = 10
+    seed: int = 0
+
+
+@dataclass
+class FinetuneJob:
+    """JOB.json: everything the child needs, written by the parent, read here. The defaults
+    live only here, so the two sides cannot disagree about an omitted field."""
+    init: str                         # the model to start from (the active version), a folder or hub name
+    data: str                         # data.jsonl: {"split", "turns", "ids"} per line
+    output: str                       # the candidate's folder (written under a temp name, then renamed)
+    run_id: int | None = None
+    format: str = "auto"
+    device: str = "auto"
+    forgotten: str = ""               # a JSON list of message ids deleted by /forget since the export
+    result: str = ""                  # where to write result.json ("" = stdout only)
+    threads: int = 0                  # torch threads (0 = torch's default)
+    nice: int = 0
+    max_memory_mb: int = 0            # 0 = no limit
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        for obj in (self, self.train):
+            _coerce_numbers(obj)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, source: str | Path | dict) -> "FinetuneJob":
+        """From a JOB.json path or its parsed dict; an unknown field is an error, not ignored."""
+        raw = source if isinstance(source, dict) else json.loads(Path(source).read_text(encoding="utf-8"))
+        raw = dict(raw)
+        train = TrainSettings(**raw.pop("train", None) or {})
+        return cls(**raw, train=train)
+
+
+def _coerce_numbers(obj) -> None:
+    """JSON has one number type: 2 in a float field becomes 2.0, 3.0 in an int field 3."""
+    for f in fields(obj):
+        cast = {"int": int, "float": float, "int | None": int}.get(f.type)
+        value = getattr(obj, f.name)
+        if cast is not None and value is not None:
+            setattr(obj, f.name, cast(value))
 
 
 class TrainerMemoryError(MemoryError):
@@ -165,89 +222,103 @@ def _finite_parameters(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def run_job(job: dict) -> dict:
+class _Guard:
+    """The memory budget and the parent's presence, checked at every stage and step."""
+
+    def __init__(self, max_mb: int):
+        self.max_mb = max_mb
+        self.parent = os.getppid()
+
+    def check(self, stage: str) -> None:
+        if self.max_mb > 0 and resident_mb() > self.max_mb:
+            raise TrainerMemoryError(f"{resident_mb()} MB resident while {stage}, over the {self.max_mb} MB limit "
+                                     "([learning] max_memory_mb)")
+        if os.getppid() != self.parent:
+            raise RuntimeError("the parent process went away; stopping")
+
+
+def _read_splits(job: FinetuneJob) -> tuple[dict[str, list[list[str]]], dict]:
+    """The exported dialogues minus what /forget removed since the export, and their counts."""
+    forgotten: set[int] = set()
+    if job.forgotten:
+        forgotten = set(json.loads(Path(job.forgotten).read_text(encoding="utf-8")))
+    splits, dropped = read_data(job.data, forgotten)
+    counts = {"train": len(splits["train"]), "held_out": len(splits["held_out"]),
+              "base_eval": len(splits["base_eval"]), "dropped_forgotten": dropped}
+    emit("data", **counts)
+    if not splits["held_out"]:
+        raise ValueError("no held-out dialogues to evaluate on")
+    if len(splits["train"]) < 2:
+        raise ValueError(f"need at least 2 training dialogues, got {len(splits['train'])}")
+    return splits, counts
+
+
+def _fine_tune(job: FinetuneJob, train_d: list[list[str]], est_steps: int, guard: _Guard) -> dict:
+    """engine.training.train with init = the active model: about six evaluations per run (early
+    stopping on a validation slice of the training dialogues; the held-out set is never seen
+    before the final scoring)."""
+    from engine.training.train import TrainConfig, train
+
+    t = job.train
+
+    def on_progress(info: dict) -> None:
+        guard.check("training")
+        fields = {k: v for k, v in info.items() if k != "event" and (isinstance(v, (int, float, str)) or v is None)}
+        emit("train", kind=info.get("event", ""), **fields)
+
+    return train(TrainConfig(
+        output=job.output, overwrite=True, dialogues=train_d, valid_fraction=t.valid_fraction, max_len=t.max_len,
+        init=job.init, format=job.format, lr=t.lr, batch_size=t.batch_size, epochs=t.epochs,
+        max_minutes=t.max_minutes, eval_every=max(5, est_steps // 6), eval_batch_size=8,
+        patience=t.patience, warmup_steps=t.warmup_steps, device=job.device,
+        threads=job.threads, seed=t.seed, progress=False, log_every=max(1, min(10, est_steps // 20)),
+        command=f"learning run {job.run_id}", on_progress=on_progress,
+    ))
+
+
+def run_job(job: FinetuneJob) -> dict:
     """Evaluate, fine-tune, evaluate; return the result (raises on failure)."""
     import torch
 
     from engine.training.data import encode_windows
     from engine.model import load_model
-    from engine.training.train import TrainConfig, evaluate_loss, train
+    from engine.training.train import evaluate_loss
 
     started = time.time()
-    threads = int(job.get("threads") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if job.threads > 0:
+        torch.set_num_threads(job.threads)
     global _MAX_MB
-    max_mb = _MAX_MB = int(job.get("max_memory_mb") or 0)
-    parent = os.getppid()
-
-    def check(stage: str) -> None:
-        if max_mb > 0 and resident_mb() > max_mb:
-            raise TrainerMemoryError(f"{resident_mb()} MB resident while {stage}, over the {max_mb} MB limit "
-                                     "([learning] max_memory_mb)")
-        if os.getppid() != parent:
-            raise RuntimeError("the parent process went away; stopping")
-
-    check("starting")                      # already over budget: say so before anything fails oddly
-    limit_memory(max_mb)
-
-    forgotten: set[int] = set()
-    if job.get("forgotten"):
-        forgotten = set(json.loads(Path(job["forgotten"]).read_text(encoding="utf-8")))
-    splits, dropped = read_data(job["data"], forgotten)
+    _MAX_MB = job.max_memory_mb
+    guard = _Guard(job.max_memory_mb)
+    guard.check("starting")                # already over budget: say so before anything fails oddly
+    limit_memory(job.max_memory_mb)
+    splits, counts = _read_splits(job)
     train_d, held_out, base_eval = splits["train"], splits["held_out"], splits["base_eval"]
-    counts = {"train": len(train_d), "held_out": len(held_out), "base_eval": len(base_eval), "dropped_forgotten": dropped}
-    emit("data", **counts)
-    if not held_out:
-        raise ValueError("no held-out dialogues to evaluate on")
-    if len(train_d) < 2:
-        raise ValueError(f"need at least 2 training dialogues, got {len(train_d)}")
-
-    t = job.get("train", {})
-    max_len = int(t.get("max_len", 256))
-    fmt_name = job.get("format", "auto")
-    device = job.get("device", "auto")
+    t = job.train
 
     def losses(model, fmt) -> dict:
-        out = {"held_out": evaluate_loss(model, fmt, held_out, batch_size=8, max_len=max_len)}
-        check("evaluating")
-        out["base"] = evaluate_loss(model, fmt, base_eval, batch_size=8, max_len=max_len) if base_eval else None
-        check("evaluating")
+        out = {"held_out": evaluate_loss(model, fmt, held_out, batch_size=8, max_len=t.max_len)}
+        guard.check("evaluating")
+        out["base"] = evaluate_loss(model, fmt, base_eval, batch_size=8, max_len=t.max_len) if base_eval else None
+        guard.check("evaluating")
         return out
 
     # 1. the model being served now, on the held-out and base dialogues
     emit("stage", stage="evaluating the active model")
-    active = load_model(job["init"], fmt=fmt_name, device=device)
+    active = load_model(job.init, fmt=job.format, device=job.device)
     before = losses(active.model, active.fmt)
     emit("before", **before)
-    # 2. fine-tune it: about six evaluations per run (early stopping on a validation slice
-    #    of the training dialogues; the held-out set is never seen before the final scoring)
-    batch = int(t.get("batch_size", 8))
-    epochs = float(t.get("epochs", 2.0))
-    valid_fraction = float(t.get("valid_fraction", 0.1))
-    n_windows = len(encode_windows(active.fmt, train_d, max_len))
-    est_steps = max(1, round(epochs * math.ceil(n_windows * (1 - valid_fraction) / batch)))
+    # 2. fine-tune it
+    n_windows = len(encode_windows(active.fmt, train_d, t.max_len))
+    est_steps = max(1, round(t.epochs * math.ceil(n_windows * (1 - t.valid_fraction) / t.batch_size)))
     del active
     emit("stage", stage="training")
-
-    def on_progress(info: dict) -> None:
-        check("training")
-        fields = {k: v for k, v in info.items() if k != "event" and (isinstance(v, (int, float, str)) or v is None)}
-        emit("train", kind=info.get("event", ""), **fields)
-
-    metrics = train(TrainConfig(
-        output=job["output"], overwrite=True, dialogues=train_d, valid_fraction=valid_fraction, max_len=max_len,
-        init=job["init"], format=fmt_name, lr=float(t.get("lr", 1e-4)), batch_size=batch, epochs=epochs,
-        max_minutes=float(t.get("max_minutes", 0.0)), eval_every=max(5, est_steps // 6), eval_batch_size=8,
-        patience=int(t.get("patience", 3)), warmup_steps=int(t.get("warmup_steps", 10)), device=device,
-        threads=threads, seed=int(t.get("seed", 0)), progress=False, log_every=max(1, min(10, est_steps // 20)),
-        command=f"learning run {job.get('run_id')}", on_progress=on_progress,
-    ))
+    metrics = _fine_tune(job, train_d, est_steps, guard)
 
     # 3. the candidate as it will be served: loaded back from disk, same dialogues
     emit("stage", stage="evaluating the candidate")
     try:
-        candidate = load_model(job["output"], fmt=fmt_name, device=device)
+        candidate = load_model(job.output, fmt=job.format, device=job.device)
     except Exception as exc:
         raise RuntimeError(f"the candidate does not load: {exc}") from exc
     after = losses(candidate.model, candidate.fmt)
@@ -256,8 +327,8 @@ def run_job(job: dict) -> dict:
     keep = ("best_valid_loss", "initial_valid_loss", "best_step", "steps", "tokens", "tokens_per_s",
             "train_time_s", "stopped_early", "stop_reason", "params", "device", "lr", "data")
     return {"ok": True, "before": before, "after": after, "finite": finite, "counts": counts,
-            "train": {k: metrics.get(k) for k in keep}, "candidate": str(job["output"]),
-            "loss_curve": str(Path(job["output"]) / "loss_curve.png"), "duration_s": time.time() - started,
+            "train": {k: metrics.get(k) for k in keep}, "candidate": str(job.output),
+            "loss_curve": str(Path(job.output) / "loss_curve.png"), "duration_s": time.time() - started,
             "max_resident_mb": _proc_status_mb("VmHWM")}
 
 
@@ -281,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     die_with_parent()
-    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    lower_priority(int(job.get("nice") or 0))
-    emit("started", pid=os.getpid(), run_id=job.get("run_id"))
+    job = FinetuneJob.from_json(argv[0])
+    lower_priority(job.nice)
+    emit("started", pid=os.getpid(), run_id=job.run_id)
     try:
         import transformers
 
@@ -298,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("the job failed")
         result = {"ok": False, "error": classify(exc)}
         code = 1
-    write_result(job.get("result"), result)
+    write_result(job.result, result)
     emit("finished", **result)
     return code
 

@@ -26,10 +26,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.training.data import (Dialogue, encode_windows, load_prepared, prepare, read_corpora,
-                         train_tokenizer)
 from engine.dialogue import DialogueFormat
 from engine.model import load_model, load_tokenizer, pick_device
+from engine.training.data import encode_windows, load_prepared, prepare, read_corpora, train_tokenizer
+from engine.types import Dialogue, max_positions
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,6 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _n_positions(config) -> int:
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
-
-
 @torch.no_grad()
 def evaluate_loss(model, fmt, data: Sequence, batch_size: int = 16, max_len: int | None = None) -> float:
     """Mean loss per predicted token over dialogues (lists of str) or encoded sequences.
@@ -140,7 +136,7 @@ def evaluate_loss(model, fmt, data: Sequence, batch_size: int = 16, max_len: int
     if data and data[0] and isinstance(data[0][0], str):
         if not isinstance(fmt, DialogueFormat):
             fmt = DialogueFormat(fmt)
-        data = encode_windows(fmt, data, max_len or _n_positions(model.config))
+        data = encode_windows(fmt, data, max_len or max_positions(model))
     pad_id = fmt.pad_id if isinstance(fmt, DialogueFormat) else DialogueFormat(fmt).pad_id
     device = next(model.parameters()).device
     was_training = model.training
@@ -221,8 +217,8 @@ def _setup(cfg: TrainConfig):
             bos_token_id=fmt.turn_end_id, eos_token_id=fmt.turn_end_id, pad_token_id=fmt.pad_id,
         )
         model = GPT2LMHeadModel(config)
-    if max_len > _n_positions(model.config):
-        raise ValueError(f"max_len {max_len} is longer than the model's {_n_positions(model.config)} positions")
+    if max_len > max_positions(model):
+        raise ValueError(f"max_len {max_len} is longer than the model's {max_positions(model)} positions")
     if not data.train or not data.valid:
         raise ValueError(f"need training and validation windows, got {len(data.train)} and {len(data.valid)}; "
                          "use more dialogues or another --valid-fraction")

@@ -49,7 +49,7 @@ def add_arguments(parser) -> None:
 
 
 def _config(args):
-    from scripts.bench.engine import BenchConfig
+    from scripts.bench.config import BenchConfig
 
     overrides = {}
     for name, key in (("new_tokens", "new_tokens"), ("context_tokens", "context_tokens"),
@@ -101,7 +101,7 @@ def run(args) -> int:
 
 
 def render(results: dict, markdown: bool) -> str:
-    from scripts.bench.engine import format_report
+    from scripts.bench.report import format_report
     from scripts.bench.storage import format_storage
 
     parts = [f"command: `{results.get('command', 'mynah bench')}` ({results['seconds']:.0f} s)", "",

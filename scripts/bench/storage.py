@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
-import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from engine.types import percentile
 
 # The context query as storage/conversations.py wrote it when this was written; the bench
 # prints the plan of the SQL that Conversations.context() really runs (captured with a
@@ -97,11 +98,6 @@ def _raw_context_latencies(path: str, chats: int, queries: int, max_turns: int) 
         db.close()
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
 async def bench_storage(messages: int, *, chats: int | None = None, queries: int = 2000, writes: int = 2000,
                         max_turns: int = 6, folder: str | None = None) -> dict:
     """Bulk-load `messages`, then time context() and log_message() through storage/."""
@@ -137,8 +133,9 @@ async def bench_storage(messages: int, *, chats: int | None = None, queries: int
         await db.close()
         size_mb = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 1e6
     return {"messages": messages, "chats": chats, "load_s": load_s, "plan": plan, "sql": sql or CONTEXT_SQL,
-            "context_p50_ms": 1000 * statistics.median(latencies), "context_p99_ms": 1000 * _pct(latencies, 0.99),
-            "context_queries": queries, "sql_p50_ms": 1000 * statistics.median(raw), "sql_p99_ms": 1000 * _pct(raw, 0.99), "log_per_s": writes / write_s, "log_ms": 1000 * write_s / writes,
+            "context_p50_ms": 1000 * percentile(latencies, 0.5), "context_p99_ms": 1000 * percentile(latencies, 0.99),
+            "context_queries": queries, "sql_p50_ms": 1000 * percentile(raw, 0.5), "sql_p99_ms": 1000 * percentile(raw, 0.99),
+            "log_per_s": writes / write_s, "log_ms": 1000 * write_s / writes,
             "writes": writes, "db_mb": size_mb, "loadavg": list(os.getloadavg())}
 
 

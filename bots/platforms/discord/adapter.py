@@ -15,7 +15,7 @@ Run it with `DISCORD_BOT_TOKEN=... mynah run` (see docs/DISCORD.md for the Devel
 Portal steps). `start()` returns once the bot is connected and ready, with the client
 running as a background task; reconnects are left to discord.py. A bad token or a missing
 Message Content intent raises `PlatformStartError` with what to fix. The token is never
-logged, and never part of an error message.
+logged, and never part of an error message (bots/platforms/redaction.py).
 """
 from __future__ import annotations
 
@@ -26,13 +26,16 @@ import aiohttp
 import discord
 from discord.ext import commands
 
-from bots.chat.events import Outgoing
+from bots.chat.events import Outgoing, PlatformStartError
+from bots.platforms.base import Platform
 from bots.platforms.discord.cog import NO_MENTIONS, ChatCog
-from bots.runner import PlatformStartError
+from bots.platforms.discord.slash import slash_commands
+from bots.platforms.redaction import redact, register_token
 
 log = logging.getLogger(__name__)
 
 PORTAL = "https://discord.com/developers/applications"
+TOKEN_LABEL = "<DISCORD_BOT_TOKEN>"
 
 
 def required_intents() -> discord.Intents:
@@ -56,8 +59,16 @@ class MynahBot(commands.Bot):
         self.adapter = adapter
 
     async def setup_hook(self) -> None:
-        await self.add_cog(ChatCog(self, self.adapter))
+        await self.install()
         await self.sync_commands()
+
+    async def install(self) -> ChatCog:
+        """Add the chat cog and the slash commands of the command table (not synced yet)."""
+        cog = self.adapter.make_cog(self)
+        await self.add_cog(cog)
+        for command in slash_commands(cog.run_command):
+            self.tree.add_command(command)
+        return cog
 
     async def sync_commands(self) -> None:
         """Register the slash commands: in the configured guilds (instant) or globally
@@ -89,18 +100,19 @@ class MynahBot(commands.Bot):
         self.adapter.ready.set()
 
 
-class DiscordAdapter:
+class DiscordAdapter(Platform):
     """One Discord bot serving a shared `Mynah` app; see the module docstring."""
 
-    platform = "discord"
+    name = "discord"
 
     def __init__(self, app, token: str, *, intents: discord.Intents | None = None, ready_timeout: float = 180.0,
                  defer_after: float = 2.0, drain_timeout: float = 30.0, **bot_options):
         self.app = app
         self._token = (token or "").strip()
+        register_token(self._token, TOKEN_LABEL)
         self.intents = intents or required_intents()
         self.ready_timeout = ready_timeout    # start() gives up if Discord is not ready by then
-        self.defer_after = defer_after        # slash commands slower than this are deferred
+        self.defer_after = defer_after        # slash commands slower than this are deferred (handed to the cog)
         self.drain_timeout = drain_timeout    # stop() waits this long for replies in flight
         self.bot_options = bot_options        # extra commands.Bot options (e.g. guild_ready_timeout)
         self.bot: MynahBot | None = None
@@ -119,6 +131,12 @@ class DiscordAdapter:
         """A fresh client (tests drive it with dpytest without calling start())."""
         self.bot = MynahBot(self, **self.bot_options)
         return self.bot
+
+    def make_cog(self, bot: commands.Bot) -> ChatCog:
+        """The cog, given what it needs (it knows nothing of this adapter)."""
+        app = self.app
+        return ChatCog(bot, app.chat, app.conversations, app.config.discord, stopping=lambda: self._stopping,
+                       defer_after=self.defer_after)
 
     @property
     def cog(self) -> ChatCog | None:
@@ -140,9 +158,6 @@ class DiscordAdapter:
             ready.cancel()
         if self.ready.is_set() and not self._task.done():
             self._task.add_done_callback(self._client_exited)
-            learning = getattr(self.app, "learning", None)
-            if learning is not None:
-                learning.add_notifier("discord", self.notify)  # retrain results reach the channel that asked
             return
         if self._task.done():
             error = self._start_error(self._task.exception() if not self._task.cancelled() else None)
@@ -152,6 +167,13 @@ class DiscordAdapter:
         await self._close_client()
         raise error
 
+    async def send(self, target: discord.abc.Messageable, out: Outgoing, *,
+                   reply_to: discord.Message | None = None) -> list[discord.Message]:
+        """Send one Outgoing to a channel, thread or DM (split at 2000 characters)."""
+        if self.cog is None:
+            raise RuntimeError("the Discord bot is not set up: start() first")
+        return await self.cog.send(target, out, reply_to=reply_to)
+
     async def notify(self, chat_id: str, out: Outgoing, thread_id: str = "") -> None:
         """Deliver something nobody just asked for (a retrain result) to a channel or thread."""
         if self.bot is None or self.bot.is_closed() or self.cog is None:
@@ -159,7 +181,7 @@ class DiscordAdapter:
             return
         target = int(thread_id or chat_id)
         channel = self.bot.get_channel(target) or await self.bot.fetch_channel(target)
-        await self.cog.send(channel, out)
+        await self.send(channel, out)
 
     async def stop(self) -> None:
         """Stop taking messages, let replies in flight finish, then disconnect."""
@@ -208,8 +230,6 @@ class DiscordAdapter:
             text = "the Discord client stopped before it was ready"
         else:
             text = f"Discord failed to start: {type(exc).__name__}: {exc}"
-        if self._token:
-            text = text.replace(self._token, "***")
-        error = PlatformStartError(text)
+        error = PlatformStartError(redact(text))
         error.__cause__ = None
         return error

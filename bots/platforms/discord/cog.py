@@ -1,5 +1,7 @@
 """The Discord cog: turns Discord messages and slash commands into `Incoming`, hands them
-to the shared `ChatService`, and sends each `Outgoing` back the Discord way.
+to the shared `ChatService`, and sends each `Outgoing` back the Discord way. The slash
+commands themselves are generated from the command table (discord/slash.py) and call
+`run_command`.
 
 Ids: chat_id is the channel id (the DM channel id in DMs; the parent channel id for a
 thread, whose own id is the thread_id, so a thread keeps its own context).
@@ -10,26 +12,20 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import discord
-from discord import app_commands
 from discord.ext import commands
 
-from bots.chat.admin import ADMIN_COMMANDS
-from bots.chat.service import ERROR_TEXT, USER_COMMANDS, parse_command
+from bots.chat.commands import BY_NAME
 from bots.chat.events import Incoming, Outgoing
+from bots.chat.service import ERROR_TEXT
 from bots.chat.splitting import split_message
-
-if TYPE_CHECKING:
-    from bots.platforms.discord.adapter import DiscordAdapter
 
 log = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 2000  # Discord's limit on message content, in characters
 NO_MENTIONS = discord.AllowedMentions.none()  # generated text must never ping anyone
-# Slash commands whose answer only the asker should see, even when it has to be deferred.
-PRIVATE_COMMANDS = set(ADMIN_COMMANDS) | {"forget"}
 
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
 _ROLE_MENTION = re.compile(r"<@&(\d+)>")
@@ -98,25 +94,27 @@ def message_kind(message: discord.Message, text: str) -> str:
 
 # ---- the cog -------------------------------------------------------------------------
 class ChatCog(commands.Cog, name="Mynah"):
-    """Messages and slash commands, all answered by the one shared ChatService."""
+    """Messages and slash commands, all answered by the one shared ChatService.
 
-    def __init__(self, bot: commands.Bot, adapter: "DiscordAdapter"):
+    It gets what it needs from whoever builds it: the ChatService, the conversation log
+    (to tell whether an undelivered reply target was the bot's), the `[discord]` settings,
+    whether the platform is stopping, and how long a slash command may take before it is
+    deferred."""
+
+    def __init__(self, bot: commands.Bot, chat, conversations, settings, *, stopping: Callable[[], bool],
+                 defer_after: float = 2.0):
         self.bot = bot
-        self.adapter = adapter
+        self.chat = chat
+        self.conversations = conversations
+        self.settings = settings              # the [discord] section of the config
+        self.stopping = stopping
+        self.defer_after = defer_after        # slash commands slower than this are deferred
         self._inflight: set[asyncio.Task] = set()
-
-    @property
-    def chat(self):
-        return self.adapter.app.chat
-
-    @property
-    def config(self):
-        return self.adapter.app.config
 
     # ---- messages ---------------------------------------------------------------------
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if self.adapter.stopping or self.ignored(message):
+        if self.stopping() or self.ignored(message):
             return
         task = asyncio.current_task()
         self._inflight.add(task)
@@ -144,10 +142,10 @@ class ChatCog(commands.Cog, name="Mynah"):
             if isinstance(ref.resolved, discord.Message):
                 reply_to_bot = ref.resolved.author.id == me.id
             else:  # not delivered with the message (deleted, or too old): ask the log
-                db_chat = await self.adapter.app.conversations.chat(
+                db_chat = await self.conversations.chat(
                     "discord", chat_id, thread_id=thread_id, type=chat_type, title=title)
-                reply_to_bot = await self.adapter.app.conversations.is_bot_message(db_chat, ref.message_id)
-        answer_all = {str(c) for c in self.config.discord.answer_all_channels}
+                reply_to_bot = await self.conversations.is_bot_message(db_chat, ref.message_id)
+        answer_all = {str(c) for c in self.settings.answer_all_channels}
         return Incoming(
             platform="discord", chat_id=chat_id, user_id=str(message.author.id),
             text=text if kind == "text" else None, chat_type=chat_type, user_name=message.author.display_name,
@@ -158,9 +156,7 @@ class ChatCog(commands.Cog, name="Mynah"):
 
     async def handle_message(self, message: discord.Message) -> None:
         msg = await self.incoming(message)
-        generating = (msg.kind == "text" and bool(msg.text) and parse_command(msg.text) is None
-                      and self.chat.should_answer(msg))
-        if generating:
+        if self.chat.will_generate(msg):
             async with typing(message.channel):
                 outgoing = await self.chat.handle(msg)
         else:
@@ -210,7 +206,7 @@ class ChatCog(commands.Cog, name="Mynah"):
             chat_type, chat_id, thread_id, title = "private", str(interaction.channel_id), "", None
         else:
             chat_type, chat_id, thread_id, title = place(channel)
-        answer_all = {str(c) for c in self.config.discord.answer_all_channels}
+        answer_all = {str(c) for c in self.settings.answer_all_channels}
         return Incoming(
             platform="discord", chat_id=chat_id, user_id=str(interaction.user.id),
             text=f"/{name} {args}".strip(), chat_type=chat_type, user_name=interaction.user.display_name,
@@ -219,7 +215,7 @@ class ChatCog(commands.Cog, name="Mynah"):
 
     async def run_command(self, interaction: discord.Interaction, name: str, args: str = "") -> None:
         """Answer a slash command through ChatService; defer when it takes a while."""
-        if self.adapter.stopping:
+        if self.stopping():
             await interaction.response.send_message("I'm restarting; please try again in a minute.", ephemeral=True)
             return
         task = asyncio.ensure_future(self.chat.handle(self.interaction_incoming(interaction, name, args)))
@@ -227,9 +223,10 @@ class ChatCog(commands.Cog, name="Mynah"):
         task.add_done_callback(self._inflight.discard)
         try:
             try:
-                outgoing = await asyncio.wait_for(asyncio.shield(task), timeout=self.adapter.defer_after)
+                outgoing = await asyncio.wait_for(asyncio.shield(task), timeout=self.defer_after)
             except asyncio.TimeoutError:
-                await interaction.response.defer(ephemeral=name in PRIVATE_COMMANDS, thinking=True)
+                private = name in BY_NAME and BY_NAME[name].private   # only the asker sees "thinking…"
+                await interaction.response.defer(ephemeral=private, thinking=True)
                 outgoing = await task
         except discord.HTTPException as exc:  # the defer itself failed: the interaction is gone
             log.warning("could not defer /%s: %s", name, exc)
@@ -260,43 +257,6 @@ class ChatCog(commands.Cog, name="Mynah"):
             await self.chat.failed(out)
             return
         await self.chat.delivered(out, str(first_id) if first_id else None)
-
-    @app_commands.command(name="help", description=USER_COMMANDS["help"])
-    async def help_command(self, interaction: discord.Interaction) -> None:
-        await self.run_command(interaction, "help")
-
-    @app_commands.command(name="reset", description=USER_COMMANDS["reset"])
-    async def reset_command(self, interaction: discord.Interaction) -> None:
-        await self.run_command(interaction, "reset")
-
-    @app_commands.command(name="forget", description=USER_COMMANDS["forget"])
-    async def forget_command(self, interaction: discord.Interaction) -> None:
-        await self.run_command(interaction, "forget")
-
-    @app_commands.command(name="optout", description=USER_COMMANDS["optout"])
-    async def optout_command(self, interaction: discord.Interaction) -> None:
-        await self.run_command(interaction, "optout")
-
-    @app_commands.command(name="optin", description=USER_COMMANDS["optin"])
-    async def optin_command(self, interaction: discord.Interaction) -> None:
-        await self.run_command(interaction, "optin")
-
-    @app_commands.command(name="retrain", description="(admin) " + ADMIN_COMMANDS["retrain"])
-    async def retrain_command(self, interaction: discord.Interaction) -> None:
-        await self.run_command(interaction, "retrain")
-
-    @app_commands.command(name="status", description="(admin) " + ADMIN_COMMANDS["status"])
-    async def status_command(self, interaction: discord.Interaction) -> None:
-        await self.run_command(interaction, "status")
-
-    @app_commands.command(name="rollback", description="(admin) " + ADMIN_COMMANDS["rollback"])
-    @app_commands.describe(version="the version to make active, e.g. v0003 (default: the previous one)")
-    async def rollback_command(self, interaction: discord.Interaction, version: str | None = None) -> None:
-        await self.run_command(interaction, "rollback", version or "")
-
-    @app_commands.command(name="models", description="(admin) " + ADMIN_COMMANDS["models"])
-    async def models_command(self, interaction: discord.Interaction) -> None:
-        await self.run_command(interaction, "models")
 
 
 @contextlib.asynccontextmanager

@@ -6,22 +6,18 @@
 * private chats answer every text message; groups and supergroups answer a @mention, a
   reply to one of the bot's messages or a command (or everything, for the chat types in
   `[telegram] answer_all_chat_types`); a forum topic is its own conversation;
-* /start /help /reset /forget /optout /optin for everyone and /retrain /status /rollback
-  /models for admins are registered with setMyCommands (admins see theirs in their
-  private chat); `/cmd@otherbot` is left to the other bot;
+* the commands of `bots.chat.commands` (admin ones only for admins, in their private
+  chat) are registered with setMyCommands; `/cmd@otherbot` is left to the other bot;
 * while the engine generates, the chat shows "typing…" (resent every 4 s by the job queue);
 * replies longer than 4096 characters are split on paragraph, line or sentence boundaries;
   429s are waited out (PTB's AIORateLimiter, then our own retry loop, which also retries
   network errors); a reply that finally fails is marked failed in storage, a sent one is
   marked delivered with its Telegram message id.
 
-Delivery durability: `getUpdates` with an offset acknowledges every earlier update, and
-PTB's Updater asks for the next batch as soon as it has queued the last one. The bot below
-holds that next request until every fetched update is stored (the user's message is in
-SQLite) or fully handled, so a crash can lose nothing that Telegram already forgot; an
-update that was fetched but not acknowledged is simply delivered again after a restart.
+Delivery durability (telegram/delivery.py): an update is acknowledged to Telegram only
+once the user's message is stored. Message -> Incoming lives in telegram/incoming.py.
 
-The token never reaches a log line or an error message: every log record is scrubbed of it.
+The token never reaches a log line or an error message (bots/platforms/redaction.py).
 
 Run it with `mynah run` and TELEGRAM_BOT_TOKEN in the environment; see docs/TELEGRAM.md.
 """
@@ -30,91 +26,34 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 import secrets
-from collections.abc import Iterable
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-from telegram import BotCommand, BotCommandScopeChat, Message, MessageEntity, ReplyParameters, Update
-from telegram.constants import ChatAction, ChatType, MessageLimit
+from telegram import BotCommand, BotCommandScopeChat, Message, ReplyParameters, Update
+from telegram.constants import ChatAction, MessageLimit
 from telegram.error import (BadRequest, ChatMigrated, InvalidToken, NetworkError, RetryAfter, TelegramError,
                             TimedOut)
-from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, BaseUpdateProcessor, CommandHandler,
-                          ContextTypes, ExtBot, MessageHandler, filters)
+from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, CommandHandler, ContextTypes,
+                          MessageHandler, filters)
 from telegram.request import HTTPXRequest
 
-from bots.chat.admin import ADMIN_COMMANDS
-from bots.chat.service import USER_COMMANDS, parse_command
-from bots.chat.events import Incoming, Outgoing
-from bots.runner import PlatformStartError
+from bots.chat.commands import commands_for, parse_command
+from bots.chat.events import Incoming, Outgoing, PlatformStartError
 from bots.chat.splitting import split_message
+from bots.platforms.base import Platform
+from bots.platforms.redaction import redact, register_secret, register_token
+from bots.platforms.telegram.delivery import AckGatedBot, DeliveryTracker, TrackingUpdateProcessor
+from bots.platforms.telegram.incoming import PLATFORM, to_incoming
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "telegram"
 OFFICIAL_API = "https://api.telegram.org"
 TEXT_LIMIT = MessageLimit.MAX_TEXT_LENGTH          # 4096
 CAPTION_LIMIT = MessageLimit.CAPTION_LENGTH        # 1024
 TYPING_EVERY_S = 4.0                               # "typing…" shows for ~5 s
 ALLOWED_UPDATES = [Update.MESSAGE]                 # edits, channel posts etc. are not ours
-
-
-# ---- keeping the token out of logs --------------------------------------------------------
-
-_SECRETS: set[str] = set()
-_redaction_installed = False
-
-
-def redact(value: object) -> str:
-    """str(value) with every registered token (and its secret half) replaced."""
-    text = str(value)
-    for secret in sorted(_SECRETS, key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, "<TELEGRAM_BOT_TOKEN>")
-    return text
-
-
-def _register_secret(token: str) -> None:
-    if token:
-        _SECRETS.add(token)
-        _, _, secret_half = token.partition(":")
-        if len(secret_half) >= 8:     # the bot id before ':' is public; the rest is the secret
-            _SECRETS.add(secret_half)
-    _install_redaction()
-
-
-def _install_redaction() -> None:
-    """Scrub tokens from every log record of the process: PTB logs its API URL (which holds
-    the token) at DEBUG, httpx logs request URLs at INFO, and a Bot's repr shows the token."""
-    global _redaction_installed
-    if _redaction_installed:
-        return
-    previous = logging.getLogRecordFactory()
-
-    def factory(*args, **kwargs):
-        record = previous(*args, **kwargs)
-        if _SECRETS:
-            _redact_record(record)
-        return record
-
-    logging.setLogRecordFactory(factory)
-    _redaction_installed = True
-
-
-def _redact_record(record: logging.LogRecord) -> None:
-    try:
-        message = record.getMessage()
-    except Exception:  # a broken format string is the logger's problem, not ours
-        return
-    clean = redact(message)
-    if clean != message:
-        record.msg, record.args = clean, None
-    if record.exc_info and record.exc_info[1] is not None:
-        text = logging.Formatter().formatException(record.exc_info)
-        clean = redact(text)
-        if clean != text:
-            record.exc_text = clean
+TOKEN_LABEL = "<TELEGRAM_BOT_TOKEN>"
 
 
 def _retry_seconds(exc: RetryAfter) -> float:
@@ -122,94 +61,6 @@ def _retry_seconds(exc: RetryAfter) -> float:
     if isinstance(value, timedelta):
         return value.total_seconds()
     return float(value or 1)
-
-
-# ---- delivery durability ------------------------------------------------------------------
-
-class DeliveryTracker:
-    """Which fetched updates are not yet stored / not yet handled.
-
-    `before_ack()` waits until every fetched update is stored (or handled), so the next
-    getUpdates, which acknowledges them, never forgets an unsaved message. `wait_idle()`
-    waits until every fetched update is fully handled (reply sent)."""
-
-    def __init__(self, ack_timeout: float = 30.0):
-        self.ack_timeout = ack_timeout
-        self._unstored: set[int] = set()
-        self._unfinished: set[int] = set()
-        self._stored_all = asyncio.Event()
-        self._finished_all = asyncio.Event()
-        self._stored_all.set()
-        self._finished_all.set()
-
-    def fetched(self, update_ids: Iterable[int]) -> None:
-        ids = set(update_ids)
-        if ids:
-            self._unstored |= ids
-            self._unfinished |= ids
-            self._stored_all.clear()
-            self._finished_all.clear()
-
-    def stored(self, update_id: int) -> None:
-        self._unstored.discard(update_id)
-        if not self._unstored:
-            self._stored_all.set()
-
-    def finished(self, update_id: int) -> None:
-        self.stored(update_id)
-        self._unfinished.discard(update_id)
-        if not self._unfinished:
-            self._finished_all.set()
-
-    async def before_ack(self) -> None:
-        if self._unstored:
-            try:
-                await asyncio.wait_for(self._stored_all.wait(), self.ack_timeout)
-            except TimeoutError:
-                log.warning("telegram: acknowledging %d update(s) that are still not stored after %.0f s",
-                            len(self._unstored), self.ack_timeout)
-
-    async def wait_idle(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._finished_all.wait(), timeout)
-
-
-class _AckGatedBot(ExtBot):
-    """An ExtBot whose getUpdates acknowledges only what is stored (see DeliveryTracker)."""
-
-    __slots__ = ("_tracker",)
-
-    def __init__(self, *args, tracker: DeliveryTracker, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._tracker = tracker
-
-    async def get_updates(self, offset: int | None = None, *args, **kwargs):
-        if offset:  # a positive offset confirms every update below it
-            await self._tracker.before_ack()
-        updates = await super().get_updates(offset, *args, **kwargs)
-        self._tracker.fetched(u.update_id for u in updates)
-        return updates
-
-
-class _TrackingUpdateProcessor(BaseUpdateProcessor):
-    """Concurrent update processing (chats never wait on each other) that reports when each
-    update is done, whatever handler (or none) took it."""
-
-    def __init__(self, max_concurrent_updates: int, tracker: DeliveryTracker):
-        super().__init__(max_concurrent_updates)
-        self._tracker = tracker
-
-    async def do_process_update(self, update, coroutine) -> None:
-        try:
-            await coroutine
-        finally:
-            if isinstance(update, Update):
-                self._tracker.finished(update.update_id)
-
-    async def initialize(self) -> None:
-        pass
-
-    async def shutdown(self) -> None:
-        pass
 
 
 # ---- the adapter --------------------------------------------------------------------------
@@ -224,8 +75,8 @@ def api_urls(base_url: str) -> tuple[str, str, str]:
     return root, root + "/bot{token}", root + "/file/bot{token}"
 
 
-class TelegramAdapter:
-    platform = PLATFORM
+class TelegramAdapter(Platform):
+    name = PLATFORM
 
     def __init__(self, app, token: str, *, poll_timeout: float = 30.0, ack_timeout: float = 30.0,
                  send_attempts: int = 6, retry_delay: float = 1.0, max_concurrent_updates: int = 256):
@@ -233,7 +84,7 @@ class TelegramAdapter:
         self.chat = app.chat
         self.config = app.config.telegram
         self._token = (token or "").strip()
-        _register_secret(self._token)
+        register_token(self._token, TOKEN_LABEL, separator=":")   # the bot id before ':' is public
         self.poll_timeout = poll_timeout
         self.send_attempts = send_attempts
         self.retry_delay = retry_delay              # first back-off after a network error
@@ -243,7 +94,6 @@ class TelegramAdapter:
         self.application: Application | None = None
         self._requests: tuple[HTTPXRequest, ...] = ()
         self._newest: dict[tuple[str, str], int] = {}   # (chat, topic) -> newest message id seen
-        self._notifier_added = False
         self.errors: collections.deque[BaseException] = collections.deque(maxlen=100)  # latest handler errors
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -254,7 +104,7 @@ class TelegramAdapter:
                                connect_timeout=10.0, pool_timeout=10.0)
         updates_request = HTTPXRequest(connection_pool_size=2, read_timeout=15.0, connect_timeout=10.0)
         self._requests = (request, updates_request)
-        bot = _AckGatedBot(
+        bot = AckGatedBot(
             token=self._token, base_url=self._api_url, base_file_url=self._file_url,
             request=request, get_updates_request=updates_request,
             rate_limiter=AIORateLimiter(max_retries=3), tracker=self.tracker,
@@ -262,11 +112,11 @@ class TelegramAdapter:
         application = (
             ApplicationBuilder()
             .bot(bot)
-            .concurrent_updates(_TrackingUpdateProcessor(self.max_concurrent_updates, self.tracker))
+            .concurrent_updates(TrackingUpdateProcessor(self.max_concurrent_updates, self.tracker))
             .build()
         )
         only_new = filters.UpdateType.MESSAGE   # edited messages and channel posts are ignored
-        commands = list(USER_COMMANDS) + list(ADMIN_COMMANDS)
+        commands = [c.name for c in commands_for(PLATFORM)]
         application.add_handler(CommandHandler(commands, self._on_message, filters=only_new))
         application.add_handler(MessageHandler(only_new & filters.COMMAND, self._on_other_command))
         application.add_handler(MessageHandler(only_new & ~filters.COMMAND, self._on_message))
@@ -311,10 +161,6 @@ class TelegramAdapter:
             if isinstance(exc, TelegramError):
                 raise PlatformStartError(f"Telegram would not start: {redact(exc)}") from None
             raise
-        learning = getattr(self.app, "learning", None) or getattr(self.chat.admin, "learning", None)
-        if learning is not None and hasattr(learning, "add_notifier") and not self._notifier_added:
-            learning.add_notifier(PLATFORM, self.notify)     # retrain results reach the chat that asked
-            self._notifier_added = True
         log.info("telegram: %s", "webhook listening" if self.config.mode == "webhook" else "polling for updates")
 
     async def stop(self) -> None:
@@ -351,7 +197,7 @@ class TelegramAdapter:
         # A fresh secret per start: Telegram sends it back in a header and PTB rejects any
         # request without it, so only Telegram can post updates to us.
         secret = secrets.token_urlsafe(32)
-        _register_secret(secret)
+        register_secret(secret, "<TELEGRAM_WEBHOOK_SECRET>")
         try:
             await self.application.updater.start_webhook(
                 listen=self.config.webhook_listen, port=self.config.webhook_port, url_path=path,
@@ -362,8 +208,8 @@ class TelegramAdapter:
 
     async def _register_commands(self) -> None:
         bot = self.application.bot
-        everyone = [BotCommand(name, what) for name, what in USER_COMMANDS.items()]
-        admins = everyone + [BotCommand(name, what) for name, what in ADMIN_COMMANDS.items()]
+        everyone = [BotCommand(c.name, c.description) for c in commands_for(PLATFORM, admin=False)]
+        admins = everyone + [BotCommand(c.name, c.description) for c in commands_for(PLATFORM, admin=True)]
         try:
             await bot.set_my_commands(everyone)
         except TelegramError as exc:
@@ -388,12 +234,12 @@ class TelegramAdapter:
         message = update.message
         if message is None:
             return
-        incoming = self.to_incoming(message)
+        incoming = to_incoming(message, self.application.bot, self.config.answer_all_chat_types)
         if incoming is None:
             return
         key = (incoming.chat_id, incoming.thread_id)
         self._newest[key] = max(self._newest.get(key, 0), message.message_id)
-        typing = self._start_typing(message) if self._will_generate(incoming) else None
+        typing = self._start_typing(message) if self.chat.will_generate(incoming) else None
         try:
             outgoing = await self.chat.handle(incoming, on_logged=lambda: self.tracker.stored(update.update_id))
         finally:
@@ -402,76 +248,6 @@ class TelegramAdapter:
         thread = int(incoming.thread_id) if incoming.thread_id else None
         for out in outgoing:
             await self.send(message.chat_id, out, thread_id=thread, reply_to=self._quote(incoming, out))
-
-    def to_incoming(self, message: Message) -> Incoming | None:
-        """The neutral event for a Telegram message; None for what Mynah never answers
-        (channel posts, service messages, other bots)."""
-        chat = message.chat
-        if chat.type == ChatType.CHANNEL:
-            return None
-        sender = message.from_user
-        on_behalf = message.sender_chat   # anonymous group admins, linked channels: a bot "sends" for a chat
-        if sender is not None and sender.is_bot and on_behalf is None:
-            return None                   # other bots (and never ourselves)
-        if message.text is not None:
-            kind = "text"
-        else:
-            kind = _kind(message)
-            if kind is None:
-                return None  # service message: member joined, pinned, topic created…
-        bot = self.application.bot
-        topic = bool(message.is_topic_message and message.message_thread_id)
-        reply = message.reply_to_message
-        if reply is not None and topic and reply.message_id == message.message_thread_id:
-            reply = None  # in a forum topic every message "replies" to the topic's first message
-        text, mentions = message.text, False
-        if text is not None:
-            text, mentions = self._read_mentions(message)
-        private = chat.type == ChatType.PRIVATE
-        if on_behalf is not None:
-            user_id, user_name = on_behalf.id, on_behalf.effective_name
-        else:
-            user_id, user_name = (sender.id, sender.full_name) if sender is not None else (chat.id, None)
-        return Incoming(
-            platform=PLATFORM, chat_id=str(chat.id), user_id=str(user_id), text=text,
-            chat_type="private" if private else "group",
-            user_name=user_name,
-            thread_id=str(message.message_thread_id) if topic else "",
-            chat_title=None if private else chat.title,
-            message_id=str(message.message_id),
-            reply_to_message_id=str(reply.message_id) if reply is not None else None,
-            mentions_bot=mentions,
-            reply_to_bot=bool(reply is not None and reply.from_user is not None and reply.from_user.id == bot.id),
-            answer_all=(not private) and chat.type in self.config.answer_all_chat_types,
-            kind=kind,
-        )
-
-    def _read_mentions(self, message: Message) -> tuple[str, bool]:
-        """(text without @botname, whether the bot is mentioned or the command is ours)."""
-        bot = self.application.bot
-        username = (bot.username or "").lower()
-        mentioned = False
-        for entity, value in message.parse_entities([MessageEntity.MENTION, MessageEntity.TEXT_MENTION]).items():
-            if entity.type == MessageEntity.MENTION and value.lower() == "@" + username:
-                mentioned = True
-            elif entity.type == MessageEntity.TEXT_MENTION and entity.user is not None and entity.user.id == bot.id:
-                mentioned = True
-        text = message.text
-        parsed = parse_command(text.strip())
-        if parsed is not None and username and parsed[2].lower() == username:
-            mentioned = True  # /cmd@thisbot
-        if username:
-            stripped = re.sub(rf"@{re.escape(username)}(?![A-Za-z0-9_])", "", text, flags=re.IGNORECASE)
-            stripped = re.sub(r"[ \t]{2,}", " ", stripped).strip()
-            if stripped:
-                text = stripped
-        return text, mentioned
-
-    def _will_generate(self, msg: Incoming) -> bool:
-        """Whether ChatService is going to ask the engine (so "typing…" is honest)."""
-        if msg.kind != "text" or not msg.text or not msg.text.strip():
-            return False
-        return parse_command(msg.text.strip()) is None and self.chat.should_answer(msg)
 
     def _quote(self, msg: Incoming, out: Outgoing) -> int | None:
         """Quote the message answered in groups, and in private chats once newer messages came."""
@@ -584,14 +360,3 @@ class TelegramAdapter:
     def _on_polling_error(self, exc: TelegramError) -> None:
         log.warning("telegram: getUpdates failed (%s); retrying", redact(exc))
 
-
-def _kind(message: Message) -> str | None:
-    if message.sticker is not None:
-        return "sticker"
-    if message.photo:
-        return "photo"
-    if message.voice is not None or message.video_note is not None:
-        return "voice"
-    if message.effective_attachment:
-        return "attachment"
-    return None

@@ -1,0 +1,58 @@
+"""Whether a candidate may replace the active model: a pure function of the numbers.
+
+The trainer scores the active model and the candidate on the same held-out dialogues and
+the same fixed base-corpus sample. A candidate is promoted only when the held-out loss fell
+by the margin (it learned what is new) and the base-corpus loss rose by no more than the
+tolerance (it did not forget how to talk). Anything NaN or infinite is never promoted.
+No I/O here, so every rule is testable with plain numbers; the checks that need the
+world (a /forget during the run, the candidate loading, the pointer moving) come after,
+in the loop and in promote.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Decision(StrEnum):
+    """What a run decided; the values are the strings the training_runs rows keep."""
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: Decision               # PROMOTED or REJECTED
+    reason: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision is Decision.PROMOTED
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def decide(before: dict, after: dict, finite: bool, *, margin: float, tolerance: float) -> Verdict:
+    """`before`/`after`: {"held_out": loss, "base": loss or None}; `finite`: the candidate's
+    weights are all finite. Promoted only when every rule passes; else the first that fails."""
+    if not finite or not (_finite(before.get("held_out")) and _finite(after.get("held_out"))):
+        return Verdict(Decision.REJECTED, "the candidate produced NaN or infinite values")
+    gain = before["held_out"] - after["held_out"]
+    if gain < margin:
+        return Verdict(Decision.REJECTED, f"held-out loss {before['held_out']:.4f} → {after['held_out']:.4f} is not "
+                                          f"better by the margin {margin:g}")
+    if before.get("base") is not None and after.get("base") is not None:
+        if not math.isfinite(after["base"]):
+            return Verdict(Decision.REJECTED, "the candidate produced NaN or infinite values on the base corpus")
+        rise = after["base"] - before["base"]
+        if rise > tolerance:
+            return Verdict(Decision.REJECTED,
+                           f"base-corpus loss rose {before['base']:.4f} → {after['base']:.4f} (+{rise:.4f}), "
+                           f"more than the tolerance {tolerance:g}: it would forget too much")
+    return Verdict(Decision.PROMOTED, f"held-out loss fell by {gain:.4f} (margin {margin:g})")

@@ -1,0 +1,183 @@
+"""What people read about runs and versions: a run's summary, /models, /status, `mynah models`.
+
+Only text: nothing here reads the database or the registry, so the bot, the admin commands
+and the CLI print the same lines from the same facts.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from bots.learning.decide import Decision
+from engine.registry import Version
+
+
+class RunStatus(StrEnum):
+    """How a run ended; the values are the strings the training_runs rows keep."""
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    status: RunStatus                # done | failed | skipped | interrupted
+    decision: Decision               # promoted | rejected | skipped | failed | interrupted
+    reason: str = ""
+    promoted: str | None = None      # the new version, when promoted
+    base_version: str = ""
+    losses: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    duration_s: float = 0.0
+    loss_curve: Path | None = None
+
+    def __post_init__(self) -> None:
+        # plain strings are accepted; enums from here on (an Enum hashes by name, not value)
+        self.status, self.decision = RunStatus(self.status), Decision(self.decision)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == RunStatus.DONE
+
+    def decision_text(self) -> str:
+        """The training_runs row's decision column: "promoted v0002: why", "rejected: why", …"""
+        if self.decision == Decision.PROMOTED:
+            return f"promoted {self.promoted}: {self.reason}"
+        if self.decision in (Decision.REJECTED, Decision.SKIPPED):
+            return f"{self.decision.value}: {self.reason}"
+        return self.decision.value
+
+    def summary(self) -> str:
+        """What admins read: the decision, the numbers, the data counts."""
+        head = {
+            Decision.PROMOTED: f"Retrain run #{self.run_id} finished in {duration(self.duration_s)}: promoted, "
+                               f"now serving {self.promoted} (was {self.base_version}).",
+            Decision.REJECTED: f"Retrain run #{self.run_id} finished in {duration(self.duration_s)}: not promoted, "
+                               f"still serving {self.base_version}. {self.reason}",
+            Decision.SKIPPED: f"Retrain run #{self.run_id} skipped: {self.reason}",
+        }.get(self.decision, f"Retrain run #{self.run_id} {self.status.value} after {duration(self.duration_s)}: "
+                             f"{self.reason}")
+        lines = [head]
+        before, after = self.losses.get("before") or {}, self.losses.get("after") or {}
+        d = self.data
+        if before.get("held_out") is not None and after.get("held_out") is not None:
+            lines.append(f"Held-out loss ({d.get('held_out', '?')} newest dialogues): "
+                         f"{delta(before['held_out'], after['held_out'])}")
+        if before.get("base") is not None and after.get("base") is not None:
+            lines.append(f"Base-corpus loss ({d.get('base_eval', '?')} dialogues): "
+                         f"{delta(before['base'], after['base'])}")
+        if "train_new" in d:
+            lines.append(f"Data: {d.get('new_dialogues', 0)} new dialogues ({d['train_new']} trained on, "
+                         f"{d.get('held_out', 0)} held out), {d.get('replay_old', 0)} older replayed, "
+                         f"{d.get('replay_base', 0)} from the base corpus"
+                         + (f"; {d['steps']} steps" if d.get("steps") is not None else "") + ".")
+        return "\n".join(lines)
+
+
+# ---- small pieces ----------------------------------------------------------------------
+
+def delta(before: float, after: float) -> str:
+    return f"{before:.4f} → {after:.4f} ({after - before:+.4f})"
+
+
+def duration(seconds: float | None) -> str:
+    """42s, 3m 07s, 2h 05m."""
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m"
+
+
+def ago(timestamp: float) -> str:
+    return f"{duration(time.time() - timestamp)} ago"
+
+
+def short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+# ---- versions and runs (/models, /status, `mynah models`) --------------------------------
+
+def describe_version(v: Version, active: str | None, replies: int | None = None) -> str:
+    mark = "*" if v.name == active else " "
+    when = dt.datetime.fromtimestamp(v.created_at).strftime("%Y-%m-%d %H:%M") if v.created_at else "?"
+    if v.kind == "configured":
+        what = f"configured model {v.source}"
+    else:
+        what = f"fine-tuned from {v.parent} by run #{v.run_id}"
+    m = v.metrics
+    nums = ""
+    if m.get("held_out_loss") is not None:
+        nums = f"; held-out {m['held_out_loss_before']:.4f} → {m['held_out_loss']:.4f}"
+        if m.get("base_loss") is not None:
+            nums += f", base {m['base_loss_before']:.4f} → {m['base_loss']:.4f}"
+    used = f"; {replies} replies" if replies else ""
+    return f"{mark} {v.name}  {when}  {what}{nums}{used}"
+
+
+def describe_run(r: dict) -> str:
+    """One training_runs row (as Conversations.training_runs returns it) on one line."""
+    dur = duration(r["duration_s"]) if r.get("duration_s") is not None else "running"
+    what = r.get("decision") or r["status"]
+    if r["status"] in (RunStatus.FAILED, RunStatus.INTERRUPTED) and r.get("error"):
+        what = f"{r['status']}: {r['error']}"
+    losses = r.get("losses") or {}
+    b, a = (losses.get("before") or {}).get("held_out"), (losses.get("after") or {}).get("held_out")
+    nums = f" [held-out {b:.3f} → {a:.3f}]" if b is not None and a is not None else ""
+    when = dt.datetime.fromtimestamp(r["started_at"]).strftime("%m-%d %H:%M")
+    return f"#{r['id']} {when} {r['trigger']}, {dur}: {short(what, 160)}{nums}"
+
+
+NO_VERSIONS = "No model versions yet."
+
+
+def models_text(versions: list[Version], active: str | None, replies: dict[str, int], limit: int = 15) -> str:
+    """/models: the newest `limit` versions, newest first, with how many replies each wrote."""
+    if not versions:
+        return NO_VERSIONS
+    lines = [f"Model versions ({len(versions)}, newest first; * = active):"]
+    for v in reversed(versions[-limit:]):
+        lines.append(describe_version(v, active, replies.get(v.name)))
+    if len(versions) > limit:
+        lines.append(f"… and {len(versions) - limit} older")
+    return "\n".join(lines)
+
+
+def active_lines(active: Version, serving: str | None) -> list[str]:
+    """/status: the active version and its numbers (and what is served, while they differ)."""
+    m = active.metrics
+    if m.get("held_out_loss") is not None:
+        lines = [f"Active version: {active.name}, held-out loss {m['held_out_loss']:.4f} "
+                 f"(was {m['held_out_loss_before']:.4f} on {m.get('held_out_dialogues', '?')} dialogues)"
+                 + (f", base loss {m['base_loss']:.4f}" if m.get("base_loss") is not None else "")]
+    else:
+        lines = [f"Active version: {active.name} ({active.kind}: {active.source or active.parent}); "
+                 "held-out loss: not measured yet"]
+    if serving and serving != active.name:
+        lines.append(f"Serving {serving} (switching to {active.name})")
+    return lines
+
+
+def next_run_line(when: dt.datetime | None, schedule: str) -> str:
+    if when is None:
+        return "Next scheduled run: none (the schedule is off)"
+    wait = when.timestamp() - time.time()
+    return (f"Next scheduled run: {when.strftime('%Y-%m-%d %H:%M %Z').strip()} "
+            f"(in {duration(max(0.0, wait))}; schedule {schedule})")
+
+
+def running_line(run_id: int, trigger: str, stage: str, step: int, total_steps: int, started: float) -> str:
+    steps = f", step {step}/{total_steps}" if total_steps else ""
+    return f"Running now: run #{run_id} ({trigger}): {stage}{steps}, {duration(time.time() - started)} so far"

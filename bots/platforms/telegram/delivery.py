@@ -1,0 +1,104 @@
+"""Telegram delivery durability: acknowledge an update only once it is stored.
+
+`getUpdates` with an offset acknowledges every earlier update, and PTB's Updater asks for
+the next batch as soon as it has queued the last one. `AckGatedBot` holds that next request
+until every fetched update is stored (the user's message is in SQLite) or fully handled,
+so a crash can lose nothing Telegram already forgot; an update that was fetched but not
+acknowledged is simply delivered again after a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from telegram import Update
+from telegram.ext import BaseUpdateProcessor, ExtBot
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryTracker:
+    """Which fetched updates are not yet stored / not yet handled.
+
+    `before_ack()` waits until every fetched update is stored (or handled), so the next
+    getUpdates, which acknowledges them, never forgets an unsaved message. `wait_idle()`
+    waits until every fetched update is fully handled (reply sent)."""
+
+    def __init__(self, ack_timeout: float = 30.0):
+        self.ack_timeout = ack_timeout
+        self._unstored: set[int] = set()
+        self._unfinished: set[int] = set()
+        self._stored_all = asyncio.Event()
+        self._finished_all = asyncio.Event()
+        self._stored_all.set()
+        self._finished_all.set()
+
+    def fetched(self, update_ids: Iterable[int]) -> None:
+        ids = set(update_ids)
+        if ids:
+            self._unstored |= ids
+            self._unfinished |= ids
+            self._stored_all.clear()
+            self._finished_all.clear()
+
+    def stored(self, update_id: int) -> None:
+        self._unstored.discard(update_id)
+        if not self._unstored:
+            self._stored_all.set()
+
+    def finished(self, update_id: int) -> None:
+        self.stored(update_id)
+        self._unfinished.discard(update_id)
+        if not self._unfinished:
+            self._finished_all.set()
+
+    async def before_ack(self) -> None:
+        if self._unstored:
+            try:
+                await asyncio.wait_for(self._stored_all.wait(), self.ack_timeout)
+            except TimeoutError:
+                log.warning("telegram: acknowledging %d update(s) that are still not stored after %.0f s",
+                            len(self._unstored), self.ack_timeout)
+
+    async def wait_idle(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._finished_all.wait(), timeout)
+
+
+class AckGatedBot(ExtBot):
+    """An ExtBot whose getUpdates acknowledges only what is stored (see DeliveryTracker)."""
+
+    __slots__ = ("_tracker",)
+
+    def __init__(self, *args, tracker: DeliveryTracker, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tracker = tracker
+
+    async def get_updates(self, offset: int | None = None, *args, **kwargs):
+        if offset:  # a positive offset confirms every update below it
+            await self._tracker.before_ack()
+        updates = await super().get_updates(offset, *args, **kwargs)
+        self._tracker.fetched(u.update_id for u in updates)
+        return updates
+
+
+class TrackingUpdateProcessor(BaseUpdateProcessor):
+    """Concurrent update processing (chats never wait on each other) that reports when each
+    update is done, whatever handler (or none) took it."""
+
+    def __init__(self, max_concurrent_updates: int, tracker: DeliveryTracker):
+        super().__init__(max_concurrent_updates)
+        self._tracker = tracker
+
+    async def do_process_update(self, update, coroutine) -> None:
+        try:
+            await coroutine
+        finally:
+            if isinstance(update, Update):
+                self._tracker.finished(update.update_id)
+
+    async def initialize(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass

@@ -1,0 +1,42 @@
+"""What one `mynah bench` run measures with: the model shape, token budgets, concurrency levels.
+
+A plain dataclass, so a case can travel to a worker process as JSON (scripts/bench/engine.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SHAPES = {
+    "124m": {},  # GPT2Config() defaults: 12 layers, 768 wide, 12 heads, 1024 positions, 50,257 ids
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256},
+}
+
+
+@dataclass
+class BenchConfig:
+    model: str = ""                  # a model folder; "" builds the random GPT-2 shape below
+    shape: str = "124m"              # 124m | tiny (random weights; --quick uses tiny)
+    new_tokens: int = 32             # tokens per reply (every reply runs to exactly this many)
+    context_tokens: int = 64         # prompt budget (whole turns, newest kept)
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 16, 32])
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    rounds: int = 2                  # replies per chat in an engine run (each chat waits for its reply)
+    lone_rounds: int = 4             # replies of the 1-chat run
+    chitchat_prompts: int = 2        # replies of the GPT2-chitchat loop (it is slow)
+    hf_prompts: int = 4              # replies of HF generate, one at a time
+    hf_batch: int = 32               # one HF generate call on this many prompts (0: skip)
+    quality_dialogues: int = 80      # held-out dialogues for int8 vs fp32 (the 2% split has 80)
+    prefix_conversations: int = 80   # held-out dialogues replayed for the prefix-reuse estimate
+    threads: int = 0                 # torch threads (0: torch's default, one per core)
+    isolate: bool = True             # each configuration in its own process (own RSS)
+    pack_weights: bool = True        # the engine's default: fp32 linear weights pre-packed for oneDNN
+    max_history_turns: int = 6       # the chat defaults, for the prefix-reuse estimate
+    max_context_tokens: int = 256
+
+    @classmethod
+    def quick(cls, **overrides) -> "BenchConfig":
+        base = dict(shape="tiny", new_tokens=8, context_tokens=48, concurrency=[1, 8, 32], rounds=1, lone_rounds=2,
+                    chitchat_prompts=2, hf_prompts=2, hf_batch=8, quality_dialogues=8, prefix_conversations=8,
+                    isolate=False)
+        base.update(overrides)
+        return cls(**base)

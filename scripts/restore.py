@@ -1,0 +1,36 @@
+"""`mynah restore FILE`: put a backup back as the live database (the bot must be stopped).
+
+Nothing is replaced until FILE passed every check (integrity, a schema version this Mynah
+knows, the tables it must have); the old database is kept as `<db>.pre-restore-<time>`.
+"""
+from __future__ import annotations
+
+import sys
+
+NAME = "restore"
+HELP = "replace the database with a checked backup FILE (stop the bot first)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("file", help="a file written by `mynah backup`")
+    parser.add_argument("--check", action="store_true", help="only check FILE; replace nothing")
+    parser.add_argument("--no-keep", action="store_true", help="do not keep the replaced database")
+
+
+def run(args) -> int:
+    from bots.config import load_config
+    from storage.backup import BackupError, check_database, restore
+
+    config = load_config(args.config)
+    try:
+        if args.check:
+            c = check_database(args.file)
+            print(f"{args.file}: integrity ok, schema version {c.user_version}, {c.messages} messages")
+            return 0
+        result = restore(args.file, config.storage.path, keep_old=not args.no_keep)
+    except BackupError as exc:
+        print(f"mynah: {exc}", file=sys.stderr)
+        return 1
+    kept = f"; the old one is kept as {result.kept}" if result.kept else ""
+    print(f"restored {config.storage.path} from {args.file} ({result.check.messages} messages){kept}")
+    return 0
