@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from bots.durations import duration
 from bots.chat.events import Incoming, Outgoing
 
 
@@ -56,7 +57,7 @@ class AdminCommands:
             f"over {stats.replies} replies",
             f"MMI reranking: on ({mmi.candidates} candidates, weight {mmi.weight:g}, "
             f"backward model {mmi.backward_model})" if mmi else "MMI reranking: off",
-            f"Uptime: {_duration(time.time() - self.started_at)}",
+            f"Uptime: {duration(time.time() - self.started_at)}",
             f"Stored: {counts.get('chats', 0)} chats, {counts.get('messages', 0)} messages",
         ]
         if self.learning is not None:
@@ -66,10 +67,3 @@ class AdminCommands:
 
 def _secs(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}s"
-
-
-def _duration(seconds: float) -> str:
-    minutes, s = divmod(int(seconds), 60)
-    hours, m = divmod(minutes, 60)
-    days, h = divmod(hours, 24)
-    return f"{days}d {h}h {m}m" if days else f"{h}h {m}m {s}s"

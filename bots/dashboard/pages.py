@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import html
 
+from bots.durations import duration as format_duration
+
 NAV = (("/", "Overview"), ("/versions", "Versions"), ("/training", "Training"), ("/chats", "Chats"))
 
 
@@ -13,16 +15,7 @@ def e(value) -> str:
 
 
 def duration(seconds) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, s = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {s:02d}s"
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h {m:02d}m" if hours < 48 else f"{hours // 24}d {hours % 24}h"
+    return format_duration(seconds, missing="–")
 
 
 def when(timestamp) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from bots.durations import duration
 from bots.learning.decide import Decision
 from engine.registry import Version
 
@@ -84,20 +85,6 @@ class RunResult:
 
 def delta(before: float, after: float) -> str:
     return f"{before:.4f} → {after:.4f} ({after - before:+.4f})"
-
-
-def duration(seconds: float | None) -> str:
-    """42s, 3m 07s, 2h 05m."""
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, s = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {s:02d}s"
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h {m:02d}m"
 
 
 def ago(timestamp: float) -> str:
