@@ -16,7 +16,7 @@ from bots.chat.commands import BY_NAME, help_text, parse_command
 from bots.chat.events import Incoming, Outgoing
 from bots.chat.ratelimit import RateLimiter
 from bots.metrics import record_reply
-from engine.serving.batcher import EngineBusy, EngineStopped
+from engine.serving.protocol import EngineBusy, EngineStopped
 
 log = logging.getLogger(__name__)
 
