@@ -585,7 +585,7 @@ async def test_mynah_run_serves_until_sigterm(tmp_path, tiny_dialogpt, fake):
     config = tmp_path / "config.toml"
     config.write_text(
         f'[model]\npath = "{tiny_dialogpt}"\n[storage]\npath = "{tmp_path / "run.sqlite3"}"\n'
-        f'[generation]\nmax_new_tokens = 4\nseed = 1\n[telegram]\nbase_url = "{fake.base_url}"\n',
+        f'[generation]\nmax_new_tokens = 4\nseed = 1\n[chat]\nstream = false\n[telegram]\nbase_url = "{fake.base_url}"\n',
         encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT), TELEGRAM_BOT_TOKEN=TOKEN)
     env.pop("DISCORD_BOT_TOKEN", None)

@@ -54,8 +54,9 @@ class _Request:
     def push_text(self, text: str) -> None:
         """Worker thread: hand the stream what `text` adds to what it already has.
 
-        Byte-level BPE can decode a half-written character differently once the rest
-        arrives; text that does not extend what was sent waits for the next step."""
+        Byte-level BPE decodes a half-written character as U+FFFD until the rest arrives, so
+        trailing ones are held back; text that does not extend what was sent waits too."""
+        text = text.rstrip("\ufffd")
         if self.stream is None or not text.startswith(self.streamed) or len(text) == len(self.streamed):
             return
         delta, self.streamed = text[len(self.streamed):], text

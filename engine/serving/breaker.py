@@ -66,7 +66,7 @@ class CircuitBreaker:
             return "ok" if not self.failed_in_row else f"ok ({self.failed_in_row} failed request(s) in a row)"
         if state == self.OPEN:
             return f"down: {self.failed_in_row} failures in a row, next try in {self.retry_in():.0f} s"
-        return "recovering: the next request is a probe"
+        return f"down: {self.failed_in_row} failures in a row, the next request is a probe"
 
 
 def backoff_delays(retries: int, first_s: float, cap_s: float = 10.0) -> list[float]:

@@ -162,7 +162,7 @@ class OpenAIEngine(ReplyEngine):
             model_version=self.version, queue_depth=0, active=self._in_flight, replies=self.replies_served,
             latency_p50_s=percentile(latencies, 0.5), latency_p95_s=percentile(latencies, 0.95),
             uptime_s=time.time() - self.started_at, backend=f"openai {public_url(self.base_url)} ({self.mode})",
-            healthy=self.breaker.state != CircuitBreaker.OPEN, health=self.breaker.describe(),
+            healthy=self.breaker.state == CircuitBreaker.CLOSED, health=self.breaker.describe(),
             backend_latency_s=self.last_round_trip_s,
         )
 
