@@ -204,3 +204,35 @@ def test_discord_shards_pick_the_sharded_client():
     assert bot_class("auto") == (ShardedMynahBot, {})
     assert bot_class(4) == (ShardedMynahBot, {"shard_count": 4})
     assert issubclass(ShardedMynahBot, discord.AutoShardedClient) and issubclass(ShardedMynahBot, MynahBot)
+
+
+# ---- the local engine streams to Telegram too ----------------------------------------------------
+async def test_local_engine_reply_is_streamed_to_telegram_and_stored_once(tmp_path, tiny_dialogpt):
+    import sqlite3
+
+    from bots.app import Mynah
+    from bots.platforms.telegram.adapter import TelegramAdapter
+    from tests.fakes.telegram_api import TOKEN, FakeTelegram
+
+    telegram = await FakeTelegram().start()
+    config = parse_config({"model": {"path": str(tiny_dialogpt)}, "storage": {"path": str(tmp_path / "db.sqlite3")},
+                           "generation": {"max_new_tokens": 12, "min_new_tokens": 12, "seed": 2},
+                           "chat": {"stream": True, "stream_edit_seconds": 0.2},
+                           "telegram": {"base_url": telegram.base_url}})
+    app = await Mynah.open(config)
+    adapter = TelegramAdapter(app, TOKEN, poll_timeout=2, retry_delay=0.05)
+    await adapter.start()
+    try:
+        update = telegram.message(601, "hello there")
+        await telegram.wait_served(update)
+        await adapter.wait_idle(30)
+    finally:
+        await adapter.stop()
+        await app.close()
+        await telegram.close()
+    with sqlite3.connect(config.storage.path) as db:
+        stored = db.execute("SELECT text, status, platform_message_id FROM messages WHERE role = 'bot'").fetchall()
+    assert len(telegram.sent(601)) == 1                  # one message, shown early, edited to the end
+    [(text, status, message_id)] = stored                # stored once, complete
+    assert telegram.shown(601) == [text] and status == "ok"
+    assert message_id == str(telegram.sent(601)[0].result["message_id"])
