@@ -268,3 +268,30 @@ async def test_discord_streamed_reply_is_edited_in_place(tmp_path, backend, monk
     assert {e["message_id"] for e in discord_api.edits} == {message["id"]}
     assert rows(app, "SELECT text, status, platform_message_id FROM messages WHERE role = 'bot'") == [
         (THIRTY_TOKENS, "ok", message["id"])]
+
+
+async def test_mynah_run_serves_telegram_and_discord_streamed_from_the_backend(tmp_path, backend, telegram,
+                                                                               monkeypatch):
+    """`mynah run`'s runner with both tokens and `backend = "openai"`: both platforms stream."""
+    from bots.runner import serve
+
+    async with fd.FakeDiscord() as discord_api:
+        discord_api.install(monkeypatch)
+        config = make_config(tmp_path, backend, telegram, chat={"stream": True, "stream_edit_seconds": 0.2})
+        stop = asyncio.Event()
+        environ = {"TELEGRAM_BOT_TOKEN": TOKEN, "DISCORD_BOT_TOKEN": discord_api.token}
+        served = asyncio.create_task(serve(config, environ=environ, stop_event=stop))
+        await discord_api.wait_for(lambda: discord_api.identify is not None, timeout=30)
+        await telegram.wait_for(lambda: telegram.calls_to("getUpdates"), timeout=30)
+        backend.default_reply = "one two three four five six"
+        telegram.message(509, "hello")
+        mention = [{"id": str(fd.BOT_ID), "username": "Mynah", "discriminator": "0", "avatar": None, "bot": True}]
+        await discord_api.user_message(f"<@{fd.BOT_ID}> hello", user_id=900000000000000200, mentions=mention)
+        await telegram.wait_for(lambda: telegram.shown(509) == [backend.default_reply])
+        await discord_api.wait_for(lambda: [m["content"] for m in discord_api.messages.values()]
+                                   == [backend.default_reply])
+        stop.set()
+        assert await asyncio.wait_for(served, 30) == 0
+    with sqlite3.connect(config.storage.path) as db:
+        assert db.execute("SELECT model_version, status FROM messages WHERE role = 'bot'").fetchall() == [
+            (backend.model, "ok"), (backend.model, "ok")]
