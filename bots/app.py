@@ -12,7 +12,7 @@ from bots.config import Config
 from bots.platforms.base import Platform
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
-from engine.serving.protocol import ModelEngine, SamplingParams
+from engine.serving.protocol import EngineUnavailable, ModelEngine, ReplyEngine, SamplingParams
 from storage.conversations import Conversations
 from storage.db import Database
 
@@ -87,7 +87,7 @@ async def load_active_model(config: Config, registry) -> LoadedModel:
 class Mynah:
     """The shared parts of a running bot. Use `await Mynah.open(config)` / `await app.close()`."""
 
-    def __init__(self, config: Config, db: Database, conversations: Conversations, engine: Engine, chat: ChatService,
+    def __init__(self, config: Config, db: Database, conversations: Conversations, engine: ReplyEngine, chat: ChatService,
                  learning=None):
         self.config = config
         self.db = db
@@ -98,6 +98,8 @@ class Mynah:
 
     @classmethod
     async def open(cls, config: Config, *, model_path: str | None = None) -> "Mynah":
+        if config.engine.backend == "openai":
+            return await cls.open_remote(config)
         registry = None
         if config.learning.enabled and model_path is None:  # an explicit --model bypasses the registry
             from engine.registry import Registry
@@ -120,6 +122,32 @@ class Mynah:
         if learning is not None:
             await learning.start()
         return cls(config, db, conversations, engine, ChatService(config, engine, conversations, learning), learning)
+
+    @classmethod
+    async def open_remote(cls, config: Config) -> "Mynah":
+        """Replies from an OpenAI-compatible server. The learning loop and MMI need the model
+        in this process, so they are off (said at startup; remote LoRA learning is issue 14)."""
+        from bots.backend import build_openai_engine
+
+        if config.learning.enabled:
+            log.warning("[learning] enabled is ignored: the learning loop fine-tunes a model in this process, and "
+                        '[engine] backend = "openai" serves from a remote server. Chats are still logged, so a '
+                        "later run (mynah retrain against [model] path, or remote learning) can use them.")
+        if config.generation.mmi_model:
+            log.warning('[generation] mmi_model is ignored with [engine] backend = "openai" (MMI scores with '
+                        "a model in this process)")
+        engine = build_openai_engine(config, sampling_defaults(config))
+        db = await Database.open(config.storage.path)
+        conversations = Conversations(db)
+        engine.start()
+        try:
+            served = await engine.check()
+            if config.engine.model not in served:
+                log.warning("engine: the backend serves %s, not [engine] model %r", ", ".join(served) or "nothing",
+                            config.engine.model)
+        except EngineUnavailable as exc:  # the bot still starts; replies apologise until the backend is up
+            log.warning("engine: %s; starting anyway, replies will say so until it is back", exc)
+        return cls(config, db, conversations, engine, ChatService(config, engine, conversations, None), None)
 
     def attach(self, platform: Platform) -> None:
         """A platform has started: the learning loop may now deliver through it what nobody

@@ -50,6 +50,17 @@ class EngineConfig:
     max_queue: int = 256
     threads: int = 0
     quantize: str = "none"
+    # where replies come from: "local" (this process) or "openai" (an OpenAI-compatible server; docs/SCALING.md)
+    backend: str = "local"
+    base_url: str = ""                   # "openai": e.g. "http://gpu-box:8000/v1"; the key is MYNAH_ENGINE_API_KEY
+    model: str = ""                      # "openai": the served model name (vllm serve's --served-model-name)
+    api: str = "auto"                    # "openai": "chat", "completions", or "auto" (by [model] path's tokenizer)
+    timeout_seconds: float = 60.0        # "openai": one request, streaming included
+    retries: int = 2                     # "openai": retries of a failed request (connection, timeout, 429, 5xx)
+    retry_backoff_seconds: float = 0.5   # first wait between retries; doubles each time
+    breaker_failures: int = 5            # failures in a row that open the circuit breaker
+    breaker_cooldown_seconds: float = 30.0  # how long it stays open before one probe is let through
+    extra_sampling: bool = True          # send top_k, repetition_penalty, min_tokens (vLLM, llama.cpp read them)
 
 
 @dataclass
@@ -63,6 +74,9 @@ class ChatConfig:
     rate_limit_messages: int = 8
     rate_limit_seconds: float = 60.0
     max_message_chars: int = 4000
+    stream: bool = True                  # show replies while they are written (edits the sent message)
+    stream_edit_seconds: float = 1.0     # at most one edit per this many seconds per reply (flood limits)
+    default_persona: str = ""            # system prompt of chats without their own /persona
 
 
 @dataclass
@@ -85,6 +99,7 @@ class TelegramConfig:
 class DiscordConfig:
     command_guilds: list = field(default_factory=list)
     answer_all_channels: list = field(default_factory=list)
+    shards: str | int = 1                # 1: one connection; "auto": Discord's recommended count; N: N shards
 
 
 @dataclass
@@ -147,13 +162,16 @@ _CHOICES = {
     ("model", "device"): {"auto", "cpu", "cuda", "mps"},
     ("telegram", "mode"): {"polling", "webhook"},
     ("engine", "quantize"): {"none", "int8"},
+    ("engine", "backend"): {"local", "openai"},
+    ("engine", "api"): {"auto", "chat", "completions"},
 }
 _POSITIVE = {
     ("generation", "max_new_tokens"), ("generation", "max_history_turns"),
     ("generation", "max_context_tokens"), ("engine", "max_batch_size"),
     ("engine", "max_queue"), ("chat", "rate_limit_messages"),
     ("chat", "rate_limit_seconds"), ("chat", "max_message_chars"),
-    ("generation", "mmi_candidates"),
+    ("generation", "mmi_candidates"), ("engine", "timeout_seconds"), ("engine", "breaker_failures"),
+    ("chat", "stream_edit_seconds"),
 }
 
 
@@ -216,6 +234,12 @@ def _check_section(name: str, section: Any) -> None:
         bad = [t for t in section.answer_all_chat_types if t not in ("group", "supergroup")]
         if bad:
             raise ConfigError(f"[telegram] answer_all_chat_types may hold \"group\" and \"supergroup\"; got {bad!r}")
+    if name == "engine":
+        _check_engine(section)
+    if name == "discord":
+        shards = section.shards
+        if not (shards == "auto" or (isinstance(shards, int) and not isinstance(shards, bool) and shards >= 1)):
+            raise ConfigError(f'[discord] shards must be "auto" or a whole number of 1 or more, got {shards!r}')
     if name == "dashboard":
         if not 0 <= section.port <= 65535:
             raise ConfigError(f"[dashboard] port must be between 1 and 65535 (0 = any free port), got {section.port}")
@@ -229,6 +253,18 @@ def _check_section(name: str, section: Any) -> None:
         except ValueError as exc:
             raise ConfigError(f"[learning] schedule: {exc}") from None
         _check_learning(section)
+
+
+def _check_engine(section: Any) -> None:
+    if section.retries < 0 or section.retry_backoff_seconds < 0 or section.breaker_cooldown_seconds < 0:
+        raise ConfigError("[engine] retries, retry_backoff_seconds and breaker_cooldown_seconds must be 0 or more")
+    if section.backend == "openai":
+        if not section.base_url.startswith(("http://", "https://")):
+            raise ConfigError('[engine] backend = "openai" needs base_url, the server\'s API root, '
+                              f'e.g. "http://gpu-box:8000/v1"; got {section.base_url!r}')
+        if not section.model.strip():
+            raise ConfigError('[engine] backend = "openai" needs model, the served model name '
+                              "(what GET /v1/models lists)")
 
 
 def _check_learning(section: Any) -> None:

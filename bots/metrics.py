@@ -86,7 +86,7 @@ def engine_backend(engine, stats: dict | None = None) -> str:
     """A short word for what serves replies: "local" (this process), "local+mmi", or what a remote engine says."""
     stats = engine_stats(engine) if stats is None else stats
     backend = stat(stats, "backend", default=None) or getattr(engine, "backend", None)
-    if not isinstance(backend, str) or not backend:
+    if not isinstance(backend, str) or not backend or backend == "local":
         backend = "local"
         device = getattr(getattr(engine, "model", None), "device", None)
         if device is not None:

@@ -72,10 +72,14 @@ class DialogueFormat:
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def context_ids(self, turns: Sequence[Turn], max_tokens: int) -> list[int]:
-        """The prompt for the next bot turn: newest turns kept within max_tokens."""
+    def context_ids(self, turns: Sequence[Turn], max_tokens: int, system: str = "") -> list[int]:
+        """The prompt for the next bot turn: newest turns kept within max_tokens.
+
+        `system` (a chat's persona) becomes the system message of chat_template models and
+        is always kept; dialogpt and chitchat have no system role and ignore it (a persona
+        written as a first "turn" would be answered as if a user had said it)."""
         if self.name == "chat_template":
-            return self._template_context(turns, max_tokens)
+            return self._template_context(turns, max_tokens, system)
         pieces = [self.encode_text(text) + [self.turn_end_id] for _, text in turns]
         budget = max_tokens - len(self.start_ids)
         kept: list[list[int]] = []
@@ -89,10 +93,11 @@ class DialogueFormat:
             used += len(piece)
         return self.start_ids + [i for piece in reversed(kept) for i in piece]
 
-    def _template_context(self, turns: Sequence[Turn], max_tokens: int) -> list[int]:
+    def _template_context(self, turns: Sequence[Turn], max_tokens: int, system: str = "") -> list[int]:
         messages = [{"role": "assistant" if role == "bot" else "user", "content": text} for role, text in turns]
+        head = [{"role": "system", "content": system}] if system else []
         while True:
-            ids = self._apply_template(messages, add_generation_prompt=True)
+            ids = self._apply_template(head + messages, add_generation_prompt=True)
             if len(ids) <= max_tokens or len(messages) <= 1:
                 return ids[-max_tokens:]
             messages = messages[1:]

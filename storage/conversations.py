@@ -88,6 +88,16 @@ class Conversations:
         row = await self.db.fetchone("SELECT consent FROM chats WHERE id = ?", (chat_id,))
         return True if row is None else bool(row[0])
 
+    async def set_persona(self, chat_id: int, persona: str | None) -> None:
+        """A chat's own system prompt (/persona); None goes back to the configured default."""
+        async with self.db.transaction() as conn:
+            await conn.execute("UPDATE chats SET persona = ? WHERE id = ?", (persona, chat_id))
+
+    async def persona(self, chat_id: int) -> str | None:
+        """The chat's own persona, or None when it has none."""
+        row = await self.db.fetchone("SELECT persona FROM chats WHERE id = ?", (chat_id,))
+        return None if row is None else row[0]
+
     # --- messages ----------------------------------------------------------------------
 
     async def log_message(self, chat_id: int, role: str, text: str, *, user_id: int | None = None,

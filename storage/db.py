@@ -109,6 +109,10 @@ MIGRATIONS: list[str] = [
         message_ids TEXT NOT NULL DEFAULT '[]'
     );
     """,
+    # 3: a chat's persona (/persona): its system prompt; NULL = [chat] default_persona.
+    """
+    ALTER TABLE chats ADD COLUMN persona TEXT;
+    """,
 ]
 
 

@@ -41,6 +41,7 @@ def make_config(tmp_path: Path, model: Path, fake: FakeTelegram, **sections):
         "generation": {"max_new_tokens": 4, "seed": 1},
         "admins": {"telegram": [ADMIN]},
         "telegram": {"base_url": fake.base_url},
+        "chat": {"stream": False},   # streaming has its own tests (test_openai_backend.py, test_streaming.py)
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
@@ -61,12 +62,12 @@ class Harness:
         self.app = await Mynah.open(self.config)
         real = self.app.engine.reply
 
-        async def recording_reply(turns, overrides=None):  # a spy: the real engine answers
+        async def recording_reply(turns, overrides=None, **kwargs):  # a spy: the real engine answers
             self.engine_calls.append([tuple(t) for t in turns])
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
-                return await real(turns, overrides)
+                return await real(turns, overrides, **kwargs)
             finally:
                 self.in_flight -= 1
 
@@ -169,7 +170,7 @@ async def test_commands_are_registered_for_everyone_and_admins(bot, fake):
     admin = [c for c in calls if c.params.get("scope", {}).get("chat_id") == ADMIN]
     assert len(default) == 1 and len(admin) == 1
     names = [c["command"] for c in default[0].params["commands"]]
-    assert names == ["start", "help", "reset", "forget", "optout", "optin"]
+    assert names == ["start", "help", "reset", "forget", "optout", "optin", "persona"]
     admin_names = {c["command"] for c in admin[0].params["commands"]}
     assert {"retrain", "status", "rollback", "models"} <= admin_names and set(names) <= admin_names
     # long polling without dropping what was sent while the bot was down
@@ -584,7 +585,7 @@ async def test_mynah_run_serves_until_sigterm(tmp_path, tiny_dialogpt, fake):
     config = tmp_path / "config.toml"
     config.write_text(
         f'[model]\npath = "{tiny_dialogpt}"\n[storage]\npath = "{tmp_path / "run.sqlite3"}"\n'
-        f'[generation]\nmax_new_tokens = 4\nseed = 1\n[telegram]\nbase_url = "{fake.base_url}"\n',
+        f'[generation]\nmax_new_tokens = 4\nseed = 1\n[chat]\nstream = false\n[telegram]\nbase_url = "{fake.base_url}"\n',
         encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT), TELEGRAM_BOT_TOKEN=TOKEN)
     env.pop("DISCORD_BOT_TOKEN", None)

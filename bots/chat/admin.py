@@ -50,8 +50,10 @@ class AdminCommands:
         stats = self.engine.stats()  # engine.serving.protocol.EngineStats
         counts = await self.conversations.stats()
         mmi = stats.mmi
+        round_trip = f", last round trip {_secs(stats.backend_latency_s)}" if stats.backend != "local" else ""
         lines = [
             f"Model version: {stats.model_version}",
+            f"Backend: {stats.backend}: {stats.health}{round_trip}",
             f"Queue: {stats.queue_depth} waiting, {stats.active} generating",
             f"Reply latency: p50 {_secs(stats.latency_p50_s)}, p95 {_secs(stats.latency_p95_s)} "
             f"over {stats.replies} replies",

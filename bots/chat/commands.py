@@ -35,6 +35,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("forget", "delete everything you have said to me", private=True),
     Command("optout", "keep this chat out of my training"),
     Command("optin", "let this chat help me learn again"),
+    Command("persona", "show or set my persona in this chat (/persona reset clears it)",
+            argument=Argument("text", "the persona, e.g. \"a cheerful pirate\"; \"reset\" clears it")),
     Command("retrain", "fine-tune on logged chats now", admin=True, private=True),
     Command("status", "model, runs, queue, latency, uptime", admin=True, private=True),
     Command("rollback", "make the previous (or a given) version active", admin=True, private=True,

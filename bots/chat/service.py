@@ -1,9 +1,11 @@
 """The chat logic every platform shares, as named steps (one message, one pass):
 
-    parse -> gate -> log the user message -> build context -> generate -> log the reply
+    parse -> gate -> log the user message -> build context (+ persona) -> generate -> log the reply
 
 The user's message is stored before generation starts, so a crash never loses it; the
-reply is stored as "pending" and the adapter marks it sent or failed. Commands leave the
+reply is stored as "pending" and the adapter marks it sent or failed. With `[chat] stream`
+and an adapter that can show a reply while it is written (a `StreamedMessage`), `generate`
+feeds it the text as the engine writes it; the reply is still stored once, complete. Commands leave the
 path after `parse`; messages the bot should not answer leave it at `gate`.
 """
 from __future__ import annotations
@@ -16,13 +18,16 @@ from bots.chat.commands import BY_NAME, help_text, parse_command
 from bots.chat.events import Incoming, Outgoing
 from bots.chat.ratelimit import RateLimiter
 from bots.metrics import record_reply
-from engine.serving.protocol import EngineBusy, EngineStopped
+from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
 
 log = logging.getLogger(__name__)
 
 BUSY_TEXT = "I'm a bit busy right now. Please try again in a moment."
 ERROR_TEXT = "Sorry, something went wrong on my side. Please try again."
 NON_TEXT_TEXT = "I can only read text messages for now."
+UNAVAILABLE_TEXT = ("Sorry, I can't think right now: the engine that writes my replies is unreachable. "
+                    "I've kept your message; please try again in a little while.")
+PERSONA_MAX_CHARS = 2000
 
 
 @dataclass
@@ -50,14 +55,17 @@ class ChatService:
         self.admin = AdminCommands(config.admins, conversations, engine, learning)
         self.limiter = RateLimiter(config.chat.rate_limit_messages, config.chat.rate_limit_seconds)
         self.user_commands = {"start": self._help, "help": self._help, "reset": self._reset,
-                              "forget": self._forget, "optout": self._consent, "optin": self._consent}
+                              "forget": self._forget, "optout": self._consent, "optin": self._consent,
+                              "persona": self._persona}
 
     # ---- entry point --------------------------------------------------------------
-    async def handle(self, msg: Incoming, *, on_logged=None) -> list[Outgoing]:
+    async def handle(self, msg: Incoming, *, on_logged=None, stream=None) -> list[Outgoing]:
         """Everything the bot says back to one incoming message (often nothing).
 
         `on_logged()`, when given, is called as soon as the user's message is stored, before
-        generation starts: an adapter may acknowledge the platform's delivery from then on."""
+        generation starts: an adapter may acknowledge the platform's delivery from then on.
+        `stream` (a bots.chat.streaming.StreamedMessage) is shown the reply as it is written
+        when `[chat] stream` is on; the adapter then finishes it with the returned Outgoing."""
         parsed = self.parse(msg)
         if parsed.answer is not None:
             return parsed.answer
@@ -72,7 +80,9 @@ class ChatService:
         if verdict.slow_down is not None:
             return [verdict.slow_down]
         history = await self.build_context(chat_id)
-        reply = await self.generate(msg, history)
+        system = await self.persona(chat_id)
+        reply = await self.generate(msg, history, system=system,
+                                    stream=stream if self.config.chat.stream else None)
         if isinstance(reply, Outgoing):  # busy or failed: said, not stored
             return [reply]
         return [await self.log_reply(chat_id, msg, reply)]
@@ -125,12 +135,26 @@ class ChatService:
         limit = self.config.chat.max_message_chars
         return [(t.role, t.text[-limit:]) for t in turns]
 
-    async def generate(self, msg: Incoming, history: list[tuple[str, str]]):
-        """The engine's reply, or an Outgoing that says why there is none."""
+    async def persona(self, chat_id: int) -> str:
+        """The chat's system prompt: its own /persona, else `[chat] default_persona`."""
+        own = await self.conversations.persona(chat_id)
+        return own if own is not None else self.config.chat.default_persona
+
+    async def generate(self, msg: Incoming, history: list[tuple[str, str]], *, system: str = "", stream=None):
+        """The engine's reply, or an Outgoing that says why there is none. With `stream`, the
+        text is shown as it is written (the engine's ReplyStream feeds stream.show)."""
         try:
-            return await self.engine.reply(history)
+            if stream is None:
+                return await self.engine.reply(history, system=system)
+            written = self.engine.stream(history, system=system)
+            async for _ in written:
+                await stream.show(written.text)
+            return written.reply
         except (EngineBusy, EngineStopped):
             return Outgoing(BUSY_TEXT, reply_to=msg.message_id)
+        except EngineUnavailable as exc:
+            log.warning("no reply for %s chat %s: %s", msg.platform, msg.chat_id, exc)
+            return Outgoing(UNAVAILABLE_TEXT, reply_to=msg.message_id)
         except Exception:
             log.exception("generation failed for %s chat %s", msg.platform, msg.chat_id)
             return Outgoing(ERROR_TEXT, reply_to=msg.message_id)
@@ -178,6 +202,35 @@ class ChatService:
         deleted = await self.conversations.forget_user(msg.platform, msg.user_id)
         return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
                          ephemeral=True)]
+
+    async def _persona(self, name: str, msg: Incoming) -> list[Outgoing]:
+        """/persona shows the chat's persona, /persona <text> sets it, /persona reset clears it.
+
+        Anyone may set it in a private chat; in groups, Mynah's admins, and the chat's own
+        admins once the adapters report them (Incoming.sender_is_chat_admin, issue 11)."""
+        chat_id = await self._chat_id(msg)
+        parts = (msg.text or "").split(maxsplit=1)
+        text = parts[1].strip() if len(parts) > 1 else ""
+        if not text:
+            own = await self.conversations.persona(chat_id)
+            current = own if own is not None else self.config.chat.default_persona
+            if not current:
+                return [Outgoing("This chat has no persona. Set one with /persona <text>.")]
+            where = "this chat's own" if own is not None else "the default"
+            return [Outgoing(f"Persona ({where}): {current}")]
+        # TODO(issue 11): drop the fallback once every adapter fills Incoming.sender_is_chat_admin
+        chat_admin = getattr(msg, "sender_is_chat_admin", None) is True
+        if not (msg.is_private or chat_admin or self.admin.is_admin(msg.platform, msg.user_id)):
+            return [Outgoing("Only this chat's admins can change my persona here.", ephemeral=True)]
+        if text.lower() == "reset":
+            await self.conversations.set_persona(chat_id, None)
+            return [Outgoing("Persona cleared: back to the default.")]
+        if len(text) > PERSONA_MAX_CHARS:
+            return [Outgoing(f"That persona is {len(text)} characters long; please keep it under "
+                             f"{PERSONA_MAX_CHARS}. Nothing was changed.")]
+        await self.conversations.set_persona(chat_id, text)
+        return [Outgoing("Persona set. It applies from my next reply (models without a system prompt, like "
+                         "DialoGPT, ignore it).")]
 
     async def _consent(self, name: str, msg: Incoming) -> list[Outgoing]:
         await self.conversations.set_consent(await self._chat_id(msg), name == "optin")

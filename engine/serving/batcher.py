@@ -29,7 +29,7 @@ from engine.model import LoadedModel
 from engine.serving import kvcache
 # EngineBusy, EngineStopped and Reply are the contract's (protocol.py); importing them from here still works
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, ModelEngine, Reply,
-                                     SamplingParams)
+                                     ReplyStream, SamplingParams)
 from engine.serving.quantize import pack_fp32, release_freed_memory
 from engine.serving.sampling import BatchSampler, RowSampler
 from engine.types import Turn, max_positions, percentile
@@ -48,6 +48,19 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     sampler: RowSampler | None = None
     version: str = ""
+    stream: ReplyStream | None = None   # streaming: decoded text goes to it after every step
+    streamed: str = ""                  # the text pushed to `stream` so far (worker side)
+
+    def push_text(self, text: str) -> None:
+        """Worker thread: hand the stream what `text` adds to what it already has.
+
+        Byte-level BPE decodes a half-written character as U+FFFD until the rest arrives, so
+        trailing ones are held back; text that does not extend what was sent waits too."""
+        text = text.rstrip("\ufffd")
+        if self.stream is None or not text.startswith(self.streamed) or len(text) == len(self.streamed):
+            return
+        delta, self.streamed = text[len(self.streamed):], text
+        self.loop.call_soon_threadsafe(self.stream.push, delta)
 
     def finish(self, result) -> None:
         def _set():
@@ -140,12 +153,15 @@ class Engine(ModelEngine):
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
-    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None) -> Reply:
-        """The bot's next turn for a chat whose history (oldest first) is `turns`."""
+    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+                    stream: ReplyStream | None = None) -> Reply:
+        """The bot's next turn for a chat whose history (oldest first) is `turns`
+        (`stream`, when given, gets the text after every decode step)."""
         params = self.defaults.merged(overrides)
         loop = asyncio.get_running_loop()
-        request = _Request(context_ids=[], params=params, loop=loop, future=loop.create_future(), enqueued_at=time.monotonic())
-        request.context_ids = self._context_ids(self._loaded, turns, params)
+        request = _Request(context_ids=[], params=params, loop=loop, future=loop.create_future(),
+                           enqueued_at=time.monotonic(), stream=stream)
+        request.context_ids = self._context_ids(self._loaded, turns, params, system)
         with self._wake:
             if not self._running:
                 raise EngineStopped("the engine is not running")
@@ -154,6 +170,10 @@ class Engine(ModelEngine):
             self._queue.append(request)
             self._wake.notify()
         return await request.future
+
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+        """The reply as it is decoded: the worker pushes each step's new text (ReplyStream)."""
+        return ReplyStream(lambda stream: self.reply(turns, overrides, system=system, stream=stream))
 
     def swap(self, loaded: LoadedModel) -> None:
         """Serve `loaded` from the next batch on; rows in flight finish on the old model."""
@@ -177,11 +197,12 @@ class Engine(ModelEngine):
         loaded.max_positions = max_positions(loaded.model)
         loaded.banned_word_ids = {}
 
-    def _context_ids(self, loaded: LoadedModel, turns: Sequence[Turn], params: SamplingParams) -> list[int]:
+    def _context_ids(self, loaded: LoadedModel, turns: Sequence[Turn], params: SamplingParams,
+                     system: str = "") -> list[int]:
         budget = min(self.max_context_tokens, loaded.max_positions - params.max_new_tokens)
         if budget < 8:
             raise ValueError(f"max_new_tokens={params.max_new_tokens} leaves no room for context in a {loaded.max_positions}-position model")
-        return loaded.fmt.context_ids(list(turns), budget)
+        return loaded.fmt.context_ids(list(turns), budget, system)
 
     def _banned_ids(self, loaded: LoadedModel, params: SamplingParams) -> set[int]:
         """[UNK] & co. plus banned words that are a single token (with or without a leading space)."""
@@ -335,6 +356,8 @@ class Engine(ModelEngine):
             if stopped or len(request.generated) >= request.params.max_new_tokens:
                 self._complete(request)
             else:
+                if request.stream is not None and not stopped:
+                    request.push_text(self._loaded.fmt.decode(request.generated))
                 keep.append(i)
         if len(keep) == len(batch.rows):
             return batch
@@ -347,7 +370,7 @@ class Engine(ModelEngine):
         loaded = self._loaded
         text = loaded.fmt.decode(request.generated)
         if not text and request.attempt < 2:  # empty: try again with sampling
-            retry = dataclasses.replace(request, attempt=request.attempt + 1, generated=[], sampler=None,
+            retry = dataclasses.replace(request, attempt=request.attempt + 1, generated=[], sampler=None, streamed="",
                                         params=dataclasses.replace(request.params, do_sample=True,
                                                                    seed=None if request.params.seed is None else request.params.seed + 1))
             with self._wake:

@@ -48,7 +48,7 @@ from typing import Sequence
 import torch
 
 from engine.model import LoadedModel
-from engine.serving.protocol import EngineStats, MMIStats, ModelEngine, Reply, SamplingParams
+from engine.serving.protocol import EngineStats, MMIStats, ModelEngine, Reply, ReplyStream, SamplingParams
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -280,8 +280,18 @@ class MMIEngine(ModelEngine):
             self.backward = loaded
 
     # ---- ModelEngine, MMI's own -----------------------------------------------------
-    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None) -> Reply:
-        return (await self.rerank(turns, overrides)).reply
+    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> Reply:
+        return (await self.rerank(turns, overrides, system=system)).reply
+
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+        """MMI cannot stream: the reply is chosen only once every candidate is finished and
+        scored, so the stream yields the whole reranked reply as one delta."""
+        async def produce(stream: ReplyStream) -> Reply:
+            reply = await self.reply(turns, overrides, system=system)
+            stream.push(reply.text)
+            return reply
+
+        return ReplyStream(produce)
 
     def stats(self) -> EngineStats:
         """The wrapped engine's queue and model; replies and latencies counted per reranked answer."""
@@ -294,21 +304,25 @@ class MMIEngine(ModelEngine):
                                    latency_p95_s=percentile(latencies, 0.95), mmi=mmi)
 
     # ---- reranking ---------------------------------------------------------------
-    async def rerank(self, turns: Sequence[Turn], overrides: dict | None = None, *, n: int | None = None) -> Reranked:
-        """Sample n candidates in one batch, score them, return the best with all the scores."""
+    async def rerank(self, turns: Sequence[Turn], overrides: dict | None = None, *, n: int | None = None,
+                     system: str = "") -> Reranked:
+        """Sample n candidates in one batch, score them, return the best with all the scores.
+
+        `system` (the persona) reaches the candidates' generation; scoring does not see it."""
         start = time.monotonic()
         turns = list(turns)
         overrides = dict(overrides or {})
         n = self.candidates if n is None else n
         params = self.engine.defaults.merged(overrides)
         if n <= 1 or not params.do_sample:  # greedy decoding would give N copies of one reply
-            reply = await self.engine.reply(turns, overrides)
+            reply = await self.engine.reply(turns, overrides, system=system)
             self._record(time.monotonic() - start, 0.0)
             return Reranked(reply, [Candidate(reply.text, reply)], 0, 0.0)
 
         base = params.seed if params.seed is not None else random.randrange(2**31)
         results = await asyncio.gather(
-            *[self.engine.reply(turns, {**overrides, "seed": base + i}) for i in range(n)], return_exceptions=True)
+            *[self.engine.reply(turns, {**overrides, "seed": base + i}, system=system) for i in range(n)],
+            return_exceptions=True)
         replies = [r for r in results if isinstance(r, Reply)]
         if not replies:
             raise next(r for r in results if isinstance(r, BaseException))

@@ -15,9 +15,10 @@ The values that cross the boundary live here too: `SamplingParams` (per-request
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol, Sequence, runtime_checkable
 
 from engine.types import Turn
 
@@ -87,6 +88,10 @@ class EngineStats:
     latency_p95_s: float | None
     uptime_s: float
     mmi: MMIStats | None = None      # None: no MMI reranking
+    backend: str = "local"           # "local" (this process) or "openai <base_url>" (a remote server)
+    healthy: bool = True             # False while a remote backend's circuit breaker is open
+    health: str = "ok"               # a few words on the backend's state, for /status
+    backend_latency_s: float | None = None  # the last successful request's round trip to a remote backend
 
 
 class EngineBusy(RuntimeError):
@@ -95,6 +100,67 @@ class EngineBusy(RuntimeError):
 
 class EngineStopped(RuntimeError):
     """The engine is shutting down and takes no new requests."""
+
+
+class EngineUnavailable(RuntimeError):
+    """A remote backend is unreachable or failing (after its retries, or its circuit breaker
+    is open): the caller should apologise briefly; the bot keeps running and recovers."""
+
+
+class ReplyStream:
+    """A reply as it is written: `async for delta in stream` yields pieces of text (deltas,
+    in order; joined they are the reply so far), then `stream.reply` is the finished Reply.
+
+    `produce(stream)` does the work: it calls `stream.push(delta)` as text arrives (from
+    the event loop) and returns the finished Reply. It runs as a task once the stream is
+    iterated and is cancelled if the consumer stops early; its exception is raised to the
+    consumer. The Reply's text can differ from the joined deltas (the fallback reply, or
+    the one whole delta of an engine that cannot stream): the Reply is what is logged."""
+
+    def __init__(self, produce: "Callable[[ReplyStream], Awaitable[Reply]]"):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._produce = produce
+        self._task: asyncio.Task | None = None
+        self.reply: Reply | None = None
+        self.text = ""  # the deltas so far, joined
+
+    def push(self, delta: str) -> None:
+        if delta:
+            self._queue.put_nowait(("delta", delta))
+
+    async def _run(self) -> None:
+        try:
+            self._queue.put_nowait(("done", await self._produce(self)))
+        except Exception as exc:
+            self._queue.put_nowait(("error", exc))
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        if self._task is not None:
+            raise RuntimeError("a ReplyStream can be read once")
+        self._task = asyncio.ensure_future(self._run())
+        try:
+            while True:
+                kind, value = await self._queue.get()
+                if kind == "delta":
+                    self.text += value
+                    yield value
+                elif kind == "done":
+                    self.reply = value
+                    return
+                else:
+                    raise value
+        finally:
+            if not self._task.done():
+                self._task.cancel()
+
+    async def result(self) -> Reply:
+        """Drain the stream; the finished Reply."""
+        async for _ in self:
+            pass
+        return self.reply
 
 
 @runtime_checkable
@@ -116,12 +182,20 @@ class ReplyEngine(Protocol):
         """Finish the requests in flight, then stop; later reply() calls raise EngineStopped."""
         ...
 
-    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None) -> Reply:
+    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> Reply:
         """The bot's next turn for a chat whose history (oldest first) is `turns`.
 
         `overrides` names SamplingParams fields for this request only (ValueError for an
-        unknown name). Raises EngineBusy when the queue is full, EngineStopped when stopped.
+        unknown name). `system` is the chat's persona: the system message of chat-template
+        models; formats without a system role (dialogpt, chitchat) ignore it. Raises
+        EngineBusy when the queue is full, EngineStopped when stopped, EngineUnavailable
+        when a remote backend cannot answer.
         """
+        ...
+
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+        """Like reply(), but the text arrives as it is written (see ReplyStream). Errors are
+        raised while iterating. An engine that cannot stream yields the whole reply once."""
         ...
 
     def stats(self) -> EngineStats:

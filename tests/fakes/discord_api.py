@@ -18,6 +18,7 @@ import datetime
 import itertools
 import json
 import re
+import time
 
 import yarl
 from aiohttp import web
@@ -62,6 +63,8 @@ class FakeDiscord:
         self.login_tokens: list[str] = []          # every Authorization header seen on REST
         self.typing: list[str] = []                # channel ids that got a typing indicator
         self.forbidden: set[str] = set()           # channel ids where sending gets 403 Missing Permissions
+        self.messages: dict[str, dict] = {}        # message id -> the bot's channel message as it reads now
+        self.edits: list[dict] = []                # PATCHes of the bot's messages (payload + message_id + at)
         self.events = asyncio.Event()              # set whenever something is recorded
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
@@ -155,7 +158,17 @@ class FakeDiscord:
             if m.group(1) in self.forbidden:
                 return _json({"message": "Missing Permissions", "code": 50013}, 403)
             self.sent.append({**payload, "channel_id": m.group(1)})
-            return _json(self._message(m.group(1), payload, guild_id=str(GUILD_ID)))
+            message = self._message(m.group(1), payload, guild_id=str(GUILD_ID))
+            self.messages[message["id"]] = message
+            return _json(message)
+        if (m := re.fullmatch(r"/channels/(\d+)/messages/(\d+)", path)) and method == "PATCH":
+            message = self.messages.get(m.group(2))
+            if message is None or message["channel_id"] != m.group(1):
+                return _json({"message": "Unknown Message", "code": 10008}, 404)
+            self.edits.append({**payload, "message_id": m.group(2), "at": time.monotonic()})
+            message.update(content=payload.get("content", message["content"]),
+                           edited_timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat())
+            return _json(message)
         if m := re.fullmatch(r"/interactions/(\d+)/([^/]+)/callback", path):
             kind = payload["type"]
             self.callbacks.append({**payload, "interaction_id": m.group(1)})

@@ -61,6 +61,7 @@ class FakeTelegram:
         self.confirmed_below = 0               # every update id below this is acknowledged
         self.get_updates_hooks = []            # fn(offset) called on every getUpdates
         self.chats: dict[int, dict] = {}
+        self.bot_messages: dict[tuple[int, int], dict] = {}   # (chat id, message id) -> what the bot sent, as edited
         self._faults: dict[str, deque[_Fault]] = defaultdict(deque)
         self._delays: dict[str, deque[float]] = defaultdict(deque)
         self._next_update_id = 1000
@@ -187,6 +188,24 @@ class FakeTelegram:
             raise _ApiError(400, "Bad Request: message is too long")
         return self._bot_message(params, text=text)
 
+    async def _api_editMessageText(self, params):
+        """Like Telegram: the bot's own message in that chat, new non-empty text that differs."""
+        key = (int(params["chat_id"]), int(params["message_id"]))
+        message = self.bot_messages.get(key)
+        if message is None:
+            raise _ApiError(400, "Bad Request: message to edit not found")
+        text = params.get("text", "")
+        if not text.strip():
+            raise _ApiError(400, "Bad Request: message text is empty")
+        if len(text.encode("utf-16-le")) // 2 > 4096:
+            raise _ApiError(400, "Bad Request: MESSAGE_TOO_LONG")
+        if text == message.get("text"):
+            raise _ApiError(400, "Bad Request: message is not modified: specified new message content and reply "
+                                 "markup are exactly the same as a current content and reply markup of the message")
+        message["text"] = text
+        message["edit_date"] = int(time.time())
+        return message
+
     async def _api_sendPhoto(self, params):
         message = self._bot_message(params, photo=[{"file_id": "photo1", "file_unique_id": "p1",
                                                      "width": 10, "height": 10}])
@@ -202,6 +221,7 @@ class FakeTelegram:
         if params.get("message_thread_id"):
             message["message_thread_id"] = int(params["message_thread_id"])
             message["is_topic_message"] = True
+        self.bot_messages[(chat_id, message["message_id"])] = message
         return message
 
     def _message_id(self) -> int:
@@ -283,6 +303,14 @@ class FakeTelegram:
 
     def texts(self, chat_id: int) -> list[str]:
         return [c.params["text"] for c in self.sent(chat_id)]
+
+    def edits(self, chat_id: int | None = None) -> list[Call]:
+        """Successful editMessageText calls (each with its time in `at`)."""
+        return self.calls_to("editMessageText", chat_id)
+
+    def shown(self, chat_id: int) -> list[str]:
+        """The bot's messages in a chat as they read now (after every edit), oldest first."""
+        return [m.get("text", "") for (chat, _), m in sorted(self.bot_messages.items()) if chat == chat_id]
 
     async def wait_for(self, predicate, timeout: float = 15.0) -> None:
         async def wait():

@@ -100,6 +100,22 @@ class MynahBot(commands.Bot):
         self.adapter.ready.set()
 
 
+class ShardedMynahBot(MynahBot, commands.AutoShardedBot):
+    """MynahBot over several gateway connections (discord.py's AutoShardedBot): needed from
+    2,500 guilds on, and useful well before. `[discord] shards = "auto"` asks Discord for its
+    recommended count (GET /gateway/bot); a number fixes it. The cog and commands are the
+    same: discord.py routes each guild's events through its shard."""
+
+
+def bot_class(shards) -> tuple[type, dict]:
+    """(client class, its extra options) for `[discord] shards`."""
+    if shards == "auto":
+        return ShardedMynahBot, {}
+    if int(shards) > 1:
+        return ShardedMynahBot, {"shard_count": int(shards)}
+    return MynahBot, {}
+
+
 class DiscordAdapter(Platform):
     """One Discord bot serving a shared `Mynah` app; see the module docstring."""
 
@@ -129,14 +145,18 @@ class DiscordAdapter(Platform):
 
     def build_bot(self) -> MynahBot:
         """A fresh client (tests drive it with dpytest without calling start())."""
-        self.bot = MynahBot(self, **self.bot_options)
+        cls, options = bot_class(self.app.config.discord.shards)
+        if cls is ShardedMynahBot:
+            log.info("discord: sharded client (%s shards)", options.get("shard_count", "auto: Discord's recommended"))
+        self.bot = cls(self, **{**options, **self.bot_options})
         return self.bot
 
     def make_cog(self, bot: commands.Bot) -> ChatCog:
         """The cog, given what it needs (it knows nothing of this adapter)."""
         app = self.app
         return ChatCog(bot, app.chat, app.conversations, app.config.discord, stopping=lambda: self._stopping,
-                       defer_after=self.defer_after)
+                       defer_after=self.defer_after,
+                       stream_edit_seconds=app.config.chat.stream_edit_seconds if app.config.chat.stream else None)
 
     @property
     def cog(self) -> ChatCog | None:

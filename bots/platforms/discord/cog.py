@@ -21,6 +21,7 @@ from bots.chat.commands import BY_NAME
 from bots.chat.events import Incoming, Outgoing
 from bots.chat.service import ERROR_TEXT
 from bots.chat.splitting import split_message
+from bots.chat.streaming import StreamedMessage
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +103,14 @@ class ChatCog(commands.Cog, name="Mynah"):
     deferred."""
 
     def __init__(self, bot: commands.Bot, chat, conversations, settings, *, stopping: Callable[[], bool],
-                 defer_after: float = 2.0):
+                 defer_after: float = 2.0, stream_edit_seconds: float | None = None):
         self.bot = bot
         self.chat = chat
         self.conversations = conversations
         self.settings = settings              # the [discord] section of the config
         self.stopping = stopping
         self.defer_after = defer_after        # slash commands slower than this are deferred
+        self.stream_edit_seconds = stream_edit_seconds  # None: replies are sent whole ([chat] stream = false)
         self._inflight: set[asyncio.Task] = set()
 
     # ---- messages ---------------------------------------------------------------------
@@ -156,14 +158,33 @@ class ChatCog(commands.Cog, name="Mynah"):
 
     async def handle_message(self, message: discord.Message) -> None:
         msg = await self.incoming(message)
+        quote = message if not msg.is_private else None  # in a DM the answer needs no quote
+        stream = None
         if self.chat.will_generate(msg):
+            if self.stream_edit_seconds is not None:
+                stream = DiscordStream(message.channel, quote, self.stream_edit_seconds)
             async with typing(message.channel):
-                outgoing = await self.chat.handle(msg)
+                outgoing = await self.chat.handle(msg, stream=stream)
         else:
             outgoing = await self.chat.handle(msg)
-        quote = message if not msg.is_private else None  # in a DM the answer needs no quote
         for out in outgoing:
+            if stream is not None and stream.started:
+                await self.finish_stream(stream, out)
+                stream = None
+                continue
             await self.send(message.channel, out, reply_to=quote)
+
+    async def finish_stream(self, stream: "DiscordStream", out: Outgoing) -> None:
+        """The streamed message becomes the whole reply (or the apology); then it is marked
+        delivered with the first message's id, or failed."""
+        try:
+            sent = await stream.finish(out.text)
+        except discord.HTTPException as exc:
+            log.warning("could not finish a streamed reply in Discord channel %s: %s",
+                        getattr(stream.channel, "id", "?"), exc)
+            await self.chat.failed(out)
+            return
+        await self.chat.delivered(out, str(sent[0].id))
 
     async def send(self, channel: discord.abc.Messageable, out: Outgoing, *,
                    reply_to: discord.Message | None = None) -> list[discord.Message]:
@@ -257,6 +278,29 @@ class ChatCog(commands.Cog, name="Mynah"):
             await self.chat.failed(out)
             return
         await self.chat.delivered(out, str(first_id) if first_id else None)
+
+
+class DiscordStream(StreamedMessage):
+    """A reply shown while it is written: channel.send for the first words, then
+    message.edit (PATCH) at most once per interval (bots/chat/streaming.py)."""
+
+    def __init__(self, channel: discord.abc.Messageable, reply_to: discord.Message | None, interval_s: float):
+        super().__init__(MESSAGE_LIMIT, interval_s)
+        self.channel = channel
+        self.reply_to = reply_to
+
+    async def send_first(self, text: str) -> discord.Message:
+        kwargs = {"allowed_mentions": NO_MENTIONS}
+        if self.reply_to is not None:
+            kwargs["reference"] = self.reply_to.to_reference(fail_if_not_exists=False)
+            kwargs["mention_author"] = False
+        return await self.channel.send(text, **kwargs)
+
+    async def edit(self, message: discord.Message, text: str) -> None:
+        await message.edit(content=text, allowed_mentions=NO_MENTIONS)
+
+    async def send_more(self, text: str) -> discord.Message:
+        return await self.channel.send(text, allowed_mentions=NO_MENTIONS)
 
 
 @contextlib.asynccontextmanager

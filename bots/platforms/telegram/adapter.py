@@ -45,6 +45,7 @@ from bots.platforms.base import Platform
 from bots.platforms.redaction import redact, register_secret, register_token
 from bots.platforms.telegram.delivery import AckGatedBot, DeliveryTracker, TrackingUpdateProcessor
 from bots.platforms.telegram.incoming import PLATFORM, to_incoming
+from bots.platforms.telegram.streaming import TelegramStream
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +240,38 @@ class TelegramAdapter(Platform):
             return
         key = (incoming.chat_id, incoming.thread_id)
         self._newest[key] = max(self._newest.get(key, 0), message.message_id)
-        typing = self._start_typing(message) if self.chat.will_generate(incoming) else None
+        generating = self.chat.will_generate(incoming)
+        typing = self._start_typing(message) if generating else None
+        thread = int(incoming.thread_id) if incoming.thread_id else None
+        stream = None
+        if generating and self.app.config.chat.stream:
+            quote = int(incoming.message_id) if not incoming.is_private else None
+            stream = TelegramStream(self, message.chat_id, thread_id=thread, reply_to=quote, limit=TEXT_LIMIT,
+                                    interval_s=self.app.config.chat.stream_edit_seconds)
         try:
-            outgoing = await self.chat.handle(incoming, on_logged=lambda: self.tracker.stored(update.update_id))
+            outgoing = await self.chat.handle(incoming, on_logged=lambda: self.tracker.stored(update.update_id),
+                                              stream=stream)
         finally:
             if typing is not None:
                 typing.schedule_removal()
-        thread = int(incoming.thread_id) if incoming.thread_id else None
         for out in outgoing:
+            if stream is not None and stream.started:
+                await self.finish_stream(stream, out)
+                stream = None
+                continue
             await self.send(message.chat_id, out, thread_id=thread, reply_to=self._quote(incoming, out))
+
+    async def finish_stream(self, stream: TelegramStream, out: Outgoing) -> None:
+        """The streamed message becomes the whole reply (or the apology, if generation failed
+        after the first words); the reply is marked delivered with the first message's id."""
+        try:
+            sent = await stream.finish(out.text)
+        except (TelegramError, OSError) as exc:
+            log.warning("telegram: the streamed reply to chat %s could not be finished: %s",
+                        stream.target["chat_id"], redact(exc))
+            await self.chat.failed(out)
+            return
+        await self.chat.delivered(out, str(sent[0]))
 
     def _quote(self, msg: Incoming, out: Outgoing) -> int | None:
         """Quote the message answered in groups, and in private chats once newer messages came."""

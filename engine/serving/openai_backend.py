@@ -1,0 +1,268 @@
+"""A ReplyEngine that asks an OpenAI-compatible server (vLLM, llama.cpp, Ollama, TGI).
+
+Mynah keeps the conversation (SQLite), the persona, logging with the model version, and
+the chat rules; the server only turns a prompt into text. Two ways to ask, by model:
+
+* chat-template models: POST /v1/chat/completions with the context as messages and the
+  chat's persona as the system message;
+* models without a chat template (DialoGPT, GPT2-chitchat): POST /v1/completions with the
+  prompt written in Mynah's own dialogue format (engine/dialogue.py, from the tokenizer in
+  `[model] path`: turns joined by the turn separator) and that separator as the stop
+  sequence. vLLM refuses chat completions for a tokenizer without a template, and the
+  model was trained on exactly this format. These formats have no system role: the
+  persona is ignored for them (see DialogueFormat.context_ids).
+
+Sampling maps onto the API: temperature (0 for greedy), top_p, max_tokens, seed; top_k,
+repetition_penalty and min_tokens are vLLM extensions (llama.cpp reads top_k too) sent in
+the request body unless `extra_sampling` is off (for servers that reject unknown fields).
+banned_words are not sent (the server's tokenizer would need them as token ids).
+
+Failures: connection errors, timeouts, 429 and 5xx are retried a bounded number of times
+with doubling back-off; then EngineUnavailable. A CircuitBreaker (breaker.py) stops a
+dead backend from collecting every chat's retries; it lets a probe through after its
+cooldown, so the bot recovers by itself. A stream that fails after text was shown is not
+retried (the user has seen part of it): it raises EngineUnavailable too.
+
+The API key comes from the caller (bots/app.py reads MYNAH_ENGINE_API_KEY); it is never
+logged, and it is not part of any message this module writes.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from engine.dialogue import DialogueFormat
+from engine.serving.breaker import CircuitBreaker, backoff_delays
+from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, EngineUnavailable, Reply,
+                                     ReplyEngine, ReplyStream, SamplingParams)
+from engine.types import Turn, percentile
+
+log = logging.getLogger(__name__)
+
+
+def public_url(url: str) -> str:
+    """The URL without user:password@ (safe for logs and /status)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _retryable(exc: BaseException) -> bool:
+    import openai
+
+    if isinstance(exc, (openai.APIConnectionError, asyncio.TimeoutError)):  # APITimeoutError is one too
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return False
+
+
+def _why(exc: BaseException) -> str:
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        message = (body.get("error") or body).get("message") if isinstance(body.get("error") or body, dict) else None
+        return f"HTTP {exc.status_code}: {message or exc.message}"[:300]
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+class OpenAIEngine(ReplyEngine):
+    """Replies from an OpenAI-compatible server; `fmt` None means chat completions."""
+
+    def __init__(self, base_url: str, model: str, defaults: SamplingParams | None = None, *,
+                 fmt: DialogueFormat | None = None, api_key: str | None = None, max_context_tokens: int = 256,
+                 fallback_reply: str = FALLBACK_REPLY, timeout_s: float = 60.0, retries: int = 2,
+                 backoff_s: float = 0.5, breaker: CircuitBreaker | None = None, max_in_flight: int = 256,
+                 extra_sampling: bool = True):
+        self.defaults = defaults or SamplingParams()
+        self.base_url = base_url.rstrip("/")
+        self.model_name = model
+        self.fmt = fmt
+        self.max_context_tokens = max_context_tokens
+        self.fallback_reply = fallback_reply
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.breaker = breaker or CircuitBreaker()
+        self.max_in_flight = max_in_flight
+        self.extra_sampling = extra_sampling
+        self._api_key = api_key or "EMPTY"   # vLLM without --api-key accepts any value
+        self._client = None
+        self._running = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
+        self._served_by = model   # the model name the server reported last
+        self.last_round_trip_s: float | None = None
+        self.replies_served = 0
+        self.started_at = time.time()
+
+    @property
+    def mode(self) -> str:
+        return "chat" if self.fmt is None else "completions"
+
+    @property
+    def version(self) -> str:
+        return self._served_by
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._running:
+            return
+        from openai import AsyncOpenAI
+
+        # max_retries=0: retries and back-off are ours, so the circuit breaker sees every failure
+        self._client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, max_retries=0,
+                                   timeout=self.timeout_s)
+        self._running = True
+        log.info("engine: OpenAI-compatible backend %s, model %s, %s", public_url(self.base_url), self.model_name,
+                 "chat completions" if self.fmt is None else f"text completions in the {self.fmt.name} format")
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._in_flight:
+            await self._idle.wait()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> "OpenAIEngine":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def check(self) -> list[str]:
+        """The served model names (GET /models); raises EngineUnavailable when unreachable."""
+        try:
+            page = await self._client.models.list()
+        except Exception as exc:
+            raise EngineUnavailable(f"{public_url(self.base_url)} did not list its models: {_why(exc)}") from None
+        return [m.id for m in page.data]
+
+    # ---- ReplyEngine --------------------------------------------------------------------
+    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> Reply:
+        return await self._generate(turns, overrides, system, None)
+
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+        return ReplyStream(lambda stream: self._generate(turns, overrides, system, stream))
+
+    def stats(self) -> EngineStats:
+        latencies = list(self._latencies)
+        return EngineStats(
+            model_version=self.version, queue_depth=0, active=self._in_flight, replies=self.replies_served,
+            latency_p50_s=percentile(latencies, 0.5), latency_p95_s=percentile(latencies, 0.95),
+            uptime_s=time.time() - self.started_at, backend=f"openai {public_url(self.base_url)} ({self.mode})",
+            healthy=self.breaker.state == CircuitBreaker.CLOSED, health=self.breaker.describe(),
+            backend_latency_s=self.last_round_trip_s,
+        )
+
+    # ---- one request, retried -----------------------------------------------------------
+    async def _generate(self, turns: Sequence[Turn], overrides: dict | None, system: str,
+                        stream: ReplyStream | None) -> Reply:
+        params = self.defaults.merged(overrides)
+        if not self._running:
+            raise EngineStopped("the engine is not running")
+        if self._in_flight >= self.max_in_flight:
+            raise EngineBusy(f"{self._in_flight} requests are already waiting for the backend")
+        request = self.request_body(turns, params, system)
+        started = time.monotonic()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            text, new_tokens = await self._with_retries(request, stream)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+        latency = time.monotonic() - started
+        self._latencies.append(latency)
+        self.replies_served += 1
+        text = text.strip()
+        return Reply(text=text or self.fallback_reply, model_version=self._served_by,
+                     new_tokens=new_tokens, latency_s=latency, fallback=not text)
+
+    async def _with_retries(self, request: dict, stream: ReplyStream | None) -> tuple[str, int]:
+        delays = backoff_delays(self.retries, self.backoff_s)
+        for attempt in range(self.retries + 1):
+            if not self.breaker.allow():
+                raise EngineUnavailable(f"the backend is down ({self.breaker.describe()})")
+            shown = [False]
+            started = time.monotonic()
+            try:
+                result = await self._send(request, stream, shown)
+            except Exception as exc:
+                if not _retryable(exc):
+                    self.breaker.success()   # the server answered: it is up, the request was wrong
+                    raise RuntimeError(f"the backend refused the request: {_why(exc)}") from None
+                self.breaker.failure()
+                if shown[0] or attempt == self.retries:
+                    raise EngineUnavailable(f"the backend failed: {_why(exc)}") from None
+                log.warning("engine: backend request failed (%s); retry %d/%d in %.1f s", _why(exc), attempt + 1,
+                            self.retries, delays[attempt])
+                await asyncio.sleep(delays[attempt])
+                continue
+            self.breaker.success()
+            self.last_round_trip_s = time.monotonic() - started
+            return result
+        raise AssertionError("unreachable")
+
+    async def _send(self, request: dict, stream: ReplyStream | None, shown: list[bool]) -> tuple[str, int]:
+        """One HTTP request: (text, tokens); with a stream, the deltas are pushed as they arrive."""
+        api = self._client.chat.completions if self.fmt is None else self._client.completions
+        if stream is None:
+            response = await api.create(**request)
+            self._served_by = response.model or self._served_by
+            tokens = (response.usage.completion_tokens or 0) if response.usage is not None else 0
+            choice = response.choices[0]
+            return ((choice.message.content or "") if self.fmt is None else (choice.text or "")), tokens
+        pieces: list[str] = []
+        chunks = await api.create(**request, stream=True)
+        async for chunk in chunks:
+            self._served_by = chunk.model or self._served_by
+            if not chunk.choices:
+                continue
+            choice = chunk.choices[0]
+            delta = (choice.delta.content or "") if self.fmt is None else (choice.text or "")
+            if delta:
+                if not pieces:
+                    delta = delta.lstrip()
+                pieces.append(delta)
+                shown[0] = True
+                stream.push(delta)
+        return "".join(pieces), len(pieces)   # one chunk per token on vLLM
+
+    # ---- what is sent ---------------------------------------------------------------------
+    def request_body(self, turns: Sequence[Turn], params: SamplingParams, system: str = "") -> dict:
+        """The create() arguments for this context and these sampling settings."""
+        body: dict = {"model": self.model_name, "max_tokens": params.max_new_tokens,
+                      "temperature": params.temperature if params.do_sample else 0.0, "top_p": params.top_p}
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if self.extra_sampling:
+            body["extra_body"] = {"top_k": params.top_k if params.top_k > 0 else -1,
+                                  "repetition_penalty": params.repetition_penalty,
+                                  "min_tokens": params.min_new_tokens}
+        if self.fmt is None:
+            messages = [{"role": "system", "content": system}] if system else []
+            messages += [{"role": "assistant" if role == "bot" else "user", "content": text} for role, text in turns]
+            body["messages"] = messages
+        else:
+            body["prompt"], body["stop"] = self.prompt(turns, params)
+        return body
+
+    def prompt(self, turns: Sequence[Turn], params: SamplingParams) -> tuple[str, list[str]]:
+        """Mynah's dialogue format as text, and the turn separator as the stop sequence."""
+        tokenizer = self.fmt.tokenizer
+        ids = self.fmt.context_ids(list(turns), max(8, self.max_context_tokens))
+        separator = tokenizer.convert_ids_to_tokens(self.fmt.turn_end_id)
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), [separator]
