@@ -99,6 +99,16 @@ def _load_adapter(path: str, merge: bool):
     return tokenizer, attach(_load_weights(base, torch.float32), path, merge=merge)
 
 
+def load_model_tokenizer(path: str):
+    """Just the tokenizer load_model would use for `path` (an adapter: its own, else its base's)."""
+    path = resolve_path(path)
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "tokenizer_config.json").exists():
+        from engine.training.lora import adapter_base
+
+        path = resolve_path(adapter_base(path))
+    return load_tokenizer(path)
+
+
 def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: str = "", quantize: str = "none",
                merge: bool = True) -> LoadedModel:
     """Load model + tokenizer + dialogue format ready for generation (eval mode).

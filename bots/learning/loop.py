@@ -104,6 +104,7 @@ class Learning:
         """Tidy what a crash left, mirror the versions into SQLite, start the job and the poller."""
         await self.recover()
         await self.sync_versions()
+        await self.promoter.start()
         if schedule if schedule is not None else self.lc.enabled:
             await self._start_scheduler()
         if self.engine is not None and self._poller is None:
@@ -380,7 +381,8 @@ class Learning:
         result.losses = {"before": trained.before, "after": trained.after}
         result.data = {**result.data, "steps": trained.train.get("steps"),
                        "train_time_s": trained.train.get("train_time_s"),
-                       "max_resident_mb": trained.max_resident_mb, "dropped_forgotten": trained.dropped_forgotten}
+                       "max_resident_mb": trained.max_resident_mb, "dropped_forgotten": trained.dropped_forgotten,
+                       **report.method_facts(trained.train, trained.base_model)}
         if trained.loss_curve.is_file():
             await asyncio.to_thread(shutil.copyfile, trained.loss_curve, folder / "loss_curve.png")
             result.loss_curve = folder / "loss_curve.png"
@@ -474,6 +476,7 @@ class Learning:
         active = await asyncio.to_thread(self.registry.active)
         if active is not None:
             lines += report.active_lines(active, self.serving)
+        lines.append(report.learning_line(self.config))
         new, _ = await self.new_messages()
         lines.append(f"New since the active version: {new} user messages "
                      f"(a scheduled run needs {self.lc.min_new_messages})")

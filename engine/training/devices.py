@@ -11,7 +11,6 @@ accelerate the same choice is passed as `--mixed_precision`.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 
@@ -68,25 +67,20 @@ def bf16_ok() -> bool:
         return False
 
 
-def launch_command(module: str, args: list[str], plan: DevicePlan, *, force_accelerate: bool = False) -> list[str]:
-    """The child's command line: plain `python -m module` on one device, `accelerate launch`
-    with one process per GPU otherwise. `force_accelerate` launches through accelerate on the
-    CPU with one process (tests: the launcher path must not be dead code on a machine without GPUs)."""
-    if not plan.distributed and not force_accelerate:
+def launch_command(module: str, args: list[str], *, device: str, processes: int, accelerate: bool) -> list[str]:
+    """The child's command line: plain `python -m module`, or `accelerate launch` with one
+    process per GPU. `accelerate` with one CPU process is what the tests run, so the launcher
+    path is exercised on machines without GPUs."""
+    if not accelerate:
         return [sys.executable, "-m", module, *args]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
-    if plan.distributed:
-        launch += ["--multi_gpu", "--num_processes", str(plan.processes),
-                   "--mixed_precision", "bf16" if bf16_ok() else "no"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
+              "--num_processes", str(processes)]
+    if device == "cpu":
+        launch += ["--cpu", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no"]
     else:
-        launch += ["--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no"]
+        launch += ["--multi_gpu"] if processes > 1 else []
+        launch += ["--mixed_precision", "bf16" if bf16_ok() else "no"]
     return [*launch, "-m", module, *args]
-
-
-def launched_by_accelerate() -> bool:
-    """accelerate launch sets these in the child's environment."""
-    return "ACCELERATE_MIXED_PRECISION" in os.environ or "ACCELERATE_USE_CPU" in os.environ or \
-        int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 class Distributed:
