@@ -46,6 +46,7 @@ class TrainerResult:
     dropped_forgotten: int = 0       # dialogues dropped because of a /forget after the export
     max_resident_mb: int | None = None
     base_model: str = ""             # LoRA: the model the adapter applies to
+    launched_by_accelerate: bool = False
 
     @classmethod
     def from_json(cls, raw: dict, job: FinetuneJob) -> "TrainerResult":
@@ -54,7 +55,8 @@ class TrainerResult:
                    candidate=candidate, loss_curve=Path(raw.get("loss_curve") or candidate / "loss_curve.png"),
                    train=raw.get("train") or {},
                    dropped_forgotten=(raw.get("counts") or {}).get("dropped_forgotten", 0),
-                   max_resident_mb=raw.get("max_resident_mb"), base_model=raw.get("base_model") or "")
+                   max_resident_mb=raw.get("max_resident_mb"), base_model=raw.get("base_model") or "",
+                   launched_by_accelerate=bool(raw.get("launched_by_accelerate")))
 
 
 def local_model_folder(version: Version) -> str:

@@ -94,6 +94,7 @@ class Distributed:
     rank = 0
     world = 1
     is_main = True
+    kind: str | None = None     # accelerate's distributed type ("NO", "MULTI_GPU", …); None: not under accelerate
 
     def prepare(self, model, optimizer):
         return model, optimizer
@@ -127,6 +128,7 @@ class AccelerateDistributed(Distributed):
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
         self.device = self.acc.device
+        self.kind = str(getattr(self.acc.distributed_type, "value", self.acc.distributed_type))
 
     def prepare(self, model, optimizer):
         return self.acc.prepare(model, optimizer)

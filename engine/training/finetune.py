@@ -374,10 +374,11 @@ def run_job(job: FinetuneJob) -> dict:
     emit("after", **after)
     keep = ("best_valid_loss", "initial_valid_loss", "best_step", "steps", "tokens", "tokens_per_s",
             "train_time_s", "stopped_early", "stop_reason", "params", "trainable_params", "device", "processes",
-            "method", "lr", "data", "lora")
+            "method", "accelerate", "lr", "data", "lora")
     return {"ok": True, "before": before, "after": after, "finite": finite, "counts": counts,
             "train": {k: metrics.get(k) for k in keep}, "candidate": str(job.output),
-            "base_model": _base_of(job), "loss_curve": str(Path(job.output) / "loss_curve.png"),
+            "base_model": _base_of(job), "launched_by_accelerate": "ACCELERATE_MIXED_PRECISION" in os.environ,
+            "loss_curve": str(Path(job.output) / "loss_curve.png"),
             "duration_s": time.time() - started, "max_resident_mb": _proc_status_mb("VmHWM")}
 
 

@@ -422,6 +422,7 @@ def train(cfg: TrainConfig) -> dict:
         "trainable_params": trainable,
         "method": "lora" if cfg.lora is not None else "full",
         "processes": dist.world,
+        "accelerate": dist.kind,
         "device": str(device),
         "format": fmt.name,
         "lr": lr,
