@@ -109,6 +109,18 @@ def load_model_tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def lora_base_path(init: str) -> str:
+    """The base an adapter trained from `init` applies to: the adapter's own base when `init`
+    is an adapter folder (the next version continues it), else `init` itself, made absolute
+    so the adapter loads from anywhere (a hub name stays a hub name)."""
+    from engine.training.lora import adapter_base
+
+    path = resolve_path(init)
+    if (Path(path) / "adapter_config.json").is_file():
+        return adapter_base(path)
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
 def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: str = "", quantize: str = "none",
                merge: bool = True) -> LoadedModel:
     """Load model + tokenizer + dialogue format ready for generation (eval mode).

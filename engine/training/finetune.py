@@ -386,7 +386,7 @@ def _base_of(job: FinetuneJob) -> str:
     """The base model of a LoRA candidate ("" for a full fine-tune)."""
     if job.method != "lora":
         return ""
-    from engine.training.lora import lora_base_path
+    from engine.model import lora_base_path
 
     return lora_base_path(job.init)
 

@@ -133,14 +133,3 @@ def adapter_files_ok(folder: str | Path) -> bool:
     folder = Path(folder)
     return (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
 
-
-def lora_base_path(init: str) -> str:
-    """The base an adapter trained from `init` applies to: the adapter's own base when `init`
-    is an adapter folder (the next version continues it), else `init` itself, made absolute
-    so the adapter loads from anywhere (a hub name stays a hub name)."""
-    from engine.model import resolve_path
-
-    path = resolve_path(init)
-    if is_adapter_folder(path):
-        return adapter_base(path)
-    return str(Path(path).resolve()) if Path(path).exists() else path

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from engine.dialogue import DialogueFormat
-from engine.model import load_model, load_tokenizer, pick_device
+from engine.model import load_model, load_tokenizer, lora_base_path, pick_device
 from engine.training.devices import AccelerateDistributed, Distributed
 from engine.training.data import encode_windows, load_prepared, prepare, read_corpora, train_tokenizer
 from engine.types import Dialogue, max_positions
@@ -190,7 +190,7 @@ def _setup(cfg: TrainConfig):
         loaded = load_model(cfg.init, fmt=cfg.format, device="cpu", merge=cfg.lora is None)
         model, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.fmt
         if cfg.lora is not None:
-            from engine.training.lora import lora_base_path, wrap
+            from engine.training.lora import wrap
 
             model = wrap(model, cfg.lora, lora_base_path(cfg.init))
     elif cfg.lora is not None:
