@@ -298,9 +298,10 @@ async def test_lora_admin_reports_vllm_errors_clearly(tmp_path, tiny_adapter, mo
 
 # --------------------------------------------------------------------------- accelerate on the CPU
 
-async def test_the_trainer_child_runs_under_accelerate_launch(tmp_path, base_model):
-    """`accelerate launch --cpu --num_processes 1 -m engine.training.finetune job.json`: the
-    launcher path the multi-GPU case takes, with the training loop under accelerate.Accelerator."""
+async def test_the_trainer_child_runs_ddp_under_accelerate_launch(tmp_path, base_model):
+    """`accelerate launch --multi_gpu --num_processes 2 -m engine.training.finetune job.json` on the
+    CPU: the launcher the multi-GPU case takes, two ranks training one adapter with DDP (gloo),
+    rank 0 alone evaluating and reporting."""
     config = make_config(tmp_path, base_model, **LORA)
     registry = Registry(config.learning.registry)
     active, _ = registry.ensure_configured(str(base_model))
@@ -310,14 +311,15 @@ async def test_the_trainer_child_runs_under_accelerate_launch(tmp_path, base_mod
     rows += [{"split": "held_out", "turns": [q, CATCHPHRASE], "ids": []} for q in QUESTIONS[:3]]
     (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     job = build_job(config, 1, active, folder)
-    job.distributed, job.processes, job.train = True, 1, TrainSettings(lr=2e-2, epochs=1, batch_size=8, max_len=64)
+    job.distributed, job.processes, job.train = True, 2, TrainSettings(lr=2e-2, epochs=2, batch_size=4, max_len=64)
     assert FinetuneJob.from_json(job.to_json()) == job
     write_job(folder, job, set())
     events = []
     result = await run_trainer(job, folder, threads=1, max_minutes=5, on_event=events.append, on_started=lambda pid: None)
-    assert result.train["method"] == "lora" and result.train["processes"] == 1
-    assert result.train["accelerate"] == "NO"          # the loop ran under accelerate.Accelerator
+    assert result.train["method"] == "lora" and result.train["processes"] == 2
+    assert result.train["accelerate"] == "MULTI_CPU"   # the loop ran under accelerate.Accelerator, two ranks
     assert result.launched_by_accelerate
     assert result.after["held_out"] < result.before["held_out"]
     assert (result.candidate / "adapter_model.safetensors").is_file()
-    assert [e["event"] for e in events].count("finished") == 1
+    assert [e["event"] for e in events].count("finished") == 1     # rank 1 trains but does not report
+    assert [e["event"] for e in events].count("before") == 1

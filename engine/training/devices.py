@@ -67,16 +67,28 @@ def bf16_ok() -> bool:
         return False
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_command(module: str, args: list[str], *, device: str, processes: int, accelerate: bool) -> list[str]:
     """The child's command line: plain `python -m module`, or `accelerate launch` with one
-    process per GPU. `accelerate` with one CPU process is what the tests run, so the launcher
-    path is exercised on machines without GPUs."""
+    process per GPU. On the CPU (the tests: the launcher and DDP must not be dead code on
+    machines without GPUs) several processes go through the same torchrun launcher and talk
+    over gloo; one goes through accelerate's simple launcher."""
     if not accelerate:
         return [sys.executable, "-m", module, *args]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
               "--num_processes", str(processes)]
+    if processes > 1:   # a free port, not torchrun's fixed 29500: two runs on one machine must not meet
+        launch += ["--main_process_port", str(_free_port())]
     if device == "cpu":
-        launch += ["--cpu", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no"]
+        launch += ["--multi_gpu"] if processes > 1 else ["--cpu", "--num_cpu_threads_per_process", "1"]
+        launch += ["--mixed_precision", "no"]
     else:
         launch += ["--multi_gpu"] if processes > 1 else []
         launch += ["--mixed_precision", "bf16" if bf16_ok() else "no"]
