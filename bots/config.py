@@ -279,6 +279,11 @@ def _check_lora(section: Any, bad) -> None:
         raise bad("lora_dropout", "in [0, 1)")
     if not all(isinstance(m, str) and m.strip() for m in section.lora_target_modules):
         raise bad("lora_target_modules", 'a list of module names, e.g. ["q_proj", "v_proj"]')
+    if section.method == "lora":
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("[learning] method = \"lora\" needs the peft package: pip install 'mynah[lora]'")
     devices = section.devices.strip().lower()
     if devices not in ("auto", "cpu", "cuda") and not (devices.isdigit() and int(devices) > 0):
         raise bad("devices", '"auto", "cpu", "cuda" or a number of GPUs such as "2"')

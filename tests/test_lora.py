@@ -323,3 +323,18 @@ async def test_the_trainer_child_runs_ddp_under_accelerate_launch(tmp_path, base
     assert (result.candidate / "adapter_model.safetensors").is_file()
     assert [e["event"] for e in events].count("finished") == 1     # rank 1 trains but does not report
     assert [e["event"] for e in events].count("before") == 1
+
+
+def test_a_missing_peft_is_a_clear_error(tmp_path, base_model, monkeypatch):
+    import importlib.util
+    import sys
+
+    from engine.training.lora import LoraUnavailable, require_peft
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs the peft package: pip install 'mynah\[lora\]'"):
+        make_config(tmp_path, base_model, **LORA)
+    monkeypatch.setitem(sys.modules, "peft", None)   # import peft → ImportError
+    with pytest.raises(LoraUnavailable, match="pip install 'mynah"):
+        require_peft()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -92,7 +93,13 @@ def build_job(config, run_id: int, active: Version, folder: Path) -> FinetuneJob
     """The job for fine-tuning `active` on folder/data.jsonl into folder/candidate-run-N, on the
     hardware [learning] devices names (several GPUs: DDP under accelerate)."""
     lc, folder = config.learning, folder.resolve()
-    plan = plan_devices(lc.devices, config.model.device)
+    try:
+        plan = plan_devices(lc.devices, config.model.device)
+    except ValueError as exc:
+        raise RunFailed(str(exc)) from None
+    if plan.distributed and importlib.util.find_spec("accelerate") is None:
+        raise RunFailed(f"training on {plan.processes} GPUs needs the accelerate package: pip install 'mynah[scale]' "
+                        "(or set [learning] devices = \"cuda\" for one GPU)")
     return FinetuneJob(
         run_id=run_id, init=training_init(config, active), format=config.model.format, device=plan.device,
         data=str(folder / DATA_FILE), forgotten=str(folder / FORGOTTEN_FILE),
