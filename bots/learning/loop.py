@@ -44,8 +44,8 @@ from bots.learning.notify import Notifier, Notifiers, ProgressListener
 from bots.learning.promote import Promoter, PromotionRefused
 from bots.learning.report import RunResult, RunStatus
 from bots.learning.schedule import ScheduleState, next_run_time, parse_schedule, start_scheduler
-from bots.learning.trainer import RunFailed, TrainerResult, build_job, local_model_folder, run_trainer, write_job
-from engine.registry import FileLock, Registry, RegistryError, Version, folder_bytes
+from bots.learning.trainer import RunFailed, TrainerResult, build_job, candidate_bytes, run_trainer, write_job
+from engine.registry import FileLock, Registry, RegistryError, Version
 
 log = logging.getLogger(__name__)
 
@@ -356,8 +356,8 @@ class Learning:
         return result
 
     def _check_disk(self, active: Version, folder: Path) -> None:
-        """Room for a candidate (twice the active model) plus [learning] min_free_disk_mb."""
-        need_mb = 2 * folder_bytes(local_model_folder(active)) / 2**20 + self.lc.min_free_disk_mb
+        """Room for a candidate (twice its expected size) plus [learning] min_free_disk_mb."""
+        need_mb = 2 * candidate_bytes(self.config, active) / 2**20 + self.lc.min_free_disk_mb
         free_mb = shutil.disk_usage(folder).free / 2**20
         if free_mb < need_mb:
             raise RunFailed(f"disk full: {free_mb:.0f} MB free in {self.registry.root}, a run needs {need_mb:.0f} MB "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from bots.learning.export import DATA_FILE, FORGOTTEN_FILE
-from engine.registry import Version, write_json_atomic
+from engine.registry import Version, folder_bytes, write_json_atomic
 from engine.training.devices import launch_command, plan_devices
 from engine.training.finetune import FinetuneJob, TrainSettings
 from engine.training.lora import LoraSettings
@@ -68,6 +68,14 @@ def local_model_folder(version: Version) -> str:
         return resolve_path(version.model_path)
     except Exception:
         return version.model_path
+
+
+def candidate_bytes(config, active: Version) -> int:
+    """What a run's candidate will take on disk: a model like the active one (full fine-tune),
+    or an adapter (LoRA: about the active adapter's size; a first adapter is small, 64 MB is ample)."""
+    if config.learning.method == "lora":
+        return folder_bytes(active.folder) if active.kind == "lora" else 64 * 2**20
+    return folder_bytes(local_model_folder(active))
 
 
 def _child_model_path(version: Version) -> str:

@@ -25,9 +25,7 @@ class DevicePlan:
         return self.processes > 1
 
     def describe(self) -> str:
-        if self.device == "cpu":
-            return "cpu"
-        return f"{self.processes}× cuda (DDP)" if self.distributed else "cuda"
+        return f"{self.processes}× {self.device} (DDP)" if self.distributed else self.device
 
 
 def gpu_count() -> int:
@@ -47,7 +45,7 @@ def plan_devices(devices: str, device: str = "auto", gpus: int | None = None) ->
     gpus = gpu_count() if gpus is None else gpus
     devices = (devices or "auto").strip().lower()
     if devices == "auto" and device in ("cpu", "mps"):
-        devices = "cpu"
+        return DevicePlan(device, 1)      # Apple's GPU, or the CPU [model] device asks for
     if devices == "cpu":
         return DevicePlan("cpu", 1)
     if devices == "auto":
