@@ -243,7 +243,22 @@ async def test_remote_promotion_loads_the_adapter_and_rollback_unloads_it(tmp_pa
         await learning.rollback("2", who="test")
         await engine.reply([("user", "again")])
         assert fake.completions[-1] == "v0002" and list(fake.adapters) == ["v0002"]
+
+        # `mynah rollback` in another process moves only the pointer: the bot follows
+        learning.registry.rollback("v0001", "cli")
+        assert await learning.check_pointer()
+        await engine.reply([("user", "cli")])
+        assert fake.completions[-1] == "tiny-base" and fake.adapters == {} and learning.serving == "v0001"
         await learning.stop()
+
+        # the backend restarted (no adapters) and the bot starts with v0002 active: loaded again, served
+        learning.registry.set_active("v0002", "cli")
+        again = Learning(learning.config, learning.registry, learning.conversations,
+                         StandInRemoteEngine(fake.base_url, fake.base_model, "v0001"))
+        await again.start(schedule=False)
+        assert list(fake.adapters) == ["v0002"] and again.engine.served_model == "v0002" and again.serving == "v0002"
+        assert (await again.engine.reply([("user", "back")])).model_version == "v0002"
+        await again.stop()
     finally:
         await db.close()
         await fake.stop()
