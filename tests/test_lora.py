@@ -142,6 +142,17 @@ async def test_lora_retrain_promotes_an_adapter_that_peft_loads_and_rollback_wor
         assert "Learning: LoRA (r=8, alpha=16) on cpu" in status
         assert "LoRA adapter on model, from v0001 by run #1" in (await app.chat.handle(admin_msg("/models")))[0].text
 
+        # the next run continues the active adapter: same base, parent v0002
+        await log_chats(app.conversations, 24, "splendid , simply splendid , old chap !", prefix="w", seed=1)
+        await app.chat.handle(admin_msg("/retrain"))
+        result = await learning.wait()
+        assert result.decision == "promoted", result.summary()
+        v3 = learning.registry.get("v0003")
+        assert v3.kind == "lora" and v3.parent == "v0002" and v3.base_model == v2.base_model
+        assert v3.metrics["train"]["lora"]["r"] == 8 and app.engine.version == "v0003"
+
+        back = (await app.chat.handle(admin_msg("/rollback")))[0].text
+        assert "now serving v0002 (was v0003)" in back and app.engine.version == "v0002"
         back = (await app.chat.handle(admin_msg("/rollback")))[0].text
         assert "now serving v0001 (was v0002)" in back and app.engine.version == "v0001"
         assert learning.registry.active_name() == "v0001"

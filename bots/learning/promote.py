@@ -119,7 +119,8 @@ class Promoter:
         try:
             return await self.remote.ensure(version)
         except LoraAdminError as exc:
-            raise RegistryError(f"the backend cannot serve {version.name} ({exc}); still serving {self.serving}") from exc
+            raise RegistryError(f"the backend cannot serve {version.name} ({exc}); "
+                                f"still serving {self.serving}") from exc
 
     async def rollback(self, target: str | None = None, *, who: str = "") -> tuple[Version, str | None]:
         """Make `target` (default: the previous version) active now and serve it."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+import logging
 from pathlib import Path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -31,6 +32,8 @@ TARGETS_BY_MODEL_TYPE = {
     "phi3": ["qkv_proj", "o_proj"],
 }
 LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj"]   # llama, mistral, qwen2/3, gemma, …
+
+log = logging.getLogger(__name__)
 
 
 class LoraUnavailable(RuntimeError):
@@ -101,6 +104,11 @@ def wrap(model, settings: LoraSettings, base_path: str):
         for name, param in model.named_parameters():
             param.requires_grad = "lora_" in name
         model.peft_config["default"].base_model_name_or_path = base_path
+        shape = describe(model)
+        if (shape["r"], shape["alpha"]) != (settings.r, settings.alpha):
+            log.warning("continuing the active adapter with its own r=%s, alpha=%s; [learning] lora_r=%s, "
+                        "lora_alpha=%s take effect with a fresh adapter (roll back to a full version first)",
+                        shape["r"], shape["alpha"], settings.r, settings.alpha)
         return model
     config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                              target_modules=target_modules(model, settings.target_modules), bias="none",
@@ -124,8 +132,11 @@ def attach(model, adapter: str | Path, *, merge: bool):
     return wrapped.merge_and_unload() if merge else wrapped
 
 
-def trainable_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def describe(model) -> dict:
+    """The adapter's real shape (a continued adapter keeps the one it was made with)."""
+    config = model.peft_config["default"]
+    return {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "target_modules": sorted(config.target_modules or [])}
 
 
 def adapter_files_ok(folder: str | Path) -> bool:

@@ -29,6 +29,7 @@ import torch
 from engine.dialogue import DialogueFormat
 from engine.model import load_model, load_tokenizer, lora_base_path, pick_device
 from engine.training.devices import AccelerateDistributed, Distributed
+from engine.training.lora import describe as lora_shape, wrap
 from engine.training.data import encode_windows, load_prepared, prepare, read_corpora, train_tokenizer
 from engine.types import Dialogue, max_positions
 
@@ -190,8 +191,6 @@ def _setup(cfg: TrainConfig):
         loaded = load_model(cfg.init, fmt=cfg.format, device="cpu", merge=cfg.lora is None)
         model, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.fmt
         if cfg.lora is not None:
-            from engine.training.lora import wrap
-
             model = wrap(model, cfg.lora, lora_base_path(cfg.init))
     elif cfg.lora is not None:
         raise ValueError("LoRA trains an adapter on an existing model: give init, not scratch")
@@ -430,7 +429,7 @@ def train(cfg: TrainConfig) -> dict:
         "command": cfg.command,
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                    if f.name not in ("on_progress", "dialogues", "valid_dialogues", "lora")},
-        "lora": cfg.lora.to_json() if cfg.lora is not None else None,
+        "lora": lora_shape(core) if cfg.lora is not None else None,
         "history": history,
         "train_history": train_history,
         "output": str(out),
