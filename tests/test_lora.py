@@ -57,8 +57,9 @@ def tiny_adapter(base_model, tmp_path_factory) -> Path:
 def test_lora_config_is_checked(tmp_path, base_model):
     config = make_config(tmp_path, base_model, **LORA, devices="CPU")
     assert config.learning.method == "lora" and config.learning.devices == "cpu"
-    for bad, words in [({"method": "qlora"}, "method"), ({"lora_r": 0}, "lora_r"), ({"lora_dropout": 1.0}, "lora_dropout"),
-                       ({"devices": "two"}, "devices"), ({"lora_target_modules": [""]}, "lora_target_modules")]:
+    for bad, words in [({"method": "qlora"}, "method"), ({"lora_r": 0}, "lora_r"),
+                       ({"lora_dropout": 1.0}, "lora_dropout"), ({"devices": "two"}, "devices"),
+                       ({"lora_target_modules": [""]}, "lora_target_modules")]:
         with pytest.raises(ConfigError, match=words):
             make_config(tmp_path, base_model, **bad)
 
@@ -285,7 +286,8 @@ async def test_a_refused_adapter_is_not_promoted(tmp_path, base_model, tiny_adap
         active = learning.registry.active()
         with pytest.raises(PromotionRefused, match="nothing was promoted.*max_lora_rank"):
             await learning.promoter.promote(candidate, active=active, run_id=1, trigger="t", through=0, metrics={})
-        assert [v.name for v in learning.registry.versions()] == ["v0001"] and learning.registry.active_name() == "v0001"
+        assert [v.name for v in learning.registry.versions()] == ["v0001"]
+        assert learning.registry.active_name() == "v0001"
         assert fake.loads[0]["lora_path"].endswith("/v0002") and fake.seen_paths_ok == [True]
         await engine.reply([("user", "hi")])
         assert fake.completions == ["tiny-base"] and learning.serving == "v0001"
@@ -341,7 +343,8 @@ async def test_the_trainer_child_runs_ddp_under_accelerate_launch(tmp_path, base
     assert FinetuneJob.from_json(job.to_json()) == job
     write_job(folder, job, set())
     events = []
-    result = await run_trainer(job, folder, threads=1, max_minutes=5, on_event=events.append, on_started=lambda pid: None)
+    result = await run_trainer(job, folder, threads=1, max_minutes=5, on_event=events.append,
+                               on_started=lambda pid: None)
     assert result.train["method"] == "lora" and result.train["processes"] == 2
     assert result.train["accelerate"] == "MULTI_CPU"   # the loop ran under accelerate.Accelerator, two ranks
     assert result.launched_by_accelerate
