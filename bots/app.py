@@ -8,7 +8,7 @@ import asyncio
 import logging
 
 from bots.chat.service import ChatService
-from bots.config import Config
+from bots.config import Config, ConfigError
 from bots.platforms.base import Platform
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
@@ -84,6 +84,27 @@ async def load_active_model(config: Config, registry) -> LoadedModel:
         return loaded
 
 
+async def open_remote_learning(config: Config, conversations: Conversations, engine):
+    """LoRA learning for a served model: the registry's configured version is the backend's own
+    base model ([learning] base_model is its local copy, for training and evaluation); promoted
+    versions are adapters the backend loads at run time."""
+    from bots.learning.loop import Learning
+    from engine.registry import Registry
+
+    if not config.learning.base_model:
+        raise ConfigError('[learning] method = "lora" with [engine] backend = "openai" needs [learning] base_model: '
+                          "a local folder with the weights of the model the backend serves (training and evaluation "
+                          "run on it here)")
+    registry = Registry(config.learning.registry)
+    active, changed = await asyncio.to_thread(registry.ensure_configured, config.learning.base_model)
+    if changed:
+        log.info("registered [learning] base_model %s as %s (the backend's base model)", config.learning.base_model,
+                 active.name)
+    learning = Learning(config, registry, conversations, engine)
+    await learning.start()
+    return learning
+
+
 class Mynah:
     """The shared parts of a running bot. Use `await Mynah.open(config)` / `await app.close()`."""
 
@@ -125,14 +146,16 @@ class Mynah:
 
     @classmethod
     async def open_remote(cls, config: Config) -> "Mynah":
-        """Replies from an OpenAI-compatible server. The learning loop and MMI need the model
-        in this process, so they are off (said at startup; remote LoRA learning is issue 14)."""
+        """Replies from an OpenAI-compatible server. MMI needs the model in this process, so it
+        is off; the learning loop runs only as LoRA learning ([learning] method = "lora"), whose
+        versions the server loads as adapters (bots/learning/remote.py)."""
         from bots.backend import build_openai_engine
 
-        if config.learning.enabled:
-            log.warning("[learning] enabled is ignored: the learning loop fine-tunes a model in this process, and "
-                        '[engine] backend = "openai" serves from a remote server. Chats are still logged, so a '
-                        "later run (mynah retrain against [model] path, or remote learning) can use them.")
+        learn = config.learning.enabled and config.learning.method == "lora"
+        if config.learning.enabled and not learn:
+            log.warning('[learning] enabled is ignored: with [engine] backend = "openai" the learning loop needs '
+                        '[learning] method = "lora" (and base_model, a local copy of the served model). Chats are '
+                        "still logged, so a later run can use them.")
         if config.generation.mmi_model:
             log.warning('[generation] mmi_model is ignored with [engine] backend = "openai" (MMI scores with '
                         "a model in this process)")
@@ -147,7 +170,8 @@ class Mynah:
                             config.engine.model)
         except EngineUnavailable as exc:  # the bot still starts; replies apologise until the backend is up
             log.warning("engine: %s; starting anyway, replies will say so until it is back", exc)
-        return cls(config, db, conversations, engine, ChatService(config, engine, conversations, None), None)
+        learning = await open_remote_learning(config, conversations, engine) if learn else None
+        return cls(config, db, conversations, engine, ChatService(config, engine, conversations, learning), learning)
 
     def attach(self, platform: Platform) -> None:
         """A platform has started: the learning loop may now deliver through it what nobody

@@ -132,6 +132,15 @@ class LearningConfig:
     poll_seconds: float = 5.0            # how often a running bot looks for `mynah rollback`
     misfire_grace_seconds: int = 3600
     notify: list = field(default_factory=list)   # "telegram:12345": also told about scheduled runs
+    # at scale: LoRA adapters and the trainer's hardware (docs/LEARNING.md, docs/SCALING.md)
+    method: str = "full"                 # "full" fine-tune or "lora" adapters (peft)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list = field(default_factory=list)   # empty = detected from the architecture
+    base_model: str = ""                 # local copy of the model a remote backend serves (LoRA trains on it)
+    adapter_path_prefix: str = ""        # the registry folder as the backend machine sees it ("" = same path)
+    devices: str = "auto"                # "auto" (every GPU, else CPU), "cpu", "cuda" (one GPU) or a GPU count
 
 
 @dataclass
@@ -285,12 +294,36 @@ def _check_learning(section: Any) -> None:
             raise bad(key, "0 or more")
     if not 0 <= section.nice <= 19:
         raise bad("nice", "between 0 and 19")
+    _check_lora(section, bad)
     if not section.registry.strip():
         raise bad("registry", "a folder")
     for target in section.notify:
         platform, _, chat = str(target).partition(":")
         if not platform or not chat:
             raise ConfigError(f"[learning] notify entries look like \"telegram:CHAT_ID\", got {target!r}")
+
+
+def _check_lora(section: Any, bad) -> None:
+    """[learning] method, the LoRA knobs and devices."""
+    if section.method not in ("full", "lora"):
+        raise bad("method", '"full" or "lora"')
+    if section.lora_r <= 0:
+        raise bad("lora_r", "greater than 0")
+    if section.lora_alpha <= 0:
+        raise bad("lora_alpha", "greater than 0")
+    if not 0 <= section.lora_dropout < 1:
+        raise bad("lora_dropout", "in [0, 1)")
+    if not all(isinstance(m, str) and m.strip() for m in section.lora_target_modules):
+        raise bad("lora_target_modules", 'a list of module names, e.g. ["q_proj", "v_proj"]')
+    if section.method == "lora":
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("[learning] method = \"lora\" needs the peft package: pip install 'mynah[lora]'")
+    devices = section.devices.strip().lower()
+    if devices not in ("auto", "cpu", "cuda") and not (devices.isdigit() and int(devices) > 0):
+        raise bad("devices", '"auto", "cpu", "cuda" or a number of GPUs such as "2"')
+    section.devices = devices
 
 
 def parse_config(raw: dict, source: Path | None = None) -> Config:

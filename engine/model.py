@@ -87,18 +87,59 @@ def _load_weights(path: str, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
-def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: str = "", quantize: str = "none") -> LoadedModel:
-    """Load model + tokenizer + dialogue format ready for generation (eval mode)."""
+def _load_adapter(path: str, merge: bool):
+    """A LoRA adapter folder: its base (adapter_config.json names it) plus the adapter, merged
+    into plain weights for serving, or left as a PeftModel for training to continue."""
+    from engine.training.lora import adapter_base, attach
+
+    base = resolve_path(adapter_base(path))
+    if not Path(base).exists() and ("/" not in base or base.startswith((".", "/"))):
+        raise ModelLoadError(f"the base model of the adapter in {path} is not found: {base}")
+    tokenizer = load_tokenizer(path if (Path(path) / "tokenizer_config.json").exists() else base)
+    return tokenizer, attach(_load_weights(base, torch.float32), path, merge=merge)
+
+
+def load_model_tokenizer(path: str):
+    """Just the tokenizer load_model would use for `path` (an adapter: its own, else its base's)."""
+    path = resolve_path(path)
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "tokenizer_config.json").exists():
+        from engine.training.lora import adapter_base
+
+        path = resolve_path(adapter_base(path))
+    return load_tokenizer(path)
+
+
+def lora_base_path(init: str) -> str:
+    """The base an adapter trained from `init` applies to: the adapter's own base when `init`
+    is an adapter folder (the next version continues it), else `init` itself, made absolute
+    so the adapter loads from anywhere (a hub name stays a hub name)."""
+    from engine.training.lora import adapter_base
+
+    path = resolve_path(init)
+    if (Path(path) / "adapter_config.json").is_file():
+        return adapter_base(path)
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: str = "", quantize: str = "none",
+               merge: bool = True) -> LoadedModel:
+    """Load model + tokenizer + dialogue format ready for generation (eval mode).
+
+    A LoRA adapter folder (adapter_config.json) loads its base model plus the adapter, merged
+    (`merge=False`: a peft model whose adapter can be trained further)."""
     path = resolve_path(path)
     folder = Path(path)
     if not folder.exists() and ("/" not in path or path.startswith((".", "/"))):
         raise ModelLoadError(f"model folder not found: {path}")
     try:
-        tokenizer = load_tokenizer(path)
-        model = _load_weights(path, torch.float32)
+        if (folder / "adapter_config.json").is_file():
+            tokenizer, model = _load_adapter(path, merge)
+        else:
+            tokenizer = load_tokenizer(path)
+            model = _load_weights(path, torch.float32)
     except ModelLoadError:
         raise
-    except Exception as exc:  # corrupt weights, missing files, no network for a hub name …
+    except Exception as exc:  # corrupt weights, missing files, no network for a hub name, no peft …
         raise ModelLoadError(f"could not load the model from {path}: {type(exc).__name__}: {exc}") from exc
     dev = pick_device(device)
     model.eval()

@@ -4,6 +4,7 @@
       active              {"version": "v0003", "history": ["v0001", "v0002", "v0003"], ...}
       v0001/version.json  the model the user configured (no weights copied: it records the path)
       v0002/              a fine-tuned HF model folder + version.json, metrics.json, loss_curve.png
+      v0003/              a LoRA adapter (adapter_config.json + adapter_model.safetensors) on a base model
       runs/run-0007/      a retrain's work folder: job, trainer log, result, loss curve
       .registry.lock      flock: one writer of pointer / version numbers at a time
       .train.lock         flock: one training run at a time (pid + start time inside, for humans)
@@ -29,11 +30,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
+
+from engine.atomic import _fsync_dir, write_json_atomic, write_jsonl_atomic  # noqa: F401 (re-exported)
 
 VERSION_RE = re.compile(r"v(\d{4,})")
 _NUMBERED = re.compile(r"(?:\.trash-|\.)?v(\d{4,})(?:$|[.-])")
@@ -65,7 +67,8 @@ class Version:
 
     name: str                      # "v0003"
     folder: Path                   # models/v0003
-    kind: str                      # "configured" (the user's model, by path) or "fine-tuned" (weights here)
+    kind: str                      # "configured" (the user's model, by path), "fine-tuned" (weights here)
+                                   # or "lora" (an adapter here, applied to `base_model`)
     source: str = ""               # configured: the path or hub name as written in config
     resolved: str = ""             # configured: what `source` pointed at when registered
     parent: str = ""               # fine-tuned: the version it was trained from
@@ -74,6 +77,7 @@ class Version:
     trained_through: int = 0       # the newest message id its training data could contain
     metrics: dict = field(default_factory=dict)
     note: str = ""
+    base_model: str = ""           # lora: the model the adapter applies to (a folder or hub name)
 
     @property
     def number(self) -> int:
@@ -82,7 +86,7 @@ class Version:
     @property
     def model_path(self) -> str:
         """What load_model() takes: the folder itself, or the configured path / hub name."""
-        return str(self.folder) if self.kind == "fine-tuned" else self.source
+        return str(self.folder) if self.kind in ("fine-tuned", "lora") else self.source
 
     @property
     def loss_curve(self) -> Path | None:
@@ -92,7 +96,8 @@ class Version:
     def to_json(self) -> dict:
         return {"version": self.name, "kind": self.kind, "source": self.source, "resolved": self.resolved,
                 "parent": self.parent, "created_at": self.created_at, "run_id": self.run_id,
-                "trained_through": self.trained_through, "metrics": self.metrics, "note": self.note}
+                "trained_through": self.trained_through, "metrics": self.metrics, "note": self.note,
+                **({"base_model": self.base_model} if self.base_model else {})}
 
     @classmethod
     def from_json(cls, folder: Path, raw: dict) -> "Version":
@@ -100,7 +105,7 @@ class Version:
                    resolved=raw.get("resolved", ""), parent=raw.get("parent", ""),
                    created_at=float(raw.get("created_at", 0.0)), run_id=raw.get("run_id"),
                    trained_through=int(raw.get("trained_through", 0)), metrics=raw.get("metrics") or {},
-                   note=raw.get("note", ""))
+                   note=raw.get("note", ""), base_model=raw.get("base_model", ""))
 
 
 def resolve_source(source: str) -> str:
@@ -111,50 +116,6 @@ def resolve_source(source: str) -> str:
         return str(BUILTIN[source or "starter"].resolve())
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else source
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temp file beside `path`, fsync it, then os.replace: all or nothing."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
-    """One JSON object per line, written like write_json_atomic: all or nothing."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 class FileLock:
@@ -384,12 +345,22 @@ class Registry:
 
     def add_fine_tuned(self, candidate: str | Path, *, parent: str, run_id: int | None, trained_through: int,
                        metrics: dict, activate: bool = True, note: str = "") -> Version:
-        """Move a finished candidate folder (same filesystem) into the registry as the next version."""
+        """Move a finished candidate folder (same filesystem) into the registry as the next version:
+        a model folder (config.json), or a LoRA adapter folder (adapter_config.json), recorded with
+        the base model it applies to."""
         candidate = Path(candidate)
-        if not (candidate / "config.json").is_file():
-            raise RegistryError(f"{candidate} is not a model folder (no config.json)")
         info = {"kind": "fine-tuned", "parent": parent, "run_id": run_id, "created_at": time.time(),
                 "trained_through": trained_through, "metrics": metrics, "note": note}
+        if (candidate / "adapter_config.json").is_file():
+            from engine.training.lora import adapter_base
+
+            try:
+                info.update(kind="lora", base_model=adapter_base(candidate))
+            except (OSError, ValueError) as exc:
+                raise RegistryError(f"{candidate} is not a usable LoRA adapter: {exc}") from None
+        elif not (candidate / "config.json").is_file():
+            raise RegistryError(f"{candidate} is not a model folder (no config.json) nor a LoRA adapter "
+                                "(no adapter_config.json)")
         with self._locked():
             return self._install(lambda tmp: os.rename(candidate, tmp), info, activate,
                                  f"promoted by run {run_id}" if run_id is not None else "promoted")
@@ -456,7 +427,10 @@ class Registry:
             return []
         active = self.active()
         protected = {active.name, active.parent} if active else set()
-        tuned = [v for v in self.versions() if v.kind == "fine-tuned"]
+        versions = self.versions()
+        bases = {str(Path(v.base_model).resolve()) for v in versions if v.kind == "lora" and v.base_model}
+        protected |= {v.name for v in versions if str(v.folder.resolve()) in bases}   # an adapter's base stays
+        tuned = [v for v in versions if v.kind in ("fine-tuned", "lora")]
         removed = []
         for version in tuned[:-keep] if len(tuned) > keep else []:
             if version.name in protected:

@@ -44,8 +44,8 @@ from bots.learning.notify import Notifier, Notifiers, ProgressListener
 from bots.learning.promote import Promoter, PromotionRefused
 from bots.learning.report import RunResult, RunStatus
 from bots.learning.schedule import ScheduleState, next_run_time, parse_schedule, start_scheduler
-from bots.learning.trainer import RunFailed, TrainerResult, build_job, local_model_folder, run_trainer, write_job
-from engine.registry import FileLock, Registry, RegistryError, Version, folder_bytes
+from bots.learning.trainer import RunFailed, TrainerResult, build_job, candidate_bytes, run_trainer, write_job
+from engine.registry import FileLock, Registry, RegistryError, Version
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class Learning:
         """Tidy what a crash left, mirror the versions into SQLite, start the job and the poller."""
         await self.recover()
         await self.sync_versions()
+        await self.promoter.start()
         if schedule if schedule is not None else self.lc.enabled:
             await self._start_scheduler()
         if self.engine is not None and self._poller is None:
@@ -355,8 +356,8 @@ class Learning:
         return result
 
     def _check_disk(self, active: Version, folder: Path) -> None:
-        """Room for a candidate (twice the active model) plus [learning] min_free_disk_mb."""
-        need_mb = 2 * folder_bytes(local_model_folder(active)) / 2**20 + self.lc.min_free_disk_mb
+        """Room for a candidate (twice its expected size) plus [learning] min_free_disk_mb."""
+        need_mb = 2 * candidate_bytes(self.config, active) / 2**20 + self.lc.min_free_disk_mb
         free_mb = shutil.disk_usage(folder).free / 2**20
         if free_mb < need_mb:
             raise RunFailed(f"disk full: {free_mb:.0f} MB free in {self.registry.root}, a run needs {need_mb:.0f} MB "
@@ -380,7 +381,8 @@ class Learning:
         result.losses = {"before": trained.before, "after": trained.after}
         result.data = {**result.data, "steps": trained.train.get("steps"),
                        "train_time_s": trained.train.get("train_time_s"),
-                       "max_resident_mb": trained.max_resident_mb, "dropped_forgotten": trained.dropped_forgotten}
+                       "max_resident_mb": trained.max_resident_mb, "dropped_forgotten": trained.dropped_forgotten,
+                       **report.method_facts(trained.train, trained.base_model)}
         if trained.loss_curve.is_file():
             await asyncio.to_thread(shutil.copyfile, trained.loss_curve, folder / "loss_curve.png")
             result.loss_curve = folder / "loss_curve.png"
@@ -474,6 +476,7 @@ class Learning:
         active = await asyncio.to_thread(self.registry.active)
         if active is not None:
             lines += report.active_lines(active, self.serving)
+        lines.append(report.learning_line(self.config))
         new, _ = await self.new_messages()
         lines.append(f"New since the active version: {new} user messages "
                      f"(a scheduled run needs {self.lc.min_new_messages})")

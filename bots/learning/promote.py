@@ -6,6 +6,10 @@ load never becomes active), then move the pointer atomically, then hot-swap the 
 which takes the new model between batches (in-flight replies finish on the old one). A
 `mynah rollback` in another process moves only the pointer; the bot polls its stamp and
 follows within [learning] poll_seconds.
+
+With a remote backend (an engine that is a RemoteModelSwitch) the same steps load a LoRA
+adapter into the backend instead of weights into this process (bots/learning/remote.py):
+an adapter the backend refuses never becomes active.
 """
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ import asyncio
 import logging
 from pathlib import Path
 
+from bots.learning.remote import RemoteAdapters
 from engine.registry import Registry, RegistryError, Version, parse_version
+from engine.serving.lora_admin import LoraAdminError
+from engine.serving.protocol import RemoteModelSwitch
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,23 @@ class Promoter:
         self.serving = serving if serving is not None else (engine.version if engine is not None else None)
         self._lock = asyncio.Lock()
         self._stamp = registry.pointer_stamp()
+        self.remote = RemoteAdapters(config, registry, engine) if isinstance(engine, RemoteModelSwitch) else None
+
+    async def start(self) -> None:
+        """Remote backend: serve the active version (its adapter may be gone after a backend restart)."""
+        if self.remote is None:
+            return
+        active = await asyncio.to_thread(self.registry.active)
+        if active is None:
+            return
+        try:
+            self.remote.switch(await self.remote.ensure(active), active)
+            self.serving = active.name
+        except (LoraAdminError, RegistryError) as exc:
+            log.error("the backend cannot serve the active version %s (%s); still serving %s",
+                      active.name, exc, self.serving)
+            return
+        await self.remote.tidy({active.name, await asyncio.to_thread(self.registry.previous) or ""})
 
     def load(self, path: str, version: str):
         """Load a model as the engine would serve it (blocking: call from a thread)."""
@@ -44,6 +68,9 @@ class Promoter:
                       metrics: dict) -> Version:
         """Install the candidate as the new active version and serve it; raises PromotionRefused."""
         async with self._lock:
+            if self.remote is not None:
+                return await self._promote_remote(candidate, active=active, run_id=run_id, trigger=trigger,
+                                                  through=through, metrics=metrics)
             loaded = None
             if self.engine is not None:
                 try:
@@ -63,6 +90,38 @@ class Promoter:
             self.serving = version.name
             return version
 
+    async def _promote_remote(self, candidate: Path, *, active: Version, run_id: int, trigger: str, through: int,
+                              metrics: dict) -> Version:
+        """Registered inactive, loaded into the backend under its version name, then made active
+        and switched to; a backend that refuses it leaves nothing behind (the version is removed)."""
+        if not (candidate / "adapter_config.json").is_file():
+            raise PromotionRefused("a model served by a remote backend can only take LoRA adapters; "
+                                   "set [learning] method = \"lora\"")
+        if await asyncio.to_thread(self.registry.active_name) != active.name:
+            raise PromotionRefused("the active version changed during the run (a rollback?); the candidate was dropped")
+        version = await asyncio.to_thread(
+            self.registry.add_fine_tuned, candidate, parent=active.name, run_id=run_id, trained_through=through,
+            metrics=metrics, activate=False, note=f"run #{run_id} ({trigger})")
+        try:
+            model = await self.remote.ensure(version)
+        except (LoraAdminError, RegistryError) as exc:
+            await asyncio.to_thread(self.registry.remove, version.name)
+            raise PromotionRefused(f"the backend did not load the adapter, so nothing was promoted: {exc}") from exc
+        version = await asyncio.to_thread(self.registry.set_active, version.name, f"promoted by run {run_id}")
+        self._stamp = self.registry.pointer_stamp()
+        previous, self.serving = self.serving, version.name
+        self.remote.switch(model, version)
+        await self.remote.tidy({version.name, previous or ""})
+        return version
+
+    async def _serve_remote(self, version: Version) -> str | None:
+        """Remote: the backend's model name for `version` (its adapter loaded first)."""
+        try:
+            return await self.remote.ensure(version)
+        except LoraAdminError as exc:
+            raise RegistryError(f"the backend cannot serve {version.name} ({exc}); "
+                                f"still serving {self.serving}") from exc
+
     async def rollback(self, target: str | None = None, *, who: str = "") -> tuple[Version, str | None]:
         """Make `target` (default: the previous version) active now and serve it."""
         async with self._lock:
@@ -70,6 +129,16 @@ class Promoter:
             if name is None:
                 raise RegistryError("there is no previous version to roll back to")
             version = await asyncio.to_thread(self.registry.get, name)
+            if self.remote is not None:
+                model = await self._serve_remote(version)
+                version, old = await asyncio.to_thread(self.registry.rollback, version.name,
+                                                       f"rollback by {who}" if who else "")
+                self._stamp = self.registry.pointer_stamp()
+                demoted, self.serving = self.serving, version.name
+                self.remote.switch(model, version)
+                if demoted != version.name:
+                    await self.remote.unload(demoted)
+                return version, old
             loaded = None
             if self.engine is not None:
                 try:
@@ -94,6 +163,8 @@ class Promoter:
             version = await asyncio.to_thread(self.registry.active)
             if version is None or version.name == self.serving or self.engine is None:
                 return False
+            if self.remote is not None:
+                return await self._follow_remote(version)
             try:
                 loaded = await asyncio.to_thread(self.load, version.model_path, version.name)
             except Exception as exc:
@@ -104,6 +175,19 @@ class Promoter:
             log.info("the active pointer changed: now serving %s (was %s)", version.name, self.serving)
             self.serving = version.name
             return True
+
+    async def _follow_remote(self, version: Version) -> bool:
+        """check_pointer for a remote backend: load the named adapter, switch, unload the demoted one."""
+        try:
+            model = await self._serve_remote(version)
+        except RegistryError as exc:
+            log.error("the active pointer now names %s, but %s", version.name, exc)
+            return False
+        demoted, self.serving = self.serving, version.name
+        self.remote.switch(model, version)
+        await self.remote.unload(demoted)
+        log.info("the active pointer changed: now serving %s (was %s)", version.name, demoted)
+        return True
 
     async def poll(self) -> None:
         """check_pointer every [learning] poll_seconds, until cancelled."""

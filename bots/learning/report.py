@@ -78,6 +78,8 @@ class RunResult:
                          f"{d.get('held_out', 0)} held out), {d.get('replay_old', 0)} older replayed, "
                          f"{d.get('replay_base', 0)} from the base corpus"
                          + (f"; {d['steps']} steps" if d.get("steps") is not None else "") + ".")
+        if d.get("method"):
+            lines.append(trained_line(d))
         return "\n".join(lines)
 
 
@@ -102,6 +104,8 @@ def describe_version(v: Version, active: str | None, replies: int | None = None)
     when = dt.datetime.fromtimestamp(v.created_at).strftime("%Y-%m-%d %H:%M") if v.created_at else "?"
     if v.kind == "configured":
         what = f"configured model {v.source}"
+    elif v.kind == "lora":
+        what = f"LoRA adapter on {Path(v.base_model).name or v.base_model}, from {v.parent} by run #{v.run_id}"
     else:
         what = f"fine-tuned from {v.parent} by run #{v.run_id}"
     m = v.metrics
@@ -155,6 +159,43 @@ def active_lines(active: Version, serving: str | None) -> list[str]:
     if serving and serving != active.name:
         lines.append(f"Serving {serving} (switching to {active.name})")
     return lines
+
+
+def method_facts(train: dict, base_model: str) -> dict:
+    """What a run's record keeps about how it trained (from the trainer's metrics)."""
+    lora = train.get("lora") or {}
+    facts = {"method": train.get("method") or "full", "device": train.get("device") or "?",
+             "processes": train.get("processes") or 1, "trainable_params": train.get("trainable_params"),
+             "params": train.get("params")}
+    if facts["method"] == "lora":
+        facts.update(base_model=base_model, lora_r=lora.get("r"), lora_alpha=lora.get("alpha"))
+    return facts
+
+
+def trained_line(d: dict) -> str:
+    """/retrain's result: which method, on which device, from which base model."""
+    device = d.get("device", "?") + (f" × {d['processes']} processes (DDP)" if (d.get("processes") or 1) > 1 else "")
+    share = ""
+    if d.get("trainable_params") and d.get("params"):
+        share = f", {d['trainable_params']:,} of {d['params']:,} weights trained"
+    if d.get("method") == "lora":
+        return (f"Trained: LoRA (r={d.get('lora_r')}, alpha={d.get('lora_alpha')}{share}) on {device}; "
+                f"base model {d.get('base_model') or '?'}.")
+    return f"Trained: full fine-tune{share} on {device}."
+
+
+def learning_line(config) -> str:
+    """/status: how the next run will train (method, devices, base model)."""
+    from engine.training.devices import plan_devices
+
+    lc = config.learning
+    try:
+        where = plan_devices(lc.devices, config.model.device).describe()
+    except ValueError as exc:
+        where = f"no usable device ({exc})"
+    method = f"LoRA (r={lc.lora_r}, alpha={lc.lora_alpha})" if lc.method == "lora" else "full fine-tune"
+    base = f", base model {lc.base_model}" if lc.method == "lora" and lc.base_model else ""
+    return f"Learning: {method} on {where} ([learning] devices = \"{lc.devices}\"){base}"
 
 
 def next_run_line(when: dt.datetime | None, schedule: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 from bots.learning.export import DATA_FILE, FORGOTTEN_FILE
-from engine.registry import Version, write_json_atomic
+from engine.registry import Version, folder_bytes, write_json_atomic
+from engine.training.devices import launch_command, plan_devices
 from engine.training.finetune import FinetuneJob, TrainSettings
+from engine.training.lora import LoraSettings
 
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
@@ -43,6 +46,8 @@ class TrainerResult:
     train: dict                      # engine.training.train's metrics (steps, best_valid_loss, …)
     dropped_forgotten: int = 0       # dialogues dropped because of a /forget after the export
     max_resident_mb: int | None = None
+    base_model: str = ""             # LoRA: the model the adapter applies to
+    launched_by_accelerate: bool = False
 
     @classmethod
     def from_json(cls, raw: dict, job: FinetuneJob) -> "TrainerResult":
@@ -51,7 +56,8 @@ class TrainerResult:
                    candidate=candidate, loss_curve=Path(raw.get("loss_curve") or candidate / "loss_curve.png"),
                    train=raw.get("train") or {},
                    dropped_forgotten=(raw.get("counts") or {}).get("dropped_forgotten", 0),
-                   max_resident_mb=raw.get("max_resident_mb"))
+                   max_resident_mb=raw.get("max_resident_mb"), base_model=raw.get("base_model") or "",
+                   launched_by_accelerate=bool(raw.get("launched_by_accelerate")))
 
 
 def local_model_folder(version: Version) -> str:
@@ -64,22 +70,54 @@ def local_model_folder(version: Version) -> str:
         return version.model_path
 
 
+def candidate_bytes(config, active: Version) -> int:
+    """What a run's candidate will take on disk: a model like the active one (full fine-tune),
+    or an adapter (LoRA: about the active adapter's size; a first adapter is small, 64 MB is ample)."""
+    if config.learning.method == "lora":
+        return folder_bytes(active.folder) if active.kind == "lora" else 64 * 2**20
+    return folder_bytes(local_model_folder(active))
+
+
 def _child_model_path(version: Version) -> str:
     """What the child loads: absolute for folders (it may run elsewhere), as is for hub names."""
     path = local_model_folder(version)
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
+def training_init(config, active: Version) -> str:
+    """What a run starts from: the active version, except that a LoRA run on a model served
+    elsewhere starts from [learning] base_model (the local copy of the backend's model) until
+    the active version is itself an adapter on it."""
+    lc = config.learning
+    if lc.method == "lora" and lc.base_model and active.kind == "configured":
+        from engine.model import resolve_path
+
+        path = resolve_path(lc.base_model)
+        return str(Path(path).resolve()) if Path(path).exists() else path
+    return _child_model_path(active)
+
+
 def build_job(config, run_id: int, active: Version, folder: Path) -> FinetuneJob:
-    """The job for fine-tuning `active` on folder/data.jsonl into folder/candidate-run-N."""
+    """The job for fine-tuning `active` on folder/data.jsonl into folder/candidate-run-N, on the
+    hardware [learning] devices names (several GPUs: DDP under accelerate)."""
     lc, folder = config.learning, folder.resolve()
+    try:
+        plan = plan_devices(lc.devices, config.model.device)
+    except ValueError as exc:
+        raise RunFailed(str(exc)) from None
+    if plan.distributed and importlib.util.find_spec("accelerate") is None:
+        raise RunFailed(f"training on {plan.processes} GPUs needs the accelerate package: pip install 'mynah[scale]' "
+                        "(or set [learning] devices = \"cuda\" for one GPU)")
     return FinetuneJob(
-        run_id=run_id, init=_child_model_path(active), format=config.model.format, device=config.model.device,
+        run_id=run_id, init=training_init(config, active), format=config.model.format, device=plan.device,
         data=str(folder / DATA_FILE), forgotten=str(folder / FORGOTTEN_FILE),
         output=str(folder / f"candidate-run-{run_id}"), result=str(folder / RESULT_FILE),
-        threads=lc.threads, nice=lc.nice, max_memory_mb=lc.max_memory_mb,
+        threads=lc.threads, nice=lc.nice, max_memory_mb=lc.max_memory_mb, method=lc.method,
+        distributed=plan.distributed, processes=plan.processes,
         train=TrainSettings(lr=lc.lr, epochs=lc.epochs, batch_size=lc.batch_size, max_len=lc.max_len,
-                            max_minutes=lc.max_minutes, seed=run_id))
+                            max_minutes=lc.max_minutes, seed=run_id),
+        lora=LoraSettings(r=lc.lora_r, alpha=lc.lora_alpha, dropout=lc.lora_dropout,
+                          target_modules=list(lc.lora_target_modules)))
 
 
 def write_job(folder: Path, job: FinetuneJob, forgotten: set[int]) -> None:
@@ -95,14 +133,16 @@ def _project_root() -> str:
     return str(Path(engine.__file__).resolve().parent.parent)
 
 
-async def _spawn(folder: Path, threads: int):
+async def _spawn(folder: Path, threads: int, job: FinetuneJob):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), env.get("PYTHONPATH", "")) if p)
     if threads > 0:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     with open(folder / LOG_FILE, "ab") as stderr:
+        command = launch_command("engine.training.finetune", [str((folder / JOB_FILE).resolve())],
+                                 device=job.device, processes=job.processes, accelerate=job.distributed)
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.training.finetune", str((folder / JOB_FILE).resolve()),
+            *command,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr,
             env=env, start_new_session=True, limit=2**22)
 
@@ -111,7 +151,7 @@ async def run_trainer(job: FinetuneJob, folder: Path, *, threads: int, max_minut
                       on_event: Callable[[dict], None], on_started: Callable[[int], None]) -> TrainerResult:
     """Run the child on folder/job.json to the end; each progress event (tagged with the run
     id) goes to `on_event`. Raises RunFailed with the reason when it does not succeed."""
-    proc = await _spawn(folder, threads)
+    proc = await _spawn(folder, threads, job)
     on_started(proc.pid)
     last: dict = {}
     timeout = max_minutes * 60 * 2 + 1800 if max_minutes > 0 else None
@@ -166,14 +206,22 @@ def failure_reason(code: int | None, result: dict | None, folder: Path) -> str:
 
 
 async def stop_process(proc) -> None:
-    """SIGTERM the trainer, SIGKILL it if it lingers."""
+    """SIGTERM the trainer's process group (under accelerate: the launcher and every rank), SIGKILL
+    it if it lingers."""
     if proc.returncode is not None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
+    _signal_group(proc, signal.SIGTERM)
     try:
         await asyncio.wait_for(proc.wait(), 5)
     except asyncio.TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        _signal_group(proc, signal.SIGKILL)
         await proc.wait()
+
+
+def _signal_group(proc, sig: int) -> None:
+    """The child leads its own session (start_new_session), so its group id is its pid."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)

@@ -101,6 +101,8 @@ class OpenAIEngine(ReplyEngine):
         self._idle.set()
         self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
         self._served_by = model   # the model name the server reported last
+        self._adapter: str | None = None     # a LoRA adapter requests name instead (RemoteModelSwitch)
+        self._adapter_version: str | None = None
         self.last_round_trip_s: float | None = None
         self.replies_served = 0
         self.started_at = time.time()
@@ -111,7 +113,17 @@ class OpenAIEngine(ReplyEngine):
 
     @property
     def version(self) -> str:
-        return self._served_by
+        return self._adapter_version or self._served_by
+
+    # ---- RemoteModelSwitch: the learning loop's LoRA adapters --------------------------
+    @property
+    def served_model(self) -> str | None:
+        """The adapter requests name now; None while they name the backend's base model."""
+        return self._adapter
+
+    def set_served_model(self, model: str | None, version: str) -> None:
+        """From the next request on, name `model` (None: [engine] model) and log replies as `version`."""
+        self._adapter, self._adapter_version = model, version
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -188,7 +200,7 @@ class OpenAIEngine(ReplyEngine):
         self._latencies.append(latency)
         self.replies_served += 1
         text = text.strip()
-        return Reply(text=text or self.fallback_reply, model_version=self._served_by,
+        return Reply(text=text or self.fallback_reply, model_version=self.version,
                      new_tokens=new_tokens, latency_s=latency, fallback=not text)
 
     async def _with_retries(self, request: dict, stream: ReplyStream | None) -> tuple[str, int]:
@@ -244,7 +256,7 @@ class OpenAIEngine(ReplyEngine):
     # ---- what is sent ---------------------------------------------------------------------
     def request_body(self, turns: Sequence[Turn], params: SamplingParams, system: str = "") -> dict:
         """The create() arguments for this context and these sampling settings."""
-        body: dict = {"model": self.model_name, "max_tokens": params.max_new_tokens,
+        body: dict = {"model": self._adapter or self.model_name, "max_tokens": params.max_new_tokens,
                       "temperature": params.temperature if params.do_sample else 0.0, "top_p": params.top_p}
         if params.seed is not None:
             body["seed"] = params.seed

@@ -223,3 +223,22 @@ class ModelEngine(ReplyEngine, Protocol):
     def swap(self, loaded: LoadedModel) -> None:
         """Serve `loaded` from the next batch on; requests in flight finish on the old model."""
         ...
+
+
+@runtime_checkable
+class RemoteModelSwitch(Protocol):
+    """A ReplyEngine whose model lives in another server (an OpenAI-compatible backend such as
+    vLLM). The learning loop cannot swap weights there; it loads a LoRA adapter into the server
+    (engine/serving/lora_admin.py) and then switches which served model requests name."""
+
+    base_url: str   # the OpenAI-compatible base URL, e.g. "http://gpu-box:8000/v1"
+
+    @property
+    def served_model(self) -> str | None:
+        """The `model` requests name now (None: the backend's own base model)."""
+        ...
+
+    def set_served_model(self, model: str | None, version: str) -> None:
+        """From the next request on, ask for `model` (None: the backend's base model) and record
+        `version` as the model version of the replies (in-flight requests are not affected)."""
+        ...

@@ -38,6 +38,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from engine.training.lora import LoraSettings
+
 log = logging.getLogger("engine.training.finetune")
 
 
@@ -70,10 +72,16 @@ class FinetuneJob:
     threads: int = 0                  # torch threads (0 = torch's default)
     nice: int = 0
     max_memory_mb: int = 0            # 0 = no limit
+    method: str = "full"              # "full": every weight; "lora": an adapter on `init` (engine.training.lora)
+    distributed: bool = False         # started by `accelerate launch` (engine.training.devices), DDP when processes > 1
+    processes: int = 1                # one per GPU
     train: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
-        for obj in (self, self.train):
+        if self.method not in ("full", "lora"):
+            raise ValueError(f"method must be \"full\" or \"lora\", got {self.method!r}")
+        for obj in (self, self.train, self.lora):
             _coerce_numbers(obj)
 
     def to_json(self) -> dict:
@@ -85,7 +93,8 @@ class FinetuneJob:
         raw = source if isinstance(source, dict) else json.loads(Path(source).read_text(encoding="utf-8"))
         raw = dict(raw)
         train = TrainSettings(**raw.pop("train", None) or {})
-        return cls(**raw, train=train)
+        lora = LoraSettings(**raw.pop("lora", None) or {})
+        return cls(**raw, train=train, lora=lora)
 
 
 def _coerce_numbers(obj) -> None:
@@ -101,8 +110,13 @@ class TrainerMemoryError(MemoryError):
     """The trainer went over its memory budget."""
 
 
+_QUIET = False   # a DDP rank other than the first: only rank 0 talks to the parent
+
+
 def emit(event: str, **info) -> None:
     """One progress line for the parent."""
+    if _QUIET:
+        return
     sys.stdout.write(json.dumps({"event": event, "time": time.time(), **info}) + "\n")
     sys.stdout.flush()
 
@@ -273,15 +287,46 @@ def _fine_tune(job: FinetuneJob, train_d: list[list[str]], est_steps: int, guard
         patience=t.patience, warmup_steps=t.warmup_steps, device=job.device,
         threads=job.threads, seed=t.seed, progress=False, log_every=max(1, min(10, est_steps // 20)),
         command=f"learning run {job.run_id}", on_progress=on_progress,
+        lora=job.lora if job.method == "lora" else None, distributed=job.distributed,
     ))
 
 
-def run_job(job: FinetuneJob) -> dict:
-    """Evaluate, fine-tune, evaluate; return the result (raises on failure)."""
+def _rank() -> int:
+    """This process's DDP rank under `accelerate launch` (0 when alone)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _planned_steps(job: FinetuneJob, train_d: list[list[str]]) -> int:
+    """Optimizer steps the run will take, from the tokenizer alone: every DDP rank must agree on
+    it (it sets when they evaluate together) without loading the model."""
+    from engine.dialogue import DialogueFormat
+    from engine.model import load_model_tokenizer
+    from engine.training.data import encode_windows
+
+    t = job.train
+    n_windows = len(encode_windows(DialogueFormat(load_model_tokenizer(job.init), job.format), train_d, t.max_len))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1) if job.distributed else 1
+    return max(1, round(t.epochs * math.ceil(n_windows * (1 - t.valid_fraction) / t.batch_size / world)))
+
+
+def _free(model) -> None:
+    """Drop a model before the next is loaded (on a GPU the cache is given back too)."""
+    import gc
+
     import torch
 
-    from engine.training.data import encode_windows
-    from engine.model import load_model
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_job(job: FinetuneJob) -> dict:
+    """Evaluate, fine-tune, evaluate; return the result (raises on failure). Under DDP only rank 0
+    evaluates and reports; the other ranks train alongside it."""
+    import torch
+
+    from engine.model import load_model, pick_device
     from engine.training.train import evaluate_loss
 
     started = time.time()
@@ -291,10 +336,15 @@ def run_job(job: FinetuneJob) -> dict:
     _MAX_MB = job.max_memory_mb
     guard = _Guard(job.max_memory_mb)
     guard.check("starting")                # already over budget: say so before anything fails oddly
-    limit_memory(job.max_memory_mb)
+    if pick_device(job.device).type == "cpu":
+        limit_memory(job.max_memory_mb)    # not with CUDA: its driver maps far more address space than it uses
     splits, counts = _read_splits(job)
     train_d, held_out, base_eval = splits["train"], splits["held_out"], splits["base_eval"]
     t = job.train
+    est_steps = _planned_steps(job, train_d)
+    if job.distributed and _rank() != 0:
+        _fine_tune(job, train_d, est_steps, guard)
+        return {"ok": True, "rank": _rank()}
 
     def losses(model, fmt) -> dict:
         out = {"held_out": evaluate_loss(model, fmt, held_out, batch_size=8, max_len=t.max_len)}
@@ -303,19 +353,17 @@ def run_job(job: FinetuneJob) -> dict:
         guard.check("evaluating")
         return out
 
-    # 1. the model being served now, on the held-out and base dialogues
+    # 1. the model being served now (an adapter: merged into its base), on the held-out and base dialogues
     emit("stage", stage="evaluating the active model")
     active = load_model(job.init, fmt=job.format, device=job.device)
     before = losses(active.model, active.fmt)
     emit("before", **before)
-    # 2. fine-tune it
-    n_windows = len(encode_windows(active.fmt, train_d, t.max_len))
-    est_steps = max(1, round(t.epochs * math.ceil(n_windows * (1 - t.valid_fraction) / t.batch_size)))
-    del active
+    _free(active)
+    # 2. fine-tune it (LoRA: train an adapter on it, or train the active adapter further)
     emit("stage", stage="training")
     metrics = _fine_tune(job, train_d, est_steps, guard)
 
-    # 3. the candidate as it will be served: loaded back from disk, same dialogues
+    # 3. the candidate as it will be served: loaded back from disk (base + adapter), same dialogues
     emit("stage", stage="evaluating the candidate")
     try:
         candidate = load_model(job.output, fmt=job.format, device=job.device)
@@ -325,11 +373,22 @@ def run_job(job: FinetuneJob) -> dict:
     finite = _finite_parameters(candidate.model) and all(v is None or math.isfinite(v) for v in after.values())
     emit("after", **after)
     keep = ("best_valid_loss", "initial_valid_loss", "best_step", "steps", "tokens", "tokens_per_s",
-            "train_time_s", "stopped_early", "stop_reason", "params", "device", "lr", "data")
+            "train_time_s", "stopped_early", "stop_reason", "params", "trainable_params", "device", "processes",
+            "method", "accelerate", "lr", "data", "lora")
     return {"ok": True, "before": before, "after": after, "finite": finite, "counts": counts,
             "train": {k: metrics.get(k) for k in keep}, "candidate": str(job.output),
-            "loss_curve": str(Path(job.output) / "loss_curve.png"), "duration_s": time.time() - started,
-            "max_resident_mb": _proc_status_mb("VmHWM")}
+            "base_model": _base_of(job), "launched_by_accelerate": "ACCELERATE_MIXED_PRECISION" in os.environ,
+            "loss_curve": str(Path(job.output) / "loss_curve.png"),
+            "duration_s": time.time() - started, "max_resident_mb": _proc_status_mb("VmHWM")}
+
+
+def _base_of(job: FinetuneJob) -> str:
+    """The base model of a LoRA candidate ("" for a full fine-tune)."""
+    if job.method != "lora":
+        return ""
+    from engine.model import lora_base_path
+
+    return lora_base_path(job.init)
 
 
 def write_result(path: str | Path | None, result: dict) -> None:
@@ -353,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     die_with_parent()
     job = FinetuneJob.from_json(argv[0])
+    global _QUIET
+    _QUIET = job.distributed and _rank() != 0
     lower_priority(job.nice)
     emit("started", pid=os.getpid(), run_id=job.run_id)
     try:
@@ -369,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("the job failed")
         result = {"ok": False, "error": classify(exc)}
         code = 1
-    write_result(job.result, result)
+    if not _QUIET:
+        write_result(job.result, result)
     emit("finished", **result)
     return code
 

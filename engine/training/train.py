@@ -27,7 +27,9 @@ from typing import Callable, Sequence
 import torch
 
 from engine.dialogue import DialogueFormat
-from engine.model import load_model, load_tokenizer, pick_device
+from engine.model import load_model, load_tokenizer, lora_base_path, pick_device
+from engine.training.devices import AccelerateDistributed, Distributed
+from engine.training.lora import describe as lora_shape, wrap
 from engine.training.data import encode_windows, load_prepared, prepare, read_corpora, train_tokenizer
 from engine.types import Dialogue, max_positions
 
@@ -79,6 +81,10 @@ class TrainConfig:
     threads: int = 0                 # > 0: torch.set_num_threads
     seed: int = 0
     save_dtype: str = "float32"      # float16 ships half the size
+    distributed: bool = False        # under `accelerate launch` (several GPUs): DDP via engine.training.devices
+    # LoRA (engine.training.lora.LoraSettings): train an adapter on `init` instead of all its weights;
+    # an adapter folder as `init` is trained further. The output is then an adapter folder.
+    lora: object | None = None
     progress: bool = True            # tqdm bar
     log_every: int = 10
     command: str = ""                # the command line, recorded in metrics.json
@@ -157,6 +163,15 @@ def evaluate_loss(model, fmt, data: Sequence, batch_size: int = 16, max_len: int
     return total / count
 
 
+def _snapshot(model) -> dict:
+    """A CPU copy of what training changes: every weight, or only the adapter's when most are frozen
+    (copying a frozen 7B base at every evaluation would cost gigabytes for nothing)."""
+    params = dict(model.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return {k: p.detach().to("cpu", copy=True) for k, p in params.items() if p.requires_grad}
+
+
 def lr_at(step: int, progress: float, lr: float, warmup: int, min_ratio: float) -> float:
     """Linear warmup over `warmup` steps, then cosine from lr to lr*min_ratio as progress goes 0 → 1."""
     if step < warmup:
@@ -173,8 +188,12 @@ def _setup(cfg: TrainConfig):
 
     model = tokenizer = fmt = None
     if cfg.init != "scratch":
-        loaded = load_model(cfg.init, fmt=cfg.format, device="cpu")
+        loaded = load_model(cfg.init, fmt=cfg.format, device="cpu", merge=cfg.lora is None)
         model, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.fmt
+        if cfg.lora is not None:
+            model = wrap(model, cfg.lora, lora_base_path(cfg.init))
+    elif cfg.lora is not None:
+        raise ValueError("LoRA trains an adapter on an existing model: give init, not scratch")
     elif cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
 
@@ -259,14 +278,19 @@ def train(cfg: TrainConfig) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    dist = AccelerateDistributed(cpu=device.type == "cpu") if cfg.distributed else Distributed()
+    if cfg.distributed:
+        device = dist.device
 
     model, tokenizer, fmt, data, data_info = _setup(cfg)
     model.to(device).train()
     train_seqs, valid_seqs = data.train, data.valid
     lr = cfg.lr if cfg.lr is not None else (2e-3 if cfg.init == "scratch" else 5e-5)
-    params = model.num_parameters()
-    log.info("model: %s params, format %s, %d train / %d valid windows, device %s",
-             f"{params:,}", fmt.name, len(train_seqs), len(valid_seqs), device)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model: %s params (%s trained), format %s, %d train / %d valid windows, device %s%s",
+             f"{params:,}", f"{trainable:,}", fmt.name, len(train_seqs), len(valid_seqs), device,
+             f" × {dist.world} processes" if dist.world > 1 else "")
 
     # AdamW; no weight decay on biases and LayerNorm gains (1-D tensors), as in nanoGPT
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -274,19 +298,21 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
+    model, optimizer = dist.prepare(model, optimizer)   # DDP under accelerate; unchanged otherwise
+    core = dist.unwrap(model)                            # evaluated, snapshotted and saved
 
-    batches_per_epoch = len(batches(train_seqs, cfg.batch_size))
+    batches_per_epoch = max(1, len(batches(train_seqs, cfg.batch_size)) // dist.world)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, round(cfg.epochs * steps_per_epoch))
     budget_s = cfg.max_minutes * 60
     warmup = min(cfg.warmup_steps, total_steps // 10)
 
-    def stream():  # batches forever, reshuffled every epoch
+    def stream():  # batches forever, reshuffled every epoch; under DDP each rank takes every world-th
         while True:
-            yield from batches(train_seqs, cfg.batch_size, rng)
+            yield from (b for i, b in enumerate(batches(train_seqs, cfg.batch_size, rng)) if dist.mine(i))
 
     def evaluate() -> float:
-        return evaluate_loss(model, fmt, valid_seqs, cfg.eval_batch_size)
+        return evaluate_loss(core, fmt, valid_seqs, cfg.eval_batch_size)
 
     def report(event: str, **info) -> None:
         if cfg.on_progress:
@@ -296,7 +322,7 @@ def train(cfg: TrainConfig) -> dict:
     step, tokens, train_time = 0, 0, 0.0
     initial_loss = best_loss = evaluate()
     best_step, bad_evals = 0, 0
-    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    best_state = _snapshot(core)
     history = [(0, None, initial_loss)]      # (step, mean train loss since last eval, valid loss)
     train_history = []                       # (step, mean train loss over the last log_every steps)
     since_eval, since_log = [], []
@@ -314,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
         if step >= total_steps:
             stop_reason = "max_steps" if cfg.max_steps > 0 else "epochs"
             break
-        if budget_s and elapsed >= budget_s:
+        if dist.agree_stop(bool(budget_s) and elapsed >= budget_s):   # every rank stops at the same step
             stop_reason = "time budget"
             break
 
@@ -331,7 +357,7 @@ def train(cfg: TrainConfig) -> dict:
             ids, mask, labels = collate([train_seqs[i] for i in idx], fmt.pad_id, device)
             with _autocast(device):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / cfg.grad_accum
-            loss.backward()
+            dist.backward(loss)
             step_loss += loss.item()
             tokens += sum(len(train_seqs[i]) for i in idx)
         if cfg.grad_clip > 0:
@@ -360,9 +386,9 @@ def train(cfg: TrainConfig) -> dict:
             bad_evals = 0 if valid_loss < best_loss - cfg.min_delta else bad_evals + 1
             if valid_loss < best_loss:
                 best_loss, best_step = valid_loss, step
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_state = _snapshot(core)
             report("eval", train_loss=train_loss, valid_loss=valid_loss, lr=lr_now)
-            if cfg.patience > 0 and bad_evals >= cfg.patience:
+            if dist.agree_stop(cfg.patience > 0 and bad_evals >= cfg.patience):
                 stop_reason, stopped_early = f"no improvement in {bad_evals} evaluations", True
                 break
     bar.close()
@@ -375,7 +401,7 @@ def train(cfg: TrainConfig) -> dict:
             best_state = None  # the current weights are the best
         report("eval", valid_loss=valid_loss)
     if best_state is not None:
-        model.load_state_dict(best_state)
+        core.load_state_dict(best_state, strict=len(best_state) == len(core.state_dict()))
 
     metrics = {
         "best_valid_loss": best_loss,
@@ -392,23 +418,31 @@ def train(cfg: TrainConfig) -> dict:
         "stopped_early": stopped_early,
         "stop_reason": stop_reason,
         "params": params,
+        "trainable_params": trainable,
+        "method": "lora" if cfg.lora is not None else "full",
+        "processes": dist.world,
+        "accelerate": dist.kind,
         "device": str(device),
         "format": fmt.name,
         "lr": lr,
         "data": data_info,
         "command": cfg.command,
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                   if f.name not in ("on_progress", "dialogues", "valid_dialogues")},
+                   if f.name not in ("on_progress", "dialogues", "valid_dialogues", "lora")},
+        "lora": lora_shape(core) if cfg.lora is not None else None,
         "history": history,
         "train_history": train_history,
         "output": str(out),
     }
 
+    if not dist.is_main:   # under DDP one process saves; the others wait for it and are done
+        dist.wait()
+        return metrics
     # write DIR.tmp-xxxx completely, then rename it to DIR: a half-written model never appears
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        model.to(dtype=SAVE_DTYPES[cfg.save_dtype]).save_pretrained(str(tmp))
+        core.to(dtype=SAVE_DTYPES[cfg.save_dtype]).save_pretrained(str(tmp))   # LoRA: the adapter files only
         tokenizer.save_pretrained(str(tmp))
         from engine.training.plot import plot_loss_curve
 
@@ -420,5 +454,6 @@ def train(cfg: TrainConfig) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    dist.wait()
     report("done", valid_loss=best_loss)
     return metrics
