@@ -374,7 +374,7 @@ async def test_admin_commands_refuse_non_admins_and_are_audited(tmp_path, base_m
 
 
 async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
-    config = make_config(tmp_path, tmp_path, base_corpus="")
+    config = make_config(tmp_path, tmp_path, base_corpus="", min_users=1)
     registry = Registry(config.learning.registry)
     registry.register_configured("starter")
     db = await Database.open(config.storage.path)

@@ -16,6 +16,7 @@ from bots.chat.commands import BY_NAME, help_text, parse_command
 from bots.chat.events import Incoming, Outgoing
 from bots.chat.ratelimit import RateLimiter
 from bots.metrics import record_reply
+from storage.trust import TrustStore
 from engine.serving.batcher import EngineBusy, EngineStopped
 
 log = logging.getLogger(__name__)
@@ -170,17 +171,41 @@ class ChatService:
     async def _help(self, name: str, msg: Incoming) -> list[Outgoing]:
         return [Outgoing(help_text(self.admin.is_admin(msg.platform, msg.user_id)))]
 
+    async def _group_admin(self, name: str, msg: Incoming) -> bool:
+        """A group's settings are for its admins and Mynah's; every attempt is audited."""
+        allowed = self.admin.is_admin(msg.platform, msg.user_id) or msg.sender_is_chat_admin is True
+        await self.conversations.audit(msg.platform, msg.user_id, name, f"group {msg.chat_id}", allowed)
+        return allowed
+
     async def _reset(self, name: str, msg: Incoming) -> list[Outgoing]:
+        if not msg.is_private and not await self._group_admin(name, msg):
+            return [Outgoing("Sorry, only this group's admins can /reset the group's conversation.", ephemeral=True)]
         await self.conversations.reset(await self._chat_id(msg))
         return [Outgoing("Fresh start! I've put our earlier conversation out of mind.")]
 
     async def _forget(self, name: str, msg: Incoming) -> list[Outgoing]:
         deleted = await self.conversations.forget_user(msg.platform, msg.user_id)
-        return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
+        learning = self.admin.learning
+        if learning is None:
+            return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
+                             ephemeral=True)]
+        model = await learning.trust.forgot(msg.platform, msg.user_id)
+        return [Outgoing(f"Done: I deleted {deleted} of your messages; they will never be used for training. {model}",
                          ephemeral=True)]
 
     async def _consent(self, name: str, msg: Incoming) -> list[Outgoing]:
-        await self.conversations.set_consent(await self._chat_id(msg), name == "optin")
-        if name == "optout":
-            return [Outgoing("This chat will no longer be used to train me. /optin to change your mind.")]
+        """The sender's own consent always follows their word; a group's only its admins'."""
+        optin = name == "optin"
+        await TrustStore(self.conversations.db).set_user_consent(msg.platform, msg.user_id, optin)
+        if not msg.is_private and not await self._group_admin(name, msg):
+            own = ("Your own messages may help me learn again" if optin else
+                   "Your own messages will no longer be used to train me, in any chat")
+            return [Outgoing(f"{own}. Keeping this whole group in or out of training is for its admins.",
+                             ephemeral=True)]
+        if msg.is_private:
+            await self.conversations.audit(msg.platform, msg.user_id, name, "private chat", True)
+        await self.conversations.set_consent(await self._chat_id(msg), optin)
+        if not optin:
+            return [Outgoing("This chat will no longer be used to train me. What earlier versions already learned "
+                             "stays (/forget deletes your messages and unlearns them). /optin to change your mind.")]
         return [Outgoing("Thanks! This chat may help me learn again.")]

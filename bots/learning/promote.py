@@ -41,8 +41,9 @@ class Promoter:
                           quantize=self.config.engine.quantize)
 
     async def promote(self, candidate: Path, *, active: Version, run_id: int, trigger: str, through: int,
-                      metrics: dict) -> Version:
-        """Install the candidate as the new active version and serve it; raises PromotionRefused."""
+                      metrics: dict, activate: bool = True) -> Version:
+        """Install the candidate as the new active version and serve it; raises PromotionRefused.
+        activate=False installs it (checked to load) without serving it: it waits for /promote."""
         async with self._lock:
             loaded = None
             if self.engine is not None:
@@ -55,7 +56,9 @@ class Promoter:
                                        "the candidate was dropped")
             version = await asyncio.to_thread(
                 self.registry.add_fine_tuned, candidate, parent=active.name, run_id=run_id,
-                trained_through=through, metrics=metrics, note=f"run #{run_id} ({trigger})")
+                trained_through=through, metrics=metrics, note=f"run #{run_id} ({trigger})", activate=activate)
+            if not activate:
+                return version
             self._stamp = self.registry.pointer_stamp()
             if loaded is not None:
                 loaded.version = version.name

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +43,7 @@ class TrainerResult:
     train: dict                      # engine.training.train's metrics (steps, best_valid_loss, …)
     dropped_forgotten: int = 0       # dialogues dropped because of a /forget after the export
     max_resident_mb: int | None = None
+    probes: dict = field(default_factory=dict)   # {"active": [{"prompt", "replies"}], "candidate": [...]}
 
     @classmethod
     def from_json(cls, raw: dict, job: FinetuneJob) -> "TrainerResult":
@@ -51,7 +52,10 @@ class TrainerResult:
                    candidate=candidate, loss_curve=Path(raw.get("loss_curve") or candidate / "loss_curve.png"),
                    train=raw.get("train") or {},
                    dropped_forgotten=(raw.get("counts") or {}).get("dropped_forgotten", 0),
-                   max_resident_mb=raw.get("max_resident_mb"))
+                   max_resident_mb=raw.get("max_resident_mb"), probes=raw.get("probes") or {})
+
+    def probe_replies(self, which: str) -> list[str]:
+        return [r for p in self.probes.get(which) or [] for r in p.get("replies") or []]
 
 
 def local_model_folder(version: Version) -> str:
@@ -72,12 +76,14 @@ def _child_model_path(version: Version) -> str:
 
 def build_job(config, run_id: int, active: Version, folder: Path) -> FinetuneJob:
     """The job for fine-tuning `active` on folder/data.jsonl into folder/candidate-run-N."""
+    from bots.learning.probes import probe_prompts
+
     lc, folder = config.learning, folder.resolve()
     return FinetuneJob(
         run_id=run_id, init=_child_model_path(active), format=config.model.format, device=config.model.device,
         data=str(folder / DATA_FILE), forgotten=str(folder / FORGOTTEN_FILE),
         output=str(folder / f"candidate-run-{run_id}"), result=str(folder / RESULT_FILE),
-        threads=lc.threads, nice=lc.nice, max_memory_mb=lc.max_memory_mb,
+        threads=lc.threads, nice=lc.nice, max_memory_mb=lc.max_memory_mb, probes=probe_prompts(lc),
         train=TrainSettings(lr=lc.lr, epochs=lc.epochs, batch_size=lc.batch_size, max_len=lc.max_len,
                             max_minutes=lc.max_minutes, seed=run_id))
 
@@ -144,6 +150,22 @@ async def run_trainer(job: FinetuneJob, folder: Path, *, threads: int, max_minut
     if proc.returncode != 0 or not result or not result.get("ok"):
         raise RunFailed(failure_reason(proc.returncode, result, folder))
     return TrainerResult.from_json(result, job)
+
+
+def keep_training_record(result, trained: TrainerResult, folder: Path) -> None:
+    """The losses and training numbers into the run's result; the loss curve and metrics into
+    the run folder (blocking: call from a thread)."""
+    import shutil
+
+    result.losses = {"before": trained.before, "after": trained.after}
+    result.data = {**result.data, "steps": trained.train.get("steps"),
+                   "train_time_s": trained.train.get("train_time_s"),
+                   "max_resident_mb": trained.max_resident_mb, "dropped_forgotten": trained.dropped_forgotten}
+    if trained.loss_curve.is_file():
+        shutil.copyfile(trained.loss_curve, folder / "loss_curve.png")
+        result.loss_curve = folder / "loss_curve.png"
+    with contextlib.suppress(OSError):
+        shutil.copyfile(trained.candidate / "metrics.json", folder / "metrics.json")
 
 
 def failure_reason(code: int | None, result: dict | None, folder: Path) -> str:
