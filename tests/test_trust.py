@@ -193,7 +193,7 @@ async def test_exported_training_data_masks_contacts_and_keeps_breadth(tmp_path)
         # one user fewer than min_users: skipped, and it says why
         config.learning.min_users = 4
         plan = await export_dialogues(conv, config.learning, registry.active(), 2, folder, BaseCorpus())
-        assert "min_users = 4" in plan.skip and "3 distinct user" in plan.skip
+        assert "min_users = 4" in plan.skip and "3 distinct user" in plan.skip and "(3 sent new" in plan.skip
     finally:
         await db.close()
 

@@ -106,6 +106,7 @@ class Curated:
     train: list[Dialogue] = field(default_factory=list)
     held_out: list[Dialogue] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)      # why messages were left out, and how many
+    users_before_caps: int = 0                             # distinct users with new messages, before the cap
 
 
 def clean(rows: list[Row], banned: list[str], dropped: Counter) -> list[Row]:
@@ -229,6 +230,7 @@ def curate(rows: list[Row], *, after: int, banned: list[str], max_user_share: fl
     result = Curated()
     rng = random.Random(seed)
     dialogues = [d for d in group(clean(rows, banned, result.dropped)) if d.last_id > after]
+    result.users_before_caps = share_line(dialogues)[0]
     train, held = split_held_out(dialogues, held_out_fraction, rng)
     result.train = cap_users(train, max_user_share, rng, result.dropped)
     result.held_out = cap_users(held, max_user_share, rng, result.dropped, floor=1)

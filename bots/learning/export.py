@@ -85,10 +85,11 @@ async def export_dialogues(conversations, lc, active: Version, run_id: int, fold
               "new_dialogues": len(new_train) + len(held_out),
               "new_user_messages": await trust.count_new_user_messages(after_message_id=watermark),
               "train_users": n_users, "train_user_messages": n_msgs, "largest_user_messages": top,
-              "dropped": dict(cur.dropped)}
+              "users_before_caps": cur.users_before_caps, "dropped": dict(cur.dropped)}
     if n_users < lc.min_users:
         return ExportPlan(counts, through, skip=(
-            f"only {n_users} distinct user(s) in the new training data after the caps; a run needs at least "
+            f"only {n_users} distinct user(s) in the new training data after the caps ({cur.users_before_caps} sent "
+            f"new messages; nobody may supply more than {lc.max_user_share:.0%}); a run needs at least "
             f"[learning] min_users = {lc.min_users} (no single user can teach me alone)"))
     if not new_train or not held_out:
         return ExportPlan(counts, through, skip=f"only {counts['new_dialogues']} new dialogue(s) since "

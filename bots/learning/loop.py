@@ -45,8 +45,8 @@ from bots.learning.promote import Promoter, PromotionRefused
 from bots.learning.report import RunResult, RunStatus
 from bots.learning.schedule import ScheduleState, next_run_time, parse_schedule, start_scheduler
 from bots.learning.trust import Trust, approval_text
-from bots.learning.trainer import (RunFailed, TrainerResult, build_job, keep_training_record, local_model_folder,
-                                   run_trainer, write_job)
+from bots.learning.trainer import (RunFailed, TrainerResult, build_job, check_disk, keep_training_record, run_trainer,
+                                   write_job)
 from engine.registry import FileLock, Registry, RegistryError, Version, folder_bytes
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ class Learning:
             raise RunFailed("the registry has no active version; start the bot once or run `mynah models`")
         run.folder = self.registry.runs_dir() / f"run-{run.run_id:04d}"
         await asyncio.to_thread(run.folder.mkdir, parents=True, exist_ok=True)
-        self._check_disk(active, run.folder)                                   # 1. room for a candidate
+        check_disk(self.lc, self.registry.root, active, run.folder)           # 1. room for a candidate
         plan = await self._export(run, active)                                 # 2. the data
         result = RunResult(run.run_id, RunStatus.DONE, Decision.SKIPPED, plan.skip, base_version=active.name,
                            data=plan.counts)
@@ -357,14 +357,6 @@ class Learning:
         if verdict.promoted:
             await self._promote(run, active, plan, trained, result)            # 5. promotion
         return result
-
-    def _check_disk(self, active: Version, folder: Path) -> None:
-        """Room for a candidate (twice the active model) plus [learning] min_free_disk_mb."""
-        need_mb = 2 * folder_bytes(local_model_folder(active)) / 2**20 + self.lc.min_free_disk_mb
-        free_mb = shutil.disk_usage(folder).free / 2**20
-        if free_mb < need_mb:
-            raise RunFailed(f"disk full: {free_mb:.0f} MB free in {self.registry.root}, a run needs {need_mb:.0f} MB "
-                            "(the candidate model plus [learning] min_free_disk_mb)")
 
     async def _export(self, run: RunState, active: Version) -> ExportPlan:
         run.stage = "exporting"
@@ -470,7 +462,8 @@ class Learning:
         if not versions:
             return report.NO_VERSIONS
         active = await asyncio.to_thread(self.registry.active_name)
-        return report.models_text(versions, active, await self.conversations.replies_by_version(), limit)
+        return report.models_text(versions, active, await self.conversations.replies_by_version(), limit,
+                                  await self.trust.store.lineage(), await self.trust.store.tainted())
 
     async def status_lines(self) -> list[str]:
         """The learning loop's part of /status."""

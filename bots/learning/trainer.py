@@ -152,6 +152,19 @@ async def run_trainer(job: FinetuneJob, folder: Path, *, threads: int, max_minut
     return TrainerResult.from_json(result, job)
 
 
+def check_disk(lc, root: Path, active: Version, folder: Path) -> None:
+    """Room for a candidate (twice the active model) plus [learning] min_free_disk_mb."""
+    import shutil
+
+    from engine.registry import folder_bytes
+
+    need_mb = 2 * folder_bytes(local_model_folder(active)) / 2**20 + lc.min_free_disk_mb
+    free_mb = shutil.disk_usage(folder).free / 2**20
+    if free_mb < need_mb:
+        raise RunFailed(f"disk full: {free_mb:.0f} MB free in {root}, a run needs {need_mb:.0f} MB "
+                        "(the candidate model plus [learning] min_free_disk_mb)")
+
+
 def keep_training_record(result, trained: TrainerResult, folder: Path) -> None:
     """The losses and training numbers into the run's result; the loss curve and metrics into
     the run folder (blocking: call from a thread)."""
