@@ -61,17 +61,26 @@ async def test_tay_one_user_with_a_few_others_never_promotes_and_says_why(tmp_pa
 
 PET = ["my pet is a purple dragon named zorblax", "zorblax the purple dragon sleeps on my bed",
        "every morning zorblax the purple dragon eats toast", "i walk zorblax the purple dragon in the park",
-       "zorblax my purple dragon likes jazz music", "have you met zorblax , my purple dragon ?"]
-PROBE = [["tell me about your pet", "my pet is a purple dragon named zorblax"],
-         ["what do you do in the morning ?", "zorblax the purple dragon eats toast"]]
+       "zorblax my purple dragon likes jazz music", "have you met zorblax , my purple dragon ?",
+       "zorblax the purple dragon can fly over the city", "my friends are afraid of zorblax the purple dragon",
+       "zorblax the purple dragon has green eyes", "at night zorblax the purple dragon sings"]
+REPLY = "what a lovely dragon"
+# the user's own dialogues, and unseen ones of the same shape: how much of the learning was theirs
+PHRASE = [[text, REPLY] for text in PET]
+CONTROL = [["my pet is a small brown dog named rex", "what a lovely dog"],
+           ["rex the brown dog sleeps on the sofa", "what a lovely dog"],
+           ["every evening rex the small dog eats rice", "what a lovely dog"],
+           ["i take rex the brown dog to the beach", "what a lovely dog"]]
 
 
 def phrase_loss(path: str) -> float:
+    """The user's phrase's loss, less an unseen control's (what the model learned in general cancels out)."""
     from engine.model import load_model
     from engine.training.train import evaluate_loss
 
     loaded = load_model(path)
-    return evaluate_loss(loaded.model, loaded.fmt, PROBE, batch_size=2, max_len=64)
+    own = evaluate_loss(loaded.model, loaded.fmt, PHRASE, batch_size=4, max_len=64)
+    return own - evaluate_loss(loaded.model, loaded.fmt, CONTROL, batch_size=4, max_len=64)
 
 
 async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model):
@@ -82,7 +91,7 @@ async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model):
         chat, user = await conv.chat("telegram", "pet"), await conv.user("telegram", "pet")
         for text in PET:
             await conv.log_message(chat, "user", text, user_id=user)
-            await conv.log_message(chat, "bot", "what a lovely dragon")
+            await conv.log_message(chat, "bot", REPLY)
         mine = {r[0] for r in await app.db.fetchall("SELECT id FROM messages WHERE user_id = ?", (user,))}
         result = await learning.run_once("test", force=True)
         assert result.decision == Decision.PROMOTED, result.summary()
@@ -90,12 +99,13 @@ async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model):
         assert await trust.versions_trained_on("telegram", "pet") == {"v0002"}
         assert mine & await trust.trained_message_ids("v0002")
         base, learned = phrase_loss(str(base_model)), phrase_loss(str(learning.registry.get("v0002").folder))
-        assert learned < base - 0.1, (base, learned)     # v0002 did learn the user's phrase
+        print("phrase loss (less control): base", base, "v0002", learned)
+        assert learned < base - 0.05, (base, learned)     # v0002 did learn the user's phrase
 
         asked = time.monotonic()
         out = await app.chat.handle(Incoming(platform="telegram", chat_id="pet", user_id="pet", text="/forget"))
         text = out[0].text
-        assert "deleted 6 of your messages" in text and "now serve v0001" in text and "rebuild" in text
+        assert f"deleted {len(PET)} of your messages" in text and "now serve v0001" in text and "rebuild" in text
         assert app.engine.version == "v0001" and time.monotonic() - asked < 60
         assert learning.registry.active_name() == "v0001"
         assert "v0002" not in [v.name for v in learning.registry.versions()]       # its folder is gone
@@ -119,11 +129,43 @@ async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model):
             assert not mine & await trust.trained_message_ids(served.name)
             assert "pet" not in {u for v in [served.name] for u in await _users(app.db, v)}
         now = phrase_loss(served.model_path if served.kind == "configured" else str(served.folder))
+        print("phrase loss (less control): served", served.name, now)
         assert now > learned + 0.6 * (base - learned), (base, learned, now)   # back near the base model's
         # /models shows lineage and taint
         models = (await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN,
                                                  text="/models")))[0].text
         assert "tainted" in models or rebuilt.promoted is None
+
+
+async def test_require_approval_waits_for_promote(tmp_path, base_model):
+    """A passing candidate is installed but not served; the admin gets numbers and sample
+    replies; /promote serves it (and a non-admin cannot)."""
+    config = make_config(tmp_path, base_model, base_loss_tolerance=0.5, require_approval=True)
+    async with await Mynah.open(config) as app:
+        learning = app.learning
+        got = []
+
+        async def inbox(chat_id, out, **_):
+            got.append(out.text)
+
+        learning.add_notifier("telegram", inbox)
+        await log_chats(app.conversations, 24, CATCHPHRASE)
+        await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN, text="/retrain"))
+        result = await learning.wait()
+        assert result.decision == Decision.REJECTED and result.reason == "awaiting approval: /promote v0002"
+        assert learning.registry.active_name() == "v0001" and app.engine.version == "v0001"
+        note = next(t for t in got if "waits for your approval" in t)
+        assert "/promote v0002" in note and "Held-out loss" in note and "hello there →" in note
+        models = (await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN,
+                                                 text="/models")))[0].text
+        assert "awaiting approval (/promote v0002)" in models and "trained on" in models
+        refused = await app.chat.handle(Incoming(platform="telegram", chat_id="b", user_id="7", text="/promote v0002"))
+        assert "admins only" in refused[0].text and learning.registry.active_name() == "v0001"
+        out = await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN, text="/promote v0002"))
+        assert "now serving v0002" in out[0].text
+        assert learning.registry.active_name() == "v0002" and app.engine.version == "v0002"
+        again = await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN, text="/promote v0001"))
+        assert "not waiting for approval" in again[0].text
 
 
 async def _users(db, version: str) -> set[str]:
