@@ -4,6 +4,7 @@ scenario never promotes, and /forget after a promotion reaches the model.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
@@ -83,7 +84,7 @@ def phrase_loss(path: str) -> float:
     return own - evaluate_loss(loaded.model, loaded.fmt, CONTROL, batch_size=4, max_len=64)
 
 
-async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model):
+async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model, capsys):
     config = make_config(tmp_path, base_model, base_loss_tolerance=0.5, rebuild_delay_seconds=0, epochs=3)
     async with await Mynah.open(config) as app:
         conv, learning = app.conversations, app.learning
@@ -134,7 +135,21 @@ async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model):
         # /models shows lineage and taint
         models = (await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN,
                                                  text="/models")))[0].text
-        assert "tainted" in models or rebuilt.promoted is None
+        assert "Retired and deleted after /forget (tainted): v0002" in models
+        # `mynah models --json`: active, each version's name and parent, lineage and taint
+        from scripts.cli import main
+
+        toml = tmp_path / "config.toml"
+        toml.write_text(f'[model]\npath = "{base_model}"\n[storage]\npath = "{config.storage.path}"\n'
+                        f'[learning]\nregistry = "{config.learning.registry}"\n', encoding="utf-8")
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["--config", str(toml), "models", "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert listed["active"] == served.name and set(listed["tainted"]) == {"v0002"}
+        by_name = {v["version"]: v for v in listed["versions"]}
+        assert by_name["v0001"]["parent"] == "" and by_name["v0001"]["tainted"] is None
+        if rebuilt.promoted:
+            assert by_name[served.name]["parent"] == "v0001" and by_name[served.name]["lineage"]["users"] >= 5
 
 
 async def test_require_approval_waits_for_promote(tmp_path, base_model):
