@@ -18,7 +18,7 @@ from bots.chat.events import Incoming
 from bots.config import ConfigError, parse_config
 from bots.learning.curate import Row, cap_users, curate, group, mask_contacts, user_caps
 from bots.learning.decide import Decision, parrot
-from bots.learning.export import BaseCorpus, export_dialogues
+from bots.learning.export import BaseCorpus, changed_since_export, export_dialogues
 from bots.learning.trust import tainted_closure, untainted_ancestor
 from engine.registry import Registry, Version
 from storage.conversations import Conversations
@@ -190,6 +190,11 @@ async def test_exported_training_data_masks_contacts_and_keeps_breadth(tmp_path)
         assert "[email]" in text and "[phone]" in text and "[link]" in text
         assert set(plan.users) == {"telegram:u0", "telegram:u1", "telegram:u2"}
         assert plan.trained_ids and plan.trained_ids <= plan.ids
+        # a user's own /optout during the run vetoes the candidate; afterwards they are left out
+        assert await changed_since_export(conv, plan) is None
+        await TrustStore(db).set_user_consent("telegram", "u2", False)
+        assert "a user in the training data ran /optout" in await changed_since_export(conv, plan)
+        await TrustStore(db).set_user_consent("telegram", "u2", True)
         # one user fewer than min_users: skipped, and it says why
         config.learning.min_users = 4
         plan = await export_dialogues(conv, config.learning, registry.active(), 2, folder, BaseCorpus())

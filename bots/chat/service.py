@@ -189,7 +189,12 @@ class ChatService:
         if learning is None:
             return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
                              ephemeral=True)]
-        model = await learning.trust.forgot(msg.platform, msg.user_id)
+        try:
+            model = await learning.trust.forgot(msg.platform, msg.user_id)
+        except Exception:
+            log.exception("/forget: updating the model versions failed")
+            model = ("I could not yet retire the model versions that learned from them; the admins can see "
+                     "this in the log, and the next run will not use your messages.")
         return [Outgoing(f"Done: I deleted {deleted} of your messages; they will never be used for training. {model}",
                          ephemeral=True)]
 

@@ -136,6 +136,13 @@ async def changed_since_export(conversations, plan: ExportPlan) -> str | None:
         return "some exported messages were deleted by /forget during the run; the candidate was dropped"
     if plan.chats and await conversations.consenting_chats(plan.chats) != plan.chats:
         return "a chat in the training data ran /optout during the run; the candidate was dropped"
+    if plan.users:
+        from storage.trust import TrustStore
+
+        trust = TrustStore(conversations.db)
+        for user in plan.users:
+            if not await trust.user_consent(*user.split(":", 1)):
+                return "a user in the training data ran /optout during the run; the candidate was dropped"
     return None
 
 
