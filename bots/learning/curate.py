@@ -84,9 +84,8 @@ class Dialogue:
 
     def owner(self) -> str | None:
         """The user with the most messages in it (ties: the first to speak)."""
-        counts = self.users()
-        return max(counts, key=lambda u: (counts[u], -next(i for i, r in enumerate(self.rows) if r.user == u))) \
-            if counts else None
+        counts = self.users()     # Counter keeps first-seen order, and max keeps the first of equals
+        return max(counts, key=counts.__getitem__) if counts else None
 
     def turns(self) -> list[str]:
         """Same-side messages merged into one turn."""

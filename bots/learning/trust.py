@@ -6,9 +6,9 @@ what the model learned answerable to the people it learned from.
 - `/forget` taints every version trained on the user's data and every version fine-tuned
   from a tainted one. If the served version is tainted, the newest untainted ancestor is
   served at once (the promoter's load → pointer → hot-swap path), tainted folders are
-  deleted from disk, and one rebuild run is queued: all forgets within
-  `[learning] rebuild_delay_seconds` share it, so forgetting cannot keep the model from
-  improving. The rebuild is a normal run from the (now active) ancestor on what remains.
+  deleted from disk, and (when the served version changed) one rebuild run is queued: all
+  forgets within `[learning] rebuild_delay_seconds` share it, so forgetting cannot keep the
+  model from improving. The rebuild is a normal run from the (now active) ancestor on what remains.
 - With `[learning] require_approval`, a candidate that passes every check is installed but
   not activated; an admin's `/promote vNNNN` (or `mynah promote`) serves it.
 """
@@ -84,7 +84,8 @@ class Trust:
         await self.store.taint(bad, f"trained on data of a user who ran /forget ({len(direct)} version(s) directly)")
         active = await asyncio.to_thread(lr.registry.active)
         text = f"{len(direct)} model version(s) had learned from your messages; they are retired for good."
-        if active is not None and active.name in bad:
+        switched = active is not None and active.name in bad
+        if switched:
             target = await asyncio.to_thread(untainted_ancestor, lr.registry, active, bad)
             if target is None:
                 return text + " I could not find an earlier version to serve; an admin has to pick one."
@@ -94,6 +95,8 @@ class Trust:
         if removed:
             log.info("/forget: deleted tainted versions %s", ", ".join(removed))
         await lr.sync_versions()
+        if not switched:
+            return text + " The version I serve never saw them."
         self.queue_rebuild()
         return text + " A rebuild without your messages is queued."
 
