@@ -475,6 +475,8 @@ class Learning:
         lines.append(f"New since the active version: {new} user messages "
                      f"(a scheduled run needs {self.lc.min_new_messages})")
         lines.append(report.next_run_line(self.next_run_time(), self.lc.schedule))
+        if self.trust.forgets_waiting:
+            lines.append(f"A rebuild after /forget is queued ({self.trust.forgets_waiting} forget(s) waiting)")
         if self.last_check is not None:
             lines.append(f"Last scheduled check: {report.ago(self.last_check[0])}, {self.last_check[1]}")
         run = self.running
