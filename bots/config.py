@@ -141,6 +141,14 @@ class LearningConfig:
     base_model: str = ""                 # local copy of the model a remote backend serves (LoRA trains on it)
     adapter_path_prefix: str = ""        # the registry folder as the backend machine sees it ("" = same path)
     devices: str = "auto"                # "auto" (every GPU, else CPU), "cpu", "cuda" (one GPU) or a GPU count
+    # trust: no single user can teach the model, and /forget reaches it
+    max_user_share: float = 0.2          # no user supplies more than this share of a run's new messages
+    min_users: int = 5                   # distinct users a run's new training data needs (after the cap)
+    require_approval: bool = False       # a passing candidate waits for an admin's /promote
+    parrot_ratio: float = 3.0            # reject when a user's long n-grams show up this many times more
+    parrot_ngram: int = 4                # words per n-gram the parrot check looks for
+    probe_prompts: list = field(default_factory=list)   # [] = the built-in list (bots/learning/probes.py)
+    rebuild_delay_seconds: float = 300.0   # forgets within this window share one rebuild run
 
 
 @dataclass
@@ -282,6 +290,16 @@ def _check_learning(section: Any) -> None:
 
     if not 0 < section.held_out_fraction < 1:
         raise bad("held_out_fraction", "between 0 and 1")
+    if not 0 < section.max_user_share <= 1:
+        raise bad("max_user_share", "more than 0 and at most 1")
+    if section.min_users < 1:
+        raise bad("min_users", "1 or more")
+    if section.parrot_ratio <= 1 or section.parrot_ngram < 2:
+        raise ConfigError("[learning] parrot_ratio must be more than 1 and parrot_ngram 2 or more")
+    if section.rebuild_delay_seconds < 0:
+        raise bad("rebuild_delay_seconds", "0 or more")
+    if not all(isinstance(p, str) and p.strip() for p in section.probe_prompts):
+        raise bad("probe_prompts", "a list of non-empty strings")
     for key in ("replay_fraction", "base_replay_fraction", "promote_margin", "base_loss_tolerance"):
         if getattr(section, key) < 0:
             raise bad(key, "0 or more")

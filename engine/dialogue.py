@@ -33,6 +33,11 @@ def _is_eos_join_template(tokenizer) -> bool:
     return "{{message.content}}{{eos_token}}" in template or "{{message['content']}}{{eos_token}}" in template
 
 
+def encode_plain(tokenizer, texts):
+    """Token ids of text (or of each text in a list) with special tokens never recognised in it."""
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 class DialogueFormat:
     """Encodes contexts for generation and whole dialogues for training."""
 
@@ -70,7 +75,17 @@ class DialogueFormat:
         return tok.pad_token_id if tok.pad_token_id is not None else self.turn_end_id
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """User (or logged) text as plain text: a typed `<|endoftext|>` or `[SEP]` is split into
+        ordinary pieces, never the control token, so nobody can forge a turn boundary."""
+        return encode_plain(self.tokenizer, text)
+
+    def defang(self, text: str) -> str:
+        """For chat templates, which tokenize the rendered string: break up any special-token
+        text in a message (a zero-width space inside it) so it stays text."""
+        for token in sorted(set(self.tokenizer.all_special_tokens), key=len, reverse=True):
+            if len(token) > 1 and token in text:
+                text = text.replace(token, token[0] + "\u200b" + token[1:])
+        return text
 
     def context_ids(self, turns: Sequence[Turn], max_tokens: int, system: str = "") -> list[int]:
         """The prompt for the next bot turn: newest turns kept within max_tokens.
@@ -94,7 +109,8 @@ class DialogueFormat:
         return self.start_ids + [i for piece in reversed(kept) for i in piece]
 
     def _template_context(self, turns: Sequence[Turn], max_tokens: int, system: str = "") -> list[int]:
-        messages = [{"role": "assistant" if role == "bot" else "user", "content": text} for role, text in turns]
+        messages = [{"role": "assistant" if role == "bot" else "user", "content": self.defang(text)}
+                    for role, text in turns]
         head = [{"role": "system", "content": system}] if system else []
         while True:
             ids = self._apply_template(head + messages, add_generation_prompt=True)
@@ -113,7 +129,8 @@ class DialogueFormat:
         if self.name == "chat_template":
             n = len(utterances)
             roles = ["assistant" if (n - 1 - i) % 2 == 0 else "user" for i in range(n)]
-            return self._apply_template([{"role": r, "content": u} for r, u in zip(roles, utterances)], False)
+            return self._apply_template([{"role": r, "content": self.defang(u)} for r, u in zip(roles, utterances)],
+                                        False)
         ids = list(self.start_ids)
         for utterance in utterances:
             ids += self.encode_text(utterance) + [self.turn_end_id]

@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "scripts.retrain",
     "scripts.models",
     "scripts.rollback",
+    "scripts.promote",
     "scripts.backup",
     "scripts.restore",
     "scripts.export",

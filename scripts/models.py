@@ -24,11 +24,13 @@ def run(args) -> int:
     registry = Registry(config.learning.registry)
     versions = registry.versions()
     active = registry.active_name()
-    runs = asyncio.run(_runs(config.storage.path, args.runs)) if args.runs > 0 else []
+    runs, lineage, tainted = asyncio.run(_records(config.storage.path, args.runs))
     if args.json:
         print(json.dumps({"registry": str(registry.root), "active": active,
-                          "versions": [{**v.to_json(), "model_path": v.model_path} for v in versions],
-                          "runs": runs}, indent=2, default=str))
+                          "versions": [{**v.to_json(), "model_path": v.model_path,
+                                        "lineage": lineage.get(v.name), "tainted": tainted.get(v.name)}
+                                       for v in versions],
+                          "tainted": tainted, "runs": runs}, indent=2, default=str))
         return 0
     if not versions:
         print(f"no versions in {registry.root} yet: the bot registers [model] path ({config.model.path}) as v0001 "
@@ -36,9 +38,17 @@ def run(args) -> int:
     else:
         print(f"registry {registry.root} ({len(versions)} versions; * = active):")
         for v in reversed(versions):
-            print(describe_version(v, active))
+            line = describe_version(v, active)
+            if v.name in lineage:
+                line += f"; trained on {lineage[v.name]['messages']} messages of {lineage[v.name]['users']} users"
+            if v.metrics.get("awaiting_approval"):
+                line += f"; awaiting approval (mynah promote {v.name})"
+            print(line + (f"; TAINTED: {tainted[v.name]}" if v.name in tainted else ""))
             if v.kind == "fine-tuned" and v.loss_curve:
                 print(f"        loss curve: {v.loss_curve}")
+    gone = sorted(set(tainted) - {v.name for v in versions})
+    if gone:
+        print(f"retired and deleted after /forget (tainted): {', '.join(gone)}")
     if runs:
         print("last training runs:")
         for r in runs:
@@ -46,18 +56,22 @@ def run(args) -> int:
     return 0
 
 
-async def _runs(path: str, limit: int) -> list[dict]:
-    if path != ":memory:" and not Path(path).exists():
-        return []
+async def _records(path: str, limit: int) -> tuple[list[dict], dict, dict]:
+    """(the last `limit` runs, each version's lineage, the tainted versions) from the database."""
+    if path == ":memory:" or not Path(path).exists():
+        return [], {}, {}
     from storage.conversations import Conversations
     from storage.db import Database, StorageError
+    from storage.trust import TrustStore
 
     try:
         db = await Database.open(path)
     except StorageError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
-        return []
+        return [], {}, {}
     try:
-        return await Conversations(db).training_runs(limit)
+        trust = TrustStore(db)
+        runs = await Conversations(db).training_runs(limit) if limit > 0 else []
+        return runs, await trust.lineage(), await trust.tainted()
     finally:
         await db.close()

@@ -113,6 +113,29 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE chats ADD COLUMN persona TEXT;
     """,
+    # 4: learning you can trust: per-user consent, and which users' and messages' data each
+    # model version was trained on (so /forget can find and retire those versions).
+    """
+    ALTER TABLE users ADD COLUMN consent INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE version_users (
+        version TEXT NOT NULL,
+        platform TEXT NOT NULL,
+        platform_user_id TEXT NOT NULL,
+        messages INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (version, platform, platform_user_id)
+    );
+    CREATE INDEX version_users_user ON version_users (platform, platform_user_id);
+    CREATE TABLE version_messages (
+        version TEXT NOT NULL,
+        message_id INTEGER NOT NULL,
+        PRIMARY KEY (version, message_id)
+    );
+    CREATE TABLE version_taint (
+        version TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        tainted_at REAL NOT NULL
+    );
+    """,
 ]
 
 

@@ -209,8 +209,13 @@ async def test_typed_reset_goes_through_the_shared_chat_logic(dbot):
     turns = await conv.context(await conv.chat("discord", str(dm.id)), 10)
     assert [t.text for t in turns if t.role == "user"] == ["good morning"]
     assert db_rows(dbot.app, "SELECT COUNT(*) FROM context_resets") == [(1,)]
-    # in a guild channel too, typed after a mention or bare (a command needs no mention)
+    # in a guild channel too, typed after a mention or bare (a command needs no mention), by a
+    # member who may manage messages (a group's settings are for its admins)
     channel = dpytest.get_config().channels[0]
+    await dpytest.message("/reset", channel=channel, member=alice)
+    assert "only this group's admins" in sent_messages()[-1].content
+    mods = dpy_backend.make_role("mods", channel.guild, permissions=discord.Permissions(manage_messages=True).value)
+    await dpytest.add_role(alice, mods)
     await dpytest.message(f"<@{dbot.bot.user.id}> /reset", channel=channel, member=alice)
     await dpytest.message("/reset", channel=channel, member=alice)
     assert [m.content.startswith("Fresh start") for m in sent_messages()] == [True, True]
@@ -301,7 +306,8 @@ async def test_start_returns_when_ready_with_intents_and_synced_commands(fake, t
             assert intents.message_content and intents.guilds and intents.guild_messages and intents.dm_messages
             assert not intents.members and not intents.presences  # nothing privileged it does not need
             assert sorted(fake.synced[str(fd.GUILD_ID)]) == sorted(
-                ["reset", "forget", "optout", "optin", "persona", "help", "retrain", "status", "rollback", "models"])
+                ["reset", "forget", "optout", "optin", "persona", "help", "retrain", "status", "rollback", "models",
+                 "promote"])
             assert "global" not in fake.synced
             # the shared redaction helper scrubs the token from any log line, tracebacks included
             try:
@@ -389,12 +395,32 @@ async def test_admin_slash_command_refused_for_non_admin_accepted_for_admin(fake
 async def test_slash_reset_uses_the_shared_chat_logic(fake, live):
     await fake.user_message(f"<@{fd.BOT_ID}> hello there", user_id=MEMBER_ID, mentions=mention_of_bot())
     await fake.wait_for(lambda: fake.sent)
+    # a member without manage-messages / manage-guild may not reset the channel's conversation
     await fake.slash_command("reset", user_id=MEMBER_ID)
     await fake.wait_for(lambda: fake.callbacks)
-    assert fake.callbacks[0]["data"]["content"].startswith("Fresh start")
-    assert "flags" not in fake.callbacks[0]["data"]  # everyone in the channel sees it
+    assert "only this group's admins" in fake.callbacks[0]["data"]["content"]
     conv = live.app.conversations
+    assert await conv.context(await conv.chat("discord", str(fd.CHANNEL_ID)), 10) != []
+    await fake.slash_command("reset", user_id=MEMBER_ID, permissions=fd.EVERYONE_PERMISSIONS | fd.MANAGE_MESSAGES)
+    await fake.wait_for(lambda: len(fake.callbacks) == 2)
+    assert fake.callbacks[1]["data"]["content"].startswith("Fresh start")
+    assert "flags" not in fake.callbacks[1]["data"]  # everyone in the channel sees it
     assert await conv.context(await conv.chat("discord", str(fd.CHANNEL_ID)), 10) == []
+
+
+async def test_group_optout_by_a_moderator_cannot_be_undone_by_a_member(fake, live):
+    """Typed commands: the member's roles (from the message) decide; both attempts are audited."""
+    await fake.user_message("/optout", user_id=ADMIN_ID + 1, roles=[fd.MOD_ROLE_ID])
+    await fake.wait_for(lambda: fake.sent)
+    conv = live.app.conversations
+    chat = await conv.chat("discord", str(fd.CHANNEL_ID))
+    assert not await conv.consent(chat)
+    await fake.user_message("/optin", user_id=MEMBER_ID)
+    await fake.wait_for(lambda: len(fake.sent) == 2)
+    assert "for its admins" in fake.sent[1]["content"]
+    assert not await conv.consent(chat)
+    assert db_rows(live.app, "SELECT platform_user_id, command, allowed FROM admin_audit ORDER BY id") == [
+        (str(ADMIN_ID + 1), "optout", 1), (str(MEMBER_ID), "optin", 0)]
 
 
 async def test_slow_command_is_deferred_then_followed_up(fake, live):

@@ -302,7 +302,7 @@ async def test_full_disk_and_out_of_memory_end_in_failed_runs(tmp_path, base_mod
 # --------------------------------------------------------------------------- the schedule
 
 async def test_schedule_fires_on_its_interval_and_skips_when_too_little_is_new(tmp_path, base_model):
-    config = make_config(tmp_path, base_model, schedule="1s", min_new_messages=50)
+    config = make_config(tmp_path, base_model, schedule="1s", min_new_messages=50, min_users=1, max_user_share=1.0)
     registry = Registry(config.learning.registry)
     registry.ensure_configured(str(base_model))
     db = await Database.open(config.storage.path)
@@ -374,7 +374,7 @@ async def test_admin_commands_refuse_non_admins_and_are_audited(tmp_path, base_m
 
 
 async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
-    config = make_config(tmp_path, tmp_path, base_corpus="")
+    config = make_config(tmp_path, tmp_path, base_corpus="", min_users=1, max_user_share=1.0)
     registry = Registry(config.learning.registry)
     registry.register_configured("starter")
     db = await Database.open(config.storage.path)
@@ -395,6 +395,7 @@ async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
             return plan, folder / "data.jsonl"
 
         plan, data = await export(1)
+        assert not plan.skip, plan.skip
         text = data.read_text(encoding="utf-8")
         assert "public reply" in text and "LATE-CHAT" in text
         assert "SECRET-OPTOUT" not in text and "SECRET-FORGOTTEN" not in text

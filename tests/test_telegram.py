@@ -245,6 +245,23 @@ async def test_rate_limit_has_a_clear_message(make_bot, fake):
 
 # ---- groups ---------------------------------------------------------------------------------
 
+async def test_group_consent_is_for_the_groups_admins(bot, fake):
+    """getChatMember decides: an administrator's /optout sticks, a member's /optin is refused."""
+    group = -1002
+    fake.chat_admins[group].add(11)
+    fake.message(group, "/optout", chat_type="supergroup", user_id=11)
+    await fake.wait_sent(group, 1)
+    assert "no longer be used" in fake.texts(group)[0]
+    fake.message(group, "/optin", chat_type="supergroup", user_id=12)
+    await fake.wait_sent(group, 2)
+    assert "for its admins" in fake.texts(group)[1]
+    assert bot.rows("SELECT consent FROM chats WHERE platform_chat_id = ?", (str(group),)) == [(0,)]
+    asked = [(c.params["chat_id"], c.params["user_id"]) for c in fake.calls_to("getChatMember")]
+    assert [(int(a), int(b)) for a, b in asked] == [(group, 11), (group, 12)]
+    assert bot.rows("SELECT platform_user_id, command, allowed FROM admin_audit ORDER BY id") == [
+        ("11", "optout", 1), ("12", "optin", 0)]
+
+
 async def test_group_answers_mentions_replies_and_commands_only(bot, fake):
     group = -1001
     chatter = fake.message(group, "just chatting among ourselves", chat_type="supergroup", user_id=7)

@@ -26,7 +26,7 @@ class AdminCommands:
         self.handlers = {"status": self._status}
         if learning is not None:
             self.handlers.update(retrain=learning.command_retrain, rollback=learning.command_rollback,
-                                 models=learning.command_models)
+                                 models=learning.command_models, promote=learning.trust.command_promote)
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         if platform == "console":  # whoever runs the console owns the machine

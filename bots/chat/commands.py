@@ -42,6 +42,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("rollback", "make the previous (or a given) version active", admin=True, private=True,
             argument=Argument("version", "the version to make active, e.g. v0003 (default: the previous one)")),
     Command("models", "list model versions and their metrics", admin=True, private=True),
+    Command("promote", "serve a version that waits for approval", admin=True, private=True,
+            argument=Argument("version", "the waiting version, e.g. v0004")),
 )
 
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}

@@ -22,10 +22,17 @@ class Incoming:
     reply_to_bot: bool = False
     answer_all: bool = False      # this chat/channel is configured to answer everything
     kind: str = "text"            # "text", "sticker", "photo", "voice", "attachment", "other"
+    # group chats: whether the sender administers this chat (Telegram creator/administrator,
+    # Discord manage-messages or manage-guild); None = not looked up. Adapters fill it for the
+    # commands that change a group's settings (GROUP_ADMIN_COMMANDS).
+    sender_is_chat_admin: bool | None = None
 
     @property
     def is_private(self) -> bool:
         return self.chat_type == "private"
+
+
+GROUP_ADMIN_COMMANDS = frozenset({"optout", "optin", "reset", "persona"})
 
 
 @dataclass

@@ -19,6 +19,7 @@ from bots.chat.events import Incoming, Outgoing
 from bots.chat.ratelimit import RateLimiter
 from bots.metrics import record_reply
 from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
+from storage.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -194,20 +195,37 @@ class ChatService:
     async def _help(self, name: str, msg: Incoming) -> list[Outgoing]:
         return [Outgoing(help_text(self.admin.is_admin(msg.platform, msg.user_id)))]
 
+    async def _group_admin(self, name: str, msg: Incoming) -> bool:
+        """A group's settings are for its admins and Mynah's; every attempt is audited."""
+        allowed = self.admin.is_admin(msg.platform, msg.user_id) or msg.sender_is_chat_admin is True
+        await self.conversations.audit(msg.platform, msg.user_id, name, f"group {msg.chat_id}", allowed)
+        return allowed
+
     async def _reset(self, name: str, msg: Incoming) -> list[Outgoing]:
+        if not msg.is_private and not await self._group_admin(name, msg):
+            return [Outgoing("Sorry, only this group's admins can /reset the group's conversation.", ephemeral=True)]
         await self.conversations.reset(await self._chat_id(msg))
         return [Outgoing("Fresh start! I've put our earlier conversation out of mind.")]
 
     async def _forget(self, name: str, msg: Incoming) -> list[Outgoing]:
         deleted = await self.conversations.forget_user(msg.platform, msg.user_id)
-        return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
+        learning = self.admin.learning
+        if learning is None:
+            return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
+                             ephemeral=True)]
+        try:
+            model = await learning.trust.forgot(msg.platform, msg.user_id)
+        except Exception:
+            log.exception("/forget: updating the model versions failed")
+            model = ("I could not yet retire the model versions that learned from them; the admins can see "
+                     "this in the log, and the next run will not use your messages.")
+        return [Outgoing(f"Done: I deleted {deleted} of your messages; they will never be used for training. {model}",
                          ephemeral=True)]
 
     async def _persona(self, name: str, msg: Incoming) -> list[Outgoing]:
         """/persona shows the chat's persona, /persona <text> sets it, /persona reset clears it.
 
-        Anyone may set it in a private chat; in groups, Mynah's admins, and the chat's own
-        admins once the adapters report them (Incoming.sender_is_chat_admin, issue 11)."""
+        Anyone may set it in a private chat; in groups, the group's admins and Mynah's (audited)."""
         chat_id = await self._chat_id(msg)
         parts = (msg.text or "").split(maxsplit=1)
         text = parts[1].strip() if len(parts) > 1 else ""
@@ -218,9 +236,7 @@ class ChatService:
                 return [Outgoing("This chat has no persona. Set one with /persona <text>.")]
             where = "this chat's own" if own is not None else "the default"
             return [Outgoing(f"Persona ({where}): {current}")]
-        # TODO(issue 11): drop the fallback once every adapter fills Incoming.sender_is_chat_admin
-        chat_admin = getattr(msg, "sender_is_chat_admin", None) is True
-        if not (msg.is_private or chat_admin or self.admin.is_admin(msg.platform, msg.user_id)):
+        if not msg.is_private and not await self._group_admin(name, msg):
             return [Outgoing("Only this chat's admins can change my persona here.", ephemeral=True)]
         if text.lower() == "reset":
             await self.conversations.set_persona(chat_id, None)
@@ -233,7 +249,18 @@ class ChatService:
                          "DialoGPT, ignore it).")]
 
     async def _consent(self, name: str, msg: Incoming) -> list[Outgoing]:
-        await self.conversations.set_consent(await self._chat_id(msg), name == "optin")
-        if name == "optout":
-            return [Outgoing("This chat will no longer be used to train me. /optin to change your mind.")]
+        """The sender's own consent always follows their word; a group's only its admins'."""
+        optin = name == "optin"
+        await TrustStore(self.conversations.db).set_user_consent(msg.platform, msg.user_id, optin)
+        if not msg.is_private and not await self._group_admin(name, msg):
+            own = ("Your own messages may help me learn again" if optin else
+                   "Your own messages will no longer be used to train me, in any chat")
+            return [Outgoing(f"{own}. Keeping this whole group in or out of training is for its admins.",
+                             ephemeral=True)]
+        if msg.is_private:
+            await self.conversations.audit(msg.platform, msg.user_id, name, "private chat", True)
+        await self.conversations.set_consent(await self._chat_id(msg), optin)
+        if not optin:
+            return [Outgoing("This chat will no longer be used to train me. What earlier versions already learned "
+                             "stays (/forget deletes your messages and unlearns them). /optin to change your mind.")]
         return [Outgoing("Thanks! This chat may help me learn again.")]

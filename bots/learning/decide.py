@@ -11,6 +11,7 @@ in the loop and in promote.py.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -56,3 +57,34 @@ def decide(before: dict, after: dict, finite: bool, *, margin: float, tolerance:
                            f"base-corpus loss rose {before['base']:.4f} → {after['base']:.4f} (+{rise:.4f}), "
                            f"more than the tolerance {tolerance:g}: it would forget too much")
     return Verdict(Decision.PROMOTED, f"held-out loss fell by {gain:.4f} (margin {margin:g})")
+
+
+def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def parrot_hits(replies: list[str], texts: list[str], n: int) -> int:
+    """How many n-word runs of `replies` also occur in `texts`."""
+    known = {g for t in texts for g in ngrams(t, n)}
+    return sum(1 for r in replies for g in ngrams(r, n) if g in known)
+
+
+def parrot(candidate: list[str], active: list[str], user_texts: dict[str, list[str]], *, n: int = 4,
+           ratio: float = 3.0, min_hits: int = 3) -> Verdict | None:
+    """The parrot check: a candidate whose sampled probe replies repeat long runs of one
+    user's words far more often than the active model's replies do (at least `min_hits`
+    and more than `ratio` times as many) was taught by that user; None when nobody is parroted.
+
+    `candidate`/`active`: the two models' replies to the same probe prompts with the same
+    seeds; `user_texts`: each user's new training messages."""
+    worst: tuple[int, int, str] | None = None
+    for user, texts in user_texts.items():
+        got, base = parrot_hits(candidate, texts, n), parrot_hits(active, texts, n)
+        if got >= min_hits and got > ratio * base and (worst is None or got > worst[0]):
+            worst = (got, base, user)
+    if worst is None:
+        return None
+    got, base, user = worst
+    return Verdict(Decision.REJECTED, f"it parrots one user ({user}): {got} runs of {n}+ of their words in its "
+                                      f"replies to the probe prompts, against {base} from the active model")

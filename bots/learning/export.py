@@ -1,9 +1,10 @@
 """A run's training data: what is new since the active version, replay, and the held-out slice.
 
-Only opted-in chats are exported (storage filters them), and messages deleted by /forget
-are gone from the table and filtered again by id. The new dialogues are split by
-conversation, the newest slice held out (never trained on), and mixed with a replay
-sample of older logs and of the base corpus so the model does not forget. The base
+Only opted-in chats and users are exported, messages deleted by /forget are gone from the
+table and filtered again by id, and curate.py cleans, masks and caps what is left per user.
+The new dialogues are split by conversation, each user's newest slice held out (never
+trained on), and mixed with a replay sample of older logs and of the base corpus so the
+model does not forget. The base
 corpus's evaluation sample is fixed (BASE_SAMPLE_SEED), so runs are scored alike.
 
 The exported text lives in the run folder only while the run needs it: data.jsonl is
@@ -33,6 +34,9 @@ class ExportPlan:
     skip: str = ""                        # why there is nothing to train on ("" = go ahead)
     ids: set[int] = field(default_factory=set)     # the exported logged message ids (the /forget veto)
     chats: set[int] = field(default_factory=set)   # the exported chats (the /optout veto)
+    trained_ids: set[int] = field(default_factory=set)   # the logged messages it trains on (lineage)
+    users: dict[str, int] = field(default_factory=dict)  # "platform:user id" -> messages trained on (lineage)
+    user_texts: dict[str, list[str]] = field(default_factory=dict)   # each user's new messages (parrot check)
 
 
 class BaseCorpus:
@@ -57,42 +61,72 @@ class BaseCorpus:
 
 
 async def export_dialogues(conversations, lc, active: Version, run_id: int, folder: Path,
-                           base_corpus: BaseCorpus) -> ExportPlan:
+                           base_corpus: BaseCorpus, *, banned_words: list[str] | None = None) -> ExportPlan:
     """Write folder/data.jsonl (splits train / held_out / base_eval) and return the plan.
 
-    `lc` is the [learning] config; `run_id` seeds the replay sample and the shuffle."""
+    `lc` is the [learning] config; `run_id` seeds the caps, the replay sample and the shuffle.
+    What may be learned from and how much each user may supply is curate.py's business."""
+    from bots.learning.curate import Row, clean, curate, group, share_line
+    from storage.trust import TrustStore
+
+    trust = TrustStore(conversations.db)
     watermark = active.trained_through
     snapshot = await conversations.max_message_id()
     forgotten = await conversations.forgotten_message_ids()
-    new = [d for d in await conversations.export_dialogues(after_message_id=watermark)
-           if not forgotten.intersection(d.message_ids)]
+    rows = [Row(**r) for r in await trust.training_rows(after_message_id=watermark if lc.replay_fraction <= 0 else 0)
+            if r["id"] not in forgotten]
+    banned = list(banned_words or [])
+    cur = curate(rows, after=watermark, banned=banned, max_user_share=lc.max_user_share,
+                 held_out_fraction=lc.held_out_fraction, seed=run_id)
+    new_train, held_out = cur.train, cur.held_out
+    n_users, n_msgs, top = share_line(new_train)
+    through = max([snapshot] + [d.last_id for d in new_train + held_out])
+    counts = {"base_version": active.name, "after": watermark, "through": through,
+              "new_dialogues": len(new_train) + len(held_out),
+              "new_user_messages": await trust.count_new_user_messages(after_message_id=watermark),
+              "train_users": n_users, "train_user_messages": n_msgs, "largest_user_messages": top,
+              "users_before_caps": cur.users_before_caps, "dropped": dict(cur.dropped)}
+    if n_users < lc.min_users:
+        return ExportPlan(counts, through, skip=(
+            f"only {n_users} distinct user(s) in the new training data after the caps ({cur.users_before_caps} sent "
+            f"new messages; nobody may supply more than {lc.max_user_share:.0%}); a run needs at least "
+            f"[learning] min_users = {lc.min_users} (no single user can teach me alone)"))
+    if not new_train or not held_out:
+        return ExportPlan(counts, through, skip=f"only {counts['new_dialogues']} new dialogue(s) since "
+                                                f"{active.name}; at least 2 are needed (one to train on, one to hold out)")
     old = []
     if lc.replay_fraction > 0 and watermark > 0:
-        old = [d for d in await conversations.export_dialogues()
-               if d.last_message_id <= watermark and not forgotten.intersection(d.message_ids)]
-    through = max([snapshot] + [d.last_message_id for d in new])
-    counts = {"base_version": active.name, "after": watermark, "through": through, "new_dialogues": len(new),
-              "new_user_messages": await conversations.count_user_messages(after_message_id=watermark)}
-    if len(new) < 2:
-        return ExportPlan(counts, through, skip=f"only {len(new)} new dialogue(s) since {active.name}; at least 2 "
-                                                "are needed (one to train on, one to hold out)")
-    n_held = min(max(1, round(len(new) * lc.held_out_fraction)), len(new) - 1)
-    held_out, new_train = new[-n_held:], new[:-n_held]
+        old = [d for d in group(clean([r for r in rows if r.id <= watermark], banned, cur.dropped.copy()))
+               if d.last_id <= watermark]
     rng = random.Random(run_id)
     replay_old = rng.sample(old, min(len(old), round(lc.replay_fraction * len(new_train))))
     base_eval, base_pool = await asyncio.to_thread(base_corpus.split, lc.base_corpus, lc.base_eval_dialogues)
     replay_base = rng.sample(base_pool, min(len(base_pool), round(lc.base_replay_fraction * len(new_train))))
     counts.update({"train_new": len(new_train), "held_out": len(held_out), "replay_old": len(replay_old),
                    "replay_base": len(replay_base), "base_eval": len(base_eval)})
-    rows = ([{"split": "train", "turns": d.turns, "ids": d.message_ids} for d in new_train + replay_old]
-            + [{"split": "train", "turns": t, "ids": []} for t in replay_base]
-            + [{"split": "held_out", "turns": d.turns, "ids": d.message_ids} for d in held_out]
-            + [{"split": "base_eval", "turns": t, "ids": []} for t in base_eval])
-    rng.shuffle(rows)  # the child keeps the split labels; order within a split does not matter
-    await asyncio.to_thread(write_jsonl_atomic, folder / DATA_FILE, rows)
-    logged = new_train + replay_old + held_out
-    return ExportPlan(counts, through, ids={i for d in logged for i in d.message_ids},
-                      chats={d.chat_id for d in logged})
+
+    def ids(d) -> list[int]:
+        return [r.id for r in d.rows]
+
+    rows_out = ([{"split": "train", "turns": d.turns(), "ids": ids(d)} for d in new_train + replay_old]
+                + [{"split": "train", "turns": t, "ids": []} for t in replay_base]
+                + [{"split": "held_out", "turns": d.turns(), "ids": ids(d)} for d in held_out]
+                + [{"split": "base_eval", "turns": t, "ids": []} for t in base_eval])
+    rng.shuffle(rows_out)  # the child keeps the split labels; order within a split does not matter
+    await asyncio.to_thread(write_jsonl_atomic, folder / DATA_FILE, rows_out)
+    trained = new_train + replay_old
+    users: dict[str, int] = {}
+    texts: dict[str, list[str]] = {}
+    fresh = {id(d) for d in new_train}
+    for d in trained:
+        for r in d.rows:
+            if r.role == "user" and r.user:
+                users[r.user] = users.get(r.user, 0) + 1
+                if id(d) in fresh:
+                    texts.setdefault(r.user, []).append(r.text)
+    logged = trained + held_out
+    return ExportPlan(counts, through, ids={i for d in logged for i in ids(d)}, chats={d.chat_id for d in logged},
+                      trained_ids={i for d in trained for i in ids(d)}, users=users, user_texts=texts)
 
 
 async def changed_since_export(conversations, plan: ExportPlan) -> str | None:
@@ -102,6 +136,13 @@ async def changed_since_export(conversations, plan: ExportPlan) -> str | None:
         return "some exported messages were deleted by /forget during the run; the candidate was dropped"
     if plan.chats and await conversations.consenting_chats(plan.chats) != plan.chats:
         return "a chat in the training data ran /optout during the run; the candidate was dropped"
+    if plan.users:
+        from storage.trust import TrustStore
+
+        trust = TrustStore(conversations.db)
+        for user in plan.users:
+            if not await trust.user_consent(*user.split(":", 1)):
+                return "a user in the training data ran /optout during the run; the candidate was dropped"
     return None
 
 

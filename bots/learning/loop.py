@@ -37,14 +37,16 @@ from pathlib import Path
 
 from bots.chat.events import Incoming, Outgoing
 from bots.learning import report
-from bots.learning.decide import Decision, Verdict, decide
+from bots.learning.decide import Decision, Verdict, decide, parrot
 from bots.learning.export import (BaseCorpus, ExportPlan, changed_since_export, export_dialogues, strip_run_folder,
                                   tidy_run_folders)
 from bots.learning.notify import Notifier, Notifiers, ProgressListener
 from bots.learning.promote import Promoter, PromotionRefused
 from bots.learning.report import RunResult, RunStatus
 from bots.learning.schedule import ScheduleState, next_run_time, parse_schedule, start_scheduler
-from bots.learning.trainer import RunFailed, TrainerResult, build_job, candidate_bytes, run_trainer, write_job
+from bots.learning.trust import Trust, approval_text
+from bots.learning.trainer import (RunFailed, TrainerResult, build_job, check_disk, keep_training_record, run_trainer,
+                                   write_job)
 from engine.registry import FileLock, Registry, RegistryError, Version
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class Learning:
         self.schedule_fires = 0
         self.last_check: tuple[float, str] | None = None
         self.last_result: RunResult | None = None
+        self.trust = Trust(self)
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self, *, schedule: bool | None = None) -> None:
@@ -112,6 +115,7 @@ class Learning:
 
     async def stop(self) -> None:
         """Stop the job and the poller; a run in flight is stopped (its trainer killed) and recorded."""
+        await self.trust.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
@@ -205,7 +209,7 @@ class Learning:
                 if run["status"] == RunStatus.DONE and data.get("base_version") == active.name and data.get("through"):
                     watermark = max(watermark, int(data["through"]))
                     break
-        return await self.conversations.count_user_messages(after_message_id=watermark), watermark
+        return await self.trust.store.count_new_user_messages(after_message_id=watermark), watermark
 
     # ---- the schedule -----------------------------------------------------------------
     async def _start_scheduler(self) -> None:
@@ -339,7 +343,7 @@ class Learning:
             raise RunFailed("the registry has no active version; start the bot once or run `mynah models`")
         run.folder = self.registry.runs_dir() / f"run-{run.run_id:04d}"
         await asyncio.to_thread(run.folder.mkdir, parents=True, exist_ok=True)
-        self._check_disk(active, run.folder)                                   # 1. room for a candidate
+        check_disk(self.config, self.registry.root, active, run.folder)           # 1. room for a candidate
         plan = await self._export(run, active)                                 # 2. the data
         result = RunResult(run.run_id, RunStatus.DONE, Decision.SKIPPED, plan.skip, base_version=active.name,
                            data=plan.counts)
@@ -348,25 +352,18 @@ class Learning:
             return result
         await self.conversations.update_training_run(run.run_id, data=plan.counts)
         trained = await self._train(run, active, plan)                         # 3. the child
-        await self._keep_training_record(result, trained, run.folder)
+        await asyncio.to_thread(keep_training_record, result, trained, run.folder)
         verdict = await self._decide(trained, plan)                            # 4. the decision
         result.decision, result.reason = verdict.decision, verdict.reason
         if verdict.promoted:
             await self._promote(run, active, plan, trained, result)            # 5. promotion
         return result
 
-    def _check_disk(self, active: Version, folder: Path) -> None:
-        """Room for a candidate (twice its expected size) plus [learning] min_free_disk_mb."""
-        need_mb = 2 * candidate_bytes(self.config, active) / 2**20 + self.lc.min_free_disk_mb
-        free_mb = shutil.disk_usage(folder).free / 2**20
-        if free_mb < need_mb:
-            raise RunFailed(f"disk full: {free_mb:.0f} MB free in {self.registry.root}, a run needs {need_mb:.0f} MB "
-                            "(the candidate model plus [learning] min_free_disk_mb)")
-
     async def _export(self, run: RunState, active: Version) -> ExportPlan:
         run.stage = "exporting"
         self._progress({"event": "stage", "stage": "exporting dialogues", "run_id": run.run_id})
-        return await export_dialogues(self.conversations, self.lc, active, run.run_id, run.folder, self._base_corpus)
+        return await export_dialogues(self.conversations, self.lc, active, run.run_id, run.folder, self._base_corpus,
+                                      banned_words=list(self.config.generation.banned_words))
 
     async def _train(self, run: RunState, active: Version, plan: ExportPlan) -> TrainerResult:
         job = build_job(self.config, run.run_id, active, run.folder)
@@ -376,22 +373,12 @@ class Learning:
         return await run_trainer(job, run.folder, threads=self.lc.threads, max_minutes=self.lc.max_minutes,
                                  on_event=self._progress, on_started=lambda pid: setattr(run, "pid", pid))
 
-    async def _keep_training_record(self, result: RunResult, trained: TrainerResult, folder: Path) -> None:
-        """The losses and training numbers into the result; the loss curve and metrics into the run folder."""
-        result.losses = {"before": trained.before, "after": trained.after}
-        result.data = {**result.data, "steps": trained.train.get("steps"),
-                       "train_time_s": trained.train.get("train_time_s"),
-                       "max_resident_mb": trained.max_resident_mb, "dropped_forgotten": trained.dropped_forgotten,
-                       **report.method_facts(trained.train, trained.base_model)}
-        if trained.loss_curve.is_file():
-            await asyncio.to_thread(shutil.copyfile, trained.loss_curve, folder / "loss_curve.png")
-            result.loss_curve = folder / "loss_curve.png"
-        with contextlib.suppress(OSError):
-            shutil.copyfile(trained.candidate / "metrics.json", folder / "metrics.json")
-
     async def _decide(self, trained: TrainerResult, plan: ExportPlan) -> Verdict:
         verdict = decide(trained.before, trained.after, trained.finite, margin=self.lc.promote_margin,
                          tolerance=self.lc.base_loss_tolerance)
+        if verdict.promoted:
+            verdict = parrot(trained.probe_replies("candidate"), trained.probe_replies("active"), plan.user_texts,
+                             n=self.lc.parrot_ngram, ratio=self.lc.parrot_ratio) or verdict
         if verdict.promoted:
             veto = await changed_since_export(self.conversations, plan)
             if veto is not None:
@@ -407,13 +394,16 @@ class Learning:
         metrics = {"held_out_loss": after.get("held_out"), "held_out_loss_before": before.get("held_out"),
                    "base_loss": after.get("base"), "base_loss_before": before.get("base"),
                    "held_out_dialogues": data["held_out"], "base_eval_dialogues": data["base_eval"],
-                   "base_corpus": self.lc.base_corpus, "train": trained.train}
+                   "base_corpus": self.lc.base_corpus, "train": trained.train,
+                   "awaiting_approval": self.lc.require_approval}
         try:
             version = await self.promoter.promote(trained.candidate, active=active, run_id=run.run_id,
-                                                  trigger=run.trigger, through=plan.through, metrics=metrics)
+                                                  trigger=run.trigger, through=plan.through, metrics=metrics,
+                                                  activate=not self.lc.require_approval)
         except PromotionRefused as exc:
             result.decision, result.reason = Decision.REJECTED, str(exc)
             return
+        await self.trust.record(version.name, plan)
         await self.conversations.record_model_version(version.name, version.model_path, version.created_at,
                                                       version.metrics, version.note)
         if version.loss_curve is not None:
@@ -421,8 +411,13 @@ class Learning:
         pruned = await asyncio.to_thread(self.registry.prune, self.lc.keep_versions)
         if pruned:
             log.info("pruned old versions: %s", ", ".join(pruned))
-        result.promoted = version.name
         result.data["candidate"] = version.name
+        if self.lc.require_approval:
+            result.decision, result.reason = Decision.REJECTED, f"awaiting approval: /promote {version.name}"
+            targets = run.notify_to or self._scheduled_targets()
+            await self.notify(targets, Outgoing(approval_text(version.name, result, trained.probes)))
+            return
+        result.promoted = version.name
 
     # ---- the active pointer: rollback, and noticing changes made elsewhere -----------------
     async def check_pointer(self) -> bool:
@@ -468,7 +463,8 @@ class Learning:
         if not versions:
             return report.NO_VERSIONS
         active = await asyncio.to_thread(self.registry.active_name)
-        return report.models_text(versions, active, await self.conversations.replies_by_version(), limit)
+        return report.models_text(versions, active, await self.conversations.replies_by_version(), limit,
+                                  await self.trust.store.lineage(), await self.trust.store.tainted())
 
     async def status_lines(self) -> list[str]:
         """The learning loop's part of /status."""
@@ -481,6 +477,8 @@ class Learning:
         lines.append(f"New since the active version: {new} user messages "
                      f"(a scheduled run needs {self.lc.min_new_messages})")
         lines.append(report.next_run_line(self.next_run_time(), self.lc.schedule))
+        if self.trust.forgets_waiting:
+            lines.append(f"A rebuild after /forget is queued ({self.trust.forgets_waiting} forget(s) waiting)")
         if self.last_check is not None:
             lines.append(f"Last scheduled check: {report.ago(self.last_check[0])}, {self.last_check[1]}")
         run = self.running

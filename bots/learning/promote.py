@@ -65,8 +65,9 @@ class Promoter:
                           quantize=self.config.engine.quantize)
 
     async def promote(self, candidate: Path, *, active: Version, run_id: int, trigger: str, through: int,
-                      metrics: dict) -> Version:
-        """Install the candidate as the new active version and serve it; raises PromotionRefused."""
+                      metrics: dict, activate: bool = True) -> Version:
+        """Install the candidate as the new active version and serve it; raises PromotionRefused.
+        activate=False installs it (checked to load) without serving it: it waits for /promote."""
         async with self._lock:
             if self.remote is not None:
                 return await self._promote_remote(candidate, active=active, run_id=run_id, trigger=trigger,
@@ -82,7 +83,9 @@ class Promoter:
                                        "the candidate was dropped")
             version = await asyncio.to_thread(
                 self.registry.add_fine_tuned, candidate, parent=active.name, run_id=run_id,
-                trained_through=through, metrics=metrics, note=f"run #{run_id} ({trigger})")
+                trained_through=through, metrics=metrics, note=f"run #{run_id} ({trigger})", activate=activate)
+            if not activate:
+                return version
             self._stamp = self.registry.pointer_stamp()
             if loaded is not None:
                 loaded.version = version.name

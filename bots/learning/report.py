@@ -134,15 +134,26 @@ def describe_run(r: dict) -> str:
 NO_VERSIONS = "No model versions yet."
 
 
-def models_text(versions: list[Version], active: str | None, replies: dict[str, int], limit: int = 15) -> str:
-    """/models: the newest `limit` versions, newest first, with how many replies each wrote."""
+def models_text(versions: list[Version], active: str | None, replies: dict[str, int], limit: int = 15,
+                lineage: dict[str, dict] | None = None, tainted: dict[str, str] | None = None) -> str:
+    """/models: the newest `limit` versions, newest first, with how many replies each wrote,
+    what each was trained on (lineage) and which versions /forget retired (tainted)."""
     if not versions:
         return NO_VERSIONS
+    lineage, tainted = lineage or {}, tainted or {}
     lines = [f"Model versions ({len(versions)}, newest first; * = active):"]
     for v in reversed(versions[-limit:]):
-        lines.append(describe_version(v, active, replies.get(v.name)))
+        line = describe_version(v, active, replies.get(v.name))
+        if v.name in lineage:
+            line += f"; trained on {lineage[v.name]['messages']} messages of {lineage[v.name]['users']} users"
+        if v.metrics.get("awaiting_approval"):
+            line += f"; awaiting approval (/promote {v.name})"
+        lines.append(line + (f"; TAINTED: {tainted[v.name]}" if v.name in tainted else ""))
     if len(versions) > limit:
         lines.append(f"… and {len(versions) - limit} older")
+    gone = sorted(set(tainted) - {v.name for v in versions})
+    if gone:
+        lines.append(f"Retired and deleted after /forget (tainted): {', '.join(gone)}")
     return "\n".join(lines)
 
 

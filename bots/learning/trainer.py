@@ -16,11 +16,12 @@ import json
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from bots.learning.export import DATA_FILE, FORGOTTEN_FILE
+from bots.learning.report import method_facts
 from engine.registry import Version, folder_bytes, write_json_atomic
 from engine.training.devices import launch_command, plan_devices
 from engine.training.finetune import FinetuneJob, TrainSettings
@@ -48,6 +49,7 @@ class TrainerResult:
     max_resident_mb: int | None = None
     base_model: str = ""             # LoRA: the model the adapter applies to
     launched_by_accelerate: bool = False
+    probes: dict = field(default_factory=dict)   # {"active": [{"prompt", "replies"}], "candidate": [...]}
 
     @classmethod
     def from_json(cls, raw: dict, job: FinetuneJob) -> "TrainerResult":
@@ -57,7 +59,10 @@ class TrainerResult:
                    train=raw.get("train") or {},
                    dropped_forgotten=(raw.get("counts") or {}).get("dropped_forgotten", 0),
                    max_resident_mb=raw.get("max_resident_mb"), base_model=raw.get("base_model") or "",
-                   launched_by_accelerate=bool(raw.get("launched_by_accelerate")))
+                   launched_by_accelerate=bool(raw.get("launched_by_accelerate")), probes=raw.get("probes") or {})
+
+    def probe_replies(self, which: str) -> list[str]:
+        return [r for p in self.probes.get(which) or [] for r in p.get("replies") or []]
 
 
 def local_model_folder(version: Version) -> str:
@@ -100,6 +105,8 @@ def training_init(config, active: Version) -> str:
 def build_job(config, run_id: int, active: Version, folder: Path) -> FinetuneJob:
     """The job for fine-tuning `active` on folder/data.jsonl into folder/candidate-run-N, on the
     hardware [learning] devices names (several GPUs: DDP under accelerate)."""
+    from bots.learning.probes import probe_prompts
+
     lc, folder = config.learning, folder.resolve()
     try:
         plan = plan_devices(lc.devices, config.model.device)
@@ -113,7 +120,7 @@ def build_job(config, run_id: int, active: Version, folder: Path) -> FinetuneJob
         data=str(folder / DATA_FILE), forgotten=str(folder / FORGOTTEN_FILE),
         output=str(folder / f"candidate-run-{run_id}"), result=str(folder / RESULT_FILE),
         threads=lc.threads, nice=lc.nice, max_memory_mb=lc.max_memory_mb, method=lc.method,
-        distributed=plan.distributed, processes=plan.processes,
+        distributed=plan.distributed, processes=plan.processes, probes=probe_prompts(lc),
         train=TrainSettings(lr=lc.lr, epochs=lc.epochs, batch_size=lc.batch_size, max_len=lc.max_len,
                             max_minutes=lc.max_minutes, seed=run_id),
         lora=LoraSettings(r=lc.lora_r, alpha=lc.lora_alpha, dropout=lc.lora_dropout,
@@ -184,6 +191,34 @@ async def run_trainer(job: FinetuneJob, folder: Path, *, threads: int, max_minut
     if proc.returncode != 0 or not result or not result.get("ok"):
         raise RunFailed(failure_reason(proc.returncode, result, folder))
     return TrainerResult.from_json(result, job)
+
+
+def check_disk(config, root: Path, active: Version, folder: Path) -> None:
+    """Room for a candidate (twice its expected size) plus [learning] min_free_disk_mb."""
+    import shutil
+
+    need_mb = 2 * candidate_bytes(config, active) / 2**20 + config.learning.min_free_disk_mb
+    free_mb = shutil.disk_usage(folder).free / 2**20
+    if free_mb < need_mb:
+        raise RunFailed(f"disk full: {free_mb:.0f} MB free in {root}, a run needs {need_mb:.0f} MB "
+                        "(the candidate model plus [learning] min_free_disk_mb)")
+
+
+def keep_training_record(result, trained: TrainerResult, folder: Path) -> None:
+    """The losses and training numbers into the run's result; the loss curve and metrics into
+    the run folder (blocking: call from a thread)."""
+    import shutil
+
+    result.losses = {"before": trained.before, "after": trained.after}
+    result.data = {**result.data, "steps": trained.train.get("steps"),
+                   "train_time_s": trained.train.get("train_time_s"),
+                   "max_resident_mb": trained.max_resident_mb, "dropped_forgotten": trained.dropped_forgotten,
+                   **method_facts(trained.train, trained.base_model)}
+    if trained.loss_curve.is_file():
+        shutil.copyfile(trained.loss_curve, folder / "loss_curve.png")
+        result.loss_curve = folder / "loss_curve.png"
+    with contextlib.suppress(OSError):
+        shutil.copyfile(trained.candidate / "metrics.json", folder / "metrics.json")
 
 
 def failure_reason(code: int | None, result: dict | None, folder: Path) -> str:

@@ -132,7 +132,10 @@ def turn_ids(fmt, utterances: Sequence[str]) -> tuple[list[int], list[list[int]]
     """
     if fmt.name == "chat_template":
         return [], [fmt.dialogue_ids(utterances)]
-    encoded = fmt.tokenizer(list(utterances), add_special_tokens=False)["input_ids"]  # one batched call
+    from engine.dialogue import encode_plain
+
+    # one batched call; a typed "<|endoftext|>" or "[SEP]" stays text, never a turn boundary
+    encoded = encode_plain(fmt.tokenizer, list(utterances))
     return list(fmt.start_ids), [ids + [fmt.turn_end_id] for ids in encoded]
 
 

@@ -16,7 +16,8 @@ What it does:
 3. fine-tune it (engine.training.train.train with init = the active model; early stopping on a
    validation slice of the training dialogues, never on the held-out set);
 4. load the saved candidate back (a candidate that does not load is a failure) and evaluate
-   it on exactly the same dialogues;
+   it on exactly the same dialogues; both models also answer the job's probe prompts with
+   the same seeds (the parent's parrot check compares the replies with each user's text);
 5. write result.json (atomically) and print it as the last stdout line.
 
 Progress goes to stdout as one JSON object per line ({"event": ...}); logs go to stderr.
@@ -75,6 +76,8 @@ class FinetuneJob:
     method: str = "full"              # "full": every weight; "lora": an adapter on `init` (engine.training.lora)
     distributed: bool = False         # started by `accelerate launch` (engine.training.devices), DDP when processes > 1
     processes: int = 1                # one per GPU
+    probes: list = field(default_factory=list)   # prompts both models answer (sampled, fixed seeds)
+    probe_samples: int = 3
     train: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -358,6 +361,7 @@ def run_job(job: FinetuneJob) -> dict:
     active = load_model(job.init, fmt=job.format, device=job.device)
     before = losses(active.model, active.fmt)
     emit("before", **before)
+    probes = {"active": _probe(job, active)}
     _free(active)
     # 2. fine-tune it (LoRA: train an adapter on it, or train the active adapter further)
     emit("stage", stage="training")
@@ -372,6 +376,7 @@ def run_job(job: FinetuneJob) -> dict:
     after = losses(candidate.model, candidate.fmt)
     finite = _finite_parameters(candidate.model) and all(v is None or math.isfinite(v) for v in after.values())
     emit("after", **after)
+    probes["candidate"] = _probe(job, candidate)
     keep = ("best_valid_loss", "initial_valid_loss", "best_step", "steps", "tokens", "tokens_per_s",
             "train_time_s", "stopped_early", "stop_reason", "params", "trainable_params", "device", "processes",
             "method", "accelerate", "lr", "data", "lora")
@@ -379,7 +384,7 @@ def run_job(job: FinetuneJob) -> dict:
             "train": {k: metrics.get(k) for k in keep}, "candidate": str(job.output),
             "base_model": _base_of(job), "launched_by_accelerate": "ACCELERATE_MIXED_PRECISION" in os.environ,
             "loss_curve": str(Path(job.output) / "loss_curve.png"),
-            "duration_s": time.time() - started, "max_resident_mb": _proc_status_mb("VmHWM")}
+            "duration_s": time.time() - started, "max_resident_mb": _proc_status_mb("VmHWM"), "probes": probes}
 
 
 def _base_of(job: FinetuneJob) -> str:
@@ -389,6 +394,16 @@ def _base_of(job: FinetuneJob) -> str:
     from engine.model import lora_base_path
 
     return lora_base_path(job.init)
+
+
+def _probe(job: FinetuneJob, loaded) -> list[dict]:
+    """Both models' sampled replies to the probe prompts, same seeds (the parrot check's evidence)."""
+    if not job.probes:
+        return []
+    from engine.training.probes import sample_replies
+
+    emit("stage", stage="sampling probe replies")
+    return sample_replies(loaded, list(job.probes), samples=job.probe_samples, seed=job.train.seed)
 
 
 def write_result(path: str | Path | None, result: dict) -> None:

@@ -29,6 +29,11 @@ OWNER_ID = 900000000000000002
 GUILD_ID = 900000000000000010
 CHANNEL_ID = 900000000000000011
 THREAD_ID = 900000000000000012
+MOD_ROLE_ID = 900000000000000013       # "mods": manage messages (a group admin for Mynah)
+BOT_ROLE_ID = 900000000000000014
+MANAGE_MESSAGES = 1 << 13
+# view channel, send messages, embed links, attach files, read history, use application commands
+EVERYONE_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
 INTENT_MESSAGE_CONTENT = 1 << 15
 
 _ids = itertools.count(910000000000000000)
@@ -217,12 +222,17 @@ class FakeDiscord:
             "v": 10, "user": BOT_USER, "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
             "session_id": "fake-session", "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
             "application": {"id": str(APP_ID), "flags": 0}})
-        everyone = {"id": str(GUILD_ID), "name": "@everyone", "permissions": str((1 << 41) - 1), "position": 0,
-                    "color": 0, "hoist": False, "managed": False, "mentionable": False}
+        # @everyone may talk; the "mods" role may manage messages (a group admin for Mynah); the
+        # bot's own role may do everything.
+        everyone = {"id": str(GUILD_ID), "name": "@everyone", "permissions": str(EVERYONE_PERMISSIONS),
+                    "position": 0, "color": 0, "hoist": False, "managed": False, "mentionable": False}
+        mods = {**everyone, "id": str(MOD_ROLE_ID), "name": "mods", "position": 1,
+                "permissions": str(EVERYONE_PERMISSIONS | MANAGE_MESSAGES)}
+        bots = {**everyone, "id": str(BOT_ROLE_ID), "name": "bot", "position": 2, "permissions": str((1 << 41) - 1)}
         await self.dispatch("GUILD_CREATE", {
             "id": str(GUILD_ID), "name": "Test Server", "icon": None, "owner_id": str(OWNER_ID),
-            "roles": [everyone], "emojis": [], "stickers": [], "features": [], "member_count": 2,
-            "members": [{"user": BOT_USER, "roles": [], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False,
+            "roles": [everyone, mods, bots], "emojis": [], "stickers": [], "features": [], "member_count": 2,
+            "members": [{"user": BOT_USER, "roles": [str(BOT_ROLE_ID)], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False,
                          "mute": False, "flags": 0}],
             "channels": [{"id": str(CHANNEL_ID), "type": 0, "name": "general", "position": 0,
                           "permission_overwrites": [], "guild_id": str(GUILD_ID)}],
@@ -239,7 +249,8 @@ class FakeDiscord:
 
     # ---- what a user does -------------------------------------------------------------
     async def user_message(self, content: str, *, user_id: int, name: str = "alice", channel_id: int = CHANNEL_ID,
-                           guild: bool = True, mentions: list[dict] | None = None, bot: bool = False) -> int:
+                           guild: bool = True, mentions: list[dict] | None = None, bot: bool = False,
+                           roles: list[int] | None = None) -> int:
         message_id = new_id()
         now = datetime.datetime.now(datetime.timezone.utc).isoformat()
         data = {"id": str(message_id), "channel_id": str(channel_id), "author": user_payload(user_id, name, bot=bot),
@@ -248,12 +259,14 @@ class FakeDiscord:
                 "embeds": [], "pinned": False, "type": 0}
         if guild:
             data["guild_id"] = str(GUILD_ID)
-            data["member"] = {"roles": [], "joined_at": now, "deaf": False, "mute": False, "flags": 0}
+            data["member"] = {"roles": [str(r) for r in roles or []], "joined_at": now, "deaf": False,
+                              "mute": False, "flags": 0}
         await self.dispatch("MESSAGE_CREATE", data)
         return message_id
 
     async def slash_command(self, name: str, *, user_id: int, options: list[dict] | None = None,
-                            channel_id: int = CHANNEL_ID, channel_type: int = 0) -> int:
+                            channel_id: int = CHANNEL_ID, channel_type: int = 0,
+                            permissions: int = EVERYONE_PERMISSIONS) -> int:
         interaction_id = new_id()
         user = user_payload(user_id, f"user{user_id % 1000}")
         channel = {"id": str(channel_id), "type": channel_type, "name": "general", "guild_id": str(GUILD_ID),
@@ -266,7 +279,7 @@ class FakeDiscord:
             "id": str(interaction_id), "application_id": str(APP_ID), "type": 2, "token": f"itoken{interaction_id}",
             "version": 1, "guild_id": str(GUILD_ID), "channel_id": str(channel_id), "channel": channel,
             "member": {"user": user, "roles": [], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False,
-                       "mute": False, "flags": 0, "permissions": "1024"},
+                       "mute": False, "flags": 0, "permissions": str(permissions)},
             "data": {"id": str(new_id()), "name": name, "type": 1, "options": options or []},
             "locale": "en-US", "guild_locale": "en-US", "app_permissions": str((1 << 41) - 1),
             "attachment_size_limit": 8 << 20, "authorizing_integration_owners": {"0": str(GUILD_ID)}, "context": 0,

@@ -58,6 +58,8 @@ class FakeTelegram:
         self.calls: list[Call] = []
         self.updates: list[dict] = []          # not yet confirmed by an offset
         self.served: set[int] = set()          # update ids returned by getUpdates at least once
+        self.chat_admins: dict[int, set[int]] = defaultdict(set)     # getChatMember: "administrator"
+        self.chat_creators: dict[int, set[int]] = defaultdict(set)   # getChatMember: "creator"
         self.confirmed_below = 0               # every update id below this is acknowledged
         self.get_updates_hooks = []            # fn(offset) called on every getUpdates
         self.chats: dict[int, dict] = {}
@@ -156,6 +158,22 @@ class FakeTelegram:
     # ---- Bot API methods --------------------------------------------------------------
     async def _api_getMe(self, params):
         return BOT_USER
+
+    async def _api_getChatMember(self, params):
+        """Members are "member" unless a test put them in `chat_admins[chat_id]` (administrators)
+        or `chat_creators[chat_id]`."""
+        chat_id, user_id = int(params["chat_id"]), int(params["user_id"])
+        status = ("creator" if user_id in self.chat_creators.get(chat_id, set()) else
+                  "administrator" if user_id in self.chat_admins.get(chat_id, set()) else "member")
+        member = {"status": status, "user": {"id": user_id, "is_bot": False, "first_name": f"user{user_id}"}}
+        if status == "administrator":
+            member.update({k: False for k in (
+                "can_be_edited", "can_manage_chat", "can_delete_messages", "can_manage_video_chats",
+                "can_restrict_members", "can_promote_members", "can_change_info", "can_invite_users",
+                "can_post_stories", "can_edit_stories", "can_delete_stories")}, is_anonymous=False)
+        elif status == "creator":
+            member["is_anonymous"] = False
+        return member
 
     async def _api_getUpdates(self, params):
         offset = int(params.get("offset") or 0)

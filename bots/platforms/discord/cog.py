@@ -154,6 +154,7 @@ class ChatCog(commands.Cog, name="Mynah"):
             thread_id=thread_id, chat_title=title, message_id=str(message.id), reply_to_message_id=reply_to,
             mentions_bot=mentions_bot(message, me), reply_to_bot=reply_to_bot,
             answer_all=chat_id in answer_all or (thread_id != "" and thread_id in answer_all), kind=kind,
+            sender_is_chat_admin=None if chat_type == "private" else member_is_admin(message.channel, message.author),
         )
 
     async def handle_message(self, message: discord.Message) -> None:
@@ -232,6 +233,7 @@ class ChatCog(commands.Cog, name="Mynah"):
             platform="discord", chat_id=chat_id, user_id=str(interaction.user.id),
             text=f"/{name} {args}".strip(), chat_type=chat_type, user_name=interaction.user.display_name,
             thread_id=thread_id, chat_title=title, mentions_bot=True, answer_all=chat_id in answer_all,
+            sender_is_chat_admin=None if chat_type == "private" else _can_manage(interaction.permissions),
         )
 
     async def run_command(self, interaction: discord.Interaction, name: str, args: str = "") -> None:
@@ -318,3 +320,18 @@ async def typing(channel: discord.abc.Messageable):
         yield
     finally:
         await indicator.__aexit__(None, None, None)
+
+
+def _can_manage(perms: discord.Permissions | None) -> bool:
+    """A guild's settings for Mynah are for members who may manage its messages or the guild."""
+    return bool(perms is not None and (perms.manage_messages or perms.manage_guild or perms.administrator))
+
+
+def member_is_admin(channel, author) -> bool:
+    """From the member data Discord sends with the message and the cached guild roles."""
+    if not isinstance(author, discord.Member):
+        return False
+    try:
+        return _can_manage(channel.permissions_for(author))
+    except Exception:  # no role cache for this guild: the member's guild-wide permissions
+        return _can_manage(getattr(author, "guild_permissions", None))

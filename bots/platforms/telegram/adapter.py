@@ -27,6 +27,7 @@ import asyncio
 import collections
 import logging
 import secrets
+import time
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -39,7 +40,7 @@ from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, Comma
 from telegram.request import HTTPXRequest
 
 from bots.chat.commands import commands_for, parse_command
-from bots.chat.events import Incoming, Outgoing, PlatformStartError
+from bots.chat.events import GROUP_ADMIN_COMMANDS, Incoming, Outgoing, PlatformStartError
 from bots.chat.splitting import split_message
 from bots.platforms.base import Platform
 from bots.platforms.redaction import redact, register_secret, register_token
@@ -55,6 +56,7 @@ CAPTION_LIMIT = MessageLimit.CAPTION_LENGTH        # 1024
 TYPING_EVERY_S = 4.0                               # "typing…" shows for ~5 s
 ALLOWED_UPDATES = [Update.MESSAGE]                 # edits, channel posts etc. are not ours
 TOKEN_LABEL = "<TELEGRAM_BOT_TOKEN>"
+CHAT_ADMIN_TTL_S = 60.0                            # how long a getChatMember answer is trusted
 
 
 def _retry_seconds(exc: RetryAfter) -> float:
@@ -95,6 +97,7 @@ class TelegramAdapter(Platform):
         self.application: Application | None = None
         self._requests: tuple[HTTPXRequest, ...] = ()
         self._newest: dict[tuple[str, str], int] = {}   # (chat, topic) -> newest message id seen
+        self._chat_admins: dict[tuple[str, str], tuple[bool, float]] = {}   # getChatMember answers, timed
         self.errors: collections.deque[BaseException] = collections.deque(maxlen=100)  # latest handler errors
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -240,6 +243,7 @@ class TelegramAdapter(Platform):
             return
         key = (incoming.chat_id, incoming.thread_id)
         self._newest[key] = max(self._newest.get(key, 0), message.message_id)
+        await self._mark_chat_admin(incoming)
         generating = self.chat.will_generate(incoming)
         typing = self._start_typing(message) if generating else None
         thread = int(incoming.thread_id) if incoming.thread_id else None
@@ -272,6 +276,24 @@ class TelegramAdapter(Platform):
             await self.chat.failed(out)
             return
         await self.chat.delivered(out, str(sent[0]))
+
+    async def _mark_chat_admin(self, msg: Incoming) -> None:
+        """For a group command that changes the group's settings: is the sender its creator or an
+        administrator (getChatMember, cached for a minute)? A failed lookup counts as no."""
+        parsed = parse_command((msg.text or "").strip())
+        if msg.is_private or parsed is None or parsed[0] not in GROUP_ADMIN_COMMANDS:
+            return
+        key, now = (msg.chat_id, msg.user_id), time.monotonic()
+        cached = self._chat_admins.get(key)
+        if cached is None or now - cached[1] > CHAT_ADMIN_TTL_S:
+            try:
+                member = await self.application.bot.get_chat_member(int(msg.chat_id), int(msg.user_id))
+                cached = (member.status in ("creator", "administrator"), now)
+            except (TelegramError, ValueError) as exc:
+                log.warning("getChatMember failed for a group command: %s", exc)
+                cached = (False, now)
+            self._chat_admins[key] = cached
+        msg.sender_is_chat_admin = cached[0]
 
     def _quote(self, msg: Incoming, out: Outgoing) -> int | None:
         """Quote the message answered in groups, and in private chats once newer messages came."""

@@ -1,0 +1,244 @@
+"""Which logged messages a run may learn from, and how much of it any one user may supply.
+
+Pure (rows in, dialogues out), so every rule is testable without a database:
+
+- never: commands, messages not stored as 'ok' (rate-limited, failed, pending), messages of
+  users who ran /optout (storage already drops opted-out chats), messages containing a
+  `[generation] banned_words` word, and a user's exact or near repeats of their own text;
+  a bot reply whose user message was dropped goes with it;
+- contact details (URLs, e-mail addresses, phone numbers, @mentions) are masked, so the
+  model can never learn and repeat them;
+- per user: no more than `max_user_share` of a split's user messages (the excess is
+  down-sampled with a seeded RNG), and the held-out dialogues are picked per user, so an
+  attacker owns neither the training data nor the yardstick it is judged by.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+DIALOGUE_GAP_SECONDS = 3600
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_URL = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|io|ru|de|uk|co|me|app|"
+                  r"info|biz|xyz|ly|gg|tv|cn)\b(?:/\S*)?", re.IGNORECASE)
+_PHONE = re.compile(r"(?<![\w+])\+?\d(?:[\s().-]*\d){6,}(?!\w)")
+_MENTION = re.compile(r"<@!?&?\d+>|(?<![\w@])@\w{2,}")
+_WORD = re.compile(r"\w+")
+
+
+def mask_contacts(text: str) -> str:
+    """URLs, e-mail addresses, phone numbers and @mentions replaced by a placeholder word."""
+    text = _EMAIL.sub("[email]", text)
+    text = _URL.sub("[link]", text)
+    text = _MENTION.sub("[user]", text)
+    return _PHONE.sub("[phone]", text)
+
+
+def has_banned_word(text: str, banned: list[str]) -> bool:
+    low = text.lower()
+    for word in banned:
+        w = word.strip().lower()
+        if not w:
+            continue
+        if re.fullmatch(r"\w+", w):
+            if re.search(rf"\b{re.escape(w)}\b", low):
+                return True
+        elif w in low:
+            return True
+    return False
+
+
+def _shape(text: str) -> str:
+    """What two near-identical messages share: lower-case words, digits and punctuation gone."""
+    return " ".join(w for w in _WORD.findall(text.lower()) if not w.isdigit())
+
+
+@dataclass
+class Row:
+    """One logged message as the export reads it."""
+    id: int
+    chat_id: int
+    role: str                     # "user" or "bot"
+    text: str
+    created_at: float = 0.0
+    epoch: int = 0                # how many /resets came before it in its chat
+    user: str | None = None       # "platform:platform_user_id" for user messages
+    consent: bool = True          # the user's own /optout (user messages)
+    status: str = "ok"
+
+
+@dataclass
+class Dialogue:
+    chat_id: int
+    rows: list[Row]
+
+    @property
+    def last_id(self) -> int:
+        return self.rows[-1].id
+
+    def users(self) -> Counter:
+        return Counter(r.user for r in self.rows if r.role == "user" and r.user)
+
+    def owner(self) -> str | None:
+        """The user with the most messages in it (ties: the first to speak)."""
+        counts = self.users()     # Counter keeps first-seen order, and max keeps the first of equals
+        return max(counts, key=counts.__getitem__) if counts else None
+
+    def turns(self) -> list[str]:
+        """Same-side messages merged into one turn."""
+        out: list[str] = []
+        prev = None
+        for r in self.rows:
+            if prev == r.role:
+                out[-1] += "\n" + r.text
+            else:
+                out.append(r.text)
+            prev = r.role
+        return out
+
+
+@dataclass
+class Curated:
+    train: list[Dialogue] = field(default_factory=list)
+    held_out: list[Dialogue] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)      # why messages were left out, and how many
+    users_before_caps: int = 0                             # distinct users with new messages, before the cap
+
+
+def clean(rows: list[Row], banned: list[str], dropped: Counter) -> list[Row]:
+    """Drop what must never train, mask contacts; a bot reply follows its user message out."""
+    kept: list[Row] = []
+    seen: dict[str, list[set]] = defaultdict(list)
+    shapes: dict[str, set] = defaultdict(set)
+    last_dropped: dict[int, bool] = {}
+    for r in sorted(rows, key=lambda r: r.id):
+        why = None
+        if r.status != "ok":
+            why = "not ok (rate-limited, failed or pending)"
+        elif r.role == "user" and r.text.lstrip().startswith("/"):
+            why = "commands"
+        elif r.role == "user" and not r.consent:
+            why = "user opted out"
+        elif has_banned_word(r.text, banned):
+            why = "banned words"
+        elif r.role == "bot" and last_dropped.get(r.chat_id):
+            why = "replies to dropped messages"
+        text = mask_contacts(r.text)
+        if why is None and r.role == "user" and r.user:
+            shape, words = _shape(text), set(_shape(text).split())
+            near = len(words) >= 4 and any(len(words & w) / len(words | w) >= 0.8 for w in seen[r.user][-200:])
+            if shape in shapes[r.user] or near:
+                why = "repeats"
+            else:
+                shapes[r.user].add(shape)
+                seen[r.user].append(words)
+        if r.role == "user":
+            last_dropped[r.chat_id] = why is not None
+        if why is not None:
+            dropped[why] += 1
+            continue
+        kept.append(Row(r.id, r.chat_id, r.role, text, r.created_at, r.epoch, r.user, r.consent, r.status))
+    return kept
+
+
+def group(rows: list[Row], min_turns: int = 2) -> list[Dialogue]:
+    """Conversations: a chat's messages, cut at every /reset and at silences over an hour."""
+    out: list[Dialogue] = []
+    current: Dialogue | None = None
+    prev: Row | None = None
+    for r in sorted(rows, key=lambda r: (r.chat_id, r.id)):
+        if (prev is None or r.chat_id != prev.chat_id or r.epoch != prev.epoch
+                or r.created_at - prev.created_at > DIALOGUE_GAP_SECONDS):
+            current = Dialogue(r.chat_id, [])
+            out.append(current)
+        current.rows.append(r)
+        prev = r
+    return sorted((d for d in out if len(d.turns()) >= min_turns), key=lambda d: d.last_id)
+
+
+def user_caps(counts: dict[str, int], share: float, floor: int = 0) -> dict[str, int]:
+    """How many messages each user may keep so that nobody exceeds `share` of the total kept
+    (or `floor` messages, whichever is more: a small held-out set keeps one of everyone's)."""
+    caps = dict(counts)
+    if share >= 1:
+        return caps
+    while True:
+        total = sum(caps.values())
+        limit = max(floor, int(share * total))
+        new = {u: min(n, limit) for u, n in caps.items()}
+        if new == caps:
+            return caps
+        caps = new
+
+
+def cap_users(dialogues: list[Dialogue], share: float, rng: random.Random, dropped: Counter,
+              floor: int = 0) -> list[Dialogue]:
+    """Down-sample each over-share user's messages (and the bot replies to them)."""
+    counts = Counter()
+    for d in dialogues:
+        counts.update(d.users())
+    caps = user_caps(dict(counts), share, floor)
+    drop: set[int] = set()
+    for user, n in counts.items():
+        if caps[user] < n:
+            ids = [r.id for d in dialogues for r in d.rows if r.role == "user" and r.user == user]
+            drop.update(rng.sample(ids, n - caps[user]))
+    if not drop:
+        return dialogues
+    dropped["over the per-user share"] += len(drop)
+    out = []
+    for d in dialogues:
+        rows, skip_reply = [], False
+        for r in d.rows:
+            if r.id in drop:
+                skip_reply = True
+                continue
+            if r.role == "bot" and skip_reply:
+                continue
+            skip_reply = False if r.role == "user" else skip_reply
+            rows.append(r)
+        kept = Dialogue(d.chat_id, rows)
+        if len(kept.turns()) >= 2:
+            out.append(kept)
+    return out
+
+
+def split_held_out(dialogues: list[Dialogue], fraction: float, rng: random.Random) -> tuple[list, list]:
+    """(train, held_out): each user's newest dialogues are held out in proportion, so every
+    contributing user with two or more dialogues is represented and none dominates."""
+    by_owner: dict[str | None, list[Dialogue]] = defaultdict(list)
+    for d in dialogues:
+        by_owner[d.owner()].append(d)
+    held: list[Dialogue] = []
+    for owner, ds in by_owner.items():
+        if len(ds) >= 2:
+            held += ds[-max(1, round(len(ds) * fraction)):]
+    if not held and len(dialogues) >= 2:
+        held = [dialogues[rng.randrange(len(dialogues))]]
+    held_ids = {id(d) for d in held}
+    train = [d for d in dialogues if id(d) not in held_ids]
+    return train, sorted(held, key=lambda d: d.last_id)
+
+
+def curate(rows: list[Row], *, after: int, banned: list[str], max_user_share: float, held_out_fraction: float,
+           seed: int) -> Curated:
+    """The new dialogues (last message after `after`) cleaned, split and capped per user."""
+    result = Curated()
+    rng = random.Random(seed)
+    dialogues = [d for d in group(clean(rows, banned, result.dropped)) if d.last_id > after]
+    result.users_before_caps = share_line(dialogues)[0]
+    train, held = split_held_out(dialogues, held_out_fraction, rng)
+    result.train = cap_users(train, max_user_share, rng, result.dropped)
+    result.held_out = cap_users(held, max_user_share, rng, result.dropped, floor=1)
+    return result
+
+
+def share_line(dialogues: list[Dialogue]) -> tuple[int, int, int]:
+    """(distinct users, user messages, the largest one user supplied)."""
+    counts = Counter()
+    for d in dialogues:
+        counts.update(d.users())
+    return len(counts), sum(counts.values()), max(counts.values(), default=0)
