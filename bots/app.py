@@ -9,12 +9,14 @@ import logging
 
 from bots.chat.service import ChatService
 from bots.config import Config
+from bots.feedback import FeedbackRecorder
 from bots.platforms.base import Platform
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
 from engine.serving.protocol import ModelEngine, SamplingParams
 from storage.conversations import Conversations
 from storage.db import Database
+from storage.feedback import Feedback
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class Mynah:
         self.engine = engine
         self.chat = chat
         self.learning = learning  # bots.learning.loop.Learning, or None when [learning] enabled = false
+        self.feedback = FeedbackRecorder(config.feedback, Feedback(db))  # reactions from the adapters
 
     @classmethod
     async def open(cls, config: Config, *, model_path: str | None = None) -> "Mynah":
