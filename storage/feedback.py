@@ -131,7 +131,14 @@ class Feedback:
     async def find_reply(self, platform: str, platform_chat_id, platform_message_id) -> tuple[int, int] | None:
         """(messages.id, chats.id) of the bot reply with this platform id, or None.
 
-        The thread is not part of the key: a platform message id is unique within its chat."""
+        The thread is not part of the key: a platform message id is unique within its chat.
+        platform_chat_id None: by message id alone (Discord ids are unique everywhere)."""
+        if platform_chat_id is None:
+            row = await self.db.fetchone(
+                "SELECT m.id, m.chat_id FROM messages m JOIN chats c ON c.id = m.chat_id WHERE c.platform = ? "
+                "AND m.platform_message_id = ? AND m.role = 'bot' ORDER BY m.id DESC LIMIT 1",
+                (platform, str(platform_message_id)))
+            return None if row is None else (row[0], row[1])
         row = await self.db.fetchone(
             "SELECT m.id, m.chat_id FROM messages m JOIN chats c ON c.id = m.chat_id "
             "WHERE c.platform = ? AND c.platform_chat_id = ? AND m.platform_message_id = ? AND m.role = 'bot' "
