@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bots.learning import feedback_filter
 from engine.registry import Version, write_jsonl_atomic
 
 BASE_SAMPLE_SEED = 1234        # the base-corpus evaluation sample never changes between runs
@@ -70,6 +71,8 @@ async def export_dialogues(conversations, lc, active: Version, run_id: int, fold
     if lc.replay_fraction > 0 and watermark > 0:
         old = [d for d in await conversations.export_dialogues()
                if d.last_message_id <= watermark and not forgotten.intersection(d.message_ids)]
+    rated = await feedback_filter.apply(conversations, lc, new, old)   # disliked replies cut out
+    new, old = rated.new, rated.old
     through = max([snapshot] + [d.last_message_id for d in new])
     counts = {"base_version": active.name, "after": watermark, "through": through, "new_dialogues": len(new),
               "new_user_messages": await conversations.count_user_messages(after_message_id=watermark)}
@@ -78,12 +81,13 @@ async def export_dialogues(conversations, lc, active: Version, run_id: int, fold
                                                 "are needed (one to train on, one to hold out)")
     n_held = min(max(1, round(len(new) * lc.held_out_fraction)), len(new) - 1)
     held_out, new_train = new[-n_held:], new[:-n_held]
+    new_train = rated.weighted(new_train)
     rng = random.Random(run_id)
     replay_old = rng.sample(old, min(len(old), round(lc.replay_fraction * len(new_train))))
     base_eval, base_pool = await asyncio.to_thread(base_corpus.split, lc.base_corpus, lc.base_eval_dialogues)
     replay_base = rng.sample(base_pool, min(len(base_pool), round(lc.base_replay_fraction * len(new_train))))
     counts.update({"train_new": len(new_train), "held_out": len(held_out), "replay_old": len(replay_old),
-                   "replay_base": len(replay_base), "base_eval": len(base_eval)})
+                   "replay_base": len(replay_base), "base_eval": len(base_eval), **rated.counts})
     rows = ([{"split": "train", "turns": d.turns, "ids": d.message_ids} for d in new_train + replay_old]
             + [{"split": "train", "turns": t, "ids": []} for t in replay_base]
             + [{"split": "held_out", "turns": d.turns, "ids": d.message_ids} for d in held_out]
