@@ -114,15 +114,20 @@ class Mynah:
         engine = await wrap_mmi(config, build_engine(config, loaded))
         db = await Database.open(config.storage.path)
         conversations = Conversations(db)
-        learning = None
+        learning, replier = None, engine
         if registry is not None:
+            from bots.learning.canary import Canary, Router
             from bots.learning.loop import Learning
 
             learning = Learning(config, registry, conversations, engine, serving=loaded.version)
+            replier = Router(engine, conversations)   # serves a canary's share of chats from a second engine
+            learning.canary = Canary(config, learning, replier, FeedbackRecorder(config.feedback, Feedback(db)),
+                                     lambda candidate: build_engine(config, candidate))
         engine.start()
         if learning is not None:
             await learning.start()
-        return cls(config, db, conversations, engine, ChatService(config, engine, conversations, learning), learning)
+            await learning.canary.start()
+        return cls(config, db, conversations, engine, ChatService(config, replier, conversations, learning), learning)
 
     def attach(self, platform: Platform) -> None:
         """A platform has started: the learning loop may now deliver through it what nobody
@@ -134,6 +139,7 @@ class Mynah:
         """Stop the learning loop (a run in flight is stopped and recorded), finish in-flight
         replies, then close the database."""
         if self.learning is not None:
+            await self.learning.canary.stop()
             await self.learning.stop()
         await self.engine.stop()
         await self.db.close()

@@ -59,6 +59,7 @@ def progress_printer(out=sys.stdout):
 
 async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | None = None):
     """Run once; returns (exit status, RunResult or None)."""
+    from bots.learning.canary import Canary
     from bots.learning.loop import AlreadyRunning, Learning
     from bots.learning.report import RunStatus
     from engine.registry import Registry
@@ -71,6 +72,7 @@ async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | No
         print(f"registered [model] path {config.model.path} as {active.name} (now active)")
     db = await Database.open(config.storage.path)
     learning = Learning(config, registry, Conversations(db))
+    learning.canary = Canary(config, learning, None, None, None)   # a running bot serves and judges it
     try:
         await learning.start(schedule=False)
         if not quiet:

@@ -98,6 +98,7 @@ class Learning:
         self.schedule_fires = 0
         self.last_check: tuple[float, str] | None = None
         self.last_result: RunResult | None = None
+        self.canary = None  # canary.Canary (set by the app): with canary_share, step 4 serves some chats first
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self, *, schedule: bool | None = None) -> None:
@@ -406,6 +407,8 @@ class Learning:
                    "base_loss": after.get("base"), "base_loss_before": before.get("base"),
                    "held_out_dialogues": data["held_out"], "base_eval_dialogues": data["base_eval"],
                    "base_corpus": self.lc.base_corpus, "train": trained.train}
+        if self.canary is not None and self.canary.enabled:   # serve a share of chats first
+            return await self.canary.begin(run, active, plan.through, metrics, trained.candidate, result)
         try:
             version = await self.promoter.promote(trained.candidate, active=active, run_id=run.run_id,
                                                   trigger=run.trigger, through=plan.through, metrics=metrics)
@@ -489,6 +492,7 @@ class Learning:
             if holder:
                 lines.append(f"Running now in another process: run #{holder.get('run_id', '?')} "
                              f"(pid {holder.get('pid', '?')})")
+        lines += await self.canary.status_lines() if self.canary is not None else []
         runs = await self.conversations.training_runs(3)
         if runs:
             lines.append("Last runs:")
