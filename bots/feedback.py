@@ -87,3 +87,41 @@ class FeedbackRecorder:
 
 def _glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+# ---- the per-version table (`mynah feedback`, the dashboard) ----------------------------------
+
+def _rate(k: int, n: int) -> str:
+    from bots.learning.stats import wilson
+
+    if n == 0:
+        return "-"
+    lo, hi = wilson(k, n)
+    return f"{k / n:4.0%} [{lo:.0%}–{hi:.0%}]"
+
+
+def table_rows(summary: dict) -> list[dict]:
+    """One dict per version (newest name last): counts, and rates with 95% Wilson intervals."""
+    rows = []
+    for name in sorted(summary):
+        v = summary[name]
+        length = v.mean_conversation_length
+        rows.append({"version": name, "replies": v.replies, "rated": v.evaluated, "positive": v.positive,
+                     "negative": v.negative, "reactions": v.reactions, "continued": v.continued,
+                     "continuation_base": v.continuation_base,
+                     "positive_rate": _rate(v.positive, v.evaluated), "negative_rate": _rate(v.negative, v.evaluated),
+                     "continuation_rate": _rate(v.continued, v.continuation_base),
+                     "mean_conversation_length": None if length is None else round(length, 1)})
+    return rows
+
+
+def table_text(rows: list[dict]) -> str:
+    if not rows:
+        return "no bot replies with a model version yet"
+    head = ("version", "replies", "rated", "positive (95% CI)", "negative (95% CI)", "reactions",
+            "continued (95% CI)", "conv. length")
+    body = [(r["version"], str(r["replies"]), str(r["rated"]), r["positive_rate"], r["negative_rate"],
+             str(r["reactions"]), r["continuation_rate"],
+             "-" if r["mean_conversation_length"] is None else f"{r['mean_conversation_length']:.1f}") for r in rows]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *body])

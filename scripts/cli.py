@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "scripts.backup",
     "scripts.restore",
     "scripts.export",
+    "scripts.feedback",
 ]
 
 

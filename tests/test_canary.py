@@ -100,8 +100,30 @@ async def test_canary_serves_its_share_of_chats_sticky_and_never_opted_out_ones(
         assert app.engine.version == active                                  # /status: still the active one
         lines = "\n".join(await app.learning.status_lines())
         assert f"Canary: {candidate} serves 30% of chats" in lines
+        await _dashboard_shows_the_canary(app, candidate)
     finally:
         await app.close()
+
+
+async def _dashboard_shows_the_canary(app, candidate):
+    import aiohttp
+
+    from bots.dashboard import start_dashboard
+
+    token = "canary-dashboard-token-0123456789"
+    config = parse_config({**{"dashboard": {"enabled": True, "port": 0}}})
+    handle = await start_dashboard(app, config, {"MYNAH_DASHBOARD_TOKEN": token})
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            async with http.get(handle.url + "/training") as r:
+                page = await r.text()
+            async with http.get(handle.url + "/api/training", headers={"Accept": "application/json"}) as r:
+                data = await r.json()
+        assert f"Canary <strong>{candidate}</strong> serves 30% of chats" in page
+        assert "Feedback by version" in page
+        assert data["canary"]["candidate"] == candidate and data["canary"]["replies_candidate"] > 0
+    finally:
+        await handle.stop()
 
 
 async def _simulate(app, candidate, rates: dict[str, float], chats: int = 300, seed: int = 1):

@@ -149,3 +149,38 @@ async def test_explicit_feedback_decides_and_forget_removes_the_users_rows(tmp_p
                                            ("what do you like to do ?", False), ("ok", False), ("", False)])
 def test_short_negative_answers(text, negative):
     assert is_short_negative(text) is negative
+
+
+def test_mynah_feedback_prints_the_per_version_table(tmp_path, capsys):
+    import asyncio
+    import json as jsonlib
+
+    from scripts.cli import main
+
+    async def fill():
+        db, conv, fb = await _setup(tmp_path)
+        try:
+            for i in range(4):
+                chat, user = await conv.chat("tg", i), await conv.user("tg", i)
+                for version, emoji_value in (("v0001", 1 if i < 3 else -1), ("v0002", -1)):
+                    await _exchange(conv, chat, user, "hi", f"reply {version}", version=version,
+                                    platform_id=f"{version}-{i}")
+                    await fb.set_signals("tg", i, f"{version}-{i}", i, {"reaction:x": emoji_value})
+        finally:
+            await db.close()
+
+    asyncio.run(fill())
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\npath = "{tmp_path / "f.sqlite3"}"\n', encoding="utf-8")
+    assert main(["--config", str(config), "feedback"]) == 0
+    text = capsys.readouterr().out
+    assert "positive (95% CI)" in text and "v0001" in text and "v0002" in text
+    assert main(["--config", str(config), "feedback", "--json"]) == 0
+    rows = {r["version"]: r for r in jsonlib.loads(capsys.readouterr().out)}
+    assert (rows["v0001"]["replies"], rows["v0001"]["positive"], rows["v0001"]["negative"]) == (4, 3, 1)
+    assert (rows["v0002"]["positive"], rows["v0002"]["negative"]) == (0, 4)
+    assert rows["v0001"]["positive_rate"].startswith(" 75% [")
+    assert rows["v0001"]["mean_conversation_length"] == 4.0    # each chat: 2 exchanges = 4 messages
+    missing = tmp_path / "none.toml"
+    missing.write_text(f'[storage]\npath = "{tmp_path / "absent.sqlite3"}"\n', encoding="utf-8")
+    assert main(["--config", str(missing), "feedback"]) == 1
