@@ -18,6 +18,7 @@ from bots.learning.decide import Decision
 from bots.learning.report import RunResult, RunStatus
 from bots.learning.stats import non_inferiority, sample_size, wilson
 from engine.registry import Registry
+from engine.serving.protocol import ReplyEngine
 from tests.conftest import build_dialogpt_model
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,6 +99,7 @@ async def test_canary_serves_its_share_of_chats_sticky_and_never_opted_out_ones(
         again = await _talk(app, range(10, 200))
         assert {i for i, (v, _) in again.items() if v == candidate} == on_candidate   # sticky
         assert app.engine.version == active                                  # /status: still the active one
+        assert isinstance(app.chat.engine, ReplyEngine)                      # the Router keeps the contract
         lines = "\n".join(await app.learning.status_lines())
         assert f"Canary: {candidate} serves 30% of chats" in lines
         await _dashboard_shows_the_canary(app, candidate)
