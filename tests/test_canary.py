@@ -150,11 +150,12 @@ async def test_a_clearly_worse_canary_is_retired_and_a_clearly_better_one_promot
         assert await canary.check() == ("promoted" if better else "retired")
         registry = Registry(app.config.learning.registry)
         run = await app.conversations.training_run(run_id)
+        served = {v for v, _ in (await _talk(app, range(1000, 1020))).values()}   # every chat: one version now
         if better:
-            assert registry.active_name() == candidate and app.engine.version == candidate
+            assert registry.active_name() == candidate and served == {candidate}
             assert run["decision"].startswith(f"promoted {candidate} after its canary: not worse")
         else:
-            assert registry.active_name() == active and app.engine.version == active
+            assert registry.active_name() == active and served == {active}
             assert candidate not in [v.name for v in registry.versions()]       # retired: deleted
             assert run["decision"].startswith("rejected after its canary: worse")
         assert canary.state is None and canary.router.candidate is None

@@ -32,6 +32,7 @@ from bots.chat.events import Outgoing
 from bots.chat.routing import current_chat
 from bots.durations import duration
 from bots.learning.decide import Decision
+from bots.learning.promote import PromotionRefused
 from bots.learning.stats import non_inferiority, wilson
 from engine.registry import RegistryError, write_json_atomic
 from engine.serving.protocol import EngineBusy, EngineStopped
@@ -302,9 +303,12 @@ class Canary:
         await self._unserve()
         took = duration(time.time() - st.started_at)
         if promote:
-            await asyncio.to_thread(self.registry.set_active, st.candidate, f"canary passed (run #{st.run_id})")
-            await self.learning.check_pointer()     # loads it into the active engine and swaps
-            text = f"Canary of {st.candidate} ended after {took}: promoted, now serving it. People liked it {why}."
+            try:     # loaded into the active engine, then the pointer, then the swap
+                await self.learning.promoter.activate(st.candidate, f"canary passed (run #{st.run_id})")
+            except (PromotionRefused, RegistryError) as exc:
+                promote, why = False, f"{why}; but it could not be activated: {exc}"
+        if promote:
+            text = f"Canary of {st.candidate} ended after {took}: promoted, now serving it. Feedback: {why}."
             decision = f"promoted {st.candidate} after its canary: {why}"
         else:
             with contextlib.suppress(RegistryError, OSError):
