@@ -20,6 +20,7 @@ from bots.learning.stats import non_inferiority, sample_size, wilson
 from engine.registry import Registry
 from engine.serving.protocol import ReplyEngine
 from tests.conftest import build_dialogpt_model
+from tests.test_learning import base_model  # noqa: F401  (fixture: a tiny model that knows chitchat)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -176,5 +177,54 @@ async def test_too_few_rated_replies_when_time_is_up_retires_and_a_restart_resum
         assert await canary.check(now=started + 3601) == "retired"
         assert "too few rated replies" in canary.last[1]
         assert Registry(app.config.learning.registry).active_name() == active
+    finally:
+        await app.close()
+
+
+async def test_a_real_run_that_passes_the_loss_gate_starts_a_canary_and_feedback_promotes_it(tmp_path, base_model):
+    """The learning loop's hook: a trainer run that would have promoted starts a canary instead."""
+    from tests.test_learning import CATCHPHRASE, Inbox, admin_msg, log_chats
+    from tests.test_learning import make_config as learning_config
+
+    config = learning_config(tmp_path, base_model, base_loss_tolerance=0.5, canary_share=0.5, canary_min_replies=8)
+    app = await Mynah.open(config)
+    try:
+        learning, inbox = app.learning, Inbox()
+        learning.canary.check_every_s = 3600
+        learning.add_notifier("telegram", inbox)
+        await log_chats(app.conversations, 24, CATCHPHRASE)
+        await app.chat.handle(admin_msg("/retrain"))
+        result = await learning.wait()
+        assert result.decision == Decision.CANARY, result.summary()
+        assert learning.registry.active_name() == "v0001" and learning.canary.state.candidate == "v0002"
+        run = await app.conversations.training_run(result.run_id)
+        assert run["decision"] == "canary" and "serves 50% of chats" in inbox.got[0][1].text
+        await _simulate(app, "v0002", {"v0002": 0.95, "v0001": 0.2}, chats=60)
+        assert await learning.canary.check() == "promoted"
+        assert learning.registry.active_name() == "v0002"
+        run = await app.conversations.training_run(result.run_id)
+        assert run["decision"].startswith("promoted v0002 after its canary")
+        assert "promoted, now serving it" in inbox.got[-1][1].text and "z = " in inbox.got[-1][1].text
+    finally:
+        await app.close()
+
+
+async def test_a_canary_started_by_mynah_retrain_is_picked_up_by_the_running_bot(tmp_path, base_model):
+    from scripts.retrain import retrain
+    from tests.test_learning import CATCHPHRASE, log_chats
+    from tests.test_learning import make_config as learning_config
+
+    config = learning_config(tmp_path, base_model, base_loss_tolerance=0.5, canary_share=0.5)
+    app = await Mynah.open(config)
+    try:
+        app.learning.canary.check_every_s = 3600
+        await log_chats(app.conversations, 24, CATCHPHRASE)
+        status, result = await retrain(config, force=True, quiet=True)      # another "process": the CLI
+        assert status == 0 and result.decision == Decision.CANARY, result.summary()
+        canary = app.learning.canary
+        assert canary.state is None and canary.router.candidate is None
+        assert await canary.check() is None                                # picked up, not due yet
+        assert canary.state.candidate == "v0002" and canary.router.candidate.version == "v0002"
+        assert Registry(config.learning.registry).active_name() == "v0001"
     finally:
         await app.close()

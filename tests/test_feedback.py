@@ -184,3 +184,18 @@ def test_mynah_feedback_prints_the_per_version_table(tmp_path, capsys):
     missing = tmp_path / "none.toml"
     missing.write_text(f'[storage]\npath = "{tmp_path / "absent.sqlite3"}"\n', encoding="utf-8")
     assert main(["--config", str(missing), "feedback"]) == 1
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"feedback": {"positive": ["👍"], "negative": ["👍️"]}}, "both positive and negative"),
+    ({"feedback": {"implicit_window_minutes": 0}}, "implicit_window_minutes must be greater than 0"),
+    ({"feedback": {"negative": [""]}}, "non-empty strings"),
+    ({"learning": {"canary_share": 1.0}}, "canary_share"),
+    ({"learning": {"canary_min_replies": 0}}, "canary_min_replies must be greater than 0"),
+    ({"learning": {"feedback_weighting": "boost"}}, "feedback_weighting must be one of drop, off, weight"),
+])
+def test_feedback_and_canary_config_is_checked(raw, message):
+    from bots.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
