@@ -26,8 +26,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print only the result")
 
 
-def progress_printer(out=sys.stdout):
-    """A progress listener that prints one readable line per trainer event."""
+def progress_printer(out=None):
+    """A progress listener that prints one readable line per trainer event (to `out`, or to
+    whatever sys.stdout is when it prints: a default bound at import time would go stale)."""
     state = {"last_step_print": 0.0}
 
     def show(event: dict) -> None:
@@ -52,7 +53,7 @@ def progress_printer(out=sys.stdout):
             state["last_step_print"] = time.time()
             line = f"{run}: step {event['step']}/{event['total_steps']}: train loss {event['train_loss']:.4f}"
         if line:
-            print(line, file=out, flush=True)
+            print(line, file=out or sys.stdout, flush=True)
 
     return show
 
