@@ -9,12 +9,15 @@ import logging
 
 from bots.chat.service import ChatService
 from bots.config import Config, ConfigError
+from bots.config import Config
+from bots.feedback import FeedbackRecorder
 from bots.platforms.base import Platform
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
 from engine.serving.protocol import EngineUnavailable, ModelEngine, ReplyEngine, SamplingParams
 from storage.conversations import Conversations
 from storage.db import Database
+from storage.feedback import Feedback
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class Mynah:
         self.engine = engine
         self.chat = chat
         self.learning = learning  # bots.learning.loop.Learning, or None when [learning] enabled = false
+        self.feedback = FeedbackRecorder(config.feedback, Feedback(db))  # reactions from the adapters
 
     @classmethod
     async def open(cls, config: Config, *, model_path: str | None = None) -> "Mynah":
@@ -134,15 +138,20 @@ class Mynah:
         engine = await wrap_mmi(config, build_engine(config, loaded))
         db = await Database.open(config.storage.path)
         conversations = Conversations(db)
-        learning = None
+        learning, replier = None, engine
         if registry is not None:
+            from bots.learning.canary import Canary, Router
             from bots.learning.loop import Learning
 
             learning = Learning(config, registry, conversations, engine, serving=loaded.version)
+            replier = Router(engine, conversations)   # serves a canary's share of chats from a second engine
+            learning.canary = Canary(config, learning, replier, FeedbackRecorder(config.feedback, Feedback(db)),
+                                     lambda candidate: build_engine(config, candidate))
         engine.start()
         if learning is not None:
             await learning.start()
-        return cls(config, db, conversations, engine, ChatService(config, engine, conversations, learning), learning)
+            await learning.canary.start()
+        return cls(config, db, conversations, engine, ChatService(config, replier, conversations, learning), learning)
 
     @classmethod
     async def open_remote(cls, config: Config) -> "Mynah":
@@ -183,6 +192,7 @@ class Mynah:
         """Stop the learning loop (a run in flight is stopped and recorded), finish in-flight
         replies, then close the database."""
         if self.learning is not None:
+            await self.learning.canary.stop()
             await self.learning.stop()
         await self.engine.stop()
         await self.db.close()

@@ -149,6 +149,25 @@ class LearningConfig:
     parrot_ngram: int = 4                # words per n-gram the parrot check looks for
     probe_prompts: list = field(default_factory=list)   # [] = the built-in list (bots/learning/probes.py)
     rebuild_delay_seconds: float = 300.0   # forgets within this window share one rebuild run
+    # feedback in training and canary rollout (docs/LEARNING.md, "Feedback and canary rollout")
+    feedback_weighting: str = "drop"     # off | drop (negative replies left out) | weight (+ positive ones twice)
+    canary_share: float = 0.0            # share of chats a passing candidate serves first (0 = promote at once)
+    canary_hours: float = 24.0           # the canary's longest run before it is judged
+    canary_min_replies: int = 200        # rated replies each side needs before the test may promote
+    canary_margin: float = 0.05          # non-inferiority margin on the positive rate
+    canary_alpha: float = 0.05           # one-sided significance level of that test
+
+
+@dataclass
+class FeedbackConfig:
+    enabled: bool = True                 # store reactions and derive implicit signals
+    positive: list = field(default_factory=lambda: ["👍", "❤", "🔥", "🥰", "👏", "😁", "🤣", "😂", "💯", "🙏", "⭐",
+                                                    "🎉", "😍", "🤩", "👌", "❤‍🔥", "🏆", "😊", "💘", "🤗"])
+    negative: list = field(default_factory=lambda: ["👎", "💩", "🤮", "😡", "🤬", "🤡", "🥱", "😴", "🤨", "😐",
+                                                    "💔", "🙄"])
+    buttons: bool = False                # 👍/👎 buttons under each reply (Telegram)
+    implicit_window_minutes: float = 5.0  # a next message within this counts as going on talking
+    short_negatives: list = field(default_factory=list)  # extra answers that mean "that made no sense"
 
 
 @dataclass
@@ -171,6 +190,7 @@ class Config:
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     source: Path | None = None
 
 
@@ -181,6 +201,7 @@ _CHOICES = {
     ("engine", "quantize"): {"none", "int8"},
     ("engine", "backend"): {"local", "openai"},
     ("engine", "api"): {"auto", "chat", "completions"},
+    ("learning", "feedback_weighting"): {"off", "drop", "weight"},
 }
 _POSITIVE = {
     ("generation", "max_new_tokens"), ("generation", "max_history_turns"),
@@ -262,6 +283,8 @@ def _check_section(name: str, section: Any) -> None:
             raise ConfigError(f"[dashboard] port must be between 1 and 65535 (0 = any free port), got {section.port}")
         if not section.listen.strip():
             raise ConfigError("[dashboard] listen must be an address, e.g. \"127.0.0.1\"")
+    if name == "feedback":
+        _check_feedback(section)
     if name == "learning":
         from bots.learning.schedule import parse_schedule  # local: avoids a cycle at import time
 
@@ -315,6 +338,13 @@ def _check_learning(section: Any) -> None:
     _check_lora(section, bad)
     if not section.registry.strip():
         raise bad("registry", "a folder")
+    if not 0 <= section.canary_share < 1:
+        raise bad("canary_share", "0 (off) or more, and below 1")
+    for key in ("canary_hours", "canary_min_replies", "canary_alpha"):
+        if getattr(section, key) <= 0:
+            raise bad(key, "greater than 0")
+    if not 0 <= section.canary_margin < 1 or section.canary_alpha >= 0.5:
+        raise bad("canary_margin" if section.canary_alpha < 0.5 else "canary_alpha", "between 0 and 1 (alpha below 0.5)")
     for target in section.notify:
         platform, _, chat = str(target).partition(":")
         if not platform or not chat:
@@ -342,6 +372,17 @@ def _check_lora(section: Any, bad) -> None:
     if devices not in ("auto", "cpu", "cuda") and not (devices.isdigit() and int(devices) > 0):
         raise bad("devices", '"auto", "cpu", "cuda" or a number of GPUs such as "2"')
     section.devices = devices
+def _check_feedback(section: Any) -> None:
+    if section.implicit_window_minutes <= 0:
+        raise ConfigError("[feedback] implicit_window_minutes must be greater than 0, "
+                          f"got {section.implicit_window_minutes!r}")
+    for key in ("positive", "negative", "short_negatives"):
+        bad = [e for e in getattr(section, key) if not isinstance(e, str) or not e.strip()]
+        if bad:
+            raise ConfigError(f"[feedback] {key} must list non-empty strings, got {bad!r}")
+    both = {e.replace("\ufe0f", "") for e in section.positive} & {e.replace("\ufe0f", "") for e in section.negative}
+    if both:
+        raise ConfigError(f"[feedback] these emoji are both positive and negative: {' '.join(sorted(both))}")
 
 
 def parse_config(raw: dict, source: Path | None = None) -> Config:

@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     "scripts.backup",
     "scripts.restore",
     "scripts.export",
+    "scripts.feedback",
 ]
 
 

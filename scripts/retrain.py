@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
 
 def progress_printer(out=None):
     """A progress listener that prints one readable line per trainer event (to `out`, or to
-    whatever sys.stdout is when the line is printed)."""
+    whatever sys.stdout is when it prints: a default bound at import time would go stale)."""
     state = {"last_step_print": 0.0}
 
     def show(event: dict) -> None:
@@ -60,6 +60,7 @@ def progress_printer(out=None):
 
 async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | None = None):
     """Run once; returns (exit status, RunResult or None)."""
+    from bots.learning.canary import Canary
     from bots.learning.loop import AlreadyRunning, Learning
     from bots.learning.report import RunStatus
     from engine.registry import Registry
@@ -72,6 +73,7 @@ async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | No
         print(f"registered [model] path {config.model.path} as {active.name} (now active)")
     db = await Database.open(config.storage.path)
     learning = Learning(config, registry, Conversations(db))
+    learning.canary = Canary(config, learning, None, None, None)   # a running bot serves and judges it
     try:
         await learning.start(schedule=False)
         if not quiet:

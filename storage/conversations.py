@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from storage.db import Database
+from storage.feedback import delete_user_rows
 
 ROLES = ("user", "bot")
 STATUSES = ("ok", "pending", "failed")
@@ -178,6 +179,7 @@ class Conversations:
                 "WHERE u.platform = ? AND u.platform_user_id = ? AND m.role = 'user' AND n.role = 'bot'", key)]
             deleted = sorted(set(own) | set(replies))
             await conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in deleted])
+            await delete_user_rows(conn, *key)  # their reactions on any reply go too
             await conn.execute("UPDATE users SET name = NULL WHERE platform = ? AND platform_user_id = ?", key)
             await conn.execute(
                 "INSERT INTO forgotten (platform, platform_user_id, forgotten_at, message_ids) VALUES (?, ?, ?, ?)",

@@ -136,6 +136,23 @@ MIGRATIONS: list[str] = [
         tainted_at REAL NOT NULL
     );
     """,
+    # 5: how people reacted to each bot reply (explicit reactions/buttons, implicit signals
+    # derived from the log); one row per (reply, user, signal), gone with the reply or the user.
+    """
+    CREATE TABLE feedback (
+        id INTEGER PRIMARY KEY,
+        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+        user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('explicit', 'implicit')),
+        signal TEXT NOT NULL,
+        value INTEGER NOT NULL CHECK (value IN (-1, 0, 1)),
+        created_at REAL NOT NULL,
+        UNIQUE (message_id, user_id, signal)
+    );
+    CREATE INDEX feedback_message ON feedback (message_id, kind);
+    CREATE INDEX feedback_user ON feedback (user_id);
+    """,
 ]
 
 

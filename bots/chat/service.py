@@ -17,6 +17,7 @@ from bots.chat.admin import AdminCommands
 from bots.chat.commands import BY_NAME, help_text, parse_command
 from bots.chat.events import Incoming, Outgoing
 from bots.chat.ratelimit import RateLimiter
+from bots.chat.routing import current_chat
 from bots.metrics import record_reply
 from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
 from storage.trust import TrustStore
@@ -76,6 +77,7 @@ class ChatService:
         if not verdict.answer:
             return []
         chat_id = await self.log_user_message(msg, parsed.text)
+        current_chat.set(chat_id)  # a per-chat router (the canary) picks the engine by it
         if on_logged is not None:
             on_logged()
         if verdict.slow_down is not None:

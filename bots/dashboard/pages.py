@@ -199,7 +199,8 @@ def progress_panel(running: dict | None, lines: list[str], last_result: dict | N
     return f'{state}<ul class="events">{log_lines}</ul>'
 
 
-def training_page(runs, running, lines, last_result, other, *, learning: bool, csrf: str, flash=None) -> str:
+def training_page(runs, running, lines, last_result, other, *, learning: bool, csrf: str, flash=None,
+                  extra: str = "") -> str:
     if not learning:
         body = '<p class="note">The learning loop is off ([learning] enabled = false).</p>'
         return layout("Training", "/training", body, csrf=csrf, flash=flash)
@@ -209,7 +210,7 @@ def training_page(runs, running, lines, last_result, other, *, learning: bool, c
     watch = f' data-run="{e(running["run_id"])}"' if running else ""
     rows = "".join(_run_row(r) for r in runs) or '<tr><td colspan="10">No runs yet.</td></tr>'
     body = (f'{start}<section id="progress" data-poll="/api/training"{watch}>'
-            f'{progress_panel(running, lines, last_result, other)}</section>'
+            f'{progress_panel(running, lines, last_result, other)}</section>{extra}'
             '<h2>History</h2><table class="runs"><thead><tr><th>Run</th><th>Trigger</th><th>Started</th>'
             '<th>Took</th><th>Status</th><th>Data</th><th>Held-out loss</th><th>Base loss</th><th>Decision</th>'
             f'<th>Reason</th></tr></thead><tbody>{rows}</tbody></table>')

@@ -20,6 +20,7 @@ import bots.dashboard.pages as pages
 import bots.dashboard.queries as queries
 from bots.dashboard.auth import SESSION, Auth, safe_next, wants_json
 from bots.dashboard.charts import BUCKET_S, traffic_png
+from bots.dashboard.feedback import canary_summary, feedback_section
 from bots.dashboard.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -215,14 +216,15 @@ async def training(request: web.Request) -> web.Response:
     now = await _training_state(state)
     runs = await state.app.conversations.training_runs(50)
     return html(pages.training_page(runs, now["running"], now["lines"], now["last_result"], now["other"],
-                                    learning=True, **context(request)))
+                                    learning=True, extra=await feedback_section(state.app), **context(request)))
 
 
 async def training_json(request: web.Request) -> web.Response:
     state = state_of(request)
     if state.app.learning is None:
         return web.json_response({"learning": False, "running": None, "html": ""})
-    return web.json_response({"learning": True, **await _training_state(state)})
+    return web.json_response({"learning": True, **await _training_state(state),
+                              "canary": await canary_summary(state.app)})
 
 
 async def retrain(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ class Decision(StrEnum):
     SKIPPED = "skipped"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    CANARY = "canary"                # passed the offline gate; now judged by feedback (canary.py)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bots.learning import feedback_filter
 from engine.registry import Version, write_jsonl_atomic
 
 BASE_SAMPLE_SEED = 1234        # the base-corpus evaluation sample never changes between runs
@@ -66,7 +67,7 @@ async def export_dialogues(conversations, lc, active: Version, run_id: int, fold
 
     `lc` is the [learning] config; `run_id` seeds the caps, the replay sample and the shuffle.
     What may be learned from and how much each user may supply is curate.py's business."""
-    from bots.learning.curate import Row, clean, curate, group, share_line
+    from bots.learning.curate import Row, cap_users, clean, curate, group, share_line
     from storage.trust import TrustStore
 
     trust = TrustStore(conversations.db)
@@ -75,10 +76,14 @@ async def export_dialogues(conversations, lc, active: Version, run_id: int, fold
     forgotten = await conversations.forgotten_message_ids()
     rows = [Row(**r) for r in await trust.training_rows(after_message_id=watermark if lc.replay_fraction <= 0 else 0)
             if r["id"] not in forgotten]
+    rated = await feedback_filter.apply(conversations, lc, rows)     # disliked replies cut out
+    rows = rated.rows
     banned = list(banned_words or [])
     cur = curate(rows, after=watermark, banned=banned, max_user_share=lc.max_user_share,
                  held_out_fraction=lc.held_out_fraction, seed=run_id)
-    new_train, held_out = cur.train, cur.held_out
+    held_out = cur.held_out
+    # liked dialogues count twice ("weight"), then the per-user cap again, so likes cannot lift a share
+    new_train = cap_users(rated.weighted(cur.train), lc.max_user_share, random.Random(run_id), cur.dropped)
     n_users, n_msgs, top = share_line(new_train)
     through = max([snapshot] + [d.last_id for d in new_train + held_out])
     counts = {"base_version": active.name, "after": watermark, "through": through,
@@ -103,7 +108,7 @@ async def export_dialogues(conversations, lc, active: Version, run_id: int, fold
     base_eval, base_pool = await asyncio.to_thread(base_corpus.split, lc.base_corpus, lc.base_eval_dialogues)
     replay_base = rng.sample(base_pool, min(len(base_pool), round(lc.base_replay_fraction * len(new_train))))
     counts.update({"train_new": len(new_train), "held_out": len(held_out), "replay_old": len(replay_old),
-                   "replay_base": len(replay_base), "base_eval": len(base_eval)})
+                   "replay_base": len(replay_base), "base_eval": len(base_eval), **rated.counts})
 
     def ids(d) -> list[int]:
         return [r.id for r in d.rows]

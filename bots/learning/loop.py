@@ -101,6 +101,7 @@ class Learning:
         self.last_check: tuple[float, str] | None = None
         self.last_result: RunResult | None = None
         self.trust = Trust(self)
+        self.canary = None  # canary.Canary (set by the app): with canary_share, step 4 serves some chats first
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self, *, schedule: bool | None = None) -> None:
@@ -396,6 +397,11 @@ class Learning:
                    "held_out_dialogues": data["held_out"], "base_eval_dialogues": data["base_eval"],
                    "base_corpus": self.lc.base_corpus, "train": trained.train,
                    "awaiting_approval": self.lc.require_approval}
+        if self.canary is not None and self.canary.enabled and not self.lc.require_approval:
+            await self.canary.begin(run, active, plan.through, metrics, trained.candidate, result)
+            if result.data.get("candidate"):           # its lineage, so /forget can retire it too
+                await self.trust.record(result.data["candidate"], plan)
+            return
         try:
             version = await self.promoter.promote(trained.candidate, active=active, run_id=run.run_id,
                                                   trigger=run.trigger, through=plan.through, metrics=metrics,
@@ -490,6 +496,7 @@ class Learning:
             if holder:
                 lines.append(f"Running now in another process: run #{holder.get('run_id', '?')} "
                              f"(pid {holder.get('pid', '?')})")
+        lines += await self.canary.status_lines() if self.canary is not None else []
         runs = await self.conversations.training_runs(3)
         if runs:
             lines.append("Last runs:")

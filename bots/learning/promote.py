@@ -202,3 +202,21 @@ class Promoter:
                 raise
             except Exception:
                 log.exception("checking the active model pointer failed")
+
+    async def activate(self, name: str, reason: str) -> Version:
+        """Make an installed version (a canary that passed) active and serve it, under the
+        swap lock: loaded first, then the pointer, then the swap (canary.py)."""
+        async with self._lock:
+            version = await asyncio.to_thread(self.registry.get, name)
+            loaded = None
+            if self.engine is not None:
+                try:
+                    loaded = await asyncio.to_thread(self.load, version.model_path, version.name)
+                except Exception as exc:
+                    raise PromotionRefused(f"{version.name} does not load ({exc})") from exc
+            await asyncio.to_thread(self.registry.set_active, version.name, reason)
+            self._stamp = self.registry.pointer_stamp()
+            if loaded is not None:
+                self.engine.swap(loaded)
+            self.serving = version.name
+            return version

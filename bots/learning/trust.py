@@ -84,6 +84,9 @@ class Trust:
         await self.store.taint(bad, f"trained on data of a user who ran /forget ({len(direct)} version(s) directly)")
         active = await asyncio.to_thread(lr.registry.active)
         text = f"{len(direct)} model version(s) had learned from your messages; they are retired for good."
+        canary = getattr(lr, "canary", None)
+        if canary is not None and canary.state is not None and canary.state.candidate in bad:
+            await canary.retire("a user whose messages it learned from ran /forget")
         switched = active is not None and active.name in bad
         if switched:
             target = await asyncio.to_thread(untainted_ancestor, lr.registry, active, bad)

@@ -285,3 +285,16 @@ class FakeDiscord:
             "attachment_size_limit": 8 << 20, "authorizing_integration_owners": {"0": str(GUILD_ID)}, "context": 0,
         })
         return interaction_id
+
+    async def reaction(self, message_id: int, emoji: str, *, user_id: int, channel_id: int = CHANNEL_ID,
+                       guild: bool = True, remove: bool = False, bot: bool = False) -> None:
+        """A user adds (or removes) a unicode emoji reaction: MESSAGE_REACTION_ADD / _REMOVE."""
+        data = {"user_id": str(user_id), "channel_id": str(channel_id), "message_id": str(message_id),
+                "emoji": {"id": None, "name": emoji}, "type": 0, "burst": False}
+        if guild:
+            data["guild_id"] = str(GUILD_ID)
+            if not remove:
+                user = BOT_USER if user_id == BOT_ID else user_payload(user_id, f"user{user_id % 1000}", bot=bot)
+                data["member"] = {"user": user, "roles": [],
+                                  "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False, "mute": False, "flags": 0}
+        await self.dispatch("MESSAGE_REACTION_REMOVE" if remove else "MESSAGE_REACTION_ADD", data)

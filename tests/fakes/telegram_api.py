@@ -137,7 +137,8 @@ class FakeTelegram:
         if method != "getUpdates":
             self.calls.append(call)
         if handler is None:
-            if method in ("deleteWebhook", "setWebhook", "setMyCommands", "deleteMyCommands", "sendChatAction"):
+            if method in ("deleteWebhook", "setWebhook", "setMyCommands", "deleteMyCommands", "sendChatAction",
+                          "answerCallbackQuery"):
                 if method.endswith("Webhook") and str(params.get("drop_pending_updates")).lower() == "true":
                     self.updates.clear()          # what users sent while the bot was down: gone
                 result = True
@@ -309,6 +310,29 @@ class FakeTelegram:
             message["edit_date"] = int(time.time())
             return self.push({"edited_message": message})
         return self.push({"message": message})
+
+    def reaction(self, chat_id: int, message_id: int, emojis: list[str], *, user_id: int | None = None,
+                 old: list[str] = (), first_name: str = "Ann", custom: list[str] = ()) -> dict:
+        """Queue a message_reaction update: the user's reactions on a message are now `emojis`."""
+        user_id = user_id if user_id is not None else chat_id
+        chat = self.chats.get(chat_id, {"id": chat_id, "type": "private", "first_name": first_name})
+        new = ([{"type": "emoji", "emoji": e} for e in emojis]
+               + [{"type": "custom_emoji", "custom_emoji_id": c} for c in custom])
+        return self.push({"message_reaction": {
+            "chat": chat, "message_id": message_id, "date": int(time.time()),
+            "user": {"id": user_id, "is_bot": False, "first_name": first_name},
+            "old_reaction": [{"type": "emoji", "emoji": e} for e in old], "new_reaction": new}})
+
+    def button_press(self, chat_id: int, message_id: int, data: str, *, user_id: int | None = None,
+                     first_name: str = "Ann") -> dict:
+        """Queue a callback_query: the user pressed an inline button under the bot's message."""
+        user_id = user_id if user_id is not None else chat_id
+        chat = self.chats.get(chat_id, {"id": chat_id, "type": "private", "first_name": first_name})
+        return self.push({"callback_query": {
+            "id": f"cb{self._next_update_id + 1}", "chat_instance": str(chat_id), "data": data,
+            "from": {"id": user_id, "is_bot": False, "first_name": first_name},
+            "message": {"message_id": message_id, "date": int(time.time()), "chat": chat, "from": BOT_USER,
+                        "text": "..."}}})
 
     # ---- looking at what happened -----------------------------------------------------
     def calls_to(self, method: str, chat_id: int | None = None, *, ok_only: bool = True) -> list[Call]:

@@ -29,6 +29,7 @@ from discord.ext import commands
 from bots.chat.events import Outgoing, PlatformStartError
 from bots.platforms.base import Platform
 from bots.platforms.discord.cog import NO_MENTIONS, ChatCog
+from bots.platforms.discord.reactions import FeedbackCog
 from bots.platforms.discord.slash import slash_commands
 from bots.platforms.redaction import redact, register_token
 
@@ -46,6 +47,7 @@ def required_intents() -> discord.Intents:
     intents.guild_messages = True
     intents.dm_messages = True
     intents.message_content = True
+    intents.guild_reactions = intents.dm_reactions = True   # feedback (bots/platforms/discord/reactions.py)
     return intents
 
 
@@ -66,6 +68,7 @@ class MynahBot(commands.Bot):
         """Add the chat cog and the slash commands of the command table (not synced yet)."""
         cog = self.adapter.make_cog(self)
         await self.add_cog(cog)
+        await self.add_cog(FeedbackCog(self, self.adapter.app.feedback))
         for command in slash_commands(cog.run_command):
             self.tree.add_command(command)
         return cog

@@ -47,6 +47,7 @@ from bots.platforms.redaction import redact, register_secret, register_token
 from bots.platforms.telegram.delivery import AckGatedBot, DeliveryTracker, TrackingUpdateProcessor
 from bots.platforms.telegram.incoming import PLATFORM, to_incoming
 from bots.platforms.telegram.streaming import TelegramStream
+from bots.platforms.telegram import reactions
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ OFFICIAL_API = "https://api.telegram.org"
 TEXT_LIMIT = MessageLimit.MAX_TEXT_LENGTH          # 4096
 CAPTION_LIMIT = MessageLimit.CAPTION_LENGTH        # 1024
 TYPING_EVERY_S = 4.0                               # "typing…" shows for ~5 s
-ALLOWED_UPDATES = [Update.MESSAGE]                 # edits, channel posts etc. are not ours
+ALLOWED_UPDATES = [Update.MESSAGE, *reactions.UPDATES]   # + feedback; edits, channel posts etc. are not ours
 TOKEN_LABEL = "<TELEGRAM_BOT_TOKEN>"
 CHAT_ADMIN_TTL_S = 60.0                            # how long a getChatMember answer is trusted
 
@@ -124,6 +125,7 @@ class TelegramAdapter(Platform):
         application.add_handler(CommandHandler(commands, self._on_message, filters=only_new))
         application.add_handler(MessageHandler(only_new & filters.COMMAND, self._on_other_command))
         application.add_handler(MessageHandler(only_new & ~filters.COMMAND, self._on_message))
+        reactions.register(application, self)   # feedback: reactions and 👍/👎 buttons
         application.add_error_handler(self._on_error)
         return application
 
@@ -345,8 +347,10 @@ class TelegramAdapter(Platform):
                                                    reply_parameters=quote)
                 sent.append(message.message_id)
                 quote = None
+            markup = reactions.buttons_markup(self.app.feedback) if out.stored_id is not None else None
             for part in parts:
-                message = await self._with_retries(bot.send_message, target, text=part, reply_parameters=quote)
+                message = await self._with_retries(bot.send_message, target, text=part, reply_parameters=quote,
+                                                   reply_markup=None if sent else markup)
                 sent.append(message.message_id)
                 quote = None
         except (TelegramError, OSError) as exc:
