@@ -161,7 +161,7 @@ class Feedback:
             return 0
         message_id, chat_id = found
         async with self.db.transaction() as conn:
-            if not await self._allowed(conn, chat_id):
+            if not await self._allowed(conn, chat_id, platform, str(platform_user_id)):
                 return 0
             rows = await conn.execute_fetchall(
                 "INSERT INTO users (platform, platform_user_id, name, created_at) VALUES (?, ?, ?, ?) "
@@ -181,10 +181,15 @@ class Feedback:
         return len(values)
 
     @staticmethod
-    async def _allowed(conn, chat_id: int) -> bool:
-        """Consent: the one place that says whether feedback on this chat may be kept."""
+    async def _allowed(conn, chat_id: int, platform: str, platform_user_id: str) -> bool:
+        """Consent: the one place that says whether this user's feedback on this chat may be kept
+        (the chat did not opt out, and neither did the user, anywhere)."""
         rows = list(await conn.execute_fetchall("SELECT consent FROM chats WHERE id = ?", (chat_id,)))
-        return bool(rows and rows[0][0])
+        if not (rows and rows[0][0]):
+            return False
+        user = list(await conn.execute_fetchall(
+            "SELECT consent FROM users WHERE platform = ? AND platform_user_id = ?", (platform, platform_user_id)))
+        return not user or bool(user[0][0])
 
     async def derive_implicit(self, window_s: float, *, now: float | None = None,
                               phrases=SHORT_NEGATIVES) -> int:

@@ -145,6 +145,22 @@ async def test_explicit_feedback_decides_and_forget_removes_the_users_rows(tmp_p
         await db.close()
 
 
+async def test_a_user_who_opted_out_leaves_no_feedback_anywhere(tmp_path):
+    from storage.trust import TrustStore
+
+    db, conv, fb = await _setup(tmp_path)
+    try:
+        chat = await conv.chat("tg", 1, type="group")
+        await _exchange(conv, chat, await conv.user("tg", 1), "hi", "hello", platform_id="77")
+        await TrustStore(db).set_user_consent("tg", "2", False)         # bob's own /optout, in any chat
+        assert await fb.set_signals("tg", 1, "77", 2, {"reaction:👍": 1}) == 0
+        assert await fb.set_signals("tg", 1, "77", 3, {"reaction:👍": 1}) == 1        # carol has not opted out
+        assert [r[0] for r in await db.fetchall("SELECT u.platform_user_id FROM feedback f JOIN users u "
+                                                "ON u.id = f.user_id")] == ["3"]
+    finally:
+        await db.close()
+
+
 @pytest.mark.parametrize("text,negative", [("what?", True), ("??", True), ("That makes no sense.", True),
                                            ("what do you like to do ?", False), ("ok", False), ("", False)])
 def test_short_negative_answers(text, negative):

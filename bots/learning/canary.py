@@ -35,7 +35,7 @@ from bots.learning.decide import Decision
 from bots.learning.promote import PromotionRefused
 from bots.learning.stats import non_inferiority, wilson
 from engine.registry import RegistryError, write_json_atomic
-from engine.serving.protocol import EngineBusy, EngineStopped
+from engine.serving.protocol import EngineBusy, EngineStopped, ReplyStream
 from storage.feedback import summarize
 
 log = logging.getLogger(__name__)
@@ -80,16 +80,36 @@ class Router:
             return False
         return await self.conversations.consent(chat_id)   # opted out: never an experiment
 
-    async def reply(self, turns, overrides: dict | None = None):
+    async def _pick(self):
+        """The engine for the chat of the current task (bots/chat/routing.current_chat)."""
         c = self.candidate
         if c is not None and await self.serves_candidate(current_chat.get()):
+            return c.engine
+        return self.active
+
+    async def reply(self, turns, overrides: dict | None = None, *, system: str = ""):
+        engine = await self._pick()
+        if engine is not self.active:
             try:
-                reply = await c.engine.reply(turns, overrides)
+                reply = await engine.reply(turns, overrides, system=system)
                 self.routed += 1
                 return reply
             except (EngineBusy, EngineStopped):
                 pass  # the canary just ended, or its queue is full: the active model answers
-        return await self.active.reply(turns, overrides)
+        return await self.active.reply(turns, overrides, system=system)
+
+    def stream(self, turns, overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+        """The chosen engine's stream, passed through (routing is decided when reading starts)."""
+        async def produce(stream: ReplyStream):
+            engine = await self._pick()
+            inner = engine.stream(turns, overrides, system=system)
+            async for delta in inner:
+                stream.push(delta)
+            if engine is not self.active:
+                self.routed += 1
+            return inner.reply
+
+        return ReplyStream(produce)
 
     def stats(self):
         return self.active.stats()

@@ -474,31 +474,4 @@ class Learning:
 
     async def status_lines(self) -> list[str]:
         """The learning loop's part of /status."""
-        lines = []
-        active = await asyncio.to_thread(self.registry.active)
-        if active is not None:
-            lines += report.active_lines(active, self.serving)
-        lines.append(report.learning_line(self.config))
-        new, _ = await self.new_messages()
-        lines.append(f"New since the active version: {new} user messages "
-                     f"(a scheduled run needs {self.lc.min_new_messages})")
-        lines.append(report.next_run_line(self.next_run_time(), self.lc.schedule))
-        if self.trust.forgets_waiting:
-            lines.append(f"A rebuild after /forget is queued ({self.trust.forgets_waiting} forget(s) waiting)")
-        if self.last_check is not None:
-            lines.append(f"Last scheduled check: {report.ago(self.last_check[0])}, {self.last_check[1]}")
-        run = self.running
-        if run is not None:
-            lines.append(report.running_line(run.run_id, run.trigger, run.stage, run.step, run.total_steps,
-                                             run.started))
-        else:
-            holder = await asyncio.to_thread(self.registry.train_lock().holder)
-            if holder:
-                lines.append(f"Running now in another process: run #{holder.get('run_id', '?')} "
-                             f"(pid {holder.get('pid', '?')})")
-        lines += await self.canary.status_lines() if self.canary is not None else []
-        runs = await self.conversations.training_runs(3)
-        if runs:
-            lines.append("Last runs:")
-            lines += [f"  {report.describe_run(r)}" for r in runs]
-        return lines
+        return await report.status_lines(self)

@@ -5,6 +5,7 @@ and the CLI print the same lines from the same facts.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from dataclasses import dataclass, field
@@ -220,3 +221,34 @@ def next_run_line(when: dt.datetime | None, schedule: str) -> str:
 def running_line(run_id: int, trigger: str, stage: str, step: int, total_steps: int, started: float) -> str:
     steps = f", step {step}/{total_steps}" if total_steps else ""
     return f"Running now: run #{run_id} ({trigger}): {stage}{steps}, {duration(time.time() - started)} so far"
+
+
+async def status_lines(lr) -> list[str]:
+    """The learning loop's part of /status (`lr`: the Learning facade)."""
+    lines = []
+    active = await asyncio.to_thread(lr.registry.active)
+    if active is not None:
+        lines += active_lines(active, lr.serving)
+    lines.append(learning_line(lr.config))
+    new, _ = await lr.new_messages()
+    lines.append(f"New since the active version: {new} user messages "
+                 f"(a scheduled run needs {lr.lc.min_new_messages})")
+    lines.append(next_run_line(lr.next_run_time(), lr.lc.schedule))
+    if lr.trust.forgets_waiting:
+        lines.append(f"A rebuild after /forget is queued ({lr.trust.forgets_waiting} forget(s) waiting)")
+    if lr.last_check is not None:
+        lines.append(f"Last scheduled check: {ago(lr.last_check[0])}, {lr.last_check[1]}")
+    run = lr.running
+    if run is not None:
+        lines.append(running_line(run.run_id, run.trigger, run.stage, run.step, run.total_steps, run.started))
+    else:
+        holder = await asyncio.to_thread(lr.registry.train_lock().holder)
+        if holder:
+            lines.append(f"Running now in another process: run #{holder.get('run_id', '?')} "
+                         f"(pid {holder.get('pid', '?')})")
+    lines += await lr.canary.status_lines() if lr.canary is not None else []
+    runs = await lr.conversations.training_runs(3)
+    if runs:
+        lines.append("Last runs:")
+        lines += [f"  {describe_run(r)}" for r in runs]
+    return lines
