@@ -55,6 +55,9 @@ class EngineConfig:
 @dataclass
 class StorageConfig:
     path: str = "data/mynah.sqlite3"
+    busy_timeout_ms: int = 5000          # how long one write waits for another process's lock
+    write_retry_first_s: float = 0.5     # then a message's write is retried after this, doubling…
+    write_retry_max_s: float = 30.0      # …up to this, for as long as storage stays locked or full
 
 
 @dataclass
@@ -63,6 +66,7 @@ class ChatConfig:
     rate_limit_messages: int = 8
     rate_limit_seconds: float = 60.0
     max_message_chars: int = 4000
+    resend_pending_minutes: float = 10.0   # at start-up: replies left pending are resent when younger
 
 
 @dataclass
@@ -153,7 +157,8 @@ _POSITIVE = {
     ("generation", "max_context_tokens"), ("engine", "max_batch_size"),
     ("engine", "max_queue"), ("chat", "rate_limit_messages"),
     ("chat", "rate_limit_seconds"), ("chat", "max_message_chars"),
-    ("generation", "mmi_candidates"),
+    ("generation", "mmi_candidates"), ("storage", "busy_timeout_ms"), ("storage", "write_retry_first_s"),
+    ("storage", "write_retry_max_s"),
 }
 
 
@@ -216,6 +221,11 @@ def _check_section(name: str, section: Any) -> None:
         bad = [t for t in section.answer_all_chat_types if t not in ("group", "supergroup")]
         if bad:
             raise ConfigError(f"[telegram] answer_all_chat_types may hold \"group\" and \"supergroup\"; got {bad!r}")
+    if name == "chat" and section.resend_pending_minutes < 0:
+        raise ConfigError(f"[chat] resend_pending_minutes must be 0 (never resend) or more, "
+                          f"got {section.resend_pending_minutes}")
+    if name == "storage" and section.write_retry_max_s < section.write_retry_first_s:
+        raise ConfigError("[storage] write_retry_max_s must be at least write_retry_first_s")
     if name == "dashboard":
         if not 0 <= section.port <= 65535:
             raise ConfigError(f"[dashboard] port must be between 1 and 65535 (0 = any free port), got {section.port}")

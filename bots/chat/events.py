@@ -22,6 +22,7 @@ class Incoming:
     reply_to_bot: bool = False
     answer_all: bool = False      # this chat/channel is configured to answer everything
     kind: str = "text"            # "text", "sticker", "photo", "voice", "attachment", "other"
+    anonymous: bool = False       # sent on behalf of a chat (anonymous group admin): no real user id
 
     @property
     def is_private(self) -> bool:
