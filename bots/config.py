@@ -89,6 +89,7 @@ class TelegramConfig:
 class DiscordConfig:
     command_guilds: list = field(default_factory=list)
     answer_all_channels: list = field(default_factory=list)
+    catch_up_minutes: float = 10.0       # on (re)connect: answer what was missed this recently (0 = off)
 
 
 @dataclass
@@ -224,6 +225,8 @@ def _check_section(name: str, section: Any) -> None:
     if name == "chat" and section.resend_pending_minutes < 0:
         raise ConfigError(f"[chat] resend_pending_minutes must be 0 (never resend) or more, "
                           f"got {section.resend_pending_minutes}")
+    if name == "discord" and section.catch_up_minutes < 0:
+        raise ConfigError(f"[discord] catch_up_minutes must be 0 (off) or more, got {section.catch_up_minutes}")
     if name == "storage" and section.write_retry_max_s < section.write_retry_first_s:
         raise ConfigError("[storage] write_retry_max_s must be at least write_retry_first_s")
     if name == "dashboard":

@@ -42,6 +42,15 @@ class PendingReply:
 
 
 @dataclass
+class RecentChat:
+    """A chat with a recent conversation, and the newest platform message id stored in it."""
+
+    platform_chat_id: str
+    thread_id: str
+    newest_platform_id: int | None
+
+
+@dataclass
 class StoredDialogue:
     """One exported conversation: its turns (same-side messages merged) and where it lies in the log."""
 
@@ -157,6 +166,16 @@ class Conversations:
             "FROM messages m JOIN chats c ON c.id = m.chat_id "
             "WHERE m.status = 'pending' AND m.role = 'bot' AND c.platform = ? ORDER BY m.id", (platform,))
         return [PendingReply(*tuple(row)) for row in rows]
+
+    async def recent_chats(self, platform: str, *, since: float, limit: int) -> list[RecentChat]:
+        """Chats of `platform` with a message stored since `since`, most recently active first
+        (Discord catch-up reads their history after the newest stored message id)."""
+        rows = await self.db.fetchall(
+            "SELECT c.platform_chat_id, c.thread_id, MAX(CAST(m.platform_message_id AS INTEGER)), "
+            "       MAX(m.created_at) AS last "
+            "FROM chats c JOIN messages m ON m.chat_id = c.id WHERE c.platform = ? "
+            "GROUP BY c.id HAVING last >= ? ORDER BY last DESC LIMIT ?", (platform, since, limit))
+        return [RecentChat(row[0], row[1], row[2]) for row in rows]
 
     async def is_bot_message(self, chat_id: int, platform_message_id: str | int) -> bool:
         """Whether a reply targets something the bot said in this chat."""

@@ -53,7 +53,10 @@ class AdminCommands:
         handler = self.handlers.get(name)
         if handler is None:
             return [Outgoing(f"/{name} is not available yet: the learning loop is not running.", ephemeral=True)]
-        return await handler(args, msg)
+        answers = await handler(args, msg)
+        for out in answers:     # admin output (status, models, runs) is for the admin, not the group
+            out.private = True
+        return answers
 
     async def _status(self, args: list[str], msg: Incoming) -> list[Outgoing]:
         return [Outgoing(await self.status_text(), ephemeral=True)]

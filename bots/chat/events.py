@@ -34,6 +34,7 @@ class Outgoing:
     text: str
     image: Path | None = None       # a picture to attach (loss curves)
     ephemeral: bool = False         # only the asker sees it, where the platform can do that
+    private: bool = False           # must reach the asker only: from a group it goes to their private chat
     stored_id: int | None = None    # storage row of a bot reply: mark it sent / failed
     reply_to: str | None = None     # platform message id this answers
 

@@ -241,7 +241,7 @@ class ChatService:
             return [Outgoing(ANONYMOUS_FORGET_TEXT, ephemeral=True)]
         deleted = await self.conversations.forget_user(msg.platform, msg.user_id)
         return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
-                         ephemeral=True)]
+                         ephemeral=True, private=True)]
 
     async def _consent(self, name: str, msg: Incoming) -> list[Outgoing]:
         await self.conversations.set_consent(await self._chat_id(msg), name == "optin")

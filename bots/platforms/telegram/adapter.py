@@ -273,7 +273,7 @@ class TelegramAdapter(Platform):
                 typing.schedule_removal()
         thread = int(incoming.thread_id) if incoming.thread_id else None
         for out in outgoing:
-            if out.ephemeral and not incoming.is_private and not incoming.anonymous:
+            if out.private and not incoming.is_private and not incoming.anonymous:
                 await self._send_privately(message.chat_id, incoming, out, thread)
             else:
                 await self.send(message.chat_id, out, thread_id=thread, reply_to=self._quote(incoming, out))
