@@ -12,12 +12,14 @@ import sqlite3
 import sys
 import time
 
+import aiohttp
 import pytest
 
 from bots.chat.splitting import split_message, utf16_len
 from bots.platforms.telegram.adapter import NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT, TEXT_LIMIT
 from tests.fakes.telegram_api import TOKEN
-from tests.test_telegram import ADMIN, ROOT, Harness, bot, fake, make_bot, make_config  # noqa: F401 (fixtures)
+from tests.test_telegram import (ADMIN, ROOT, Harness, bot, fake, free_port, make_bot,  # noqa: F401 (fixtures)
+                                 make_config)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -273,3 +275,40 @@ async def test_second_instance_polling_the_same_token_stops_on_409(make_bot, fak
     await first.idle()
     await asyncio.sleep(0.5)
     assert len(fake.sent(1801)) == 1 and second.engine_calls == []
+
+
+# ---- 9: webhook mode answers 200 only once the message is stored -----------------------------
+
+async def test_webhook_200_goes_out_only_after_the_message_is_stored(make_bot, fake):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/hook"
+    bot = await make_bot(telegram={"mode": "webhook", "webhook_url": url, "webhook_listen": "127.0.0.1",
+                                   "webhook_port": port},
+                         storage={"busy_timeout_ms": 200, "write_retry_first_s": 0.1, "write_retry_max_s": 0.5})
+    secret = fake.calls_to("setWebhook")[-1].params["secret_token"]
+    update = {"update_id": 91, "message": {"message_id": 5, "date": int(time.time()),
+                                           "chat": {"id": 710, "type": "private", "first_name": "W"},
+                                           "from": {"id": 710, "is_bot": False, "first_name": "W"},
+                                           "text": "hello there"}}
+    locker = sqlite3.connect(bot.config.storage.path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    async with aiohttp.ClientSession() as session:
+        async def post() -> int:
+            async with session.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret}) as r:
+                return r.status
+
+        first = asyncio.create_task(post())
+        await asyncio.sleep(2)
+        repeat = asyncio.create_task(post())          # Telegram retries a post it got no answer to
+        await asyncio.sleep(1)
+        assert not first.done() and not repeat.done()  # no 200 while the message is not stored
+        assert bot.messages(710) == []
+        locker.execute("ROLLBACK")
+        locker.close()
+        assert await first == 200
+        assert [r[1] for r in bot.messages(710) if r[0] == "user"] == ["hello there"]
+        assert await repeat == 200
+    await fake.wait_sent(710, 1)
+    await bot.idle()
+    await asyncio.sleep(0.5)
+    assert len(fake.sent(710)) == 1 and statuses(bot, 710) == [("user", "ok"), ("bot", "ok")]

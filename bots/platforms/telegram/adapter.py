@@ -45,6 +45,7 @@ from bots.platforms.base import Platform
 from bots.platforms.redaction import redact, register_secret, register_token
 from bots.platforms.telegram.delivery import AckGatedBot, DeliveryTracker, TrackingUpdateProcessor
 from bots.platforms.telegram.incoming import PLATFORM, to_incoming
+from bots.platforms.telegram.webhook import WebhookServer
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class TelegramAdapter(Platform):
         self.on_fatal = None                        # runner: called with the reason when we must stop
         self.conflict: str | None = None            # set once a 409 Conflict made this instance stop
         self._polling_since = 0.0
+        self._webhook: WebhookServer | None = None
         self.api_root, self._api_url, self._file_url = api_urls(self.config.base_url)
         self.application: Application | None = None
         self._requests: tuple[HTTPXRequest, ...] = ()
@@ -189,8 +191,11 @@ class TelegramAdapter(Platform):
         application = self.application
         if application is None:
             return
-        self.tracker.closing = True                   # the last acknowledgement waits for nothing
+        self.tracker.close()                          # the last acknowledgement waits for nothing
         try:
+            if self._webhook is not None:
+                await self._webhook.stop()            # unstored updates got no 200: Telegram keeps them
+                self._webhook = None
             if application.updater is not None and application.updater.running:
                 await application.updater.stop()      # acknowledges what is stored, fetches no more
             if self.tracker.unstored:                 # storage is still down: give those back to Telegram
@@ -220,17 +225,21 @@ class TelegramAdapter(Platform):
     async def _start_webhook(self) -> None:
         url = self.config.webhook_url
         path = urlsplit(url).path.lstrip("/")
-        # A fresh secret per start: Telegram sends it back in a header and PTB rejects any
-        # request without it, so only Telegram can post updates to us.
+        # A fresh secret per start: Telegram sends it back in a header and the server rejects
+        # any request without it, so only Telegram can post updates to us.
         secret = secrets.token_urlsafe(32)
         register_secret(secret, "<TELEGRAM_WEBHOOK_SECRET>")
+        # Our own server (telegram/webhook.py): it answers 200 only once the message is stored.
+        server = WebhookServer(self.application, self.tracker, secret=secret, path=path,
+                               listen=self.config.webhook_listen, port=self.config.webhook_port)
         try:
-            await self.application.updater.start_webhook(
-                listen=self.config.webhook_listen, port=self.config.webhook_port, url_path=path,
-                webhook_url=url, secret_token=secret, allowed_updates=ALLOWED_UPDATES,
-                drop_pending_updates=False)
-        except RuntimeError as exc:  # e.g. the webhooks extra (tornado) is missing
-            raise PlatformStartError(f"cannot start the Telegram webhook: {redact(exc)}") from None
+            await server.start()
+        except OSError as exc:
+            raise PlatformStartError(f"cannot listen for the Telegram webhook on {self.config.webhook_listen}:"
+                                     f"{self.config.webhook_port}: {exc}") from None
+        self._webhook = server
+        await self.application.bot.set_webhook(url, secret_token=secret, allowed_updates=ALLOWED_UPDATES,
+                                               drop_pending_updates=False)
 
     async def _register_commands(self) -> None:
         bot = self.application.bot

@@ -33,6 +33,8 @@ class DeliveryTracker:
     def __init__(self, warn_every: float = 30.0):
         self.warn_every = warn_every
         self.closing = False          # set on stop: acknowledge what is stored, wait for nothing
+        self._closed = asyncio.Event()
+        self._waiters: dict[int, asyncio.Event] = {}   # update id -> set once it is stored
         self._unstored: set[int] = set()
         self._unfinished: set[int] = set()
         self._stored_all = asyncio.Event()
@@ -50,6 +52,9 @@ class DeliveryTracker:
 
     def stored(self, update_id: int) -> None:
         self._unstored.discard(update_id)
+        waiter = self._waiters.pop(update_id, None)
+        if waiter is not None:
+            waiter.set()
         if not self._unstored:
             self._stored_all.set()
 
@@ -58,6 +63,26 @@ class DeliveryTracker:
         self._unfinished.discard(update_id)
         if not self._unfinished:
             self._finished_all.set()
+
+    def close(self) -> None:
+        """Stopping: acknowledge only what is stored, and stop waiting for the rest."""
+        self.closing = True
+        self._closed.set()
+
+    def in_progress(self, update_id: int) -> bool:
+        return update_id in self._unfinished
+
+    async def wait_stored(self, update_id: int) -> bool:
+        """Until this update is stored (or handled): True; False when stopping first."""
+        if update_id not in self._unstored:
+            return True
+        waiter = self._waiters.setdefault(update_id, asyncio.Event())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({asyncio.ensure_future(waiter.wait()), closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        return update_id not in self._unstored
 
     @property
     def unstored(self) -> int:
