@@ -216,3 +216,21 @@ async def test_write_retry_waits_out_a_lock_and_gives_up_only_when_abandoned(tmp
     locker.execute("ROLLBACK")
     locker.close()
     await db.close()
+
+
+async def test_write_retry_rides_out_a_full_disk():
+    calls = []
+
+    async def write():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database or disk is full")
+        return "stored"
+
+    assert await WriteRetry(0.01, 0.02).run("test", write) == "stored" and len(calls) == 3
+
+    async def broken():
+        raise sqlite3.IntegrityError("NOT NULL constraint failed")   # a bug, not storage trouble
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await WriteRetry(0.01, 0.02).run("test", broken)

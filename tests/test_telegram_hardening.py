@@ -99,6 +99,7 @@ async def test_burst_of_40_gets_at_most_limit_plus_one_replies_and_others_are_an
     assert "message number 39" not in dialogue_text
     # nor shown to the model as context
     assert all("message number 39" not in text for call in bot.engine_calls for _, text in call)
+    assert len(fake.calls_to("sendChatAction", 1300)) <= 20    # no "typing…" for each flood message
 
 
 async def test_30_admin_commands_with_3000_char_arguments_cost_little(make_bot, fake):

@@ -47,6 +47,11 @@ class RateLimiter:
         self._noticed[key] = now
         return Verdict(False, True, retry_in)
 
+    def peek(self, key: tuple) -> bool:
+        """Whether an event for `key` would be allowed now (nothing is recorded)."""
+        now = self.clock()
+        return sum(1 for t in self._events.get(key, ()) if now - t < self.window_s) < self.max_events
+
     def allow(self, key: tuple) -> bool:
         """Record an event for `key` and say whether it is within the limit."""
         return self.check(key).allowed

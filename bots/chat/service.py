@@ -128,9 +128,11 @@ class ChatService:
         return msg.mentions_bot or msg.reply_to_bot
 
     def will_generate(self, msg: Incoming) -> bool:
-        """Whether `handle` is going to ask the engine (so a typing indicator is honest)."""
+        """Whether `handle` is going to ask the engine (so a typing indicator is honest; a
+        flood over the rate limit gets no typing indicator either)."""
         parsed = self.parse(msg)
-        return parsed.answer is None and parsed.command is None and self.should_answer(msg)
+        return (parsed.answer is None and parsed.command is None and self.should_answer(msg)
+                and self.limiter.peek((msg.platform, msg.user_id)))
 
     async def log_user_message(self, msg: Incoming, text: str, status: str = "ok") -> tuple[int, int, bool]:
         """Store the user's message, retrying while storage is unavailable; (chats.id,
