@@ -98,3 +98,26 @@ async def test_pending_reply_from_a_crash_is_resent_on_connect(fake, app):
         assert db_rows(app, "SELECT status FROM messages WHERE role = 'bot'") == [("ok",)]
     finally:
         await second.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_gateway_unreachable_for_60_s_then_back_answers_what_was_sent_meanwhile(fake, app):
+    fake.dm_channel(DM_CHANNEL, MEMBER_ID)
+    adapter = await started(app, fake)
+    try:
+        await fake.user_message("hello there", user_id=MEMBER_ID, channel_id=DM_CHANNEL, guild=False)
+        await fake.user_message(f"<@{fd.BOT_ID}> hello there", user_id=MEMBER_ID, mentions=mention_of_bot())
+        await fake.wait_for(lambda: len(fake.sent) == 2)
+        await fake.drop_gateway(down=True)
+        await asyncio.sleep(1)
+        fake.sent_while_offline("are you there ?", user_id=MEMBER_ID, channel_id=DM_CHANNEL, guild=False)
+        fake.sent_while_offline(f"<@{fd.BOT_ID}> anyone ?", user_id=MEMBER_ID, mentions=mention_of_bot())
+        await asyncio.sleep(60)
+        fake.gateway_down = False
+        await fake.wait_for(lambda: fake.sessions == 2, timeout=150)   # reconnected by itself: a new session
+        await fake.wait_for(lambda: len(fake.sent) == 4, timeout=30)
+        await adapter.wait_caught_up()
+        await asyncio.sleep(0.5)
+        assert len(sent_to(fake, DM_CHANNEL)) == 2 and len(sent_to(fake, fd.CHANNEL_ID)) == 2
+    finally:
+        await adapter.stop()

@@ -70,6 +70,8 @@ class FakeDiscord:
         self.events = asyncio.Event()              # set whenever something is recorded
         self.history: dict[str, list[dict]] = {}   # channel id -> every user message posted there, oldest first
         self.dm_channels: dict[str, dict] = {}     # DM channel id -> channel payload
+        self.gateway_down = False                  # the gateway refuses connections (503)
+        self.sessions = 0                          # READYs sent (a failed resume makes a new one)
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
         self._runner: web.AppRunner | None = None
@@ -195,7 +197,16 @@ class FakeDiscord:
         return _json({"message": f"fake Discord has no {method} {path}", "code": 0}, 404)
 
     # ---- gateway --------------------------------------------------------------------
+    async def drop_gateway(self, *, down: bool) -> None:
+        """The connection drops (close code 4000: discord.py tries to resume); with `down`, the
+        gateway then refuses connections until `gateway_down` is cleared."""
+        self.gateway_down = down
+        if self._ws is not None and not self._ws.closed:
+            await self._ws.close(code=4000, message=b"Unknown error")
+
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        if self.gateway_down:
+            return web.Response(status=503)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self._ws = ws
@@ -204,6 +215,8 @@ class FakeDiscord:
             data = json.loads(msg.data)
             if data["op"] == 1:
                 await ws.send_str(json.dumps({"op": 11, "d": None}))
+            elif data["op"] == 6:                     # RESUME: this fake keeps no sessions
+                await ws.send_str(json.dumps({"op": 9, "d": False, "s": None, "t": None}))
             elif data["op"] == 2:
                 identify = dict(data["d"])
                 token = identify.pop("token")
@@ -222,6 +235,7 @@ class FakeDiscord:
         await self._ws.send_str(json.dumps({"op": 0, "t": event, "s": self._seq, "d": data}))
 
     async def _ready(self) -> None:
+        self.sessions += 1
         await self.dispatch("READY", {
             "v": 10, "user": BOT_USER, "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
             "session_id": "fake-session", "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
