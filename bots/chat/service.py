@@ -12,9 +12,8 @@ answered (one "slow down" notice per window), and commands count toward the same
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import time
+from dataclasses import dataclass
 
 from bots.chat.admin import AdminCommands
 from bots.chat.commands import BY_NAME, help_text, parse_command
