@@ -136,7 +136,7 @@ class Mynah:
         log.info("model %s loaded (%s, %.1fM parameters, %s format)", loaded.path, loaded.version,
                  loaded.parameters / 1e6, loaded.fmt.name)
         engine = await wrap_mmi(config, build_engine(config, loaded))
-        db = await Database.open(config.storage.path)
+        db = await Database.open(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
         conversations = Conversations(db)
         learning, replier = None, engine
         if registry is not None:

@@ -66,6 +66,9 @@ class EngineConfig:
 @dataclass
 class StorageConfig:
     path: str = "data/mynah.sqlite3"
+    busy_timeout_ms: int = 5000          # how long one write waits for another process's lock
+    write_retry_first_s: float = 0.5     # then a message's write is retried after this, doubling…
+    write_retry_max_s: float = 30.0      # …up to this, for as long as storage stays locked or full
 
 
 @dataclass
@@ -77,6 +80,7 @@ class ChatConfig:
     stream: bool = True                  # show replies while they are written (edits the sent message)
     stream_edit_seconds: float = 1.0     # at most one edit per this many seconds per reply (flood limits)
     default_persona: str = ""            # system prompt of chats without their own /persona
+    resend_pending_minutes: float = 10.0   # at start-up: replies left pending are resent when younger
 
 
 @dataclass
@@ -100,6 +104,7 @@ class DiscordConfig:
     command_guilds: list = field(default_factory=list)
     answer_all_channels: list = field(default_factory=list)
     shards: str | int = 1                # 1: one connection; "auto": Discord's recommended count; N: N shards
+    catch_up_minutes: float = 10.0       # on (re)connect: answer what was missed this recently (0 = off)
 
 
 @dataclass
@@ -209,7 +214,8 @@ _POSITIVE = {
     ("engine", "max_queue"), ("chat", "rate_limit_messages"),
     ("chat", "rate_limit_seconds"), ("chat", "max_message_chars"),
     ("generation", "mmi_candidates"), ("engine", "timeout_seconds"), ("engine", "breaker_failures"),
-    ("chat", "stream_edit_seconds"),
+    ("chat", "stream_edit_seconds"), ("storage", "busy_timeout_ms"), ("storage", "write_retry_first_s"),
+    ("storage", "write_retry_max_s"),
 }
 
 
@@ -278,6 +284,13 @@ def _check_section(name: str, section: Any) -> None:
         shards = section.shards
         if not (shards == "auto" or (isinstance(shards, int) and not isinstance(shards, bool) and shards >= 1)):
             raise ConfigError(f'[discord] shards must be "auto" or a whole number of 1 or more, got {shards!r}')
+    if name == "chat" and section.resend_pending_minutes < 0:
+        raise ConfigError(f"[chat] resend_pending_minutes must be 0 (never resend) or more, "
+                          f"got {section.resend_pending_minutes}")
+    if name == "discord" and section.catch_up_minutes < 0:
+        raise ConfigError(f"[discord] catch_up_minutes must be 0 (off) or more, got {section.catch_up_minutes}")
+    if name == "storage" and section.write_retry_max_s < section.write_retry_first_s:
+        raise ConfigError("[storage] write_retry_max_s must be at least write_retry_first_s")
     if name == "dashboard":
         if not 0 <= section.port <= 65535:
             raise ConfigError(f"[dashboard] port must be between 1 and 65535 (0 = any free port), got {section.port}")

@@ -82,10 +82,19 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
     app = await Mynah.open(config)
     started: list[Platform] = []
     dashboard = None
+    fatal: list[str] = []
+
+    def stop_for(platform: str):
+        def on_fatal(reason: str) -> None:
+            fatal.append(f"{platform}: {reason}")
+            stop_event.set()
+        return on_fatal
+
     try:
         dashboard = await start_dashboard(app, config, environ, platforms=list(platforms))
         for platform, token in platforms.items():
             adapter = make_adapter(platform, app, token)
+            adapter.on_fatal = stop_for(platform)
             await adapter.start()
             started.append(adapter)
             app.attach(adapter)
@@ -93,8 +102,10 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
                 dashboard.platform_up(platform)
             log.info("%s is up", platform)
         await stop_event.wait()
+        for reason in fatal:
+            log.error("stopping because %s", reason)
         log.info("stopping: finishing replies in flight")
-        return 0
+        return 1 if fatal else 0
     except (PlatformStartError, DashboardError) as exc:
         log.error("%s", exc)
         return 1

@@ -334,7 +334,7 @@ class Registry:
 
         `trained_through`: the newest logged message id the model has already learned from
         (a model trained offline on exported logs); later messages count as new."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)   # weights trained on private chats
         with self._locked():
             return self._register_configured(source, activate=activate, note=note, trained_through=trained_through)
 
@@ -373,7 +373,7 @@ class Registry:
           version and is made active, so editing config.toml is never silently ignored;
         - otherwise: the active version (which may be a fine-tuned one) stays.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)   # weights trained on private chats
         with self._locked():  # two processes starting at once must not both register
             last = self.configured()
             same = last is not None and (last.resolved or last.source) == resolve_source(source)

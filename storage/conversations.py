@@ -5,6 +5,7 @@ same way. A thread or forum topic is its own chat, so it keeps its own context.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,10 @@ from storage.db import Database
 from storage.feedback import delete_user_rows
 
 ROLES = ("user", "bot")
-STATUSES = ("ok", "pending", "failed")
+# ok: sent / heard; pending: a reply not yet confirmed sent; failed: never reached the chat;
+# limited: a user message over the rate limit (stored, never answered, never trained on).
+STATUSES = ("ok", "pending", "failed", "limited")
+AUDIT_ARGS_MAX = 200   # characters of an admin command's arguments kept in the audit table
 DIALOGUE_GAP_SECONDS = 3600  # a longer silence starts a new conversation
 
 
@@ -23,6 +27,28 @@ class StoredTurn:
 
     role: str
     text: str
+
+
+@dataclass
+class PendingReply:
+    """A bot reply stored but never confirmed sent (the process died mid-send)."""
+
+    id: int
+    platform: str
+    platform_chat_id: str
+    thread_id: str
+    text: str
+    reply_to_platform_id: str | None
+    created_at: float
+
+
+@dataclass
+class RecentChat:
+    """A chat with a recent conversation, and the newest platform message id stored in it."""
+
+    platform_chat_id: str
+    thread_id: str
+    newest_platform_id: int | None
 
 
 @dataclass
@@ -103,8 +129,11 @@ class Conversations:
 
     async def log_message(self, chat_id: int, role: str, text: str, *, user_id: int | None = None,
                           platform_message_id: str | int | None = None, reply_to: str | int | None = None,
-                          model_version: str | None = None, status: str = "ok") -> int:
-        """Store one message and return its id; it is committed when this returns."""
+                          model_version: str | None = None, status: str = "ok",
+                          reply_to_id: int | None = None) -> int:
+        """Store one message and return its id; it is committed when this returns.
+
+        `reply_to_id` links a bot reply to the stored user message it answers (/forget uses it)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         if status not in STATUSES:
@@ -112,9 +141,10 @@ class Conversations:
         async with self.db.transaction() as conn:
             cursor = await conn.execute(
                 "INSERT INTO messages (chat_id, user_id, role, text, platform_message_id, "
-                "reply_to_platform_id, model_version, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "reply_to_platform_id, model_version, status, created_at, reply_to_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (chat_id, user_id, role, text, _id(platform_message_id), _id(reply_to),
-                 model_version, status, time.time()))
+                 model_version, status, time.time(), reply_to_id))
             return cursor.lastrowid
 
     async def set_status(self, message_id: int, status: str, *, platform_message_id: str | int | None = None) -> None:
@@ -126,6 +156,38 @@ class Conversations:
                 "UPDATE messages SET status = ?, platform_message_id = COALESCE(?, platform_message_id) "
                 "WHERE id = ?", (status, _id(platform_message_id), message_id))
 
+    async def seen_message(self, chat_id: int, platform_message_id: str | int) -> tuple[int, bool] | None:
+        """(messages.id, handled) when this user message is already stored, else None.
+
+        A platform may deliver a message twice (Telegram redelivers what was not acknowledged
+        before a restart); `handled` says it needs no answer: it was rate-limited, or a reply
+        to it was sent or is pending (start-up recovery deals with those)."""
+        row = await self.db.fetchone(
+            "SELECT m.id, m.status != 'ok' OR EXISTS (SELECT 1 FROM messages r WHERE r.reply_to_id = m.id "
+            "  AND r.status IN ('ok', 'pending')) FROM messages m "
+            "WHERE m.chat_id = ? AND m.platform_message_id = ? AND m.role = 'user' ORDER BY m.id LIMIT 1",
+            (chat_id, str(platform_message_id)))
+        return None if row is None else (row[0], bool(row[1]))
+
+    async def pending_replies(self, platform: str) -> list[PendingReply]:
+        """Bot replies of `platform` still 'pending': the process stopped between storing and
+        sending them (kill -9, power loss). Oldest first."""
+        rows = await self.db.fetchall(
+            "SELECT m.id, c.platform, c.platform_chat_id, c.thread_id, m.text, m.reply_to_platform_id, m.created_at "
+            "FROM messages m JOIN chats c ON c.id = m.chat_id "
+            "WHERE m.status = 'pending' AND m.role = 'bot' AND c.platform = ? ORDER BY m.id", (platform,))
+        return [PendingReply(*tuple(row)) for row in rows]
+
+    async def recent_chats(self, platform: str, *, since: float, limit: int) -> list[RecentChat]:
+        """Chats of `platform` with a message stored since `since`, most recently active first
+        (Discord catch-up reads their history after the newest stored message id)."""
+        rows = await self.db.fetchall(
+            "SELECT c.platform_chat_id, c.thread_id, MAX(CAST(m.platform_message_id AS INTEGER)), "
+            "       MAX(m.created_at) AS last "
+            "FROM chats c JOIN messages m ON m.chat_id = c.id WHERE c.platform = ? "
+            "GROUP BY c.id HAVING last >= ? ORDER BY last DESC LIMIT ?", (platform, since, limit))
+        return [RecentChat(row[0], row[1], row[2]) for row in rows]
+
     async def is_bot_message(self, chat_id: int, platform_message_id: str | int) -> bool:
         """Whether a reply targets something the bot said in this chat."""
         row = await self.db.fetchone(
@@ -134,13 +196,16 @@ class Conversations:
         return row is not None
 
     async def context(self, chat_id: int, max_turns: int) -> list[StoredTurn]:
-        """The chat's last max_turns messages since its last reset, oldest first."""
+        """The chat's last max_turns messages since its last reset, oldest first.
+
+        Only 'ok' messages: a reply still pending (or failed) was never seen by the user, and
+        a rate-limited message was never answered, so neither belongs in the conversation."""
         if max_turns <= 0:
             return []
         rows = await self.db.fetchall(
             "SELECT role, text FROM ("
             "  SELECT m.id, m.role, m.text FROM messages m JOIN chats c ON c.id = m.chat_id"
-            "  WHERE m.chat_id = ? AND m.id > c.context_start_id AND m.status != 'failed'"
+            "  WHERE m.chat_id = ? AND m.id > c.context_start_id AND m.status = 'ok'"
             "  ORDER BY m.id DESC LIMIT ?"
             ") ORDER BY id", (chat_id, max_turns))
         return [StoredTurn(row["role"], row["text"]) for row in rows]
@@ -171,13 +236,18 @@ class Conversations:
             own = [row[0] for row in await conn.execute_fetchall(
                 "SELECT m.id FROM messages m JOIN users u ON u.id = m.user_id "
                 "WHERE u.platform = ? AND u.platform_user_id = ?", key)]
-            # The bot reply to a user message is the chat's next message, when the bot wrote it.
+            # The bot's replies are linked to the user message they answer (reply_to_id), so
+            # interleaved group messages never make us delete someone else's reply.
             replies = [row[0] for row in await conn.execute_fetchall(
                 "SELECT n.id FROM messages m JOIN users u ON u.id = m.user_id "
-                "JOIN messages n ON n.id = (SELECT MIN(x.id) FROM messages x "
-                "                           WHERE x.chat_id = m.chat_id AND x.id > m.id) "
-                "WHERE u.platform = ? AND u.platform_user_id = ? AND m.role = 'user' AND n.role = 'bot'", key)]
+                "JOIN messages n ON n.reply_to_id = m.id "
+                "WHERE u.platform = ? AND u.platform_user_id = ? AND n.role = 'bot'", key)]
             deleted = sorted(set(own) | set(replies))
+            # Titles derived from the user ("DM with <name>") go too: private chats they wrote in.
+            await conn.execute(
+                "UPDATE chats SET title = NULL WHERE type = 'private' AND id IN ("
+                " SELECT m.chat_id FROM messages m JOIN users u ON u.id = m.user_id"
+                " WHERE u.platform = ? AND u.platform_user_id = ?)", key)
             await conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in deleted])
             await delete_user_rows(conn, *key)  # their reactions on any reply go too
             await conn.execute("UPDATE users SET name = NULL WHERE platform = ? AND platform_user_id = ?", key)
@@ -200,10 +270,17 @@ class Conversations:
         A chat's history is cut at every /reset and at silences over an hour; consecutive
         messages from the same side are merged into one turn.
         """
+        # Each message's epoch (how many /resets came before it) is found by bisecting the
+        # chat's reset points here, not by a per-message COUNT in SQL: the cost must not grow
+        # with messages x resets while the shared connection is busy (issue 12, item 3).
+        resets: dict[int, list[int]] = {}
+        for chat, at in await self.db.fetchall(
+                "SELECT chat_id, at_message_id FROM context_resets "
+                "WHERE chat_id IN (SELECT chat_id FROM messages WHERE id > ?) ORDER BY chat_id, at_message_id",
+                (after_message_id,)):
+            resets.setdefault(chat, []).append(at)
         rows = await self.db.fetchall(
-            "SELECT m.id, m.chat_id, m.role, m.text, m.created_at, "
-            "  (SELECT COUNT(*) FROM context_resets r "
-            "   WHERE r.chat_id = m.chat_id AND r.at_message_id < m.id) AS epoch "
+            "SELECT m.id, m.chat_id, m.role, m.text, m.created_at "
             "FROM messages m JOIN chats c ON c.id = m.chat_id "
             "WHERE c.consent = 1 AND m.status = 'ok' "
             "  AND m.chat_id IN (SELECT chat_id FROM messages WHERE id > ?) "
@@ -211,8 +288,10 @@ class Conversations:
         dialogues: list[StoredDialogue] = []
         current: StoredDialogue | None = None
         prev = None
+        prev_epoch = None
         for row in rows:
-            starts_new = (prev is None or row["chat_id"] != prev["chat_id"] or row["epoch"] != prev["epoch"]
+            epoch = bisect.bisect_left(resets.get(row["chat_id"], ()), row["id"])   # resets with at < id
+            starts_new = (prev is None or row["chat_id"] != prev["chat_id"] or epoch != prev_epoch
                           or row["created_at"] - prev["created_at"] > DIALOGUE_GAP_SECONDS)
             if starts_new:
                 current = StoredDialogue(row["chat_id"], [row["text"]], row["id"], row["id"])
@@ -224,7 +303,7 @@ class Conversations:
                 current.turns.append(row["text"])
                 current.last_message_id = row["id"]
             current.message_ids.append(row["id"])
-            prev = row
+            prev, prev_epoch = row, epoch
         kept = [d for d in dialogues if len(d.turns) >= min_turns and d.last_message_id > after_message_id]
         return sorted(kept, key=lambda d: d.last_message_id)
 
@@ -326,7 +405,9 @@ class Conversations:
 
     async def audit(self, platform: str, platform_user_id: str | int, command: str, args: str | None,
                     allowed: bool) -> None:
-        """Record an admin command attempt, allowed or refused."""
+        """Record an admin command attempt, allowed or refused (arguments cut to AUDIT_ARGS_MAX)."""
+        if args is not None and len(args) > AUDIT_ARGS_MAX:
+            args = args[:AUDIT_ARGS_MAX - 1] + "…"
         async with self.db.transaction() as conn:
             await conn.execute(
                 "INSERT INTO admin_audit (platform, platform_user_id, command, args, allowed, created_at) "

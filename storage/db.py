@@ -7,6 +7,7 @@ The schema is versioned with PRAGMA user_version and only ever migrated forward.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -136,7 +137,53 @@ MIGRATIONS: list[str] = [
         tainted_at REAL NOT NULL
     );
     """,
-    # 5: how people reacted to each bot reply (explicit reactions/buttons, implicit signals
+    # 5: hardening. SQLite cannot change a CHECK constraint in place, so the messages table
+    # is rebuilt (create new, copy, drop, rename, recreate indexes) inside this migration's
+    # transaction: status gains 'limited' (over the rate limit: stored, never answered or
+    # trained on) and reply_to_id links a bot reply to the user message it answers, so
+    # /forget deletes exactly the replies to the forgotten user. The AUTOINCREMENT counter
+    # is carried over so ids deleted by /forget are never reused.
+    """
+    CREATE TABLE messages_new (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+        user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'bot')),
+        text TEXT NOT NULL,
+        platform_message_id TEXT,
+        reply_to_platform_id TEXT,
+        model_version TEXT,
+        status TEXT NOT NULL DEFAULT 'ok' CHECK (status IN ('ok', 'pending', 'failed', 'limited')),
+        created_at REAL NOT NULL,
+        reply_to_id INTEGER REFERENCES messages_new(id) ON DELETE SET NULL
+    );
+    INSERT INTO messages_new (id, chat_id, user_id, role, text, platform_message_id, reply_to_platform_id,
+                              model_version, status, created_at)
+        SELECT id, chat_id, user_id, role, text, platform_message_id, reply_to_platform_id,
+               model_version, status, created_at FROM messages ORDER BY id;
+    -- Old bot replies: link each to the user message in the same chat whose platform id it
+    -- quoted (that is what reply_to_platform_id held for replies).
+    UPDATE messages_new SET reply_to_id = (
+        SELECT u.id FROM messages_new u WHERE u.chat_id = messages_new.chat_id AND u.role = 'user'
+          AND u.platform_message_id = messages_new.reply_to_platform_id AND u.id < messages_new.id
+        ORDER BY u.id DESC LIMIT 1)
+    WHERE role = 'bot' AND reply_to_platform_id IS NOT NULL;
+    CREATE TEMP TABLE migration_seq AS
+        SELECT MAX(seq) AS seq FROM (
+            SELECT seq FROM sqlite_sequence WHERE name IN ('messages', 'messages_new')
+            UNION ALL SELECT COALESCE(MAX(id), 0) FROM messages_new);
+    DELETE FROM sqlite_sequence WHERE name = 'messages_new';
+    INSERT INTO sqlite_sequence (name, seq) SELECT 'messages_new', seq FROM migration_seq;
+    DROP TABLE migration_seq;
+    DROP TABLE messages;
+    ALTER TABLE messages_new RENAME TO messages;
+    CREATE INDEX messages_chat_id ON messages (chat_id, id);
+    CREATE INDEX messages_user ON messages (user_id);
+    CREATE INDEX messages_platform_id ON messages (chat_id, platform_message_id);
+    CREATE INDEX messages_reply_to ON messages (reply_to_id);
+    CREATE INDEX messages_status ON messages (status) WHERE status = 'pending';
+    """,
+    # 6: how people reacted to each bot reply (explicit reactions/buttons, implicit signals
     # derived from the log); one row per (reply, user, signal), gone with the reply or the user.
     """
     CREATE TABLE feedback (
@@ -168,6 +215,20 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
+def _create_private(path: Path) -> None:
+    """Create a missing database file 0600 (and its folder 0700) whatever the umask.
+
+    The file holds private conversations; SQLite gives the -wal and -shm files the
+    database file's permissions, so they are private too."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:   # another process created it meanwhile
+            pass
+
+
 def _is_locked(error: sqlite3.OperationalError) -> bool:
     message = str(error).lower()
     return "locked" in message or "busy" in message
@@ -193,7 +254,7 @@ class Database:
     async def open(cls, path: str | Path, *, busy_timeout_ms: int = 5000) -> "Database":
         path = str(path)
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(path))
         try:
             # isolation_level=None: no implicit transactions; transaction() issues BEGIN itself.
             conn = await aiosqlite.connect(path, isolation_level=None)

@@ -205,16 +205,19 @@ async def fill_for_export(path: Path) -> None:
                         ("forgetme", [SECRET_FORGOTTEN, "I see"])):
         chat = await conv.chat("telegram", f"chat-{name}", type="private")
         user = await conv.user("telegram", f"user-{name}", name=name)
+        asked = None
         for i, text in enumerate(texts):
             role = "user" if i % 2 == 0 else "bot"
-            await conv.log_message(chat, role, text, user_id=user if role == "user" else None)
+            stored = await conv.log_message(chat, role, text, user_id=user if role == "user" else None,
+                                            reply_to_id=asked if role == "bot" else None)
+            asked = stored if role == "user" else None
         if name == "optedout":
             await conv.set_consent(chat, False)
     # a second user in the kept chat, who asks to be forgotten later
     chat = await conv.chat("telegram", "chat-kept")
     other = await conv.user("telegram", "user-forget-2")
-    await conv.log_message(chat, "user", SECRET_FORGOTTEN + " (2)", user_id=other)
-    await conv.log_message(chat, "bot", "reply to the forgotten one")
+    asked = await conv.log_message(chat, "user", SECRET_FORGOTTEN + " (2)", user_id=other)
+    await conv.log_message(chat, "bot", "reply to the forgotten one", reply_to_id=asked)   # linked, as the bot stores it
     await conv.forget_user("telegram", "user-forgetme")
     await conv.forget_user("telegram", "user-forget-2")
     await db.close()

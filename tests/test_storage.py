@@ -43,7 +43,7 @@ async def exchange(conv, chat_id, user_id, *pairs):
     ids = []
     for user_text, bot_text in pairs:
         ids.append(await conv.log_message(chat_id, "user", user_text, user_id=user_id))
-        ids.append(await conv.log_message(chat_id, "bot", bot_text, model_version="v1"))
+        ids.append(await conv.log_message(chat_id, "bot", bot_text, model_version="v1", reply_to_id=ids[-1]))
     return ids
 
 

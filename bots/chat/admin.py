@@ -12,6 +12,12 @@ from bots.durations import duration
 from bots.chat.events import Incoming, Outgoing
 
 
+# Telegram's anonymous group admins (and linked channels) post as the group itself: the id
+# is shared by every anonymous admin, so it can prove nobody's identity.
+ANONYMOUS_TEXT = ("/{name} needs to know which admin you are, but this message was sent anonymously (on behalf "
+                  "of the group). Turn off \"Remain anonymous\" in your admin rights, or ask me in a private chat.")
+
+
 class AdminCommands:
     def __init__(self, admins_config, conversations, engine, learning=None):
         self.admins = {
@@ -21,6 +27,7 @@ class AdminCommands:
         self.conversations = conversations
         self.engine = engine
         self.learning = learning
+        self.writes = None      # bots.chat.durable.WriteRetry, set by ChatService: audits survive a locked database
         self.started_at = time.time()
         # Each admin command's handler, by name; without the learning loop its commands say so.
         self.handlers = {"status": self._status}
@@ -34,14 +41,23 @@ class AdminCommands:
         return str(user_id) in self.admins.get(platform, set())
 
     async def handle(self, name: str, args: list[str], msg: Incoming) -> list[Outgoing]:
-        allowed = self.is_admin(msg.platform, msg.user_id)
-        await self.conversations.audit(msg.platform, msg.user_id, name, " ".join(args), allowed)
+        allowed = self.is_admin(msg.platform, msg.user_id) and not msg.anonymous
+        audit = lambda: self.conversations.audit(msg.platform, msg.user_id, name, " ".join(args), allowed)  # noqa: E731
+        if self.writes is not None:
+            await self.writes.run(f"audit of /{name}", audit)
+        else:
+            await audit()
+        if msg.anonymous:
+            return [Outgoing(ANONYMOUS_TEXT.format(name=name), ephemeral=True)]
         if not allowed:
             return [Outgoing(f"Sorry, /{name} is for the bot's admins only.", ephemeral=True)]
         handler = self.handlers.get(name)
         if handler is None:
             return [Outgoing(f"/{name} is not available yet: the learning loop is not running.", ephemeral=True)]
-        return await handler(args, msg)
+        answers = await handler(args, msg)
+        for out in answers:     # admin output (status, models, runs) is for the admin, not the group
+            out.private = True
+        return answers
 
     async def _status(self, args: list[str], msg: Incoming) -> list[Outgoing]:
         return [Outgoing(await self.status_text(), ephemeral=True)]

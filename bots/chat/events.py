@@ -26,6 +26,7 @@ class Incoming:
     # Discord manage-messages or manage-guild); None = not looked up. Adapters fill it for the
     # commands that change a group's settings (GROUP_ADMIN_COMMANDS).
     sender_is_chat_admin: bool | None = None
+    anonymous: bool = False       # sent on behalf of a chat (anonymous group admin): no real user id
 
     @property
     def is_private(self) -> bool:
@@ -40,6 +41,7 @@ class Outgoing:
     text: str
     image: Path | None = None       # a picture to attach (loss curves)
     ephemeral: bool = False         # only the asker sees it, where the platform can do that
+    private: bool = False           # must reach the asker only: from a group it goes to their private chat
     stored_id: int | None = None    # storage row of a bot reply: mark it sent / failed
     reply_to: str | None = None     # platform message id this answers
 

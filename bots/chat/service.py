@@ -3,20 +3,26 @@
     parse -> gate -> log the user message -> build context (+ persona) -> generate -> log the reply
 
 The user's message is stored before generation starts, so a crash never loses it; the
-reply is stored as "pending" and the adapter marks it sent or failed. With `[chat] stream`
-and an adapter that can show a reply while it is written (a `StreamedMessage`), `generate`
-feeds it the text as the engine writes it; the reply is still stored once, complete. Commands leave the
-path after `parse`; messages the bot should not answer leave it at `gate`.
+reply is stored as "pending" (linked to the message it answers) and the adapter marks it
+sent or failed. Writes on this path are retried while storage is locked or full
+(bots/chat/durable.py). With `[chat] stream` and an adapter that can show a reply while
+it is written (a `StreamedMessage`), `generate` feeds it the text as the engine writes it;
+the reply is still stored once, complete. Commands leave the path after `parse`; messages
+the bot should not answer leave it at `gate`; messages over the rate limit are stored as
+'limited' and never answered (one "slow down" notice per window), and commands count
+toward the same limit.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from bots.chat.admin import AdminCommands
 from bots.chat.commands import BY_NAME, help_text, parse_command
 from bots.chat.events import Incoming, Outgoing
-from bots.chat.ratelimit import RateLimiter
+from bots.chat.durable import WriteRetry
+from bots.chat.ratelimit import RateLimiter, Verdict
 from bots.chat.routing import current_chat
 from bots.metrics import record_reply
 from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
@@ -30,6 +36,9 @@ NON_TEXT_TEXT = "I can only read text messages for now."
 UNAVAILABLE_TEXT = ("Sorry, I can't think right now: the engine that writes my replies is unreachable. "
                     "I've kept your message; please try again in a little while.")
 PERSONA_MAX_CHARS = 2000
+ANONYMOUS_FORGET_TEXT = ("/forget needs to know who you are, but this message was sent on behalf of a chat "
+                         "(anonymously). Send /forget as yourself, e.g. in a private chat with me.")
+UNKNOWN_NAME_CHARS = 32     # of an unknown command's name echoed back
 
 
 @dataclass
@@ -47,6 +56,7 @@ class Gate:
 
     answer: bool
     slow_down: Outgoing | None = None
+    limited: bool = False        # over the rate limit: store as 'limited', do not answer
 
 
 class ChatService:
@@ -56,6 +66,8 @@ class ChatService:
         self.conversations = conversations
         self.admin = AdminCommands(config.admins, conversations, engine, learning)
         self.limiter = RateLimiter(config.chat.rate_limit_messages, config.chat.rate_limit_seconds)
+        self.writes = WriteRetry(config.storage.write_retry_first_s, config.storage.write_retry_max_s)
+        self.admin.writes = self.writes
         self.user_commands = {"start": self._help, "help": self._help, "reset": self._reset,
                               "forget": self._forget, "optout": self._consent, "optin": self._consent,
                               "persona": self._persona}
@@ -76,19 +88,22 @@ class ChatService:
         verdict = self.gate(msg)
         if not verdict.answer:
             return []
-        chat_id = await self.log_user_message(msg, parsed.text)
+        chat_id, stored, handled = await self.log_user_message(msg, parsed.text,
+                                                               "limited" if verdict.limited else "ok")
         current_chat.set(chat_id)  # a per-chat router (the canary) picks the engine by it
         if on_logged is not None:
             on_logged()
-        if verdict.slow_down is not None:
-            return [verdict.slow_down]
+        if handled:              # delivered twice (a redelivery after a restart): answered already
+            return []
+        if verdict.limited:
+            return [verdict.slow_down] if verdict.slow_down is not None else []
         history = await self.build_context(chat_id)
         system = await self.persona(chat_id)
         reply = await self.generate(msg, history, system=system,
                                     stream=stream if self.config.chat.stream else None)
         if isinstance(reply, Outgoing):  # busy or failed: said, not stored
             return [reply]
-        return [await self.log_reply(chat_id, msg, reply)]
+        return [await self.log_reply(chat_id, stored, msg, reply)]
 
     # ---- the steps ----------------------------------------------------------------
     def parse(self, msg: Incoming) -> Parsed:
@@ -107,12 +122,18 @@ class ChatService:
         """Answer at all (see `should_answer`), and the per-user rate limit."""
         if not self.should_answer(msg):
             return Gate(False)
-        key = (msg.platform, msg.user_id)
-        if self.limiter.allow(key):
+        verdict = self.limiter.check((msg.platform, msg.user_id))
+        if verdict.allowed:
             return Gate(True)
-        wait = self.limiter.retry_in(key)
-        return Gate(True, Outgoing(f"You're sending messages faster than I can think. Please wait {wait:.0f} s.",
-                                   reply_to=msg.message_id))
+        return Gate(True, self._slow_down(msg, verdict), limited=True)
+
+    @staticmethod
+    def _slow_down(msg: Incoming, verdict: Verdict) -> Outgoing | None:
+        """The one notice per window an over-limit user gets (None: already told)."""
+        if not verdict.notify:
+            return None
+        return Outgoing(f"You're sending messages faster than I can think. Please wait {verdict.retry_in:.0f} s; "
+                        "I won't answer until then.", reply_to=msg.message_id)
 
     def should_answer(self, msg: Incoming) -> bool:
         if msg.is_private or msg.answer_all or self.config.chat.answer_all_in_groups:
@@ -120,17 +141,30 @@ class ChatService:
         return msg.mentions_bot or msg.reply_to_bot
 
     def will_generate(self, msg: Incoming) -> bool:
-        """Whether `handle` is going to ask the engine (so a typing indicator is honest)."""
+        """Whether `handle` is going to ask the engine (so a typing indicator is honest; a
+        flood over the rate limit gets no typing indicator either)."""
         parsed = self.parse(msg)
-        return parsed.answer is None and parsed.command is None and self.should_answer(msg)
+        return (parsed.answer is None and parsed.command is None and self.should_answer(msg)
+                and self.limiter.peek((msg.platform, msg.user_id)))
 
-    async def log_user_message(self, msg: Incoming, text: str) -> int:
-        """Store the user's message (also when rate-limited: the log is the whole conversation)."""
-        chat_id = await self._chat_id(msg)
-        user_id = await self.conversations.user(msg.platform, msg.user_id, name=msg.user_name)
-        await self.conversations.log_message(chat_id, "user", text, user_id=user_id,
-                                             platform_message_id=msg.message_id, reply_to=msg.reply_to_message_id)
-        return chat_id
+    async def log_user_message(self, msg: Incoming, text: str, status: str = "ok") -> tuple[int, int, bool]:
+        """Store the user's message, retrying while storage is unavailable; (chats.id,
+        messages.id, already handled). A message stored before (redelivered) is not stored again.
+
+        Also when rate-limited (status 'limited'): the log is the whole conversation, but a
+        limited message is never answered, trained on or counted toward retraining."""
+        async def write():
+            chat_id = await self._chat_id(msg)
+            seen = None if msg.message_id is None else await self.conversations.seen_message(chat_id, msg.message_id)
+            if seen is not None:
+                return chat_id, seen[0], seen[1]
+            user_id = await self.conversations.user(msg.platform, msg.user_id, name=msg.user_name)
+            stored = await self.conversations.log_message(
+                chat_id, "user", text, user_id=user_id, platform_message_id=msg.message_id,
+                reply_to=msg.reply_to_message_id, status=status)
+            return chat_id, stored, False
+
+        return await self.writes.run(f"{msg.platform} message {msg.message_id} in chat {msg.chat_id}", write)
 
     async def build_context(self, chat_id: int) -> list[tuple[str, str]]:
         """The chat's turns since its last /reset, each cut to the platform-neutral length limit."""
@@ -162,33 +196,63 @@ class ChatService:
             log.exception("generation failed for %s chat %s", msg.platform, msg.chat_id)
             return Outgoing(ERROR_TEXT, reply_to=msg.message_id)
 
-    async def log_reply(self, chat_id: int, msg: Incoming, reply) -> Outgoing:
-        """Store the reply as pending (with the model version that wrote it) and hand it out."""
-        stored = await self.conversations.log_message(chat_id, "bot", reply.text, model_version=reply.model_version,
-                                                      reply_to=msg.message_id, status="pending")
+    async def log_reply(self, chat_id: int, answered: int, msg: Incoming, reply) -> Outgoing:
+        """Store the reply as pending (with the model version that wrote it, linked to the
+        stored message `answered`) and hand it out."""
+        stored = await self.writes.run(
+            f"{msg.platform} reply in chat {msg.chat_id}",
+            lambda: self.conversations.log_message(chat_id, "bot", reply.text, model_version=reply.model_version,
+                                                   reply_to=msg.message_id, status="pending", reply_to_id=answered))
         record_reply(msg.platform, "fallback" if reply.fallback else "ok", reply.latency_s, reply.new_tokens)
         return Outgoing(reply.text, stored_id=stored, reply_to=msg.message_id)
 
     # ---- delivery reports from the adapters ---------------------------------------------
     async def delivered(self, out: Outgoing, platform_message_id: str | None) -> None:
         if out.stored_id is not None:
-            await self.conversations.set_status(out.stored_id, "ok", platform_message_id=platform_message_id)
+            await self.writes.run(f"delivery of reply {out.stored_id}", lambda: self.conversations.set_status(
+                out.stored_id, "ok", platform_message_id=platform_message_id))
 
     async def failed(self, out: Outgoing) -> None:
         if out.stored_id is not None:
-            await self.conversations.set_status(out.stored_id, "failed")
+            await self.writes.run(f"failure of reply {out.stored_id}",
+                                  lambda: self.conversations.set_status(out.stored_id, "failed"))
+
+    async def recover_pending(self, platform: str, send) -> tuple[int, int]:
+        """Replies left 'pending' by a process that died mid-send: resent through
+        `send(chat_id, thread_id, out)` when younger than [chat] resend_pending_minutes,
+        else marked failed. Returns (resent, failed); `send` marks each delivered or failed."""
+        max_age = self.config.chat.resend_pending_minutes * 60
+        resent = dropped = 0
+        for pending in await self.conversations.pending_replies(platform):
+            if time.time() - pending.created_at <= max_age:
+                out = Outgoing(pending.text, stored_id=pending.id, reply_to=pending.reply_to_platform_id)
+                await send(pending.platform_chat_id, pending.thread_id, out)
+                resent += 1
+            else:
+                await self.conversations.set_status(pending.id, "failed")
+                dropped += 1
+        if resent or dropped:
+            log.warning("%s: %d reply(ies) left pending by the last run: %d resent, %d too old and marked failed",
+                        platform, resent + dropped, resent, dropped)
+        return resent, dropped
 
     # ---- commands ---------------------------------------------------------------
     async def command(self, name: str, args: list[str], msg: Incoming) -> list[Outgoing]:
+        """Run a command; commands count toward the sender's rate limit like messages do."""
         spec = BY_NAME.get(name)
+        handler = self.user_commands.get(name)
+        if spec is None and handler is None and not (msg.is_private or msg.mentions_bot):
+            return []             # someone else's command in a group: not ours, costs nothing
+        verdict = self.limiter.check((msg.platform, msg.user_id))
+        if not verdict.allowed:
+            notice = self._slow_down(msg, verdict)
+            return [notice] if notice is not None else []
         if spec is not None and spec.admin:
             return await self.admin.handle(name, args, msg)
-        handler = self.user_commands.get(name)
         if handler is not None:
-            return await handler(name, msg)
-        if msg.is_private or msg.mentions_bot:
-            return [Outgoing(f"I don't know the command /{name}. Try /help.")]
-        return []
+            return await self.writes.run(f"command /{name}", lambda: handler(name, msg))
+        shown = name[:UNKNOWN_NAME_CHARS] + ("…" if len(name) > UNKNOWN_NAME_CHARS else "")
+        return [Outgoing(f"I don't know the command /{shown}. Try /help.")]
 
     async def _chat_id(self, msg: Incoming) -> int:
         return await self.conversations.chat(msg.platform, msg.chat_id, thread_id=msg.thread_id,
@@ -210,11 +274,13 @@ class ChatService:
         return [Outgoing("Fresh start! I've put our earlier conversation out of mind.")]
 
     async def _forget(self, name: str, msg: Incoming) -> list[Outgoing]:
+        if msg.anonymous:   # the id is the group's: it would delete every anonymous admin's messages
+            return [Outgoing(ANONYMOUS_FORGET_TEXT, ephemeral=True)]
         deleted = await self.conversations.forget_user(msg.platform, msg.user_id)
         learning = self.admin.learning
         if learning is None:
             return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
-                             ephemeral=True)]
+                             ephemeral=True, private=True)]
         try:
             model = await learning.trust.forgot(msg.platform, msg.user_id)
         except Exception:
@@ -222,7 +288,7 @@ class ChatService:
             model = ("I could not yet retire the model versions that learned from them; the admins can see "
                      "this in the log, and the next run will not use your messages.")
         return [Outgoing(f"Done: I deleted {deleted} of your messages; they will never be used for training. {model}",
-                         ephemeral=True)]
+                         ephemeral=True, private=True)]
 
     async def _persona(self, name: str, msg: Incoming) -> list[Outgoing]:
         """/persona shows the chat's persona, /persona <text> sets it, /persona reset clears it.

@@ -4,12 +4,35 @@
 break (blank line), then a line break, then the end of a sentence, then a space; only a
 single unbroken run longer than `limit` is cut mid-word. Parts are never empty and never
 longer than `limit`; the whitespace at a cut is dropped, everything else is kept in order.
+
+Length is measured by `measure` (default: code points). Telegram counts UTF-16 code units,
+where an emoji outside the BMP counts 2: pass `measure=utf16_len` there. Cuts always fall
+between code points, so a surrogate pair is never split.
 """
 from __future__ import annotations
 
 import re
 
-__all__ = ["split_message"]
+__all__ = ["split_message", "utf16_len"]
+
+
+def utf16_len(text: str) -> int:
+    """Length in UTF-16 code units, the way Telegram counts a message's length."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def _fit(text: str, limit: int, measure) -> int:
+    """How many leading code points of text measure at most `limit`."""
+    if measure is len:
+        return min(limit, len(text))
+    lo, hi = 0, min(len(text), limit)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if measure(text[:mid]) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 # Where a part may end, best first. The separator is group 1 when the pattern has one,
 # else the whole match; the part ends before it and the next part starts after it.
@@ -36,22 +59,23 @@ def _cut(window: str, limit: int) -> tuple[int, int] | None:
     return None
 
 
-def split_message(text: str, limit: int) -> list[str]:
-    """Split text into parts of at most `limit` characters on paragraph, line, sentence or
-    word boundaries (in that order of preference). Returns [] for empty/blank text."""
+def split_message(text: str, limit: int, measure=len) -> list[str]:
+    """Split text into parts of at most `limit` (as `measure` counts) on paragraph, line,
+    sentence or word boundaries (in that order of preference). Returns [] for empty/blank text."""
     if limit < 1:
         raise ValueError("limit must be at least 1")
     text = text.strip()
     parts: list[str] = []
     while text:
-        if len(text) <= limit:
+        if measure(text) <= limit:
             parts.append(text)
             break
+        fit = max(1, _fit(text, limit, measure))     # code points that fit (at least one)
         # Look one character past the limit so a separator right at the limit counts.
-        window = text[: limit + 1]
-        cut = _cut(window, limit)
+        window = text[: fit + 1]
+        cut = _cut(window, fit)
         if cut is None:
-            end, start = limit, limit               # one long unbroken run: hard cut
+            end, start = fit, fit                   # one long unbroken run: hard cut
         else:
             end, start = cut
             # A separator regex may stop at the window's end; skip the rest of the

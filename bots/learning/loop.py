@@ -437,14 +437,16 @@ class Learning:
     # ---- admin commands (after bots/chat/admin.py's ACL and audit) -----------------------------
     async def command_retrain(self, args: list[str], msg: Incoming) -> list[Outgoing]:
         who = f"{msg.platform}:{msg.user_id}" + (f" ({msg.user_name})" if msg.user_name else "")
+        privately = msg.platform == "telegram" and not msg.is_private   # admin output: to the admin's private chat
+        target = (msg.platform, str(msg.user_id), "") if privately else (msg.platform, str(msg.chat_id), msg.thread_id)
         try:
-            run_id = await self.start_run(who, force=True,
-                                          notify_to=[(msg.platform, str(msg.chat_id), msg.thread_id or "")])
+            run_id = await self.start_run(who, force=True, notify_to=[target])
         except AlreadyRunning as exc:
             since = exc.holder.get("since")
             ago = f", started {report.duration(time.time() - since)} ago" if since else ""
             return [Outgoing(f"Not started: {exc}{ago}. /status shows its progress.", ephemeral=True)]
-        return [Outgoing(f"Retrain started: run #{run_id}. I'll post the result here when it ends "
+        where = "to you privately" if privately else "here"
+        return [Outgoing(f"Retrain started: run #{run_id}. I'll post the result {where} when it ends "
                          f"(training is capped at {self.lc.max_minutes:g} min, evaluation comes on top).",
                          ephemeral=True)]
 

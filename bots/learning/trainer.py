@@ -140,8 +140,19 @@ def _project_root() -> str:
     return str(Path(engine.__file__).resolve().parent.parent)
 
 
+_SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "APIKEY", "CREDENTIAL")
+
+
+def child_environment(parent: dict[str, str]) -> dict[str, str]:
+    """The trainer's environment: the parent's minus anything secret-looking.
+
+    The child only reads job files and writes weights; it never talks to Telegram or
+    Discord, so a crash dump or a stray subprocess of it must not carry the bot tokens."""
+    return {k: v for k, v in parent.items() if not any(m in k.upper() for m in _SECRET_MARKERS)}
+
+
 async def _spawn(folder: Path, threads: int, job: FinetuneJob):
-    env = dict(os.environ)
+    env = child_environment(dict(os.environ))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), env.get("PYTHONPATH", "")) if p)
     if threads > 0:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)

@@ -9,13 +9,16 @@ never goes looking for the loop itself.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from bots.chat.events import Outgoing
 
 
 class Platform(ABC):
     name: ClassVar[str]      # "telegram", "discord", "console": the Incoming.platform it produces
+    # Set by the runner before start(): called with a reason when the platform cannot go on
+    # (e.g. a second instance polls the same Telegram token) and the process should stop.
+    on_fatal: Callable[[str], None] | None = None
 
     @abstractmethod
     async def start(self) -> None:

@@ -43,6 +43,11 @@ def new_id() -> int:
     return next(_ids)
 
 
+def snowflake_at(when: datetime.datetime) -> int:
+    """A fresh message id whose timestamp is `when` (Discord ids are time-ordered)."""
+    return ((int(when.timestamp() * 1000) - 1420070400000) << 22) + next(_ids) % (1 << 22)
+
+
 def user_payload(user_id: int, name: str, *, bot: bool = False) -> dict:
     return {"id": str(user_id), "username": name, "discriminator": "0", "global_name": None,
             "avatar": None, "bot": bot}
@@ -71,6 +76,10 @@ class FakeDiscord:
         self.messages: dict[str, dict] = {}        # message id -> the bot's channel message as it reads now
         self.edits: list[dict] = []                # PATCHes of the bot's messages (payload + message_id + at)
         self.events = asyncio.Event()              # set whenever something is recorded
+        self.history: dict[str, list[dict]] = {}   # channel id -> every user message posted there, oldest first
+        self.dm_channels: dict[str, dict] = {}     # DM channel id -> channel payload
+        self.gateway_down = False                  # the gateway refuses connections (503)
+        self.sessions = 0                          # READYs sent (a failed resume makes a new one)
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
         self._runner: web.AppRunner | None = None
@@ -139,6 +148,7 @@ class FakeDiscord:
         if request.headers.get("Authorization") not in (f"Bot {self.token}", None):
             return _json({"message": "401: Unauthorized", "code": 0}, 401)
         payload = await self._payload(request) if request.can_read_body else None
+        self._query = dict(request.query)
         try:
             return await self._route(method, path, payload)
         finally:
@@ -159,6 +169,20 @@ class FakeDiscord:
         if m := re.fullmatch(r"/channels/(\d+)/typing", path):
             self.typing.append(m.group(1))
             return web.Response(status=204)
+        if (m := re.fullmatch(r"/channels/(\d+)/messages", path)) and method == "GET":
+            after, limit = int(self._query.get("after", 0)), int(self._query.get("limit", 50))
+            newer = [d for d in self.history.get(m.group(1), []) if int(d["id"]) > after][:limit]
+            return _json(list(reversed(newer)))       # like Discord: newest first
+        if (m := re.fullmatch(r"/channels/(\d+)", path)) and method == "GET":
+            if m.group(1) in self.dm_channels:
+                return _json(self.dm_channels[m.group(1)])
+            return _json({"message": "Unknown Channel", "code": 10003}, 404)
+        if (method, path) == ("POST", "/users/@me/channels"):
+            user_id = str(payload["recipient_id"])
+            dm = next((c for c in self.dm_channels.values() if c["recipients"][0]["id"] == user_id), None)
+            if dm is None:
+                dm = self.dm_channel(new_id(), int(user_id))
+            return _json(dm)
         if m := re.fullmatch(r"/channels/(\d+)/messages", path):
             if m.group(1) in self.forbidden:
                 return _json({"message": "Missing Permissions", "code": 50013}, 403)
@@ -191,7 +215,16 @@ class FakeDiscord:
         return _json({"message": f"fake Discord has no {method} {path}", "code": 0}, 404)
 
     # ---- gateway --------------------------------------------------------------------
+    async def drop_gateway(self, *, down: bool) -> None:
+        """The connection drops (close code 4000: discord.py tries to resume); with `down`, the
+        gateway then refuses connections until `gateway_down` is cleared."""
+        self.gateway_down = down
+        if self._ws is not None and not self._ws.closed:
+            await self._ws.close(code=4000, message=b"Unknown error")
+
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        if self.gateway_down:
+            return web.Response(status=503)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self._ws = ws
@@ -200,6 +233,8 @@ class FakeDiscord:
             data = json.loads(msg.data)
             if data["op"] == 1:
                 await ws.send_str(json.dumps({"op": 11, "d": None}))
+            elif data["op"] == 6:                     # RESUME: this fake keeps no sessions
+                await ws.send_str(json.dumps({"op": 9, "d": False, "s": None, "t": None}))
             elif data["op"] == 2:
                 identify = dict(data["d"])
                 token = identify.pop("token")
@@ -218,6 +253,7 @@ class FakeDiscord:
         await self._ws.send_str(json.dumps({"op": 0, "t": event, "s": self._seq, "d": data}))
 
     async def _ready(self) -> None:
+        self.sessions += 1
         await self.dispatch("READY", {
             "v": 10, "user": BOT_USER, "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
             "session_id": "fake-session", "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
@@ -248,11 +284,20 @@ class FakeDiscord:
         })
 
     # ---- what a user does -------------------------------------------------------------
-    async def user_message(self, content: str, *, user_id: int, name: str = "alice", channel_id: int = CHANNEL_ID,
-                           guild: bool = True, mentions: list[dict] | None = None, bot: bool = False,
-                           roles: list[int] | None = None) -> int:
-        message_id = new_id()
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    def dm_channel(self, channel_id: int, user_id: int, name: str = "alice") -> dict:
+        """A DM channel between the bot and a user (GET /channels/{id} answers it)."""
+        channel = {"id": str(channel_id), "type": 1, "last_message_id": None,
+                   "recipients": [user_payload(user_id, name)]}
+        self.dm_channels[str(channel_id)] = channel
+        return channel
+
+    def message_data(self, content: str, *, user_id: int, name: str = "alice", channel_id: int = CHANNEL_ID,
+                     guild: bool = True, mentions: list[dict] | None = None, bot: bool = False,
+                     roles: list[int] | None = None, minutes_ago: float = 0.0) -> dict:
+        """A user's message as Discord records it (also kept in the channel's history)."""
+        when = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=minutes_ago)
+        message_id = snowflake_at(when)
+        now = when.isoformat()
         data = {"id": str(message_id), "channel_id": str(channel_id), "author": user_payload(user_id, name, bot=bot),
                 "content": content, "timestamp": now, "edited_timestamp": None, "tts": False,
                 "mention_everyone": False, "mentions": mentions or [], "mention_roles": [], "attachments": [],
@@ -261,8 +306,18 @@ class FakeDiscord:
             data["guild_id"] = str(GUILD_ID)
             data["member"] = {"roles": [str(r) for r in roles or []], "joined_at": now, "deaf": False,
                               "mute": False, "flags": 0}
+        self.history.setdefault(str(channel_id), []).append(data)
+        self.history[str(channel_id)].sort(key=lambda d: int(d["id"]))
+        return data
+
+    def sent_while_offline(self, content: str, **options) -> int:
+        """A message posted while the bot is not connected: in the history, never dispatched."""
+        return int(self.message_data(content, **options)["id"])
+
+    async def user_message(self, content: str, **options) -> int:
+        data = self.message_data(content, **options)
         await self.dispatch("MESSAGE_CREATE", data)
-        return message_id
+        return int(data["id"])
 
     async def slash_command(self, name: str, *, user_id: int, options: list[dict] | None = None,
                             channel_id: int = CHANNEL_ID, channel_type: int = 0,

@@ -70,7 +70,11 @@ class FakeTelegram:
         self._next_message_id = 1
         self._changed: asyncio.Condition | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self.port = 0
+        self.offline = False                   # go_offline(): connections refused, open ones dropped
+        self.exclusive_polling = False         # like Telegram: a new getUpdates ends the waiting one with 409
+        self._poll_generation = 0
 
     # ---- server -----------------------------------------------------------------------
     async def start(self) -> "FakeTelegram":
@@ -80,10 +84,21 @@ class FakeTelegram:
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await self._site.start()
+        self.port = self._site._server.sockets[0].getsockname()[1]
         return self
+
+    async def go_offline(self) -> None:
+        """The Bot API becomes unreachable: new connections are refused, open ones dropped."""
+        self.offline = True
+        await self._site.stop()
+        await self._notify()            # waiting long polls wake up and drop their connection
+
+    async def go_online(self) -> None:
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await self._site.start()
+        self.offline = False
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -112,10 +127,17 @@ class FakeTelegram:
         return params
 
     async def _handle(self, request: web.Request) -> web.Response:
+        if self.offline:                # a kept-alive connection from before: cut it
+            request.transport.abort()
+            raise asyncio.CancelledError
         try:
-            return await self._answer(request)
+            response = await self._answer(request)
         finally:
             await self._notify()    # whoever waits on what happened looks again
+        if self.offline:
+            request.transport.abort()
+            raise asyncio.CancelledError
+        return response
 
     async def _answer(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
@@ -187,15 +209,24 @@ class FakeTelegram:
         for hook in list(self.get_updates_hooks):
             hook(offset)
 
+        self._poll_generation += 1
+        generation = self._poll_generation
+        if self.exclusive_polling:
+            await self._notify()        # the request this one supersedes answers 409 now
+
         def ready():
-            return [u for u in self.updates if u["update_id"] >= offset][:limit]
+            superseded = self.exclusive_polling and generation != self._poll_generation
+            return superseded or self.offline or [u for u in self.updates if u["update_id"] >= offset][:limit]
 
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(ready), timeout)
             except TimeoutError:
                 pass
-        batch = ready()
+        if self.exclusive_polling and generation != self._poll_generation:
+            raise _ApiError(409, "Conflict: terminated by other getUpdates request; make sure that only one "
+                                 "bot instance is running")
+        batch = [u for u in self.updates if u["update_id"] >= offset][:limit]
         self.served.update(u["update_id"] for u in batch)
         return batch
 

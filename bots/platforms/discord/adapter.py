@@ -28,6 +28,7 @@ from discord.ext import commands
 
 from bots.chat.events import Outgoing, PlatformStartError
 from bots.platforms.base import Platform
+from bots.platforms.discord.catchup import catch_up
 from bots.platforms.discord.cog import NO_MENTIONS, ChatCog
 from bots.platforms.discord.reactions import FeedbackCog
 from bots.platforms.discord.slash import slash_commands
@@ -101,6 +102,7 @@ class MynahBot(commands.Bot):
         log.info("connected to Discord as %s (id %s) in %d servers", self.user, self.user.id if self.user else "?",
                  len(self.guilds))
         self.adapter.ready.set()
+        self.adapter.on_session()
 
 
 class ShardedMynahBot(MynahBot, commands.AutoShardedBot):
@@ -138,6 +140,8 @@ class DiscordAdapter(Platform):
         self.ready = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._session_task: asyncio.Task | None = None
+        self._recovered = False         # replies left pending by the last run: dealt with once
 
     def __repr__(self) -> str:  # never show the token
         return f"<DiscordAdapter ready={self.ready.is_set()}>"
@@ -206,9 +210,42 @@ class DiscordAdapter(Platform):
         channel = self.bot.get_channel(target) or await self.bot.fetch_channel(target)
         await self.send(channel, out)
 
+    # ---- after (re)connecting ----------------------------------------------------------
+    def on_session(self) -> None:
+        """A fresh gateway session (start-up, or a resume that failed): the gateway will not
+        replay what this bot missed, so resend the replies a crash left pending (once) and
+        catch up on the channel histories (bots/platforms/discord/catchup.py)."""
+        if self._session_task is not None and not self._session_task.done():
+            return
+        self._session_task = asyncio.create_task(self._after_connect(), name="mynah-discord-catch-up")
+
+    async def _after_connect(self) -> None:
+        try:
+            if not self._recovered:
+                self._recovered = True
+                await self.chat.recover_pending("discord", self._resend)
+            await catch_up(self.bot, self.cog, self.app.conversations, self.app.config.discord.catch_up_minutes)
+        except Exception:
+            log.exception("discord: catching up after connecting failed")
+
+    async def _resend(self, chat_id: str, thread_id: str, out: Outgoing) -> None:
+        target = int(thread_id or chat_id)
+        channel = self.bot.get_channel(target) or await self.bot.fetch_channel(target)
+        quote = None
+        if out.reply_to and getattr(channel, "guild", None) is not None:
+            quote = channel.get_partial_message(int(out.reply_to))
+        await self.send(channel, out, reply_to=quote)
+
+    async def wait_caught_up(self, timeout: float = 30.0) -> None:
+        """Until the work after the latest connect is done (tests)."""
+        if self._session_task is not None:
+            await asyncio.wait_for(asyncio.shield(self._session_task), timeout)
+
     async def stop(self) -> None:
         """Stop taking messages, let replies in flight finish, then disconnect."""
         self._stopping = True
+        if self._session_task is not None and not self._session_task.done():
+            self._session_task.cancel()
         cog = self.cog
         if cog is not None:
             await cog.drain(self.drain_timeout)

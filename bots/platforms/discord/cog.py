@@ -9,6 +9,7 @@ thread, whose own id is the thread_id, so a thread keeps its own context).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -26,6 +27,9 @@ from bots.chat.streaming import StreamedMessage
 log = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 2000  # Discord's limit on message content, in characters
+CLAIMED_MAX = 10_000  # message ids remembered as handled (catch-up and live delivery may overlap)
+PRIVATELY_TEXT = "I've sent you the answer in a DM."
+NO_DM_TEXT = "That answer is for you only, but I can't DM you: allow DMs from server members, or use the slash command."
 NO_MENTIONS = discord.AllowedMentions.none()  # generated text must never ping anyone
 
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
@@ -112,11 +116,25 @@ class ChatCog(commands.Cog, name="Mynah"):
         self.defer_after = defer_after        # slash commands slower than this are deferred
         self.stream_edit_seconds = stream_edit_seconds  # None: replies are sent whole ([chat] stream = false)
         self._inflight: set[asyncio.Task] = set()
+        self._claimed: collections.OrderedDict[int, None] = collections.OrderedDict()   # message ids taken
+
+    def claim(self, message_id: int) -> bool:
+        """True the first time a message id is seen: live delivery and catch-up may overlap."""
+        if message_id in self._claimed:
+            return False
+        self._claimed[message_id] = None
+        while len(self._claimed) > CLAIMED_MAX:
+            self._claimed.popitem(last=False)
+        return True
 
     # ---- messages ---------------------------------------------------------------------
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if self.stopping() or self.ignored(message):
+        await self.receive(message)
+
+    async def receive(self, message: discord.Message) -> None:
+        """A message from the gateway or from catch-up: handled once, tracked until answered."""
+        if self.stopping() or self.ignored(message) or not self.claim(message.id):
             return
         task = asyncio.current_task()
         self._inflight.add(task)
@@ -173,7 +191,22 @@ class ChatCog(commands.Cog, name="Mynah"):
                 await self.finish_stream(stream, out)
                 stream = None
                 continue
-            await self.send(message.channel, out, reply_to=quote)
+            if out.private and not msg.is_private:
+                await self.send_privately(message, out)
+            else:
+                await self.send(message.channel, out, reply_to=quote)
+
+    async def send_privately(self, message: discord.Message, out: Outgoing) -> None:
+        """Admin output (and other answers for one person) asked for in a channel: to the
+        author's DMs, with a short note in the channel."""
+        try:
+            dm = message.author.dm_channel or await message.author.create_dm()
+            sent = await self.send(dm, out)
+        except discord.HTTPException as exc:
+            log.info("could not open a DM with %s: %s", message.author.id, exc)
+            sent = []
+        note = PRIVATELY_TEXT if sent else NO_DM_TEXT
+        await self.send(message.channel, Outgoing(note), reply_to=message)
 
     async def finish_stream(self, stream: "DiscordStream", out: Outgoing) -> None:
         """The streamed message becomes the whole reply (or the apology); then it is marked

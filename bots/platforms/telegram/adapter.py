@@ -33,21 +33,22 @@ from urllib.parse import urlsplit
 
 from telegram import BotCommand, BotCommandScopeChat, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, MessageLimit
-from telegram.error import (BadRequest, ChatMigrated, InvalidToken, NetworkError, RetryAfter, TelegramError,
-                            TimedOut)
+from telegram.error import (BadRequest, ChatMigrated, Conflict, InvalidToken, NetworkError, RetryAfter,
+                            TelegramError, TimedOut)
 from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, CommandHandler, ContextTypes,
                           MessageHandler, filters)
 from telegram.request import HTTPXRequest
 
 from bots.chat.commands import commands_for, parse_command
 from bots.chat.events import GROUP_ADMIN_COMMANDS, Incoming, Outgoing, PlatformStartError
-from bots.chat.splitting import split_message
+from bots.chat.splitting import split_message, utf16_len
 from bots.platforms.base import Platform
 from bots.platforms.redaction import redact, register_secret, register_token
 from bots.platforms.telegram.delivery import AckGatedBot, DeliveryTracker, TrackingUpdateProcessor
 from bots.platforms.telegram.incoming import PLATFORM, to_incoming
 from bots.platforms.telegram.streaming import TelegramStream
 from bots.platforms.telegram import reactions
+from bots.platforms.telegram.webhook import WebhookServer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ TYPING_EVERY_S = 4.0                               # "typing…" shows for ~5 s
 ALLOWED_UPDATES = [Update.MESSAGE, *reactions.UPDATES]   # + feedback; edits, channel posts etc. are not ours
 TOKEN_LABEL = "<TELEGRAM_BOT_TOKEN>"
 CHAT_ADMIN_TTL_S = 60.0                            # how long a getChatMember answer is trusted
+PRIVATELY_TEXT = "I've sent you the answer in a private chat."
+NO_PRIVATE_CHAT_TEXT = ("That answer is for you only, but I can't message you privately yet: open a private chat "
+                        "with me, press Start, then ask again.")
 
 
 def _retry_seconds(exc: RetryAfter) -> float:
@@ -82,8 +86,9 @@ def api_urls(base_url: str) -> tuple[str, str, str]:
 class TelegramAdapter(Platform):
     name = PLATFORM
 
-    def __init__(self, app, token: str, *, poll_timeout: float = 30.0, ack_timeout: float = 30.0,
-                 send_attempts: int = 6, retry_delay: float = 1.0, max_concurrent_updates: int = 256):
+    def __init__(self, app, token: str, *, poll_timeout: float = 30.0, ack_warn_every: float = 30.0,
+                 send_attempts: int = 6, retry_delay: float = 1.0, max_concurrent_updates: int = 256,
+                 newcomer_s: float = 60.0):
         self.app = app
         self.chat = app.chat
         self.config = app.config.telegram
@@ -93,7 +98,12 @@ class TelegramAdapter(Platform):
         self.send_attempts = send_attempts
         self.retry_delay = retry_delay              # first back-off after a network error
         self.max_concurrent_updates = max_concurrent_updates
-        self.tracker = DeliveryTracker(ack_timeout)
+        self.tracker = DeliveryTracker(ack_warn_every)
+        self.newcomer_s = newcomer_s                # a 409 this soon after starting: we are the second instance
+        self.on_fatal = None                        # runner: called with the reason when we must stop
+        self.conflict: str | None = None            # set once a 409 Conflict made this instance stop
+        self._polling_since = 0.0
+        self._webhook: WebhookServer | None = None
         self.api_root, self._api_url, self._file_url = api_urls(self.config.base_url)
         self.application: Application | None = None
         self._requests: tuple[HTTPXRequest, ...] = ()
@@ -159,6 +169,7 @@ class TelegramAdapter(Platform):
             if self.config.mode == "webhook":
                 await self._start_webhook()
             else:
+                self._polling_since = asyncio.get_running_loop().time()
                 await application.updater.start_polling(
                     timeout=self.poll_timeout, allowed_updates=ALLOWED_UPDATES,
                     drop_pending_updates=False, error_callback=self._on_polling_error)
@@ -168,15 +179,35 @@ class TelegramAdapter(Platform):
                 raise PlatformStartError(f"Telegram would not start: {redact(exc)}") from None
             raise
         log.info("telegram: %s", "webhook listening" if self.config.mode == "webhook" else "polling for updates")
+        application.create_task(self._recover_pending(), name="telegram:recover-pending")
+
+    async def _recover_pending(self) -> None:
+        """Replies a crash left 'pending': resend the recent ones, mark the rest failed."""
+        async def resend(chat_id: str, thread_id: str, out: Outgoing) -> None:
+            await self.send(int(chat_id), out, thread_id=int(thread_id) if thread_id else None,
+                            reply_to=int(out.reply_to) if out.reply_to else None)
+
+        try:
+            await self.chat.recover_pending(PLATFORM, resend)
+        except Exception:
+            log.exception("telegram: could not recover the replies left pending by the last run")
 
     async def stop(self) -> None:
         """Stop fetching updates, let running handlers finish their replies, shut down."""
         application = self.application
         if application is None:
             return
+        self.tracker.close()                          # the last acknowledgement waits for nothing
         try:
+            if self._webhook is not None:
+                await self._webhook.stop()            # unstored updates got no 200: Telegram keeps them
+                self._webhook = None
             if application.updater is not None and application.updater.running:
                 await application.updater.stop()      # acknowledges what is stored, fetches no more
+            if self.tracker.unstored:                 # storage is still down: give those back to Telegram
+                log.warning("telegram: stopping with %d update(s) not stored; Telegram delivers them again "
+                            "at the next start", self.tracker.unstored)
+                self.chat.writes.abandon()
         finally:
             try:
                 if application.running:
@@ -200,17 +231,21 @@ class TelegramAdapter(Platform):
     async def _start_webhook(self) -> None:
         url = self.config.webhook_url
         path = urlsplit(url).path.lstrip("/")
-        # A fresh secret per start: Telegram sends it back in a header and PTB rejects any
-        # request without it, so only Telegram can post updates to us.
+        # A fresh secret per start: Telegram sends it back in a header and the server rejects
+        # any request without it, so only Telegram can post updates to us.
         secret = secrets.token_urlsafe(32)
         register_secret(secret, "<TELEGRAM_WEBHOOK_SECRET>")
+        # Our own server (telegram/webhook.py): it answers 200 only once the message is stored.
+        server = WebhookServer(self.application, self.tracker, secret=secret, path=path,
+                               listen=self.config.webhook_listen, port=self.config.webhook_port)
         try:
-            await self.application.updater.start_webhook(
-                listen=self.config.webhook_listen, port=self.config.webhook_port, url_path=path,
-                webhook_url=url, secret_token=secret, allowed_updates=ALLOWED_UPDATES,
-                drop_pending_updates=False)
-        except RuntimeError as exc:  # e.g. the webhooks extra (tornado) is missing
-            raise PlatformStartError(f"cannot start the Telegram webhook: {redact(exc)}") from None
+            await server.start()
+        except OSError as exc:
+            raise PlatformStartError(f"cannot listen for the Telegram webhook on {self.config.webhook_listen}:"
+                                     f"{self.config.webhook_port}: {exc}") from None
+        self._webhook = server
+        await self.application.bot.set_webhook(url, secret_token=secret, allowed_updates=ALLOWED_UPDATES,
+                                               drop_pending_updates=False)
 
     async def _register_commands(self) -> None:
         bot = self.application.bot
@@ -265,7 +300,17 @@ class TelegramAdapter(Platform):
                 await self.finish_stream(stream, out)
                 stream = None
                 continue
-            await self.send(message.chat_id, out, thread_id=thread, reply_to=self._quote(incoming, out))
+            if out.private and not incoming.is_private and not incoming.anonymous:
+                await self._send_privately(message.chat_id, incoming, out, thread)
+            else:
+                await self.send(message.chat_id, out, thread_id=thread, reply_to=self._quote(incoming, out))
+
+    async def _send_privately(self, group_id: int, incoming: Incoming, out: Outgoing, thread: int | None) -> None:
+        """Admin output and other answers for one person: to their private chat, with a short
+        note in the group (or how to make that possible, when they never started the bot)."""
+        sent = await self.send(int(incoming.user_id), out)
+        note = Outgoing(PRIVATELY_TEXT if sent else NO_PRIVATE_CHAT_TEXT, reply_to=incoming.message_id)
+        await self.send(group_id, note, thread_id=thread, reply_to=int(incoming.message_id))
 
     async def finish_stream(self, stream: TelegramStream, out: Outgoing) -> None:
         """The streamed message becomes the whole reply (or the apology, if generation failed
@@ -337,10 +382,11 @@ class TelegramAdapter(Platform):
         sent: list[int] = []
         quote = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to else None
         target = {"chat_id": chat_id, "message_thread_id": thread_id}
-        parts = split_message(out.text, TEXT_LIMIT)
+        parts = split_message(out.text, TEXT_LIMIT, utf16_len)   # Telegram counts UTF-16 code units
         try:
             if out.image is not None:
-                caption = parts.pop(0) if parts and len(parts[0]) <= CAPTION_LIMIT and len(parts) == 1 else None
+                caption = (parts.pop(0) if parts and utf16_len(parts[0]) <= CAPTION_LIMIT and len(parts) == 1
+                           else None)
                 with open(out.image, "rb") as picture:
                     photo = picture.read()
                 message = await self._with_retries(bot.send_photo, target, photo=photo, caption=caption,
@@ -408,5 +454,29 @@ class TelegramAdapter(Platform):
         log.error("telegram: handling %s failed: %s", where, redact(context.error), exc_info=context.error)
 
     def _on_polling_error(self, exc: TelegramError) -> None:
+        if isinstance(exc, Conflict):
+            self._on_conflict(exc)
+            return
         log.warning("telegram: getUpdates failed (%s); retrying", redact(exc))
+
+    def _on_conflict(self, exc: Conflict) -> None:
+        """409: another process polls the same token. The newcomer (a conflict within
+        `newcomer_s` of starting to poll) stops, so the bot never answers twice; the instance
+        that was already running keeps going (its polls win once the newcomer is gone)."""
+        age = asyncio.get_running_loop().time() - self._polling_since
+        if age > self.newcomer_s or self.conflict is not None:
+            log.warning("telegram: 409 Conflict: another instance started polling this bot token; "
+                        "it should stop by itself (this one keeps serving)")
+            return
+        self.conflict = ("another instance is already polling this bot token (Telegram answered 409 Conflict); "
+                         "this one stops so that nobody is answered twice. Stop the other one (or use "
+                         "another token) and start again.")
+        log.error("telegram: %s", self.conflict)
+        self.application.create_task(self._stop_for_conflict(), name="telegram:conflict")
+
+    async def _stop_for_conflict(self) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(self.conflict)          # the runner stops everything, cleanly
+        elif self.application is not None and self.application.updater.running:
+            await self.application.updater.stop()
 

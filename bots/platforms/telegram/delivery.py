@@ -5,6 +5,11 @@ the next batch as soon as it has queued the last one. `AckGatedBot` holds that n
 until every fetched update is stored (the user's message is in SQLite) or fully handled,
 so a crash can lose nothing Telegram already forgot; an update that was fetched but not
 acknowledged is simply delivered again after a restart.
+
+There is no deadline: while storage is unavailable (locked by another process, disk full)
+the acknowledgement is held for as long as it takes, with a warning in the log every
+`warn_every` seconds; Telegram keeps unacknowledged updates for 24 hours. On the way out
+(`closing`), only updates below the oldest unstored one are acknowledged.
 """
 from __future__ import annotations
 
@@ -25,8 +30,11 @@ class DeliveryTracker:
     getUpdates, which acknowledges them, never forgets an unsaved message. `wait_idle()`
     waits until every fetched update is fully handled (reply sent)."""
 
-    def __init__(self, ack_timeout: float = 30.0):
-        self.ack_timeout = ack_timeout
+    def __init__(self, warn_every: float = 30.0):
+        self.warn_every = warn_every
+        self.closing = False          # set on stop: acknowledge what is stored, wait for nothing
+        self._closed = asyncio.Event()
+        self._waiters: dict[int, asyncio.Event] = {}   # update id -> set once it is stored
         self._unstored: set[int] = set()
         self._unfinished: set[int] = set()
         self._stored_all = asyncio.Event()
@@ -44,6 +52,9 @@ class DeliveryTracker:
 
     def stored(self, update_id: int) -> None:
         self._unstored.discard(update_id)
+        waiter = self._waiters.pop(update_id, None)
+        if waiter is not None:
+            waiter.set()
         if not self._unstored:
             self._stored_all.set()
 
@@ -53,13 +64,46 @@ class DeliveryTracker:
         if not self._unfinished:
             self._finished_all.set()
 
-    async def before_ack(self) -> None:
-        if self._unstored:
+    def close(self) -> None:
+        """Stopping: acknowledge only what is stored, and stop waiting for the rest."""
+        self.closing = True
+        self._closed.set()
+
+    def in_progress(self, update_id: int) -> bool:
+        return update_id in self._unfinished
+
+    async def wait_stored(self, update_id: int) -> bool:
+        """Until this update is stored (or handled): True; False when stopping first."""
+        if update_id not in self._unstored:
+            return True
+        waiter = self._waiters.setdefault(update_id, asyncio.Event())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({asyncio.ensure_future(waiter.wait()), closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        return update_id not in self._unstored
+
+    @property
+    def unstored(self) -> int:
+        return len(self._unstored)
+
+    async def before_ack(self, offset: int) -> int:
+        """The offset that is safe to send: wait until every fetched update is stored; when
+        closing, wait for nothing and confirm only the updates below the oldest unstored one."""
+        held = 0.0
+        while self._unstored and not self.closing:
             try:
-                await asyncio.wait_for(self._stored_all.wait(), self.ack_timeout)
+                await asyncio.wait_for(self._stored_all.wait(), self.warn_every)
             except TimeoutError:
-                log.warning("telegram: acknowledging %d update(s) that are still not stored after %.0f s",
-                            len(self._unstored), self.ack_timeout)
+                held += self.warn_every
+                log.warning("telegram: holding the acknowledgement of %d update(s) for %.0f s: not stored yet "
+                            "(storage unavailable?); Telegram keeps them until they are", len(self._unstored), held)
+        if held:
+            log.warning("telegram: every fetched update is stored after %.0f s; acknowledging", held)
+        if self._unstored:
+            return min(offset, min(self._unstored))
+        return offset
 
     async def wait_idle(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._finished_all.wait(), timeout)
@@ -76,7 +120,7 @@ class AckGatedBot(ExtBot):
 
     async def get_updates(self, offset: int | None = None, *args, **kwargs):
         if offset:  # a positive offset confirms every update below it
-            await self._tracker.before_ack()
+            offset = await self._tracker.before_ack(offset)
         updates = await super().get_updates(offset, *args, **kwargs)
         self._tracker.fetched(u.update_id for u in updates)
         return updates

@@ -55,6 +55,7 @@ def to_incoming(message: Message, bot: Bot, answer_all_chat_types: Collection[st
         reply_to_bot=bool(reply is not None and reply.from_user is not None and reply.from_user.id == bot.id),
         answer_all=(not private) and chat.type in answer_all_chat_types,
         kind=kind,
+        anonymous=on_behalf is not None,
     )
 
 
