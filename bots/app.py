@@ -169,7 +169,7 @@ class Mynah:
             log.warning('[generation] mmi_model is ignored with [engine] backend = "openai" (MMI scores with '
                         "a model in this process)")
         engine = build_openai_engine(config, sampling_defaults(config))
-        db = await Database.open(config.storage.path)
+        db = await Database.open(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
         conversations = Conversations(db)
         engine.start()
         try:
@@ -192,7 +192,8 @@ class Mynah:
         """Stop the learning loop (a run in flight is stopped and recorded), finish in-flight
         replies, then close the database."""
         if self.learning is not None:
-            await self.learning.canary.stop()
+            if self.learning.canary is not None:   # none with a remote backend (it needs a second local engine)
+                await self.learning.canary.stop()
             await self.learning.stop()
         await self.engine.stop()
         await self.db.close()

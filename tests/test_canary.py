@@ -4,6 +4,7 @@ tiny models in two real engines, the real chat path."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from types import SimpleNamespace
@@ -70,10 +71,13 @@ async def _start(tmp_path, tiny_dialogpt, **learning):
     return app, result.data["candidate"], active.name, run_id
 
 
+MESSAGE_IDS = itertools.count()   # every message a fresh platform id (a repeated one is a redelivery)
+
+
 async def _talk(app, chats: range, *, opted_out: set[int] = frozenset()) -> dict[int, tuple[str, str]]:
     """One message per chat through the real chat path; {chat: (version, reply platform id)}."""
     async def one(i):
-        msg = Incoming("telegram", f"c{i}", f"u{i}", "hello there", message_id=f"m{i}")
+        msg = Incoming("telegram", f"c{i}", f"u{i}", "hello there", message_id=f"m{i}-{next(MESSAGE_IDS)}")
         if i in opted_out:
             await app.chat.handle(Incoming("telegram", f"c{i}", f"u{i}", "/optout"))
         (out,) = await app.chat.handle(msg)

@@ -59,7 +59,8 @@ async def test_discord_reactions_from_bots_or_in_opted_out_chats_are_not_stored(
     first = await _bot_reply(fake, app, "hello there")
     await fake.reaction(int(first), "👍", user_id=fd.BOT_ID, bot=True)       # the bot itself
     await fake.reaction(int(first), "👍", user_id=OTHER_ID, bot=True)        # another bot
-    await fake.slash_command("optout", user_id=MEMBER_ID, permissions=fd.EVERYONE_PERMISSIONS | fd.MANAGE_MESSAGES)
+    # a moderator opts the channel out (their own messages too; the member's own consent stays)
+    await fake.slash_command("optout", user_id=fd.OWNER_ID, permissions=fd.EVERYONE_PERMISSIONS | fd.MANAGE_MESSAGES)
     await _until(lambda: db_rows(app, "SELECT 1 FROM chats WHERE consent = 0"))
     opted_out = await _bot_reply(fake, app, "still there ?")
     await fake.reaction(int(opted_out), "👎", user_id=MEMBER_ID)

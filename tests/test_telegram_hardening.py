@@ -131,7 +131,8 @@ async def test_kill_9_with_a_reply_in_flight_then_restart_resends_it(tmp_path, t
     config = tmp_path / "config.toml"
     config.write_text(
         f'[model]\npath = "{tiny_dialogpt}"\n[storage]\npath = "{db_path}"\n'
-        f'[generation]\nmax_new_tokens = 4\nseed = 1\n[telegram]\nbase_url = "{fake.base_url}"\n',
+        f'[generation]\nmax_new_tokens = 4\nseed = 1\n[telegram]\nbase_url = "{fake.base_url}"\n'
+        '[chat]\nstream = false\n',          # a whole reply in flight (a streamed one is logged when complete)
         encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT), TELEGRAM_BOT_TOKEN=TOKEN)
     env.pop("DISCORD_BOT_TOKEN", None)
