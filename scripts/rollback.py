@@ -2,11 +2,14 @@
 
 A running bot notices the new pointer within [learning] poll_seconds and hot-swaps to it
 between batches; no restart needed. The version is test-loaded first (skip with
---no-check), so the pointer never names a model that does not load.
+--no-check), so the pointer never names a model that does not load, and a version trained
+on data that /forget removed (tainted) is never served again.
 """
 from __future__ import annotations
 
+import asyncio
 import sys
+from pathlib import Path
 
 NAME = "rollback"
 HELP = "make the previous (or a given) model version active; a running bot switches within seconds"
@@ -28,16 +31,39 @@ def run(args) -> int:
         if name is None:
             raise RegistryError("there is no previous version to roll back to")
         version = registry.get(name)
-        if not args.no_check:
-            from engine.model import ModelLoadError, load_model
-
-            try:
-                load_model(version.model_path, fmt=config.model.format, device="cpu")
-            except ModelLoadError as exc:
-                raise RegistryError(f"{version.name} does not load: {exc}") from None
+        check_servable(config, version, load=not args.no_check)
         version, old = registry.rollback(version.name, "rollback by mynah rollback")
     except RegistryError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
         return 1
     print(f"active: {version.name} (was {old}); a running bot switches within {config.learning.poll_seconds:g} s")
     return 0
+
+
+def check_servable(config, version, *, load: bool = True) -> None:
+    """RegistryError unless `version` may be served: not tainted by /forget, and it loads."""
+    from engine.registry import RegistryError
+
+    if version.name in asyncio.run(tainted_versions(config.storage.path)):
+        raise RegistryError(f"{version.name} was trained on forgotten data and can never be served")
+    if load:
+        from engine.model import ModelLoadError, load_model
+
+        try:
+            load_model(version.model_path, fmt=config.model.format, device="cpu")
+        except ModelLoadError as exc:
+            raise RegistryError(f"{version.name} does not load: {exc}") from None
+
+
+async def tainted_versions(path: str) -> dict[str, str]:
+    """{version: why} of the versions /forget retired (none when there is no database yet)."""
+    if path == ":memory:" or not Path(path).exists():
+        return {}
+    from storage.db import Database
+    from storage.trust import TrustStore
+
+    db = await Database.open(path)
+    try:
+        return await TrustStore(db).tainted()
+    finally:
+        await db.close()

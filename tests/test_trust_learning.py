@@ -136,6 +136,10 @@ async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model, 
         models = (await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN,
                                                  text="/models")))[0].text
         assert "Retired and deleted after /forget (tainted): v0002" in models
+        # and no admin can serve it again
+        back = (await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN,
+                                               text="/rollback v0002")))[0].text
+        assert "forgotten data" in back and learning.registry.active_name() == served.name
         # `mynah models --json`: active, each version's name and parent, lineage and taint
         from scripts.cli import main
 

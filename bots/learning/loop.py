@@ -47,7 +47,7 @@ from bots.learning.schedule import ScheduleState, next_run_time, parse_schedule,
 from bots.learning.trust import Trust, approval_text
 from bots.learning.trainer import (RunFailed, TrainerResult, build_job, check_disk, keep_training_record, run_trainer,
                                    write_job)
-from engine.registry import FileLock, Registry, RegistryError, Version
+from engine.registry import FileLock, Registry, RegistryError, Version, parse_version
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +431,11 @@ class Learning:
         return await self.promoter.check_pointer()
 
     async def rollback(self, target: str | None = None, *, who: str = "") -> tuple[Version, str | None]:
-        """Make `target` (default: the previous version) active now and serve it."""
+        """Make `target` (default: the previous version) active now and serve it; never a
+        version /forget retired."""
+        name = parse_version(target) if target else await asyncio.to_thread(self.registry.previous)
+        if name is not None and name in await self.trust.store.tainted():
+            raise RegistryError(f"{name} was trained on forgotten data and can never be served")
         return await self.promoter.rollback(target, who=who)
 
     # ---- admin commands (after bots/chat/admin.py's ACL and audit) -----------------------------

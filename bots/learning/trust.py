@@ -108,7 +108,7 @@ class Trust:
         registry, out = self.learning.registry, []
         active = registry.active_name()
         for v in registry.versions():
-            if v.name in bad and v.name != active and v.kind == "fine-tuned":
+            if v.name in bad and v.name != active and v.kind in ("fine-tuned", "lora"):
                 with contextlib.suppress(RegistryError, OSError):
                     registry.remove(v.name)
                     out.append(v.name)
