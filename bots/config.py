@@ -50,6 +50,8 @@ class EngineConfig:
     max_queue: int = 256
     threads: int = 0
     quantize: str = "none"
+    fast_path: str = "auto"              # "auto": GPT-2-family models decode on the hand-written step; "off"
+    threads_while_training: int = 1      # torch threads while a trainer child runs (0 = leave as is)
 
 
 @dataclass
@@ -147,6 +149,7 @@ _CHOICES = {
     ("model", "device"): {"auto", "cpu", "cuda", "mps"},
     ("telegram", "mode"): {"polling", "webhook"},
     ("engine", "quantize"): {"none", "int8"},
+    ("engine", "fast_path"): {"auto", "off"},
 }
 _POSITIVE = {
     ("generation", "max_new_tokens"), ("generation", "max_history_turns"),
@@ -212,6 +215,11 @@ def _check_section(name: str, section: Any) -> None:
             raise ConfigError("[generation] min_new_tokens must not exceed max_new_tokens")
         if not 0.0 <= section.mmi_weight <= 1.0:
             raise ConfigError(f"[generation] mmi_weight must be in [0, 1], got {section.mmi_weight}")
+    if name == "engine":
+        for key in ("threads", "threads_while_training"):
+            if getattr(section, key) < 0:
+                raise ConfigError(f"[engine] {key} must be 0 (torch's default / leave as is) or more, "
+                                  f"got {getattr(section, key)}")
     if name == "telegram":
         bad = [t for t in section.answer_all_chat_types if t not in ("group", "supergroup")]
         if bad:

@@ -44,6 +44,7 @@ from bots.learning.notify import Notifier, Notifiers, ProgressListener
 from bots.learning.promote import Promoter, PromotionRefused
 from bots.learning.report import RunResult, RunStatus
 from bots.learning.schedule import ScheduleState, next_run_time, parse_schedule, start_scheduler
+from bots.learning.quiet import engine_yields_cores
 from bots.learning.trainer import RunFailed, TrainerResult, build_job, local_model_folder, run_trainer, write_job
 from engine.registry import FileLock, Registry, RegistryError, Version, folder_bytes
 
@@ -372,8 +373,9 @@ class Learning:
         forgotten = await self.conversations.forgotten_message_ids()
         await asyncio.to_thread(write_job, run.folder, job, forgotten & plan.ids)
         run.stage = "starting the trainer"
-        return await run_trainer(job, run.folder, threads=self.lc.threads, max_minutes=self.lc.max_minutes,
-                                 on_event=self._progress, on_started=lambda pid: setattr(run, "pid", pid))
+        with engine_yields_cores(self.engine, self.config.engine):
+            return await run_trainer(job, run.folder, threads=self.lc.threads, max_minutes=self.lc.max_minutes,
+                                     on_event=self._progress, on_started=lambda pid: setattr(run, "pid", pid))
 
     async def _keep_training_record(self, result: RunResult, trained: TrainerResult, folder: Path) -> None:
         """The losses and training numbers into the result; the loss curve and metrics into the run folder."""

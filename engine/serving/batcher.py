@@ -212,14 +212,19 @@ class Engine(ModelEngine):
         return banned
 
     # ---- worker thread ----------------------------------------------------------
-    def _pack(self, loaded: LoadedModel) -> None:
-        """fp32 CPU weights → oneDNN's blocked layout, once per model, in the worker thread.
+    def _make_decoder(self, loaded: LoadedModel) -> None:
+        """THE model seam: pick the decoder every forward pass of the worker goes through.
 
-        In this thread on purpose: once another thread has run torch's parallel regions, this
-        thread's steps ran ~1.5x slower on 2 cores (measured), so the worker does the
-        packing and all the model's work itself.
+        GPT-2-family models take the fast path (fastpath.FastDecoder: its fp32 weights stay
+        as they are, the plain BLAS path is quicker for 1-row steps than oneDNN's packed
+        layout); other models take transformers' forward, whose fp32 CPU weights are packed
+        for oneDNN once (quantize.pack_fp32; 1.5-2.4x its default path). In the worker thread
+        on purpose: once another thread has run torch's parallel regions, this thread's steps
+        ran ~1.5x slower on 2 cores (measured), so the worker does all the model's work itself.
         """
-        if self.pack_weights and not getattr(loaded, "packed", False) and loaded.device.type == "cpu":
+        self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id, grow_cache=self.grow_cache)
+        if self._decoder.name == "transformers" and self.pack_weights and not getattr(loaded, "packed", False) \
+                and loaded.device.type == "cpu":
             started = time.perf_counter()
             try:
                 loaded.packed = pack_fp32(loaded.model) > 0
@@ -228,14 +233,12 @@ class Engine(ModelEngine):
                 loaded.packed = False
             if loaded.packed:
                 log.info("fp32 weights packed for oneDNN in %.1f s", time.perf_counter() - started)
-        # ---- THE model seam: every forward pass of the worker goes through this decoder ----
-        self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id, grow_cache=self.grow_cache)
         log.info("decoding with the %s decoder", self._decoder.name)
 
     def _run(self) -> None:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
-        self._pack(self._loaded)
+        self._make_decoder(self._loaded)
         batch: _Batch | None = None
         with torch.inference_mode():
             while True:
@@ -260,7 +263,7 @@ class Engine(ModelEngine):
                             self._wake.wait(timeout=0.5)
                         continue
                 if swapped:  # outside the lock: reply() must not wait for this
-                    self._pack(self._loaded)
+                    self._make_decoder(self._loaded)
                     if batch is None and not admitted:
                         continue
                 try:

@@ -98,17 +98,21 @@ class StaticKV:
         self._lengths_t = None
 
     # ---- one decode step ---------------------------------------------------------------
-    def advance(self) -> tuple[tuple, torch.Tensor, int]:
+    def advance(self) -> tuple[tuple, torch.Tensor | None, int]:
         """Make room for one more token per row and account for it.
 
-        Returns (where each row's new key/value goes: an index for a (Bcap, H, Tcap, D)
-        buffer, the (B, 1, 1, T) attention mask including the new column, T).
+        Returns (where each row's new key and value go: an index into one layer's
+        (2, Bcap, H, Tcap, D) buffer taking a (B, 2, H, D) value; the (B, 1, 1, T) additive
+        attention mask including the new column, None when no row has columns to hide; T).
         """
         positions = self.lengths_tensor()  # (B,) the new token's column in each row
         columns = max(self.lengths) + 1
         self._reserve(self.rows, columns)
-        write = (torch.arange(self.rows), slice(None), positions)
+        write = (slice(None), torch.arange(self.rows), slice(None), positions)
+        mask = None
+        if min(self.lengths) + 1 < columns:
+            hide = torch.arange(columns)[None, :] > positions[:, None]  # (B, T)
+            mask = torch.zeros(hide.shape).masked_fill_(hide, float("-inf"))[:, None, None, :]
         self.lengths = [n + 1 for n in self.lengths]
         self._lengths_t = positions + 1
-        mask = torch.arange(columns)[None, :] < self._lengths_t[:, None]  # (B, T)
-        return write, mask[:, None, None, :], columns
+        return write, mask, columns

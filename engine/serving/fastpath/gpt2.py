@@ -186,20 +186,17 @@ class GPT2Step:
         H, D, E = self.n_head, self.head_dim, self.n_embd
         positions = cache.lengths_tensor()  # (B,) each row's next position = its cached length
         x = self.wte(tokens) + self.wpe(positions)  # (B, E)
-        write, mask, columns = cache.advance()  # mask: (B, 1, 1, T) bool, the new column included
+        write, mask, columns = cache.advance()  # mask: (B, 1, 1, T) additive, None when every row is full length
+        kv = cache.buffer[:, :, :B, :, :columns]  # (L, 2, B, H, T, D), a view
         for layer, block in enumerate(self.blocks):
             h = F.layer_norm(x, (E,), *block.ln1, self.eps)
             qkv = block.qkv(h).view(B, 3, H, D)
-            k_buf, v_buf = cache.layer(layer)
-            k_buf[write] = qkv[:, 1]  # each row's new column, in place
-            v_buf[write] = qkv[:, 2]
-            k = k_buf[:B, :, :columns]  # (B, H, T, D), a view
-            v = v_buf[:B, :, :columns]
-            q = qkv[:, 0].unsqueeze(2)  # (B, H, 1, D)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, D)
-            x = x + block.proj(a.reshape(B, E))
+            cache.buffer[layer][write] = qkv[:, 1:]  # keys and values of each row's new column, in place
+            k, v = kv[layer]  # (B, H, T, D) each
+            a = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v, attn_mask=mask)  # (B, H, 1, D)
+            x.add_(block.proj(a.view(B, E)))
             h = F.layer_norm(x, (E,), *block.ln2, self.eps)
-            x = x + block.fc_proj(block.fc(h))
+            x.add_(block.fc_proj(block.fc(h)))
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
