@@ -31,7 +31,7 @@ def versus_rows(results: dict) -> tuple[list[list[str]], list[dict]]:
         stag, ct_stag = runs.get("staggered"), ct.get("staggered")
         if stag and ct_stag:
             best = ct_stag["best"]
-            pairs.append((f"staggered arrivals ({stag['replies']} messages, mean gap {ct_stag["mean_gap_s"]:.3f} s), "
+            pairs.append((f"staggered arrivals ({stag['replies']} messages, mean gap {ct_stag['mean_gap_s']:.3f} s), "
                           f"p95 (CTranslate2: best window {best['window_s']:g} s)", stag["p95_s"], best["p95_s"], 1 / 1.5))
         for name, mine, theirs, limit in pairs:
             ratio = mine / theirs
