@@ -51,6 +51,7 @@ class EngineConfig:
     threads: int = 0
     quantize: str = "none"
     fast_path: str = "auto"              # "auto": GPT-2-family models decode on the hand-written step; "off"
+    backend: str = "local"               # "local": Mynah's engine; "ctranslate2": CTranslate2 (pip install mynah[bench])
     threads_while_training: int = 1      # torch threads while a trainer child runs (0 = leave as is)
 
 
@@ -150,6 +151,7 @@ _CHOICES = {
     ("telegram", "mode"): {"polling", "webhook"},
     ("engine", "quantize"): {"none", "int8"},
     ("engine", "fast_path"): {"auto", "off"},
+    ("engine", "backend"): {"local", "ctranslate2"},
 }
 _POSITIVE = {
     ("generation", "max_new_tokens"), ("generation", "max_history_turns"),

@@ -142,3 +142,60 @@ def test_static_cache_keeps_each_rows_keys_through_merge_select_and_growth():
     assert a.capacity()[1] > columns and a.lengths == [7 + columns, 7 + columns, 3 + columns]
     assert a.buffer[1, 0, 0, 0, :7, 0].tolist() == expect[2] and a.buffer[1, 0, 2, 0, :3, 0].tolist() == expect[0]
     assert mask is not None and mask.shape == (3, 1, 1, width) and torch.isinf(mask[2, 0, 0, -4:]).all()
+
+
+async def test_ctranslate2_backend_answers_and_follows_a_swap(tmp_path, tiny_dialogpt):
+    pytest.importorskip("ctranslate2")
+    import shutil
+
+    from bots.config import ConfigError, load_config
+    from engine.serving.ct2_backend import CT2Engine
+    from engine.serving.protocol import ReplyEngine
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dialogpt, folder)
+    loaded = load_model(str(folder), version="v1")
+    async with CT2Engine(loaded, SamplingParams(), precision="fp32") as engine:
+        assert isinstance(engine, ReplyEngine)
+        replies = await asyncio.gather(*[engine.reply(p, greedy(6)) for p in PROMPTS[:3]])
+        assert (folder / "ct2-float32" / "model.bin").exists()
+        expected = [hf_generate(loaded, p, 6) for p in PROMPTS[:3]]
+        assert [r.text for r in replies] == expected and all(r.model_version == "v1" for r in replies)
+        engine.swap(load_model(str(folder), version="v2"))
+        assert (await engine.reply(PROMPTS[0])).model_version == "v2"
+    assert engine.stats().replies == 4
+    (tmp_path / "bad.toml").write_text('[engine]\nbackend = "onnx"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="backend"):
+        load_config(tmp_path / "bad.toml")
+
+
+async def test_engine_changes_its_threads_in_the_worker_and_the_trainer_hook_restores_them(fp32):
+    import os
+
+    from bots.config import EngineConfig
+    from bots.learning.quiet import engine_yields_cores
+
+    async with Engine(fp32, SamplingParams(max_new_tokens=3)) as engine:
+        engine.set_threads(1)
+        await engine.reply(PROMPTS[0])
+        assert engine.threads_now == 1
+        engine.set_threads(0)  # back to the engine's own setting (0 = one per core)
+        await engine.reply(PROMPTS[0])
+        assert engine.threads_now == (os.cpu_count() or 1)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def set_threads(self, n):
+            self.calls.append(n)
+
+    engine = Recorder()
+    with pytest.raises(RuntimeError):
+        with engine_yields_cores(engine, EngineConfig(threads=2, threads_while_training=1)):
+            assert engine.calls == [1]
+            raise RuntimeError("the trainer failed")
+    assert engine.calls == [1, 2]  # restored however the run ends
+    with engine_yields_cores(engine, EngineConfig(threads_while_training=0)):
+        pass
+    assert engine.calls == [1, 2]  # 0 = leave the engine alone

@@ -90,6 +90,7 @@ class Engine(ModelEngine):
         self.fast_path = fast_path  # "auto": GPT-2-family models decode on engine.serving.fastpath; "off": transformers
         self._decoder = None  # the model seam (fastpath.FastDecoder or hf_step.HFDecoder), made in the worker
         self._threads_wanted: int | None = None  # set_threads(): applied by the worker between steps
+        self.threads_now: int | None = None  # the worker's torch threads after its last set_threads
         self._loaded = loaded
         self._pending_swap: LoadedModel | None = None
         self._prepare(loaded)
@@ -184,7 +185,8 @@ class Engine(ModelEngine):
             import os
 
             torch.set_num_threads(wanted if wanted > 0 else (self.threads or os.cpu_count() or 1))
-            log.info("engine now runs on %d torch thread(s)", torch.get_num_threads())
+            self.threads_now = torch.get_num_threads()
+            log.info("engine now runs on %d torch thread(s)", self.threads_now)
 
     def _prepare(self, loaded: LoadedModel) -> None:
         """Per-model facts the worker needs: banned ids, context limit."""
@@ -312,7 +314,8 @@ class Engine(ModelEngine):
             request.sampler = RowSampler(request.params, request.context_ids, self._banned_ids(loaded, request.params))
         unique: dict[tuple[int, ...], int] = {}
         expand = [unique.setdefault(tuple(r.context_ids), len(unique)) for r in admitted]
-        state, logits = self._decoder.prefill([list(c) for c in unique], expand)  # (B, V): the model seam
+        room = max(r.params.max_new_tokens for r in admitted)
+        state, logits = self._decoder.prefill([list(c) for c in unique], expand, room)  # (B, V): the model seam
         sampler = BatchSampler([r.sampler for r in admitted], loaded.fmt.stop_ids)
         tokens = sampler.sample(logits, [0] * len(admitted), inplace=True)
         next_input = torch.tensor(tokens, device=loaded.device)  # (B,)

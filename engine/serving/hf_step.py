@@ -69,8 +69,11 @@ class HFDecoder:
         cache = getattr(out, self.cache_kwarg, None)
         return cache if cache is not None else out.past_key_values
 
-    def prefill(self, contexts: list[list[int]], expand: list[int]) -> tuple[HFState, torch.Tensor]:
-        """The U distinct contexts in one left-padded pass; rows = expand. Returns (state, (B, V) logits)."""
+    def prefill(self, contexts: list[list[int]], expand: list[int], room: int = 0) -> tuple[HFState, torch.Tensor]:
+        """The U distinct contexts in one left-padded pass; rows = expand. Returns (state, (B, V) logits).
+
+        room (tokens still to generate) is not used: transformers' cache grows as it goes.
+        """
         width = max(len(c) for c in contexts)
         pad, device = self.pad_id, self.device
         ids = torch.tensor([[pad] * (width - len(c)) + list(c) for c in contexts], device=device)  # (U, T)

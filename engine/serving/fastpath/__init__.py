@@ -47,13 +47,14 @@ class FastDecoder:
     def __init__(self, model):
         self.step = GPT2Step(model)
 
-    def prefill(self, contexts: list[list[int]], expand: list[int]) -> tuple[FastState, torch.Tensor]:
+    def prefill(self, contexts: list[list[int]], expand: list[int], room: int = 0) -> tuple[FastState, torch.Tensor]:
         """Prefill the U distinct `contexts`; rows = expand (index into contexts per request).
 
+        room: tokens the rows may still generate (their cache columns are reserved now).
         Returns the state of len(expand) rows and their logits (B, V).
         """
         cache = self.step.new_cache()
-        cache.add_rows([len(c) for c in contexts])
+        cache.add_rows([len(c) for c in contexts], room)
         logits = self.step.prefill(contexts, cache)  # (U, V)
         if len(expand) != len(contexts) or expand != list(range(len(expand))):
             cache.select(expand)

@@ -64,9 +64,13 @@ class StaticKV:
         return self._lengths_t
 
     # ---- rows joining, leaving ---------------------------------------------------------
-    def add_rows(self, lengths: list[int]) -> None:
-        """Append rows that a prefill is about to fill with `lengths` tokens each."""
-        self._reserve(self.rows + len(lengths), max(self.lengths + list(lengths)))
+    def add_rows(self, lengths: list[int], room: int = 0) -> None:
+        """Append rows that a prefill is about to fill with `lengths` tokens each.
+
+        room: columns to reserve beyond the longest (the tokens the rows will generate), so
+        decoding them never re-allocates the buffer (a re-allocation holds two copies).
+        """
+        self._reserve(self.rows + len(lengths), max(self.lengths + list(lengths)) + room)
         self.lengths = self.lengths + list(lengths)
         self._lengths_t = None
 
@@ -91,7 +95,7 @@ class StaticKV:
         if not other.rows:
             return
         first = self.rows
-        self._reserve(first + other.rows, max(self.lengths + other.lengths))
+        self._reserve(first + other.rows, max(max(self.lengths + other.lengths), other.capacity()[1]))
         used = max(other.lengths)
         self.buffer[:, :, first:first + other.rows, :, :used] = other.buffer[:, :, :other.rows, :, :used]
         self.lengths = self.lengths + other.lengths
