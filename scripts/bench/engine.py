@@ -146,6 +146,8 @@ def run_case(case: dict) -> dict:
         result.update({"rss_peak_mb": peak_rss_mb()})
     elif kind in ("baselines", "engine"):
         precision = case.get("precision", "fp32")
+        if kind == "engine":
+            _import_the_bot()  # so the engine process holds what a running bot holds besides its model
         rss_before = rss_mb()
         loaded = load_model(case["path"], quantize="int8" if precision == "int8" else "none")
         positions = max_positions(loaded.model)
@@ -195,6 +197,18 @@ def run_case(case: dict) -> dict:
         raise ValueError(f"unknown bench case {kind!r}")
     result["loadavg_after"] = list(os.getloadavg())
     return result
+
+
+def _import_the_bot() -> None:
+    """The bot's own libraries (platform clients, scheduler, SQLite, the learning loop), as `mynah run` imports them."""
+    import importlib
+
+    for name in ("bots.app", "bots.learning.loop", "telegram.ext", "discord", "apscheduler.schedulers.asyncio",
+                 "aiosqlite"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def _arrival_runs(engine, prompts, cfg: BenchConfig, case: dict, runs: dict, measured) -> None:
@@ -297,7 +311,7 @@ def run_all(cfg: BenchConfig, progress=print) -> dict:
 def _run_isolated(case: dict) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_PROGRESS_BARS="1",
                TRANSFORMERS_VERBOSITY="error")
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the project root (this file is scripts/bench/engine.py)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", "scripts.bench.engine"], input=json.dumps(case), capture_output=True,
                           text=True, env=env, cwd=root)
