@@ -52,7 +52,7 @@ class EngineConfig:
     quantize: str = "none"
     fast_path: str = "auto"              # "auto": GPT-2-family models decode on the hand-written step; "off"
     backend: str = "local"               # "local": Mynah's engine; "ctranslate2": CTranslate2 (pip install mynah[bench])
-    threads_while_training: int = 1      # torch threads while a trainer child runs (0 = leave as is)
+    threads_while_training: int = 0      # torch threads while a trainer child runs (0 = leave as is)
 
 
 @dataclass
@@ -113,6 +113,7 @@ class LearningConfig:
     # keeping the bot responsive while it trains
     threads: int = 1
     nice: int = 10
+    pause_trainer_while_chatting: bool = True   # the trainer is stopped while the engine answers (bots/learning/quiet.py)
     max_memory_mb: int = 4096            # 0 = no limit
     min_free_disk_mb: int = 500
     # housekeeping

@@ -199,3 +199,46 @@ async def test_engine_changes_its_threads_in_the_worker_and_the_trainer_hook_res
     with engine_yields_cores(engine, EngineConfig(threads_while_training=0)):
         pass
     assert engine.calls == [1, 2]  # 0 = leave the engine alone
+
+
+async def test_trainer_child_is_paused_while_the_engine_answers(fp32):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from bots.config import EngineConfig, LearningConfig
+    from bots.learning.quiet import engine_yields_cores
+
+    def state(pid, want_stopped=None):
+        """The child's state letter; waits (≤ 1 s) for the signal to land when told what to expect."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            with open(f"/proc/{pid}/stat") as f:
+                letter = f.read().rsplit(")", 1)[1].split()[0]
+            if want_stopped is None or (letter == "T") == want_stopped or time.monotonic() > deadline:
+                return letter
+            time.sleep(0.005)
+
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("needs /proc")
+    seen = []
+    async with Engine(fp32, SamplingParams(max_new_tokens=4)) as engine:
+        child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"], start_new_session=True)
+        try:
+            with engine_yields_cores(engine, EngineConfig(), LearningConfig()) as quiet:
+                quiet.started(child.pid)
+                hook = engine._busy_hook
+                engine.set_busy_hook(lambda busy: (hook(busy), seen.append((busy, state(child.pid, busy)))))
+                await engine.reply(PROMPTS[0])
+                await asyncio.sleep(0.05)  # the worker reports idle after the reply is out
+                await engine.reply(PROMPTS[1])
+                await asyncio.sleep(0.05)
+                os.killpg(child.pid, __import__("signal").SIGSTOP)  # stopped when the run ends …
+            assert state(child.pid, False) != "T"  # … is continued: the loop never leaves a stopped trainer
+        finally:
+            child.kill()
+            child.wait()
+    assert seen == [(True, "T"), (False, seen[1][1]), (True, "T"), (False, seen[3][1])]
+    assert seen[1][1] != "T" and seen[3][1] != "T"
+    assert engine._busy_hook is None  # removed when the run ended

@@ -373,9 +373,10 @@ class Learning:
         forgotten = await self.conversations.forgotten_message_ids()
         await asyncio.to_thread(write_job, run.folder, job, forgotten & plan.ids)
         run.stage = "starting the trainer"
-        with engine_yields_cores(self.engine, self.config.engine):
+        with engine_yields_cores(self.engine, self.config.engine, self.lc) as quiet:  # chats stay fast meanwhile
             return await run_trainer(job, run.folder, threads=self.lc.threads, max_minutes=self.lc.max_minutes,
-                                     on_event=self._progress, on_started=lambda pid: setattr(run, "pid", pid))
+                                     on_event=self._progress, on_started=lambda pid: (setattr(run, "pid", pid),
+                                                                                      quiet.started(pid)))
 
     async def _keep_training_record(self, result: RunResult, trained: TrainerResult, folder: Path) -> None:
         """The losses and training numbers into the result; the loss curve and metrics into the run folder."""

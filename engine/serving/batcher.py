@@ -179,6 +179,23 @@ class Engine(ModelEngine):
             self._threads_wanted = int(threads)
             self._wake.notify()
 
+    def set_busy_hook(self, hook) -> None:
+        """Call hook(True) from the worker when it starts work after being idle, hook(False) when idle again.
+
+        The learning loop pauses its trainer child with it while chats are being answered
+        (bots.learning.quiet). None removes the hook.
+        """
+        self._busy_hook, self._busy = hook, False
+
+    def _tell_busy(self, busy: bool) -> None:
+        hook = getattr(self, "_busy_hook", None)
+        if hook is not None and busy != self._busy:
+            self._busy = busy
+            try:
+                hook(busy)
+            except Exception:  # the hook is the caller's business; serving goes on
+                log.exception("busy hook failed")
+
     def _apply_threads(self) -> None:
         wanted, self._threads_wanted = self._threads_wanted, None
         if wanted is not None:
@@ -268,6 +285,8 @@ class Engine(ModelEngine):
                     self._make_decoder(self._loaded)
                     if batch is None and not admitted:
                         continue
+                if admitted and batch is None:
+                    self._tell_busy(True)
                 try:
                     batch = self._step(batch, admitted)
                 except Exception as exc:  # a broken model must not take the bot down
@@ -277,6 +296,7 @@ class Engine(ModelEngine):
                     batch = None
                 self._active = len(batch.rows) if batch else 0
                 if batch is None and not self._queue:
+                    self._tell_busy(False)
                     release_freed_memory(collect=False)  # idle: hand the burst's KV cache and activations back to the OS
 
     def _step(self, batch: "_Batch | None", admitted: list[_Request]) -> "_Batch | None":

@@ -242,6 +242,11 @@ class MMIEngine(ModelEngine):
         if setter is not None:
             setter(threads)
 
+    def set_busy_hook(self, hook) -> None:
+        setter = getattr(self.engine, "set_busy_hook", None)
+        if setter is not None:
+            setter(hook)
+
     @property
     def version(self) -> str:
         return self.engine.version

@@ -5,8 +5,9 @@
 - staggered: messages arrive at random times (exponential gaps, seeded, the same schedule
   for both engines); each reply's latency from its arrival. Continuous batching admits a
   message at the next step; a batching server waits for a window or for a running batch;
-- while training: a lone chat's replies with a CPU-heavy child process running next to the
-  engine, niced and single-threaded like the learning loop's trainer, with the engine told
+- while training: a lone chat's replies with a child process fine-tuning the same model
+  next to the engine (AdamW on random 8 x 128-token batches: the trainer's work without its
+  data export), niced and single-threaded like the learning loop's trainer, with the engine told
   what the learning loop tells it (`set_threads([engine] threads_while_training)`), and
   once more with the engine left alone, against the same replies on a quiet machine.
 """
@@ -22,8 +23,21 @@ import time
 
 from engine.types import percentile
 
-# What the child does: dense matrix multiplies on one thread, as a fine-tuning step mostly does.
-_BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
+# What the child does: fine-tune the model on one thread, as engine.training.finetune does.
+_TRAIN = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(1)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+vocab = model.config.vocab_size
+print("ready", flush=True)
+while True:
+    ids = torch.randint(0, vocab, (8, 128))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
 
 
 def arrival_times(count: int, mean_gap_s: float, seed: int = 0) -> list[float]:
@@ -81,33 +95,45 @@ def _lone_replies(engine, prompts: list, count: int) -> list[float]:
     return asyncio.run(main())
 
 
-def _busy_child(nice: int) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", _BUSY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=(lambda: os.nice(nice)) if nice and hasattr(os, "nice") else None)
+def _busy_child(nice: int, model_path: str) -> subprocess.Popen:
+    """The trainer-like child, started and past its model load (it prints "ready")."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    child = subprocess.Popen([sys.executable, "-c", _TRAIN, model_path], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                             preexec_fn=(lambda: os.nice(nice)) if nice and hasattr(os, "nice") else None)
+    child.stdout.readline()  # "ready" (or "" if it died: the run then measures a quiet machine, see ratio)
+    time.sleep(1.0)  # a few training steps under way
+    return child
 
 
 def run_while_training(engine, prompts: list, replies: int, *, threads: int, threads_while_training: int,
-                       nice: int) -> dict:
-    """Lone replies quiet, with a busy child + set_threads (the shipped hook), and with the child alone."""
+                       nice: int, model_path: str) -> dict:
+    """Lone replies: quiet; next to a fine-tuning child paused while the engine works (the shipped
+    default, bots.learning.quiet); with the engine on `threads_while_training` threads instead;
+    with neither."""
+    from bots.learning.quiet import TrainerQuiet
+
     def stats(latencies):
         return {"p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95), "replies": len(latencies),
                 "all_s": latencies}
 
     out = {"threads": threads, "threads_while_training": threads_while_training, "nice": nice,
            "quiet": stats(_lone_replies(engine, prompts, replies))}
-    for name, hook in (("training", True), ("training_no_hook", False)):
-        child = _busy_child(nice)
+    for name in ("paused", "one_thread", "nothing"):
+        child = _busy_child(nice, model_path)
+        quiet = TrainerQuiet(engine, None, pause=name == "paused")
         try:
-            time.sleep(0.5)  # the child is up and multiplying
-            if hook:
+            quiet.started(child.pid)
+            if name == "one_thread":
                 engine.set_threads(threads_while_training)
-            out[name] = stats(_lone_replies(engine, prompts, replies if hook else max(2, replies // 3)))
+            out[name] = stats(_lone_replies(engine, prompts, replies if name != "nothing" else max(2, replies // 3)))
+            out[name]["child_alive"] = child.poll() is None
         finally:
+            quiet.ended()
             child.kill()
             child.wait()
-            if hook:
+            if name == "one_thread":
                 engine.set_threads(threads)
-    out["ratio_p95"] = out["training"]["p95_s"] / out["quiet"]["p95_s"]
-    out["ratio_p95_no_hook"] = out["training_no_hook"]["p95_s"] / out["quiet"]["p95_s"]
+    for name in ("paused", "one_thread", "nothing"):
+        out[name]["ratio_p95"] = out[name]["p95_s"] / out["quiet"]["p95_s"]
     return out

@@ -40,7 +40,7 @@ class BenchConfig:
     stagger_gap: float = 0.5         # their mean gap, × CTranslate2's lone-reply p50 (or Mynah's without it)
     stagger_windows: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0])  # CTranslate2 batching windows, s
     training_replies: int = 6        # lone replies quiet and next to a busy trainer-like child (0: skip)
-    threads_while_training: int = 1  # what the learning loop tells the engine ([engine] threads_while_training)
+    threads_while_training: int = 1  # the alternative measured next to pausing ([engine] threads_while_training)
     trainer_nice: int = 10           # [learning] nice
 
     @classmethod

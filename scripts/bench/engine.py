@@ -226,7 +226,8 @@ def _arrival_runs(engine, prompts, cfg: BenchConfig, case: dict, runs: dict, mea
             runs["staggered"] = run_staggered(engine, prompts, arrivals)
     if case.get("training") and cfg.training_replies:
         runs["training"] = run_while_training(engine, prompts, cfg.training_replies, threads=cfg.threads,
-                                              threads_while_training=cfg.threads_while_training, nice=cfg.trainer_nice)
+                                              threads_while_training=cfg.threads_while_training, nice=cfg.trainer_nice,
+                                              model_path=case["path"])
 
 
 def _ct2_case(case: dict, cfg: BenchConfig) -> dict:
