@@ -338,6 +338,15 @@ def test_bench_quick_prints_every_table(tmp_path):
                 "Mynah engine, 1 chat at once", "Mynah engine, 8 chats at once", "Mynah engine, 32 chats at once",
                 "| int8 |", "| fp32 |", "floor ms/token", "next-token agreement", "prefix reuse",
                 "context() fetch, p99", "log_message() throughput", "EXPLAIN QUERY PLAN",
-                "USING INDEX messages_chat_id", "load average"]:
+                "USING INDEX messages_chat_id", "load average", "a lone chat while the model trains",
+                "paused while the engine works (shipped default)", "chat p95 during a retrain"]:
         assert row in out, row
     assert out_json.exists()
+    try:
+        import ctranslate2  # noqa: F401  (optional: mynah[bench])
+    except ImportError:
+        assert "no CTranslate2 rows" in result.stderr
+    else:
+        for row in ["Mynah vs CTranslate2", "lone reply, p50", "8 chats at once until all answered vs one batch of 8",
+                    "CTranslate2, window 0.1 s", "Mynah engine (continuous batching)"]:
+            assert row in out, row

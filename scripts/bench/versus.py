@@ -87,7 +87,7 @@ def format_versus(results: dict, table) -> list[str]:
         lines += table(["server", "precision", "p50 s", "p95 s"], detail)
     t_rows, t_targets = training_rows(results)
     if t_rows:
-        lines += ["", "a lone chat while a trainer-like process runs (reply seconds):", ""]
+        lines += ["", "a lone chat while the model trains next to it (reply seconds):", ""]
         lines += table(["condition", "precision", "p50 s", "p95 s", "p95 × quiet"], t_rows)
     targets += t_targets
     if targets:
