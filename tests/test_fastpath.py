@@ -144,7 +144,7 @@ def test_static_cache_keeps_each_rows_keys_through_merge_select_and_growth():
     assert mask is not None and mask.shape == (3, 1, 1, width) and torch.isinf(mask[2, 0, 0, -4:]).all()
 
 
-async def test_ctranslate2_backend_answers_and_follows_a_swap(tmp_path, tiny_dialogpt):
+async def test_ctranslate2_backend_answers_and_follows_a_swap(tmp_path, tiny_dialogpt, monkeypatch):
     pytest.importorskip("ctranslate2")
     import shutil
 
@@ -154,11 +154,12 @@ async def test_ctranslate2_backend_answers_and_follows_a_swap(tmp_path, tiny_dia
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_dialogpt, folder)
+    monkeypatch.setenv("MYNAH_CT2_CACHE", str(tmp_path / "cache"))
     loaded = load_model(str(folder), version="v1")
     async with CT2Engine(loaded, SamplingParams(), precision="fp32") as engine:
         assert isinstance(engine, ReplyEngine)
         replies = await asyncio.gather(*[engine.reply(p, greedy(6)) for p in PROMPTS[:3]])
-        assert (folder / "ct2-float32" / "model.bin").exists()
+        assert list((tmp_path / "cache").glob("*/ct2-float32/model.bin"))
         expected = [hf_generate(loaded, p, 6) for p in PROMPTS[:3]]
         assert [r.text for r in replies] == expected and all(r.model_version == "v1" for r in replies)
         engine.swap(load_model(str(folder), version="v2"))

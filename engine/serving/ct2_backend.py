@@ -5,10 +5,11 @@ answer a lone chat faster than Mynah's own engine, while Mynah's engine wins wit
 and with chats arriving at different times (continuous batching). Pick by traffic; see
 docs/BENCHMARKS.md.
 
-The HF model folder is converted once with CTranslate2's converter into
-`<folder>/ct2-<int8|float32>/` (re-converted when the weights are newer, so the learning
-loop's promotions — which call `swap` with the new version — are picked up), or into a
-temporary folder when the model folder is read-only. One worker thread serves a queue:
+The HF model folder is converted once with CTranslate2's converter into a cache folder
+(`$MYNAH_CT2_CACHE`, else `~/.cache/mynah/ct2/<hash of the model path>/ct2-<int8|float32>/`;
+re-converted when the weights are newer; the learning loop's promotions call `swap` with the
+new version's folder, which converts it), or into a temporary folder when there is no
+writable cache. One worker thread serves a queue:
 whatever is waiting (up to max_batch_size, grouped by sampling settings) runs as one
 `generate_batch`; a request that arrives meanwhile waits for that batch to end (CTranslate2
 cannot add a row to a running batch). The same dialogue format, context budget, stop ids,
@@ -19,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -33,6 +36,13 @@ from engine.types import Turn, max_positions, percentile
 log = logging.getLogger(__name__)
 
 
+def cache_root() -> Path:
+    """Where conversions live: $MYNAH_CT2_CACHE, else $XDG_CACHE_HOME/mynah/ct2 (~/.cache/mynah/ct2)."""
+    if os.environ.get("MYNAH_CT2_CACHE"):
+        return Path(os.environ["MYNAH_CT2_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mynah" / "ct2"
+
+
 def converted_folder(model_path: str, precision: str) -> str:
     """The CTranslate2 conversion of the HF folder `model_path` (made or refreshed when needed)."""
     from ctranslate2.converters import TransformersConverter
@@ -41,11 +51,10 @@ def converted_folder(model_path: str, precision: str) -> str:
     source = Path(model_path)
     weights = max((p.stat().st_mtime for p in source.glob("*.safetensors")), default=0.0) or \
         max((p.stat().st_mtime for p in source.glob("*.bin")), default=0.0)
-    target = source / f"ct2-{quantization}"
+    target = cache_root() / hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:16] / f"ct2-{quantization}"
     try:
-        target.parent.joinpath(".mynah-write-test").touch()
-        target.parent.joinpath(".mynah-write-test").unlink()
-    except OSError:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable cache: convert into a temporary folder
         target = Path(tempfile.mkdtemp(prefix="mynah-ct2-")) / f"ct2-{quantization}"
     done = target / "model.bin"
     if not done.exists() or done.stat().st_mtime < weights:
@@ -88,8 +97,6 @@ class CT2Engine:
         self._load(loaded)
 
     def _load(self, loaded: LoadedModel) -> None:
-        import os
-
         import ctranslate2
 
         folder = converted_folder(loaded.path, self.precision)
