@@ -32,11 +32,19 @@ def sampling_defaults(config: Config) -> SamplingParams:
 
 
 def build_engine(config: Config, loaded: LoadedModel) -> Engine:
+    if config.engine.backend == "ctranslate2":  # optional: faster lone replies on some CPUs (docs/BENCHMARKS.md)
+        from engine.serving.ct2_backend import CT2Engine
+
+        return CT2Engine(loaded, sampling_defaults(config), precision="int8" if config.engine.quantize == "int8" else "fp32",
+                         max_batch_size=config.engine.max_batch_size, max_queue=config.engine.max_queue,
+                         max_context_tokens=config.generation.max_context_tokens,
+                         fallback_reply=config.generation.fallback_reply, threads=config.engine.threads)
     return Engine(
         loaded, sampling_defaults(config),
         max_batch_size=config.engine.max_batch_size, max_queue=config.engine.max_queue,
         max_context_tokens=config.generation.max_context_tokens,
         fallback_reply=config.generation.fallback_reply, threads=config.engine.threads,
+        fast_path=config.engine.fast_path,
     )
 
 

@@ -50,7 +50,8 @@ class EngineConfig:
     max_queue: int = 256
     threads: int = 0
     quantize: str = "none"
-    # where replies come from: "local" (this process) or "openai" (an OpenAI-compatible server; docs/SCALING.md)
+    # where replies come from: "local" (this process), "openai" (an OpenAI-compatible server;
+    # docs/SCALING.md) or "ctranslate2" (CTranslate2 on a converted copy; pip install mynah[bench])
     backend: str = "local"
     base_url: str = ""                   # "openai": e.g. "http://gpu-box:8000/v1"; the key is MYNAH_ENGINE_API_KEY
     model: str = ""                      # "openai": the served model name (vllm serve's --served-model-name)
@@ -61,6 +62,8 @@ class EngineConfig:
     breaker_failures: int = 5            # failures in a row that open the circuit breaker
     breaker_cooldown_seconds: float = 30.0  # how long it stays open before one probe is let through
     extra_sampling: bool = True          # send top_k, repetition_penalty, min_tokens (vLLM, llama.cpp read them)
+    fast_path: str = "auto"              # "auto": GPT-2-family models decode on the hand-written step; "off"
+    threads_while_training: int = 0      # torch threads while a trainer child runs (0 = leave as is)
 
 
 @dataclass
@@ -130,6 +133,7 @@ class LearningConfig:
     # keeping the bot responsive while it trains
     threads: int = 1
     nice: int = 10
+    pause_trainer_while_chatting: bool = True   # the trainer is stopped while the engine answers (bots/learning/quiet.py)
     max_memory_mb: int = 4096            # 0 = no limit
     min_free_disk_mb: int = 500
     # housekeeping
@@ -204,9 +208,10 @@ _CHOICES = {
     ("model", "device"): {"auto", "cpu", "cuda", "mps"},
     ("telegram", "mode"): {"polling", "webhook"},
     ("engine", "quantize"): {"none", "int8"},
-    ("engine", "backend"): {"local", "openai"},
+    ("engine", "backend"): {"local", "openai", "ctranslate2"},
     ("engine", "api"): {"auto", "chat", "completions"},
     ("learning", "feedback_weighting"): {"off", "drop", "weight"},
+    ("engine", "fast_path"): {"auto", "off"},
 }
 _POSITIVE = {
     ("generation", "max_new_tokens"), ("generation", "max_history_turns"),
@@ -274,6 +279,11 @@ def _check_section(name: str, section: Any) -> None:
             raise ConfigError("[generation] min_new_tokens must not exceed max_new_tokens")
         if not 0.0 <= section.mmi_weight <= 1.0:
             raise ConfigError(f"[generation] mmi_weight must be in [0, 1], got {section.mmi_weight}")
+    if name == "engine":
+        for key in ("threads", "threads_while_training"):
+            if getattr(section, key) < 0:
+                raise ConfigError(f"[engine] {key} must be 0 (torch's default / leave as is) or more, "
+                                  f"got {getattr(section, key)}")
     if name == "telegram":
         bad = [t for t in section.answer_all_chat_types if t not in ("group", "supergroup")]
         if bad:

@@ -164,7 +164,7 @@ async def test_empty_generation_gets_fallback(dialogpt):
 
     hook = dialogpt.model.register_forward_hook(always_end)
     try:
-        async with Engine(dialogpt, SamplingParams(min_new_tokens=0), fallback_reply="no words") as engine:
+        async with Engine(dialogpt, SamplingParams(min_new_tokens=0), fallback_reply="no words", fast_path="off") as engine:
             reply = await engine.reply(PROMPTS[0])
     finally:
         hook.remove()

@@ -230,7 +230,9 @@ async def test_several_chats_at_once_share_batches(forward, backward):
     chats = [[("user", d[0]), ("bot", d[1]), ("user", d[-1])] for d in DIALOGUES]
     params = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=8, min_new_tokens=8)
     try:
-        async with MMIEngine(Engine(forward, params, max_batch_size=32), backward, candidates=n, weight=0.5) as mmi:
+        # fast_path="off": the hook counts rows of transformers' forward passes
+        async with MMIEngine(Engine(forward, params, max_batch_size=32, fast_path="off"), backward, candidates=n,
+                             weight=0.5) as mmi:
             results = await asyncio.gather(*[mmi.rerank(t, {"seed": 100 + 10 * i}) for i, t in enumerate(chats)])
             stats = mmi.stats()
     finally:

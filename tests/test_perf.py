@@ -145,14 +145,26 @@ async def test_identical_contexts_share_one_prefill_and_still_match_alone(fp32):
     batch_sizes = []
     hook = fp32.model.register_forward_pre_hook(lambda m, a, kw: batch_sizes.append(kw["input_ids"].shape[0]),
                                                 with_kwargs=True)
+    engine = Engine(fp32, fast_path="off")
+    engine._make_decoder(fp32)  # as the worker does, outside inference mode
     try:
         with torch.inference_mode():
-            batch = Engine(fp32)._prefill(fp32, requests)
+            batch = engine._prefill(fp32, requests)
     finally:
         hook.remove()
     assert batch_sizes == [2]
-    assert len(batch.rows) == 6 and batch.mask.shape[0] == 6
+    assert len(batch.rows) == 6 and batch.state.mask.shape[0] == 6
     assert batch.next_input.tolist() == [batch.next_input[i % 2].item() for i in range(6)]
+    # the fast path: one prefill of two contexts, fanned out to six cache rows
+    engine = Engine(fp32)
+    engine._make_decoder(fp32)
+    with torch.inference_mode():
+        step = engine._decoder.step
+        original, seen = step.prefill, []
+        step.prefill = lambda contexts, cache: seen.append(len(contexts)) or original(contexts, cache)
+        fast = engine._prefill(fp32, [_Request(c, params, loop, loop.create_future(), 0.0) for c in contexts])
+    assert engine._decoder.name == "fast" and seen == [2] and fast.state.rows == 6
+    assert fast.next_input.tolist() == batch.next_input.tolist()
 
 
 async def test_growing_kv_cache_gives_the_same_greedy_replies_as_concatenation(fp32):
@@ -161,7 +173,7 @@ async def test_growing_kv_cache_gives_the_same_greedy_replies_as_concatenation(f
 
     results = {}
     for grow in (True, False):
-        async with Engine(fp32, SamplingParams(), max_batch_size=4, grow_cache=grow) as engine:
+        async with Engine(fp32, SamplingParams(), max_batch_size=4, grow_cache=grow, fast_path="off") as engine:
             async def late(i, prompt):
                 await asyncio.sleep(0.01 * i)  # joins (and leaves) a batch that is already decoding
                 n = 6 + 4 * i
@@ -229,21 +241,22 @@ def test_packed_fp32_gives_the_same_logits_and_the_engine_packs_by_default(tiny_
     with torch.inference_mode():
         before = dense.model(ids).logits
     n_params = dense.parameters
-    assert pack_fp32(dense.model) == 4 * dense.model.config.n_layer + 1
+    assert pack_fp32(dense.model) == 4 * dense.model.config.n_layer  # the tied output head stays the embedding table
     with torch.inference_mode():
         after = dense.model(ids).logits
     assert torch.allclose(before, after, atol=1e-4) and dense.parameters >= n_params - dense.model.config.n_embd
+    assert dense.model.lm_head.weight is dense.model.transformer.wte.weight  # no second copy of the head
     assert pack_fp32(dense.model) == 0  # nothing left to pack
 
     async def serve(loaded, **kwargs):
         async with Engine(loaded, SamplingParams(max_new_tokens=3), **kwargs) as engine:
             return await engine.reply(PROMPTS[0])
 
-    fresh = load_model(str(tiny_dialogpt))
-    assert asyncio.run(serve(fresh)).text
+    fresh = load_model(str(tiny_dialogpt))  # transformers' forward packs; the fast path keeps the weights as they are
+    assert asyncio.run(serve(fresh, fast_path="off")).text
     assert fresh.packed and any(isinstance(m, PackedLinear) for m in fresh.model.modules())
     other = load_model(str(tiny_dialogpt))
-    assert asyncio.run(serve(other, pack_weights=False)).text
+    assert asyncio.run(serve(other, pack_weights=False, fast_path="off")).text
     assert not any(isinstance(m, PackedLinear) for m in other.model.modules())
 
 
@@ -325,6 +338,15 @@ def test_bench_quick_prints_every_table(tmp_path):
                 "Mynah engine, 1 chat at once", "Mynah engine, 8 chats at once", "Mynah engine, 32 chats at once",
                 "| int8 |", "| fp32 |", "floor ms/token", "next-token agreement", "prefix reuse",
                 "context() fetch, p99", "log_message() throughput", "EXPLAIN QUERY PLAN",
-                "USING INDEX messages_chat_id", "load average"]:
+                "USING INDEX messages_chat_id", "load average", "a lone chat while the model trains",
+                "paused while the engine works (shipped default)", "chat p95 during a retrain"]:
         assert row in out, row
     assert out_json.exists()
+    try:
+        import ctranslate2  # noqa: F401  (optional: mynah[bench])
+    except ImportError:
+        assert "no CTranslate2 rows" in result.stderr
+    else:
+        for row in ["Mynah vs CTranslate2", "lone reply, p50", "8 chats at once until all answered vs one batch of 8",
+                    "CTranslate2, window 0.1 s", "Mynah engine (continuous batching)"]:
+            assert row in out, row

@@ -44,6 +44,7 @@ from bots.learning.notify import Notifier, Notifiers, ProgressListener
 from bots.learning.promote import Promoter, PromotionRefused
 from bots.learning.report import RunResult, RunStatus
 from bots.learning.schedule import ScheduleState, next_run_time, parse_schedule, start_scheduler
+from bots.learning.quiet import engine_yields_cores
 from bots.learning.trust import Trust, approval_text
 from bots.learning.trainer import (RunFailed, TrainerResult, build_job, check_disk, keep_training_record, run_trainer,
                                    write_job)
@@ -371,8 +372,10 @@ class Learning:
         forgotten = await self.conversations.forgotten_message_ids()
         await asyncio.to_thread(write_job, run.folder, job, forgotten & plan.ids)
         run.stage = "starting the trainer"
-        return await run_trainer(job, run.folder, threads=self.lc.threads, max_minutes=self.lc.max_minutes,
-                                 on_event=self._progress, on_started=lambda pid: setattr(run, "pid", pid))
+        with engine_yields_cores(self.engine, self.config.engine, self.lc) as quiet:  # chats stay fast meanwhile
+            return await run_trainer(job, run.folder, threads=self.lc.threads, max_minutes=self.lc.max_minutes,
+                                     on_event=self._progress, on_started=lambda pid: (setattr(run, "pid", pid),
+                                                                                      quiet.started(pid)))
 
     async def _decide(self, trained: TrainerResult, plan: ExportPlan) -> Verdict:
         verdict = decide(trained.before, trained.after, trained.finite, margin=self.lc.promote_margin,

@@ -2,21 +2,21 @@
 
 Requests from all chats go into one bounded queue. The worker runs continuous batching:
 at each decode step, waiting requests are prefilled and merged into the running batch
-(left padding, attention mask, KV cache), every row gets one token with its own
-sampling settings, and finished rows leave at once. So a short reply never waits for a
+(KV cache rows), every row gets one token with its own sampling settings, and finished
+rows leave at once. The model's forward passes go through one seam, a decoder
+(engine.serving.fastpath: a hand-written GPT-2 step on a static KV cache where the model
+is GPT-2-family and `fast_path="auto"`, else transformers' own forward, hf_step). So a short reply never waits for a
 long one and a new chat never waits for a whole batch. Torch runs in this thread, never
 in the event loop. A model swap happens between batches: rows in flight finish on the
 model they started with, and each reply names the version that wrote it.
 
-Shapes in comments: B rows of the running batch, T columns of its mask and KV cache, U
-distinct contexts in one prefill, V vocabulary, H attention heads, D head width.
+Shapes in comments: B rows of the running batch, U distinct contexts in one prefill, V vocabulary.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import dataclasses
-import inspect
 import logging
 import threading
 import time
@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from engine.model import LoadedModel
-from engine.serving import kvcache
+from engine.serving.fastpath import FAST_PATH_MODES, pick_decoder
 # EngineBusy, EngineStopped and Reply are the contract's (protocol.py); importing them from here still works
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, ModelEngine, Reply,
                                      ReplyStream, SamplingParams)
@@ -73,16 +73,6 @@ class _Request:
         self.loop.call_soon_threadsafe(_set)
 
 
-def _forward_kwargs(model) -> str:
-    """transformers 5 calls the cache argument `cache`; 4.x called it `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _takes_logits_to_keep(model) -> bool:
-    """Whether forward() can skip the output projection for all but the last position."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 class Engine(ModelEngine):
     """Async front (`reply`) over a batching worker thread (`_run`): the local ModelEngine."""
 
@@ -98,7 +88,10 @@ class Engine(ModelEngine):
         threads: int = 0,
         grow_cache: bool = True,
         pack_weights: bool = True,
+        fast_path: str = "auto",
     ):
+        if fast_path not in FAST_PATH_MODES:
+            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATH_MODES)}, not {fast_path!r}")
         self.defaults = defaults or SamplingParams()
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -107,6 +100,10 @@ class Engine(ModelEngine):
         self.threads = threads
         self.grow_cache = grow_cache  # KV cache with spare room (kvcache.GrowingLayer) where the model allows it
         self.pack_weights = pack_weights  # fp32 CPU models: linear weights pre-packed for oneDNN (quantize.pack_fp32)
+        self.fast_path = fast_path  # "auto": GPT-2-family models decode on engine.serving.fastpath; "off": transformers
+        self._decoder = None  # the model seam (fastpath.FastDecoder or hf_step.HFDecoder), made in the worker
+        self._threads_wanted: int | None = None  # set_threads(): applied by the worker between steps
+        self.threads_now: int | None = None  # the worker's torch threads after its last set_threads
         self._loaded = loaded
         self._pending_swap: LoadedModel | None = None
         self._prepare(loaded)
@@ -190,10 +187,46 @@ class Engine(ModelEngine):
         )
 
     # ---- helpers ----------------------------------------------------------------
+    def set_threads(self, threads: int) -> None:
+        """Run the model's work on `threads` torch threads from the next step on (0: one per core).
+
+        The learning loop drops the engine to one thread while a trainer child runs: on a
+        2-core machine two engine threads next to a busy process collapse (each parallel
+        region waits for the thread that lost its core). torch.set_num_threads only
+        affects the calling thread's pool, so the worker applies it.
+        """
+        with self._wake:
+            self._threads_wanted = int(threads)
+            self._wake.notify()
+
+    def set_busy_hook(self, hook) -> None:
+        """Call hook(True) from the worker when it starts work after being idle, hook(False) when idle again.
+
+        The learning loop pauses its trainer child with it while chats are being answered
+        (bots.learning.quiet). None removes the hook.
+        """
+        self._busy_hook, self._busy = hook, False
+
+    def _tell_busy(self, busy: bool) -> None:
+        hook = getattr(self, "_busy_hook", None)
+        if hook is not None and busy != self._busy:
+            self._busy = busy
+            try:
+                hook(busy)
+            except Exception:  # the hook is the caller's business; serving goes on
+                log.exception("busy hook failed")
+
+    def _apply_threads(self) -> None:
+        wanted, self._threads_wanted = self._threads_wanted, None
+        if wanted is not None:
+            import os
+
+            torch.set_num_threads(wanted if wanted > 0 else (self.threads or os.cpu_count() or 1))
+            self.threads_now = torch.get_num_threads()
+            log.info("engine now runs on %d torch thread(s)", self.threads_now)
+
     def _prepare(self, loaded: LoadedModel) -> None:
-        """Per-model facts the worker needs: cache kwarg, banned ids, context limit."""
-        loaded.cache_kwarg = _forward_kwargs(loaded.model)
-        loaded.keeps_last_logits = _takes_logits_to_keep(loaded.model)
+        """Per-model facts the worker needs: banned ids, context limit."""
         loaded.max_positions = max_positions(loaded.model)
         loaded.banned_word_ids = {}
 
@@ -219,14 +252,19 @@ class Engine(ModelEngine):
         return banned
 
     # ---- worker thread ----------------------------------------------------------
-    def _pack(self, loaded: LoadedModel) -> None:
-        """fp32 CPU weights → oneDNN's blocked layout, once per model, in the worker thread.
+    def _make_decoder(self, loaded: LoadedModel) -> None:
+        """THE model seam: pick the decoder every forward pass of the worker goes through.
 
-        In this thread on purpose: once another thread has run torch's parallel regions, this
-        thread's steps ran ~1.5x slower on 2 cores (measured), so the worker does the
-        packing and all the model's work itself.
+        GPT-2-family models take the fast path (fastpath.FastDecoder: its fp32 weights stay
+        as they are, the plain BLAS path is quicker for 1-row steps than oneDNN's packed
+        layout); other models take transformers' forward, whose fp32 CPU weights are packed
+        for oneDNN once (quantize.pack_fp32; 1.5-2.4x its default path). In the worker thread
+        on purpose: once another thread has run torch's parallel regions, this thread's steps
+        ran ~1.5x slower on 2 cores (measured), so the worker does all the model's work itself.
         """
-        if self.pack_weights and not getattr(loaded, "packed", False) and loaded.device.type == "cpu":
+        self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id, grow_cache=self.grow_cache)
+        if self._decoder.name == "transformers" and self.pack_weights and not getattr(loaded, "packed", False) \
+                and loaded.device.type == "cpu":
             started = time.perf_counter()
             try:
                 loaded.packed = pack_fp32(loaded.model) > 0
@@ -235,15 +273,18 @@ class Engine(ModelEngine):
                 loaded.packed = False
             if loaded.packed:
                 log.info("fp32 weights packed for oneDNN in %.1f s", time.perf_counter() - started)
+        log.info("decoding with the %s decoder", self._decoder.name)
 
     def _run(self) -> None:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
-        self._pack(self._loaded)
+        self._make_decoder(self._loaded)
         batch: _Batch | None = None
         with torch.inference_mode():
             while True:
                 swapped = False
+                if self._threads_wanted is not None:
+                    self._apply_threads()
                 with self._wake:
                     if batch is None and self._pending_swap is not None:
                         self._loaded, self._pending_swap = self._pending_swap, None
@@ -258,12 +299,15 @@ class Engine(ModelEngine):
                     if batch is None and not admitted and not swapped:
                         if not self._running and not self._queue:
                             return
-                        self._wake.wait(timeout=0.5)
+                        if self._threads_wanted is None:
+                            self._wake.wait(timeout=0.5)
                         continue
                 if swapped:  # outside the lock: reply() must not wait for this
-                    self._pack(self._loaded)
+                    self._make_decoder(self._loaded)
                     if batch is None and not admitted:
                         continue
+                if admitted and batch is None:
+                    self._tell_busy(True)
                 try:
                     batch = self._step(batch, admitted)
                 except Exception as exc:  # a broken model must not take the bot down
@@ -273,6 +317,7 @@ class Engine(ModelEngine):
                     batch = None
                 self._active = len(batch.rows) if batch else 0
                 if batch is None and not self._queue:
+                    self._tell_busy(False)
                     release_freed_memory(collect=False)  # idle: hand the burst's KV cache and activations back to the OS
 
     def _step(self, batch: "_Batch | None", admitted: list[_Request]) -> "_Batch | None":
@@ -291,18 +336,8 @@ class Engine(ModelEngine):
         if batch is None:
             return None
         started = time.perf_counter()
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)  # (B, T + 1)
-        attention_mask = batch.mask
-        if batch.growing:  # write into the cache's spare room; the 4D mask hides what is not filled yet
-            kvcache.reserve(batch.cache, 1)
-            attention_mask = kvcache.mask_4d(batch.cache, batch.mask)  # (B, 1, 1, capacity)
-        out = loaded.model(
-            input_ids=batch.next_input[:, None], attention_mask=attention_mask, position_ids=batch.positions[:, None],
-            use_cache=True, **{loaded.cache_kwarg: batch.cache},
-        )  # out.logits: (B, 1, V)
-        batch.cache = _cache_of(out, loaded)
-        tokens = batch.sampler.sample(out.logits[:, -1, :], [len(r.generated) for r in batch.rows], inplace=True)
-        batch.positions = batch.positions + 1  # (B,)
+        logits = self._decoder.decode(batch.state, batch.next_input)  # (B, V): the model seam
+        tokens = batch.sampler.sample(logits, [len(r.generated) for r in batch.rows], inplace=True)
         batch.next_input = torch.tensor(tokens, device=loaded.device)  # (B,)
         self.timing["decode_s"] += time.perf_counter() - started
         self.timing["decode_steps"] += 1
@@ -310,7 +345,7 @@ class Engine(ModelEngine):
         return self._retire(batch, tokens)
 
     def _prefill(self, loaded: LoadedModel, admitted: list[_Request]) -> "_Batch | None":
-        """Run the new requests' contexts (left-padded, one pass) and sample their first tokens.
+        """Run the new requests' contexts (one pass) and sample their first tokens.
 
         Requests with the same context (MMI candidates, retries) share one prefill row; their
         KV cache rows are copied afterwards.
@@ -320,27 +355,12 @@ class Engine(ModelEngine):
             request.sampler = RowSampler(request.params, request.context_ids, self._banned_ids(loaded, request.params))
         unique: dict[tuple[int, ...], int] = {}
         expand = [unique.setdefault(tuple(r.context_ids), len(unique)) for r in admitted]
-        contexts = list(unique)
-        width = max(len(c) for c in contexts)
-        pad = loaded.fmt.pad_id
-        ids = torch.tensor([[pad] * (width - len(c)) + list(c) for c in contexts], device=loaded.device)  # (U, T)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=loaded.device)  # (U, T)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, T)
-        extra = {"logits_to_keep": 1} if loaded.keeps_last_logits else {}
-        out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra)
-        cache = _cache_of(out, loaded)
-        logits = out.logits[:, -1, :]  # (U, V)
-        if len(contexts) < len(admitted):  # U unique contexts → B requests
-            mask = kvcache.select(cache, mask, expand)  # (B, T)
-            logits = logits.index_select(0, torch.tensor(expand, device=logits.device))  # (B, V)
+        room = max(r.params.max_new_tokens for r in admitted)
+        state, logits = self._decoder.prefill([list(c) for c in unique], expand, room)  # (B, V): the model seam
         sampler = BatchSampler([r.sampler for r in admitted], loaded.fmt.stop_ids)
         tokens = sampler.sample(logits, [0] * len(admitted), inplace=True)
-        positions = mask.sum(-1)  # (B,)
-        growing = self.grow_cache and kvcache.can_grow(cache, loaded.model)
-        if growing:
-            kvcache.use_growing(cache)
         next_input = torch.tensor(tokens, device=loaded.device)  # (B,)
-        batch = _Batch(list(admitted), cache, mask, positions, next_input, sampler, growing)
+        batch = _Batch(list(admitted), state, next_input, sampler)
         return self._retire(batch, tokens)
 
     def _retire(self, batch: "_Batch", tokens: list[int]) -> "_Batch | None":
@@ -385,39 +405,26 @@ class Engine(ModelEngine):
         request.finish(reply)
 
 
-def _cache_of(out, loaded: LoadedModel):
-    """The KV cache a forward pass returned (`cache` in transformers 5, `past_key_values` before)."""
-    cache = getattr(out, loaded.cache_kwarg, None)
-    return cache if cache is not None else out.past_key_values
-
-
 @dataclass
 class _Batch:
     """The running batch: one row per request, everything aligned on the row index."""
 
     rows: list[_Request]
-    cache: object               # the model's KV cache, (B, H, T, D) keys and values per layer
-    mask: torch.Tensor          # (B, T) attention mask (0 = left padding)
-    positions: torch.Tensor     # (B,) position id of next_input
+    state: object               # the decoder's KV cache and positions (fastpath.FastState / hf_step.HFState)
     next_input: torch.Tensor    # (B,) the token each row feeds next
     sampler: BatchSampler
-    growing: bool = False       # the cache is kvcache.GrowingLayer's (decode passes a 4D mask)
 
     def merge(self, other: "_Batch") -> None:
-        """Append `other`'s rows (left-padding whichever cache is shorter)."""
-        if self.growing != other.growing:
-            raise RuntimeError("cannot merge a growing KV cache with a concatenating one")
-        self.mask = kvcache.merge(self.cache, self.mask, other.cache, other.mask)  # (B + B', T)
-        self.positions = torch.cat([self.positions, other.positions])  # (B + B',)
+        """Append `other`'s rows."""
+        self.state.merge(other.state)
         self.next_input = torch.cat([self.next_input, other.next_input])  # (B + B',)
         self.sampler.merge(other.sampler)
         self.rows = self.rows + other.rows
 
     def select(self, keep: list[int]) -> None:
-        """Keep rows `keep` only (and drop padding columns no row needs any more)."""
-        self.mask = kvcache.select(self.cache, self.mask, keep)  # (B', T')
-        index = torch.tensor(keep, device=self.positions.device)  # (B',)
-        self.positions = self.positions.index_select(0, index)  # (B',)
+        """Keep rows `keep` only, in that order."""
+        self.state.select(keep)
+        index = torch.tensor(keep, device=self.next_input.device)  # (B',)
         self.next_input = self.next_input.index_select(0, index)  # (B',)
         self.sampler.select(keep)
         self.rows = [self.rows[i] for i in keep]

@@ -237,6 +237,16 @@ class MMIEngine(ModelEngine):
         self.changed_by_backward = 0  # replies where the backward model overruled the forward favourite
 
     # ---- ModelEngine, delegated to the wrapped engine ------------------------------
+    def set_threads(self, threads: int) -> None:
+        setter = getattr(self.engine, "set_threads", None)
+        if setter is not None:
+            setter(threads)
+
+    def set_busy_hook(self, hook) -> None:
+        setter = getattr(self.engine, "set_busy_hook", None)
+        if setter is not None:
+            setter(hook)
+
     @property
     def version(self) -> str:
         return self.engine.version

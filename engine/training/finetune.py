@@ -140,10 +140,12 @@ def resident_mb() -> int:
 
 
 def die_with_parent() -> None:
-    """Linux: get SIGTERM when the parent dies, so an orphaned trainer never runs on."""
+    """Linux: get SIGKILL when the parent dies, so an orphaned trainer never runs on. SIGKILL,
+    not SIGTERM: the bot pauses the trainer (SIGSTOP) while it answers chats, and a stopped
+    process would hold a SIGTERM pending forever if the bot died then."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 

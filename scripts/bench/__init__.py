@@ -7,7 +7,9 @@
 
 Measures in one run, on the same model and prompts: the GPT2-chitchat loop (no KV cache),
 HF `generate` (one request at a time, and one batch), Mynah's engine with 1/8/16/32 chats
-at once in fp32 and int8 (tokens/s, p50/p95 reply latency, RSS), the memory-bandwidth
+at once in fp32 and int8 (tokens/s, p50/p95 reply latency, RSS), CTranslate2 on the same
+model (lone replies, a batch of 16 vs 16 chats at once, staggered arrivals; when installed),
+chat latency next to a trainer-like child process, the memory-bandwidth
 floor of batch-1 decoding, int8 quality against fp32, whether prefix KV reuse would pay,
 and SQLite context fetch/logging with N stored messages. See scripts/bench/engine.py.
 """
@@ -44,6 +46,10 @@ def add_arguments(parser) -> None:
                         help="messages stored for the storage part (default 1,000,000; quick 5,000; 0 skips it)")
     parser.add_argument("--no-pack", action="store_true",
                         help="engine fp32 without oneDNN weight packing (to see what packing gives)")
+    parser.add_argument("--fast-path", default="auto", choices=["auto", "off"],
+                        help="the engine's decoder: the hand-written GPT-2 step (auto) or transformers' forward (off)")
+    parser.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows")
+    parser.add_argument("--no-training", action="store_true", help="skip the while-training part")
     parser.add_argument("--in-process", action="store_true",
                         help="run every configuration in this process (faster start; RSS then adds up)")
 
@@ -70,6 +76,11 @@ def _config(args):
         overrides["isolate"] = False
     if args.no_pack:
         overrides["pack_weights"] = False
+    overrides["fast_path"] = args.fast_path
+    if args.no_ct2:
+        overrides["ct2"] = False
+    if args.no_training:
+        overrides["training_replies"] = 0
     cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
     if 16 in cfg.concurrency and 1 not in cfg.concurrency:
         cfg.concurrency = [1] + cfg.concurrency

@@ -32,11 +32,22 @@ class BenchConfig:
     pack_weights: bool = True        # the engine's default: fp32 linear weights pre-packed for oneDNN
     max_history_turns: int = 6       # the chat defaults, for the prefix-reuse estimate
     max_context_tokens: int = 256
+    fast_path: str = "auto"          # the engine's decoder ([engine] fast_path)
+    ct2: bool = True                 # CTranslate2 rows when the package is installed
+    burst: int = 16                  # chats that send one message at the same moment (vs a CTranslate2 batch of this size)
+    burst_reps: int = 3              # bursts measured (median reported)
+    stagger_requests: int = 24       # messages arriving at random times (0: skip)
+    stagger_gap: float = 0.5         # their mean gap, × CTranslate2's lone-reply p50 (or Mynah's without it)
+    stagger_windows: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0])  # CTranslate2 batching windows, s
+    training_replies: int = 6        # lone replies quiet and next to a busy trainer-like child (0: skip)
+    threads_while_training: int = 1  # the alternative measured next to pausing ([engine] threads_while_training)
+    trainer_nice: int = 10           # [learning] nice
 
     @classmethod
     def quick(cls, **overrides) -> "BenchConfig":
         base = dict(shape="tiny", new_tokens=8, context_tokens=48, concurrency=[1, 8, 32], rounds=1, lone_rounds=2,
                     chitchat_prompts=2, hf_prompts=2, hf_batch=8, quality_dialogues=8, prefix_conversations=8,
-                    isolate=False)
+                    isolate=False, burst=8, burst_reps=1, stagger_requests=6, stagger_windows=[0.0, 0.1],
+                    training_replies=2)
         base.update(overrides)
         return cls(**base)

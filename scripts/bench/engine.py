@@ -39,6 +39,7 @@ import torch
 
 from engine.types import max_positions
 from scripts.bench.config import SHAPES, BenchConfig
+from scripts.bench.ct2 import available
 from scripts.bench.decode import make_engine, run_chitchat_loop, run_engine, run_hf_generate
 from scripts.bench.machine import machine, measure_bandwidth, peak_rss_mb, rss_anon_mb, rss_mb, rss_sampler
 from scripts.bench.prefix import measure_prefix_reuse
@@ -136,13 +137,17 @@ def run_case(case: dict) -> dict:
         torch.set_num_threads(cfg.threads)
     kind = case["kind"]
     result: dict = {"kind": kind, "loadavg_before": list(os.getloadavg())}
-    if kind == "bandwidth":
+    if kind == "ct2":
+        result.update(_ct2_case(case, cfg))
+    elif kind == "bandwidth":
         result.update(measure_bandwidth())
     elif kind == "quality":
         result.update(measure_quality(case["path"], case["heldout"]))
         result.update({"rss_peak_mb": peak_rss_mb()})
     elif kind in ("baselines", "engine"):
         precision = case.get("precision", "fp32")
+        if kind == "engine":
+            _import_the_bot()  # so the engine process holds what a running bot holds besides its model
         rss_before = rss_mb()
         loaded = load_model(case["path"], quantize="int8" if precision == "int8" else "none")
         positions = max_positions(loaded.model)
@@ -175,6 +180,8 @@ def run_case(case: dict) -> dict:
                 for n in cfg.concurrency:
                     rounds = cfg.lone_rounds if n == 1 else cfg.rounds
                     measured(f"engine{n}", lambda: run_engine(engine, prompts, n, rounds))
+                _arrival_runs(engine, prompts, cfg, case, runs, measured)
+                result["decoder"] = engine._decoder.name
             finally:
                 asyncio.run(engine.stop())
             result["packed"] = bool(getattr(loaded, "packed", False))
@@ -190,6 +197,53 @@ def run_case(case: dict) -> dict:
         raise ValueError(f"unknown bench case {kind!r}")
     result["loadavg_after"] = list(os.getloadavg())
     return result
+
+
+def _import_the_bot() -> None:
+    """The bot's own libraries (platform clients, scheduler, SQLite, the learning loop), as `mynah run` imports them."""
+    import importlib
+
+    for name in ("bots.app", "bots.learning.loop", "telegram.ext", "discord", "apscheduler.schedulers.asyncio",
+                 "aiosqlite"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def _arrival_runs(engine, prompts, cfg: BenchConfig, case: dict, runs: dict, measured) -> None:
+    """Burst, staggered arrivals (CTranslate2's schedule when it ran) and the trainer-contention part."""
+    from scripts.bench.arrivals import arrival_times, run_burst, run_staggered, run_while_training
+
+    if cfg.burst:
+        measured(f"burst{cfg.burst}", lambda: run_burst(engine, prompts, cfg.burst, cfg.burst_reps))
+    if cfg.stagger_requests:
+        arrivals = case.get("arrivals")
+        lone = runs.get("engine1")
+        if not arrivals and lone:
+            arrivals = arrival_times(cfg.stagger_requests, cfg.stagger_gap * lone["p50_s"])
+        if arrivals:
+            runs["staggered"] = run_staggered(engine, prompts, arrivals)
+    if case.get("training") and cfg.training_replies:
+        runs["training"] = run_while_training(engine, prompts, cfg.training_replies, threads=cfg.threads,
+                                              threads_while_training=cfg.threads_while_training, nice=cfg.trainer_nice,
+                                              model_path=case["path"])
+
+
+def _ct2_case(case: dict, cfg: BenchConfig) -> dict:
+    from transformers import AutoConfig
+
+    from engine.dialogue import DialogueFormat
+    from engine.model import load_tokenizer
+    from engine.serving.sampling import SamplingParams
+    from scripts.bench.ct2 import run_ct2
+
+    fmt = DialogueFormat(load_tokenizer(case["path"]))
+    positions = getattr(AutoConfig.from_pretrained(case["path"]), "n_positions", 1024)
+    budget = min(cfg.context_tokens, positions - cfg.new_tokens)
+    prompt_ids = [fmt.context_ids([tuple(t) for t in p], budget) for p in case["prompts"]]
+    with tempfile.TemporaryDirectory(prefix="mynah-ct2-") as tmp:
+        return run_ct2(case["path"], tmp, case["precision"], prompt_ids, cfg, SamplingParams())
 
 
 def prepare_inputs(cfg: BenchConfig, path: str) -> dict:
@@ -210,10 +264,13 @@ def prepare_inputs(cfg: BenchConfig, path: str) -> dict:
 def plan(cfg: BenchConfig, path: str, inputs: dict) -> list[dict]:
     """The cases of one bench run, in order."""
     base = {"config": asdict(cfg), "path": path}
+
     cases = [{**base, "kind": "bandwidth"}, {**base, "kind": "baselines", "prompts": inputs["prompts"]}]
     for i, precision in enumerate(cfg.precisions):
+        if cfg.ct2 and not available():  # CTranslate2 just before Mynah, so the two see the same machine load
+            cases.append({**base, "kind": "ct2", "precision": precision, "prompts": inputs["prompts"]})
         cases.append({**base, "kind": "engine", "precision": precision, "prompts": inputs["prompts"],
-                      "conversations": inputs["conversations"] if i == 0 else []})
+                      "conversations": inputs["conversations"] if i == 0 else [], "training": i == 0})
     if "int8" in cfg.precisions and cfg.quality_dialogues > 0:
         cases.append({**base, "kind": "quality", "heldout": inputs["heldout"]})
     return cases
@@ -234,11 +291,18 @@ def run_all(cfg: BenchConfig, progress=print) -> dict:
             model_name = f"random GPT-2 {cfg.shape} shape"
         results = {"machine": machine(), "config": asdict(cfg), "model": model_name, "cases": []}
         inputs = prepare_inputs(cfg, path)
+        if cfg.ct2 and available():
+            progress(f"no CTranslate2 rows: {available()}")
+        arrivals: dict[str, list[float]] = {}
         for case in plan(cfg, path, inputs):
             label = case["kind"] + (f" {case['precision']}" if "precision" in case else "")
             progress(f"running {label} …")
             t = time.perf_counter()
+            if case["kind"] == "engine" and case["precision"] in arrivals:
+                case["arrivals"] = arrivals[case["precision"]]  # the schedule CTranslate2 just had
             results["cases"].append(_run_isolated(case) if cfg.isolate else run_case(case))
+            if case["kind"] == "ct2" and "staggered" in results["cases"][-1]:
+                arrivals[case["precision"]] = results["cases"][-1]["staggered"]["arrivals"]
             progress(f"  {label} took {time.perf_counter() - t:.0f} s (load average {os.getloadavg()[0]:.2f})")
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = time.perf_counter() - started
@@ -248,7 +312,7 @@ def run_all(cfg: BenchConfig, progress=print) -> dict:
 def _run_isolated(case: dict) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_PROGRESS_BARS="1",
                TRANSFORMERS_VERBOSITY="error")
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the project root (this file is scripts/bench/engine.py)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", "scripts.bench.engine"], input=json.dumps(case), capture_output=True,
                           text=True, env=env, cwd=root)

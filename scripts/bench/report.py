@@ -145,6 +145,9 @@ def format_report(results: dict, markdown: bool = False) -> str:
     lines.append("")
     lines += _table(["target", "measured", "met"],
                     [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in s["targets"]], markdown)
+    from scripts.bench.versus import format_versus
+
+    lines += format_versus(results, lambda cols, rows: _table(cols, rows, markdown))
     return "\n".join(lines)
 
 

@@ -1,0 +1,79 @@
+"""The engine's fast decode path for GPT-2-family models, and how the engine picks a decoder.
+
+A *decoder* is what the batcher calls at its one model seam: `prefill(contexts)` gives a
+state for the new rows and their last-token logits, `decode(state, tokens)` one step for
+every row; a state follows the batch with `merge(other)` and `select(keep)`. Two exist:
+
+- `FastDecoder` (here): engine.serving.fastpath.gpt2.GPT2Step on a static KV cache;
+- `HFDecoder` (engine.serving.hf_step): transformers' own forward, for every other model.
+
+`pick_decoder(model, mode)`: mode "auto" takes the fast path where `GPT2Step.supports`
+the model, "off" always takes transformers' forward (`[engine] fast_path`).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.serving.fastpath.cache import StaticKV
+from engine.serving.fastpath.gpt2 import GPT2Step
+
+log = logging.getLogger(__name__)
+
+FAST_PATH_MODES = ("auto", "off")
+
+
+class FastState:
+    """The running rows' KV cache on the fast path."""
+
+    def __init__(self, cache: StaticKV):
+        self.cache = cache
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows
+
+    def merge(self, other: "FastState") -> None:
+        self.cache.merge(other.cache)
+
+    def select(self, keep: list[int]) -> None:
+        self.cache.select(keep)
+
+
+class FastDecoder:
+    name = "fast"
+
+    def __init__(self, model):
+        self.step = GPT2Step(model)
+
+    def prefill(self, contexts: list[list[int]], expand: list[int], room: int = 0) -> tuple[FastState, torch.Tensor]:
+        """Prefill the U distinct `contexts`; rows = expand (index into contexts per request).
+
+        room: tokens the rows may still generate (their cache columns are reserved now).
+        Returns the state of len(expand) rows and their logits (B, V).
+        """
+        cache = self.step.new_cache()
+        cache.add_rows([len(c) for c in contexts], room)
+        logits = self.step.prefill(contexts, cache)  # (U, V)
+        if len(expand) != len(contexts) or expand != list(range(len(expand))):
+            cache.select(expand)
+            logits = logits.index_select(0, torch.tensor(expand, dtype=torch.long))  # (B, V)
+        return FastState(cache), logits
+
+    def decode(self, state: FastState, tokens: torch.Tensor) -> torch.Tensor:
+        return self.step.decode(tokens, state.cache)
+
+
+def pick_decoder(model, mode: str = "auto", *, pad_id: int = 0, grow_cache: bool = True):
+    """The fast path where it can serve `model` (and mode allows), else transformers' forward."""
+    from engine.serving.hf_step import HFDecoder
+
+    if mode not in FAST_PATH_MODES:
+        raise ValueError(f"fast_path must be one of {', '.join(FAST_PATH_MODES)}, not {mode!r}")
+    if mode == "auto":
+        why_not = GPT2Step.supports(model)
+        if not why_not:
+            return FastDecoder(model)
+        log.info("fast decode path not used (%s): serving with transformers' forward", why_not)
+    return HFDecoder(model, pad_id=pad_id, grow_cache=grow_cache)

@@ -1,0 +1,122 @@
+"""A static KV cache with one length per row, for the fast decode path.
+
+One buffer holds every layer's keys and values, (layers, 2, row capacity, H, column
+capacity, D). Row i's tokens sit in columns 0 … lengths[i]-1 (no left padding), so rows of
+different lengths share the buffer without padding columns, and a decode step writes one
+column per row in place (at each row's own length). Attention reads columns
+0 … max(lengths) and a boolean mask hides each row's columns past its own length.
+
+The buffer grows (rows or columns, with headroom) only when it is full, so steady decoding
+allocates nothing for the cache. Rows that leave are compacted by moving only the rows
+behind them; rows that join are copied in after the running ones. New buffers are zeroed
+so columns nobody wrote hold finite numbers (a masked column still multiplies its value by 0).
+
+Shapes in comments: B rows, L layers, H heads, T columns, D head width.
+"""
+from __future__ import annotations
+
+import torch
+
+COLUMN_HEADROOM = 32   # spare columns allocated when the buffer grows (one re-allocation per 32 tokens)
+ROW_GRANULE = 4        # row capacity grows in multiples of this
+
+
+class StaticKV:
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype = torch.float32):
+        self.shape = (layers, heads, head_dim)
+        self.dtype = dtype
+        self.buffer: torch.Tensor | None = None  # (L, 2, Bcap, H, Tcap, D)
+        self.lengths: list[int] = []              # cached tokens per row
+        self._lengths_t: torch.Tensor | None = None
+
+    # ---- sizes ---------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def capacity(self) -> tuple[int, int]:
+        return (0, 0) if self.buffer is None else (self.buffer.shape[2], self.buffer.shape[4])
+
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
+
+    def _reserve(self, rows: int, columns: int) -> None:
+        """Room for `rows` rows of `columns` columns; keeps what is cached."""
+        have_rows, have_columns = self.capacity()
+        if rows <= have_rows and columns <= have_columns:
+            return
+        new_rows = max(have_rows, -(-rows // ROW_GRANULE) * ROW_GRANULE)
+        new_columns = max(have_columns, columns + COLUMN_HEADROOM) if columns > have_columns else have_columns
+        layers, heads, head_dim = self.shape
+        buffer = torch.zeros(layers, 2, new_rows, heads, new_columns, head_dim, dtype=self.dtype)
+        if self.buffer is not None and self.rows:
+            used = max(self.lengths)
+            buffer[:, :, :self.rows, :, :used] = self.buffer[:, :, :self.rows, :, :used]
+        self.buffer = buffer
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values buffers, (Bcap, H, Tcap, D) views."""
+        return self.buffer[i, 0], self.buffer[i, 1]
+
+    def lengths_tensor(self) -> torch.Tensor:
+        if self._lengths_t is None:
+            self._lengths_t = torch.tensor(self.lengths, dtype=torch.long)
+        return self._lengths_t
+
+    # ---- rows joining, leaving ---------------------------------------------------------
+    def add_rows(self, lengths: list[int], room: int = 0) -> None:
+        """Append rows that a prefill is about to fill with `lengths` tokens each.
+
+        room: columns to reserve beyond the longest (the tokens the rows will generate), so
+        decoding them never re-allocates the buffer (a re-allocation holds two copies).
+        """
+        self._reserve(self.rows + len(lengths), max(self.lengths + list(lengths)) + room)
+        self.lengths = self.lengths + list(lengths)
+        self._lengths_t = None
+
+    def select(self, index: list[int]) -> None:
+        """Keep rows `index` in that order (repeats allowed: a shared prefill fanned out)."""
+        if index == list(range(len(index))):  # a prefix of the rows: nothing moves
+            self.lengths = self.lengths[:len(index)]
+            self._lengths_t = None
+            return
+        lengths = [self.lengths[i] for i in index]
+        self._reserve(len(index), max(lengths, default=0))
+        start = next(j for j, i in enumerate(index) if i != j)  # rows before this one stay where they are
+        used = max(lengths[start:], default=0)
+        if used:
+            src = torch.tensor(index[start:], dtype=torch.long)
+            self.buffer[:, :, start:len(index), :, :used] = self.buffer[:, :, src, :, :used]  # gather copies first
+        self.lengths = lengths
+        self._lengths_t = None
+
+    def merge(self, other: "StaticKV") -> None:
+        """Append `other`'s rows after these."""
+        if not other.rows:
+            return
+        first = self.rows
+        self._reserve(first + other.rows, max(max(self.lengths + other.lengths), other.capacity()[1]))
+        used = max(other.lengths)
+        self.buffer[:, :, first:first + other.rows, :, :used] = other.buffer[:, :, :other.rows, :, :used]
+        self.lengths = self.lengths + other.lengths
+        self._lengths_t = None
+
+    # ---- one decode step ---------------------------------------------------------------
+    def advance(self) -> tuple[tuple, torch.Tensor | None, int]:
+        """Make room for one more token per row and account for it.
+
+        Returns (where each row's new key and value go: an index into one layer's
+        (2, Bcap, H, Tcap, D) buffer taking a (B, 2, H, D) value; the (B, 1, 1, T) additive
+        attention mask including the new column, None when no row has columns to hide; T).
+        """
+        positions = self.lengths_tensor()  # (B,) the new token's column in each row
+        columns = max(self.lengths) + 1
+        self._reserve(self.rows, columns)
+        write = (slice(None), torch.arange(self.rows), slice(None), positions)
+        mask = None
+        if min(self.lengths) + 1 < columns:
+            hide = torch.arange(columns)[None, :] > positions[:, None]  # (B, T)
+            mask = torch.zeros(hide.shape).masked_fill_(hide, float("-inf"))[:, None, None, :]
+        self.lengths = [n + 1 for n in self.lengths]
+        self._lengths_t = positions + 1
+        return write, mask, columns

@@ -1,0 +1,204 @@
+"""A hand-written GPT-2 forward for serving: prefill and one-token decode steps on a static KV cache.
+
+Why not transformers' forward: at batch 1 its per-step Python (module calls, cache objects,
+mask building, output dataclasses) cost ~5 ms for 12 layers on a small CPU, more than the
+whole int8 matrix work of a 124M model. This is the same arithmetic with nothing around it:
+
+- the GPT-2 block's fused QKV projection is used as it is (one matrix multiply, then views);
+- keys and values go straight into a preallocated cache (fastpath.cache.StaticKV) with one
+  length per row, so rows of different lengths need no padding columns and a decode step
+  writes one column per row in place;
+- the linear layers call the serving kernels directly: int8 through fbgemm's dynamic-quant
+  op (VNNI where the CPU has it; fbgemm picks the kernel at run time), fp32 through oneDNN
+  with the weight pre-packed once (`quantize.PackedLinear`), the MLP's GELU fused into it,
+  or through the plain BLAS path for unpacked weights;
+- the tied fp32 output head multiplies by the token-embedding table itself: no second copy.
+
+It reads the weights of the transformers model it is built from (no copy), so the model
+keeps working for anything else that uses it. `GPT2Step.supports(model)` says which models
+qualify; everything else takes the transformers path (engine.serving.hf_step).
+
+Shapes in comments: B rows, U new contexts in a prefill, W their padded width, T cached
+columns, E model width, H heads, D head width, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.serving.fastpath.cache import StaticKV
+
+_GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+class _Linear:
+    """One linear layer as a plain function call on the module's own weights (no copy)."""
+
+    def __init__(self, module: nn.Module, gelu: str | None = None):
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+        from engine.serving.quantize import PackedLinear
+
+        self.gelu = gelu  # fused where the kernel can ("tanh"/"none"), else applied after
+        self.fused = False
+        conv1d = _conv1d_class()
+        if isinstance(module, PackedLinear):
+            self.kind, self.weight, self.bias = "packed", module.weight, module.dense_bias
+            self.fused = gelu is not None and module.pointwise
+            self.pointwise = module.pointwise
+        elif isinstance(module, DynamicInt8Linear):
+            self.kind, self.packed = "int8", module._packed_params._packed_params
+            self.reduce_range = module.version is not None and module.version >= 4
+        elif conv1d is not None and isinstance(module, conv1d):
+            self.kind, self.weight, self.bias = "conv1d", module.weight, module.bias  # weight (in, out)
+        elif type(module) is nn.Linear:
+            self.kind, self.weight, self.bias = "linear", module.weight, module.bias
+        else:
+            raise TypeError(f"no fast path for {type(module).__name__}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, in) contiguous → (N, out)."""
+        kind = self.kind
+        if kind == "int8":
+            y = torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True) if self.reduce_range \
+                else torch.ops.quantized.linear_dynamic(x, self.packed)
+        elif kind == "packed":
+            if self.pointwise:
+                if self.fused:
+                    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], self.gelu)
+                y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            else:
+                y = torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias.to_mkldnn()).to_dense()
+        elif kind == "conv1d":
+            y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.gelu is not None:
+            y = F.gelu(y, approximate=self.gelu)
+        return y
+
+
+class _Block:
+    def __init__(self, block: nn.Module, gelu: str):
+        self.ln1 = (block.ln_1.weight, block.ln_1.bias)
+        self.ln2 = (block.ln_2.weight, block.ln_2.bias)
+        self.qkv = _Linear(block.attn.c_attn)
+        self.proj = _Linear(block.attn.c_proj)
+        self.fc = _Linear(block.mlp.c_fc, gelu=gelu)
+        self.fc_proj = _Linear(block.mlp.c_proj)
+
+
+class GPT2Step:
+    """Prefill and decode for a transformers GPT2LMHeadModel (fp32, oneDNN-packed or int8), CPU."""
+
+    @staticmethod
+    def supports(model: nn.Module) -> str:
+        """"" when the fast path can serve `model`, else why not (in words)."""
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) != "gpt2" or not hasattr(model, "transformer"):
+            return "not a GPT-2 model"
+        if config.activation_function not in _GELUS:
+            return f"activation {config.activation_function!r}"
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
+            return "non-standard attention scaling"
+        if getattr(config, "add_cross_attention", False):
+            return "cross-attention"
+        if not getattr(config, "scale_attn_weights", True):
+            return "unscaled attention"
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            return "not on the CPU"
+        try:
+            GPT2Step(model)
+        except (TypeError, AttributeError) as exc:
+            return str(exc)
+        return ""
+
+    def __init__(self, model: nn.Module):
+        config = model.config
+        tr = model.transformer
+        self.n_layer, self.n_head, self.n_embd = config.n_layer, config.n_head, config.n_embd
+        self.head_dim = self.n_embd // self.n_head
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.eps = config.layer_norm_epsilon
+        self.vocab = config.vocab_size
+        self.max_positions = config.n_positions
+        gelu = _GELUS[config.activation_function]
+        self.wte, self.wpe = tr.wte, tr.wpe
+        self.blocks = [_Block(b, gelu) for b in tr.h]
+        self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
+        head = model.lm_head
+        if type(head) is nn.Linear and type(self.wte) is nn.Embedding and head.weight is self.wte.weight:
+            self.head = _Linear(head)  # the tied table itself (F.linear): no second copy
+        else:
+            self.head = _Linear(head)
+
+    def new_cache(self) -> StaticKV:
+        return StaticKV(self.n_layer, self.n_head, self.head_dim)
+
+    # ---- the two passes -----------------------------------------------------------
+    def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:
+        """Run U contexts (right-padded into one pass) into the U new last rows of `cache`.
+
+        Returns the logits of each context's last token, (U, V). `cache` must have had
+        `cache.add_rows(lengths)` for these contexts.
+        """
+        lengths = [len(c) for c in contexts]
+        width = max(lengths)
+        rows = len(contexts)
+        first = cache.rows - rows
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        for i, c in enumerate(contexts):
+            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        x = self.wte(ids) + self.wpe(torch.arange(width))  # (U, W, E)
+        x = x.reshape(rows * width, self.n_embd)
+        H, D, E = self.n_head, self.head_dim, self.n_embd
+        for layer, block in enumerate(self.blocks):
+            h = F.layer_norm(x, (E,), *block.ln1, self.eps)
+            qkv = block.qkv(h).view(rows, width, 3, H, D)
+            k_buf, v_buf = cache.layer(layer)  # (Bcap, H, Tcap, D)
+            k = qkv[:, :, 1].transpose(1, 2)  # (U, H, W, D)
+            v = qkv[:, :, 2].transpose(1, 2)
+            k_buf[first:first + rows, :, :width] = k
+            v_buf[first:first + rows, :, :width] = v
+            q = qkv[:, :, 0].transpose(1, 2)  # (U, H, W, D)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (U, H, W, D); padding sits after the text
+            a = a.transpose(1, 2).reshape(rows * width, E)
+            x = x + block.proj(a)
+            h = F.layer_norm(x, (E,), *block.ln2, self.eps)
+            x = x + block.fc_proj(block.fc(h))
+        last = torch.tensor([i * width + n - 1 for i, n in enumerate(lengths)])
+        return self._logits(x.index_select(0, last))
+
+    def decode(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """One token per row (tokens: (B,)) at each row's own next position; returns (B, V) logits."""
+        B = tokens.shape[0]
+        H, D, E = self.n_head, self.head_dim, self.n_embd
+        positions = cache.lengths_tensor()  # (B,) each row's next position = its cached length
+        x = self.wte(tokens) + self.wpe(positions)  # (B, E)
+        write, mask, columns = cache.advance()  # mask: (B, 1, 1, T) additive, None when every row is full length
+        kv = cache.buffer[:, :, :B, :, :columns]  # (L, 2, B, H, T, D), a view
+        for layer, block in enumerate(self.blocks):
+            h = F.layer_norm(x, (E,), *block.ln1, self.eps)
+            qkv = block.qkv(h).view(B, 3, H, D)
+            cache.buffer[layer][write] = qkv[:, 1:]  # keys and values of each row's new column, in place
+            k, v = kv[layer]  # (B, H, T, D) each
+            a = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v, attn_mask=mask)  # (B, H, 1, D)
+            x.add_(block.proj(a.view(B, E)))
+            h = F.layer_norm(x, (E,), *block.ln2, self.eps)
+            x.add_(block.fc_proj(block.fc(h)))
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, (self.n_embd,), *self.ln_f, self.eps)
+        return self.head(x.contiguous())  # (N, V)
