@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 from engine.model import LoadedModel
-from engine.serving.protocol import FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, Reply, SamplingParams
+from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, Reply, ReplyStream,
+                                     SamplingParams)
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -150,13 +151,23 @@ class CT2Engine:
                            replies=self.replies_served, latency_p50_s=percentile(latencies, 0.5),
                            latency_p95_s=percentile(latencies, 0.95), uptime_s=time.time() - self.started_at)
 
-    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None) -> Reply:
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+        """CTranslate2 decodes a whole batch in one call: the stream yields the whole reply once."""
+        async def produce(stream: ReplyStream) -> Reply:
+            reply = await self.reply(turns, overrides, system=system)
+            stream.push(reply.text)
+            return reply
+
+        return ReplyStream(produce)
+
+    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> Reply:
         params = self.defaults.merged(overrides)
         budget = min(self.max_context_tokens, self._loaded.max_positions - params.max_new_tokens)
         if budget < 8:
             raise ValueError(f"max_new_tokens={params.max_new_tokens} leaves no room for context")
         loop = asyncio.get_running_loop()
-        job = _Job(self._loaded.fmt.context_ids(list(turns), budget), params, loop, loop.create_future(), time.monotonic())
+        ids = self._loaded.fmt.context_ids(list(turns), budget, system)
+        job = _Job(ids, params, loop, loop.create_future(), time.monotonic())
         with self._wake:
             if not self._running:
                 raise EngineStopped("the engine is not running")
