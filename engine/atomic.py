@@ -22,13 +22,13 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temp file beside `path`, fsync it, then os.replace: all or nothing."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, fsync it, then os.replace: all or nothing."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,21 +37,13 @@ def write_json_atomic(path: Path, data: dict) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """One JSON document (a dict or a list), written all or nothing."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
-    """One JSON object per line, written like write_json_atomic: all or nothing."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    """One JSON object per line, written all or nothing."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
