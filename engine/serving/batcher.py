@@ -32,6 +32,7 @@ from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, En
                                      ReplyStream, SamplingParams)
 from engine.serving.quantize import pack_fp32, release_freed_memory
 from engine.serving.sampling import BatchSampler, RowSampler
+from engine.serving.worker import WorkerThread
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class _Request:
         self.loop.call_soon_threadsafe(_set)
 
 
-class Engine(ModelEngine):
+class Engine(WorkerThread, ModelEngine):
     """Async front (`reply`) over a batching worker thread (`_run`): the local ModelEngine."""
 
     def __init__(
@@ -126,29 +127,6 @@ class Engine(ModelEngine):
     @property
     def version(self) -> str:
         return self._loaded.version
-
-    def start(self) -> None:
-        if self._running:
-            return
-        self._running = True
-        self._thread = threading.Thread(target=self._run, name="mynah-engine", daemon=True)
-        self._thread.start()
-
-    async def stop(self) -> None:
-        """Finish what is in flight, then stop the worker."""
-        with self._wake:
-            self._running = False
-            self._wake.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-
-    async def __aenter__(self) -> "Engine":
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
     async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
                     stream: ReplyStream | None = None) -> Reply:

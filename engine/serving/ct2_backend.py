@@ -32,6 +32,7 @@ from typing import Sequence
 from engine.model import LoadedModel
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, Reply, ReplyStream,
                                      SamplingParams)
+from engine.serving.worker import WorkerThread
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,10 @@ class _Job:
     enqueued_at: float
 
 
-class CT2Engine:
+class CT2Engine(WorkerThread):
     """A ReplyEngine (with `swap`) answering from a CTranslate2 Generator on the CPU."""
+
+    thread_name = "mynah-ct2"
 
     def __init__(self, loaded: LoadedModel, defaults: SamplingParams | None = None, *, precision: str = "int8",
                  max_batch_size: int = 16, max_queue: int = 256, max_context_tokens: int = 256,
@@ -115,27 +118,6 @@ class CT2Engine:
     @property
     def version(self) -> str:
         return self._loaded.version
-
-    def start(self) -> None:
-        if not self._running:
-            self._running = True
-            self._thread = threading.Thread(target=self._run, name="mynah-ct2", daemon=True)
-            self._thread.start()
-
-    async def stop(self) -> None:
-        with self._wake:
-            self._running = False
-            self._wake.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-
-    async def __aenter__(self) -> "CT2Engine":
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
     def swap(self, loaded: LoadedModel) -> None:
         """Convert and serve `loaded` (blocking this call; the worker picks it up for its next batch)."""
