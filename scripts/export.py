@@ -1,7 +1,7 @@
 """`mynah export [--output FILE] [--with-ids]`: the opted-in dialogues as JSON lines.
 
 One dialogue per line: {"turns": [{"role": "user", "text": …}, {"role": "bot", …}, …]}.
-The selection is the training export's (storage.conversations.export_dialogues): opted-in
+The selection is the training export's (storage.messages.Messages.export_dialogues): opted-in
 chats only, a chat's history cut at /reset and at long silences, messages removed by
 /forget absent (and filtered again by id). Chat and user ids appear only with --with-ids.
 """
@@ -51,11 +51,11 @@ async def _message_rows(db, ids: list[int]) -> dict:
     return rows
 
 
-async def export_records(conversations, *, with_ids: bool = False) -> list[dict]:
+async def export_records(store, *, with_ids: bool = False) -> list[dict]:
     """The dialogues `mynah export` writes, oldest first."""
-    forgotten = await conversations.forgotten_message_ids()
-    dialogues = [d for d in await conversations.export_dialogues() if not forgotten.intersection(d.message_ids)]
-    rows = await _message_rows(conversations.db, sorted({i for d in dialogues for i in d.message_ids}))
+    forgotten = await store.messages.forgotten_message_ids()
+    dialogues = [d for d in await store.messages.export_dialogues() if not forgotten.intersection(d.message_ids)]
+    rows = await _message_rows(store.db, sorted({i for d in dialogues for i in d.message_ids}))
     records = []
     for d in dialogues:
         turns = _turns(d, rows)
@@ -91,16 +91,16 @@ def _write(records: list[dict], output: str) -> None:
 
 async def export(config, output: str = "-", *, with_ids: bool = False) -> int:
     """Write the export; returns how many dialogues were written."""
-    from storage.conversations import Conversations
-    from storage.db import Database, StorageError
+    from storage.db import StorageError
+    from storage.store import open_store
 
     if not Path(config.storage.path).is_file():
         raise StorageError(f"no database at {config.storage.path}")
-    db = await Database.open(config.storage.path)
+    store = await open_store(config.storage.path)
     try:
-        records = await export_records(Conversations(db), with_ids=with_ids)
+        records = await export_records(store, with_ids=with_ids)
     finally:
-        await db.close()
+        await store.close()
     _write(records, output)
     return len(records)
 

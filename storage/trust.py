@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
-from storage.db import Database
+from storage.protocol import StorageBackend
 
 
 class TrustStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: StorageBackend) -> None:
         self.db = db
 
     # --- per-user consent ---------------------------------------------------------------

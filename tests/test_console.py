@@ -53,7 +53,7 @@ def test_pipe_gets_one_line_per_message_and_remembers_after_restart(tmp_path, ti
 def test_reset_then_context_starts_afresh(tmp_path, tiny_dialogpt):
     import asyncio
 
-    from storage.conversations import Conversations
+    from storage.store import Store
     from storage.db import Database
 
     config = write_config(tmp_path, tiny_dialogpt)
@@ -61,9 +61,9 @@ def test_reset_then_context_starts_afresh(tmp_path, tiny_dialogpt):
 
     async def context():
         db = await Database.open(tmp_path / "db.sqlite3")
-        conv = Conversations(db)
-        chat_id = await conv.chat("console", "tester")
-        turns = await conv.context(chat_id, 10)
+        conv = Store.over(db)
+        chat_id = await conv.chats.chat("console", "tester")
+        turns = await conv.messages.context(chat_id, 10)
         await db.close()
         return turns
 
