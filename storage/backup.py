@@ -115,9 +115,13 @@ def _copy(src: sqlite3.Connection, dest: Path) -> None:
 
 
 def _temp_beside(target: Path, tag: str) -> Path:
+    """An empty 0600 file next to `target` (SQLite takes an empty file for an empty database).
+
+    The copy holds every private conversation: it is 0600 from the start whatever the umask,
+    and keeps that mode when it is renamed into place (a backup, or the restored database)."""
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.{tag}-", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o600)
     os.close(fd)
-    os.unlink(name)  # SQLite creates it; an empty file would be taken for an empty database anyway
     return Path(name)
 
 
@@ -139,7 +143,7 @@ def backup(db_path: str | Path, dest: str | Path, *, overwrite: bool = False) ->
         raise BackupError("the backup file cannot be the database itself")
     if dest.exists() and not overwrite:
         raise BackupError(f"{dest} exists; choose another name or pass --force")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = _temp_beside(dest, "backup")
     try:
         try:
@@ -186,7 +190,7 @@ def restore(backup_path: str | Path, db_path: str | Path, *, keep_old: bool = Tr
     """Replace the database at `db_path` with the checked backup at `backup_path`."""
     backup_path, db_path = Path(backup_path), Path(db_path)
     check = check_database(backup_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = _temp_beside(db_path, "restore")
     try:
         try:
@@ -208,6 +212,7 @@ def restore(backup_path: str | Path, db_path: str | Path, *, keep_old: bool = Tr
                     os.link(db_path, kept)  # the old file lives on under this name; the rename below is atomic
                 except OSError:
                     shutil.copy2(db_path, kept)
+                os.chmod(kept, 0o600)   # the old conversations stay private too
         for suffix in ("-wal", "-shm", "-journal"):
             Path(f"{db_path}{suffix}").unlink(missing_ok=True)
         os.replace(tmp, db_path)

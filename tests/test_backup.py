@@ -244,3 +244,24 @@ def test_export_writes_opted_in_dialogues_only_and_ids_only_on_request(tmp_path,
     assert record["turns"][0] == {"role": "user", "text": "hello there", "user": "user-kept"}
     assert "user" not in record["turns"][1]
     assert SECRET_OPTED_OUT not in "\n".join(lines) and SECRET_FORGOTTEN not in "\n".join(lines)
+
+
+async def test_backup_file_and_restored_database_are_private_whatever_the_umask(tmp_path):
+    """Issue 25 item 9: a backup holds every private conversation; so does the restored file."""
+    import os
+    import stat
+
+    path = tmp_path / "live.sqlite3"
+    db = await Database.open(path)
+    await seed(db, 10)
+    await db.close()
+    old = os.umask(0o022)
+    try:
+        copy = backup(path, tmp_path / "backups" / "copy.sqlite3").path
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+        assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700        # a new backups folder too
+        os.chmod(path, 0o644)                                            # even a live file left world-readable
+        restore(copy, path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
