@@ -14,6 +14,7 @@ from bots.platforms.base import Platform
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
 from engine.serving.protocol import EngineUnavailable, ModelEngine, ReplyEngine, SamplingParams
+from storage.db import StorageError
 from storage.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,15 @@ async def open_remote_learning(config: Config, store: Store, engine):
     return learning
 
 
+async def open_configured_store(config: Config) -> Store:
+    """The database at [storage] path; a StorageError names that key, so the operator knows
+    which setting to fix (the command prints it as one line)."""
+    try:
+        return await open_store(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
+    except StorageError as exc:
+        raise StorageError(f"[storage] path: {exc}") from None
+
+
 class Mynah:
     """The shared parts of a running bot. Use `await Mynah.open(config)` / `await app.close()`."""
 
@@ -140,7 +150,7 @@ class Mynah:
         log.info("model %s loaded (%s, %.1fM parameters, %s format)", loaded.path, loaded.version,
                  loaded.parameters / 1e6, loaded.fmt.name)
         engine = await wrap_mmi(config, build_engine(config, loaded))
-        store = await open_store(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
+        store = await open_configured_store(config)
         learning, replier = None, engine
         if registry is not None:
             from bots.learning.canary import Canary, Router
@@ -172,7 +182,7 @@ class Mynah:
             log.warning('[generation] mmi_model is ignored with [engine] backend = "openai" (MMI scores with '
                         "a model in this process)")
         engine = build_openai_engine(config, sampling_defaults(config))
-        store = await open_store(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
+        store = await open_configured_store(config)
         engine.start()
         try:
             served = await engine.check()

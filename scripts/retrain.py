@@ -64,13 +64,13 @@ async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | No
     from bots.learning.loop import AlreadyRunning, Learning
     from bots.learning.report import RunStatus
     from engine.registry import Registry
-    from storage.store import open_store
+    from bots.app import open_configured_store
 
     registry = Registry(config.learning.registry)
     active, changed = await asyncio.to_thread(registry.ensure_configured, config.model.path)
     if changed:
         print(f"registered [model] path {config.model.path} as {active.name} (now active)")
-    store = await open_store(config.storage.path)
+    store = await open_configured_store(config)
     learning = Learning(config, registry, store)
     learning.canary = Canary(config, learning, None, None, None)   # a running bot serves and judges it
     try:
