@@ -208,7 +208,7 @@ class Mynah:
                 await self.learning.canary.stop()
             await self.learning.stop()
         await self.engine.stop()
-        await self.db.close()
+        await self.store.close()
 
     async def __aenter__(self) -> "Mynah":
         return self

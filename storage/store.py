@@ -31,14 +31,26 @@ class Store:
     trust: TrustStore
 
     @classmethod
-    def over(cls, db: StorageBackend) -> "Store":
-        """The stores over an already open database."""
-        return cls(db, Chats(db), Messages(db), Runs(db), Audit(db), Feedback(db), TrustStore(db))
+    def over(cls, db: StorageBackend, reader: StorageBackend | None = None) -> "Store":
+        """The stores over an already open database (and, optionally, a second connection to
+        it for the training read: see TrustStore)."""
+        return cls(db, Chats(db), Messages(db), Runs(db), Audit(db), Feedback(db), TrustStore(db, reader))
 
     async def close(self) -> None:
+        if self.trust.reader is not self.db:
+            await self.trust.reader.close()
         await self.db.close()
 
 
 async def open_store(path: str | Path, *, busy_timeout_ms: int = 5000) -> Store:
-    """Open (creating and migrating as needed) the SQLite database at `path`."""
-    return Store.over(await Database.open(path, busy_timeout_ms=busy_timeout_ms))
+    """Open (creating and migrating as needed) the SQLite database at `path`, with a second
+    connection for the training read (not for ":memory:", which would be another database)."""
+    db = await Database.open(path, busy_timeout_ms=busy_timeout_ms)
+    if str(path) == ":memory:":
+        return Store.over(db)
+    try:
+        reader = await Database.open(path, busy_timeout_ms=busy_timeout_ms)
+    except BaseException:
+        await db.close()
+        raise
+    return Store.over(db, reader)

@@ -1,0 +1,109 @@
+"""Issue 25 in storage: /reset spam off the training path, export by the training rules, the
+forget ledger across restore, and restore refusing unknown schema objects. Real SQLite files."""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+
+import pytest
+
+from storage.store import Store, open_store
+
+
+async def spam_chat(store: Store, messages: int, resets: int, platform_chat_id: str) -> int:
+    """One chat with `messages` messages and `resets` /resets spread through them, bulk-written."""
+    chat = await store.chats.chat("telegram", platform_chat_id)
+    user = await store.chats.user("telegram", f"u-{platform_chat_id}")
+    every = max(1, messages // max(1, resets))
+    async with store.db.transaction() as conn:
+        for i in range(messages):
+            cur = await conn.execute(
+                "INSERT INTO messages (chat_id, user_id, role, text, status, created_at) VALUES (?, ?, ?, ?, 'ok', ?)",
+                (chat, user if i % 2 == 0 else None, "user" if i % 2 == 0 else "bot", f"m{i}", 1000.0 + i))
+            if resets and i % every == 0:
+                await conn.execute("INSERT INTO context_resets (chat_id, at_message_id, created_at) VALUES (?, ?, 0)",
+                                   (chat, cur.lastrowid))
+    return chat
+
+
+async def _steps(db, work) -> tuple[int, object]:
+    """SQLite VM steps (a deterministic cost measure) that `work()` spends on `db`'s connection."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    raw = db.conn._conn
+    await db.conn._execute(raw.set_progress_handler, count, 100)
+    try:
+        result = await work()
+    finally:
+        await db.conn._execute(raw.set_progress_handler, None, 100)
+    return steps, result
+
+
+async def test_training_rows_cost_follows_messages_not_messages_times_resets(tmp_path):
+    """Item 2: the trust export used a per-message COUNT over context_resets."""
+    store = await open_store(tmp_path / "m.sqlite3")
+    try:
+        await spam_chat(store, 4000, 0, "quiet")
+        quiet, rows = await _steps(store.trust.reader, store.trust.training_rows)
+        assert len(rows) == 4000 and {r["epoch"] for r in rows} == {0}
+        await spam_chat(store, 4000, 2000, "spam")
+        spammed, rows = await _steps(store.trust.reader, store.trust.training_rows)
+        assert len(rows) == 8000
+        epochs = [r["epoch"] for r in rows if r["chat_id"] != rows[0]["chat_id"]]
+        assert epochs == sorted(epochs) and epochs[0] == 0 and epochs[-1] == 2000   # resets with at < id
+        # twice the messages and 2000 resets: about twice the work (the per-message COUNT did
+        # ~4000 x 1000 index steps more)
+        assert spammed < quiet * 4, (quiet, spammed)
+    finally:
+        await store.close()
+
+
+async def test_an_unrelated_write_does_not_wait_for_the_training_read(tmp_path):
+    """Item 2: while the trust export reads, another user's message is stored at its usual speed.
+
+    The read is held in the middle of its query (a progress handler that blocks); a write must
+    still finish, and take no more than about twice its quiet time."""
+    store = await open_store(tmp_path / "m.sqlite3")
+    try:
+        await spam_chat(store, 3000, 1000, "spam")
+        other = await store.chats.chat("telegram", "someone else")
+
+        async def write_times(n: int) -> list[float]:
+            out = []
+            for i in range(n):
+                t = time.perf_counter()
+                await store.messages.log_message(other, "user", f"hello {i}")
+                out.append(time.perf_counter() - t)
+            return out
+
+        baseline = statistics.median(await write_times(15))
+        inside, release = threading.Event(), threading.Event()
+
+        def hold() -> int:
+            inside.set()
+            release.wait(30)
+            return 0
+
+        reader = store.trust.reader.conn
+        await reader._execute(reader._conn.set_progress_handler, hold, 1000)
+        export = asyncio.create_task(store.trust.training_rows())
+        try:
+            while not inside.is_set():
+                await asyncio.sleep(0.005)
+            during = await asyncio.wait_for(write_times(15), 20)
+            assert not export.done()                              # the read really was in progress
+        finally:
+            release.set()
+        rows = await asyncio.wait_for(export, 30)
+        await reader._execute(reader._conn.set_progress_handler, None, 1000)
+        assert len(rows) == 3000 + 15                             # one moment: the writes before it began
+        assert statistics.median(during) <= 2 * baseline + 0.01, (baseline, during)
+    finally:
+        await store.close()
