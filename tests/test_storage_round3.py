@@ -107,3 +107,43 @@ async def test_an_unrelated_write_does_not_wait_for_the_training_read(tmp_path):
         assert statistics.median(during) <= 2 * baseline + 0.01, (baseline, during)
     finally:
         await store.close()
+
+
+# ------------------------------------------------------------------ export = the training rules
+
+def _config(tmp_path, db_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\npath = "{db_path}"\n', encoding="utf-8")
+    return config
+
+
+async def _group_with_an_opted_out_member(path) -> None:
+    store = await open_store(path)
+    try:
+        group = await store.chats.chat("telegram", "-100", type="group", title="friends")
+        ann = await store.chats.user("telegram", "ann")
+        bob = await store.chats.user("telegram", "bob")
+        await store.trust.set_user_consent("telegram", "ann", False)      # Ann's own /optout, in private
+        for user, text, reply in ((bob, "anyone seen the match yesterday?", "no, was it good?"),
+                                  (ann, "ann's secret after her optout", "oh really?"),
+                                  (bob, "/help", "here is my help"),
+                                  (bob, "write me at bob@example.com later", "sure thing")):
+            asked = await store.messages.log_message(group, "user", text, user_id=user)
+            await store.messages.log_message(group, "bot", reply, reply_to_id=asked)
+    finally:
+        await store.close()
+
+
+def test_export_leaves_out_a_users_own_optout_and_applies_the_training_rules(tmp_path, capsys):
+    """Item 5: a group message sent after the sender's private /optout never leaves in an export."""
+    from scripts.cli import main
+
+    db_path = tmp_path / "mynah.sqlite3"
+    asyncio.run(_group_with_an_opted_out_member(db_path))
+    assert main(["--config", str(_config(tmp_path, db_path)), "export", "--with-ids"]) == 0
+    out = capsys.readouterr().out
+    assert "ann's secret" not in out and "oh really?" not in out       # her message, and the reply to it
+    assert "/help" not in out and "here is my help" not in out          # commands never train either
+    assert "bob@example.com" not in out                                 # contacts are masked as for training
+    assert "anyone seen the match yesterday?" in out and "sure thing" in out
+    assert '"user": "bob"' in out and '"user": "ann"' not in out

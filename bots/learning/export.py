@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import random
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,21 +62,40 @@ class BaseCorpus:
         return dialogues[:n], dialogues[n:]
 
 
+async def allowed_rows(store, lc, *, after_message_id: int = 0) -> feedback_filter.FeedbackFiltered:
+    """Every row training may read: the opted-in chats' messages (with each user's own
+    consent) minus what /forget removed, disliked replies cut. The training export and
+    `mynah export` both start here and then apply curate.clean and curate.group."""
+    from bots.learning.curate import Row
+
+    forgotten = await store.messages.forgotten_message_ids()
+    rows = [Row(**r) for r in await store.trust.training_rows(after_message_id=after_message_id)
+            if r["id"] not in forgotten]
+    return await feedback_filter.apply(store.feedback, lc, rows)
+
+
+async def allowed_dialogues(store, lc, banned: list[str]) -> list:
+    """Every dialogue the training rules allow (what `mynah export` writes): the same rows,
+    cleaning and grouping as a run's export, without a run's sampling (the per-user caps,
+    the held-out split, replay)."""
+    from bots.learning.curate import clean, group
+
+    rated = await allowed_rows(store, lc)
+    return group(clean(rated.rows, banned, Counter()))
+
+
 async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path,
                            base_corpus: BaseCorpus, *, banned_words: list[str] | None = None) -> ExportPlan:
     """Write folder/data.jsonl (splits train / held_out / base_eval) and return the plan.
 
     `lc` is the [learning] config; `run_id` seeds the caps, the replay sample and the shuffle.
     What may be learned from and how much each user may supply is curate.py's business."""
-    from bots.learning.curate import Row, cap_users, clean, curate, group, share_line
+    from bots.learning.curate import cap_users, clean, curate, group, share_line
 
     trust = store.trust
     watermark = active.trained_through
     snapshot = await store.messages.max_message_id()
-    forgotten = await store.messages.forgotten_message_ids()
-    rows = [Row(**r) for r in await trust.training_rows(after_message_id=watermark if lc.replay_fraction <= 0 else 0)
-            if r["id"] not in forgotten]
-    rated = await feedback_filter.apply(store.feedback, lc, rows)     # disliked replies cut out
+    rated = await allowed_rows(store, lc, after_message_id=watermark if lc.replay_fraction <= 0 else 0)
     rows = rated.rows
     banned = list(banned_words or [])
     cur = curate(rows, after=watermark, banned=banned, max_user_share=lc.max_user_share,
