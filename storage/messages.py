@@ -6,12 +6,14 @@ it keeps its own context.
 """
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
 import time
 from dataclasses import dataclass, field
 
 from storage.feedback import delete_user_rows
+from storage.ledger import ForgetLedger
 from storage.protocol import StorageBackend
 
 ROLES = ("user", "bot")
@@ -67,10 +69,14 @@ def _id(value: str | int | None) -> str | None:
 
 
 class Messages:
-    """The messages and context_resets tables (and the `forgotten` record /forget keeps)."""
+    """The messages and context_resets tables (and the `forgotten` record /forget keeps).
 
-    def __init__(self, db: StorageBackend) -> None:
+    `ledger`: where /forget is also noted outside the database (hash and time), so a
+    restored backup can be made to forget again (storage/ledger.py); None keeps no ledger."""
+
+    def __init__(self, db: StorageBackend, ledger: ForgetLedger | None = None) -> None:
         self.db = db
+        self.ledger = ledger
 
     async def log_message(self, chat_id: int, role: str, text: str, *, user_id: int | None = None,
                           platform_message_id: str | int | None = None, reply_to: str | int | None = None,
@@ -170,23 +176,29 @@ class Messages:
                 "INSERT INTO context_resets (chat_id, at_message_id, created_at) VALUES (?, ?, ?)",
                 (chat_id, at, time.time()))
 
-    async def forget_user(self, platform: str, platform_user_id: str | int) -> int:
+    async def forget_user(self, platform: str, platform_user_id: str | int, *, until: float | None = None) -> int:
         """Delete the user's messages in every chat of the platform, and the bot replies to them.
 
         Returns how many of the user's messages were deleted. The ids are recorded in
-        `forgotten` so data exported before now can be purged too.
+        `forgotten` so data exported before now can be purged too, and the request in the
+        ledger first (so even a write that fails is re-applied by the next restore).
+        `until`: only messages stored up to then (a ledger entry re-applied to a backup).
         """
         key = (platform, str(platform_user_id))
+        if until is None and self.ledger is not None:
+            await asyncio.to_thread(self.ledger.append, platform, key[1], time.time())
+        upto = float("inf") if until is None else until    # no time limit for a /forget now
         async with self.db.transaction() as conn:
             own = [row[0] for row in await conn.execute_fetchall(
                 "SELECT m.id FROM messages m JOIN users u ON u.id = m.user_id "
-                "WHERE u.platform = ? AND u.platform_user_id = ?", key)]
+                "WHERE u.platform = ? AND u.platform_user_id = ? AND m.created_at <= ?", (*key, upto))]
             # The bot's replies are linked to the user message they answer (reply_to_id), so
             # interleaved group messages never make us delete someone else's reply.
             replies = [row[0] for row in await conn.execute_fetchall(
                 "SELECT n.id FROM messages m JOIN users u ON u.id = m.user_id "
                 "JOIN messages n ON n.reply_to_id = m.id "
-                "WHERE u.platform = ? AND u.platform_user_id = ? AND n.role = 'bot'", key)]
+                "WHERE u.platform = ? AND u.platform_user_id = ? AND m.created_at <= ? AND n.role = 'bot'",
+                (*key, upto))]
             deleted = sorted(set(own) | set(replies))
             # Titles derived from the user ("DM with <name>") go too: private chats they wrote in.
             await conn.execute(
@@ -198,7 +210,7 @@ class Messages:
             await conn.execute("UPDATE users SET name = NULL WHERE platform = ? AND platform_user_id = ?", key)
             await conn.execute(
                 "INSERT INTO forgotten (platform, platform_user_id, forgotten_at, message_ids) VALUES (?, ?, ?, ?)",
-                (*key, time.time(), json.dumps(deleted)))
+                (*key, time.time() if until is None else until, json.dumps(deleted)))
         await self.db.compact_wal()  # secure_delete zeroed the rows; now flush the old WAL frames too
         return len(own)
 

@@ -14,6 +14,7 @@ from storage.audit import Audit
 from storage.chats import Chats
 from storage.db import Database
 from storage.feedback import Feedback
+from storage.ledger import ForgetLedger
 from storage.messages import Messages
 from storage.protocol import StorageBackend
 from storage.runs import Runs
@@ -34,7 +35,8 @@ class Store:
     def over(cls, db: StorageBackend, reader: StorageBackend | None = None) -> "Store":
         """The stores over an already open database (and, optionally, a second connection to
         it for the training read: see TrustStore)."""
-        return cls(db, Chats(db), Messages(db), Runs(db), Audit(db), Feedback(db), TrustStore(db, reader))
+        messages = Messages(db, ForgetLedger.beside(db.path))
+        return cls(db, Chats(db), messages, Runs(db), Audit(db), Feedback(db), TrustStore(db, reader))
 
     async def close(self) -> None:
         if self.trust.reader is not self.db:

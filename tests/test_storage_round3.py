@@ -147,3 +147,116 @@ def test_export_leaves_out_a_users_own_optout_and_applies_the_training_rules(tmp
     assert "bob@example.com" not in out                                 # contacts are masked as for training
     assert "anyone seen the match yesterday?" in out and "sure thing" in out
     assert '"user": "bob"' in out and '"user": "ann"' not in out
+
+
+# ------------------------------------------------------------------ the forget ledger, restore
+
+SECRET = "ann's address is 12 Elm Street"
+
+
+async def _ann_and_bob(path):
+    store = await open_store(path)
+    try:
+        chat = await store.chats.chat("telegram", "g", type="group")
+        for who, text in (("ann", SECRET), ("bob", "bob was here")):
+            user = await store.chats.user("telegram", who, name=who)
+            asked = await store.messages.log_message(chat, "user", text, user_id=user)
+            await store.messages.log_message(chat, "bot", f"reply to {who}", reply_to_id=asked)
+    finally:
+        await store.close()
+
+
+async def _forget(path, who):
+    store = await open_store(path)
+    try:
+        return await store.messages.forget_user("telegram", who)
+    finally:
+        await store.close()
+
+
+def _texts(path) -> list[str]:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute("SELECT text FROM messages ORDER BY id")]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("live", ["kept", "deleted"])
+def test_restore_forgets_again_what_forget_deleted_after_the_backup(tmp_path, live):
+    """Item 6: restoring an older backup must not bring a /forget's messages back, even when the
+    live database is gone (the ledger beside it is enough)."""
+    import os
+    import stat
+
+    from storage.backup import backup, restore
+    from storage.ledger import ForgetLedger
+
+    path = tmp_path / "mynah.sqlite3"
+    asyncio.run(_ann_and_bob(path))
+    old = backup(path, tmp_path / "old.sqlite3").path
+    assert asyncio.run(_forget(path, "ann")) == 1
+    ledger = ForgetLedger.beside(path)
+    raw = ledger.path.read_text()
+    assert "ann" not in raw and "Elm" not in raw and len(ledger.entries()) == 1   # a hash and a time, no text
+    assert stat.S_IMODE(ledger.path.stat().st_mode) == 0o600
+    if live == "deleted":
+        os.unlink(path)
+    result = restore(old, path)
+    assert result.reforgotten == 1
+    assert _texts(path) == ["bob was here", "reply to bob"]
+    assert SECRET.encode() not in path.read_bytes()
+    # and it stays forgotten for training and export, and a second restore does the same
+    assert restore(old, path).reforgotten == 1 and _texts(path) == ["bob was here", "reply to bob"]
+
+
+def test_restore_keeps_what_a_forgotten_user_wrote_after_forget(tmp_path):
+    """A ledger entry covers messages up to the /forget; a backup taken later keeps the newer ones."""
+    from storage.backup import backup, restore
+
+    path = tmp_path / "mynah.sqlite3"
+    asyncio.run(_ann_and_bob(path))
+    asyncio.run(_forget(path, "ann"))
+
+    async def ann_again():
+        store = await open_store(path)
+        try:
+            chat = await store.chats.chat("telegram", "g")
+            user = await store.chats.user("telegram", "ann")
+            await store.messages.log_message(chat, "user", "ann is back, new topic", user_id=user)
+        finally:
+            await store.close()
+
+    time.sleep(0.01)
+    asyncio.run(ann_again())
+    later = backup(path, tmp_path / "later.sqlite3").path
+    restore(later, path)
+    assert "ann is back, new topic" in _texts(path) and SECRET not in _texts(path)
+
+
+@pytest.mark.parametrize("extra", [
+    "CREATE TABLE shadow (text TEXT)",
+    "CREATE VIEW everything AS SELECT text FROM messages",
+    "CREATE TRIGGER keep AFTER DELETE ON messages BEGIN INSERT INTO messages_keep VALUES (old.text); END",
+])
+def test_restore_refuses_schema_objects_it_does_not_know(tmp_path, extra):
+    """Item 6: a crafted trigger kept a 'forgotten' message in a shadow table."""
+    import sqlite3
+
+    from storage.backup import BackupError, backup, restore
+
+    path = tmp_path / "mynah.sqlite3"
+    asyncio.run(_ann_and_bob(path))
+    crafted = backup(path, tmp_path / "crafted.sqlite3").path
+    conn = sqlite3.connect(crafted)
+    if "messages_keep" in extra:
+        conn.execute("CREATE TABLE messages_keep (text TEXT)")
+    conn.execute(extra)
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(BackupError, match="does not know"):
+        restore(crafted, path)
+    assert path.read_bytes() == before
