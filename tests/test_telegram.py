@@ -220,7 +220,7 @@ async def test_sticker_and_voice_get_a_note_empty_text_and_edits_are_ignored(bot
 
 
 async def test_typing_is_resent_while_generating_and_stops_after(make_bot, fake, monkeypatch):
-    monkeypatch.setattr("bots.platforms.telegram.adapter.TYPING_EVERY_S", 0.05)    # Telegram's is 4 s
+    monkeypatch.setattr("bots.platforms.telegram.sender.TYPING_EVERY_S", 0.05)    # Telegram's is 4 s
     bot = await make_bot(generation={"max_new_tokens": 24, "min_new_tokens": 24}, engine={"fast_path": "off"})
     # the tiny model answers in milliseconds; make each decode step take 20 ms so the
     # reply takes ~0.5 s, long enough for several typing resends however fast the machine is
