@@ -392,6 +392,22 @@ async def test_ten_thousand_characters_are_split_through_the_real_bot(bot, fake)
         [("ok", str(ids[0]))]
 
 
+async def test_a_partly_sent_reply_is_marked_failed_with_its_first_part(bot, fake):
+    """The one rule for partial sends (bots/chat/delivery.py): delivered only when every part
+    went out; a partly sent reply is failed (not context, not training data, not resent),
+    with the first part's id kept so a reply to it still counts as a reply to the bot."""
+    fake.message(303, "/start")
+    await fake.wait_sent(303, 1)
+    text = "first part. " * 400 + "\n\n" + "second part. " * 400         # two parts of under 4096
+    conv = bot.app.conversations
+    stored = await conv.log_message(await conv.chat("telegram", "303"), "bot", text, status="pending")
+    fake.fail_next("sendMessage", 403, after=1)                         # the first part goes out, then 403
+    ids = await bot.adapter.send(303, Outgoing(text, stored_id=stored))
+    assert len(ids) == 1 and len(fake.sent(303)) == 2
+    assert bot.rows("SELECT status, platform_message_id FROM messages WHERE id = ?", (stored,)) == \
+        [("failed", str(ids[0]))]
+
+
 async def test_a_picture_with_its_caption(bot, fake, tmp_path):
     """Retrain results come as text + loss-curve picture through notify()."""
     picture = tmp_path / "loss.png"
