@@ -204,6 +204,7 @@ class ChatCog(commands.Cog, name="Mynah"):
             text=f"/{name} {args}".strip(), chat_type=chat_type, user_name=interaction.user.display_name,
             thread_id=thread_id, chat_title=title, mentions_bot=True, answer_all=chat_id in answer_all,
             sender_is_chat_admin=None if chat_type == "private" else _can_manage(interaction.permissions),
+            can_answer_privately=SPEC.can_answer_privately,
         )
 
     async def run_command(self, interaction: discord.Interaction, name: str, args: str = "") -> None:
