@@ -27,6 +27,7 @@ class Incoming:
     # commands that change a group's settings (GROUP_ADMIN_COMMANDS).
     sender_is_chat_admin: bool | None = None
     anonymous: bool = False       # sent on behalf of a chat (anonymous group admin): no real user id
+    can_answer_privately: bool = False   # the platform can message the asker privately (from a group)
 
     @property
     def is_private(self) -> bool:

@@ -23,7 +23,6 @@ from bots.chat.commands import BY_NAME, help_text, parse_command
 from bots.chat.events import Incoming, Outgoing
 from bots.chat.durable import WriteRetry
 from bots.chat.ratelimit import RateLimiter, Verdict
-from bots.chat.routing import current_chat
 from bots.metrics import record_reply
 from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
 from storage.trust import TrustStore
@@ -90,7 +89,6 @@ class ChatService:
             return []
         chat_id, stored, handled = await self.log_user_message(msg, parsed.text,
                                                                "limited" if verdict.limited else "ok")
-        current_chat.set(chat_id)  # a per-chat router (the canary) picks the engine by it
         if on_logged is not None:
             on_logged()
         if handled:              # delivered twice (a redelivery after a restart): answered already
@@ -99,7 +97,7 @@ class ChatService:
             return [verdict.slow_down] if verdict.slow_down is not None else []
         history = await self.build_context(chat_id)
         system = await self.persona(chat_id)
-        reply = await self.generate(msg, history, system=system,
+        reply = await self.generate(msg, history, system=system, route=chat_id,
                                     stream=stream if self.config.chat.stream else None)
         if isinstance(reply, Outgoing):  # busy or failed: said, not stored
             return [reply]
@@ -177,13 +175,15 @@ class ChatService:
         own = await self.conversations.persona(chat_id)
         return own if own is not None else self.config.chat.default_persona
 
-    async def generate(self, msg: Incoming, history: list[tuple[str, str]], *, system: str = "", stream=None):
+    async def generate(self, msg: Incoming, history: list[tuple[str, str]], *, system: str = "", route=None,
+                       stream=None):
         """The engine's reply, or an Outgoing that says why there is none. With `stream`, the
-        text is shown as it is written (the engine's ReplyStream feeds stream.show)."""
+        text is shown as it is written (the engine's ReplyStream feeds stream.show). `route`
+        (the chats.id) lets a per-chat engine (the canary's Router) pick the model."""
         try:
             if stream is None:
-                return await self.engine.reply(history, system=system)
-            written = self.engine.stream(history, system=system)
+                return await self.engine.reply(history, system=system, route=route)
+            written = self.engine.stream(history, system=system, route=route)
             async for _ in written:
                 await stream.show(written.text)
             return written.reply

@@ -56,6 +56,7 @@ def to_incoming(message: Message, bot: Bot, answer_all_chat_types: Collection[st
         answer_all=(not private) and chat.type in answer_all_chat_types,
         kind=kind,
         anonymous=on_behalf is not None,
+        can_answer_privately=True,
     )
 
 
