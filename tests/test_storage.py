@@ -403,3 +403,60 @@ async def test_export_splits_at_long_silences(db, conv):
             await conn.execute("UPDATE messages SET created_at = ? WHERE id = ?",
                                (1000.0 + n * 60 + (7200 if n >= 2 else 0), mid))
     assert [d.turns() for d in await allowed_dialogues(conv, NO_FEEDBACK, [])] == [["morning", "hi"], ["evening", "hey"]]
+
+
+# --- the storage protocol ---------------------------------------------------------------------
+
+class ProtocolOnly:
+    """A backend with nothing but storage.protocol.StorageBackend's members (over SQLite), so the
+    stores are shown to need no more: what a second backend must implement."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.path = db.path
+
+    async def fetchall(self, sql, params=()):
+        return await self._db.fetchall(sql, params)
+
+    async def fetchone(self, sql, params=()):
+        return await self._db.fetchone(sql, params)
+
+    def transaction(self):
+        return self._db.transaction()
+
+    async def user_version(self):
+        return await self._db.user_version()
+
+    async def compact_wal(self):
+        return await self._db.compact_wal()
+
+    async def close(self):
+        await self._db.close()
+
+
+async def test_every_store_works_over_the_protocol_alone(tmp_path):
+    from storage.protocol import StorageBackend
+
+    database = await Database.open(tmp_path / "p.sqlite3")
+    assert isinstance(database, StorageBackend)
+    backend = ProtocolOnly(database)
+    assert isinstance(backend, StorageBackend)
+    store = Store.over(backend)
+    try:
+        chat = await store.chats.chat("tg", 1, title="t")
+        ann = await store.chats.user("tg", 10, name="Ann")
+        asked = await store.messages.log_message(chat, "user", "hello", user_id=ann, platform_message_id=5)
+        await store.messages.log_message(chat, "bot", "hi", reply_to_id=asked)
+        assert await store.messages.seen_message(chat, 5) == (asked, True)
+        await store.messages.reset(chat)
+        assert [r["epoch"] for r in await store.trust.training_rows()] == [0, 0]
+        run = await store.runs.start_training_run("test")
+        await store.runs.update_training_run(run, status="done", finished=True)
+        assert (await store.runs.training_run(run))["status"] == "done"
+        await store.audit.record("tg", 10, "status", "", True)
+        assert len(await store.audit.recent()) == 1
+        await store.trust.set_user_consent("tg", 10, False)
+        assert await store.messages.forget_user("tg", 10) == 1
+        assert await store.messages.stats() == {"chats": 1, "users": 1, "messages": 0}
+    finally:
+        await store.close()
