@@ -26,7 +26,7 @@ from bots.chat.ratelimit import RateLimiter, Verdict
 from bots.chat.routing import current_chat
 from bots.chat.user_commands import UserCommands, chat_row
 from bots.metrics import record_reply
-from bots.platforms.registry import admin_ids
+from bots.platforms.registry import admin_ids, unlimited_platforms
 from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class ChatService:
         self.engine = engine
         self.conversations = conversations
         self.limiter = RateLimiter(config.chat.rate_limit_messages, config.chat.rate_limit_seconds)
+        self.unlimited = unlimited_platforms()      # platforms whose users are never rate-limited
         self.writes = WriteRetry(config.storage.write_retry_first_s, config.storage.write_retry_max_s)
         self.admin = AdminCommands(admin_ids(config) if admins is None else admins, conversations, engine, learning,
                                    writes=self.writes)
@@ -82,8 +83,9 @@ class ChatService:
         `stream` (a bots.chat.streaming.StreamedMessage) is shown the reply as it is written
         when `[chat] stream` is on; the adapter then finishes it with the returned Outgoing."""
         parsed = self.parse(msg)
-        if parsed.answer is not None:
-            return parsed.answer
+        if parsed.answer is not None:    # a sticker's note counts toward the limit like any message
+            verdict = self.limit(msg) if parsed.answer else Verdict(True)
+            return parsed.answer if verdict.allowed else self._slow_down_once(msg, verdict)
         if parsed.command is not None:
             return await self.command(*parsed.command, msg)
         verdict = self.gate(msg)
@@ -123,10 +125,20 @@ class ChatService:
         """Answer at all (see `should_answer`), and the per-user rate limit."""
         if not self.should_answer(msg):
             return Gate(False)
-        verdict = self.limiter.check((msg.platform, msg.user_id))
+        verdict = self.limit(msg)
         if verdict.allowed:
             return Gate(True)
         return Gate(True, self._slow_down(msg, verdict), limited=True)
+
+    def limit(self, msg: Incoming, *, record: bool = True) -> Verdict:
+        """The sender's rate limit: every kind of message and every command counts. A platform
+        whose spec says so (the console: its operator owns the machine) is not limited."""
+        if msg.platform in self.unlimited:
+            return Verdict(True)
+        key = (msg.platform, msg.user_id)
+        if not record:
+            return Verdict(self.limiter.peek(key))
+        return self.limiter.check(key)
 
     @staticmethod
     def _slow_down(msg: Incoming, verdict: Verdict) -> Outgoing | None:
@@ -135,6 +147,11 @@ class ChatService:
             return None
         return Outgoing(f"You're sending messages faster than I can think. Please wait {verdict.retry_in:.0f} s; "
                         "I won't answer until then.", reply_to=msg.message_id)
+
+    @classmethod
+    def _slow_down_once(cls, msg: Incoming, verdict: Verdict) -> list[Outgoing]:
+        notice = cls._slow_down(msg, verdict)
+        return [notice] if notice is not None else []
 
     def should_answer(self, msg: Incoming) -> bool:
         if msg.is_private or msg.answer_all or self.config.chat.answer_all_in_groups:
@@ -146,7 +163,7 @@ class ChatService:
         flood over the rate limit gets no typing indicator either)."""
         parsed = self.parse(msg)
         return (parsed.answer is None and parsed.command is None and self.should_answer(msg)
-                and self.limiter.peek((msg.platform, msg.user_id)))
+                and self.limit(msg, record=False).allowed)
 
     async def log_user_message(self, msg: Incoming, text: str, status: str = "ok") -> tuple[int, int, bool]:
         """Store the user's message, retrying while storage is unavailable; (chats.id,
@@ -245,10 +262,9 @@ class ChatService:
         spec = BY_NAME.get(name)
         if spec is None and not (msg.is_private or msg.mentions_bot):
             return []             # someone else's command in a group: not ours, costs nothing
-        verdict = self.limiter.check((msg.platform, msg.user_id))
+        verdict = self.limit(msg)
         if not verdict.allowed:
-            notice = self._slow_down(msg, verdict)
-            return [notice] if notice is not None else []
+            return self._slow_down_once(msg, verdict)
         handler = self.handlers.get(name)
         if spec is not None and spec.admin:
             return await self.admin.handle(name, args, msg, handler)

@@ -28,6 +28,7 @@ class PlatformSpec:
     admin_ids: Callable[[Any], Iterable] | None = None
     can_answer_privately: bool = False  # it can message the asker privately (from a group)
     optional_commands: frozenset[str] = field(default_factory=frozenset)   # e.g. a "Start" button's /start
+    rate_limited: bool = True           # its users are rate-limited (not the console's operator)
     order: int = 100                    # `mynah run` starts platforms in this order (quick starters first)
 
     def admins(self, config) -> frozenset[str] | None:
@@ -73,6 +74,11 @@ def platform(name: str) -> PlatformSpec | None:
 def admin_ids(config) -> dict[str, frozenset[str] | None]:
     """{platform: its admins' ids (None: everyone there)} for every registered platform."""
     return {name: spec.admins(config) for name, spec in discover().items()}
+
+
+def unlimited_platforms() -> frozenset[str]:
+    """The platforms whose users are never rate-limited."""
+    return frozenset(name for name, spec in discover().items() if not spec.rate_limited)
 
 
 def served() -> dict[str, PlatformSpec]:
