@@ -15,6 +15,7 @@ toward the same limit.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -106,7 +107,8 @@ class ChatService:
                                     stream=stream if self.config.chat.stream else None)
         if isinstance(reply, Outgoing):  # busy or failed: said, not stored
             return [reply]
-        return [await self.log_reply(chat_id, stored, msg, reply)]
+        out = await self.log_reply(chat_id, stored, msg, reply)
+        return [out] if out is not None else []
 
     # ---- the steps ----------------------------------------------------------------
     def parse(self, msg: Incoming) -> Parsed:
@@ -214,13 +216,20 @@ class ChatService:
             log.exception("generation failed for %s chat %s", msg.platform, msg.chat_id)
             return Outgoing(ERROR_TEXT, reply_to=msg.message_id)
 
-    async def log_reply(self, chat_id: int, answered: int, msg: Incoming, reply) -> Outgoing:
+    async def log_reply(self, chat_id: int, answered: int, msg: Incoming, reply) -> Outgoing | None:
         """Store the reply as pending (with the model version that wrote it, linked to the
-        stored message `answered`) and hand it out."""
-        stored = await self.writes.run(
-            f"{msg.platform} reply in chat {msg.chat_id}",
-            lambda: self.conversations.log_message(chat_id, "bot", reply.text, model_version=reply.model_version,
-                                                   reply_to=msg.message_id, status="pending", reply_to_id=answered))
+        stored message `answered`) and hand it out. None when the message was forgotten
+        (/forget) while the reply was written: the reply is dropped, neither stored nor sent."""
+        try:
+            stored = await self.writes.run(
+                f"{msg.platform} reply in chat {msg.chat_id}",
+                lambda: self.conversations.log_message(chat_id, "bot", reply.text, model_version=reply.model_version,
+                                                       reply_to=msg.message_id, status="pending",
+                                                       reply_to_id=answered))
+        except sqlite3.IntegrityError:    # the message it answers is gone (the foreign key)
+            log.info("%s chat %s: the message was forgotten while its reply was written; the reply is dropped",
+                     msg.platform, msg.chat_id)
+            return None
         record_reply(msg.platform, "fallback" if reply.fallback else "ok", reply.latency_s, reply.new_tokens)
         return Outgoing(reply.text, stored_id=stored, reply_to=msg.message_id)
 
