@@ -102,6 +102,23 @@ async def test_burst_of_40_gets_at_most_limit_plus_one_replies_and_others_are_an
     assert len(fake.calls_to("sendChatAction", 1300)) <= 20    # no "typing…" for each flood message
 
 
+@pytest.mark.timeout(90)
+async def test_a_slow_command_answer_does_not_hold_other_chats(bot, fake):
+    """Issue 25 #3: commands are not stored, so the acknowledgement waited for their answers
+    (throttled by the group's flood limit): a private chat waited 101 s. Now a command is
+    acknowledged at once and another chat's message is fetched and answered meanwhile."""
+    fake.delay_next("sendMessage", 20)                 # the group's /help answer takes 20 s to go out
+    command = fake.message(-1300, "/help", user_id=1301, chat_type="group")
+    await fake.wait_served(command)
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    fake.message(1302, "hello there")
+    await fake.wait_sent(1302, 1, timeout=15)
+    assert time.monotonic() - started < 8
+    assert fake.sent(-1300) == []                      # the /help answer is still on its way
+    await fake.wait_sent(-1300, 1, timeout=40)
+
+
 async def test_30_admin_commands_with_3000_char_arguments_cost_little(make_bot, fake):
     bot = await make_bot(chat={"rate_limit_messages": 4})
     for _ in range(30):

@@ -81,9 +81,13 @@ class ChatService:
 
         `on_logged()`, when given, is called as soon as the user's message is stored, before
         generation starts: an adapter may acknowledge the platform's delivery from then on.
+        Commands and non-text messages are not stored: it is called for them at once, so
+        their answers (which a platform may throttle) never hold other chats' updates.
         `stream` (a bots.chat.streaming.StreamedMessage) is shown the reply as it is written
         when `[chat] stream` is on; the adapter then finishes it with the returned Outgoing."""
         parsed = self.parse(msg)
+        if on_logged is not None and (parsed.answer is not None or parsed.command is not None):
+            on_logged()     # stores nothing: acknowledged at once, never waiting for its (throttled) answer
         if parsed.answer is not None:    # a sticker's note counts toward the limit like any message
             verdict = self.limit(msg) if parsed.answer else Verdict(True)
             return parsed.answer if verdict.allowed else self._slow_down_once(msg, verdict)
