@@ -18,7 +18,7 @@ import pytest
 from bots.chat.splitting import split_message, utf16_len
 from bots.platforms.telegram.adapter import NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT, TEXT_LIMIT
 from tests.fakes.telegram_api import TOKEN
-from tests.test_telegram import (ADMIN, ROOT, Harness, bot, fake, free_port, make_bot,  # noqa: F401 (fixtures)
+from tests.test_telegram import (ADMIN, ROOT, STICKER, Harness, bot, fake, free_port, make_bot,  # noqa: F401
                                  make_config)
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,6 +117,28 @@ async def test_a_slow_command_answer_does_not_hold_other_chats(bot, fake):
     assert time.monotonic() - started < 8
     assert fake.sent(-1300) == []                      # the /help answer is still on its way
     await fake.wait_sent(-1300, 1, timeout=40)
+
+
+@pytest.mark.timeout(180)
+async def test_per_chat_memory_stays_flat_as_chats_grow(make_bot, fake, monkeypatch):
+    """Issue 25 #12: the adapter's per-chat maps grew with every chat ever seen. They are
+    bounded (LRU for the newest message id, TTL + size for getChatMember answers): their
+    size is the same after 600 chats as after 300 (the bound here is 100; 10,000 in use)."""
+    monkeypatch.setattr("bots.platforms.telegram.adapter.CHATS_REMEMBERED", 100)
+    bot = await make_bot()
+    sizes = []
+    chat = -1_000_000
+    for batch in range(3):
+        updates = []
+        for _ in range(300 if batch == 0 else 150):
+            chat -= 1
+            updates.append(fake.message(chat, chat_type="group", user_id=5, sticker=STICKER))   # not answered
+        for group in range(-2000 - 60 * batch, -2060 - 60 * batch, -1):
+            updates.append(fake.message(group, "/optout", chat_type="group", user_id=5))          # getChatMember
+        await fake.wait_served(updates[-1], timeout=60)
+        await bot.idle()
+        sizes.append((len(bot.adapter._newest), len(bot.adapter._chat_admins)))
+    assert sizes == [(100, 60), (100, 100), (100, 100)]
 
 
 async def test_30_admin_commands_with_3000_char_arguments_cost_little(make_bot, fake):

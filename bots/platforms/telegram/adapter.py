@@ -26,9 +26,9 @@ import collections
 import dataclasses
 import logging
 import secrets
-import time
 from urllib.parse import urlsplit
 
+from cachetools import LRUCache, TTLCache
 from telegram import BotCommand, BotCommandScopeChat, Update
 from telegram.error import Conflict, InvalidToken, TelegramError
 from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, CommandHandler, ContextTypes,
@@ -54,6 +54,7 @@ OFFICIAL_API = "https://api.telegram.org"
 ALLOWED_UPDATES = [Update.MESSAGE, *reactions.UPDATES]   # + feedback; edits, channel posts etc. are not ours
 TOKEN_LABEL = "<TELEGRAM_BOT_TOKEN>"
 CHAT_ADMIN_TTL_S = 60.0                            # how long a getChatMember answer is trusted
+CHATS_REMEMBERED = 10_000                          # per-chat entries kept (least recently used go first)
 
 
 # ---- the adapter --------------------------------------------------------------------------
@@ -94,8 +95,9 @@ class TelegramAdapter(Platform):
         self.api_root, self._api_url, self._file_url = api_urls(self.config.base_url)
         self.application: Application | None = None
         self._requests: tuple[HTTPXRequest, ...] = ()
-        self._newest: dict[tuple[str, str], int] = {}   # (chat, topic) -> newest message id seen
-        self._chat_admins: dict[tuple[str, str], tuple[bool, float]] = {}   # getChatMember answers, timed
+        # Per-chat memory, bounded so that a bot in 100,000 chats holds only the recent ones.
+        self._newest: LRUCache[tuple[str, str], int] = LRUCache(CHATS_REMEMBERED)   # (chat, topic) -> newest id
+        self._chat_admins: TTLCache[tuple[str, str], bool] = TTLCache(CHATS_REMEMBERED, CHAT_ADMIN_TTL_S)
         self.errors: collections.deque[BaseException] = collections.deque(maxlen=100)  # latest handler errors
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -285,17 +287,17 @@ class TelegramAdapter(Platform):
         parsed = parse_command((msg.text or "").strip())
         if msg.is_private or parsed is None or parsed[0] not in GROUP_ADMIN_COMMANDS:
             return
-        key, now = (msg.chat_id, msg.user_id), time.monotonic()
+        key = (msg.chat_id, msg.user_id)
         cached = self._chat_admins.get(key)
-        if cached is None or now - cached[1] > CHAT_ADMIN_TTL_S:
+        if cached is None:
             try:
                 member = await self.application.bot.get_chat_member(int(msg.chat_id), int(msg.user_id))
-                cached = (member.status in ("creator", "administrator"), now)
+                cached = member.status in ("creator", "administrator")
             except (TelegramError, ValueError) as exc:
                 log.warning("getChatMember failed for a group command: %s", exc)
-                cached = (False, now)
+                cached = False
             self._chat_admins[key] = cached
-        msg.sender_is_chat_admin = cached[0]
+        msg.sender_is_chat_admin = cached
 
     # ---- outgoing -------------------------------------------------------------------
     async def send(self, chat_id: int | str, out: Outgoing, *, thread_id: int | None = None,
