@@ -165,14 +165,17 @@ async def test_unknown_command_echo_is_bounded_in_utf16(bot, fake):
 # ---- 4: replies in flight at kill -9 ----------------------------------------------------------
 
 @pytest.mark.timeout(120)
-async def test_kill_9_with_a_reply_in_flight_then_restart_resends_it(tmp_path, tiny_dialogpt, fake, make_bot):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_kill_9_with_a_reply_in_flight_then_restart_resends_it(tmp_path, tiny_dialogpt, fake, make_bot, stream):
+    """A whole reply in flight is resent; a streamed one (issue 25 #1: it used to be stored
+    only once complete, so the crash lost it) is held as an empty pending row from the
+    moment streaming starts, and written again and sent after the restart, once."""
     db_path = tmp_path / "mynah.sqlite3"
     config = tmp_path / "config.toml"
     config.write_text(
         f'[model]\npath = "{tiny_dialogpt}"\n[storage]\npath = "{db_path}"\n'
         f'[generation]\nmax_new_tokens = 4\nseed = 1\n[telegram]\nbase_url = "{fake.base_url}"\n'
-        '[chat]\nstream = false\n',          # a whole reply in flight (a streamed one is logged when complete)
-        encoding="utf-8")
+        f'[chat]\nstream = {str(stream).lower()}\nstream_edit_seconds = 0.2\n', encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT), TELEGRAM_BOT_TOKEN=TOKEN)
     env.pop("DISCORD_BOT_TOKEN", None)
     fake.delay_next("sendMessage", 60)                       # the reply hangs in flight
@@ -210,6 +213,7 @@ async def test_kill_9_with_a_reply_in_flight_then_restart_resends_it(tmp_path, t
     await asyncio.sleep(0.5)
     assert len(fake.sent(1500)) == 1                         # resent once, not answered twice
     assert statuses(bot, 1500) == [("user", "ok"), ("bot", "ok")]
+    assert fake.texts(1500)[0].strip() and bot.messages(1500)[1][1] == fake.texts(1500)[0]
 
 
 async def test_old_pending_reply_is_marked_failed_and_never_in_context(make_bot, fake):

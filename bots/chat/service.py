@@ -107,11 +107,18 @@ class ChatService:
             return [verdict.slow_down] if verdict.slow_down is not None else []
         history = await self.build_context(chat_id)
         system = await self.persona(chat_id)
-        reply = await self.generate(msg, history, system=system,
-                                    stream=stream if self.config.chat.stream else None)
+        stream = stream if self.config.chat.stream else None
+        held = None
+        if stream is not None:   # shown before it is complete: a crash now must not lose it
+            held = await self.hold_reply(chat_id, stored, msg)
+            if held is None:
+                return []
+        reply = await self.generate(msg, history, system=system, stream=stream)
         if isinstance(reply, Outgoing):  # busy or failed: said, not stored
+            if held is not None:
+                await self.failed(Outgoing("", stored_id=held))
             return [reply]
-        out = await self.log_reply(chat_id, stored, msg, reply)
+        out = await self.log_reply(chat_id, stored, msg, reply, held=held)
         return [out] if out is not None else []
 
     # ---- the steps ----------------------------------------------------------------
@@ -220,20 +227,35 @@ class ChatService:
             log.exception("generation failed for %s chat %s", msg.platform, msg.chat_id)
             return Outgoing(ERROR_TEXT, reply_to=msg.message_id)
 
-    async def log_reply(self, chat_id: int, answered: int, msg: Incoming, reply) -> Outgoing | None:
-        """Store the reply as pending (with the model version that wrote it, linked to the
-        stored message `answered`) and hand it out. None when the message was forgotten
-        (/forget) while the reply was written: the reply is dropped, neither stored nor sent."""
+    async def hold_reply(self, chat_id: int, answered: int, msg: Incoming, text: str = "",
+                         model_version: str | None = None) -> int | None:
+        """Store a pending reply row (empty while a streamed reply is still being written, so
+        that after a crash start-up recovery writes and sends it). None when the message it
+        answers was forgotten (/forget) meanwhile: the reply is dropped."""
         try:
-            stored = await self.writes.run(
+            return await self.writes.run(
                 f"{msg.platform} reply in chat {msg.chat_id}",
-                lambda: self.conversations.log_message(chat_id, "bot", reply.text, model_version=reply.model_version,
+                lambda: self.conversations.log_message(chat_id, "bot", text, model_version=model_version,
                                                        reply_to=msg.message_id, status="pending",
                                                        reply_to_id=answered))
         except sqlite3.IntegrityError:    # the message it answers is gone (the foreign key)
             log.info("%s chat %s: the message was forgotten while its reply was written; the reply is dropped",
                      msg.platform, msg.chat_id)
             return None
+
+    async def log_reply(self, chat_id: int, answered: int, msg: Incoming, reply, *, held: int | None = None
+                        ) -> Outgoing | None:
+        """Store the reply as pending (with the model version that wrote it, linked to the
+        stored message `answered`; into the `held` row when streaming stored one) and hand it
+        out. None when the message was forgotten meanwhile: neither stored nor sent."""
+        if held is None:
+            stored = await self.hold_reply(chat_id, answered, msg, reply.text, reply.model_version)
+            if stored is None:
+                return None
+        else:
+            stored = held
+            await self.writes.run(f"{msg.platform} reply in chat {msg.chat_id}", lambda: self.conversations.set_status(
+                held, "pending", text=reply.text, model_version=reply.model_version))
         record_reply(msg.platform, "fallback" if reply.fallback else "ok", reply.latency_s, reply.new_tokens)
         return Outgoing(reply.text, stored_id=stored, reply_to=msg.message_id)
 
@@ -253,12 +275,17 @@ class ChatService:
     async def recover_pending(self, platform: str, send) -> tuple[int, int]:
         """Replies left 'pending' by a process that died mid-send: resent through
         `send(chat_id, thread_id, out)` when younger than [chat] resend_pending_minutes,
-        else marked failed. Returns (resent, failed); `send` marks each delivered or failed."""
+        else marked failed. One cut short while it was streamed (stored empty) is written
+        again now, from the chat's context. Returns (resent, failed); `send` marks each
+        delivered or failed, so each is dealt with once."""
         max_age = self.config.chat.resend_pending_minutes * 60
         resent = dropped = 0
         for pending in await self.conversations.pending_replies(platform):
-            if time.time() - pending.created_at <= max_age:
-                out = Outgoing(pending.text, stored_id=pending.id, reply_to=pending.reply_to_platform_id)
+            text = pending.text
+            if time.time() - pending.created_at <= max_age and not text:
+                text = await self._rewrite(pending)
+            if time.time() - pending.created_at <= max_age and text:
+                out = Outgoing(text, stored_id=pending.id, reply_to=pending.reply_to_platform_id)
                 await send(pending.platform_chat_id, pending.thread_id, out)
                 resent += 1
             else:
@@ -268,6 +295,17 @@ class ChatService:
             log.warning("%s: %d reply(ies) left pending by the last run: %d resent, %d too old and marked failed",
                         platform, resent + dropped, resent, dropped)
         return resent, dropped
+
+    async def _rewrite(self, pending) -> str:
+        """The reply a crash cut short while it was streamed, written again (and stored)."""
+        chat_id = await self.conversations.chat(pending.platform, pending.platform_chat_id, thread_id=pending.thread_id)
+        try:
+            reply = await self.engine.reply(await self.build_context(chat_id), system=await self.persona(chat_id))
+        except Exception as exc:       # the engine is down: the reply is marked failed
+            log.warning("could not write again a reply cut short by the last run: %s", exc)
+            return ""
+        await self.conversations.set_status(pending.id, "pending", text=reply.text, model_version=reply.model_version)
+        return reply.text
 
     # ---- commands ---------------------------------------------------------------
     async def command(self, name: str, args: list[str], msg: Incoming) -> list[Outgoing]:
