@@ -17,7 +17,7 @@ import pytest
 
 from bots.chat.splitting import split_message, utf16_len
 from bots.platforms.telegram.adapter import NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT, TEXT_LIMIT
-from tests.fakes.telegram_api import TOKEN
+from tests.fakes.telegram_api import BOT_USERNAME, TOKEN
 from tests.test_telegram import (ADMIN, ROOT, STICKER, Harness, bot, fake, free_port, make_bot,  # noqa: F401
                                  make_config)
 
@@ -137,7 +137,7 @@ async def test_per_chat_memory_stays_flat_as_chats_grow(make_bot, fake, monkeypa
             updates.append(fake.message(group, "/optout", chat_type="group", user_id=5))          # getChatMember
         await fake.wait_served(updates[-1], timeout=60)
         await bot.idle()
-        sizes.append((len(bot.adapter._newest), len(bot.adapter._chat_admins)))
+        sizes.append((len(bot.adapter._newest), len(bot.adapter.chat_admins)))
     assert sizes == [(100, 60), (100, 100), (100, 100)]
 
 
@@ -253,6 +253,34 @@ async def test_emoji_reply_over_4096_units_goes_through_the_real_bot(bot, fake):
 
 
 # ---- 6 + 8: anonymous admins, private admin output ------------------------------------------
+
+async def test_channel_admins_can_forget_what_was_posted_under_its_name(bot, fake):
+    """Issue 25 #7: "send as channel" posts are stored under the channel's id, so nobody's
+    /forget reached them. Now a channel admin's `/forget @channel` does, and says so."""
+    group, channel, owner, stranger = -1603, -1009001, 4242, 4343
+    fake.chats[channel] = {"id": channel, "type": "channel", "title": "News", "username": "newsroom"}
+    fake.chat_creators[channel].add(owner)
+    as_channel = {"sender_chat": fake.chats[channel]}
+    fake.message(group, f"@{BOT_USERNAME} hello from the channel", user_id=136817688, chat_type="supergroup",
+                 first_name="Channel", **as_channel)
+    await fake.wait_sent(group, 1)
+    await bot.idle()
+    assert [r[0] for r in bot.rows("SELECT u.platform_user_id FROM messages m JOIN users u ON u.id = m.user_id")] \
+        == [str(channel)]
+
+    fake.message(group, "/forget", user_id=136817688, chat_type="supergroup", first_name="Channel", **as_channel)
+    await fake.wait_sent(group, 2)
+    assert "/forget <the channel's id or @username>" in fake.texts(group)[1]      # how to do it instead
+    fake.message(group, "/forget @newsroom", user_id=stranger, chat_type="supergroup")
+    await fake.wait_sent(stranger, 1)
+    assert "Only the admins of" in fake.texts(stranger)[0]
+    fake.message(group, "/forget @newsroom", user_id=owner, chat_type="supergroup")
+    await fake.wait_sent(owner, 1)
+    await bot.idle()
+    assert f"as an admin of {channel}, you had me delete 1 messages posted under its name" in fake.texts(owner)[0]
+    assert bot.rows("SELECT COUNT(*) FROM messages WHERE role = 'user'") == [(0,)]
+    assert bot.rows("SELECT args, allowed FROM admin_audit WHERE command = 'forget' ORDER BY id") == \
+        [(f"posted as {channel}", 0), (f"posted as {channel}", 1)]
 
 async def test_admin_output_in_a_group_goes_privately(bot, fake):
     group = -1600
