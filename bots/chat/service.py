@@ -27,7 +27,7 @@ from bots.chat.ratelimit import RateLimiter, Verdict
 from bots.chat.routing import current_chat
 from bots.chat.user_commands import UserCommands, chat_row
 from bots.metrics import record_reply
-from bots.platforms.registry import admin_ids, unlimited_platforms
+from bots.platforms.registry import admin_ids, forgetting_for_chats, unlimited_platforms
 from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ class ChatService:
         self.writes = WriteRetry(config.storage.write_retry_first_s, config.storage.write_retry_max_s)
         self.admin = AdminCommands(admin_ids(config) if admins is None else admins, conversations, engine, learning,
                                    writes=self.writes)
-        self.user = UserCommands(config, conversations, self.admin.is_admin, learning)
+        self.user = UserCommands(config, conversations, self.admin.is_admin, learning,
+                                 forgets_for_chats=forgetting_for_chats())
         # Each command's handler, bound once from the command table (bots/chat/commands.py).
         self.handlers = bind({"user": self.user, "admin": self.admin, "learning": learning,
                               "trust": learning.trust if learning is not None else None})

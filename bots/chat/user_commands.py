@@ -28,8 +28,9 @@ async def chat_row(conversations, msg: Incoming) -> int:
 
 
 class UserCommands:
-    def __init__(self, config, conversations, is_admin, learning=None):
+    def __init__(self, config, conversations, is_admin, learning=None, *, forgets_for_chats=frozenset()):
         self.config = config
+        self.forgets_for_chats = forgets_for_chats   # platforms whose adapters check /forget <chat>
         self.conversations = conversations
         self.is_admin = is_admin          # (platform, user_id) -> bool: Mynah's admins
         self.learning = learning          # /forget retires the model versions that learned from the sender
@@ -64,6 +65,8 @@ class UserCommands:
                          f"{deleted[1]}", ephemeral=True, private=True)]
 
     async def _forget_for_chat(self, target: str, msg: Incoming) -> list[Outgoing]:
+        if msg.platform not in self.forgets_for_chats:
+            return [Outgoing("/forget takes no argument here: it deletes everything you said to me.", ephemeral=True)]
         allowed = msg.sender_is_chat_admin is True
         await self.conversations.audit(msg.platform, msg.user_id, "forget", f"posted as {target}"[:200], allowed)
         if not allowed:
