@@ -3,14 +3,15 @@
     parse -> gate -> log the user message -> build context (+ persona) -> generate -> log the reply
 
 The user's message is stored before generation starts, so a crash never loses it; the
-reply is stored as "pending" (linked to the message it answers) and the adapter marks it
-sent or failed. Writes on this path are retried while storage is locked or full
-(bots/chat/durable.py). With `[chat] stream` and an adapter that can show a reply while
-it is written (a `StreamedMessage`), `generate` feeds it the text as the engine writes it;
-the reply is still stored once, complete. Commands leave the path after `parse`; messages
-the bot should not answer leave it at `gate`; messages over the rate limit are stored as
-'limited' and never answered (one "slow down" notice per window), and commands count
-toward the same limit.
+reply is stored as "pending" (linked to the message it answers) and the delivery routine
+(bots/chat/delivery.py) marks it sent or failed. Writes on this path are retried while
+storage is locked or full (bots/chat/durable.py). With `[chat] stream` and a
+`StreamedMessage`, `generate` feeds it the text as the engine writes it; the pending row is
+stored when streaming starts (empty, so a crash leaves it for start-up recovery to write
+again) and completed once the reply is. Commands leave the path after `parse`; messages the
+bot should not answer leave it at `gate`; messages over the rate limit are stored as
+'limited' and never answered (one "slow down" notice per window); commands and non-text
+messages count toward the same limit. The console's operator is not limited.
 """
 from __future__ import annotations
 
