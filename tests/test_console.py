@@ -50,6 +50,16 @@ def test_pipe_gets_one_line_per_message_and_remembers_after_restart(tmp_path, ti
     assert texts == ["hello there", "what do you like to do ?", "i like books"]
 
 
+def test_the_console_operator_is_not_rate_limited(tmp_path, tiny_dialogpt):
+    """Issue 25 #14: README's piped example hit "faster than I can think" at line 9."""
+    config = write_config(tmp_path, tiny_dialogpt)
+    config.write_text(config.read_text(encoding="utf-8") + "[chat]\nrate_limit_messages = 2\n", encoding="utf-8")
+    lines = [f"line number {i}" for i in range(6)] + ["/help", "/reset", "one more"]
+    out = chat(config, lines)
+    assert len(out) == len(lines)
+    assert not [line for line in out if "faster than I can think" in line]
+
+
 def test_reset_then_context_starts_afresh(tmp_path, tiny_dialogpt):
     import asyncio
 

@@ -120,7 +120,7 @@ def describe_version(v: Version, active: str | None, replies: int | None = None)
 
 
 def describe_run(r: dict) -> str:
-    """One training_runs row (as Conversations.training_runs returns it) on one line."""
+    """One training_runs row (as storage.runs.Runs.training_runs returns it) on one line."""
     dur = duration(r["duration_s"]) if r.get("duration_s") is not None else "running"
     what = r.get("decision") or r["status"]
     if r["status"] in (RunStatus.FAILED, RunStatus.INTERRUPTED) and r.get("error"):
