@@ -35,7 +35,7 @@ import time
 from typing import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from engine.dialogue import DialogueFormat
+from engine.dialogue import DialogueFormat, defang_markup
 from engine.serving.breaker import CircuitBreaker, backoff_delays
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, EngineUnavailable, Reply,
                                      ReplyEngine, ReplyStream, SamplingParams)
@@ -264,17 +264,33 @@ class OpenAIEngine(ReplyEngine):
             body["extra_body"] = {"top_k": params.top_k if params.top_k > 0 else -1,
                                   "repetition_penalty": params.repetition_penalty,
                                   "min_tokens": params.min_new_tokens}
-        if self.fmt is None:
-            messages = [{"role": "system", "content": system}] if system else []
-            messages += [{"role": "assistant" if role == "bot" else "user", "content": text} for role, text in turns]
+        if self.fmt is None:   # the server renders its chat template: no text may spell a control token
+            messages = [{"role": "system", "content": defang_markup(system)}] if system else []
+            messages += [{"role": "assistant" if role == "bot" else "user", "content": defang_markup(text)}
+                         for role, text in turns]
             body["messages"] = messages
         else:
             body["prompt"], body["stop"] = self.prompt(turns, params)
         return body
 
     def prompt(self, turns: Sequence[Turn], params: SamplingParams) -> tuple[str, list[str]]:
-        """Mynah's dialogue format as text, and the turn separator as the stop sequence."""
-        tokenizer = self.fmt.tokenizer
-        ids = self.fmt.context_ids(list(turns), max(8, self.max_context_tokens))
-        separator = tokenizer.convert_ids_to_tokens(self.fmt.turn_end_id)
-        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), [separator]
+        """Mynah's dialogue format as text, and the turn separator as the stop sequence.
+
+        The server tokenizes this text, so the safe ids of a typed `<|endoftext|>` would turn
+        back into the control token: each turn is decoded alone and defanged, and only Mynah
+        writes the separators."""
+        tokenizer, fmt = self.fmt.tokenizer, self.fmt
+        specials = tokenizer.all_special_tokens
+        ids = fmt.context_ids([(role, defang_markup(text, specials)) for role, text in turns],
+                              max(8, self.max_context_tokens))
+        separator = tokenizer.convert_ids_to_tokens(fmt.turn_end_id)
+        if fmt.name == "chat_template":   # the template wrote the control tokens; the texts are defanged
+            return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), [separator]
+        head = tokenizer.decode(fmt.start_ids, skip_special_tokens=False) if fmt.start_ids else ""
+        body, pieces = ids[len(fmt.start_ids):], []
+        while body:
+            end = body.index(fmt.turn_end_id) if fmt.turn_end_id in body else len(body)
+            text = tokenizer.decode(body[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            pieces.append(defang_markup(text, specials) + separator)
+            body = body[end + 1:]
+        return head + "".join(pieces), [separator]
