@@ -338,6 +338,33 @@ async def test_mynah_run_refuses_an_enabled_dashboard_without_a_token(tmp_path, 
     assert not (tmp_path / "mynah.sqlite3").exists()      # stopped before loading or opening anything
 
 
+async def test_mynah_run_serves_the_dashboard_alone_without_a_platform_token(tmp_path, tiny_dialogpt, caplog):
+    caplog.set_level(logging.INFO)
+    config = run_config(tmp_path, tiny_dialogpt)
+    url = f"http://127.0.0.1:{config.dashboard.port}"
+    stop = asyncio.Event()
+    served = asyncio.create_task(serve(config, environ={"MYNAH_DASHBOARD_TOKEN": TOKEN}, stop_event=stop))
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                assert not served.done(), "mynah run exited instead of serving the dashboard"
+                try:
+                    async with http.get(url + "/api/overview") as r:
+                        overview = await r.json()
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+        assert overview["platforms"] == {} and overview["version"]
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(served, 30) == 0
+    assert "serving the dashboard alone on " + url in caplog.text
+    off = run_config(tmp_path, tiny_dialogpt, dashboard={"enabled": False})
+    assert await serve(off, environ={}) == 2     # nothing to serve at all
+
+
 async def test_mynah_run_serves_the_dashboard_beside_telegram(tmp_path, tiny_dialogpt):
     fake = await FakeTelegram().start()
     config = run_config(tmp_path, tiny_dialogpt, telegram={"base_url": fake.base_url})
