@@ -240,6 +240,26 @@ async def test_concurrent_scrapes_read_no_table_scan_and_do_not_hold_a_user_mess
         await app.close()
 
 
+async def test_counts_of_one_read_in_the_singular(bot, tmp_path, capsys):
+    from bots.durations import plural
+    from scripts.cli import main
+
+    assert [plural(n, "reply") for n in (0, 1, 2)] == ["0 replies", "1 reply", "2 replies"]
+    assert plural(1, "version") == "1 version" and plural(3, "day") == "3 days"
+    app, handle = bot
+    for out in await app.chat.handle(console("hello there")):
+        await app.chat.delivered(out, None)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        async with http.get(handle.url + "/api/overview") as r:
+            assert (await r.json())["display"]["stored"] == "1 chat, 1 user, 2 messages"
+    status = "\n".join(o.text for o in await app.chat.handle(console("/status")))
+    assert "Stored: 1 chat, 2 messages" in status and "over 1 reply" in status, status
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\npath = "{app.config.storage.path}"\n[learning]\nregistry = "{tmp_path / "models"}"\n')
+    assert await asyncio.to_thread(main, ["--config", str(config), "models"]) == 0
+    assert "(1 version; * = active)" in capsys.readouterr().out
+
+
 async def login(http: aiohttp.ClientSession, url: str) -> str:
     """Log in through the form; returns the page's CSRF token."""
     async with http.post(url + "/login", data={"token": "not-it", "next": "/"}, allow_redirects=False) as r:
