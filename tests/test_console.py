@@ -96,3 +96,30 @@ def test_bad_config_value_is_named(tmp_path, bad, message):
                             input="", capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_piped_lines_are_not_counted_as_feedback(tmp_path, tiny_dialogpt):
+    """A script's next line is no reaction: a piped "what?" must not make the reply before it
+    negative, nor a piped line make it "continued"."""
+    import asyncio
+    import time
+
+    from bots.config import load_config
+    from bots.feedback import FeedbackRecorder
+    from storage.db import Database
+    from storage.feedback import Feedback, summarize
+
+    config = write_config(tmp_path, tiny_dialogpt)
+    assert len(chat(config, ["hello there", "what?", "hello again"])) == 3
+
+    async def rated():
+        db = await Database.open(str(tmp_path / "db.sqlite3"))
+        try:
+            recorder = FeedbackRecorder(load_config(config).feedback, Feedback(db))
+            await recorder.derive(now=time.time() + 86400)      # every window has passed
+            return summarize(await recorder.store.scores())
+        finally:
+            await db.close()
+
+    (version,) = asyncio.run(rated()).values()
+    assert version.replies == 3 and (version.evaluated, version.negative, version.positive) == (0, 0, 0)
