@@ -1,0 +1,23 @@
+"""The Discord adapter (adapter.py and its parts).
+
+Mynah never joins a voice channel, so discord.py's start-up warnings about the voice
+libraries ("PyNaCl is not installed, voice will NOT be supported", the same for davey, and
+Python's DeprecationWarning for its audioop import) only alarm operators: silenced here,
+before discord.py is imported or a client is made.
+"""
+from __future__ import annotations
+
+import warnings
+
+
+def _no_voice_warnings() -> None:
+    warnings.filterwarnings("ignore", message="'audioop' is deprecated", category=DeprecationWarning)
+    try:
+        from discord.voice_client import VoiceClient
+    except ImportError:   # discord.py not installed: the adapter says so when it is used
+        return
+    VoiceClient.warn_nacl = False
+    VoiceClient.warn_dave = False
+
+
+_no_voice_warnings()
