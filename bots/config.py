@@ -325,8 +325,9 @@ def _check_engine(section: Any) -> None:
         raise ConfigError("[engine] retries, retry_backoff_seconds and breaker_cooldown_seconds must be 0 or more")
     if section.backend == "openai":
         if not section.base_url.startswith(("http://", "https://")):
+            shown = "…@" + section.base_url.rsplit("@", 1)[1] if "@" in section.base_url else section.base_url
             raise ConfigError('[engine] backend = "openai" needs base_url, the server\'s API root, '
-                              f'e.g. "http://gpu-box:8000/v1"; got {section.base_url!r}')
+                              f'e.g. "http://gpu-box:8000/v1"; got {shown!r}')   # never a password
         if not section.model.strip():
             raise ConfigError('[engine] backend = "openai" needs model, the served model name '
                               "(what GET /v1/models lists)")

@@ -406,3 +406,8 @@ async def test_credentials_in_base_url_never_reach_an_error_or_a_log(backend, ca
     async with OpenAIEngine(backend.base_url.replace("http://", f"http://mynah:{secret}@"), backend.model) as engine:
         assert (await engine.reply([("user", "hi")])).text == backend.default_reply
     assert secret not in caplog.text
+    from bots.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="needs base_url") as bad:   # a URL without its scheme
+        parse_config({"engine": {"backend": "openai", "model": "m", "base_url": f"mynah:{secret}@gpu:8000/v1"}})
+    assert secret not in str(bad.value)
