@@ -25,6 +25,7 @@ from bots.learning.export import BaseCorpus, changed_since_export, export_dialog
 from bots.learning.loop import Learning
 from bots.learning.schedule import ScheduleState
 from engine.training.finetune import read_data
+from engine.training import events
 from engine.training.events import Train
 from engine.registry import FileLock, Registry, RegistryError, clean_stale, parse_version
 from storage.store import Store
@@ -217,6 +218,20 @@ def test_decide_never_promotes_nan_and_needs_the_margin():
     ok = judge({"held_out": 3.0, "base": 4.0}, {"held_out": 2.9, "base": 4.05})
     assert ok.decision is Decision.PROMOTED and ok.decision == "promoted" and "fell by 0.1000" in ok.reason
     assert judge({"held_out": 3.0, "base": None}, {"held_out": 2.9, "base": None}).promoted
+
+
+def test_every_trainer_event_crosses_the_process_boundary_unchanged():
+    """Each record, written as the child writes it, reads back as the same record (Train has a
+    `kind` field of its own, which once overwrote the record's tag and was read back as None)."""
+    records = [events.Started(41, run_id=3), events.Stage("training", run_id=3),
+               events.Data(train=10, held_out=2, base_eval=2, dropped_forgotten=1),
+               events.Scored("after", held_out=2.5, base=3.0), Train("step", step=4, total_steps=9, lr=1e-3, run_id=3),
+               events.Finished(ok=True, before={"held_out": 3.0}, probes={"p": ["a"]}),
+               events.RunEnded("done", "promoted", "fell", run_id=3)]
+    assert {type(r) for r in records} == set(events.KINDS.values())
+    for record in records:
+        assert events.read_event(events.to_json(record)) == record
+    assert events.read_event("step 4 of 9") is None and events.read_event('{"record": "nope"}') is None
 
 
 # --------------------------------------------------------------------------- failures
