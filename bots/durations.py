@@ -1,4 +1,4 @@
-"""How long something took, the way people read it: one helper for /status, run reports and the dashboard."""
+"""How long something took and how many there were, the way people read it: one helper each for /status, run reports, the dashboard and the CLI."""
 from __future__ import annotations
 
 
@@ -16,3 +16,8 @@ def duration(seconds: float | None, missing: str = "?") -> str:
     if hours < 48:
         return f"{hours}h {m:02d}m"
     return f"{hours // 24}d {hours % 24:02d}h"
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """"1 message", "2 messages" ("person"/"people": pass the plural form)."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"

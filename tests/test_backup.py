@@ -191,6 +191,24 @@ def test_backup_and_restore_commands(tmp_path, capsys):
     assert "restored" in capsys.readouterr().out
 
 
+def test_backup_and_restore_say_one_message_not_one_messages(tmp_path, capsys):
+    live = tmp_path / "data" / "mynah.sqlite3"
+
+    async def fill():
+        db = await Database.open(live)
+        await seed(db, 1)
+        await db.close()
+
+    asyncio.run(fill())
+    config = write_config(tmp_path, live)
+    out = tmp_path / "one.sqlite3"
+    assert main(["--config", str(config), "backup", str(out)]) == 0
+    assert main(["--config", str(config), "restore", "--check", str(out)]) == 0
+    assert main(["--config", str(config), "restore", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("1 message") == 3 and "1 messages" not in printed
+
+
 # ------------------------------------------------------------------------------- export
 
 SECRET_OPTED_OUT = "my secret from a chat that opted out"
