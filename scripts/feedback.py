@@ -21,8 +21,11 @@ HELP = "per-version feedback: replies, positive, negative, continuation rate, wi
 
 def _hours(text: str) -> float:
     """argparse's check of --hours: a number, 0 (all) or more."""
-    hours = float(text)
-    if hours < 0:
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not hours >= 0:    # also NaN
         raise argparse.ArgumentTypeError("must be 0 (all) or more")
     return hours
 
