@@ -361,12 +361,12 @@ async def test_an_overdue_interval_catches_up_after_a_restart(tmp_path):
     try:
         learning = Learning(config, registry, Store.over(db))
         await learning.start()                                  # first start: a whole interval from now
-        assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 86400, abs=5)
+        assert learning.schedule.next_run_time().timestamp() == pytest.approx(time.time() + 86400, abs=5)
         await learning.stop()
         ScheduleState(registry.root).save(time.time() - 3 * 86400)  # the bot was down when it was due
         learning = Learning(config, registry, Store.over(db))
         await learning.start()
-        assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 60, abs=5)
+        assert learning.schedule.next_run_time().timestamp() == pytest.approx(time.time() + 60, abs=5)
         await learning.stop()
     finally:
         await db.close()
@@ -430,7 +430,7 @@ async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
         assert "/optout" in await changed_since_export(conv, dataclasses.replace(plan2, ids=set(), chats=plan.chats))
         assert await changed_since_export(conv, plan2) is None   # what is exported now is all still allowed
         # stale export files from a crashed run are deleted on the next start
-        await learning.recover()
+        await learning.runs.recover()
         assert not data.exists() and not data2.exists()
     finally:
         await db.close()
