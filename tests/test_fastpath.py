@@ -111,8 +111,8 @@ def test_fast_path_switch_and_models_it_does_not_serve(fp32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
-    assert pick_decoder(llama, "auto").name == "transformers"
+                                         num_attention_heads=2, num_key_value_heads=2, hidden_act="gelu"))
+    assert pick_decoder(llama, "auto").name == "transformers"  # a Llama whose MLP is not SwiGLU
 
 
 def test_static_cache_keeps_each_rows_keys_through_merge_select_and_growth():

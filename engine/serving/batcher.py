@@ -4,8 +4,8 @@ Requests from all chats go into one bounded queue. The worker runs continuous ba
 at each decode step, waiting requests are prefilled and merged into the running batch
 (KV cache rows), every row gets one token with its own sampling settings, and finished
 rows leave at once. The model's forward passes go through one seam, a decoder
-(engine.serving.fastpath: a hand-written GPT-2 step on a static KV cache where the model
-is GPT-2-family and `fast_path="auto"`, else transformers' own forward, hf_step). So a short reply never waits for a
+(engine.serving.fastpath: a hand-written GPT-2 or Llama step on a static KV cache where the model
+is GPT-2- or Llama-family and `fast_path="auto"`, else transformers' own forward, hf_step). So a short reply never waits for a
 long one and a new chat never waits for a whole batch. Torch runs in this thread, never
 in the event loop. A model swap happens between batches: rows in flight finish on the
 model they started with, and each reply names the version that wrote it.
@@ -101,7 +101,7 @@ class Engine(WorkerThread, ModelEngine):
         self.threads = threads
         self.grow_cache = grow_cache  # KV cache with spare room (kvcache.GrowingLayer) where the model allows it
         self.pack_weights = pack_weights  # fp32 CPU models: linear weights pre-packed for oneDNN (quantize.pack_fp32)
-        self.fast_path = fast_path  # "auto": GPT-2-family models decode on engine.serving.fastpath; "off": transformers
+        self.fast_path = fast_path  # "auto": GPT-2- and Llama-family models decode on engine.serving.fastpath; "off": transformers
         self._decoder = None  # the model seam (fastpath.FastDecoder or hf_step.HFDecoder), made in the worker
         self._threads_wanted: int | None = None  # set_threads(): applied by the worker between steps
         self.threads_now: int | None = None  # the worker's torch threads after its last set_threads
@@ -233,7 +233,7 @@ class Engine(WorkerThread, ModelEngine):
     def _make_decoder(self, loaded: LoadedModel) -> None:
         """THE model seam: pick the decoder every forward pass of the worker goes through.
 
-        GPT-2-family models take the fast path (fastpath.FastDecoder: its fp32 weights stay
+        GPT-2- and Llama-family models take the fast path (fastpath.FastDecoder: its fp32 weights stay
         as they are, the plain BLAS path is quicker for 1-row steps than oneDNN's packed
         layout); other models take transformers' forward, whose fp32 CPU weights are packed
         for oneDNN once (quantize.pack_fp32; 1.5-2.4x its default path). In the worker thread
