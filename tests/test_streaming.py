@@ -232,7 +232,7 @@ async def test_local_engine_reply_is_streamed_to_telegram_and_stored_once(tmp_pa
         await telegram.close()
     with sqlite3.connect(config.storage.path) as db:
         stored = db.execute("SELECT text, status, platform_message_id FROM messages WHERE role = 'bot'").fetchall()
-    assert len(telegram.sent(601)) == 1                  # one message, shown early, edited to the end
+    assert len(telegram.sent(601)) == 1                  # one message (drafts before it: tests/test_drafts.py)
     [(text, status, message_id)] = stored                # stored once, complete
     assert telegram.shown(601) == [text] and status == "ok"
     assert message_id == str(telegram.sent(601)[0].result["message_id"])
