@@ -37,6 +37,17 @@ from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
 
+# Streamed rows get new text at most this often (the first words at once): every push wakes
+# the event loop, which then competes with this thread for the GIL, and a platform shows at
+# most one edit or draft per `[chat] stream_edit_seconds` anyway.
+STREAM_PUSH_S = 0.1
+
+
+def _push_all(pushes: list) -> None:
+    """Event loop: hand each stream its delta (one wake-up of the loop per decode step, not one per row)."""
+    for stream, delta in pushes:
+        stream.push(delta)
+
 
 @dataclass
 class _Request:
@@ -51,17 +62,22 @@ class _Request:
     version: str = ""
     stream: ReplyStream | None = None   # streaming: decoded text goes to it after every step
     streamed: str = ""                  # the text pushed to `stream` so far (worker side)
+    pushed_at: float = 0.0              # when it was last pushed (worker side, time.monotonic)
 
-    def push_text(self, text: str) -> None:
-        """Worker thread: hand the stream what `text` adds to what it already has.
+    def stream_due(self, now: float) -> bool:
+        """Worker thread: time to hand the stream new text (the first words at once, then every STREAM_PUSH_S)."""
+        return self.stream is not None and (not self.streamed or now - self.pushed_at >= STREAM_PUSH_S)
+
+    def text_delta(self, text: str, now: float) -> str:
+        """Worker thread: what `text` adds to what the stream already has ("" for nothing yet).
 
         Byte-level BPE decodes a half-written character as U+FFFD until the rest arrives, so
         trailing ones are held back; text that does not extend what was sent waits too."""
         text = text.rstrip("\ufffd")
-        if self.stream is None or not text.startswith(self.streamed) or len(text) == len(self.streamed):
-            return
-        delta, self.streamed = text[len(self.streamed):], text
-        self.loop.call_soon_threadsafe(self.stream.push, delta)
+        if not text.startswith(self.streamed) or len(text) == len(self.streamed):
+            return ""
+        delta, self.streamed, self.pushed_at = text[len(self.streamed):], text, now
+        return delta
 
     def finish(self, result) -> None:
         def _set():
@@ -344,7 +360,7 @@ class Engine(WorkerThread, ModelEngine):
     def _retire(self, batch: "_Batch", tokens: list[int]) -> "_Batch | None":
         """Append each row's token; finish rows that stopped; keep the others."""
         stop_ids = self._loaded.fmt.stop_ids
-        keep = []
+        keep, pushes, now = [], {}, time.monotonic()
         for i, (request, token) in enumerate(zip(batch.rows, tokens)):
             stopped = token in stop_ids
             if not stopped:
@@ -354,9 +370,13 @@ class Engine(WorkerThread, ModelEngine):
             if stopped or len(request.generated) >= request.params.max_new_tokens:
                 self._complete(request)
             else:
-                if request.stream is not None and not stopped:
-                    request.push_text(self._loaded.fmt.decode(request.generated))
+                if request.stream_due(now):
+                    delta = request.text_delta(self._loaded.fmt.decode(request.generated), now)
+                    if delta:
+                        pushes.setdefault(request.loop, []).append((request.stream, delta))
                 keep.append(i)
+        for loop, items in pushes.items():
+            loop.call_soon_threadsafe(_push_all, items)
         if len(keep) == len(batch.rows):
             return batch
         if not keep:
@@ -368,7 +388,7 @@ class Engine(WorkerThread, ModelEngine):
         loaded = self._loaded
         text = loaded.fmt.decode(request.generated)
         if not text and request.attempt < 2:  # empty: try again with sampling
-            retry = dataclasses.replace(request, attempt=request.attempt + 1, generated=[], sampler=None, streamed="",
+            retry = dataclasses.replace(request, attempt=request.attempt + 1, generated=[], sampler=None, streamed="", pushed_at=0.0,
                                         params=dataclasses.replace(request.params, do_sample=True,
                                                                    seed=None if request.params.seed is None else request.params.seed + 1))
             with self._wake:
