@@ -19,6 +19,7 @@ from engine.serving.batcher import Engine
 from engine.serving.fastpath import FastDecoder, pick_decoder
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.sampling import SamplingParams
+from engine.serving.worker import auto_threads
 
 PROMPTS = [[("user", t)] for t in ["hello there", "what do you like to do ?", "i live in a big city and i like it",
                                    "hi", "good night my dear friend , see you later", "do you have a dog ?"]]
@@ -180,9 +181,9 @@ async def test_engine_changes_its_threads_in_the_worker_and_the_trainer_hook_res
         engine.set_threads(1)
         await engine.reply(PROMPTS[0])
         assert engine.threads_now == 1
-        engine.set_threads(0)  # back to the engine's own setting (0 = one per core)
+        engine.set_threads(0)  # back to the engine's own setting (0 = one per core but one, for the event loop)
         await engine.reply(PROMPTS[0])
-        assert engine.threads_now == (os.cpu_count() or 1)
+        assert engine.threads_now == auto_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
 
     class Recorder:
         def __init__(self):

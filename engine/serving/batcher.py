@@ -32,7 +32,7 @@ from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, En
                                      ReplyStream, SamplingParams)
 from engine.serving.quantize import pack_fp32, release_freed_memory
 from engine.serving.sampling import BatchSampler, RowSampler
-from engine.serving.worker import WorkerThread
+from engine.serving.worker import WorkerThread, auto_threads
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class Engine(WorkerThread, ModelEngine):
 
     # ---- helpers ----------------------------------------------------------------
     def set_threads(self, threads: int) -> None:
-        """Run the model's work on `threads` torch threads from the next step on (0: one per core).
+        """Run the model's work on `threads` torch threads from the next step on (0: worker.auto_threads()).
 
         The learning loop drops the engine to one thread while a trainer child runs: on a
         2-core machine two engine threads next to a busy process collapse (each parallel
@@ -213,9 +213,7 @@ class Engine(WorkerThread, ModelEngine):
     def _apply_threads(self) -> None:
         wanted, self._threads_wanted = self._threads_wanted, None
         if wanted is not None:
-            import os
-
-            torch.set_num_threads(wanted if wanted > 0 else (self.threads or os.cpu_count() or 1))
+            torch.set_num_threads(wanted if wanted > 0 else (self.threads or auto_threads()))
             self.threads_now = torch.get_num_threads()
             log.info("engine now runs on %d torch thread(s)", self.threads_now)
 
@@ -270,8 +268,8 @@ class Engine(WorkerThread, ModelEngine):
         log.info("decoding with the %s decoder", self._decoder.name)
 
     def _run(self) -> None:
-        if self.threads > 0:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads if self.threads > 0 else auto_threads())
+        self.threads_now = torch.get_num_threads()
         self._make_decoder(self._loaded)
         batch: _Batch | None = None
         with torch.inference_mode():
