@@ -192,16 +192,17 @@ def bot_case(case: dict, cfg) -> dict:
     return result
 
 
-def bot_rows(results: dict) -> tuple[list[list[str]], list[dict]]:
-    """Rows of the through-the-bot table and the issue-23 targets they decide."""
+def bot_rows(cases: list[dict], family: str = "") -> tuple[list[list[str]], list[dict]]:
+    """Rows of the through-the-bot table and the issue-23 targets they decide (`cases`: one model's)."""
     rows, targets = [], []
-    for case in (c for c in results["cases"] if c["kind"] == "bot"):
+    for case in (c for c in cases if c["kind"] == "bot"):
         p, engine, plain, streamed = case["precision"], case["engine"], case["unstreamed"], case["streamed"]
         n = plain["burst"]["n"]
         tax = plain["lone"]["p50_s"] / engine["p50_s"]
         rows.append(["lone reply, p50 (engine alone on the same message)", p, f"{plain['lone']['p50_s']:.2f}",
                      f"{engine['p50_s']:.2f}", f"{tax:.2f}"])
-        ct = next((c for c in results["cases"] if c["kind"] == "ct2" and c["precision"] == p), None)
+        ct = next((c for c in cases if c["kind"] == "ct2" and c["precision"] == p), None)
+        p = f"{family} {p}".strip()
         for label, run in ((f"{n} chats at once, stream = false", plain), (f"{n} chats at once, stream = true", streamed)):
             b = run["burst"]
             rows.append([f"{label}: whole reply p50 / p95 / all answered", p,
@@ -232,10 +233,15 @@ def bot_rows(results: dict) -> tuple[list[list[str]], list[dict]]:
 
 
 def format_bot(results: dict, table) -> list[str]:
-    rows, targets = bot_rows(results)
+    rows, targets = bot_rows(results["cases"])
+    llama = results.get("llama")
+    if llama:
+        more = bot_rows(llama["cases"], "Llama")
+        rows, targets = rows + more[0], targets + more[1]
     if not rows:
         return []
-    lines = ["", f"through the bot ({results.get('model', '')}: a real `mynah run` behind a local fake Telegram Bot API; "
+    model = results.get("model", "") + (f" and {llama['model']}" if llama else "")
+    lines = ["", f"through the bot ({model}: a real `mynah run` behind a local fake Telegram Bot API; "
                  "seconds from the update to the reply on screen; ratio = bot / engine):", ""]
     lines += table(["run", "precision", "bot s", "engine s", "ratio"], rows)
     lines += ["", "targets (issue 23, through the bot):", ""]

@@ -277,7 +277,7 @@ def plan(cfg: BenchConfig, path: str, inputs: dict) -> list[dict]:
             cases.append({**base, "kind": "ct2", "precision": precision, "prompts": inputs["prompts"]})
         cases.append({**base, "kind": "engine", "precision": precision, "prompts": inputs["prompts"],
                       "conversations": inputs["conversations"] if i == 0 else [], "training": i == 0})
-        if cfg.bot and not bot_available():  # a real `mynah run` on the same model, right after the engine alone
+        if cfg.bot and not bot_available() and (cfg.shape != "tiny" or i == 0):  # a real `mynah run`, right after
             cases.append({**base, "kind": "bot", "precision": precision, "prompts": inputs["prompts"]})
     if "int8" in cfg.precisions and cfg.quality_dialogues > 0:
         cases.append({**base, "kind": "quality", "heldout": inputs["heldout"]})

@@ -9,7 +9,8 @@ taken from the constants below. `--quick` uses a two-layer model of the same kin
 
 Per precision (fp32, int8), each measured in its own process, CTranslate2 first:
 CTranslate2 (lone replies; one batch of N), Mynah's engine (1 chat; N chats at once),
-transformers' `generate` (one request at a time; one batch of N). Same prompts, sampling
+transformers' `generate` (one request at a time; one batch of N), and the same model
+through the bot (scripts/bench/bot.py: a real `mynah run`, its peak RSS included). Same prompts, sampling
 settings and exactly `new_tokens` new tokens everywhere (scripts/bench/engine.py runs them).
 """
 from __future__ import annotations
@@ -87,6 +88,7 @@ def llama_config(cfg):
 
 
 def plan_llama(cfg, path: str, prompts: list) -> list[dict]:
+    from scripts.bench.bot import available as bot_available
     from scripts.bench.ct2 import available
 
     base = {"config": dataclasses.asdict(llama_config(cfg)), "path": path, "prompts": prompts, "family": "llama"}
@@ -96,6 +98,8 @@ def plan_llama(cfg, path: str, prompts: list) -> list[dict]:
             cases.append({**base, "kind": "ct2", "precision": precision})
         cases.append({**base, "kind": "engine", "precision": precision, "conversations": [], "training": False})
         cases.append({**base, "kind": "baselines", "precision": precision})
+        if cfg.bot and not bot_available() and (cfg.shape != "tiny" or precision == cfg.precisions[0]):
+            cases.append({**base, "kind": "bot", "precision": precision})
     return cases
 
 
