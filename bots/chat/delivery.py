@@ -68,7 +68,7 @@ class Sender(ABC):
 
     def stream(self, quote: Any, interval_s: float) -> "SenderStream":
         """How this conversation shows a reply while it is written: by default a message,
-        then edits (a platform may show drafts instead, telegram/drafts.py)."""
+        then edits (a platform's Sender may show drafts instead)."""
         return SenderStream(self, quote, interval_s)
 
 

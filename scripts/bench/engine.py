@@ -39,6 +39,7 @@ import torch
 
 from engine.types import max_positions
 from scripts.bench.config import SHAPES, BenchConfig
+from scripts.bench.tokenizer import byte_tokenizer
 from scripts.bench.bot import available as bot_available
 from scripts.bench.ct2 import available
 from scripts.bench.decode import make_engine, run_chitchat_loop, run_engine, run_hf_generate
@@ -48,31 +49,6 @@ from scripts.bench.quality import measure_quality
 
 
 # --------------------------------------------------------------------------- model & prompts
-
-def byte_tokenizer(vocab_size: int = 50257):
-    """A byte-level tokenizer with GPT-2's id count: 256 byte ids, filler ids, eos last.
-
-    Text encodes one id per byte (no merges); the filler ids decode to two bytes each,
-    so anything a random model samples can be decoded.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    for a in alphabet:
-        for b in alphabet:
-            if len(vocab) >= vocab_size - 1:
-                break
-            vocab[a + b] = len(vocab)
-    vocab["<|endoftext|>"] = vocab_size - 1
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-
 
 def build_random_gpt2(folder: str | Path, shape: str = "124m", seed: int = 0) -> Path:
     """Save a randomly initialised GPT-2 of the given shape + byte tokenizer (a normal HF folder)."""

@@ -66,7 +66,7 @@ def build_random_llama(folder: str | Path, quick: bool = False, seed: int = 0) -
     """Save a random LlamaForCausalLM of SmolLM2-135M's shape (tiny for --quick) + byte tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from scripts.bench.engine import byte_tokenizer
+    from scripts.bench.tokenizer import byte_tokenizer
 
     shape, source = (dict(TINY), "tiny") if quick else smollm2_shape()
     tok = byte_tokenizer(shape["vocab_size"])
