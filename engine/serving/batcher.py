@@ -64,9 +64,9 @@ class _Request:
     streamed: str = ""                  # the text pushed to `stream` so far (worker side)
     pushed_at: float = 0.0              # when it was last pushed (worker side, time.monotonic)
 
-    def stream_due(self, now: float) -> bool:
-        """Worker thread: time to hand the stream new text (the first words at once, then every STREAM_PUSH_S)."""
-        return self.stream is not None and (not self.streamed or now - self.pushed_at >= STREAM_PUSH_S)
+    def stream_due(self, now: float, every_s: float) -> bool:
+        """Worker thread: time to hand the stream new text (the first words at once, then every `every_s`)."""
+        return self.stream is not None and (not self.streamed or now - self.pushed_at >= every_s)
 
     def text_delta(self, text: str, now: float) -> str:
         """Worker thread: what `text` adds to what the stream already has ("" for nothing yet).
@@ -92,6 +92,8 @@ class _Request:
 
 class Engine(WorkerThread, ModelEngine):
     """Async front (`reply`) over a batching worker thread (`_run`): the local ModelEngine."""
+
+    stream_push_s = STREAM_PUSH_S  # streamed rows get new text at most this often (the first words at once)
 
     def __init__(
         self,
@@ -368,7 +370,7 @@ class Engine(WorkerThread, ModelEngine):
             if stopped or len(request.generated) >= request.params.max_new_tokens:
                 self._complete(request)
             else:
-                if request.stream_due(now):
+                if request.stream_due(now, self.stream_push_s):
                     delta = request.text_delta(self._loaded.fmt.decode(request.generated), now)
                     if delta:
                         pushes.setdefault(request.loop, []).append((request.stream, delta))
