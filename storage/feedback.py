@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from storage.protocol import StorageBackend
 
 KINDS = ("explicit", "implicit")
-DIALOGUE_GAP_SECONDS = 3600  # as in messages.py: a longer silence starts a new conversation
+DIALOGUE_GAP_SECONDS = 3600  # as in bots/learning/curate.py: a longer silence starts a new conversation
 SHORT_NEGATIVES = ("what", "huh", "wtf", "what?", "that makes no sense", "makes no sense", "no sense",
                    "nonsense", "what are you talking about", "i don't understand", "i dont understand",
                    "that's not what i asked", "thats not what i asked", "stop", "you're not making sense",
@@ -228,6 +228,19 @@ class Feedback:
                 "INSERT OR IGNORE INTO feedback (message_id, chat_id, user_id, kind, signal, value, created_at) "
                 "VALUES (?, ?, ?, 'implicit', ?, ?, ?)", inserts)
         return len(rows)
+
+    async def mark_scripted(self, message_ids) -> None:
+        """Replies answered to a script (a piped console): what follows them is the script's next
+        line, not a reaction, so they get a neutral implicit row (signal "scripted") that keeps
+        derive_implicit away from them; they stay unrated (no "continued" signal)."""
+        ids = [(int(i), time.time()) for i in message_ids if i is not None]
+        if not ids:
+            return
+        async with self.db.transaction() as conn:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO feedback (message_id, chat_id, user_id, kind, signal, value, created_at) "
+                "SELECT id, chat_id, NULL, 'implicit', 'scripted', 0, ? FROM messages WHERE id = ? AND role = 'bot'",
+                [(at, i) for i, at in ids])
 
     async def scores(self, *, since: float | None = None, until: float | None = None,
                      versions=None, with_lengths: bool = False) -> list[ReplyScore]:

@@ -10,11 +10,11 @@ from bots.chat.commands import COMMANDS, bind, commands_for
 from bots.chat.events import Incoming, answers_privately
 from bots.chat.user_commands import UserCommands
 from bots.config import parse_config
-from bots.learning.loop import Learning
+from bots.learning.commands import LearningCommands
 from bots.learning.trust import Trust
 from bots.platforms.registry import admin_ids, discover
 
-PROVIDERS = {"user": UserCommands, "admin": AdminCommands, "learning": Learning, "trust": Trust}
+PROVIDERS = {"user": UserCommands, "admin": AdminCommands, "learning": LearningCommands, "trust": Trust}
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)
@@ -24,7 +24,7 @@ def test_every_command_names_a_handler_that_exists(command):
 
 
 def test_binding_skips_an_absent_provider():
-    user = UserCommands(config=None, conversations=None, is_admin=lambda platform, user_id: False)
+    user = UserCommands(config=None, store=None, is_admin=lambda platform, user_id: False)
     bound = bind({"user": user, "learning": None})
     assert "help" in bound and "start" in bound
     assert "retrain" not in bound and "status" not in bound
@@ -42,7 +42,7 @@ def test_admins_come_from_each_platforms_spec():
     admins = admin_ids(config)
     assert admins["telegram"] == {"11"} and admins["discord"] == {"22"}
     assert admins["console"] is None                     # whoever runs the console owns the machine
-    acl = AdminCommands(admins, conversations=None, engine=None)
+    acl = AdminCommands(admins, store=None, engine=None)
     assert acl.is_admin("telegram", "11") and not acl.is_admin("discord", "11")
     assert acl.is_admin("console", "anyone") and not acl.is_admin("elsewhere", "11")
 
@@ -55,3 +55,16 @@ def test_answering_privately_is_decided_in_one_place():
     assert not answers_privately(asked(chat_type="private", can_answer_privately=True))   # already private
     assert not answers_privately(asked(chat_type="group"))                                # the platform cannot
     assert not answers_privately(asked(chat_type="group", can_answer_privately=True, anonymous=True))
+
+
+async def test_forget_for_a_chat_only_where_the_adapter_checks_the_target():
+    """A Discord moderator (sender_is_chat_admin for the channel) must not erase any user by id."""
+    class NoStorage:
+        async def audit(self, *args):
+            raise AssertionError("nothing to audit: refused before")
+
+    user = UserCommands(None, NoStorage(), lambda platform, user_id: False, forgets_for_chats=frozenset({"telegram"}))
+    msg = Incoming(platform="discord", chat_id="1", user_id="2", text="/forget 12345", chat_type="group",
+                   sender_is_chat_admin=True)
+    [answer] = await user.command_forget(["12345"], msg)
+    assert "takes no argument here" in answer.text

@@ -197,6 +197,22 @@ async def test_reset_and_forget(bot, fake):
     assert [r[0] for r in bot.messages(101)] == []  # the bot's replies to them went too
 
 
+STICKER = {"file_id": "s1", "file_unique_id": "s1", "type": "regular", "width": 512, "height": 512,
+           "is_animated": False, "is_video": False}
+
+
+async def test_a_sticker_flood_counts_toward_the_rate_limit_with_one_notice(make_bot, fake):
+    """Issue 25 #4: 40 stickers got 40 notes. Every kind of message counts; one notice per window."""
+    bot = await make_bot(chat={"rate_limit_messages": 3, "rate_limit_seconds": 60})
+    updates = [fake.message(103, sticker=STICKER) for _ in range(40)]
+    for update in updates:
+        await fake.wait_served(update)
+    await bot.idle()
+    texts = fake.texts(103)
+    assert texts[:3] == [NON_TEXT_TEXT] * 3
+    assert len(texts) == 4 and "faster than I can think" in texts[3]
+
+
 async def test_sticker_and_voice_get_a_note_empty_text_and_edits_are_ignored(bot, fake):
     fake.message(102, sticker={"file_id": "s1", "file_unique_id": "s1", "type": "regular", "width": 512,
                                "height": 512, "is_animated": False, "is_video": False})
@@ -399,8 +415,8 @@ async def test_a_partly_sent_reply_is_marked_failed_with_its_first_part(bot, fak
     fake.message(303, "/start")
     await fake.wait_sent(303, 1)
     text = "first part. " * 400 + "\n\n" + "second part. " * 400         # two parts of under 4096
-    conv = bot.app.conversations
-    stored = await conv.log_message(await conv.chat("telegram", "303"), "bot", text, status="pending")
+    store = bot.app.store
+    stored = await store.messages.log_message(await store.chats.chat("telegram", "303"), "bot", text, status="pending")
     fake.fail_next("sendMessage", 403, after=1)                         # the first part goes out, then 403
     ids = await bot.adapter.send(303, Outgoing(text, stored_id=stored))
     assert len(ids) == 1 and len(fake.sent(303)) == 2

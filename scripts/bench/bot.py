@@ -196,13 +196,13 @@ def bot_rows(cases: list[dict], family: str = "") -> tuple[list[list[str]], list
     """Rows of the through-the-bot table and the issue-23 targets they decide (`cases`: one model's)."""
     rows, targets = [], []
     for case in (c for c in cases if c["kind"] == "bot"):
-        p, engine, plain, streamed = case["precision"], case["engine"], case["unstreamed"], case["streamed"]
+        precision, engine, plain, streamed = case["precision"], case["engine"], case["unstreamed"], case["streamed"]
+        ct = next((c for c in cases if c["kind"] == "ct2" and c["precision"] == precision), None)
+        p = f"{family} {precision}".strip()
         n = plain["burst"]["n"]
         tax = plain["lone"]["p50_s"] / engine["p50_s"]
         rows.append(["lone reply, p50 (engine alone on the same message)", p, f"{plain['lone']['p50_s']:.2f}",
                      f"{engine['p50_s']:.2f}", f"{tax:.2f}"])
-        ct = next((c for c in cases if c["kind"] == "ct2" and c["precision"] == p), None)
-        p = f"{family} {p}".strip()
         for label, run in ((f"{n} chats at once, stream = false", plain), (f"{n} chats at once, stream = true", streamed)):
             b = run["burst"]
             rows.append([f"{label}: whole reply p50 / p95 / all answered", p,
@@ -226,7 +226,7 @@ def bot_rows(cases: list[dict], family: str = "") -> tuple[list[list[str]], list
         targets.append({"target": f"{p}: first words p95 at {n} chats ≤ 25 % of the unstreamed whole-reply p95",
                         "value": f"{streamed['burst']['first']['p95_s']:.2f} s vs {plain['burst']['whole']['p95_s']:.2f} s "
                                  f"= {100 * first:.0f} %", "met": first <= 0.25})
-        limit = 500 if p == "int8" else 1024
+        limit = 500 if precision == "int8" else 1024
         targets.append({"target": f"{p}: peak RSS of the bot ≤ {limit} MB", "value": f"{plain['rss_peak_mb']:.0f} MB",
                         "met": plain["rss_peak_mb"] <= limit})
     return rows, targets
