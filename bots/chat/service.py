@@ -209,13 +209,15 @@ class ChatService:
         own = await self.store.chats.persona(chat_id)
         return own if own is not None else self.config.chat.default_persona
 
-    async def generate(self, msg: Incoming, history: list[tuple[str, str]], *, system: str = "", stream=None):
+    async def generate(self, msg: Incoming, history: list[tuple[str, str]], *, system: str = "", route=None,
+                       stream=None):
         """The engine's reply, or an Outgoing that says why there is none. With `stream`, the
-        text is shown as it is written (the engine's ReplyStream feeds stream.show)."""
+        text is shown as it is written (the engine's ReplyStream feeds stream.show). `route`
+        (the chats.id) lets a per-chat engine (the canary's Router) pick the model."""
         try:
             if stream is None:
-                return await self.engine.reply(history, system=system)
-            written = self.engine.stream(history, system=system)
+                return await self.engine.reply(history, system=system, route=route)
+            written = self.engine.stream(history, system=system, route=route)
             async for _ in written:
                 await stream.show(written.text)
             return written.reply
