@@ -204,6 +204,11 @@ def test_mynah_feedback_prints_the_per_version_table(tmp_path, capsys):
     missing = tmp_path / "none.toml"
     missing.write_text(f'[storage]\npath = "{tmp_path / "absent.sqlite3"}"\n', encoding="utf-8")
     assert main(["--config", str(missing), "feedback"]) == 1
+    capsys.readouterr()
+    for bad in ("-1", "nan", "soon"):    # argparse refuses it: exit 2 and why
+        with pytest.raises(SystemExit) as refused:
+            main(["--config", str(config), "feedback", "--hours", bad])
+        assert refused.value.code == 2 and "--hours" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("raw,message", [

@@ -4,7 +4,8 @@
 Admins are platform user ids listed in config under [admins]; each platform's spec says
 where its ids are (a platform without any, the console, makes whoever runs it an admin).
 Every attempt, allowed or not, is written to the audit table. /status is answered here;
-the other handlers are bound from the learning loop and its trust keeper at construction;
+ChatService binds the others when it is built: /retrain, /rollback and /models from the
+learning loop's commands (bots/learning/commands.py), /promote from its trust keeper;
 without the loop the commands that need it say so.
 """
 from __future__ import annotations

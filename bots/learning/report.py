@@ -1,7 +1,8 @@
 """What people read about runs and versions: a run's summary, /models, /status, `mynah models`.
 
 Mostly text from facts handed in, so the bot, the admin commands and the CLI print the same
-lines; `status_lines` gathers /status's facts itself (the registry, the runs table, the lock).
+lines; `status_lines` gathers /status's facts itself (the registry, the new-message count and
+the runs table in the database, the training lock).
 """
 from __future__ import annotations
 

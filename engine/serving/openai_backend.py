@@ -158,13 +158,6 @@ class OpenAIEngine(ReplyEngine):
             await self._client.close()
             self._client = None
 
-    async def __aenter__(self) -> "OpenAIEngine":
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
-
     async def check(self) -> list[str]:
         """The served model names (GET /models); raises EngineUnavailable when unreachable."""
         try:
