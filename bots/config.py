@@ -284,7 +284,7 @@ def _check_section(name: str, section: Any) -> None:
     if name == "engine":
         for key in ("threads", "threads_while_training"):
             if getattr(section, key) < 0:
-                raise ConfigError(f"[engine] {key} must be 0 (torch's default / leave as is) or more, "
+                raise ConfigError(f"[engine] {key} must be 0 (automatic / leave as is) or more, "
                                   f"got {getattr(section, key)}")
     if name == "telegram":
         bad = [t for t in section.answer_all_chat_types if t not in ("group", "supergroup")]

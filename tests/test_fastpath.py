@@ -19,6 +19,7 @@ from engine.serving.batcher import Engine
 from engine.serving.fastpath import FastDecoder, pick_decoder
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.sampling import SamplingParams
+from engine.serving.worker import auto_threads
 
 PROMPTS = [[("user", t)] for t in ["hello there", "what do you like to do ?", "i live in a big city and i like it",
                                    "hi", "good night my dear friend , see you later", "do you have a dog ?"]]
@@ -111,8 +112,8 @@ def test_fast_path_switch_and_models_it_does_not_serve(fp32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
-    assert pick_decoder(llama, "auto").name == "transformers"
+                                         num_attention_heads=2, num_key_value_heads=2, hidden_act="gelu"))
+    assert pick_decoder(llama, "auto").name == "transformers"  # a Llama whose MLP is not SwiGLU
 
 
 def test_static_cache_keeps_each_rows_keys_through_merge_select_and_growth():
@@ -180,9 +181,9 @@ async def test_engine_changes_its_threads_in_the_worker_and_the_trainer_hook_res
         engine.set_threads(1)
         await engine.reply(PROMPTS[0])
         assert engine.threads_now == 1
-        engine.set_threads(0)  # back to the engine's own setting (0 = one per core)
+        engine.set_threads(0)  # back to the engine's own setting (0 = one per core but one, for the event loop)
         await engine.reply(PROMPTS[0])
-        assert engine.threads_now == (os.cpu_count() or 1)
+        assert engine.threads_now == auto_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
 
     class Recorder:
         def __init__(self):

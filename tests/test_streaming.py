@@ -37,12 +37,25 @@ def dialogpt(tiny_dialogpt):
 # ---- ReplyStream from the local engine and MMI -----------------------------------------------
 async def test_local_engine_streams_text_while_decoding(dialogpt):
     async with Engine(dialogpt, LONG) as engine:
+        engine.stream_push_s = 0.0                # every step's text (the bot's engine: at most every 0.1 s)
         stream = engine.stream([("user", "hello there")])
         deltas = [delta async for delta in stream]
         whole = await engine.reply([("user", "hello there")])
     assert len(deltas) >= 2                       # text arrived step by step, not at the end
     assert stream.reply.text == whole.text        # same seed, same reply as reply()
     assert stream.reply.text.startswith("".join(deltas).strip()) and "".join(deltas).strip()
+
+
+async def test_the_engine_pushes_the_first_words_at_once_and_then_no_more_often_than_its_interval(dialogpt):
+    """Each push wakes the event loop (which then competes with the worker for the GIL), so
+    streamed rows are handed text at most every `stream_push_s`; the first words never wait."""
+    async with Engine(dialogpt, LONG) as engine:
+        engine.stream_push_s = 60.0               # longer than the reply takes: only the first words are pushed
+        streams = [engine.stream([("user", text)]) for text in ("hello there", "good night", "what is your name ?")]
+        deltas = [[delta async for delta in s] for s in streams]  # read one after another: the others buffer
+    for stream, got in zip(streams, deltas):
+        assert len(got) == 1 and got[0].strip() and stream.reply.text.startswith(got[0].strip())
+        assert stream.reply.new_tokens == 10      # …and the reply itself is whole
 
 
 async def test_mmi_cannot_stream_and_yields_the_whole_reranked_reply_once(dialogpt):
@@ -232,7 +245,7 @@ async def test_local_engine_reply_is_streamed_to_telegram_and_stored_once(tmp_pa
         await telegram.close()
     with sqlite3.connect(config.storage.path) as db:
         stored = db.execute("SELECT text, status, platform_message_id FROM messages WHERE role = 'bot'").fetchall()
-    assert len(telegram.sent(601)) == 1                  # one message, shown early, edited to the end
+    assert len(telegram.sent(601)) == 1                  # one message (drafts before it: tests/test_drafts.py)
     [(text, status, message_id)] = stored                # stored once, complete
     assert telegram.shown(601) == [text] and status == "ok"
     assert message_id == str(telegram.sent(601)[0].result["message_id"])

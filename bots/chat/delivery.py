@@ -66,6 +66,11 @@ class Sender(ABC):
         """The asker's private chat, or None when they cannot be reached there."""
         return None
 
+    def stream(self, quote: Any, interval_s: float) -> "SenderStream":
+        """How this conversation shows a reply while it is written: by default a message,
+        then edits (a platform's Sender may show drafts instead)."""
+        return SenderStream(self, quote, interval_s)
+
 
 class SenderStream(StreamedMessage):
     """A reply shown while it is written, through a Sender (bots/chat/streaming.py)."""
@@ -84,6 +89,9 @@ class SenderStream(StreamedMessage):
     async def send_more(self, text: str):
         return await self.sender.send_text(text)
 
+    def split(self, text: str) -> list[str]:
+        return split_message(text, self.limit, self.sender.measure)
+
 
 class Delivery:
     """Sends every answer through a Sender and reports it to `chat` (delivered / failed)."""
@@ -98,8 +106,7 @@ class Delivery:
         stream = None
         if self.chat.will_generate(msg):
             if self.stream_edit_seconds is not None:
-                stream = SenderStream(sender, sender.quote(Outgoing("", reply_to=msg.message_id)),
-                                      self.stream_edit_seconds)
+                stream = sender.stream(sender.quote(Outgoing("", reply_to=msg.message_id)), self.stream_edit_seconds)
             async with sender.typing():
                 outgoing = await self.chat.handle(msg, on_logged=on_logged, stream=stream)
         else:
@@ -160,7 +167,7 @@ class Delivery:
         """The streamed message becomes the whole reply (or the apology, if generation failed
         after the first words); marked delivered with the first message's id, or failed."""
         try:
-            sent = await stream.finish(out.text)
+            sent = await stream.finish(out.text, buttons=out.stored_id is not None)
         except stream.sender.send_errors as exc:
             log.warning("a streamed reply could not be finished: %s", exc)
             await self.chat.failed(out, stream.sender.message_id(stream.message))

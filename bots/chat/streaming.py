@@ -56,7 +56,7 @@ class StreamedMessage:
         """The reply so far: send it, or edit it in if the interval has passed."""
         if self.broken:
             return
-        parts = split_message(text, self.limit)
+        parts = self.split(text)
         head = parts[0] if parts else ""
         if not head.strip() or head == self.shown:
             return
@@ -80,9 +80,14 @@ class StreamedMessage:
         self.last_write = self.clock()
 
     # ---- called by the adapter once the reply is complete -----------------------------------
-    async def finish(self, text: str) -> list:
-        """Make the streamed message the whole `text`; returns every message sent or edited."""
-        parts = split_message(text, self.limit) or [text]
+    def split(self, text: str) -> list[str]:
+        return split_message(text, self.limit)
+
+    async def finish(self, text: str, buttons: bool = False) -> list:
+        """Make the streamed message the whole `text`; returns every message sent or edited.
+
+        buttons: the reply is stored (a platform that shows drafts sends it with its feedback buttons)."""
+        parts = self.split(text) or [text]
         if parts[0] != self.shown:
             wait = self.interval_s - (self.clock() - self.last_write)
             if wait > 0:

@@ -4,8 +4,8 @@ Requests from all chats go into one bounded queue. The worker runs continuous ba
 at each decode step, waiting requests are prefilled and merged into the running batch
 (KV cache rows), every row gets one token with its own sampling settings, and finished
 rows leave at once. The model's forward passes go through one seam, a decoder
-(engine.serving.fastpath: a hand-written GPT-2 step on a static KV cache where the model
-is GPT-2-family and `fast_path="auto"`, else transformers' own forward, hf_step). So a short reply never waits for a
+(engine.serving.fastpath: a hand-written GPT-2 or Llama step on a static KV cache where the model
+is GPT-2- or Llama-family and `fast_path="auto"`, else transformers' own forward, hf_step). So a short reply never waits for a
 long one and a new chat never waits for a whole batch. Torch runs in this thread, never
 in the event loop. A model swap happens between batches: rows in flight finish on the
 model they started with, and each reply names the version that wrote it.
@@ -32,10 +32,21 @@ from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, En
                                      ReplyStream, SamplingParams, Route)
 from engine.serving.quantize import pack_fp32, release_freed_memory
 from engine.serving.sampling import BatchSampler, RowSampler, banned_ids
-from engine.serving.worker import WorkerThread
+from engine.serving.worker import WorkerThread, auto_threads
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
+
+# Streamed rows get new text at most this often (the first words at once): every push wakes
+# the event loop, which then competes with this thread for the GIL, and a platform shows at
+# most one edit or draft per `[chat] stream_edit_seconds` anyway.
+STREAM_PUSH_S = 0.1
+
+
+def _push_all(pushes: list) -> None:
+    """Event loop: hand each stream its delta (one wake-up of the loop per decode step, not one per row)."""
+    for stream, delta in pushes:
+        stream.push(delta)
 
 
 @dataclass
@@ -51,17 +62,22 @@ class _Request:
     version: str = ""
     stream: ReplyStream | None = None   # streaming: decoded text goes to it after every step
     streamed: str = ""                  # the text pushed to `stream` so far (worker side)
+    pushed_at: float = 0.0              # when it was last pushed (worker side, time.monotonic)
 
-    def push_text(self, text: str) -> None:
-        """Worker thread: hand the stream what `text` adds to what it already has.
+    def stream_due(self, now: float, every_s: float) -> bool:
+        """Worker thread: time to hand the stream new text (the first words at once, then every `every_s`)."""
+        return self.stream is not None and (not self.streamed or now - self.pushed_at >= every_s)
+
+    def text_delta(self, text: str, now: float) -> str:
+        """Worker thread: what `text` adds to what the stream already has ("" for nothing yet).
 
         Byte-level BPE decodes a half-written character as U+FFFD until the rest arrives, so
         trailing ones are held back; text that does not extend what was sent waits too."""
         text = text.rstrip("\ufffd")
-        if self.stream is None or not text.startswith(self.streamed) or len(text) == len(self.streamed):
-            return
-        delta, self.streamed = text[len(self.streamed):], text
-        self.loop.call_soon_threadsafe(self.stream.push, delta)
+        if not text.startswith(self.streamed) or len(text) == len(self.streamed):
+            return ""
+        delta, self.streamed, self.pushed_at = text[len(self.streamed):], text, now
+        return delta
 
     def finish(self, result) -> None:
         def _set():
@@ -76,6 +92,8 @@ class _Request:
 
 class Engine(WorkerThread, ModelEngine):
     """Async front (`reply`) over a batching worker thread (`_run`): the local ModelEngine."""
+
+    stream_push_s = STREAM_PUSH_S  # streamed rows get new text at most this often (the first words at once)
 
     def __init__(
         self,
@@ -102,7 +120,7 @@ class Engine(WorkerThread, ModelEngine):
         self.threads = threads
         self.grow_cache = grow_cache  # KV cache with spare room (kvcache.GrowingLayer) where the model allows it
         self.pack_weights = pack_weights  # fp32 CPU models: linear weights pre-packed for oneDNN (quantize.pack_fp32)
-        self.fast_path = fast_path  # "auto": GPT-2-family models decode on engine.serving.fastpath; "off": transformers
+        self.fast_path = fast_path  # "auto": GPT-2- and Llama-family models decode on engine.serving.fastpath; "off": transformers
         self._busy_hook, self._busy = busy_hook, False   # set_busy_hook: hook(True) on work after idle, hook(False)
         self._decoder = None  # the model seam (fastpath.FastDecoder or hf_step.HFDecoder), made in the worker
         self._threads_wanted: int | None = None  # set_threads(): applied by the worker between steps
@@ -146,7 +164,7 @@ class Engine(WorkerThread, ModelEngine):
 
     # ---- helpers ----------------------------------------------------------------
     def set_threads(self, threads: int) -> None:
-        """Run the model's work on `threads` torch threads from the next step on (0: one per core).
+        """Run the model's work on `threads` torch threads from the next step on (0: worker.auto_threads()).
 
         The learning loop drops the engine to one thread while a trainer child runs: on a
         2-core machine two engine threads next to a busy process collapse (each parallel
@@ -177,9 +195,7 @@ class Engine(WorkerThread, ModelEngine):
     def _apply_threads(self) -> None:
         wanted, self._threads_wanted = self._threads_wanted, None
         if wanted is not None:
-            import os
-
-            torch.set_num_threads(wanted if wanted > 0 else (self.threads or os.cpu_count() or 1))
+            torch.set_num_threads(wanted if wanted > 0 else (self.threads or auto_threads()))
             self.threads_now = torch.get_num_threads()
             log.info("engine now runs on %d torch thread(s)", self.threads_now)
 
@@ -198,7 +214,7 @@ class Engine(WorkerThread, ModelEngine):
     def _make_decoder(self, loaded: LoadedModel) -> None:
         """THE model seam: pick the decoder every forward pass of the worker goes through.
 
-        GPT-2-family models take the fast path (fastpath.FastDecoder: its fp32 weights stay
+        GPT-2- and Llama-family models take the fast path (fastpath.FastDecoder: its fp32 weights stay
         as they are, the plain BLAS path is quicker for 1-row steps than oneDNN's packed
         layout); other models take transformers' forward, whose fp32 CPU weights are packed
         for oneDNN once (quantize.pack_fp32; 1.5-2.4x its default path). In the worker thread
@@ -219,8 +235,8 @@ class Engine(WorkerThread, ModelEngine):
         log.info("decoding with the %s decoder", self._decoder.name)
 
     def _run(self) -> None:
-        if self.threads > 0:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads if self.threads > 0 else auto_threads())
+        self.threads_now = torch.get_num_threads()
         self._make_decoder(self._loaded)
         batch: _Batch | None = None
         with torch.inference_mode():
@@ -309,7 +325,7 @@ class Engine(WorkerThread, ModelEngine):
     def _retire(self, batch: "_Batch", tokens: list[int]) -> "_Batch | None":
         """Append each row's token; finish rows that stopped; keep the others."""
         stop_ids = self._loaded.fmt.stop_ids
-        keep = []
+        keep, pushes, now = [], {}, time.monotonic()
         for i, (request, token) in enumerate(zip(batch.rows, tokens)):
             stopped = token in stop_ids
             if not stopped:
@@ -319,9 +335,13 @@ class Engine(WorkerThread, ModelEngine):
             if stopped or len(request.generated) >= request.params.max_new_tokens:
                 self._complete(request)
             else:
-                if request.stream is not None and not stopped:
-                    request.push_text(self._loaded.fmt.decode(request.generated))
+                if request.stream_due(now, self.stream_push_s):
+                    delta = request.text_delta(self._loaded.fmt.decode(request.generated), now)
+                    if delta:
+                        pushes.setdefault(request.loop, []).append((request.stream, delta))
                 keep.append(i)
+        for loop, items in pushes.items():
+            loop.call_soon_threadsafe(_push_all, items)
         if len(keep) == len(batch.rows):
             return batch
         if not keep:
@@ -333,7 +353,7 @@ class Engine(WorkerThread, ModelEngine):
         loaded = self._loaded
         text = loaded.fmt.decode(request.generated)
         if not text and request.attempt < 2:  # empty: try again with sampling
-            retry = dataclasses.replace(request, attempt=request.attempt + 1, generated=[], sampler=None, streamed="",
+            retry = dataclasses.replace(request, attempt=request.attempt + 1, generated=[], sampler=None, streamed="", pushed_at=0.0,
                                         params=dataclasses.replace(request.params, do_sample=True,
                                                                    seed=None if request.params.seed is None else request.params.seed + 1))
             with self._wake:

@@ -32,7 +32,7 @@ from typing import Sequence
 from engine.model import LoadedModel
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, Reply, ReplyStream,
                                      SamplingParams, Route)
-from engine.serving.worker import WorkerThread
+from engine.serving.worker import WorkerThread, auto_threads
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class CT2Engine(WorkerThread):
 
         folder = converted_folder(loaded.path, self.precision)
         self._generator = ctranslate2.Generator(folder, device="cpu", compute_type="int8" if self.precision == "int8"
-                                                else "float32", intra_threads=self.threads or os.cpu_count() or 1)
+                                                else "float32", intra_threads=self.threads or auto_threads())
         vocab = loaded.tokenizer.convert_ids_to_tokens(list(range(len(loaded.tokenizer))))
         self._vocab = vocab
         loaded.max_positions = max_positions(loaded.model)

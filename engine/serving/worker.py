@@ -3,11 +3,27 @@ woken through the condition `self._wake`, stopped after what is in flight has fi
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
 from engine.serving.protocol import EngineBusy, EngineStats, EngineStopped
 from engine.types import percentile
+
+
+def auto_threads() -> int:
+    """The engine's threads when `[engine] threads = 0`: one per usable core but one, at least one.
+
+    The core left over is the event loop's (the platform clients, storage, streaming): an
+    OpenMP team that spans every core stalls at each parallel region whenever another
+    thread of the process (or of the machine) takes one of its cores. On a loaded 2-core
+    box a 124M reply took 19 s on two threads and 4.4 s on one (docs/BENCHMARKS.md).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 class WorkerThread:

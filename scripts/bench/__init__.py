@@ -9,6 +9,9 @@ Measures in one run, on the same model and prompts: the GPT2-chitchat loop (no K
 HF `generate` (one request at a time, and one batch), Mynah's engine with 1/8/16/32 chats
 at once in fp32 and int8 (tokens/s, p50/p95 reply latency, RSS), CTranslate2 on the same
 model (lone replies, a batch of 16 vs 16 chats at once, staggered arrivals; when installed),
+the same through the bot (a real `mynah run` behind a local fake Telegram Bot API: lone
+replies against the engine's own time, 16 chats streamed and not, first words, peak RSS),
+a Llama of SmolLM2-135M's shape on the fast path vs transformers and CTranslate2,
 chat latency next to a trainer-like child process, the memory-bandwidth
 floor of batch-1 decoding, int8 quality against fp32, whether prefix KV reuse would pay,
 and SQLite context fetch/logging with N stored messages. See scripts/bench/engine.py.
@@ -50,6 +53,8 @@ def add_arguments(parser) -> None:
                         help="the engine's decoder: the hand-written GPT-2 step (auto) or transformers' forward (off)")
     parser.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows")
     parser.add_argument("--no-training", action="store_true", help="skip the while-training part")
+    parser.add_argument("--no-bot", action="store_true", help="skip the through-the-bot rows (a real `mynah run`)")
+    parser.add_argument("--no-llama", action="store_true", help="skip the Llama rows (SmolLM2-135M's shape)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every configuration in this process (faster start; RSS then adds up)")
 
@@ -81,6 +86,10 @@ def _config(args):
         overrides["ct2"] = False
     if args.no_training:
         overrides["training_replies"] = 0
+    if args.no_bot:
+        overrides["bot"] = False
+    if args.no_llama:
+        overrides["llama"] = False
     cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
     if 16 in cfg.concurrency and 1 not in cfg.concurrency:
         cfg.concurrency = [1] + cfg.concurrency

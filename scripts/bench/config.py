@@ -42,6 +42,8 @@ class BenchConfig:
     training_replies: int = 6        # lone replies quiet and next to a busy trainer-like child (0: skip)
     threads_while_training: int = 1  # the alternative measured next to pausing ([engine] threads_while_training)
     trainer_nice: int = 10           # [learning] nice
+    bot: bool = True                 # through-the-bot rows: a real `mynah run` behind a fake Bot API (scripts/bench/bot.py)
+    llama: bool = True               # Llama rows on SmolLM2-135M's shape (scripts/bench/llama.py)
 
     @classmethod
     def quick(cls, **overrides) -> "BenchConfig":

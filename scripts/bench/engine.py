@@ -39,6 +39,8 @@ import torch
 
 from engine.types import max_positions
 from scripts.bench.config import SHAPES, BenchConfig
+from scripts.bench.tokenizer import byte_tokenizer
+from scripts.bench.bot import available as bot_available
 from scripts.bench.ct2 import available
 from scripts.bench.decode import make_engine, run_chitchat_loop, run_engine, run_hf_generate
 from scripts.bench.machine import machine, measure_bandwidth, peak_rss_mb, rss_anon_mb, rss_mb, rss_sampler
@@ -47,31 +49,6 @@ from scripts.bench.quality import measure_quality
 
 
 # --------------------------------------------------------------------------- model & prompts
-
-def byte_tokenizer(vocab_size: int = 50257):
-    """A byte-level tokenizer with GPT-2's id count: 256 byte ids, filler ids, eos last.
-
-    Text encodes one id per byte (no merges); the filler ids decode to two bytes each,
-    so anything a random model samples can be decoded.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    for a in alphabet:
-        for b in alphabet:
-            if len(vocab) >= vocab_size - 1:
-                break
-            vocab[a + b] = len(vocab)
-    vocab["<|endoftext|>"] = vocab_size - 1
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-
 
 def build_random_gpt2(folder: str | Path, shape: str = "124m", seed: int = 0) -> Path:
     """Save a randomly initialised GPT-2 of the given shape + byte tokenizer (a normal HF folder)."""
@@ -127,7 +104,7 @@ def make_prompts(fmt, count: int, context_tokens: int, dialogues: list[list[str]
 # --------------------------------------------------------------------------- cases
 
 def run_case(case: dict) -> dict:
-    """One configuration, measured in this process. case["kind"]: baselines | engine | quality | bandwidth."""
+    """One configuration, measured in this process. case["kind"]: baselines | engine | bot | ct2 | quality | bandwidth."""
     from engine.model import load_model
     from engine.serving.sampling import SamplingParams
     from engine.serving.quantize import weight_bytes
@@ -139,6 +116,10 @@ def run_case(case: dict) -> dict:
     result: dict = {"kind": kind, "loadavg_before": list(os.getloadavg())}
     if kind == "ct2":
         result.update(_ct2_case(case, cfg))
+    elif kind == "bot":
+        from scripts.bench.bot import bot_case
+
+        result.update(bot_case(case, cfg))
     elif kind == "bandwidth":
         result.update(measure_bandwidth())
     elif kind == "quality":
@@ -166,7 +147,8 @@ def run_case(case: dict) -> dict:
             runs[name]["rss_anon_mb"] = rss["max_anon_mb"]
 
         if kind == "baselines":
-            measured("chitchat", lambda: run_chitchat_loop(loaded, prompt_ids[:cfg.chitchat_prompts], cfg.new_tokens))
+            if cfg.chitchat_prompts:
+                measured("chitchat", lambda: run_chitchat_loop(loaded, prompt_ids[:cfg.chitchat_prompts], cfg.new_tokens))
             measured("hf1", lambda: run_hf_generate(loaded, prompt_ids[:cfg.hf_prompts], cfg.new_tokens, SamplingParams(), 1))
             if cfg.hf_batch > 1:
                 measured("hf_batch", lambda: run_hf_generate(loaded, prompt_ids[:cfg.hf_batch], cfg.new_tokens,
@@ -271,6 +253,8 @@ def plan(cfg: BenchConfig, path: str, inputs: dict) -> list[dict]:
             cases.append({**base, "kind": "ct2", "precision": precision, "prompts": inputs["prompts"]})
         cases.append({**base, "kind": "engine", "precision": precision, "prompts": inputs["prompts"],
                       "conversations": inputs["conversations"] if i == 0 else [], "training": i == 0})
+        if cfg.bot and not bot_available() and (cfg.shape != "tiny" or i == 0):  # a real `mynah run`, right after
+            cases.append({**base, "kind": "bot", "precision": precision, "prompts": inputs["prompts"]})
     if "int8" in cfg.precisions and cfg.quality_dialogues > 0:
         cases.append({**base, "kind": "quality", "heldout": inputs["heldout"]})
     return cases
@@ -293,20 +277,36 @@ def run_all(cfg: BenchConfig, progress=print) -> dict:
         inputs = prepare_inputs(cfg, path)
         if cfg.ct2 and available():
             progress(f"no CTranslate2 rows: {available()}")
-        arrivals: dict[str, list[float]] = {}
-        for case in plan(cfg, path, inputs):
-            label = case["kind"] + (f" {case['precision']}" if "precision" in case else "")
-            progress(f"running {label} …")
-            t = time.perf_counter()
-            if case["kind"] == "engine" and case["precision"] in arrivals:
-                case["arrivals"] = arrivals[case["precision"]]  # the schedule CTranslate2 just had
-            results["cases"].append(_run_isolated(case) if cfg.isolate else run_case(case))
-            if case["kind"] == "ct2" and "staggered" in results["cases"][-1]:
-                arrivals[case["precision"]] = results["cases"][-1]["staggered"]["arrivals"]
-            progress(f"  {label} took {time.perf_counter() - t:.0f} s (load average {os.getloadavg()[0]:.2f})")
+        if cfg.bot and bot_available():
+            progress(f"no through-the-bot rows: {bot_available()}")
+        _run_cases(plan(cfg, path, inputs), results["cases"], cfg, progress)
+        if cfg.llama:
+            from scripts.bench.llama import build_random_llama, plan_llama
+
+            progress("building a random Llama of SmolLM2-135M's shape with a byte-level tokenizer …")
+            llama_path, source = build_random_llama(Path(tmp) / "llama", quick=cfg.shape == "tiny")
+            results["llama"] = {"model": f"random Llama, {'tiny' if cfg.shape == 'tiny' else 'SmolLM2-135M'} shape",
+                                "shape_source": source, "cases": []}
+            prompts = prepare_inputs(cfg, str(llama_path))["prompts"]
+            _run_cases(plan_llama(cfg, str(llama_path), prompts), results["llama"]["cases"], cfg, progress)
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = time.perf_counter() - started
     return results
+
+
+def _run_cases(cases: list[dict], out: list[dict], cfg: BenchConfig, progress) -> None:
+    arrivals: dict[str, list[float]] = {}
+    for case in cases:
+        label = case.get("family", "") + " " * bool(case.get("family")) + case["kind"] + \
+            (f" {case['precision']}" if "precision" in case else "")
+        progress(f"running {label} …")
+        t = time.perf_counter()
+        if case["kind"] == "engine" and case["precision"] in arrivals:
+            case["arrivals"] = arrivals[case["precision"]]  # the schedule CTranslate2 just had
+        out.append(_run_isolated(case) if cfg.isolate else run_case(case))
+        if case["kind"] == "ct2" and "staggered" in out[-1]:
+            arrivals[case["precision"]] = out[-1]["staggered"]["arrivals"]
+        progress(f"  {label} took {time.perf_counter() - t:.0f} s (load average {os.getloadavg()[0]:.2f})")
 
 
 def _run_isolated(case: dict) -> dict:

@@ -148,6 +148,11 @@ def format_report(results: dict, markdown: bool = False) -> str:
     from scripts.bench.versus import format_versus
 
     lines += format_versus(results, lambda cols, rows: _table(cols, rows, markdown))
+    from scripts.bench.bot import format_bot
+    from scripts.bench.llama import format_llama
+
+    lines += format_bot(results, lambda cols, rows: _table(cols, rows, markdown))
+    lines += format_llama(results, lambda cols, rows: _table(cols, rows, markdown))
     return "\n".join(lines)
 
 

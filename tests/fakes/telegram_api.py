@@ -3,7 +3,7 @@
 
 It answers getMe (401 for an unknown token), serves queued updates from getUpdates
 honouring `offset` (long polling included), records every call (sendMessage,
-sendChatAction, setMyCommands, …), checks sendMessage like Telegram does (1-4096
+sendMessageDraft, sendChatAction, setMyCommands, …), checks sendMessage like Telegram does (1-4096
 characters), and can be told to fail or delay the next calls of a method:
 
     fake.fail_next("sendMessage", 429, retry_after=1)
@@ -64,6 +64,7 @@ class FakeTelegram:
         self.get_updates_hooks = []            # fn(offset) called on every getUpdates
         self.chats: dict[int, dict] = {}
         self.bot_messages: dict[tuple[int, int], dict] = {}   # (chat id, message id) -> what the bot sent, as edited
+        self.drafts: dict[tuple[int, int], str] = {}          # (chat id, draft id) -> the draft's latest text
         self._faults: dict[str, deque[_Fault]] = defaultdict(deque)
         self._delays: dict[str, deque[float]] = defaultdict(deque)
         self._next_update_id = 1000
@@ -245,6 +246,19 @@ class FakeTelegram:
         if len(text.encode("utf-16-le")) // 2 > 4096:
             raise _ApiError(400, "Bad Request: message is too long")
         return self._bot_message(params, text=text)
+
+    async def _api_sendMessageDraft(self, params):
+        """Bot API 9.3: a private chat's reply so far, shown as an animated draft (not a message)."""
+        chat_id, draft_id = int(params["chat_id"]), int(params.get("draft_id") or 0)
+        if self.chats.get(chat_id, {"type": "private"})["type"] != "private":
+            raise _ApiError(400, "Bad Request: drafts can be sent to private chats only")
+        if not draft_id:
+            raise _ApiError(400, "Bad Request: draft_id must be non-zero")
+        text = params.get("text", "")
+        if not text.strip() or len(text.encode("utf-16-le")) // 2 > 4096:
+            raise _ApiError(400, "Bad Request: text must be 1-4096 characters")
+        self.drafts[(chat_id, draft_id)] = text
+        return True
 
     async def _api_editMessageText(self, params):
         """Like Telegram: the bot's own message in that chat, new non-empty text that differs."""

@@ -2,7 +2,8 @@
 
 Sends wait out 429s (PTB's AIORateLimiter, then `with_retries`, which also retries network
 errors with back-off), follow a group that became a supergroup, and fall back to the chat
-when a topic was deleted. "typing…" is resent every 4 s by the job queue while a reply is
+when a topic was deleted. Streamed replies in private chats are drafts (telegram/drafts.py),
+in groups a message and edits. "typing…" is resent every 4 s by the job queue while a reply is
 written. A 4096-character limit in UTF-16 code units (how Telegram counts).
 """
 from __future__ import annotations
@@ -126,6 +127,19 @@ class TelegramSender(Sender):
 
     async def private(self) -> Sender | None:
         return None if self.user_id is None else TelegramSender(self.adapter, self.user_id)
+
+    def stream(self, quote, interval_s: float):
+        """Private chats: drafts, then the reply as a new message (telegram/drafts.py); groups: edits."""
+        if self.target["chat_id"] > 0:  # Telegram's private chats have positive ids, groups negative
+            from bots.platforms.telegram.drafts import DraftStream
+
+            return DraftStream(self, quote, interval_s)
+        return super().stream(quote, interval_s)
+
+    async def draft(self, draft_id: int, text: str) -> None:
+        """sendMessageDraft: the reply so far as an animated draft (not retried: a failure falls back to edits)."""
+        await self.bot.send_message_draft(self.target["chat_id"], draft_id, text,
+                                          message_thread_id=self.target["message_thread_id"])
 
     @contextlib.asynccontextmanager
     async def typing(self):

@@ -1,14 +1,15 @@
-"""The engine's fast decode path for GPT-2-family models, and how the engine picks a decoder.
+"""The engine's fast decode paths (GPT-2 and Llama families), and how the engine picks a decoder.
 
 A *decoder* is what the batcher calls at its one model seam: `prefill(contexts)` gives a
 state for the new rows and their last-token logits, `decode(state, tokens)` one step for
 every row; a state follows the batch with `merge(other)` and `select(keep)`. Two exist:
 
-- `FastDecoder` (here): engine.serving.fastpath.gpt2.GPT2Step on a static KV cache;
+- `FastDecoder` (here): a hand-written step on a static KV cache — fastpath.gpt2.GPT2Step
+  for GPT-2, fastpath.llama.LlamaStep for Llama, SmolLM2, Qwen2 and Mistral;
 - `HFDecoder` (engine.serving.hf_step): transformers' own forward, for every other model.
 
-`pick_decoder(model, mode)`: mode "auto" takes the fast path where `GPT2Step.supports`
-the model, "off" always takes transformers' forward (`[engine] fast_path`).
+`pick_decoder(model, mode)`: mode "auto" takes the first fast path whose `supports`
+accepts the model, "off" always takes transformers' forward (`[engine] fast_path`).
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import torch
 
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.gpt2 import GPT2Step
+from engine.serving.fastpath.llama import LlamaStep
 
 log = logging.getLogger(__name__)
 
 FAST_PATH_MODES = ("auto", "off")
+STEPS = (GPT2Step, LlamaStep)  # the fast paths, tried in this order
 
 
 class FastState:
@@ -44,8 +47,9 @@ class FastState:
 class FastDecoder:
     name = "fast"
 
-    def __init__(self, model):
-        self.step = GPT2Step(model)
+    def __init__(self, model, step_class=GPT2Step):
+        self.step = step_class(model)
+        self.family = step_class.__name__.removesuffix("Step").lower()
 
     def prefill(self, contexts: list[list[int]], expand: list[int], room: int = 0) -> tuple[FastState, torch.Tensor]:
         """Prefill the U distinct `contexts`; rows = expand (index into contexts per request).
@@ -72,8 +76,11 @@ def pick_decoder(model, mode: str = "auto", *, pad_id: int = 0, grow_cache: bool
     if mode not in FAST_PATH_MODES:
         raise ValueError(f"fast_path must be one of {', '.join(FAST_PATH_MODES)}, not {mode!r}")
     if mode == "auto":
-        why_not = GPT2Step.supports(model)
-        if not why_not:
-            return FastDecoder(model)
-        log.info("fast decode path not used (%s): serving with transformers' forward", why_not)
+        reasons = []
+        for step_class in STEPS:
+            why_not = step_class.supports(model)
+            if not why_not:
+                return FastDecoder(model, step_class)
+            reasons.append(why_not)
+        log.info("fast decode path not used (%s): serving with transformers' forward", "; ".join(reasons))
     return HFDecoder(model, pad_id=pad_id, grow_cache=grow_cache)

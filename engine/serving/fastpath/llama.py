@@ -1,0 +1,188 @@
+"""A hand-written Llama-family forward for serving (Llama, SmolLM2, Qwen2, Mistral) on a static KV cache.
+
+The same reasons as the GPT-2 path (fastpath.gpt2): transformers' forward spends more
+time in per-step Python (module calls, cache objects, mask building, rotary-embedding
+recomputation, output dataclasses) than a small model spends in its matrix work. This is
+the same arithmetic with nothing around it:
+
+- RMSNorm written as transformers writes it (so fp32 tokens are exactly transformers');
+- rotary embeddings from a cos/sin table computed once by the model's own rotary module
+  (so rope_theta and rope scaling — linear, llama3, yarn — are whatever the config says)
+  and grown when a longer position comes;
+- grouped-query attention without repeating keys: in a decode step each key/value head's
+  query heads are its "query positions" (B, Hkv, G, D), so one SDPA call reads each
+  cached key once; the cache (fastpath.cache.StaticKV) holds only the key/value heads;
+- SwiGLU (silu(gate) * up, then down), q/k/v biases where the model has them (Qwen2);
+- the linear layers call the serving kernels directly (fastpath.linear: int8 fbgemm,
+  fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
+  itself (no second copy).
+
+It reads the weights of the transformers model it is built from (no copy).
+`LlamaStep.supports(model)` says which models qualify.
+
+Shapes in comments: B rows, U new contexts in a prefill, W their padded width, T cached
+columns, E model width, H query heads, K key/value heads, G = H / K, D head width, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.serving.fastpath.cache import StaticKV
+from engine.serving.fastpath.linear import Linear
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load: a table is exact
+MIN_WINDOW = 4096  # sliding windows at least this wide never bind (contexts are a few hundred tokens)
+TABLE_GRANULE = 512  # rotary table grows in steps of this many positions
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.ln1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.ln2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.q, self.k, self.v, self.o = (Linear(attn.q_proj), Linear(attn.k_proj), Linear(attn.v_proj),
+                                          Linear(attn.o_proj))
+        self.gate, self.up, self.down = Linear(mlp.gate_proj), Linear(mlp.up_proj), Linear(mlp.down_proj)
+        self.scale = attn.scaling
+
+
+def _rms_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, op for op (fp32)."""
+    weight, eps = norm
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (transformers' apply_rotary_pos_emb)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _window(config) -> int | None:
+    """The narrowest sliding window any layer uses, None when none does."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return window
+
+
+class LlamaStep:
+    """Prefill and decode for a transformers Llama/Qwen2/Mistral causal LM (fp32, packed or int8), CPU."""
+
+    @staticmethod
+    def supports(model: nn.Module) -> str:
+        """"" when the fast path can serve `model`, else why not (in words)."""
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) not in MODEL_TYPES or not hasattr(getattr(model, "model", None), "layers"):
+            return "not a Llama-family model"
+        if getattr(config, "hidden_act", "silu") != "silu":
+            return f"activation {config.hidden_act!r}"
+        rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None)
+        if rope not in STATIC_ROPE:
+            return f"rope type {rope!r}"
+        window = _window(config)
+        if window is not None and window < MIN_WINDOW:
+            return f"sliding window of {window} tokens"
+        if getattr(config, "pretraining_tp", 1) > 1:
+            return "tensor-parallel pretraining split"
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            return "not on the CPU"
+        try:
+            LlamaStep(model)
+        except (TypeError, AttributeError) as exc:
+            return str(exc)
+        return ""
+
+    def __init__(self, model: nn.Module):
+        config, base = model.config, model.model
+        self.n_layer = config.num_hidden_layers
+        self.n_head = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_head
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_head
+        self.groups = self.n_head // self.n_kv
+        self.n_embd = config.hidden_size
+        self.embed = base.embed_tokens
+        self.layers = [_Layer(layer) for layer in base.layers]
+        self.norm = (base.norm.weight, base.norm.variance_epsilon)
+        self.head = Linear(model.lm_head)  # tied: the embedding table itself (F.linear), no copy
+        self.rotary = base.rotary_emb
+        self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1
+
+    def new_cache(self) -> StaticKV:
+        return StaticKV(self.n_layer, self.n_kv, self.head_dim)
+
+    def _rope(self, positions: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin rows for `positions` (any shape) whose largest is below `upto`."""
+        if upto > self.cos.shape[0]:
+            size = -(-upto // TABLE_GRANULE) * TABLE_GRANULE
+            probe = torch.zeros(1, dtype=torch.float32)
+            cos, sin = self.rotary(probe, torch.arange(size)[None])  # (1, P, D): the model's own rope
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        return self.cos[positions], self.sin[positions]
+
+    # ---- the two passes -----------------------------------------------------------
+    def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:
+        """Run U contexts (right-padded into one pass) into the U new last rows of `cache`.
+
+        Returns the logits of each context's last token, (U, V). `cache` must have had
+        `cache.add_rows(lengths)` for these contexts.
+        """
+        lengths = [len(c) for c in contexts]
+        width, rows = max(lengths), len(contexts)
+        first = cache.rows - rows
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        for i, c in enumerate(contexts):
+            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        H, K, D = self.n_head, self.n_kv, self.head_dim
+        cos, sin = self._rope(torch.arange(width), width)  # (W, D)
+        cos, sin = cos[:, None], sin[:, None]  # (W, 1, D) broadcast over heads
+        x = self.embed(ids).reshape(rows * width, self.n_embd)  # (U·W, E)
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1)
+            q = _rotate(layer.q(h).view(rows, width, H, D), cos, sin).transpose(1, 2)  # (U, H, W, D)
+            k = _rotate(layer.k(h).view(rows, width, K, D), cos, sin).transpose(1, 2)  # (U, K, W, D)
+            v = layer.v(h).view(rows, width, K, D).transpose(1, 2)
+            k_buf, v_buf = cache.layer(index)  # (Bcap, K, Tcap, D)
+            k_buf[first:first + rows, :, :width] = k
+            v_buf[first:first + rows, :, :width] = v
+            if self.groups > 1:
+                k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)  # (U, H, W, D)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale)  # padding sits after the text
+            x = x + layer.o(a.transpose(1, 2).reshape(rows * width, H * D))
+            h = _rms_norm(x, layer.ln2)
+            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+        last = torch.tensor([i * width + n - 1 for i, n in enumerate(lengths)])
+        return self._logits(x.index_select(0, last))
+
+    def decode(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """One token per row (tokens: (B,)) at each row's own next position; returns (B, V) logits."""
+        B = tokens.shape[0]
+        H, K, G, D = self.n_head, self.n_kv, self.groups, self.head_dim
+        positions = cache.lengths_tensor()  # (B,) each row's next position = its cached length
+        cos, sin = self._rope(positions, max(cache.lengths) + 1)  # (B, D)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, D)
+        x = self.embed(tokens)  # (B, E)
+        write, mask, columns = cache.advance()  # mask: (B, 1, 1, T) additive, None when every row is full length
+        kv = cache.buffer[:, :, :B, :, :columns]  # (L, 2, B, K, T, D), a view
+        new_kv = torch.empty(B, 2, K, D)
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1)
+            q = _rotate(layer.q(h).view(B, H, D), cos, sin)  # (B, H, D)
+            new_kv[:, 0] = _rotate(layer.k(h).view(B, K, D), cos, sin)
+            new_kv[:, 1] = layer.v(h).view(B, K, D)
+            cache.buffer[index][write] = new_kv  # each row's new key and value column, in place
+            k, v = kv[index]  # (B, K, T, D) each
+            a = F.scaled_dot_product_attention(q.view(B, K, G, D), k, v, attn_mask=mask, scale=layer.scale)  # (B, K, G, D)
+            x = x + layer.o(a.reshape(B, H * D))
+            h = _rms_norm(x, layer.ln2)
+            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_rms_norm(x, self.norm).contiguous())  # (N, V)

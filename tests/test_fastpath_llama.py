@@ -1,0 +1,122 @@
+"""The hand-written Llama-family decode path (engine.serving.fastpath.llama) against transformers' own.
+
+Tiny random Llama (grouped-query attention, tied embeddings, rope_theta and linear rope
+scaling from the config) and Qwen2 (q/k/v biases, untied head) models, saved as normal HF
+folders with a byte-level BPE tokenizer and served by the real engine. fp32: exactly HF
+`generate`'s greedy tokens, also for requests that join and leave a running batch. int8:
+dynamic int8 quantizes each layer's input with one scale per call, so the fast path (a
+right-padded prefill) may differ from transformers' int8 forward: ≥ 90 % teacher-forced
+next-token agreement. No timings here.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.model import load_model
+from engine.serving.batcher import Engine
+from engine.serving.fastpath import FastDecoder, pick_decoder
+from engine.serving.sampling import SamplingParams
+from tests.conftest import ENGLISH
+
+PROMPTS = [[("user", t)] for t in ["hello there", "what do you like to do ?", "i live in a big city and i like it",
+                                   "hi", "good night my dear friend , see you later", "do you have a dog ?"]]
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+             initializer_range=0.3)
+
+
+def build(folder: Path, family: str) -> Path:
+    """A tiny random Llama or Qwen2 folder (config, weights, tokenizer), built in about a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from engine.tokenizer import train_bpe_tokenizer
+
+    torch.manual_seed(1)
+    tok = train_bpe_tokenizer(ENGLISH * 4, vocab_size=300)
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    if family == "llama":  # SmolLM2's kind: grouped-query attention, tied embeddings, its own rope base
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, **ids, num_key_value_heads=2, tie_word_embeddings=True,
+                                             rope_theta=100000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    else:  # Qwen2: biases on q/k/v, a separate output head
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, **ids, num_key_value_heads=1, tie_word_embeddings=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def folder(request, tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+def greedy(n: int) -> dict:
+    return dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, repetition_penalty=1.0)
+
+
+def hf_generate(loaded, turns, n: int) -> str:
+    ids = loaded.fmt.context_ids(turns, 200)
+    with torch.inference_mode():
+        out = loaded.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=loaded.fmt.pad_id)
+    return loaded.fmt.decode(out[0, len(ids):].tolist())
+
+
+async def test_fp32_llama_fast_path_gives_hf_generates_greedy_tokens_with_rows_joining_and_leaving(folder):
+    loaded = load_model(str(folder))
+    assert pick_decoder(loaded.model, "auto").family == "llama"
+    lengths = [6 + 5 * i for i in range(len(PROMPTS))]
+    expected = [hf_generate(loaded, p, n) for p, n in zip(PROMPTS, lengths)]
+    assert len(set(expected)) > 1  # the random model says different things to different prompts
+    async with Engine(loaded, SamplingParams(), max_batch_size=4) as engine:
+        async def late(i):
+            await asyncio.sleep(0.02 * i)  # joins a batch that is already decoding; shorter ones leave first
+            return (await engine.reply(PROMPTS[i], greedy(lengths[i]))).text
+
+        got = await asyncio.gather(*[late(i) for i in range(len(PROMPTS))])
+        alone = [(await engine.reply(p, greedy(n))).text for p, n in zip(PROMPTS, lengths)]
+        assert engine._decoder.name == "fast"
+    assert got == expected and alone == expected
+
+
+def _teacher_forced_argmax(loaded, fast: bool, ids: list[int]) -> list[int]:
+    """Next-token argmax after each prefix of `ids` (prefill of 4 tokens, then decode steps)."""
+    decoder = pick_decoder(loaded.model, "auto" if fast else "off", pad_id=loaded.fmt.pad_id)
+    with torch.inference_mode():
+        state, logits = decoder.prefill([ids[:4]], [0])
+        out = [int(logits.argmax())]
+        for token in ids[4:]:
+            out.append(int(decoder.decode(state, torch.tensor([token])).argmax()))
+    return out
+
+
+async def test_int8_llama_fast_path_agrees_with_transformers_int8_and_serves_a_batch(folder):
+    loaded = load_model(str(folder), quantize="int8")
+    assert isinstance(pick_decoder(loaded.model, "auto"), FastDecoder)
+    agree = total = 0
+    for turns in PROMPTS:
+        ids = loaded.fmt.context_ids(turns + [("bot", "i like to read books"), ("user", "that is nice")], 200)
+        fast, slow = _teacher_forced_argmax(loaded, True, ids), _teacher_forced_argmax(loaded, False, ids)
+        agree += sum(a == b for a, b in zip(fast, slow))
+        total += len(fast)
+    assert total > 50 and agree / total >= 0.9
+    async with Engine(loaded, SamplingParams(), max_batch_size=4) as engine:
+        replies = await asyncio.gather(*[engine.reply(p, greedy(8)) for p in PROMPTS])
+        assert engine._decoder.name == "fast"
+    assert all(r.new_tokens == 8 and r.text for r in replies)
+
+
+def test_llama_models_the_fast_path_does_not_serve_take_transformers_forward():
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    dynamic = LlamaForCausalLM(LlamaConfig(**small, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    assert pick_decoder(dynamic, "auto").name == "transformers"  # its rotary frequencies change with the length
+    windowed = MistralForCausalLM(MistralConfig(**small, sliding_window=16))
+    assert pick_decoder(windowed, "auto").name == "transformers"  # a window that binds within a chat's context
+    mistral = MistralForCausalLM(MistralConfig(**small, sliding_window=4096))
+    assert pick_decoder(mistral, "auto").family == "llama"
+    assert pick_decoder(mistral, "off").name == "transformers"
