@@ -27,7 +27,7 @@ def sampling_defaults(config: Config) -> SamplingParams:
     return SamplingParams(
         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
         max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, seed=g.seed,
-        banned_words=list(g.banned_words),
+        banned_words=list(g.banned_words), finish_sentences=g.finish_sentences,
     )
 
 

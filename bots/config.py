@@ -34,6 +34,7 @@ class GenerationConfig:
     repetition_penalty: float = SamplingParams.repetition_penalty
     max_new_tokens: int = SamplingParams.max_new_tokens
     min_new_tokens: int = SamplingParams.min_new_tokens
+    finish_sentences: bool = SamplingParams.finish_sentences
     max_history_turns: int = 6
     max_context_tokens: int = 256
     banned_words: list = field(default_factory=list)

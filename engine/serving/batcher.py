@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from engine.model import LoadedModel
+from engine.serving import sentences
 from engine.serving.fastpath import FAST_PATH_MODES, pick_decoder
 # EngineBusy, EngineStopped and Reply are the contract's (protocol.py); importing them from here still works
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, ModelEngine, Reply,
@@ -351,7 +352,7 @@ class Engine(WorkerThread, ModelEngine):
                 request.generated.append(token)
             if request.future.cancelled():
                 continue
-            if stopped or len(request.generated) >= request.params.max_new_tokens:
+            if stopped or len(request.generated) >= request.params.max_new_tokens or self._rambles(request, token):
                 self._complete(request)
             else:
                 if request.stream is not None and not stopped:
@@ -364,9 +365,19 @@ class Engine(WorkerThread, ModelEngine):
         batch.select(keep)
         return batch
 
+    def _rambles(self, request: _Request, token: int) -> bool:
+        """Past min_new_tokens, at a sentence end, having said enough (engine/serving/sentences.py)."""
+        fmt, p = self._loaded.fmt, request.params
+        if not p.finish_sentences or not sentences.may_end_sentence(fmt.tokenizer.decode([token])):
+            return False
+        return sentences.would_ramble(fmt.decode(request.generated), len(request.generated), p.min_new_tokens,
+                                      p.max_new_tokens)
+
     def _complete(self, request: _Request) -> None:
         loaded = self._loaded
-        text = loaded.fmt.decode(request.generated)
+        text = sentences.finish_reply(loaded.fmt.decode(request.generated),
+                                      hit_limit=request.params.finish_sentences
+                                      and len(request.generated) >= request.params.max_new_tokens)
         if not text and request.attempt < 2:  # empty: try again with sampling
             retry = dataclasses.replace(request, attempt=request.attempt + 1, generated=[], sampler=None, streamed="",
                                         params=dataclasses.replace(request.params, do_sample=True,

@@ -41,6 +41,9 @@ class SamplingParams:
     do_sample: bool = True
     seed: int | None = None
     banned_words: list[str] = field(default_factory=list)
+    # a reply cut by max_new_tokens ends at its last sentence end, a rambling one stops at one
+    # (engine/serving/sentences.py); off: the tokens exactly as drawn
+    finish_sentences: bool = True
 
     def merged(self, overrides: dict | None) -> "SamplingParams":
         """A copy with per-request overrides; unknown names are an error, not ignored."""
