@@ -5,6 +5,7 @@ Every front end (console, Telegram, Discord, several at once) shares one `Mynah`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from bots.chat.service import ChatService
@@ -12,6 +13,7 @@ from bots.config import Config, ConfigError
 from bots.config import Config
 from bots.feedback import FeedbackRecorder
 from bots.platforms.base import Platform
+from engine.dialogue import context_limits
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
 from engine.serving.protocol import EngineUnavailable, ModelEngine, ReplyEngine, SamplingParams
@@ -63,6 +65,21 @@ async def wrap_mmi(config: Config, engine: Engine) -> ModelEngine:
     log.info("MMI reranking on: %d candidates, weight %.2f, backward model %s", g.mmi_candidates, g.mmi_weight,
              backward.path)
     return MMIEngine(engine, backward, candidates=g.mmi_candidates, weight=g.mmi_weight)
+
+
+def fit_context(config: Config, loaded: LoadedModel) -> Config:
+    """The config with [generation]'s context limits as the model gets them (engine.dialogue.
+    context_limits: chat-template models read at least 12 turns and 1,024 tokens)."""
+    from engine.types import max_positions
+
+    g = config.generation
+    turns, tokens = context_limits(loaded.fmt.name, max_positions(loaded.model), g.max_history_turns,
+                                   g.max_context_tokens, g.max_new_tokens)
+    if (turns, tokens) == (g.max_history_turns, g.max_context_tokens):
+        return config
+    log.info("context: the last %d turns and %d tokens (a chat-template model)", turns, tokens)
+    return dataclasses.replace(config, generation=dataclasses.replace(g, max_history_turns=turns,
+                                                                      max_context_tokens=tokens))
 
 
 async def load_configured_model(config: Config, path: str | None = None, *, version: str = "") -> LoadedModel:
@@ -143,6 +160,7 @@ class Mynah:
             loaded = await load_configured_model(config, model_path)
         log.info("model %s loaded (%s, %.1fM parameters, %s format)", loaded.path, loaded.version,
                  loaded.parameters / 1e6, loaded.fmt.name)
+        config = fit_context(config, loaded)
         engine = await wrap_mmi(config, build_engine(config, loaded))
         db = await Database.open(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
         conversations = Conversations(db)

@@ -83,7 +83,7 @@ class ChatConfig:
     max_message_chars: int = 4000
     stream: bool = True                  # show replies while they are written (edits the sent message)
     stream_edit_seconds: float = 1.0     # at most one edit per this many seconds per reply (flood limits)
-    default_persona: str = ""            # system prompt of chats without their own /persona
+    default_persona: str = ""            # system prompt of chats without their own /persona (config.toml ships one)
     resend_pending_minutes: float = 10.0   # at start-up: replies left pending are resent when younger
 
 
