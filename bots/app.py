@@ -67,19 +67,30 @@ async def wrap_mmi(config: Config, engine: Engine) -> ModelEngine:
     return MMIEngine(engine, backward, candidates=g.mmi_candidates, weight=g.mmi_weight)
 
 
-def fit_context(config: Config, loaded: LoadedModel) -> Config:
-    """The config with [generation]'s context limits as the model gets them (engine.dialogue.
-    context_limits: chat-template models read at least 12 turns and 1,024 tokens)."""
+MMI_OFF_CHAT_TEMPLATE = ("MMI reranks GPT-2-family dialogue models with a backward model trained on the "
+                         "same data; a chat-template model has none, and it ends its replies on its own")
+
+
+def fit_to_model(config: Config, loaded: LoadedModel) -> Config:
+    """The config as the loaded model needs it: [generation]'s context limits (engine.dialogue.
+    context_limits: chat-template models read at least 12 turns and 1,024 tokens), [learning]
+    method "auto" decided (LoRA for chat-template models, full fine-tuning for the GPT-2
+    dialogue formats), and MMI off for chat-template models (MMI_OFF_CHAT_TEMPLATE says why)."""
     from engine.types import max_positions
 
-    g = config.generation
+    g, lc, chat = config.generation, config.learning, loaded.fmt.name == "chat_template"
     turns, tokens = context_limits(loaded.fmt.name, max_positions(loaded.model), g.max_history_turns,
                                    g.max_context_tokens, g.max_new_tokens)
-    if (turns, tokens) == (g.max_history_turns, g.max_context_tokens):
-        return config
-    log.info("context: the last %d turns and %d tokens (a chat-template model)", turns, tokens)
-    return dataclasses.replace(config, generation=dataclasses.replace(g, max_history_turns=turns,
-                                                                      max_context_tokens=tokens))
+    if (turns, tokens) != (g.max_history_turns, g.max_context_tokens):
+        log.info("context: the last %d turns and %d tokens (a chat-template model)", turns, tokens)
+    mmi = g.mmi_model
+    if mmi and chat:
+        log.warning("[generation] mmi_model is ignored: %s", MMI_OFF_CHAT_TEMPLATE)
+        mmi = ""
+    method = lc.method if lc.method != "auto" else ("lora" if chat else "full")
+    return dataclasses.replace(
+        config, generation=dataclasses.replace(g, max_history_turns=turns, max_context_tokens=tokens, mmi_model=mmi),
+        learning=dataclasses.replace(lc, method=method))
 
 
 async def load_configured_model(config: Config, path: str | None = None, *, version: str = "") -> LoadedModel:
@@ -160,7 +171,7 @@ class Mynah:
             loaded = await load_configured_model(config, model_path)
         log.info("model %s loaded (%s, %.1fM parameters, %s format)", loaded.path, loaded.version,
                  loaded.parameters / 1e6, loaded.fmt.name)
-        config = fit_context(config, loaded)
+        config = fit_to_model(config, loaded)
         engine = await wrap_mmi(config, build_engine(config, loaded))
         db = await Database.open(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
         conversations = Conversations(db)
@@ -177,7 +188,10 @@ class Mynah:
         if learning is not None:
             await learning.start()
             await learning.canary.start()
-        return cls(config, db, conversations, engine, ChatService(config, replier, conversations, learning), learning)
+        chat = ChatService(config, replier, conversations, learning)
+        if loaded.fmt.name == "chat_template":
+            chat.admin.mmi_note = MMI_OFF_CHAT_TEMPLATE
+        return cls(config, db, conversations, engine, chat, learning)
 
     @classmethod
     async def open_remote(cls, config: Config) -> "Mynah":
@@ -186,6 +200,8 @@ class Mynah:
         versions the server loads as adapters (bots/learning/remote.py)."""
         from bots.backend import build_openai_engine
 
+        if config.learning.method == "auto":   # a served model learns through adapters
+            config = dataclasses.replace(config, learning=dataclasses.replace(config.learning, method="lora"))
         learn = config.learning.enabled and config.learning.method == "lora"
         if config.learning.enabled and not learn:
             log.warning('[learning] enabled is ignored: with [engine] backend = "openai" the learning loop needs '

@@ -377,8 +377,8 @@ def _check_learning(section: Any) -> None:
 
 def _check_lora(section: Any, bad) -> None:
     """[learning] method, the LoRA knobs and devices."""
-    if section.method not in ("full", "lora"):
-        raise bad("method", '"full" or "lora"')
+    if section.method not in ("full", "lora", "auto"):
+        raise bad("method", '"full", "lora" or "auto" (LoRA for chat-template models, else full)')
     if section.lora_r <= 0:
         raise bad("lora_r", "greater than 0")
     if section.lora_alpha <= 0:

@@ -8,6 +8,18 @@ from tests.conftest import build_gguf_llama
 PERSONA = "You are Mynah, a friendly bird."
 
 
+def test_a_gpt2_dialogue_model_keeps_full_fine_tuning_and_its_limits(tiny_dialogpt):
+    from bots.app import fit_to_model
+    from bots.config import Config
+    from engine.model import load_model
+
+    config = Config()
+    config.learning.method = "auto"
+    fitted = fit_to_model(config, load_model(str(tiny_dialogpt)))
+    assert fitted.learning.method == "full"
+    assert (fitted.generation.max_history_turns, fitted.generation.max_context_tokens) == (6, 256)
+
+
 def test_limits_follow_the_models_window():
     assert context_limits("dialogpt", 1024, 6, 256, 40) == (6, 256)          # as configured
     assert context_limits("chitchat", 300, 6, 256, 40) == (6, 256)
@@ -39,7 +51,8 @@ async def test_the_chat_service_reads_twelve_turns_of_a_chat_template_model(tmp_
     gguf_file, _ = build_gguf_llama(tmp_path / "tiny.gguf")
     config_file = tmp_path / "config.toml"
     config_file.write_text(f'[model]\npath = "{gguf_file}"\n[storage]\npath = "{tmp_path / "db.sqlite3"}"\n'
-                           "[learning]\nenabled = false\n", encoding="utf-8")
+                           '[learning]\nenabled = false\nmethod = "auto"\n'
+                           '[generation]\nmmi_model = "starter-mmi"\nmmi_candidates = 4\n', encoding="utf-8")
     app = await Mynah.open(load_config(config_file))
     try:
         assert (app.config.generation.max_history_turns, app.config.generation.max_context_tokens) == (12, 216)
@@ -48,5 +61,8 @@ async def test_the_chat_service_reads_twelve_turns_of_a_chat_template_model(tmp_
             await app.conversations.log_message(chat_id, "user" if i % 2 == 0 else "bot", f"turn {i}")
         context = await app.chat.build_context(chat_id)
         assert [t for _, t in context] == [f"turn {i}" for i in range(8, 20)]
+        # a chat-template model learns through LoRA, and MMI (GPT-2 family only) is off, saying why
+        assert app.config.learning.method == "lora" and app.config.generation.mmi_model == ""
+        assert "MMI reranking: off (MMI reranks GPT-2-family" in await app.chat.admin.status_text()
     finally:
         await app.close()

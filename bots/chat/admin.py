@@ -29,6 +29,7 @@ class AdminCommands:
         self.learning = learning
         self.writes = None      # bots.chat.durable.WriteRetry, set by ChatService: audits survive a locked database
         self.started_at = time.time()
+        self.mmi_note = ""      # why MMI is off for this model (bots.app.MMI_OFF_CHAT_TEMPLATE), shown by /status
         # Each admin command's handler, by name; without the learning loop its commands say so.
         self.handlers = {"status": self._status}
         if learning is not None:
@@ -74,7 +75,8 @@ class AdminCommands:
             f"Reply latency: p50 {_secs(stats.latency_p50_s)}, p95 {_secs(stats.latency_p95_s)} "
             f"over {stats.replies} replies",
             f"MMI reranking: on ({mmi.candidates} candidates, weight {mmi.weight:g}, "
-            f"backward model {mmi.backward_model})" if mmi else "MMI reranking: off",
+            f"backward model {mmi.backward_model})" if mmi else
+            f"MMI reranking: off{f' ({self.mmi_note})' if self.mmi_note else ''}",
             f"Uptime: {duration(time.time() - self.started_at)}",
             f"Stored: {counts.get('chats', 0)} chats, {counts.get('messages', 0)} messages",
         ]
