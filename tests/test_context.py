@@ -56,9 +56,9 @@ async def test_the_chat_service_reads_twelve_turns_of_a_chat_template_model(tmp_
     app = await Mynah.open(load_config(config_file))
     try:
         assert (app.config.generation.max_history_turns, app.config.generation.max_context_tokens) == (12, 216)
-        chat_id = await app.conversations.chat("console", "c1")
+        chat_id = await app.store.chats.chat("console", "c1")
         for i in range(20):
-            await app.conversations.log_message(chat_id, "user" if i % 2 == 0 else "bot", f"turn {i}")
+            await app.store.messages.log_message(chat_id, "user" if i % 2 == 0 else "bot", f"turn {i}")
         context = await app.chat.build_context(chat_id)
         assert [t for _, t in context] == [f"turn {i}" for i in range(8, 20)]
         # a chat-template model learns through LoRA, and MMI (GPT-2 family only) is off, saying why

@@ -377,9 +377,9 @@ async def test_ten_thousand_characters_are_split_through_the_real_bot(bot, fake)
     text = "\n\n".join([paragraph] * 6)
     text += "\n\n" + "x" * (10_000 - len(text) - 2)
     assert len(text) == 10_000
-    conv = bot.app.conversations
-    chat_id = await conv.chat("telegram", "300")
-    stored = await conv.log_message(chat_id, "bot", text, status="pending")
+    conv = bot.app.store
+    chat_id = await conv.chats.chat("telegram", "300")
+    stored = await conv.messages.log_message(chat_id, "bot", text, status="pending")
 
     ids = await bot.adapter.send(300, Outgoing(text, stored_id=stored), reply_to=7)
     parts = fake.sent(300)[1:]

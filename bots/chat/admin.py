@@ -19,12 +19,12 @@ ANONYMOUS_TEXT = ("/{name} needs to know which admin you are, but this message w
 
 
 class AdminCommands:
-    def __init__(self, admins_config, conversations, engine, learning=None):
+    def __init__(self, admins_config, store, engine, learning=None):
         self.admins = {
             "telegram": {str(i) for i in admins_config.telegram},
             "discord": {str(i) for i in admins_config.discord},
         }
-        self.conversations = conversations
+        self.store = store      # storage.store.Store: the audit, and counts for /status
         self.engine = engine
         self.learning = learning
         self.writes = None      # bots.chat.durable.WriteRetry, set by ChatService: audits survive a locked database
@@ -43,7 +43,7 @@ class AdminCommands:
 
     async def handle(self, name: str, args: list[str], msg: Incoming) -> list[Outgoing]:
         allowed = self.is_admin(msg.platform, msg.user_id) and not msg.anonymous
-        audit = lambda: self.conversations.audit(msg.platform, msg.user_id, name, " ".join(args), allowed)  # noqa: E731
+        audit = lambda: self.store.audit.record(msg.platform, msg.user_id, name, " ".join(args), allowed)  # noqa: E731
         if self.writes is not None:
             await self.writes.run(f"audit of /{name}", audit)
         else:
@@ -65,7 +65,7 @@ class AdminCommands:
 
     async def status_text(self) -> str:
         stats = self.engine.stats()  # engine.serving.protocol.EngineStats
-        counts = await self.conversations.stats()
+        counts = await self.store.messages.stats()
         mmi = stats.mmi
         round_trip = f", last round trip {_secs(stats.backend_latency_s)}" if stats.backend != "local" else ""
         lines = [

@@ -352,7 +352,8 @@ class Engine(WorkerThread, ModelEngine):
                 request.generated.append(token)
             if request.future.cancelled():
                 continue
-            if stopped or len(request.generated) >= request.params.max_new_tokens or self._rambles(request, token):
+            if stopped or len(request.generated) >= request.params.max_new_tokens \
+                    or sentences.rambles(self._loaded.fmt, request.params, request.generated, token):
                 self._complete(request)
             else:
                 if request.stream is not None and not stopped:
@@ -364,14 +365,6 @@ class Engine(WorkerThread, ModelEngine):
             return None
         batch.select(keep)
         return batch
-
-    def _rambles(self, request: _Request, token: int) -> bool:
-        """Past min_new_tokens, at a sentence end, having said enough (engine/serving/sentences.py)."""
-        fmt, p = self._loaded.fmt, request.params
-        if not p.finish_sentences or not sentences.may_end_sentence(fmt.tokenizer.decode([token])):
-            return False
-        return sentences.would_ramble(fmt.decode(request.generated), len(request.generated), p.min_new_tokens,
-                                      p.max_new_tokens)
 
     def _complete(self, request: _Request) -> None:
         loaded = self._loaded

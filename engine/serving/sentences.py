@@ -77,6 +77,14 @@ def may_end_sentence(piece: str) -> bool:
     return any(c in piece for c in ".!?…。！？\"'”’)]") or bool(_EMOJI_END.search(piece))
 
 
+def rambles(fmt, params, generated: list[int], token: int) -> bool:
+    """For an engine's decode loop: should the row that just drew `token` (already in
+    `generated`) stop here? Decodes the whole reply only when the token could end a sentence."""
+    if not params.finish_sentences or not may_end_sentence(fmt.tokenizer.decode([token])):
+        return False
+    return would_ramble(fmt.decode(generated), len(generated), params.min_new_tokens, params.max_new_tokens)
+
+
 def finish_reply(text: str, *, hit_limit: bool) -> str:
     """The reply as sent: trimmed when the budget cut it, as written when the model stopped."""
     return trim_to_sentence(text) if hit_limit else text

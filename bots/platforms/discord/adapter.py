@@ -161,7 +161,7 @@ class DiscordAdapter(Platform):
     def make_cog(self, bot: commands.Bot) -> ChatCog:
         """The cog, given what it needs (it knows nothing of this adapter)."""
         app = self.app
-        return ChatCog(bot, app.chat, app.conversations, app.config.discord, stopping=lambda: self._stopping,
+        return ChatCog(bot, app.chat, app.store, app.config.discord, stopping=lambda: self._stopping,
                        defer_after=self.defer_after,
                        stream_edit_seconds=app.config.chat.stream_edit_seconds if app.config.chat.stream else None)
 
@@ -224,7 +224,7 @@ class DiscordAdapter(Platform):
             if not self._recovered:
                 self._recovered = True
                 await self.chat.recover_pending("discord", self._resend)
-            await catch_up(self.bot, self.cog, self.app.conversations, self.app.config.discord.catch_up_minutes)
+            await catch_up(self.bot, self.cog, self.app.store.messages, self.app.config.discord.catch_up_minutes)
         except Exception:
             log.exception("discord: catching up after connecting failed")
 

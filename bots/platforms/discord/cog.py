@@ -106,11 +106,11 @@ class ChatCog(commands.Cog, name="Mynah"):
     whether the platform is stopping, and how long a slash command may take before it is
     deferred."""
 
-    def __init__(self, bot: commands.Bot, chat, conversations, settings, *, stopping: Callable[[], bool],
+    def __init__(self, bot: commands.Bot, chat, store, settings, *, stopping: Callable[[], bool],
                  defer_after: float = 2.0, stream_edit_seconds: float | None = None):
         self.bot = bot
         self.chat = chat
-        self.conversations = conversations
+        self.store = store
         self.settings = settings              # the [discord] section of the config
         self.stopping = stopping
         self.defer_after = defer_after        # slash commands slower than this are deferred
@@ -162,9 +162,9 @@ class ChatCog(commands.Cog, name="Mynah"):
             if isinstance(ref.resolved, discord.Message):
                 reply_to_bot = ref.resolved.author.id == me.id
             else:  # not delivered with the message (deleted, or too old): ask the log
-                db_chat = await self.conversations.chat(
+                db_chat = await self.store.chats.chat(
                     "discord", chat_id, thread_id=thread_id, type=chat_type, title=title)
-                reply_to_bot = await self.conversations.is_bot_message(db_chat, ref.message_id)
+                reply_to_bot = await self.store.messages.is_bot_message(db_chat, ref.message_id)
         answer_all = {str(c) for c in self.settings.answer_all_channels}
         return Incoming(
             platform="discord", chat_id=chat_id, user_id=str(message.author.id),
