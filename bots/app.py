@@ -1,6 +1,6 @@
 """The composition root: config in, a running engine + database + chat service out.
 
-Every front end (console, Telegram, Discord, several at once) shares one `Mynah`.
+Every front end (the console, each platform served, several at once) shares one `Mynah`.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from bots.platforms.discord.catchup import catch_up
 from bots.platforms.discord.cog import NO_MENTIONS, ChatCog
 from bots.platforms.discord.reactions import FeedbackCog
 from bots.platforms.discord.slash import slash_commands
+from bots.platforms.discord.spec import SPEC
 from bots.platforms.redaction import redact, register_token
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def bot_class(shards) -> tuple[type, dict]:
 class DiscordAdapter(Platform):
     """One Discord bot serving a shared `Mynah` app; see the module docstring."""
 
-    name = "discord"
+    name = SPEC.name
 
     def __init__(self, app, token: str, *, intents: discord.Intents | None = None, ready_timeout: float = 180.0,
                  defer_after: float = 2.0, drain_timeout: float = 30.0, **bot_options):
@@ -223,7 +224,7 @@ class DiscordAdapter(Platform):
         try:
             if not self._recovered:
                 self._recovered = True
-                await self.chat.recover_pending("discord", self._resend)
+                await self.chat.recover_pending(SPEC.name, self._resend)
             await catch_up(self.bot, self.cog, self.app.store.messages, self.app.config.discord.catch_up_minutes)
         except Exception:
             log.exception("discord: catching up after connecting failed")
