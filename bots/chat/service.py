@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from bots.chat.admin import AdminCommands
 from bots.chat.commands import BY_NAME, bind, parse_command
 from bots.chat.events import Incoming, Outgoing
+from bots.chat.memory import UserMemory
 from bots.chat.durable import WriteRetry
 from bots.chat.ratelimit import RateLimiter, Verdict
 from bots.chat.routing import current_chat
@@ -69,8 +70,9 @@ class ChatService:
         self.admin = AdminCommands(admin_ids(config) if admins is None else admins, store, engine, learning,
                                    writes=self.writes)
         self.user = UserCommands(config, store, self.admin.is_admin, learning)
+        self.memory = UserMemory(store)   # what each user told Mynah about themselves
         # Each command's handler, bound once from the command table (bots/chat/commands.py).
-        self.handlers = bind({"user": self.user, "admin": self.admin, "learning": learning,
+        self.handlers = bind({"user": self.user, "admin": self.admin, "learning": learning, "memory": self.memory,
                               "trust": learning.trust if learning is not None else None})
 
     # ---- entry point --------------------------------------------------------------
@@ -99,7 +101,7 @@ class ChatService:
         if verdict.limited:
             return [verdict.slow_down] if verdict.slow_down is not None else []
         history = await self.build_context(chat_id)
-        system = await self.persona(chat_id)
+        system = await self.remembered(msg, parsed.text, await self.persona(chat_id))
         reply = await self.generate(msg, history, system=system,
                                     stream=stream if self.config.chat.stream else None)
         if isinstance(reply, Outgoing):  # busy or failed: said, not stored
@@ -177,6 +179,16 @@ class ChatService:
         """The chat's system prompt: its own /persona, else `[chat] default_persona`."""
         own = await self.store.chats.persona(chat_id)
         return own if own is not None else self.config.chat.default_persona
+
+    async def remembered(self, msg: Incoming, text: str, persona: str) -> str:
+        """The system prompt with what the sender told Mynah about themselves (bots/chat/memory.py),
+        after noting what this message adds. Memory is a help, never a reason not to answer."""
+        try:
+            await self.memory.observe(msg, text)
+            return await self.memory.system_prompt(msg, persona)
+        except Exception:
+            log.exception("memory: could not read or update what %s told me; answering without it", msg.platform)
+            return persona
 
     async def generate(self, msg: Incoming, history: list[tuple[str, str]], *, system: str = "", stream=None):
         """The engine's reply, or an Outgoing that says why there is none. With `stream`, the
