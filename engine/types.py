@@ -16,6 +16,12 @@ Turn = tuple[str, str]
 # One conversation for training: its utterances, oldest first, speakers alternating.
 Dialogue = list[str]
 
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be used; the message says which path and why (engine.model re-exports it)."""
+
+
 DEFAULT_POSITIONS = 1024  # GPT-2's, for a config that names no limit
 
 

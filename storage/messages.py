@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from storage.feedback import delete_user_rows
+from storage.memory import delete_user_facts
 from storage.ledger import ForgetLedger
 from storage.protocol import StorageBackend
 
@@ -198,6 +199,7 @@ class Messages:
                 " WHERE u.platform = ? AND u.platform_user_id = ?)", key)
             await conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in deleted])
             await delete_user_rows(conn, *key)  # their reactions on any reply go too
+            await delete_user_facts(conn, *key)  # and what Mynah remembered about them
             await conn.execute("UPDATE users SET name = NULL WHERE platform = ? AND platform_user_id = ?", key)
             await conn.execute(
                 "INSERT INTO forgotten (platform, platform_user_id, forgotten_at, message_ids) VALUES (?, ?, ?, ?)",

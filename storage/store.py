@@ -2,8 +2,8 @@
 
 Each store gets the database at construction and knows no other store: messages and
 context (`Messages`), chats, users and consent (`Chats`), training runs and model versions
-(`Runs`), the admin audit (`Audit`), reactions (`Feedback`) and learning's consent and
-lineage (`TrustStore`).
+(`Runs`), the admin audit (`Audit`), reactions (`Feedback`), learning's consent and
+lineage (`TrustStore`) and what users told Mynah about themselves (`Memory`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from storage.chats import Chats
 from storage.db import Database
 from storage.feedback import Feedback
 from storage.ledger import ForgetLedger
+from storage.memory import Memory
 from storage.messages import Messages
 from storage.protocol import StorageBackend
 from storage.runs import Runs
@@ -30,13 +31,14 @@ class Store:
     audit: Audit
     feedback: Feedback
     trust: TrustStore
+    memory: Memory          # what each user told Mynah about themselves (never trained on)
 
     @classmethod
     def over(cls, db: StorageBackend, reader: StorageBackend | None = None) -> "Store":
         """The stores over an already open database (and, optionally, a second connection to
         it for the training read: see TrustStore)."""
         messages = Messages(db, ForgetLedger.beside(db.path))
-        return cls(db, Chats(db), messages, Runs(db), Audit(db), Feedback(db), TrustStore(db, reader))
+        return cls(db, Chats(db), messages, Runs(db), Audit(db), Feedback(db), TrustStore(db, reader), Memory(db))
 
     async def close(self) -> None:
         if self.trust.reader is not self.db:

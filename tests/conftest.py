@@ -61,3 +61,74 @@ def tiny_dialogpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chitchat(tmp_path_factory) -> Path:
     return build_chitchat_checkpoint(tmp_path_factory.mktemp("chitchat") / "model")
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _llama_permute(weights, n_head: int):
+    """llama.cpp's q/k row order (convert_hf_to_gguf.py), which transformers undoes on load."""
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def build_gguf_llama(path: Path, seed: int = 0, architecture: str = "llama"):
+    """A tiny random Llama chat model written as a GGUF file the way llama.cpp writes one (byte-level
+    BPE vocabulary, ChatML template, q/k rows permuted). Returns (path, the HF model it was made of)."""
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.tokenizer import train_bpe_tokenizer
+
+    torch.manual_seed(seed)
+    tok = train_bpe_tokenizer(ENGLISH * 4, vocab_size=300)
+    specials = ["<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    merges = [" ".join(m) if isinstance(m, (list, tuple)) else m
+              for m in json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]]
+    eos = tokens.index("<|im_end|>")
+    config = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=0, eos_token_id=eos, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(config).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("mynah-tiny-llama")
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"] if getattr(config, "rope_parameters", None)
+                              else 10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_rope_dimension_count(8)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in specials or t == "<|endoftext|>" else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(eos)
+    writer.add_pad_token_id(eos)
+    writer.add_chat_template(CHATML)
+    sd = {k: v.detach().numpy().astype("float32") for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for gguf_name, hf_name in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                                   ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                                   ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[p + hf_name + ".weight"])
+        writer.add_tensor(f"blk.{i}.attn_q.weight", _llama_permute(sd[p + "self_attn.q_proj.weight"], 4))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", _llama_permute(sd[p + "self_attn.k_proj.weight"], 2))
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, model

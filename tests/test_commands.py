@@ -8,13 +8,15 @@ import pytest
 from bots.chat.admin import AdminCommands
 from bots.chat.commands import COMMANDS, bind, commands_for
 from bots.chat.events import Incoming, answers_privately
+from bots.chat.memory import UserMemory
 from bots.chat.user_commands import UserCommands
 from bots.config import parse_config
 from bots.learning.commands import LearningCommands
 from bots.learning.trust import Trust
 from bots.platforms.registry import admin_ids, discover
 
-PROVIDERS = {"user": UserCommands, "admin": AdminCommands, "learning": LearningCommands, "trust": Trust}
+PROVIDERS = {"user": UserCommands, "admin": AdminCommands, "learning": LearningCommands, "trust": Trust,
+             "memory": UserMemory}
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)

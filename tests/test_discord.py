@@ -306,7 +306,7 @@ async def test_start_returns_when_ready_with_intents_and_synced_commands(fake, t
             assert intents.message_content and intents.guilds and intents.guild_messages and intents.dm_messages
             assert not intents.members and not intents.presences  # nothing privileged it does not need
             assert sorted(fake.synced[str(fd.GUILD_ID)]) == sorted(
-                ["reset", "forget", "optout", "optin", "persona", "help", "retrain", "status", "rollback", "models",
+                ["reset", "forget", "optout", "optin", "persona", "memory", "help", "retrain", "status", "rollback", "models",
                  "promote"])
             assert "global" not in fake.synced
             # the shared redaction helper scrubs the token from any log line, tracebacks included

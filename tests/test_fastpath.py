@@ -26,7 +26,8 @@ PROMPTS = [[("user", t)] for t in ["hello there", "what do you like to do ?", "i
 
 
 def greedy(n: int) -> dict:
-    return dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, repetition_penalty=1.0)
+    return dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, repetition_penalty=1.0,
+                finish_sentences=False)  # the tokens exactly as drawn, to compare with generate()
 
 
 @pytest.fixture(scope="module")

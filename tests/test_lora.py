@@ -330,3 +330,33 @@ def test_a_missing_peft_is_a_clear_error(tmp_path, base_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)   # import peft → ImportError
     with pytest.raises(LoraUnavailable, match="pip install 'mynah"):
         require_peft()
+
+
+async def test_lora_on_a_chat_template_gguf_model_promotes_and_serves_the_adapter(tmp_path):
+    """The default's path on a tiny scale: a chat-template model from a GGUF file, converted
+    into the registry as v0001; [learning] method = "auto" picks LoRA for it; a run through the
+    real learning loop promotes the adapter, and the engine serves it merged."""
+    from tests.conftest import build_gguf_llama
+
+    gguf_file, _ = build_gguf_llama(tmp_path / "gguf" / "tiny.gguf")
+    config = make_config(tmp_path, gguf_file, **{**LORA, "method": "auto", "base_loss_tolerance": 5.0})
+    app = await Mynah.open(config)
+    try:
+        learning = app.learning
+        v1 = learning.registry.get("v0001")
+        assert (v1.folder / "model.safetensors").is_file() and app.engine.model.fmt.name == "chat_template"
+        assert app.config.learning.method == "lora"
+        await log_chats(app.store, 24, CATCHPHRASE)
+        await app.chat.handle(admin_msg("/retrain"))
+        result = await learning.wait()
+        assert result.decision == "promoted", result.summary()
+        assert "Trained: LoRA (r=8, alpha=16" in result.summary()
+        v2 = learning.registry.get("v0002")
+        assert v2.kind == "lora" and v2.parent == "v0001" and v2.base_model == str(v1.folder.resolve())
+        assert "model.safetensors" not in {p.name for p in v2.folder.iterdir()}   # an adapter, not a copy
+        assert app.engine.version == "v0002" and type(app.engine.model.model).__name__ == "LlamaForCausalLM"
+        reply = await app.chat.handle(Incoming(platform="telegram", chat_id="s", user_id="7", text="hello there"))
+        rows = await app.db.fetchall("SELECT model_version FROM messages WHERE id = ?", (reply[0].stored_id,))
+        assert rows[0][0] == "v0002"
+    finally:
+        await app.close()

@@ -18,7 +18,7 @@ from tests.fakes.openai_api import FakeOpenAI
 
 pytestmark = pytest.mark.timeout(60)
 
-LONG = SamplingParams(max_new_tokens=10, min_new_tokens=10, seed=5)
+LONG = SamplingParams(max_new_tokens=10, min_new_tokens=10, seed=5, finish_sentences=False)  # the tokens as drawn
 
 
 class Clock:

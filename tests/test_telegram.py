@@ -170,7 +170,7 @@ async def test_commands_are_registered_for_everyone_and_admins(bot, fake):
     admin = [c for c in calls if c.params.get("scope", {}).get("chat_id") == ADMIN]
     assert len(default) == 1 and len(admin) == 1
     names = [c["command"] for c in default[0].params["commands"]]
-    assert names == ["start", "help", "reset", "forget", "optout", "optin", "persona"]
+    assert names == ["start", "help", "reset", "forget", "optout", "optin", "persona", "memory"]
     admin_names = {c["command"] for c in admin[0].params["commands"]}
     assert {"retrain", "status", "rollback", "models"} <= admin_names and set(names) <= admin_names
     # long polling without dropping what was sent while the bot was down

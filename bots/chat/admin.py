@@ -34,6 +34,7 @@ class AdminCommands:
         self.learning = learning
         self.writes = writes or WriteRetry()   # audits survive a locked database
         self.started_at = time.time()
+        self.mmi_note = ""      # why MMI is off for this model (bots.app.MMI_OFF_CHAT_TEMPLATE), shown by /status
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         if platform in self.admins and self.admins[platform] is None:
@@ -71,7 +72,8 @@ class AdminCommands:
             f"Reply latency: p50 {_secs(stats.latency_p50_s)}, p95 {_secs(stats.latency_p95_s)} "
             f"over {plural(stats.replies, 'reply')}",
             f"MMI reranking: on ({mmi.candidates} candidates, weight {mmi.weight:g}, "
-            f"backward model {mmi.backward_model})" if mmi else "MMI reranking: off",
+            f"backward model {mmi.backward_model})" if mmi else
+            f"MMI reranking: off{f' ({self.mmi_note})' if self.mmi_note else ''}",
             f"Uptime: {duration(time.time() - self.started_at)}",
             f"Stored: {plural(counts.get('chats', 0), 'chat')}, {plural(counts.get('messages', 0), 'message')}",
         ]

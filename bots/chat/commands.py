@@ -42,6 +42,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("optin", "let this chat help me learn again", "user.command_optin"),
     Command("persona", "show or set my persona in this chat (/persona reset clears it)", "user.command_persona",
             argument=Argument("text", "the persona, e.g. \"a cheerful pirate\"; \"reset\" clears it")),
+    Command("memory", "what I remember about you (/memory clear forgets it)", "memory.command_memory", private=True,
+            argument=Argument("action", "\"clear\" forgets what you told me about yourself")),
     Command("retrain", "fine-tune on logged chats now", "learning.retrain", admin=True, private=True),
     Command("status", "model, runs, queue, latency, uptime", "admin.command_status", admin=True, private=True),
     Command("rollback", "make the previous (or a given) version active", "learning.rollback",

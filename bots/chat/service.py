@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from bots.chat.admin import AdminCommands
 from bots.chat.commands import BY_NAME, bind, parse_command
 from bots.chat.events import Incoming, Outgoing
+from bots.chat.memory import UserMemory
 from bots.chat.durable import WriteRetry
 from bots.chat.ratelimit import RateLimiter, Verdict
 from bots.chat.user_commands import UserCommands, chat_row
@@ -72,8 +73,9 @@ class ChatService:
                                    writes=self.writes)
         self.user = UserCommands(config, store, self.admin.is_admin, learning,
                                  forgets_for_chats=forgetting_for_chats())
+        self.memory = UserMemory(store)   # what each user told Mynah about themselves
         # Each command's handler, bound once from the command table (bots/chat/commands.py).
-        self.handlers = bind({"user": self.user, "admin": self.admin,
+        self.handlers = bind({"user": self.user, "admin": self.admin, "memory": self.memory,
                               "learning": learning.commands if learning is not None else None,
                               "trust": learning.trust if learning is not None else None})
 
@@ -107,7 +109,7 @@ class ChatService:
         if verdict.limited:
             return [verdict.slow_down] if verdict.slow_down is not None else []
         history = await self.build_context(chat_id)
-        system = await self.persona(chat_id)
+        system = await self.memory.prompt_after(msg, parsed.text, await self.persona(chat_id))
         stream = stream if self.config.chat.stream else None
         held = None
         if stream is not None:   # shown before it is complete: a crash now must not lose it

@@ -207,7 +207,8 @@ def learning_line(config) -> str:
         where = plan_devices(lc.devices, config.model.device).describe()
     except ValueError as exc:
         where = f"no usable device ({exc})"
-    method = f"LoRA (r={lc.lora_r}, alpha={lc.lora_alpha})" if lc.method == "lora" else "full fine-tune"
+    method = {"lora": f"LoRA (r={lc.lora_r}, alpha={lc.lora_alpha})", "full": "full fine-tune"}.get(
+        lc.method, "LoRA for a chat-template model, else a full fine-tune")
     base = f", base model {lc.base_model}" if lc.method == "lora" and lc.base_model else ""
     return f"Learning: {method} on {where} ([learning] devices = \"{lc.devices}\"){base}"
 

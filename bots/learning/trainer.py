@@ -74,10 +74,26 @@ def local_model_folder(version: Version) -> str:
         return version.model_path
 
 
+def method_for(config, active: Version) -> str:
+    """[learning] method, with "auto" decided by the model (a bot decides it at start-up in
+    bots.app.fit_to_model; `mynah retrain` comes here): LoRA for a chat-template model or a
+    served one, full fine-tuning for the GPT-2 dialogue formats."""
+    method = config.learning.method
+    if method != "auto":
+        return method
+    if config.engine.backend == "openai":
+        return "lora"
+    from engine.dialogue import DialogueFormat
+    from engine.model import load_model_tokenizer
+
+    fmt = DialogueFormat(load_model_tokenizer(local_model_folder(active)), config.model.format)
+    return "lora" if fmt.name == "chat_template" else "full"
+
+
 def candidate_bytes(config, active: Version) -> int:
     """What a run's candidate will take on disk: a model like the active one (full fine-tune),
     or an adapter (LoRA: about the active adapter's size; a first adapter is small, 64 MB is ample)."""
-    if config.learning.method == "lora":
+    if method_for(config, active) == "lora":
         return folder_bytes(active.folder) if active.kind == "lora" else 64 * 2**20
     return folder_bytes(local_model_folder(active))
 
@@ -93,7 +109,7 @@ def training_init(config, active: Version) -> str:
     elsewhere starts from [learning] base_model (the local copy of the backend's model) until
     the active version is itself an adapter on it."""
     lc = config.learning
-    if lc.method == "lora" and lc.base_model and active.kind == "configured":
+    if method_for(config, active) == "lora" and lc.base_model and active.kind == "configured":
         from engine.model import resolve_path
 
         path = resolve_path(lc.base_model)
@@ -118,7 +134,7 @@ def build_job(config, run_id: int, active: Version, folder: Path) -> FinetuneJob
         run_id=run_id, init=training_init(config, active), format=config.model.format, device=plan.device,
         data=str(folder / DATA_FILE), forgotten=str(folder / FORGOTTEN_FILE),
         output=str(folder / f"candidate-run-{run_id}"), result=str(folder / RESULT_FILE),
-        threads=lc.threads, nice=lc.nice, max_memory_mb=lc.max_memory_mb, method=lc.method,
+        threads=lc.threads, nice=lc.nice, max_memory_mb=lc.max_memory_mb, method=method_for(config, active),
         distributed=plan.distributed, processes=plan.processes, probes=probe_prompts(lc),
         sampling=SamplingParams.from_settings(config.generation),
         train=TrainSettings(lr=lc.lr, epochs=lc.epochs, batch_size=lc.batch_size, max_len=lc.max_len,

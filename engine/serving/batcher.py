@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from engine.model import LoadedModel
+from engine.serving import sentences
 from engine.serving.fastpath import FAST_PATH_MODES, pick_decoder
 # EngineBusy, EngineStopped and Reply are the contract's (protocol.py); importing them from here still works
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, ModelEngine, Reply,
@@ -332,7 +333,8 @@ class Engine(WorkerThread, ModelEngine):
                 request.generated.append(token)
             if request.future.cancelled():
                 continue
-            if stopped or len(request.generated) >= request.params.max_new_tokens:
+            if stopped or len(request.generated) >= request.params.max_new_tokens \
+                    or sentences.rambles(self._loaded.fmt, request.params, request.generated, token):
                 self._complete(request)
             else:
                 if request.stream_due(now, self.stream_push_s):
@@ -351,7 +353,9 @@ class Engine(WorkerThread, ModelEngine):
 
     def _complete(self, request: _Request) -> None:
         loaded = self._loaded
-        text = loaded.fmt.decode(request.generated)
+        text = sentences.finish_reply(loaded.fmt.decode(request.generated),
+                                      hit_limit=request.params.finish_sentences
+                                      and len(request.generated) >= request.params.max_new_tokens)
         if not text and request.attempt < 2:  # empty: try again with sampling
             retry = dataclasses.replace(request, attempt=request.attempt + 1, generated=[], sampler=None, streamed="", pushed_at=0.0,
                                         params=dataclasses.replace(request.params, do_sample=True,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from engine.model import LoadedModel
+from engine.serving import sentences
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, Reply, ReplyStream,
                                      SamplingParams, Route)
 from engine.serving.worker import WorkerThread, auto_threads
@@ -177,7 +178,7 @@ class CT2Engine(WorkerThread):
         results = generator.generate_batch([[self._vocab[i] for i in job.context_ids] for job in batch], **kwargs)
         for job, result in zip(batch, results):
             ids = [i for i in result.sequences_ids[0] if i not in loaded.fmt.stop_ids]
-            text = loaded.fmt.decode(ids)
+            text = sentences.finish_reply(loaded.fmt.decode(ids), hit_limit=p.finish_sentences and len(ids) >= p.max_new_tokens)
             latency = time.monotonic() - job.enqueued_at
             self._latencies.append(latency)
             self.replies_served += 1

@@ -42,6 +42,7 @@ import time
 from typing import Sequence
 
 from engine.dialogue import DialogueFormat, defang_markup
+from engine.serving import sentences
 from engine.serving.breaker import CircuitBreaker, backoff_delays
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, EngineUnavailable, Reply,
                                      ReplyEngine, ReplyStream, SamplingParams, Route)
@@ -207,7 +208,8 @@ class OpenAIEngine(ReplyEngine):
         latency = time.monotonic() - started
         self._latencies.append(latency)
         self.replies_served += 1
-        text = text.strip()
+        text = sentences.finish_reply(text.strip(), hit_limit=params.finish_sentences
+                                      and new_tokens >= params.max_new_tokens)
         return Reply(text=text or self.fallback_reply, model_version=self.version,
                      new_tokens=new_tokens, latency_s=latency, fallback=not text)
 

@@ -43,13 +43,16 @@ class SamplingParams:
     do_sample: bool = True
     seed: int | None = None
     banned_words: list[str] = field(default_factory=list)
+    # a reply cut by max_new_tokens ends at its last sentence end, a rambling one stops at one
+    # (engine/serving/sentences.py); off: the tokens exactly as drawn
+    finish_sentences: bool = True
 
     @classmethod
     def from_settings(cls, g) -> "SamplingParams":
         """From a [generation] section (any object with these attribute names)."""
         return cls(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
                    max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, seed=g.seed,
-                   banned_words=list(g.banned_words))
+                   banned_words=list(g.banned_words), finish_sentences=g.finish_sentences)
 
     def merged(self, overrides: dict | None) -> "SamplingParams":
         """A copy with per-request overrides; unknown names are an error, not ignored."""
