@@ -19,22 +19,11 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from bots.learning.masking import mask_contacts  # noqa: F401 (re-exported: tests and callers use it here)
+
 DIALOGUE_GAP_SECONDS = 3600
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_URL = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|io|ru|de|uk|co|me|app|"
-                  r"info|biz|xyz|ly|gg|tv|cn)\b(?:/\S*)?", re.IGNORECASE)
-_PHONE = re.compile(r"(?<![\w+])\+?\d(?:[\s().-]*\d){6,}(?!\w)")
-_MENTION = re.compile(r"<@!?&?\d+>|(?<![\w@])@\w{2,}")
 _WORD = re.compile(r"\w+")
-
-
-def mask_contacts(text: str) -> str:
-    """URLs, e-mail addresses, phone numbers and @mentions replaced by a placeholder word."""
-    text = _EMAIL.sub("[email]", text)
-    text = _URL.sub("[link]", text)
-    text = _MENTION.sub("[user]", text)
-    return _PHONE.sub("[phone]", text)
 
 
 def has_banned_word(text: str, banned: list[str]) -> bool:
