@@ -34,10 +34,11 @@ class TrustStore:
     # --- what a run may read --------------------------------------------------------------
     async def training_rows(self, *, after_message_id: int = 0) -> list[dict]:
         """Every message of the opted-in chats that have something after `after_message_id`,
-        with its user's key and consent and its reset epoch; oldest first."""
+        with its user's key, consent and first-seen time (user_since) and its reset epoch; oldest first."""
         rows = await self.db.fetchall(
             "SELECT m.id, m.chat_id, m.role, m.text, m.created_at, m.status, "
             "  u.platform || ':' || u.platform_user_id AS user, COALESCE(u.consent, 1) AS consent, "
+            "  COALESCE(u.created_at, 0) AS user_since, "
             "  (SELECT COUNT(*) FROM context_resets r "
             "   WHERE r.chat_id = m.chat_id AND r.at_message_id < m.id) AS epoch "
             "FROM messages m JOIN chats c ON c.id = m.chat_id LEFT JOIN users u ON u.id = m.user_id "

@@ -32,7 +32,7 @@ def make_config(tmp_path, model, **learning):
         "storage": {"path": str(tmp_path / "mynah.sqlite3")},
         "generation": {"max_new_tokens": 3, "seed": 1},
         "learning": {"enabled": True, "registry": str(tmp_path / "models"), "schedule": "24h", "base_corpus": "",
-                     "poll_seconds": 0.2, **learning},
+                     "poll_seconds": 0.2, "min_account_age_hours": 0, **learning},
     })
 
 

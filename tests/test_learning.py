@@ -37,7 +37,7 @@ QUESTIONS = ["hello there", "how are you ?", "what do you like to do ?", "do you
 
 # Small and quick: every run trains for a few seconds on one thread.
 FAST = dict(schedule="24h", base_eval_dialogues=20, epochs=2, lr=3e-3, max_len=64, batch_size=8,
-            min_free_disk_mb=1, poll_seconds=0.2, threads=1, nice=5, min_new_messages=1)
+            min_free_disk_mb=1, poll_seconds=0.2, threads=1, nice=5, min_new_messages=1, min_account_age_hours=0)
 
 
 @pytest.fixture(scope="session")
