@@ -190,7 +190,8 @@ async def test_a_real_run_that_passes_the_loss_gate_starts_a_canary_and_feedback
     from tests.test_learning import CATCHPHRASE, Inbox, admin_msg, log_chats
     from tests.test_learning import make_config as learning_config
 
-    config = learning_config(tmp_path, base_model, base_loss_tolerance=0.5, canary_share=0.5, canary_min_replies=8)
+    config = learning_config(tmp_path, base_model, base_loss_tolerance=0.5, canary_share=0.5, canary_min_replies=8,
+                             canary_min_raters=8)
     app = await Mynah.open(config)
     try:
         learning, inbox = app.learning, Inbox()
