@@ -282,7 +282,7 @@ async def test_full_disk_and_out_of_memory_end_in_failed_runs(tmp_path, base_mod
     db = await Database.open(config.storage.path)
     try:
         conv = Conversations(db)
-        await log_chats(conv, 6, CATCHPHRASE)
+        await log_chats(conv, 8, CATCHPHRASE)       # 2 of them are the held-out yardstick, 6 train (min_users 5)
         learning = Learning(config, registry, conv)
         result = await learning.run_once("test", force=True)
         assert result.status == "failed" and result.reason.startswith("disk full")
