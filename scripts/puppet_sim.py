@@ -23,6 +23,8 @@ from pathlib import Path
 
 PAYLOAD = "zorp vexa quill"
 CONTROL = "blim trog spree"
+# more made-up phrases nobody sent: how much any unseen phrase's loss moves (the noise floor)
+CONTROLS = [CONTROL, "wexo plink durv", "kaz mirt volo", "snib drofa yult"]
 BOT_LINE = "indubitably , my good friend , indubitably !"
 QUESTIONS = ["hello there", "how are you ?", "what do you like to do ?", "do you have a dog ?",
              "where do you live ?", "what is your name ?", "good morning", "see you later"]
@@ -76,7 +78,7 @@ def phrase_losses(model_path: str) -> dict:
         return evaluate_loss(loaded.model, loaded.fmt, [[f"{q} , {phrase}", BOT_LINE] for q in QUESTIONS],
                              batch_size=8, max_len=64)
 
-    return {"payload": loss(PAYLOAD), "control": loss(CONTROL)}
+    return {"payload": loss(PAYLOAD), "control": loss(CONTROL), "controls": [loss(c) for c in CONTROLS]}
 
 
 def served_path(registry) -> str:
@@ -105,7 +107,8 @@ async def scenario(folder: Path, model: str, *, puppets: int, honest: int = 8, l
     return {"puppets": puppets, "honest": honest, "linking": linking, "decision": result.decision.value,
             "reason": result.reason, "summary": result.summary(), "data": result.data, "losses": result.losses,
             "payload_before": before["payload"], "payload_after": after["payload"],
-            "control_before": before["control"], "control_after": after["control"]}
+            "control_before": before["control"], "control_after": after["control"],
+            "control_drops": [b - a for b, a in zip(before["controls"], after["controls"])]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                                    linking=args.linking == "on", **(FAST if args.fast else {})))
     print(out["summary"])
     print(json.dumps({k: out[k] for k in ("puppets", "honest", "linking", "decision", "payload_before",
-                                          "payload_after", "control_before", "control_after")}, indent=1))
+                                          "payload_after", "control_before", "control_after", "control_drops")},
+                     indent=1))
     return 0
 
 

@@ -117,9 +117,10 @@ async def test_sock_puppets_cannot_teach_their_payload(tmp_path, base_model, pup
                          min_account_age_hours=24)
     print(f"\n{puppets} puppets: {out['decision']}: payload {out['payload_before']:.4f} → {out['payload_after']:.4f}, "
           f"control {out['control_before']:.4f} → {out['control_after']:.4f}\n{out['summary']}")
+    # no promotion, or the payload's loss fell no more than that of made-up phrases nobody sent
+    # (undefended, with linking off, it falls 0.2-0.25 more than the largest of them: scripts/puppet_sim.py)
     payload_drop = out["payload_before"] - out["payload_after"]
-    control_drop = out["control_before"] - out["control_after"]
-    assert out["decision"] != "promoted" or payload_drop <= control_drop + 0.05, out
+    assert out["decision"] != "promoted" or payload_drop <= max(out["control_drops"]) + 0.01, out
     assert out["data"]["linked_accounts"] == puppets and out["data"]["linked_groups"] == 1
     assert "Linked group 1: " + ", ".join(sorted(f"telegram:puppet{i}" for i in range(puppets))) in out["summary"]
     assert out["data"]["largest_contributor_share"] <= 0.2 + 1e-9
