@@ -1,6 +1,6 @@
 """The composition root: config in, a running engine + database + chat service out.
 
-Every front end (console, Telegram, Discord, several at once) shares one `Mynah`.
+Every front end (the console, each platform served, several at once) shares one `Mynah`.
 """
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ import logging
 
 from bots.chat.service import ChatService
 from bots.config import Config, ConfigError
-from bots.config import Config
 from bots.feedback import FeedbackRecorder
 from bots.platforms.base import Platform
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
 from engine.serving.protocol import EngineUnavailable, ModelEngine, ReplyEngine, SamplingParams
-from storage.conversations import Conversations
-from storage.db import Database
-from storage.feedback import Feedback
+from storage.db import StorageError
+from storage.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +93,7 @@ async def load_active_model(config: Config, registry) -> LoadedModel:
         return loaded
 
 
-async def open_remote_learning(config: Config, conversations: Conversations, engine):
+async def open_remote_learning(config: Config, store: Store, engine):
     """LoRA learning for a served model: the registry's configured version is the backend's own
     base model ([learning] base_model is its local copy, for training and evaluation); promoted
     versions are adapters the backend loads at run time."""
@@ -111,23 +109,31 @@ async def open_remote_learning(config: Config, conversations: Conversations, eng
     if changed:
         log.info("registered [learning] base_model %s as %s (the backend's base model)", config.learning.base_model,
                  active.name)
-    learning = Learning(config, registry, conversations, engine)
+    learning = Learning(config, registry, store, engine)
     await learning.start()
     return learning
+
+
+async def open_configured_store(config: Config) -> Store:
+    """The database at [storage] path; a StorageError names that key, so the operator knows
+    which setting to fix (the command prints it as one line)."""
+    try:
+        return await open_store(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
+    except StorageError as exc:
+        raise StorageError(f"[storage] path: {exc}") from None
 
 
 class Mynah:
     """The shared parts of a running bot. Use `await Mynah.open(config)` / `await app.close()`."""
 
-    def __init__(self, config: Config, db: Database, conversations: Conversations, engine: ReplyEngine, chat: ChatService,
-                 learning=None):
+    def __init__(self, config: Config, store: Store, engine: ReplyEngine, chat: ChatService, learning=None):
         self.config = config
-        self.db = db
-        self.conversations = conversations
+        self.store = store
+        self.db = store.db
         self.engine = engine
         self.chat = chat
         self.learning = learning  # bots.learning.loop.Learning, or None when [learning] enabled = false
-        self.feedback = FeedbackRecorder(config.feedback, Feedback(db))  # reactions from the adapters
+        self.feedback = FeedbackRecorder(config.feedback, store.feedback)  # reactions from the adapters
 
     @classmethod
     async def open(cls, config: Config, *, model_path: str | None = None) -> "Mynah":
@@ -144,22 +150,21 @@ class Mynah:
         log.info("model %s loaded (%s, %.1fM parameters, %s format)", loaded.path, loaded.version,
                  loaded.parameters / 1e6, loaded.fmt.name)
         engine = await wrap_mmi(config, build_engine(config, loaded))
-        db = await Database.open(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
-        conversations = Conversations(db)
+        store = await open_configured_store(config)
         learning, replier = None, engine
         if registry is not None:
             from bots.learning.canary import Canary, Router
             from bots.learning.loop import Learning
 
-            learning = Learning(config, registry, conversations, engine, serving=loaded.version)
-            replier = Router(engine, conversations)   # serves a canary's share of chats from a second engine
-            learning.canary = Canary(config, learning, replier, FeedbackRecorder(config.feedback, Feedback(db)),
+            learning = Learning(config, registry, store, engine, serving=loaded.version)
+            replier = Router(engine, store.chats)   # serves a canary's share of chats from a second engine
+            learning.canary = Canary(config, learning, replier, FeedbackRecorder(config.feedback, store.feedback),
                                      lambda candidate: build_engine(config, candidate))
         engine.start()
         if learning is not None:
             await learning.start()
             await learning.canary.start()
-        return cls(config, db, conversations, engine, ChatService(config, replier, conversations, learning), learning)
+        return cls(config, store, engine, ChatService(config, replier, store, learning), learning)
 
     @classmethod
     async def open_remote(cls, config: Config) -> "Mynah":
@@ -177,8 +182,7 @@ class Mynah:
             log.warning('[generation] mmi_model is ignored with [engine] backend = "openai" (MMI scores with '
                         "a model in this process)")
         engine = build_openai_engine(config, sampling_defaults(config))
-        db = await Database.open(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
-        conversations = Conversations(db)
+        store = await open_configured_store(config)
         engine.start()
         try:
             served = await engine.check()
@@ -187,8 +191,8 @@ class Mynah:
                             config.engine.model)
         except EngineUnavailable as exc:  # the bot still starts; replies apologise until the backend is up
             log.warning("engine: %s; starting anyway, replies will say so until it is back", exc)
-        learning = await open_remote_learning(config, conversations, engine) if learn else None
-        return cls(config, db, conversations, engine, ChatService(config, engine, conversations, learning), learning)
+        learning = await open_remote_learning(config, store, engine) if learn else None
+        return cls(config, store, engine, ChatService(config, engine, store, learning), learning)
 
     def attach(self, platform: Platform) -> None:
         """A platform has started: the learning loop may now deliver through it what nobody
@@ -204,7 +208,7 @@ class Mynah:
                 await self.learning.canary.stop()
             await self.learning.stop()
         await self.engine.stop()
-        await self.db.close()
+        await self.store.close()
 
     async def __aenter__(self) -> "Mynah":
         return self

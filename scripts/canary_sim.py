@@ -20,9 +20,9 @@ from pathlib import Path
 
 from bots.learning import canary_stats
 from bots.learning.stats import non_inferiority
-from storage.conversations import Conversations
 from storage.db import Database
 from storage.feedback import Feedback, summarize
+from storage.store import Store
 from storage.votes import votes
 
 CANDIDATE, ACTIVE = "v0002", "v0001"
@@ -66,21 +66,23 @@ async def established(db: Database, when: float, platform_user_id: str | None = 
             await conn.execute("UPDATE users SET created_at = ? WHERE platform_user_id = ?", (when, platform_user_id))
 
 
-async def _reply(conv, chat: int, user: int, version: str, tag: str, n: int) -> str:
-    await conv.log_message(chat, "user", "hello there", user_id=user)
-    await conv.log_message(chat, "bot", f"reply {n}", model_version=version, platform_message_id=f"{tag}-{n}")
+async def _reply(store: Store, chat: int, user: int, version: str, tag: str, n: int) -> str:
+    await store.messages.log_message(chat, "user", "hello there", user_id=user)
+    await store.messages.log_message(chat, "bot", f"reply {n}", model_version=version,
+                                     platform_message_id=f"{tag}-{n}")
     return f"{tag}-{n}"
 
 
 async def build(db: Database, s: Scenario, seed: int = 1) -> float:
     """Write the scenario; returns when the canary began."""
-    conv, fb, rng = Conversations(db), Feedback(db), random.Random(seed)
+    conv = Store.over(db)
+    fb, rng = conv.feedback, random.Random(seed)
     started = time.time() - 1
     candidate_replies: list[tuple[str, str]] = []
     for side, version, rate in (("c", CANDIDATE, s.candidate_rate), ("a", ACTIVE, s.active_rate)):
         for i in range(s.raters):
             key = f"{side}{i}"
-            chat, user = await conv.chat("telegram", key), await conv.user("telegram", key)
+            chat, user = await conv.chats.chat("telegram", key), await conv.chats.user("telegram", key)
             for n in range(s.replies):
                 pid = await _reply(conv, chat, user, version, key, n)
                 emoji = "👍" if rng.random() < rate else "👎"
@@ -89,7 +91,7 @@ async def build(db: Database, s: Scenario, seed: int = 1) -> float:
                     candidate_replies.append((key, pid))
     await established(db, started - OLD)                                       # the regulars are established
     if s.attack == "stack":
-        await conv.user("telegram", "troll")
+        await conv.chats.user("telegram", "troll")
         await established(db, started - OLD, "troll")
         for key, pid in candidate_replies:
             for emoji in ("👍", "❤", "🔥", "💯"):
@@ -99,13 +101,13 @@ async def build(db: Database, s: Scenario, seed: int = 1) -> float:
             for key, pid in candidate_replies:
                 await fb.set_signals("telegram", key, pid, f"fresh{k}", {"reaction:👍": 1})
     elif s.attack == "what":
-        troll = await conv.user("telegram", "troll")
+        troll = await conv.chats.user("telegram", "troll")
         await established(db, started - OLD, "troll")
         for i in range(s.raters):
-            chat = await conv.chat("telegram", f"c{i}")
+            chat = await conv.chats.chat("telegram", f"c{i}")
             for n in range(s.replies):
                 await _reply(conv, chat, troll, CANDIDATE, f"c{i}w", n)
-                await conv.log_message(chat, "user", "what?", user_id=troll)
+                await conv.messages.log_message(chat, "user", "what?", user_id=troll)
         await fb.derive_implicit(300, now=time.time() + 301)
     return started
 

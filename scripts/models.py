@@ -60,18 +60,16 @@ async def _records(path: str, limit: int) -> tuple[list[dict], dict, dict]:
     """(the last `limit` runs, each version's lineage, the tainted versions) from the database."""
     if path == ":memory:" or not Path(path).exists():
         return [], {}, {}
-    from storage.conversations import Conversations
-    from storage.db import Database, StorageError
-    from storage.trust import TrustStore
+    from storage.db import StorageError
+    from storage.store import open_store
 
     try:
-        db = await Database.open(path)
+        store = await open_store(path)
     except StorageError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
         return [], {}, {}
     try:
-        trust = TrustStore(db)
-        runs = await Conversations(db).training_runs(limit) if limit > 0 else []
-        return runs, await trust.lineage(), await trust.tainted()
+        runs = await store.runs.training_runs(limit) if limit > 0 else []
+        return runs, await store.trust.lineage(), await store.trust.tainted()
     finally:
-        await db.close()
+        await store.close()

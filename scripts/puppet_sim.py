@@ -45,24 +45,24 @@ def make_config(folder: Path, model: str, **learning):
     })
 
 
-async def talk(conv, key: str, lines, *, dialogues: int = 3, exchanges: int = 3) -> None:
+async def talk(store, key: str, lines, *, dialogues: int = 3, exchanges: int = 3) -> None:
     """`dialogues` conversations (a /reset between them) of `exchanges` user/bot turns each."""
-    chat, user = await conv.chat("telegram", key), await conv.user("telegram", key)
+    chat, user = await store.chats.chat("telegram", key), await store.chats.user("telegram", key)
     for d in range(dialogues):
         for _ in range(exchanges):
-            await conv.log_message(chat, "user", lines(), user_id=user)
-            await conv.log_message(chat, "bot", BOT_LINE)
+            await store.messages.log_message(chat, "user", lines(), user_id=user)
+            await store.messages.log_message(chat, "bot", BOT_LINE)
         if d < dialogues - 1:
-            await conv.reset(chat)
+            await store.messages.reset(chat)
 
 
 async def populate(app, *, honest: int = 8, puppets: int = 5, seed: int = 0, age_days: float = 30) -> None:
     """Honest users ask ordinary questions; each puppet asks them too, with the payload appended."""
     rng = random.Random(seed)
     for i in range(honest):
-        await talk(app.conversations, f"honest{i}", lambda: rng.choice(QUESTIONS))
+        await talk(app.store, f"honest{i}", lambda: rng.choice(QUESTIONS))
     for i in range(puppets):
-        await talk(app.conversations, f"puppet{i}", lambda: f"{rng.choice(QUESTIONS)} , {PAYLOAD}")
+        await talk(app.store, f"puppet{i}", lambda: f"{rng.choice(QUESTIONS)} , {PAYLOAD}")
     async with app.db.transaction() as conn:       # everyone established: only the coalition rules are left
         await conn.execute("UPDATE users SET created_at = ?", (time.time() - age_days * 86400,))
 

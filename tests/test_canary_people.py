@@ -103,7 +103,7 @@ async def test_a_running_canary_ignores_stacked_and_fresh_votes_and_waits_for_ra
             rate = 0.35 if version == candidate else 0.8
             emoji = "👍" if rng.random() < rate else "👎"
             await app.feedback.add_reaction("telegram", f"c{i}", pid, f"u{i}", emoji)
-        await app.conversations.user("telegram", "troll")
+        await app.store.chats.user("telegram", "troll")
         await established(app.db, time.time() - 30 * 86400, "troll")
         for i, (version, pid) in replies.items():
             if version == candidate:

@@ -66,6 +66,6 @@ async def feedback_section(app) -> str:
     """The last run's contributors, the canary (when the learning loop has one) and the feedback table."""
     scores = await Feedback(app.db).scores(since=time.time() - 30 * DAY_S)
     canary = getattr(app.learning, "canary", None) if app.learning is not None else None
-    head = contributors_html(await app.conversations.training_runs(1)) if app.learning is not None else ""
+    head = contributors_html(await app.store.runs.training_runs(1)) if app.learning is not None else ""
     head += canary_html(await canary.summary(), canary.last) if canary is not None else ""
     return head + table_html(table_rows(summarize(scores)))
