@@ -131,8 +131,33 @@ async def test_the_same_honest_users_without_puppets_still_promote(tmp_path, bas
                          min_account_age_hours=24)
     assert out["decision"] == "promoted", out["summary"]
     assert out["data"]["linked_groups"] == 0 and out["data"]["contributors"] == 6
+    assert "Last run's contributors: 6 in the training data (6 accounts; 0 accounts linked" in out["status"]
 
 
 def test_coalition_constants_are_documented():
     doc = coalitions.__doc__
     assert "2+ messages" in doc and "80 %" in doc and "[phrase]" in doc
+
+
+def test_what_admins_see_about_a_runs_contributors_and_the_config_rules():
+    from bots.config import ConfigError, parse_config
+    from bots.dashboard.feedback import contributors_html
+    from bots.learning.report import contributor_lines
+
+    data = {"contributors": 7, "accounts": 11, "linked_accounts": 5, "linked_groups": 1,
+            "link_reasons": {"shared rare phrases": 4}, "largest_contributor_share": 0.2, "held_out_contributors": 2,
+            "masked_phrases": 10, "too_new_messages": 3,
+            "linked_group_members": [["telegram:p0", "telegram:p1", "telegram:p2", "telegram:p3", "telegram:p4"]]}
+    public, admin = contributor_lines(data), contributor_lines(data, members=True)
+    assert public[0].startswith("Contributors: 7 in the training data (11 accounts; 5 accounts linked into 1 group(s) "
+                                "(shared rare phrases ×4)); the largest supplied 20% of it; 2 other contributor(s)")
+    assert "3 messages of accounts too new" in public[0] and len(public) == 1
+    assert admin[1] == "Linked group 1: telegram:p0, telegram:p1, telegram:p2, telegram:p3, telegram:p4"
+    page = contributors_html([{"id": 4, "data": data}])
+    assert "Who taught the last run (#4)" in page and "5 accounts linked" in page and "telegram:p0" not in page
+    assert contributor_lines({}) == [] and contributors_html([]) == ""
+    for bad in ({"min_account_age_hours": -1}, {"canary_min_raters": 0}):
+        with pytest.raises(ConfigError):
+            parse_config({"learning": bad})
+    lc = parse_config({}).learning
+    assert lc.min_account_age_hours == 24 and lc.canary_min_raters == 30
