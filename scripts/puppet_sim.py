@@ -106,7 +106,8 @@ async def scenario(folder: Path, model: str, *, puppets: int, honest: int = 8, l
     finally:
         export.BaseCorpus.common_bigrams = original
     return {"puppets": puppets, "honest": honest, "linking": linking, "decision": result.decision.value,
-            "reason": result.reason, "summary": result.summary(), "status": status, "data": result.data, "losses": result.losses,
+            "reason": result.reason, "summary": result.summary(), "status": status, "data": result.data,
+            "losses": result.losses,
             "payload_before": before["payload"], "payload_after": after["payload"],
             "control_before": before["control"], "control_after": after["control"],
             "control_drops": [b - a for b, a in zip(before["controls"], after["controls"])]}

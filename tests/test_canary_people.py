@@ -120,3 +120,25 @@ async def test_a_running_canary_ignores_stacked_and_fresh_votes_and_waits_for_ra
         assert "worse" in canary.last[1] and "raters" in canary.last[1]
     finally:
         await app.close()
+
+
+async def test_a_replys_outcome_counts_people_not_emoji(tmp_path):
+    """Training's feedback filter and the per-version table read this outcome: four 👍 of one
+    user against three users' 👎 is negative."""
+    from storage.db import Database
+    from storage.store import Store
+
+    db = await Database.open(tmp_path / "f.sqlite3")
+    try:
+        store = Store.over(db)
+        chat, user = await store.chats.chat("telegram", "g"), await store.chats.user("telegram", "a")
+        await store.messages.log_message(chat, "user", "hello there", user_id=user)
+        mid = await store.messages.log_message(chat, "bot", "hi", model_version="v0001", platform_message_id="r1")
+        for emoji in ("👍", "❤", "🔥", "💯"):
+            await store.feedback.set_signals("telegram", "g", "r1", "fan", {f"reaction:{emoji}": 1})
+        for k in range(3):
+            await store.feedback.set_signals("telegram", "g", "r1", f"critic{k}", {"reaction:👎": -1})
+        (score,) = await store.feedback.scores()
+        assert (score.message_id, score.explicit_count, score.explicit_sum, score.outcome) == (mid, 7, -2, -1)
+    finally:
+        await db.close()

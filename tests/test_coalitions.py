@@ -88,7 +88,8 @@ def test_fresh_accounts_neither_train_nor_count():
     now = 1_000_000.0
     rows = rows_of(messages(n_puppets=0), since=now - 48 * 3600) + [
         Row(1000 + k, 99, role, "hello there" if role == "user" else "hi", created_at=1000 + k,
-            user="t:new" if role == "user" else None, user_since=now - 3600) for k, role in enumerate(["user", "bot"] * 5)]
+            user="t:new" if role == "user" else None, user_since=now - 3600)
+        for k, role in enumerate(["user", "bot"] * 5)]
     cur = curate(rows, after=0, banned=[], max_user_share=1.0, held_out_fraction=0.2, seed=1, common=COMMON,
                  min_account_age_hours=24, now=now)
     users = {r.user for d in cur.train + cur.held_out for r in d.rows if r.user}
@@ -115,7 +116,8 @@ def test_a_gain_that_concentrates_on_a_minority_of_contributors_is_rejected():
 async def test_sock_puppets_cannot_teach_their_payload(tmp_path, base_model, puppets):
     out = await scenario(tmp_path, str(base_model), puppets=puppets, **FAST, base_loss_tolerance=0.5,
                          min_account_age_hours=24)
-    print(f"\n{puppets} puppets: {out['decision']}: payload {out['payload_before']:.4f} → {out['payload_after']:.4f}, "
+    print(f"\n{puppets} puppets: {out['decision']}: payload {out['payload_before']:.4f} → "
+          f"{out['payload_after']:.4f}, "
           f"control {out['control_before']:.4f} → {out['control_after']:.4f}\n{out['summary']}")
     # no promotion, or the payload's loss fell no more than that of made-up phrases nobody sent
     # (undefended, with linking off, it falls 0.2-0.25 more than the largest of them: scripts/puppet_sim.py)
