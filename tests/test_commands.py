@@ -10,11 +10,11 @@ from bots.chat.commands import COMMANDS, bind, commands_for
 from bots.chat.events import Incoming, answers_privately
 from bots.chat.user_commands import UserCommands
 from bots.config import parse_config
-from bots.learning.loop import Learning
+from bots.learning.commands import LearningCommands
 from bots.learning.trust import Trust
 from bots.platforms.registry import admin_ids, discover
 
-PROVIDERS = {"user": UserCommands, "admin": AdminCommands, "learning": Learning, "trust": Trust}
+PROVIDERS = {"user": UserCommands, "admin": AdminCommands, "learning": LearningCommands, "trust": Trust}
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)
@@ -24,7 +24,7 @@ def test_every_command_names_a_handler_that_exists(command):
 
 
 def test_binding_skips_an_absent_provider():
-    user = UserCommands(config=None, conversations=None, is_admin=lambda platform, user_id: False)
+    user = UserCommands(config=None, store=None, is_admin=lambda platform, user_id: False)
     bound = bind({"user": user, "learning": None})
     assert "help" in bound and "start" in bound
     assert "retrain" not in bound and "status" not in bound
@@ -42,7 +42,7 @@ def test_admins_come_from_each_platforms_spec():
     admins = admin_ids(config)
     assert admins["telegram"] == {"11"} and admins["discord"] == {"22"}
     assert admins["console"] is None                     # whoever runs the console owns the machine
-    acl = AdminCommands(admins, conversations=None, engine=None)
+    acl = AdminCommands(admins, store=None, engine=None)
     assert acl.is_admin("telegram", "11") and not acl.is_admin("discord", "11")
     assert acl.is_admin("console", "anyone") and not acl.is_admin("elsewhere", "11")
 

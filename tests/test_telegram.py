@@ -399,8 +399,8 @@ async def test_a_partly_sent_reply_is_marked_failed_with_its_first_part(bot, fak
     fake.message(303, "/start")
     await fake.wait_sent(303, 1)
     text = "first part. " * 400 + "\n\n" + "second part. " * 400         # two parts of under 4096
-    conv = bot.app.conversations
-    stored = await conv.log_message(await conv.chat("telegram", "303"), "bot", text, status="pending")
+    store = bot.app.store
+    stored = await store.messages.log_message(await store.chats.chat("telegram", "303"), "bot", text, status="pending")
     fake.fail_next("sendMessage", 403, after=1)                         # the first part goes out, then 403
     ids = await bot.adapter.send(303, Outgoing(text, stored_id=stored))
     assert len(ids) == 1 and len(fake.sent(303)) == 2
