@@ -21,7 +21,6 @@ from pathlib import Path
 from bots.learning import canary_stats
 from bots.learning.stats import non_inferiority
 from storage.db import Database
-from storage.feedback import Feedback, summarize
 from storage.store import Store
 from storage.votes import votes
 
@@ -112,12 +111,28 @@ async def build(db: Database, s: Scenario, seed: int = 1) -> float:
     return started
 
 
-def old_test(scores) -> tuple:
-    t = summarize(scores)
-    c, a = t[CANDIDATE], t[ACTIVE]
-    test = non_inferiority(c.positive, c.evaluated, a.positive, a.evaluated, margin=MARGIN, alpha=ALPHA)
-    return (c.evaluated, c.positive, a.evaluated, a.positive, test.z, test.p_value,
-            "promote" if test.not_worse else "retire")
+def old_test(rows: list[dict]) -> tuple:
+    """The last round's test: every reaction a vote (a reply's outcome is the sign of the sum of
+    all its explicit values, whoever gave them), replies counted, not people."""
+    by: dict[int, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["message_id"], []).append(r)
+    tally = {CANDIDATE: [0, 0], ACTIVE: [0, 0]}
+    for rs in by.values():
+        explicit = [r["value"] for r in rs if r["kind"] == "explicit"]
+        implicit = {r["signal"]: r["value"] for r in rs if r["kind"] == "implicit"}
+        if explicit:
+            positive = sum(explicit) > 0
+        elif "continued" in implicit:
+            positive = implicit["continued"] == 1 and not any(v < 0 for v in implicit.values())
+        else:
+            continue
+        side = tally[rs[0]["version"]]
+        side[0] += 1
+        side[1] += positive
+    (n_c, k_c), (n_a, k_a) = tally[CANDIDATE], tally[ACTIVE]
+    test = non_inferiority(k_c, n_c, k_a, n_a, margin=MARGIN, alpha=ALPHA)
+    return (n_c, k_c, n_a, k_a, test.z, test.p_value, "promote" if test.not_worse else "retire")
 
 
 def new_test(rows: list[dict], started: float) -> tuple:
@@ -136,9 +151,8 @@ async def run(s: Scenario, folder: Path) -> Row:
     db = await Database.open(folder / f"{abs(hash(s.name))}.sqlite3")
     try:
         started = await build(db, s)
-        scores = await Feedback(db).scores(since=started, versions=[CANDIDATE, ACTIVE])
         rows = await votes(db, since=started, versions=[CANDIDATE, ACTIVE])
-        return Row(s.name, old_test(scores), new_test(rows, started))
+        return Row(s.name, old_test(rows), new_test(rows, started))
     finally:
         await db.close()
 
