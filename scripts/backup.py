@@ -18,6 +18,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from bots.config import load_config
+    from bots.durations import plural
     from storage.backup import BackupError, backup
 
     config = load_config(args.config)
@@ -27,6 +28,6 @@ def run(args) -> int:
         print(f"mynah: {exc}", file=sys.stderr)
         return 1
     c = result.check
-    print(f"backed up {config.storage.path} to {result.path}: {c.messages} messages, schema version "
+    print(f"backed up {config.storage.path} to {result.path}: {plural(c.messages, 'message')}, schema version "
           f"{c.user_version}, {c.size_bytes / 1e6:.1f} MB, integrity ok ({result.seconds:.1f}s)")
     return 0

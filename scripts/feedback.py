@@ -8,6 +8,7 @@ derived first (the running bot does the same every minute).
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -18,8 +19,19 @@ NAME = "feedback"
 HELP = "per-version feedback: replies, positive, negative, continuation rate, with confidence intervals"
 
 
+def _hours(text: str) -> float:
+    """argparse's check of --hours: a number, 0 (all) or more."""
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not hours >= 0:    # also NaN
+        raise argparse.ArgumentTypeError("must be 0 (all) or more")
+    return hours
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--hours", type=float, default=0, metavar="H", help="only replies of the last H hours")
+    parser.add_argument("--hours", type=_hours, default=0, metavar="H", help="only replies of the last H hours")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -32,9 +44,6 @@ def run(args) -> int:
     if path != ":memory:" and not Path(path).exists():
         print(f"mynah: no database at {path} yet: nothing has been said", file=sys.stderr)
         return 1
-    if args.hours < 0:
-        print("mynah: --hours must be 0 (all) or more", file=sys.stderr)
-        return 2
     rows = table_rows(asyncio.run(_summary(config, args.hours)))
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))

@@ -20,20 +20,21 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from bots.config import load_config
+    from bots.durations import plural
     from storage.backup import BackupError, check_database, restore
 
     config = load_config(args.config)
     try:
         if args.check:
             c = check_database(args.file)
-            print(f"{args.file}: integrity ok, schema version {c.user_version}, {c.messages} messages")
+            print(f"{args.file}: integrity ok, schema version {c.user_version}, {plural(c.messages, 'message')}")
             return 0
         result = restore(args.file, config.storage.path, keep_old=not args.no_keep)
     except BackupError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
         return 1
     kept = f"; the old one is kept as {result.kept}" if result.kept else ""
-    again = (f"; {result.reforgotten} user(s) who ran /forget after it was taken forgotten again"
+    again = (f"; {plural(result.reforgotten, 'user')} who ran /forget after it was taken forgotten again"
              if result.reforgotten else "")
-    print(f"restored {config.storage.path} from {args.file} ({result.check.messages} messages){again}{kept}")
+    print(f"restored {config.storage.path} from {args.file} ({plural(result.check.messages, 'message')}){again}{kept}")
     return 0

@@ -172,16 +172,21 @@ async def test_restore_puts_the_backup_back_and_keeps_the_old_file(tmp_path):
         await db.close()
 
 
-def test_backup_and_restore_commands(tmp_path, capsys):
+def seeded_config(tmp_path: Path, n: int) -> Path:
+    """A config whose database holds n seeded messages."""
     live = tmp_path / "data" / "mynah.sqlite3"
 
     async def fill():
         db = await Database.open(live)
-        await seed(db, 30)
+        await seed(db, n)
         await db.close()
 
     asyncio.run(fill())
-    config = write_config(tmp_path, live)
+    return write_config(tmp_path, live)
+
+
+def test_backup_and_restore_commands(tmp_path, capsys):
+    config = seeded_config(tmp_path, 30)
     out = tmp_path / "backups" / "one.sqlite3"
     assert main(["--config", str(config), "backup", str(out)]) == 0
     assert "30 messages" in capsys.readouterr().out and check_database(out).messages == 30
@@ -189,6 +194,16 @@ def test_backup_and_restore_commands(tmp_path, capsys):
     assert main(["--config", str(config), "restore", "--check", str(out)]) == 0
     assert main(["--config", str(config), "restore", str(out)]) == 0
     assert "restored" in capsys.readouterr().out
+
+
+def test_backup_and_restore_say_one_message_not_one_messages(tmp_path, capsys):
+    config = seeded_config(tmp_path, 1)
+    out = tmp_path / "one.sqlite3"
+    assert main(["--config", str(config), "backup", str(out)]) == 0
+    assert main(["--config", str(config), "restore", "--check", str(out)]) == 0
+    assert main(["--config", str(config), "restore", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("1 message") == 3 and "1 messages" not in printed
 
 
 # ------------------------------------------------------------------------------- export

@@ -25,6 +25,7 @@ from bots.learning.export import BaseCorpus, changed_since_export, export_dialog
 from bots.learning.loop import Learning
 from bots.learning.schedule import ScheduleState
 from engine.training.finetune import read_data
+from engine.training import events
 from engine.training.events import Train
 from engine.registry import FileLock, Registry, RegistryError, clean_stale, parse_version
 from storage.store import Store
@@ -219,6 +220,20 @@ def test_decide_never_promotes_nan_and_needs_the_margin():
     assert judge({"held_out": 3.0, "base": None}, {"held_out": 2.9, "base": None}).promoted
 
 
+def test_every_trainer_event_crosses_the_process_boundary_unchanged():
+    """Each record, written as the child writes it, reads back as the same record (Train has a
+    `kind` field of its own, which once overwrote the record's tag and was read back as None)."""
+    records = [events.Started(41, run_id=3), events.Stage("training", run_id=3),
+               events.Data(train=10, held_out=2, base_eval=2, dropped_forgotten=1),
+               events.Scored("after", held_out=2.5, base=3.0), Train("step", step=4, total_steps=9, lr=1e-3, run_id=3),
+               events.Finished(ok=True, before={"held_out": 3.0}, probes={"p": ["a"]}),
+               events.RunEnded("done", "promoted", "fell", run_id=3)]
+    assert {type(r) for r in records} == set(events.KINDS.values())
+    for record in records:
+        assert events.read_event(events.to_json(record)) == record
+    assert events.read_event("step 4 of 9") is None and events.read_event('{"record": "nope"}') is None
+
+
 # --------------------------------------------------------------------------- failures
 
 def test_killed_trainer_leaves_everything_consistent_then_cli_retrain_works(tmp_path, base_model, capsys):
@@ -346,12 +361,12 @@ async def test_an_overdue_interval_catches_up_after_a_restart(tmp_path):
     try:
         learning = Learning(config, registry, Store.over(db))
         await learning.start()                                  # first start: a whole interval from now
-        assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 86400, abs=5)
+        assert learning.schedule.next_run_time().timestamp() == pytest.approx(time.time() + 86400, abs=5)
         await learning.stop()
         ScheduleState(registry.root).save(time.time() - 3 * 86400)  # the bot was down when it was due
         learning = Learning(config, registry, Store.over(db))
         await learning.start()
-        assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 60, abs=5)
+        assert learning.schedule.next_run_time().timestamp() == pytest.approx(time.time() + 60, abs=5)
         await learning.stop()
     finally:
         await db.close()
@@ -415,7 +430,7 @@ async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
         assert "/optout" in await changed_since_export(conv, dataclasses.replace(plan2, ids=set(), chats=plan.chats))
         assert await changed_since_export(conv, plan2) is None   # what is exported now is all still allowed
         # stale export files from a crashed run are deleted on the next start
-        await learning.recover()
+        await learning.runs.recover()
         assert not data.exists() and not data2.exists()
     finally:
         await db.close()

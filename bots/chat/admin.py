@@ -4,7 +4,8 @@
 Admins are platform user ids listed in config under [admins]; each platform's spec says
 where its ids are (a platform without any, the console, makes whoever runs it an admin).
 Every attempt, allowed or not, is written to the audit table. /status is answered here;
-the other handlers are bound from the learning loop and its trust keeper at construction;
+ChatService binds the others when it is built: /retrain, /rollback and /models from the
+learning loop's commands (bots/learning/commands.py), /promote from its trust keeper;
 without the loop the commands that need it say so.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 
 from bots.chat.durable import WriteRetry
 from bots.chat.events import Incoming, Outgoing
-from bots.durations import duration
+from bots.durations import duration, plural
 
 
 # Anonymous group admins (and linked channels) post as the group itself: the id is shared by
@@ -68,11 +69,11 @@ class AdminCommands:
             f"Backend: {stats.backend}: {stats.health}{round_trip}",
             f"Queue: {stats.queue_depth} waiting, {stats.active} generating",
             f"Reply latency: p50 {_secs(stats.latency_p50_s)}, p95 {_secs(stats.latency_p95_s)} "
-            f"over {stats.replies} replies",
+            f"over {plural(stats.replies, 'reply')}",
             f"MMI reranking: on ({mmi.candidates} candidates, weight {mmi.weight:g}, "
             f"backward model {mmi.backward_model})" if mmi else "MMI reranking: off",
             f"Uptime: {duration(time.time() - self.started_at)}",
-            f"Stored: {counts.get('chats', 0)} chats, {counts.get('messages', 0)} messages",
+            f"Stored: {plural(counts.get('chats', 0), 'chat')}, {plural(counts.get('messages', 0), 'message')}",
         ]
         if self.learning is not None:
             lines += await self.learning.status_lines()

@@ -40,7 +40,7 @@ from bots.learning.promote import PromotionRefused
 from bots.learning import canary_stats
 from bots.learning.stats import wilson
 from engine.registry import RegistryError, write_json_atomic
-from engine.serving.protocol import EngineBusy, EngineStopped, ReplyStream
+from engine.serving.protocol import EngineBusy, EngineStopped, ReplyEngine, ReplyStream
 from storage.feedback import summarize
 from storage.votes import votes
 
@@ -63,7 +63,7 @@ class Candidate:
     share: float
 
 
-class Router:
+class Router(ReplyEngine):
     """A ReplyEngine over the active engine and, during a canary, the candidate's engine."""
 
     def __init__(self, active, chats):
@@ -126,12 +126,6 @@ class Router:
     async def stop(self) -> None:
         await self.active.stop()
 
-    async def __aenter__(self) -> "Router":
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
 
 @dataclass

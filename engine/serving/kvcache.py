@@ -76,6 +76,18 @@ except ImportError:  # transformers 4.x: no per-layer cache objects; the engine 
     _DynamicLayer = None
 
 
+def _filled_view(name: str) -> property:
+    """A GrowingLayer attribute that reads the filled part of buffer `name` and re-buffers on assignment."""
+    def read(layer):
+        buffer = getattr(layer, name)
+        return None if buffer is None else buffer[:, :, :layer._filled[name]]
+
+    def write(layer, tensor):
+        layer._assign(name, tensor)
+
+    return property(read, write)
+
+
 if _DynamicLayer is not None:
 
     class GrowingLayer(_DynamicLayer):
@@ -98,21 +110,8 @@ if _DynamicLayer is not None:
             return self._filled["_k"]
 
         # .keys/.values: the filled part (a view); assigning them re-buffers (merge/select/crop use that)
-        @property
-        def keys(self):
-            return None if self._k is None else self._k[:, :, :self._filled["_k"]]
-
-        @keys.setter
-        def keys(self, tensor):
-            self._assign("_k", tensor)
-
-        @property
-        def values(self):
-            return None if self._v is None else self._v[:, :, :self._filled["_v"]]
-
-        @values.setter
-        def values(self, tensor):
-            self._assign("_v", tensor)
+        keys = _filled_view("_k")
+        values = _filled_view("_v")
 
         def _assign(self, name: str, tensor) -> None:
             if tensor is None or tensor.dim() != 4:  # reset() / lazy_initialization()

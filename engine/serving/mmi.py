@@ -48,7 +48,7 @@ from typing import Sequence
 import torch
 
 from engine.model import LoadedModel
-from engine.serving.protocol import EngineStats, MMIStats, ModelEngine, Reply, ReplyStream, Route, SamplingParams
+from engine.serving.protocol import EngineStats, MMIStats, ModelEngine, Reply, ReplyStream, Route
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,11 @@ class Reranked:
     scoring_s: float
 
 
+def _wrapped(name: str) -> property:
+    """An MMIEngine attribute read from the engine it wraps (it serves the same model)."""
+    return property(lambda mmi: getattr(mmi.engine, name), doc=f"The wrapped engine's {name}.")
+
+
 class MMIEngine(ModelEngine):
     """A ModelEngine that answers with the best of N sampled candidates (see the module docstring).
 
@@ -237,48 +242,29 @@ class MMIEngine(ModelEngine):
         self.changed_by_backward = 0  # replies where the backward model overruled the forward favourite
 
     # ---- ModelEngine, delegated to the wrapped engine ------------------------------
+    version = _wrapped("version")
+    model = _wrapped("model")
+    defaults = _wrapped("defaults")
+    max_context_tokens = _wrapped("max_context_tokens")
+    max_batch_size = _wrapped("max_batch_size")
+
     def set_threads(self, threads: int) -> None:
-        setter = getattr(self.engine, "set_threads", None)
-        if setter is not None:
-            setter(threads)
+        self._pass_on("set_threads", threads)
 
     def set_busy_hook(self, hook) -> None:
-        setter = getattr(self.engine, "set_busy_hook", None)
+        self._pass_on("set_busy_hook", hook)
+
+    def _pass_on(self, method: str, value) -> None:
+        """Call the wrapped engine's `method` if it has one (CTranslate2 and remote engines may not)."""
+        setter = getattr(self.engine, method, None)
         if setter is not None:
-            setter(hook)
-
-    @property
-    def version(self) -> str:
-        return self.engine.version
-
-    @property
-    def model(self) -> LoadedModel:
-        return self.engine.model
-
-    @property
-    def defaults(self) -> SamplingParams:
-        return self.engine.defaults
-
-    @property
-    def max_context_tokens(self) -> int:
-        return self.engine.max_context_tokens
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.engine.max_batch_size
+            setter(value)
 
     def start(self) -> None:
         self.engine.start()
 
     async def stop(self) -> None:
         await self.engine.stop()
-
-    async def __aenter__(self) -> "MMIEngine":
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
     def swap(self, loaded: LoadedModel) -> None:
         """Swap the forward model (the engine does it between batches)."""

@@ -214,11 +214,13 @@ class ReplyEngine(Protocol):
     def stats(self) -> EngineStats:
         ...
 
+    # `async with`: the one definition for every engine that names ReplyEngine as its base
     async def __aenter__(self) -> "ReplyEngine":
-        ...
+        self.start()
+        return self
 
     async def __aexit__(self, *exc) -> None:
-        ...
+        await self.stop()
 
 
 @runtime_checkable
