@@ -154,7 +154,8 @@ class LearningConfig:
     devices: str = "auto"                # "auto" (every GPU, else CPU), "cpu", "cuda" (one GPU) or a GPU count
     # trust: no single user can teach the model, and /forget reaches it
     max_user_share: float = 0.2          # no user supplies more than this share of a run's new messages
-    min_users: int = 5                   # distinct users a run's new training data needs (after the cap)
+    min_users: int = 5                   # distinct contributors a run's new training data needs (after the cap)
+    min_account_age_hours: float = 24.0  # accounts first seen more recently neither train, evaluate nor vote
     require_approval: bool = False       # a passing candidate waits for an admin's /promote
     parrot_ratio: float = 3.0            # reject when a user's long n-grams show up this many times more
     parrot_ngram: int = 4                # words per n-gram the parrot check looks for
@@ -167,6 +168,7 @@ class LearningConfig:
     canary_min_replies: int = 200        # rated replies each side needs before the test may promote
     canary_margin: float = 0.05          # non-inferiority margin on the positive rate
     canary_alpha: float = 0.05           # one-sided significance level of that test
+    canary_min_raters: int = 30          # distinct established raters each side needs before it may promote
 
 
 @dataclass
@@ -344,6 +346,10 @@ def _check_learning(section: Any) -> None:
         raise bad("max_user_share", "more than 0 and at most 1")
     if section.min_users < 1:
         raise bad("min_users", "1 or more")
+    if not 0 <= section.min_account_age_hours <= 24 * 365:
+        raise bad("min_account_age_hours", "between 0 (off) and 8760 (a year)")
+    if section.canary_min_raters < 1:
+        raise bad("canary_min_raters", "1 or more")
     if section.parrot_ratio <= 1 or section.parrot_ngram < 2:
         raise ConfigError("[learning] parrot_ratio must be more than 1 and parrot_ngram 2 or more")
     if section.rebuild_delay_seconds < 0:

@@ -13,8 +13,10 @@ Consent: nothing is stored or derived for a chat that opted out; /forget deletes
 user's rows (`delete_user_rows`, called inside Messages.forget_user's transaction),
 and rows on a deleted reply go with it (ON DELETE CASCADE).
 
-A reply's overall outcome (`outcome`): its explicit reactions decide when it has any (sum
-> 0 positive, < 0 negative, 0 neutral); otherwise a reset or a short negative makes it
+A reply's overall outcome (`outcome`): its explicit reactions decide when it has any, one
+vote per person (each user's reactions count as the sign of their sum; the votes' sum
+> 0 positive, < 0 negative, 0 neutral), so four emoji from one user never outweigh three
+users' 👎; otherwise a reset or a short negative makes it
 negative, a continuation positive, silence neutral.
 """
 from __future__ import annotations
@@ -257,7 +259,10 @@ class Feedback:
             params += list(versions)
         rows = await self.db.fetchall(
             "SELECT m.id, m.chat_id, m.model_version, m.created_at, "
-            "  COALESCE(SUM(CASE WHEN f.kind = 'explicit' THEN f.value END), 0) AS ex_sum, "
+            # one vote per person: the sign of each user's own reactions, summed over people
+            "  COALESCE((SELECT SUM(v) FROM (SELECT CASE WHEN SUM(x.value) > 0 THEN 1 WHEN SUM(x.value) < 0 "
+            "    THEN -1 ELSE 0 END AS v FROM feedback x WHERE x.message_id = m.id AND x.kind = 'explicit' "
+            "    GROUP BY x.user_id)), 0) AS ex_sum, "
             "  COUNT(CASE WHEN f.kind = 'explicit' THEN 1 END) AS ex_n, "
             "  COUNT(CASE WHEN f.kind = 'explicit' AND f.value > 0 THEN 1 END) AS ex_pos, "
             "  COUNT(CASE WHEN f.kind = 'explicit' AND f.value < 0 THEN 1 END) AS ex_neg, "

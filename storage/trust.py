@@ -42,7 +42,7 @@ class TrustStore:
     # --- what a run may read --------------------------------------------------------------
     async def training_rows(self, *, after_message_id: int = 0) -> list[dict]:
         """Every message of the opted-in chats that have something after `after_message_id`,
-        with its user's key and consent and its reset epoch; oldest first.
+        with its user's key, consent and first-seen time (user_since) and its reset epoch; oldest first.
 
         Read on `reader`, linear in messages + resets whatever /reset spam did: each
         message's epoch (how many resets came before it) is found by bisecting its chat's
@@ -51,7 +51,8 @@ class TrustStore:
         none of them."""
         rows = await self.reader.fetchall(
             "SELECT m.id, m.chat_id, m.role, m.text, m.created_at, m.status, "
-            "  u.platform || ':' || u.platform_user_id AS user, COALESCE(u.consent, 1) AS consent "
+            "  u.platform || ':' || u.platform_user_id AS user, COALESCE(u.consent, 1) AS consent, "
+            "  COALESCE(u.created_at, 0) AS user_since "
             "FROM messages m JOIN chats c ON c.id = m.chat_id LEFT JOIN users u ON u.id = m.user_id "
             "WHERE c.consent = 1 AND m.chat_id IN (SELECT chat_id FROM messages WHERE id > ?) "
             "ORDER BY m.id", (after_message_id,))

@@ -32,7 +32,7 @@ def make_config(tmp_path, model, **learning):
         "storage": {"path": str(tmp_path / "mynah.sqlite3")},
         "generation": {"max_new_tokens": 3, "seed": 1},
         "learning": {"enabled": True, "registry": str(tmp_path / "models"), "schedule": "24h", "base_corpus": "",
-                     "poll_seconds": 0.2, **learning},
+                     "poll_seconds": 0.2, "min_account_age_hours": 0, **learning},
     })
 
 
@@ -190,7 +190,8 @@ async def test_a_real_run_that_passes_the_loss_gate_starts_a_canary_and_feedback
     from tests.test_learning import CATCHPHRASE, Inbox, admin_msg, log_chats
     from tests.test_learning import make_config as learning_config
 
-    config = learning_config(tmp_path, base_model, base_loss_tolerance=0.5, canary_share=0.5, canary_min_replies=8)
+    config = learning_config(tmp_path, base_model, base_loss_tolerance=0.5, canary_share=0.5, canary_min_replies=8,
+                             canary_min_raters=8)
     app = await Mynah.open(config)
     try:
         learning, inbox = app.learning, Inbox()

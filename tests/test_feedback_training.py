@@ -18,7 +18,7 @@ def make_config(tmp_path, **learning):
     return parse_config({
         "storage": {"path": str(tmp_path / "mynah.sqlite3")},
         "learning": {"enabled": True, "registry": str(tmp_path / "models"), "base_corpus": "",
-                     "held_out_fraction": 0.2, **learning},
+                     "held_out_fraction": 0.2, "min_account_age_hours": 0, "max_user_share": 0.5, **learning},
     })
 
 

@@ -39,7 +39,7 @@ QUESTIONS = ["hello there", "how are you ?", "what do you like to do ?", "do you
 
 # Small and quick: every run trains for a few seconds on one thread.
 FAST = dict(schedule="24h", base_eval_dialogues=20, epochs=2, lr=3e-3, max_len=64, batch_size=8,
-            min_free_disk_mb=1, poll_seconds=0.2, threads=1, nice=5, min_new_messages=1)
+            min_free_disk_mb=1, poll_seconds=0.2, threads=1, nice=5, min_new_messages=1, min_account_age_hours=0)
 
 
 @pytest.fixture(scope="session")
@@ -298,7 +298,7 @@ async def test_full_disk_and_out_of_memory_end_in_failed_runs(tmp_path, base_mod
     db = await Database.open(config.storage.path)
     try:
         conv = Store.over(db)
-        await log_chats(conv, 6, CATCHPHRASE)
+        await log_chats(conv, 8, CATCHPHRASE)       # 2 of them are the held-out yardstick, 6 train (min_users 5)
         learning = Learning(config, registry, conv)
         result = await learning.run_once("test", force=True)
         assert result.status == "failed" and result.reason.startswith("disk full")

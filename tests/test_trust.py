@@ -99,20 +99,22 @@ def test_one_users_share_never_exceeds_the_cap():
     rng = random.Random(0)
     words = "apple river stone cloud green quick lazy dog cat moon sun tree blue happy music road".split()
     rows, next_id = [], 1
-    for u in range(6):                    # five ordinary users with a few dialogues each, one flooding
+    for u in range(8):                    # seven ordinary users with a few dialogues each, one flooding
         n = 200 if u == 0 else rng.randint(6, 12)
         for k in range(n):
             rows += rows_for(f"t:{u}", 1000 * u + k // 3, [" ".join(rng.choices(words, k=8))], next_id)
             next_id += 2
     for share in (0.2, 0.35):
         cur = curate(rows, after=0, banned=[], max_user_share=share, held_out_fraction=0.2, seed=3)
+        seen = []
         for split, floor in ((cur.train, 0), (cur.held_out, 1)):
             counts = Counter()
             for d in split:
                 counts.update(d.users())
             assert counts and max(counts.values()) <= max(floor, share * sum(counts.values())), (share, counts)
-            assert len(counts) == 6
-        assert cur.dropped["over the per-user share"] > 150
+            seen.append(set(counts))
+        assert seen[0] | seen[1] == {f"t:{u}" for u in range(8)} and not seen[0] & seen[1]   # cross-fitted
+        assert cur.dropped["over the per-user share"] > 100
     assert user_caps({"a": 100, "b": 10, "c": 10, "d": 10, "e": 10, "f": 10}, 0.2) == {
         "a": 12, "b": 10, "c": 10, "d": 10, "e": 10, "f": 10}
     # dropping a user message takes its bot reply with it
@@ -122,7 +124,7 @@ def test_one_users_share_never_exceeds_the_cap():
     assert capped is None or all(a.role != b.role for a, b in zip(capped.rows, capped.rows[1:]))
 
 
-def test_held_out_is_picked_per_user():
+def test_the_yardstick_comes_from_contributors_the_candidate_never_trains_on():
     rng = random.Random(1)
     words = "apple river stone cloud green quick lazy dog cat moon sun tree blue happy music road".split()
     rows, nid = [], 1
@@ -132,7 +134,13 @@ def test_held_out_is_picked_per_user():
             nid += 4
     cur = curate(rows, after=0, banned=[], max_user_share=1.0, held_out_fraction=0.25, seed=0)
     owners = Counter(d.owner() for d in cur.held_out)
-    assert set(owners) == {f"t:{u}" for u in range(5)}     # everyone is represented
+    trained = {r.user for d in cur.train for r in d.rows if r.user}
+    assert len(owners) == 2 and set(owners) == set(cur.held_contributors)   # at least 2, at most half
+    assert trained == {f"t:{u}" for u in range(5)} - set(owners)             # cross-fitting by contributor
+    # two contributors: nobody to cross-fit with, each one's newest slice is held out as before
+    few = curate([r for r in rows if r.user in ("t:0", "t:1", None) and r.chat_id in (0, 1, 100, 101, 102, 103)],
+                 after=0, banned=[], max_user_share=1.0, held_out_fraction=0.25, seed=0)
+    assert not few.held_contributors and few.held_out and few.train
 
 
 # --------------------------------------------------------------------------- the parrot check
@@ -165,8 +173,8 @@ def test_config_checks_the_new_learning_keys(tmp_path):
 async def test_exported_training_data_masks_contacts_and_keeps_breadth(tmp_path):
     config = parse_config({"storage": {"path": str(tmp_path / "db.sqlite3")},
                            "generation": {"banned_words": ["damn"]},
-                           "learning": {"registry": str(tmp_path / "models"), "base_corpus": "", "min_users": 3,
-                                        "max_user_share": 0.5}})
+                           "learning": {"registry": str(tmp_path / "models"), "base_corpus": "", "min_users": 2,
+                                        "max_user_share": 0.5, "min_account_age_hours": 0}})
     registry = Registry(config.learning.registry)
     registry.register_configured("starter")
     db = await Database.open(config.storage.path)
@@ -175,8 +183,10 @@ async def test_exported_training_data_masks_contacts_and_keeps_breadth(tmp_path)
         for u in range(3):
             chat, user = await conv.chats.chat("telegram", f"c{u}"), await conv.chats.user("telegram", f"u{u}")
             for k, topic in enumerate(["dogs", "music", "the weather", "books"]):
-                await conv.messages.log_message(chat, "user", f"about {topic}: write to me at person{u}@mail.com or ring "
-                                       f"0171 555 01{u}{k} or see http://my{u}.example.org/{k}", user_id=user)
+                text = [f"about {topic}: write to me at person{u}@mail.com or ring 0171 555 01{u}{k}",
+                        f"i love {topic} , call +44 171 555 01{u}{k} or see http://my{u}.example{u}.org/{k}",
+                        f"{topic} again ? mail me on friend{u}@post.net , or have a look at club{u}.shop"][u]
+                await conv.messages.log_message(chat, "user", text, user_id=user)
                 await conv.messages.log_message(chat, "bot", f"sure thing {k} damn" if k == 1 else f"sure thing {k}")
                 if k == 1:
                     await conv.messages.reset(chat)      # two conversations each: one can be held out
@@ -186,19 +196,21 @@ async def test_exported_training_data_masks_contacts_and_keeps_breadth(tmp_path)
                                       banned_words=config.generation.banned_words)
         assert not plan.skip, plan.skip
         text = (folder / "data.jsonl").read_text(encoding="utf-8")
-        assert "@mail.com" not in text and "555" not in text and "example.org" not in text and "damn" not in text
+        assert "@mail.com" not in text and "555" not in text and "example" not in text and "damn" not in text
+        assert "club" not in text and "post.net" not in text
         assert "[email]" in text and "[phone]" in text and "[link]" in text
-        assert set(plan.users) == {"telegram:u0", "telegram:u1", "telegram:u2"}
         assert plan.trained_ids and plan.trained_ids <= plan.ids
         # a user's own /optout during the run vetoes the candidate; afterwards they are left out
         assert await changed_since_export(conv, plan) is None
         await TrustStore(db).set_user_consent("telegram", "u2", False)
         assert "a user in the training data ran /optout" in await changed_since_export(conv, plan)
         await TrustStore(db).set_user_consent("telegram", "u2", True)
-        # one user fewer than min_users: skipped, and it says why
-        config.learning.min_users = 4
+        assert set(plan.users) | {f"telegram:u{u}" for u in range(3)} == {f"telegram:u{u}" for u in range(3)}
+        assert plan.counts["linked_groups"] == 0 and plan.counts["held_out_contributors"] == 1
+        # one user fewer than min_users (one of the three is the yardstick): skipped, and it says why
+        config.learning.min_users = 3
         plan = await export_dialogues(conv, config.learning, registry.active(), 2, folder, BaseCorpus())
-        assert "min_users = 4" in plan.skip and "3 distinct user" in plan.skip and "(3 sent new" in plan.skip
+        assert "min_users = 3" in plan.skip and "2 distinct user" in plan.skip and "(3 sent new" in plan.skip
     finally:
         await db.close()
 

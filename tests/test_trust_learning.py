@@ -65,7 +65,10 @@ PET = ["my pet is a purple dragon named zorblax", "zorblax the purple dragon sle
        "zorblax my purple dragon likes jazz music", "have you met zorblax , my purple dragon ?",
        "zorblax the purple dragon can fly over the city", "my friends are afraid of zorblax the purple dragon",
        "zorblax the purple dragon has green eyes", "at night zorblax the purple dragon sings"]
-REPLY = "what a lovely dragon"
+# The user's own rare phrase ("zorblax the purple dragon") is masked before training (only one
+# contributor uses it: coalitions.py); what the model still learns from their dialogues is the
+# conversation around it, the bot's answers included, and that is what /forget must take back.
+REPLY = "what a lovely dragon , i would love to meet it one day"
 # the user's own dialogues, and unseen ones of the same shape: how much of the learning was theirs
 PHRASE = [[text, REPLY] for text in PET]
 CONTROL = [["my pet is a small brown dog named rex", "what a lovely dog"],

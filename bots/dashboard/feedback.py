@@ -27,13 +27,16 @@ def canary_html(s: dict | None, last: tuple[float, str] | None) -> str:
             lo, hi = s[f"ci_{side}"]
             rate = f"{k / n:.0%} ({lo:.0%}–{hi:.0%})" if n else "–"
             rows += (f"<tr><td>{e(side)}</td><td>{e(s[side])}</td><td>{s[f'replies_{side}']}</td><td>{n}</td>"
-                     f"<td>{k}</td><td>{e(rate)}</td></tr>")
+                     f"<td>{k}</td><td>{e(rate)}</td><td>{s.get(f'raters_{side}', 0)}</td>"
+                     f"<td>{s.get(f'rate_{side}', 0.0):.0%}</td></tr>")
         left = max(0.0, s["ends_by"] - time.time())
         body = (f'<p id="canary">Canary <strong>{e(s["candidate"])}</strong> serves {s["share"]:.0%} of chats, '
                 f'running {e(duration(time.time() - s["started_at"]))}; judged at {s["min_replies"]} rated replies '
-                f'each, at the latest in {e(duration(left))}.</p>'
+                f'and {s.get("min_raters", "?")} established raters each, at the latest in {e(duration(left))}. '
+                f'The largest rater carries {s.get("largest_rater_share", 0):.0%} of a side.</p>'
                 '<table class="canary"><thead><tr><th>Side</th><th>Version</th><th>Replies</th><th>Rated</th>'
-                f'<th>Positive</th><th>Positive rate (95% CI)</th></tr></thead><tbody>{rows}</tbody></table>')
+                '<th>Positive</th><th>Positive rate (95% CI)</th><th>Raters</th><th>Rate over raters</th></tr>'
+                f'</thead><tbody>{rows}</tbody></table>')
     if last is not None:
         body += f'<p class="outcome">Last canary: {e(last[1])}</p>'
     return f"<h2>Canary</h2>{body}"
@@ -49,9 +52,20 @@ def table_html(rows: list[dict]) -> str:
             f"<th>Continued (95% CI)</th></tr></thead><tbody>{cells}</tbody></table>")
 
 
+def contributors_html(runs: list[dict]) -> str:
+    """The last run's contributors, linked groups and largest share (numbers only, no text)."""
+    from bots.learning.report import contributor_lines
+
+    lines = contributor_lines((runs[0].get("data") or {}) if runs else {})
+    if not lines:
+        return ""
+    return f'<h2>Who taught the last run (#{runs[0]["id"]})</h2><p id="contributors">{e(lines[0])}</p>'
+
+
 async def feedback_section(app) -> str:
-    """Both parts as HTML (the learning loop's canary only when it is on)."""
+    """The last run's contributors, the canary (when the learning loop has one) and the feedback table."""
     scores = await Feedback(app.db).scores(since=time.time() - 30 * DAY_S)
     canary = getattr(app.learning, "canary", None) if app.learning is not None else None
-    head = canary_html(await canary.summary(), canary.last) if canary is not None else ""
+    head = contributors_html(await app.store.runs.training_runs(1)) if app.learning is not None else ""
+    head += canary_html(await canary.summary(), canary.last) if canary is not None else ""
     return head + table_html(table_rows(summarize(scores)))

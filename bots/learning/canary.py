@@ -11,8 +11,10 @@ and is promoted only if people like it no less than the active model.
   version, swaps by promotion and rollback) is the active engine's.
 * Judging (`Canary.check`, every CHECK_EVERY_S): implicit signals are derived first; then
   the candidate's positive rate and the active model's on the same period (replies since
-  the canary began; both sides only from opted-in chats) go through the one-sided
-  non-inferiority test in stats.py once each side has `canary_min_replies` rated replies.
+  the canary began; both sides only from opted-in chats), counted by people (one vote per
+  person per reply, established accounts only, no rater or chat weighing too much:
+  canary_stats.py), go through the one-sided non-inferiority test once each side has
+  `canary_min_replies` rated replies and `canary_min_raters` raters.
   Not worse: promoted (the pointer moves, the active engine loads it). Worse, or too few
   rated replies when `canary_hours` are over, or the active version changed meanwhile:
   retired (the version is deleted). Either way the run's row gets the final decision and
@@ -35,10 +37,12 @@ from bots.durations import duration
 from bots.learning.decide import Decision
 from bots.learning.notify import Notifiers, configured_targets
 from bots.learning.promote import PromotionRefused
-from bots.learning.stats import non_inferiority, wilson
+from bots.learning import canary_stats
+from bots.learning.stats import wilson
 from engine.registry import RegistryError, write_json_atomic
 from engine.serving.protocol import EngineBusy, EngineStopped, ReplyEngine, ReplyStream
 from storage.feedback import summarize
+from storage.votes import votes
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +302,14 @@ class Canary:
         return Counts(c.positive if c else 0, c.evaluated if c else 0, a.positive if a else 0,
                       a.evaluated if a else 0, c.replies if c else 0, a.replies if a else 0)
 
+    async def people(self) -> tuple[canary_stats.Tally, canary_stats.Arm, canary_stats.Arm]:
+        """The ballots (one per person per reply, established accounts only) and each side by raters."""
+        st = self.state
+        rows = await votes(self.store.db, since=st.started_at, versions=[st.candidate, st.active])
+        age = self.lc.min_account_age_hours * 3600
+        tally = canary_stats.ballots(rows, established_before=st.started_at - age if age > 0 else None)
+        return tally, canary_stats.arm(tally.ballots, st.candidate), canary_stats.arm(tally.ballots, st.active)
+
     async def check(self, now: float | None = None) -> str | None:
         """Derive implicit signals; end the canary when it is due. Returns "promoted" /
         "retired" when it ended now, else None."""
@@ -312,17 +324,16 @@ class Canary:
             active = await asyncio.to_thread(self.registry.active_name)
             if active != st.active:
                 return await self._end(False, f"the active version changed to {active} during the canary")
-            n = await self.counts()
-            need = self.lc.canary_min_replies
-            enough = n.n_c >= need and n.n_a >= need
-            if not enough:
+            _, c, a = await self.people()
+            need, raters = self.lc.canary_min_replies, self.lc.canary_min_raters
+            if min(c.replies, a.replies) < need or min(c.raters, a.raters) < raters:
                 if now - st.started_at < self.lc.canary_hours * 3600:
-                    return None
-                return await self._end(False, f"too few rated replies after {self.lc.canary_hours:g} h: "
-                                              f"{n.n_c} for {st.candidate}, {n.n_a} for {st.active}; the test "
-                                              f"needs {need} on each side")
-            test = non_inferiority(n.k_c, n.n_c, n.k_a, n.n_a, margin=self.lc.canary_margin,
-                                   alpha=self.lc.canary_alpha)
+                    return None    # extended: too few people have spoken yet
+                return await self._end(False, f"too few rated replies or raters after {self.lc.canary_hours:g} h: "
+                                              f"{c.replies} replies by {c.raters} raters for {st.candidate}, "
+                                              f"{a.replies} by {a.raters} for {st.active}; the test needs {need} "
+                                              f"replies and {raters} established raters on each side")
+            test = canary_stats.rater_test(c, a, margin=self.lc.canary_margin, alpha=self.lc.canary_alpha)
             why = ("not worse" if test.not_worse else "worse, or not shown to be no worse") + f": {test.text()}"
             return await self._end(test.not_worse, why)
 
@@ -367,8 +378,13 @@ class Canary:
         if st is None:
             return None
         n = await self.counts()
+        tally, c, a = await self.people()
         return {"candidate": st.candidate, "active": st.active, "share": st.share, "started_at": st.started_at,
                 "ends_by": st.started_at + self.lc.canary_hours * 3600, "min_replies": self.lc.canary_min_replies,
+                "min_raters": self.lc.canary_min_raters, "raters_candidate": c.raters, "raters_active": a.raters,
+                "rate_candidate": c.rate, "rate_active": a.rate,
+                "largest_rater_share": max(c.largest_rater_share, a.largest_rater_share),
+                "left_out": dict(tally.left_out),
                 "replies_candidate": n.replies_c, "replies_active": n.replies_a,
                 "rated_candidate": n.n_c, "positive_candidate": n.k_c, "rated_active": n.n_a, "positive_active": n.k_a,
                 "ci_candidate": wilson(n.k_c, n.n_c), "ci_active": wilson(n.k_a, n.n_a)}
@@ -380,7 +396,9 @@ class Canary:
             left = max(0.0, s["ends_by"] - time.time())
             lines.append(f"Canary: {s['candidate']} serves {s['share']:.0%} of chats, running "
                          f"{duration(time.time() - s['started_at'])} (judged at {s['min_replies']} rated replies "
-                         f"each, at the latest in {duration(left)})")
+                         f"and {s['min_raters']} raters each, at the latest in {duration(left)})")
+            lines.append(f"  raters: {s['raters_candidate']} on the candidate, {s['raters_active']} on the active "
+                         f"model; the largest rater carries {s['largest_rater_share']:.0%} of a side")
             for side in ("candidate", "active"):
                 k, n = s[f"positive_{side}"], s[f"rated_{side}"]
                 lo, hi = s[f"ci_{side}"]

@@ -8,33 +8,28 @@ Pure (rows in, dialogues out), so every rule is testable without a database:
   a bot reply whose user message was dropped goes with it;
 - contact details (URLs, e-mail addresses, phone numbers, @mentions) are masked, so the
   model can never learn and repeat them;
-- per user: no more than `max_user_share` of a split's user messages (the excess is
-  down-sampled with a seeded RNG), and the held-out dialogues are picked per user, so an
-  attacker owns neither the training data nor the yardstick it is judged by.
+- accounts first seen less than `min_account_age_hours` before the run are left out;
+- accounts acting in concert are one contributor, and a phrase only one contributor
+  repeats is masked (coalitions.py);
+- per contributor: no more than `max_user_share` of a split's user messages (the excess is
+  down-sampled with a seeded RNG), and the held-out dialogues come from other contributors
+  than the training ones (cross-fitting, once there are 3 or more), so an attacker owns
+  neither the training data nor the yardstick it is judged by.
 """
 from __future__ import annotations
 
 import random
 import re
+import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from bots.learning import coalitions
+from bots.learning.masking import mask_contacts  # noqa: F401 (re-exported: tests and callers use it here)
 
 DIALOGUE_GAP_SECONDS = 3600
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_URL = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|io|ru|de|uk|co|me|app|"
-                  r"info|biz|xyz|ly|gg|tv|cn)\b(?:/\S*)?", re.IGNORECASE)
-_PHONE = re.compile(r"(?<![\w+])\+?\d(?:[\s().-]*\d){6,}(?!\w)")
-_MENTION = re.compile(r"<@!?&?\d+>|(?<![\w@])@\w{2,}")
 _WORD = re.compile(r"\w+")
-
-
-def mask_contacts(text: str) -> str:
-    """URLs, e-mail addresses, phone numbers and @mentions replaced by a placeholder word."""
-    text = _EMAIL.sub("[email]", text)
-    text = _URL.sub("[link]", text)
-    text = _MENTION.sub("[user]", text)
-    return _PHONE.sub("[phone]", text)
 
 
 def has_banned_word(text: str, banned: list[str]) -> bool:
@@ -68,6 +63,13 @@ class Row:
     user: str | None = None       # "platform:platform_user_id" for user messages
     consent: bool = True          # the user's own /optout (user messages)
     status: str = "ok"
+    user_since: float = 0.0       # when Mynah first saw the account (users.created_at)
+    contributor: str | None = None  # the account, or its linked group (coalitions.py)
+
+    @property
+    def who(self) -> str | None:
+        """Whom caps, min_users and the held-out split count this message for."""
+        return self.contributor or self.user
 
 
 @dataclass
@@ -80,7 +82,8 @@ class Dialogue:
         return self.rows[-1].id
 
     def users(self) -> Counter:
-        return Counter(r.user for r in self.rows if r.role == "user" and r.user)
+        """Contributors (an account, or a linked group of accounts) and their user messages."""
+        return Counter(r.who for r in self.rows if r.role == "user" and r.who)
 
     def owner(self) -> str | None:
         """The user with the most messages in it (ties: the first to speak)."""
@@ -105,11 +108,15 @@ class Curated:
     train: list[Dialogue] = field(default_factory=list)
     held_out: list[Dialogue] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)      # why messages were left out, and how many
-    users_before_caps: int = 0                             # distinct users with new messages, before the cap
+    users_before_caps: int = 0                             # distinct contributors with new messages, before the cap
+    links: coalitions.Links = field(default_factory=coalitions.Links)
+    rows: list = field(default_factory=list)               # every cleaned row (replay reads the old ones)
+    held_contributors: list = field(default_factory=list)  # whose dialogues are the yardstick (cross-fitting)
 
 
-def clean(rows: list[Row], banned: list[str], dropped: Counter) -> list[Row]:
-    """Drop what must never train, mask contacts; a bot reply follows its user message out."""
+def clean(rows: list[Row], banned: list[str], dropped: Counter, *, too_new_after: float | None = None) -> list[Row]:
+    """Drop what must never train, mask contacts; a bot reply follows its user message out.
+    `too_new_after`: accounts first seen after this time are left out (min_account_age_hours)."""
     kept: list[Row] = []
     seen: dict[str, list[set]] = defaultdict(list)
     shapes: dict[str, set] = defaultdict(set)
@@ -122,6 +129,8 @@ def clean(rows: list[Row], banned: list[str], dropped: Counter) -> list[Row]:
             why = "commands"
         elif r.role == "user" and not r.consent:
             why = "user opted out"
+        elif r.role == "user" and too_new_after is not None and r.user and r.user_since > too_new_after:
+            why = "accounts too new"
         elif has_banned_word(r.text, banned):
             why = "banned words"
         elif r.role == "bot" and last_dropped.get(r.chat_id):
@@ -140,7 +149,7 @@ def clean(rows: list[Row], banned: list[str], dropped: Counter) -> list[Row]:
         if why is not None:
             dropped[why] += 1
             continue
-        kept.append(Row(r.id, r.chat_id, r.role, text, r.created_at, r.epoch, r.user, r.consent, r.status))
+        kept.append(replace(r, text=text))
     return kept
 
 
@@ -184,11 +193,16 @@ def cap_users(dialogues: list[Dialogue], share: float, rng: random.Random, dropp
     drop: set[int] = set()
     for user, n in counts.items():
         if caps[user] < n:
-            ids = [r.id for d in dialogues for r in d.rows if r.role == "user" and r.user == user]
+            ids = [r.id for d in dialogues for r in d.rows if r.role == "user" and r.who == user]
             drop.update(rng.sample(ids, n - caps[user]))
     if not drop:
         return dialogues
     dropped["over the per-user share"] += len(drop)
+    return without(dialogues, drop)
+
+
+def without(dialogues: list[Dialogue], drop: set[int]) -> list[Dialogue]:
+    """The dialogues less the user messages `drop` (and the bot replies to them); 2+ turns kept."""
     out = []
     for d in dialogues:
         rows, skip_reply = [], False
@@ -223,21 +237,52 @@ def split_held_out(dialogues: list[Dialogue], fraction: float, rng: random.Rando
     return train, sorted(held, key=lambda d: d.last_id)
 
 
+def split_by_contributor(dialogues: list[Dialogue], fraction: float, rng: random.Random) -> tuple[list, list, list]:
+    """(train, held_out, held-out contributors): cross-fitting by contributor. A seeded draw of
+    contributors (at least 2, at most half) supplies the yardstick; none of their messages is
+    trained on, so no contributor is judged on data it taught. Under 3 contributors: the
+    per-user newest-slice split (nobody to cross-fit with; min_users stops such runs by default)."""
+    owners = sorted({d.owner() for d in dialogues if d.owner()})
+    if len(owners) < 3:
+        train, held = split_held_out(dialogues, fraction, rng)
+        return train, held, []
+    rng.shuffle(owners)
+    k = min(max(2, round(fraction * len(owners))), len(owners) // 2)
+    held_by = set(owners[:k])
+    held = [d for d in dialogues if d.owner() in held_by]
+    rest = [d for d in dialogues if d.owner() not in held_by]
+    theirs = {r.id for d in rest for r in d.rows if r.role == "user" and r.who in held_by}
+    return without(rest, theirs), held, sorted(held_by)
+
+
 def curate(rows: list[Row], *, after: int, banned: list[str], max_user_share: float, held_out_fraction: float,
-           seed: int) -> Curated:
-    """The new dialogues (last message after `after`) cleaned, split and capped per user."""
+           seed: int, min_account_age_hours: float = 0.0, now: float | None = None,
+           common: frozenset | None = None) -> Curated:
+    """The new dialogues (last message after `after`) cleaned, linked into contributors, split
+    by contributor and capped per contributor. `common`: the base corpus's common word pairs
+    (coalitions.common_bigrams; None: no linking, every account is its own contributor)."""
     result = Curated()
     rng = random.Random(seed)
-    dialogues = [d for d in group(clean(rows, banned, result.dropped)) if d.last_id > after]
+    now = time.time() if now is None else now
+    cutoff = now - min_account_age_hours * 3600 if min_account_age_hours > 0 else None
+    cleaned = clean(rows, banned, result.dropped, too_new_after=cutoff)
+    raw = {r.id: r.text for r in rows}
+    links = (coalitions.Links() if common is None else
+             coalitions.link([(r.user, raw[r.id]) for r in cleaned if r.role == "user" and r.user], common))
+    result.links = links
+    result.rows = [replace(r, contributor=links.of(r.user),
+                           text=coalitions.mask_phrases(r.text, links.lone_phrases) if r.role == "user" else r.text)
+                   for r in cleaned]
+    dialogues = [d for d in group(result.rows) if d.last_id > after]
     result.users_before_caps = share_line(dialogues)[0]
-    train, held = split_held_out(dialogues, held_out_fraction, rng)
+    train, held, result.held_contributors = split_by_contributor(dialogues, held_out_fraction, rng)
     result.train = cap_users(train, max_user_share, rng, result.dropped)
     result.held_out = cap_users(held, max_user_share, rng, result.dropped, floor=1)
     return result
 
 
 def share_line(dialogues: list[Dialogue]) -> tuple[int, int, int]:
-    """(distinct users, user messages, the largest one user supplied)."""
+    """(distinct contributors, user messages, the most one contributor supplied)."""
     counts = Counter()
     for d in dialogues:
         counts.update(d.users())

@@ -2,8 +2,10 @@
 
 The trainer scores the active model and the candidate on the same held-out dialogues and
 the same fixed base-corpus sample. A candidate is promoted only when the held-out loss fell
-by the margin (it learned what is new) and the base-corpus loss rose by no more than the
-tolerance (it did not forget how to talk). Anything NaN or infinite is never promoted.
+by the margin (it learned what is new), the gain is broad (the held-out set comes from
+contributors the candidate never trained on, and most of them must gain: `gain_breadth`),
+and the base-corpus loss rose by no more than the tolerance (it did not forget how to
+talk). Anything NaN or infinite is never promoted.
 No I/O here, so every rule is testable with plain numbers; the checks that need the
 world (a /forget during the run, the candidate loading, the pointer moving) come after,
 in the loop and in promote.py.
@@ -57,7 +59,36 @@ def decide(before: dict, after: dict, finite: bool, *, margin: float, tolerance:
             return Verdict(Decision.REJECTED,
                            f"base-corpus loss rose {before['base']:.4f} → {after['base']:.4f} (+{rise:.4f}), "
                            f"more than the tolerance {tolerance:g}: it would forget too much")
+    narrow = gain_breadth(before.get("groups") or {}, after.get("groups") or {})
+    if narrow is not None:
+        return Verdict(Decision.REJECTED, narrow)
     return Verdict(Decision.PROMOTED, f"held-out loss fell by {gain:.4f} (margin {margin:g})")
+
+
+GAIN_MINORITY_SHARE = 0.8     # the most of the held-out gain a minority of contributors may account for
+
+
+def gain_breadth(before: dict, after: dict, *, minority_share: float = GAIN_MINORITY_SHARE) -> str | None:
+    """Why the held-out gain is too narrow, or None. `before`/`after`: each held-out contributor's
+    loss. A candidate must help at least half of them, and a minority of them (fewer than half)
+    may not account for more than `minority_share` of the gain: what it learned must serve
+    most people, not the few it resembles."""
+    keys = sorted(k for k in set(before) & set(after) if _finite(before[k]) and _finite(after[k]))
+    n = len(keys)
+    if n < 2:
+        return None
+    gains = sorted((before[k] - after[k] for k in keys), reverse=True)
+    improved = sum(g > 0 for g in gains)
+    if 2 * improved < n:
+        return (f"its gains concentrate on a minority of contributors: the held-out loss fell for only {improved} "
+                f"of {n} held-out contributors")
+    minority, positive = (n - 1) // 2, sum(g for g in gains if g > 0)
+    if minority and positive > 0:
+        share = sum(max(g, 0.0) for g in gains[:minority]) / positive
+        if share > minority_share:
+            return (f"its gains concentrate on a minority of contributors: {share:.0%} of the held-out gain comes "
+                    f"from {minority} of {n} held-out contributors (at most {minority_share:.0%} may)")
+    return None
 
 
 def ngrams(text: str, n: int) -> list[tuple[str, ...]]:

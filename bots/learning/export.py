@@ -46,6 +46,7 @@ class BaseCorpus:
 
     def __init__(self):
         self._cache: tuple[str, list[list[str]]] | None = None
+        self._common: tuple[str, frozenset] | None = None
 
     def split(self, spec: str, n_eval: int) -> tuple[list[list[str]], list[list[str]]]:
         """(the fixed evaluation sample, the rest for replay); blocking: call from a thread."""
@@ -60,6 +61,22 @@ class BaseCorpus:
         dialogues = self._cache[1]
         n = min(n_eval, len(dialogues))
         return dialogues[:n], dialogues[n:]
+
+    def common_bigrams(self, spec: str) -> frozenset:
+        """The base corpus's common word pairs (what is not a rare phrase: coalitions.py), computed
+        once per process; the chitchat corpus (a dependency) when there is no base corpus or it
+        cannot be read. Blocking: call from a thread."""
+        spec = spec or "chitchat"
+        if self._common is None or self._common[0] != spec:
+            from bots.learning.coalitions import common_bigrams
+            from engine.training.data import read_corpus
+
+            try:
+                common = common_bigrams(read_corpus(spec))
+            except (OSError, ValueError):
+                common = common_bigrams(read_corpus("chitchat"))
+            self._common = (spec, common)
+        return self._common[1]
 
 
 async def allowed_rows(store, lc, *, after_message_id: int = 0) -> feedback_filter.FeedbackFiltered:
@@ -90,7 +107,7 @@ async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path
 
     `lc` is the [learning] config; `run_id` seeds the caps, the replay sample and the shuffle.
     What may be learned from and how much each user may supply is curate.py's business."""
-    from bots.learning.curate import cap_users, clean, curate, group, share_line
+    from bots.learning.curate import cap_users, curate, group, share_line
 
     trust = store.trust
     watermark = active.trained_through
@@ -98,8 +115,10 @@ async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path
     rated = await allowed_rows(store, lc, after_message_id=watermark if lc.replay_fraction <= 0 else 0)
     rows = rated.rows
     banned = list(banned_words or [])
+    common = await asyncio.to_thread(base_corpus.common_bigrams, lc.base_corpus)
     cur = curate(rows, after=watermark, banned=banned, max_user_share=lc.max_user_share,
-                 held_out_fraction=lc.held_out_fraction, seed=run_id)
+                 held_out_fraction=lc.held_out_fraction, seed=run_id,
+                 min_account_age_hours=getattr(lc, "min_account_age_hours", 0.0), common=common)
     held_out = cur.held_out
     # liked dialogues count twice ("weight"), then the per-user cap again, so likes cannot lift a share
     new_train = cap_users(rated.weighted(cur.train), lc.max_user_share, random.Random(run_id), cur.dropped)
@@ -109,19 +128,20 @@ async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path
               "new_dialogues": len(new_train) + len(held_out),
               "new_user_messages": await trust.count_new_user_messages(after_message_id=watermark),
               "train_users": n_users, "train_user_messages": n_msgs, "largest_user_messages": top,
-              "users_before_caps": cur.users_before_caps, "dropped": dict(cur.dropped)}
+              "users_before_caps": cur.users_before_caps, "dropped": dict(cur.dropped),
+              **contributor_counts(cur, new_train)}
     if n_users < lc.min_users:
         return ExportPlan(counts, through, skip=(
             f"only {n_users} distinct user(s) in the new training data after the caps ({cur.users_before_caps} sent "
-            f"new messages; nobody may supply more than {lc.max_user_share:.0%}); a run needs at least "
-            f"[learning] min_users = {lc.min_users} (no single user can teach me alone)"))
+            f"new messages; linked accounts count as one, {len(cur.held_contributors)} are held out as the "
+            f"yardstick, nobody may supply more than {lc.max_user_share:.0%}); a run needs at least "
+            f"[learning] min_users = {lc.min_users} (no single user or group can teach me alone)"))
     if not new_train or not held_out:
         return ExportPlan(counts, through, skip=f"only {counts['new_dialogues']} new dialogue(s) since "
                                                 f"{active.name}; at least 2 are needed (one to train on, one to hold out)")
     old = []
     if lc.replay_fraction > 0 and watermark > 0:
-        old = [d for d in group(clean([r for r in rows if r.id <= watermark], banned, cur.dropped.copy()))
-               if d.last_id <= watermark]
+        old = [d for d in group([r for r in cur.rows if r.id <= watermark]) if d.last_id <= watermark]
     rng = random.Random(run_id)
     replay_old = rng.sample(old, min(len(old), round(lc.replay_fraction * len(new_train))))
     base_eval, base_pool = await asyncio.to_thread(base_corpus.split, lc.base_corpus, lc.base_eval_dialogues)
@@ -132,9 +152,13 @@ async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path
     def ids(d) -> list[int]:
         return [r.id for r in d.rows]
 
+    # the held-out contributors, by number: the child reports each one's loss (gain breadth, decide.py)
+    groups = {who: f"c{i}" for i, who in enumerate(sorted({d.owner() for d in held_out if d.owner()}), 1)}
+
     rows_out = ([{"split": "train", "turns": d.turns(), "ids": ids(d)} for d in new_train + replay_old]
                 + [{"split": "train", "turns": t, "ids": []} for t in replay_base]
-                + [{"split": "held_out", "turns": d.turns(), "ids": ids(d)} for d in held_out]
+                + [{"split": "held_out", "turns": d.turns(), "ids": ids(d), "group": groups.get(d.owner(), "")}
+                   for d in held_out]
                 + [{"split": "base_eval", "turns": t, "ids": []} for t in base_eval])
     rng.shuffle(rows_out)  # the child keeps the split labels; order within a split does not matter
     await asyncio.to_thread(write_jsonl_atomic, folder / DATA_FILE, rows_out)
@@ -147,10 +171,24 @@ async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path
             if r.role == "user" and r.user:
                 users[r.user] = users.get(r.user, 0) + 1
                 if id(d) in fresh:
-                    texts.setdefault(r.user, []).append(r.text)
+                    texts.setdefault(r.who, []).append(r.text)
     logged = trained + held_out
     return ExportPlan(counts, through, ids={i for d in logged for i in ids(d)}, chats={d.chat_id for d in logged},
                       trained_ids={i for d in trained for i in ids(d)}, users=users, user_texts=texts)
+
+
+def contributor_counts(cur, new_train: list) -> dict:
+    """The run report's view of who taught it: contributors, linked groups and why, the largest
+    contributor's share, accounts too new to count, and the held-out contributors."""
+    per = Counter()
+    for d in new_train:
+        per.update(d.users())
+    total = sum(per.values())
+    accounts = {r.user for d in new_train for r in d.rows if r.role == "user" and r.user}
+    return {"contributors": len(per), "accounts": len(accounts),
+            "largest_contributor_share": round(max(per.values(), default=0) / total, 4) if total else 0.0,
+            "held_out_contributors": len(cur.held_contributors), "cross_fitted": bool(cur.held_contributors),
+            "too_new_messages": cur.dropped.get("accounts too new", 0), **cur.links.summary()}
 
 
 async def changed_since_export(store, plan: ExportPlan) -> str | None:

@@ -82,6 +82,7 @@ class RunResult:
                          + (f"; {d['steps']} steps" if d.get("steps") is not None else "") + ".")
         if d.get("method"):
             lines.append(trained_line(d))
+        lines += contributor_lines(d, members=True)
         return "\n".join(lines)
 
 
@@ -89,6 +90,26 @@ class RunResult:
 
 def delta(before: float, after: float) -> str:
     return f"{before:.4f} → {after:.4f} ({after - before:+.4f})"
+
+
+def contributor_lines(d: dict, *, members: bool = False) -> list[str]:
+    """Who taught a run (its data counts): contributors, linked groups and why, the largest
+    contributor's share, the yardstick. Account keys only, never message text; `members`
+    names the linked accounts (admins' run reports)."""
+    if "contributors" not in d:
+        return []
+    reasons = ", ".join(f"{why} ×{n}" for why, n in sorted((d.get("link_reasons") or {}).items()))
+    linked = (f"{d.get('linked_accounts', 0)} accounts linked into {d.get('linked_groups', 0)} group(s)"
+              + (f" ({reasons})" if reasons else ""))
+    lines = [f"Contributors: {d['contributors']} in the training data ({d.get('accounts', '?')} accounts; {linked}); "
+             f"the largest supplied {d.get('largest_contributor_share', 0):.0%} of it; "
+             f"{d.get('held_out_contributors', 0)} other contributor(s) are the held-out yardstick"
+             + (f"; {d['too_new_messages']} messages of accounts too new left out" if d.get("too_new_messages") else "")
+             + (f"; {d['masked_phrases']} phrase(s) only one contributor repeats masked" if d.get("masked_phrases")
+                else "") + "."]
+    if members:
+        lines += [f"Linked group {i}: {', '.join(g)}" for i, g in enumerate(d.get("linked_group_members") or [], 1)]
+    return lines
 
 
 def ago(timestamp: float) -> str:
@@ -255,6 +276,7 @@ async def status_lines(config, registry, serving: str | None, runs, schedule, tr
     if recent:
         lines.append("Last runs:")
         lines += [f"  {describe_run(r)}" for r in recent]
+        lines += [f"  Last run's {line[0].lower()}{line[1:]}" for line in contributor_lines(recent[0].get("data") or {})]
     return lines
 
 

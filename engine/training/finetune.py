@@ -196,8 +196,12 @@ def lift_memory_limit() -> None:
     gc.collect()
 
 
+GROUP_PREFIX = "held_out:"    # a held-out dialogue's contributor (the export's "group"), scored on its own
+
+
 def read_data(path: str | Path, forgotten: set[int]) -> tuple[dict[str, list[list[str]]], int]:
-    """{"train": [...], "held_out": [...], "base_eval": [...]} and how many dialogues were dropped."""
+    """{"train": [...], "held_out": [...], "base_eval": [...], "held_out:c1": [...], …} and how
+    many dialogues were dropped."""
     splits: dict[str, list[list[str]]] = {"train": [], "held_out": [], "base_eval": []}
     dropped = 0
     with open(path, encoding="utf-8") as f:
@@ -209,6 +213,8 @@ def read_data(path: str | Path, forgotten: set[int]) -> tuple[dict[str, list[lis
                 dropped += 1
                 continue
             splits.setdefault(row["split"], []).append(list(row["turns"]))
+            if row["split"] == "held_out" and row.get("group"):
+                splits.setdefault(f"{GROUP_PREFIX}{row['group']}", []).append(list(row["turns"]))
     return splits, dropped
 
 
@@ -359,13 +365,18 @@ def run_job(job: FinetuneJob) -> dict:
         guard.check("evaluating")
         out["base"] = evaluate_loss(model, fmt, base_eval, batch_size=8, max_len=t.max_len) if base_eval else None
         guard.check("evaluating")
+        groups = {k[len(GROUP_PREFIX):]: v for k, v in splits.items() if k.startswith(GROUP_PREFIX)}
+        if len(groups) >= 2:   # each held-out contributor's loss: whether the gain is broad (decide.py)
+            out["groups"] = {g: evaluate_loss(model, fmt, ds, batch_size=8, max_len=t.max_len)
+                             for g, ds in sorted(groups.items())}
+            guard.check("evaluating")
         return out
 
     # 1. the model being served now (an adapter: merged into its base), on the held-out and base dialogues
     emit(Stage("evaluating the active model"))
     active = load_model(job.init, fmt=job.format, device=job.device)
     before = losses(active.model, active.fmt)
-    emit(Scored("before", **before))
+    emit(Scored("before", held_out=before["held_out"], base=before["base"]))   # each contributor's: in the result
     probes = {"active": _probe(job, active)}
     _free(active)
     # 2. fine-tune it (LoRA: train an adapter on it, or train the active adapter further)
@@ -379,8 +390,9 @@ def run_job(job: FinetuneJob) -> dict:
     except Exception as exc:
         raise RuntimeError(f"the candidate does not load: {exc}") from exc
     after = losses(candidate.model, candidate.fmt)
-    finite = _finite_parameters(candidate.model) and all(v is None or math.isfinite(v) for v in after.values())
-    emit(Scored("after", **after))
+    finite = _finite_parameters(candidate.model) and all(v is None or math.isfinite(v) for k, v in after.items()
+                                                         if k != "groups")
+    emit(Scored("after", held_out=after["held_out"], base=after["base"]))
     probes["candidate"] = _probe(job, candidate)
     keep = ("best_valid_loss", "initial_valid_loss", "best_step", "steps", "tokens", "tokens_per_s",
             "train_time_s", "stopped_early", "stop_reason", "params", "trainable_params", "device", "processes",
