@@ -16,6 +16,7 @@ from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
 from engine.serving.protocol import EngineUnavailable, ModelEngine, ReplyEngine, SamplingParams
 from storage.conversations import Conversations
+from storage import open_database
 from storage.db import Database
 from storage.feedback import Feedback
 
@@ -144,7 +145,7 @@ class Mynah:
         log.info("model %s loaded (%s, %.1fM parameters, %s format)", loaded.path, loaded.version,
                  loaded.parameters / 1e6, loaded.fmt.name)
         engine = await wrap_mmi(config, build_engine(config, loaded))
-        db = await Database.open(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
+        db = await open_database(config.storage)
         conversations = Conversations(db)
         learning, replier = None, engine
         if registry is not None:
@@ -177,7 +178,7 @@ class Mynah:
             log.warning('[generation] mmi_model is ignored with [engine] backend = "openai" (MMI scores with '
                         "a model in this process)")
         engine = build_openai_engine(config, sampling_defaults(config))
-        db = await Database.open(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
+        db = await open_database(config.storage)
         conversations = Conversations(db)
         engine.start()
         try:

@@ -91,12 +91,14 @@ def _write(records: list[dict], output: str) -> None:
 
 async def export(config, output: str = "-", *, with_ids: bool = False) -> int:
     """Write the export; returns how many dialogues were written."""
+    from storage import is_postgres, open_database, target_of
     from storage.conversations import Conversations
-    from storage.db import Database, StorageError
+    from storage.db import StorageError
 
-    if not Path(config.storage.path).is_file():
-        raise StorageError(f"no database at {config.storage.path}")
-    db = await Database.open(config.storage.path)
+    target = target_of(config.storage)
+    if not is_postgres(target) and not Path(target).is_file():
+        raise StorageError(f"no database at {target}")
+    db = await open_database(config.storage)
     try:
         records = await export_records(Conversations(db), with_ids=with_ids)
     finally:

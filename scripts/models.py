@@ -19,12 +19,13 @@ def run(args) -> int:
     from bots.config import load_config
     from bots.learning.report import describe_run, describe_version
     from engine.registry import Registry
+    from storage import target_of
 
     config = load_config(args.config)
     registry = Registry(config.learning.registry)
     versions = registry.versions()
     active = registry.active_name()
-    runs, lineage, tainted = asyncio.run(_records(config.storage.path, args.runs))
+    runs, lineage, tainted = asyncio.run(_records(target_of(config.storage), args.runs))
     if args.json:
         print(json.dumps({"registry": str(registry.root), "active": active,
                           "versions": [{**v.to_json(), "model_path": v.model_path,
@@ -58,14 +59,15 @@ def run(args) -> int:
 
 async def _records(path: str, limit: int) -> tuple[list[dict], dict, dict]:
     """(the last `limit` runs, each version's lineage, the tainted versions) from the database."""
-    if path == ":memory:" or not Path(path).exists():
-        return [], {}, {}
+    from storage import is_postgres, open_database
     from storage.conversations import Conversations
-    from storage.db import Database, StorageError
+    from storage.db import StorageError
     from storage.trust import TrustStore
 
+    if not is_postgres(path) and (path == ":memory:" or not Path(path).exists()):
+        return [], {}, {}
     try:
-        db = await Database.open(path)
+        db = await open_database(path)
     except StorageError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
         return [], {}, {}

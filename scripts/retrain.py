@@ -65,13 +65,13 @@ async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | No
     from bots.learning.report import RunStatus
     from engine.registry import Registry
     from storage.conversations import Conversations
-    from storage.db import Database
+    from storage import open_database
 
     registry = Registry(config.learning.registry)
     active, changed = await asyncio.to_thread(registry.ensure_configured, config.model.path)
     if changed:
         print(f"registered [model] path {config.model.path} as {active.name} (now active)")
-    db = await Database.open(config.storage.path)
+    db = await open_database(config.storage)
     learning = Learning(config, registry, Conversations(db))
     learning.canary = Canary(config, learning, None, None, None)   # a running bot serves and judges it
     try:

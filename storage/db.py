@@ -20,6 +20,10 @@ class StorageError(Exception):
     """The database cannot be used: not a database, too new, or locked for too long."""
 
 
+class TransientStorageError(StorageError):
+    """The database is briefly out of reach (a lost connection, a server restart): retry the write."""
+
+
 # Each entry is one schema version; entry i moves user_version from i to i + 1.
 # Never edit an entry that has shipped: append a new one.
 MIGRATIONS: list[str] = [
@@ -241,6 +245,7 @@ class Database:
     has one transaction per connection and interleaved BEGINs would mix their writes.
     """
 
+    backend = "sqlite"
     retries = 5            # extra BEGIN attempts after busy_timeout gave up
     retry_delay = 0.05     # seconds, doubled each attempt
 
