@@ -21,12 +21,12 @@ import re
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import Any, AsyncIterator, Iterable
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 import storage.db as sqlite_db
 from storage.db import StorageError, TransientStorageError
+from storage.opening import redact
 
 PASSWORD_ENV = "MYNAH_DATABASE_PASSWORD"
 MIGRATION_LOCK = 0x6D796E6168   # "mynah": the advisory lock key held while migrating
@@ -106,16 +106,6 @@ def _number_placeholders(sql: str) -> str:
             ch = f"${n}"
         out.append(ch)
     return "".join(out)
-
-
-def redact(url: str) -> str:
-    """The URL without any password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _transient(exc: BaseException) -> bool:
@@ -266,7 +256,34 @@ class PostgresDatabase:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator["PgSnapshot"]:
+        """One consistent, read-only moment of the database (a REPEATABLE READ transaction):
+        backups read every table through it while the workers go on writing."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                yield PgSnapshot(conn, self.path)
+
     async def compact_wal(self) -> bool:
         """Nothing to do: PostgreSQL has no WAL file of deleted text for us to truncate
         (VACUUM reclaims dead rows; autovacuum runs it)."""
         return True
+
+
+class PgSnapshot:
+    """The reading half of PostgresDatabase on one snapshot connection (see `snapshot()`)."""
+
+    backend = "postgresql"
+
+    def __init__(self, conn: asyncpg.Connection, path: str) -> None:
+        self.conn, self.path = conn, path
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[asyncpg.Record]:
+        return await self.conn.fetch(translate(sql)[0], *params)
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> asyncpg.Record | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def user_version(self) -> int:
+        return await PostgresDatabase._version(self.conn)
