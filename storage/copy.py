@@ -15,7 +15,8 @@ from storage.db import StorageError
 
 # Every table, parents before children. A migration that adds a table adds it here (a test checks).
 TABLES = ["chats", "users", "messages", "context_resets", "model_versions", "training_runs", "admin_audit",
-          "forgotten", "version_users", "version_messages", "version_taint", "feedback"]
+          "forgotten", "version_users", "version_messages", "version_taint", "feedback", "workers", "update_claims",
+          "leases", "cluster_state"]
 ID_TABLES = {"chats", "users", "messages", "context_resets", "training_runs", "admin_audit", "forgotten", "feedback"}
 CHUNK = 1000
 

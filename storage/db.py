@@ -204,6 +204,45 @@ MIGRATIONS: list[str] = [
     CREATE INDEX feedback_message ON feedback (message_id, kind);
     CREATE INDEX feedback_user ON feedback (user_id);
     """,
+    # 9 (issue 24; numbered after issues 7 and 8 when merged): several workers on one database.
+    # workers: each `mynah run` process and its heartbeat; update_claims: which worker handles
+    # a platform update (one row per update id: a second delivery finds it taken; `payload`
+    # lets a survivor re-handle what a dead worker left unfinished); leases: one holder at a
+    # time for a named job (the learner) until it expires; cluster_state: small shared facts
+    # (the registered webhook's fingerprint, the active model version).
+    """
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        version TEXT,
+        stopped_at REAL
+    );
+    CREATE TABLE update_claims (
+        platform TEXT NOT NULL,
+        update_key TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        claimed_at REAL NOT NULL,
+        stored_at REAL,
+        done_at REAL,
+        payload TEXT,
+        PRIMARY KEY (platform, update_key)
+    );
+    CREATE INDEX update_claims_open ON update_claims (worker) WHERE done_at IS NULL;
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        acquired_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE cluster_state (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 

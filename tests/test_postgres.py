@@ -16,6 +16,8 @@ from scripts.cli import main
 from storage import open_database, redact
 from storage.backup import check_database
 from storage.conversations import Conversations
+from storage.backup import expected_tables
+from storage.cluster import ClusterStore
 from storage.copy import TABLES
 from storage.db import MIGRATIONS
 from storage.feedback import Feedback
@@ -43,6 +45,11 @@ async def fill(db) -> dict:
     await Feedback(db).set_signals("telegram", 1, 101, 10, {"reaction:👍": 1})
     await trust.record_lineage("v0001", {"telegram:10": 2}, [q, r])
     await trust.taint(["v0001"], "forgotten user")
+    cluster = ClusterStore(db)
+    await cluster.heartbeat("host:1:a", "host", 1, "v0001")
+    await cluster.claim("telegram", "5001", "host:1:a", stale_after=30, payload='{"update_id": 5001}')
+    await cluster.acquire("learner", "host:1:a", 60)
+    await cluster.set_state("active_version", "v0001")
     gone = await conv.log_message(group, "user", "forget me", user_id=await conv.user("discord", 30))
     await conv.forget_user("discord", 30)
     return {"deleted_id": gone}
@@ -54,6 +61,10 @@ async def dump(db) -> dict[str, list[tuple]]:
         rows = await db.fetchall(f"SELECT * FROM {table}")
         out[table] = sorted((tuple(r) for r in rows), key=repr)
     return out
+
+
+def test_copy_knows_every_table_of_the_schema():
+    assert set(TABLES) == expected_tables(len(MIGRATIONS))
 
 
 # --- the translation ----------------------------------------------------------------------------
