@@ -129,6 +129,17 @@ class Mynah:
         self.chat = chat
         self.learning = learning  # bots.learning.loop.Learning, or None when [learning] enabled = false
         self.feedback = FeedbackRecorder(config.feedback, Feedback(db))  # reactions from the adapters
+        self.cluster = None       # bots.cluster.Presence with a shared (PostgreSQL) database, else None
+
+    async def _join(self) -> "Mynah":
+        """With PostgreSQL: take a seat among the workers (heartbeat, takeovers)."""
+        from bots.cluster import open_presence
+
+        self.cluster = await open_presence(self.config, self.db, version=self.served_version)
+        return self
+
+    def served_version(self) -> str | None:
+        return getattr(self.engine, "version", None) or None
 
     @classmethod
     async def open(cls, config: Config, *, model_path: str | None = None) -> "Mynah":
@@ -160,7 +171,8 @@ class Mynah:
         if learning is not None:
             await learning.start()
             await learning.canary.start()
-        return cls(config, db, conversations, engine, ChatService(config, replier, conversations, learning), learning)
+        app = cls(config, db, conversations, engine, ChatService(config, replier, conversations, learning), learning)
+        return await app._join()
 
     @classmethod
     async def open_remote(cls, config: Config) -> "Mynah":
@@ -189,7 +201,8 @@ class Mynah:
         except EngineUnavailable as exc:  # the bot still starts; replies apologise until the backend is up
             log.warning("engine: %s; starting anyway, replies will say so until it is back", exc)
         learning = await open_remote_learning(config, conversations, engine) if learn else None
-        return cls(config, db, conversations, engine, ChatService(config, engine, conversations, learning), learning)
+        app = cls(config, db, conversations, engine, ChatService(config, engine, conversations, learning), learning)
+        return await app._join()
 
     def attach(self, platform: Platform) -> None:
         """A platform has started: the learning loop may now deliver through it what nobody
@@ -205,6 +218,8 @@ class Mynah:
                 await self.learning.canary.stop()
             await self.learning.stop()
         await self.engine.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.db.close()
 
     async def __aenter__(self) -> "Mynah":

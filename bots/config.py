@@ -70,6 +70,8 @@ class EngineConfig:
 class StorageConfig:
     path: str = "data/mynah.sqlite3"
     url: str = ""                        # "postgresql://USER@HOST:PORT/DB": PostgreSQL instead of `path`
+    heartbeat_seconds: float = 5.0       # PostgreSQL: how often a worker says it is alive
+    worker_timeout_seconds: float = 20.0  # …and after how long a silent worker counts as dead
     busy_timeout_ms: int = 5000          # how long one write waits for another process's lock
     write_retry_first_s: float = 0.5     # then a message's write is retried after this, doubling…
     write_retry_max_s: float = 30.0      # …up to this, for as long as storage stays locked or full
@@ -221,7 +223,7 @@ _POSITIVE = {
     ("chat", "rate_limit_seconds"), ("chat", "max_message_chars"),
     ("generation", "mmi_candidates"), ("engine", "timeout_seconds"), ("engine", "breaker_failures"),
     ("chat", "stream_edit_seconds"), ("storage", "busy_timeout_ms"), ("storage", "write_retry_first_s"),
-    ("storage", "write_retry_max_s"),
+    ("storage", "write_retry_max_s"), ("storage", "heartbeat_seconds"), ("storage", "worker_timeout_seconds"),
 }
 
 
@@ -323,6 +325,8 @@ def _check_section(name: str, section: Any) -> None:
         raise ConfigError("[storage] write_retry_max_s must be at least write_retry_first_s")
     if name == "storage" and section.url:
         _check_storage_url(section.url)
+    if name == "storage" and section.worker_timeout_seconds < 2 * section.heartbeat_seconds:
+        raise ConfigError("[storage] worker_timeout_seconds must be at least twice heartbeat_seconds")
     if name == "dashboard":
         if not 0 <= section.port <= 65535:
             raise ConfigError(f"[dashboard] port must be between 1 and 65535 (0 = any free port), got {section.port}")

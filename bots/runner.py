@@ -41,9 +41,11 @@ PLATFORMS: dict[str, PlatformEntry] = {
 PLATFORM_TOKENS = {name: entry.token_var for name, entry in PLATFORMS.items()}
 
 
-def make_adapter(platform: str, app: Mynah, token: str) -> Platform:
+def make_adapter(platform: str, app: Mynah, token: str, environ=os.environ) -> Platform:
     entry = PLATFORMS[platform]
     adapter_class = getattr(importlib.import_module(entry.module), entry.cls)
+    if platform == "telegram":   # the same on every worker of a webhook; never in config.toml
+        return adapter_class(app, token, webhook_secret=environ.get("TELEGRAM_WEBHOOK_SECRET") or None)
     return adapter_class(app, token)
 
 
@@ -93,7 +95,7 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
     try:
         dashboard = await start_dashboard(app, config, environ, platforms=list(platforms))
         for platform, token in platforms.items():
-            adapter = make_adapter(platform, app, token)
+            adapter = make_adapter(platform, app, token, environ)
             adapter.on_fatal = stop_for(platform)
             await adapter.start()
             started.append(adapter)

@@ -112,6 +112,17 @@ class ClusterStore:
                                      (older_than,))
         return cur.rowcount
 
+    async def fail_pending_replies(self, platform: str, platform_chat_id: str, platform_message_id: str) -> int:
+        """Replies a dead worker stored for this user message but never confirmed sent become
+        'failed', so the worker that takes the message over answers it."""
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE messages SET status = 'failed' WHERE role = 'bot' AND status = 'pending' AND reply_to_id IN ("
+                "  SELECT m.id FROM messages m JOIN chats c ON c.id = m.chat_id WHERE c.platform = ? "
+                "  AND c.platform_chat_id = ? AND m.platform_message_id = ? AND m.role = 'user')",
+                (platform, platform_chat_id, platform_message_id))
+        return cur.rowcount
+
     # --- leases ---------------------------------------------------------------------------
     async def acquire(self, name: str, holder: str, ttl: float) -> bool:
         """Take or renew lease `name` for `ttl` seconds; False while someone else holds it."""

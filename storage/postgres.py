@@ -26,7 +26,7 @@ import asyncpg
 
 import storage.db as sqlite_db
 from storage.db import StorageError, TransientStorageError
-from storage.opening import redact
+from storage.urls import redact
 
 PASSWORD_ENV = "MYNAH_DATABASE_PASSWORD"
 MIGRATION_LOCK = 0x6D796E6168   # "mynah": the advisory lock key held while migrating
