@@ -136,6 +136,11 @@ class Mynah:
         from bots.cluster import open_presence
 
         self.cluster = await open_presence(self.config, self.db, version=self.served_version)
+        self.chat.admin.cluster = self.cluster
+        if self.cluster is not None and self.learning is not None:
+            from bots.cluster import share_learning
+
+            share_learning(self.cluster, self.learning)
         return self
 
     def served_version(self) -> str | None:

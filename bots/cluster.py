@@ -81,6 +81,23 @@ class Presence:
                 taken += 1
         return taken
 
+    async def workers(self, *, within_s: float = 3600.0) -> list[dict]:
+        """The workers seen in the last `within_s` seconds: id, host, pid, alive, version, last seen."""
+        now = time.time()
+        return [{"id": w.id, "host": w.host, "pid": w.pid, "alive": w.alive(now, self.stale_after_s),
+                 "version": w.version, "last_seen_s": round(now - w.last_seen, 1), "this": w.id == self.id}
+                for w in await self.store.workers(since=now - within_s)]
+
+    async def status_lines(self) -> list[str]:
+        """/status: every worker of the last hour, alive or not, and the version it serves."""
+        found = await self.workers()
+        lines = [f"Workers: {sum(w['alive'] for w in found)} alive of {len(found)} seen in the last hour"]
+        for w in found:
+            state = "alive" if w["alive"] else "gone"
+            lines.append(f"  {w['id']}{' (this one)' if w['this'] else ''}: {state}, serving {w['version'] or '?'}, "
+                         f"last seen {w['last_seen_s']:.0f} s ago")
+        return lines
+
     # --- update claims ----------------------------------------------------------------------
     async def claim(self, platform: str, key: str, payload: str | None, *, wait_s: float = 50.0,
                     poll_s: float = 0.2) -> bool:
@@ -114,6 +131,82 @@ class Presence:
 
     async def let_go(self, name: str) -> None:
         await self.store.release(name, self.id)
+
+
+LEARNER_LEASE = "learner"
+TIDY_EVERY_S = 10.0     # how often an idle worker looks for runs whose learner died
+
+
+class ClusterTrainLock:
+    """The registry's file lock plus the `learner` lease in the database: one training run
+    across every worker even when the shared registry folder's file locks do not reach
+    between machines. Same calls as engine.registry.FileLock (acquire runs in a thread).
+    The lease is renewed with each heartbeat; a dead learner's lease lapses after the
+    worker timeout, and another worker may then run."""
+
+    def __init__(self, presence: Presence, file_lock, loop: asyncio.AbstractEventLoop):
+        self.presence, self.file_lock, self.loop = presence, file_lock, loop
+        self._held = False
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def acquire(self, *args, **kwargs) -> bool:
+        if not self.file_lock.acquire(*args, **kwargs):
+            return False
+        try:
+            won = self._call(self.presence.hold(LEARNER_LEASE))
+        except Exception:
+            won = False
+        if not won:
+            self.file_lock.release()
+            return False
+        self._held = True
+        self.presence.on_beat.append(self._renew)
+        return True
+
+    async def _renew(self) -> None:
+        if self._held and not await self.presence.hold(LEARNER_LEASE):
+            log.error("worker %s lost the learner lease while training", self.presence.id)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if self._renew in self.presence.on_beat:
+                self.presence.on_beat.remove(self._renew)
+            try:
+                if self.loop.is_running():
+                    asyncio.run_coroutine_threadsafe(self.presence.let_go(LEARNER_LEASE), self.loop)
+            except RuntimeError:
+                pass
+        self.file_lock.release()
+
+    def holder(self):
+        return self.file_lock.holder() or {"worker": "another worker (the learner lease is held)"}
+
+    def describe(self, info: dict) -> None:
+        self.file_lock.describe({**info, "worker": self.presence.id})
+
+    def held(self) -> bool:
+        return self._held
+
+
+def share_learning(presence: Presence, learning) -> None:
+    """One learner across the workers: training takes the lease too, and each heartbeat
+    (when nothing runs here) marks runs whose learner died as interrupted."""
+    loop = asyncio.get_running_loop()
+    file_locks = learning.registry.train_lock
+    learning.train_lock = lambda: ClusterTrainLock(presence, file_locks(), loop)
+
+    last = [0.0]
+
+    async def tidy() -> None:
+        if time.monotonic() - last[0] < TIDY_EVERY_S:
+            return
+        last[0] = time.monotonic()
+        if learning.running is None and await presence.store.holder(LEARNER_LEASE) is None:
+            await learning.recover()
+    presence.on_beat.append(tidy)
 
 
 async def open_presence(config, db, version=lambda: None) -> Presence | None:

@@ -29,6 +29,7 @@ class AdminCommands:
         self.learning = learning
         self.writes = None      # bots.chat.durable.WriteRetry, set by ChatService: audits survive a locked database
         self.started_at = time.time()
+        self.cluster = None     # bots.cluster.Presence when several workers share the database
         # Each admin command's handler, by name; without the learning loop its commands say so.
         self.handlers = {"status": self._status}
         if learning is not None:
@@ -80,6 +81,8 @@ class AdminCommands:
         ]
         if self.learning is not None:
             lines += await self.learning.status_lines()
+        if self.cluster is not None:
+            lines += await self.cluster.status_lines()
         return "\n".join(lines)
 
 

@@ -52,6 +52,7 @@ class Overview:
     messages: int = 0
     learning: bool = False
     running: dict | None = None
+    workers: list = field(default_factory=list)     # several workers on PostgreSQL: each one's state
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -84,7 +85,8 @@ async def overview(state) -> Overview:
         batch_size=stat(stats, "active", "batch_size", "active_rows"),
         version=str(stat(stats, "model_version", "version", default="") or getattr(app.engine, "version", "")),
         backend=engine_backend(app.engine, stats), chats=counts["chats"], users=counts["users"],
-        messages=counts["messages"], learning=app.learning is not None, running=running_run(app.learning))
+        messages=counts["messages"], learning=app.learning is not None, running=running_run(app.learning),
+        workers=await app.cluster.workers() if getattr(app, "cluster", None) is not None else [])
 
 
 def running_run(learning) -> dict | None:

@@ -103,6 +103,7 @@ class Learning:
         self.last_result: RunResult | None = None
         self.trust = Trust(self)
         self.canary = None  # canary.Canary (set by the app): with canary_share, step 4 serves some chats first
+        self.train_lock = registry.train_lock   # several workers: also a database lease (bots/cluster.py)
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self, *, schedule: bool | None = None) -> None:
@@ -135,7 +136,7 @@ class Learning:
     async def recover(self) -> None:
         """When no run holds the lock: rows left 'running' are marked interrupted, temp
         folders and exported text from dead runs are deleted."""
-        lock = self.registry.train_lock()
+        lock = self.train_lock()
         if not await asyncio.to_thread(lock.acquire):
             return  # a run is going on in another process: leave its files alone
         try:
@@ -260,7 +261,7 @@ class Learning:
         async with self._start_lock:
             if self.running is not None:
                 raise AlreadyRunning({"run_id": self.running.run_id})
-            lock = self.registry.train_lock()
+            lock = self.train_lock()
             if not await asyncio.to_thread(lock.acquire):
                 raise AlreadyRunning(lock.holder())
             try:
