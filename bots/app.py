@@ -1,6 +1,6 @@
 """The composition root: config in, a running engine + database + chat service out.
 
-Every front end (console, Telegram, Discord, several at once) shares one `Mynah`.
+Every front end (the console, each platform served, several at once) shares one `Mynah`.
 """
 from __future__ import annotations
 
@@ -9,16 +9,13 @@ import logging
 
 from bots.chat.service import ChatService
 from bots.config import Config, ConfigError
-from bots.config import Config
 from bots.feedback import FeedbackRecorder
 from bots.platforms.base import Platform
 from engine.serving.batcher import Engine
 from engine.model import LoadedModel, load_model
 from engine.serving.protocol import EngineUnavailable, ModelEngine, ReplyEngine, SamplingParams
-from storage.conversations import Conversations
-from storage import open_database
-from storage.db import Database
-from storage.feedback import Feedback
+from storage.db import StorageError
+from storage.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +93,7 @@ async def load_active_model(config: Config, registry) -> LoadedModel:
         return loaded
 
 
-async def open_remote_learning(config: Config, conversations: Conversations, engine):
+async def open_remote_learning(config: Config, store: Store, engine):
     """LoRA learning for a served model: the registry's configured version is the backend's own
     base model ([learning] base_model is its local copy, for training and evaluation); promoted
     versions are adapters the backend loads at run time."""
@@ -112,34 +109,40 @@ async def open_remote_learning(config: Config, conversations: Conversations, eng
     if changed:
         log.info("registered [learning] base_model %s as %s (the backend's base model)", config.learning.base_model,
                  active.name)
-    learning = Learning(config, registry, conversations, engine)
+    learning = Learning(config, registry, store, engine)
     await learning.start()
     return learning
+
+
+async def open_configured_store(config: Config) -> Store:
+    """The database at [storage] url (PostgreSQL) or path (SQLite); a StorageError names that
+    key, so the operator knows which setting to fix (the command prints it as one line)."""
+    try:
+        return await open_store(config.storage)
+    except StorageError as exc:
+        raise StorageError(f"[storage] {'url' if config.storage.url else 'path'}: {exc}") from None
 
 
 class Mynah:
     """The shared parts of a running bot. Use `await Mynah.open(config)` / `await app.close()`."""
 
-    def __init__(self, config: Config, db: Database, conversations: Conversations, engine: ReplyEngine, chat: ChatService,
-                 learning=None):
+    def __init__(self, config: Config, store: Store, engine: ReplyEngine, chat: ChatService, learning=None):
         self.config = config
-        self.db = db
-        self.conversations = conversations
+        self.store = store
+        self.db = store.db
         self.engine = engine
         self.chat = chat
         self.learning = learning  # bots.learning.loop.Learning, or None when [learning] enabled = false
-        self.feedback = FeedbackRecorder(config.feedback, Feedback(db))  # reactions from the adapters
+        self.feedback = FeedbackRecorder(config.feedback, store.feedback)  # reactions from the adapters
         self.cluster = None       # bots.cluster.Presence with a shared (PostgreSQL) database, else None
 
     async def _join(self) -> "Mynah":
-        """With PostgreSQL: take a seat among the workers (heartbeat, takeovers)."""
-        from bots.cluster import open_presence
+        """With PostgreSQL: take a seat among the workers (heartbeat, takeovers, one learner)."""
+        from bots.cluster import open_presence, share_learning
 
         self.cluster = await open_presence(self.config, self.db, version=self.served_version)
         self.chat.admin.cluster = self.cluster
         if self.cluster is not None and self.learning is not None:
-            from bots.cluster import share_learning
-
             share_learning(self.cluster, self.learning)
         return self
 
@@ -161,23 +164,21 @@ class Mynah:
         log.info("model %s loaded (%s, %.1fM parameters, %s format)", loaded.path, loaded.version,
                  loaded.parameters / 1e6, loaded.fmt.name)
         engine = await wrap_mmi(config, build_engine(config, loaded))
-        db = await open_database(config.storage)
-        conversations = Conversations(db)
+        store = await open_configured_store(config)
         learning, replier = None, engine
         if registry is not None:
             from bots.learning.canary import Canary, Router
             from bots.learning.loop import Learning
 
-            learning = Learning(config, registry, conversations, engine, serving=loaded.version)
-            replier = Router(engine, conversations)   # serves a canary's share of chats from a second engine
-            learning.canary = Canary(config, learning, replier, FeedbackRecorder(config.feedback, Feedback(db)),
+            learning = Learning(config, registry, store, engine, serving=loaded.version)
+            replier = Router(engine, store.chats)   # serves a canary's share of chats from a second engine
+            learning.canary = Canary(config, learning, replier, FeedbackRecorder(config.feedback, store.feedback),
                                      lambda candidate: build_engine(config, candidate))
         engine.start()
         if learning is not None:
             await learning.start()
             await learning.canary.start()
-        app = cls(config, db, conversations, engine, ChatService(config, replier, conversations, learning), learning)
-        return await app._join()
+        return await cls(config, store, engine, ChatService(config, replier, store, learning), learning)._join()
 
     @classmethod
     async def open_remote(cls, config: Config) -> "Mynah":
@@ -195,8 +196,7 @@ class Mynah:
             log.warning('[generation] mmi_model is ignored with [engine] backend = "openai" (MMI scores with '
                         "a model in this process)")
         engine = build_openai_engine(config, sampling_defaults(config))
-        db = await open_database(config.storage)
-        conversations = Conversations(db)
+        store = await open_configured_store(config)
         engine.start()
         try:
             served = await engine.check()
@@ -205,9 +205,8 @@ class Mynah:
                             config.engine.model)
         except EngineUnavailable as exc:  # the bot still starts; replies apologise until the backend is up
             log.warning("engine: %s; starting anyway, replies will say so until it is back", exc)
-        learning = await open_remote_learning(config, conversations, engine) if learn else None
-        app = cls(config, db, conversations, engine, ChatService(config, engine, conversations, learning), learning)
-        return await app._join()
+        learning = await open_remote_learning(config, store, engine) if learn else None
+        return await cls(config, store, engine, ChatService(config, engine, store, learning), learning)._join()
 
     def attach(self, platform: Platform) -> None:
         """A platform has started: the learning loop may now deliver through it what nobody
@@ -225,7 +224,7 @@ class Mynah:
         await self.engine.stop()
         if self.cluster is not None:
             await self.cluster.stop()
-        await self.db.close()
+        await self.store.close()
 
     async def __aenter__(self) -> "Mynah":
         return self

@@ -1,61 +1,45 @@
 """`mynah run`: serve every platform whose token is in the environment, until a signal.
 
-Tokens come only from the environment (TELEGRAM_BOT_TOKEN, DISCORD_BOT_TOKEN), never from
-config.toml, and are never logged. SIGINT/SIGTERM stop intake first, let in-flight replies
-finish, then close the engine and the database.
+Tokens come only from the environment (each platform's spec names its variable), never
+from config.toml, and are never logged. SIGINT/SIGTERM stop intake first, let in-flight
+replies finish, then close the engine and the database.
 
-Platforms are chosen from a table (name -> token variable, module, class) and imported only
-when their token is set, so no adapter imports this module and Discord's client is never
-loaded for a Telegram-only bot.
+The platforms are the ones registered under bots/platforms (bots/platforms/registry.py);
+an adapter's module is imported only when its token is set, so no adapter imports this
+module and a platform's client library is never loaded when that platform is not served.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import signal
-from dataclasses import dataclass
 
 from bots.app import Mynah
 from bots.chat.events import PlatformStartError
 from bots.dashboard import DashboardError, check_dashboard, start_dashboard
 from bots.platforms.base import Platform
 from bots.platforms.redaction import register_token
+from bots.platforms.registry import discover, served
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PlatformEntry:
-    token_var: str        # the environment variable that holds the token
-    module: str           # where the adapter class lives
-    cls: str
-    token_separator: str | None = None   # a token's public prefix ends here (Telegram: "<bot id>:<secret>")
-
-
-PLATFORMS: dict[str, PlatformEntry] = {
-    "telegram": PlatformEntry("TELEGRAM_BOT_TOKEN", "bots.platforms.telegram.adapter", "TelegramAdapter", ":"),
-    "discord": PlatformEntry("DISCORD_BOT_TOKEN", "bots.platforms.discord.adapter", "DiscordAdapter"),
-}
-PLATFORM_TOKENS = {name: entry.token_var for name, entry in PLATFORMS.items()}
-
-
 def make_adapter(platform: str, app: Mynah, token: str, environ=os.environ) -> Platform:
-    entry = PLATFORMS[platform]
-    adapter_class = getattr(importlib.import_module(entry.module), entry.cls)
-    if platform == "telegram":   # the same on every worker of a webhook; never in config.toml
-        return adapter_class(app, token, webhook_secret=environ.get("TELEGRAM_WEBHOOK_SECRET") or None)
-    return adapter_class(app, token)
+    spec = discover()[platform]
+    extra = {kw: environ[var].strip() for var, kw in spec.environ_kwargs.items() if environ.get(var, "").strip()}
+    return spec.load_adapter()(app, token, **extra)
 
 
 def configured_platforms(environ=os.environ) -> dict[str, str]:
     """{platform: token} for every platform whose token is set; each token is registered
     for redaction before anything can log it."""
-    found = {p: environ[e.token_var].strip() for p, e in PLATFORMS.items() if environ.get(e.token_var, "").strip()}
-    for platform, token in found.items():
-        entry = PLATFORMS[platform]
-        register_token(token, f"<{entry.token_var}>", separator=entry.token_separator)
+    found = {}
+    for name, spec in served().items():
+        token = environ.get(spec.token_var, "").strip()
+        if token:
+            register_token(token, f"<{spec.token_var}>", separator=spec.token_separator)
+            found[name] = token
     return found
 
 
@@ -72,7 +56,7 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
     platforms = configured_platforms(environ)
     if not platforms:
         log.error("no platform to serve: set %s in the environment (or use `mynah chat`)",
-                  " and/or ".join(PLATFORM_TOKENS.values()))
+                  " and/or ".join(spec.token_var for spec in served().values()))
         return 2
     try:
         check_dashboard(config, environ)

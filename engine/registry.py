@@ -19,7 +19,9 @@ Crash safety, all by rename:
   killed trainer or bot never leaves the registry locked.
 
 Other folders inside the registry (a user's own ``models/mine``) are left alone.
-This module knows nothing of SQLite or the bots; bots/learning/loop.py wires it to them.
+The pointer file itself is engine/pointer.py; `prune` and `clean_stale` (module functions)
+let go of old versions and crash leftovers. This module knows nothing of SQLite or the bots;
+bots/learning/loop.py wires it to them.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from engine.atomic import _fsync_dir, write_json_atomic, write_jsonl_atomic  # noqa: F401 (re-exported)
+from engine.pointer import Pointer
 
 VERSION_RE = re.compile(r"v(\d{4,})")
 _NUMBERED = re.compile(r"(?:\.trash-|\.)?v(\d{4,})(?:$|[.-])")
@@ -202,12 +205,9 @@ class Registry:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.pointer = Pointer(self.root / POINTER)
 
     # ---- reading ------------------------------------------------------------------
-    @property
-    def pointer_path(self) -> Path:
-        return self.root / POINTER
-
     def train_lock(self) -> FileLock:
         return FileLock(self.root / ".train.lock")
 
@@ -237,15 +237,8 @@ class Registry:
         known = ", ".join(v.name for v in self.versions()) or "none yet"
         raise RegistryError(f"no version {name} in {self.root} (versions: {known})")
 
-    def pointer(self) -> dict:
-        try:
-            raw = json.loads(self.pointer_path.read_text(encoding="utf-8"))
-            return raw if isinstance(raw, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
     def active_name(self) -> str | None:
-        return self.pointer().get("version")
+        return self.pointer.name()
 
     def active(self) -> Version | None:
         """The active version, or None when the pointer is missing or names no complete version."""
@@ -259,15 +252,11 @@ class Registry:
 
     def pointer_stamp(self) -> tuple[int, int] | None:
         """Changes whenever the pointer is replaced (a cheap poll for running bots)."""
-        try:
-            st = self.pointer_path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_ino)
+        return self.pointer.stamp()
 
     def previous(self) -> str | None:
         """The version that was active before the current one (what /rollback goes back to)."""
-        history = self.pointer().get("history") or []
+        history = self.pointer.history()
         names = {v.name for v in self.versions()}
         current = self.active_name()
         for name in reversed(history[:-1] if history and history[-1] == current else history):
@@ -287,24 +276,12 @@ class Registry:
         used = [0]
         if self.root.is_dir():
             used += [int(m.group(1)) for p in self.root.iterdir() if (m := _NUMBERED.match(p.name))]
-        used += [int(n[1:]) for n in self.pointer().get("history") or [] if VERSION_RE.fullmatch(str(n))]
+        used += [int(n[1:]) for n in self.pointer.history() if VERSION_RE.fullmatch(str(n))]
         try:
             used.append(int((self.root / ".last_version").read_text().strip() or 0))
         except (OSError, ValueError):
             pass
         return max(used) + 1
-
-    def _set_pointer(self, name: str, reason: str, *, history: list[str] | None = None) -> None:
-        old = self.pointer()
-        hist = list(old.get("history") or []) if history is None else history
-        if not hist or hist[-1] != name:
-            hist.append(name)
-        write_json_atomic(self.pointer_path, {"version": name, "previous": old.get("version"),
-                                              "history": hist[-50:], "updated_at": time.time(), "reason": reason})
-
-    def _locked(self):
-        """The registry's writer lock (a fresh flock per use, so threads wait for each other too)."""
-        return FileLock(self.root / ".registry.lock").hold()
 
     def _install(self, build, info: dict, activate: bool, reason: str) -> Version:
         """Give a folder the next vNNNN name: `build(tmp)` fills a temp folder, then rename.
@@ -325,7 +302,7 @@ class Registry:
         with contextlib.suppress(OSError):
             (self.root / ".last_version").write_text(f"{number}\n")
         if activate:
-            self._set_pointer(name, reason)
+            self.pointer.write(name, reason)
         return self.get(name)
 
     def register_configured(self, source: str, *, activate: bool = True, note: str = "",
@@ -335,7 +312,7 @@ class Registry:
         `trained_through`: the newest logged message id the model has already learned from
         (a model trained offline on exported logs); later messages count as new."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)   # weights trained on private chats
-        with self._locked():
+        with _writer_lock(self.root):
             return self._register_configured(source, activate=activate, note=note, trained_through=trained_through)
 
     def _register_configured(self, source: str, *, activate: bool, note: str, trained_through: int = 0) -> Version:
@@ -361,7 +338,7 @@ class Registry:
         elif not (candidate / "config.json").is_file():
             raise RegistryError(f"{candidate} is not a model folder (no config.json) nor a LoRA adapter "
                                 "(no adapter_config.json)")
-        with self._locked():
+        with _writer_lock(self.root):
             return self._install(lambda tmp: os.rename(candidate, tmp), info, activate,
                                  f"promoted by run {run_id}" if run_id is not None else "promoted")
 
@@ -374,7 +351,7 @@ class Registry:
         - otherwise: the active version (which may be a fine-tuned one) stays.
         """
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)   # weights trained on private chats
-        with self._locked():  # two processes starting at once must not both register
+        with _writer_lock(self.root):  # two processes starting at once must not both register
             last = self.configured()
             same = last is not None and (last.resolved or last.source) == resolve_source(source)
             if not same:
@@ -382,15 +359,15 @@ class Registry:
                 return self._register_configured(source, activate=True, note=note), True
             active = self.active()
             if active is None:  # no pointer yet, or it names a version that is gone
-                self._set_pointer(last.name, "the pointer was missing or named no version")
+                self.pointer.write(last.name, "the pointer was missing or named no version")
                 return last, True
             return active, False
 
     def set_active(self, name: str, reason: str = "") -> Version:
         """Point at `name` (a complete version) atomically."""
-        with self._locked():
+        with _writer_lock(self.root):
             version = self.get(name)
-            self._set_pointer(version.name, reason or "set active")
+            self.pointer.write(version.name, reason or "set active")
         return version
 
     def rollback(self, name: str | None = None, reason: str = "") -> tuple[Version, str | None]:
@@ -398,22 +375,22 @@ class Registry:
 
         Going back to the previous version steps back through the history (so rolling
         back twice goes two versions back); any other target is pushed onto it."""
-        with self._locked():
+        with _writer_lock(self.root):
             old = self.active_name()
             previous = self.previous()
             target = parse_version(name) if name else previous
             if target is None:
                 raise RegistryError("there is no previous version to roll back to")
             version = self.get(target)
-            history = list(self.pointer().get("history") or [])
+            history = self.pointer.history()
             if target == previous and history and history[-1] == old:
                 history = history[:-1]
-            self._set_pointer(version.name, reason or f"rollback from {old}", history=history)
+            self.pointer.write(version.name, reason or f"rollback from {old}", history=history)
         return version, old
 
     def remove(self, name: str) -> None:
         """Delete an inactive version (renamed away first, so it vanishes at once)."""
-        with self._locked():
+        with _writer_lock(self.root):
             version = self.get(name)
             if version.name == self.active_name():
                 raise RegistryError(f"{version.name} is active; activate another version first")
@@ -421,38 +398,10 @@ class Registry:
             os.rename(version.folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def prune(self, keep: int) -> list[str]:
-        """Keep the newest `keep` fine-tuned versions (and always the active one and its parent)."""
-        if keep <= 0:
-            return []
-        active = self.active()
-        protected = {active.name, active.parent} if active else set()
-        versions = self.versions()
-        bases = {str(Path(v.base_model).resolve()) for v in versions if v.kind == "lora" and v.base_model}
-        protected |= {v.name for v in versions if str(v.folder.resolve()) in bases}   # an adapter's base stays
-        tuned = [v for v in versions if v.kind in ("fine-tuned", "lora")]
-        removed = []
-        for version in tuned[:-keep] if len(tuned) > keep else []:
-            if version.name in protected:
-                continue
-            with contextlib.suppress(RegistryError):
-                self.remove(version.name)
-                removed.append(version.name)
-        return removed
 
-    def clean_stale(self) -> list[str]:
-        """Remove what a crash left behind: temp version folders and trash (never a vNNNN)."""
-        removed = []
-        if not self.root.is_dir():
-            return removed
-        for path in self.root.iterdir():
-            if re.match(r"\.v\d{4,}\.tmp-|\.trash-v\d{4,}-", path.name):
-                pid = path.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                    continue  # another live process is writing it right now
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path.name)
-        return removed
+def _writer_lock(root: Path):
+    """The registry's writer lock (a fresh flock per use, so threads wait for each other too)."""
+    return FileLock(root / ".registry.lock").hold()
 
 
 def _alive(pid: int) -> bool:
@@ -471,3 +420,39 @@ def folder_bytes(path: str | Path) -> int:
     if not folder.is_dir():
         return 0
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+# ---- housekeeping: what the registry can let go of ---------------------------------
+def prune(registry: Registry, keep: int) -> list[str]:
+    """Delete all but the newest `keep` fine-tuned versions (never the active one and its parent)."""
+    if keep <= 0:
+        return []
+    active = registry.active()
+    protected = {active.name, active.parent} if active else set()
+    versions = registry.versions()
+    bases = {str(Path(v.base_model).resolve()) for v in versions if v.kind == "lora" and v.base_model}
+    protected |= {v.name for v in versions if str(v.folder.resolve()) in bases}   # an adapter's base stays
+    tuned = [v for v in versions if v.kind in ("fine-tuned", "lora")]
+    removed = []
+    for version in tuned[:-keep] if len(tuned) > keep else []:
+        if version.name in protected:
+            continue
+        with contextlib.suppress(RegistryError):
+            registry.remove(version.name)
+            removed.append(version.name)
+    return removed
+
+
+def clean_stale(registry: Registry) -> list[str]:
+    """Remove what a crash left behind: temp version folders and trash (never a vNNNN)."""
+    removed = []
+    if not registry.root.is_dir():
+        return removed
+    for path in registry.root.iterdir():
+        if re.match(r"\.v\d{4,}\.tmp-|\.trash-v\d{4,}-", path.name):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue  # another live process is writing it right now
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed

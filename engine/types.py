@@ -1,8 +1,9 @@
 """The small names and facts every part of engine/ shares (no torch here).
 
-One definition each, so "a turn" or "a model's context limit" means the same thing in
-serving, training, scoring and the benchmarks. bots/ and scripts/ may import this;
-storage/ keeps its own row types (storage.conversations.StoredTurn) and never imports it.
+Defined here and nowhere else in engine/, bots/ or scripts/ (the dashboard's percentiles
+use this one too), so "a turn" or "a model's context limit" means the same thing in
+serving, training, scoring, the dashboard and the benchmarks. bots/ and scripts/ may import
+this; storage/ keeps its own row types (storage.messages.StoredTurn) and never imports it.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """`mynah export [--output FILE] [--with-ids]`: the opted-in dialogues as JSON lines.
 
 One dialogue per line: {"turns": [{"role": "user", "text": …}, {"role": "bot", …}, …]}.
-The selection is the training export's (storage.conversations.export_dialogues): opted-in
-chats only, a chat's history cut at /reset and at long silences, messages removed by
-/forget absent (and filtered again by id). Chat and user ids appear only with --with-ids.
+The selection is the training export's own (bots.learning.export.allowed_dialogues): opted-in
+chats, and only the messages of users who did not /optout themselves; commands, rate-limited
+and failed messages, banned words and repeats left out, contact details masked; a chat's
+history cut at /reset and at long silences; what /forget removed absent (and filtered again
+by id). Chat and user ids appear only with --with-ids.
 """
 from __future__ import annotations
 
@@ -23,48 +25,44 @@ def add_arguments(parser) -> None:
     parser.add_argument("--with-ids", action="store_true", help="add platform, chat and user ids")
 
 
-def _turns(dialogue, rows: dict) -> list[dict] | None:
-    """Each turn's role (and user) from its first message; None when they do not line up."""
-    groups: list[list] = []
-    for message_id in dialogue.message_ids:
-        row = rows.get(message_id)
-        if row is None:
-            return None
-        if groups and groups[-1][0]["role"] == row["role"]:
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    if len(groups) != len(dialogue.turns):
-        return None
-    return [{"role": g[0]["role"], "text": text, "user": g[0]["user"]} for g, text in zip(groups, dialogue.turns)]
-
-
-async def _message_rows(db, ids: list[int]) -> dict:
-    rows = {}
+async def _chat_keys(db, chat_ids: set[int]) -> dict[int, tuple[str, str, str]]:
+    """chats.id -> (platform, platform chat id, thread id)."""
+    ids = sorted(chat_ids)
+    keys = {}
     for start in range(0, len(ids), 500):
         chunk = ids[start:start + 500]
-        for r in await db.fetchall(
-                "SELECT m.id, m.role, c.platform, c.platform_chat_id, c.thread_id, u.platform_user_id "
-                "FROM messages m JOIN chats c ON c.id = m.chat_id LEFT JOIN users u ON u.id = m.user_id "
-                f"WHERE m.id IN ({','.join('?' * len(chunk))})", chunk):
-            rows[r[0]] = {"role": r[1], "platform": r[2], "chat": r[3], "thread": r[4], "user": r[5]}
-    return rows
+        for r in await db.fetchall("SELECT id, platform, platform_chat_id, thread_id FROM chats "
+                                   f"WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+            keys[r[0]] = (r[1], r[2], r[3])
+    return keys
 
 
-async def export_records(conversations, *, with_ids: bool = False) -> list[dict]:
-    """The dialogues `mynah export` writes, oldest first."""
-    forgotten = await conversations.forgotten_message_ids()
-    dialogues = [d for d in await conversations.export_dialogues() if not forgotten.intersection(d.message_ids)]
-    rows = await _message_rows(conversations.db, sorted({i for d in dialogues for i in d.message_ids}))
+def _turns(dialogue) -> list[dict]:
+    """Same-side messages merged into one turn, as training merges them; a user turn keeps the
+    platform user id of its first message."""
+    turns: list[dict] = []
+    for row in dialogue.rows:
+        if turns and turns[-1]["role"] == row.role:
+            turns[-1]["text"] += "\n" + row.text
+        else:
+            user = row.user.split(":", 1)[1] if row.role == "user" and row.user else None
+            turns.append({"role": row.role, "text": row.text, "user": user})
+    return turns
+
+
+async def export_records(store, config, *, with_ids: bool = False) -> list[dict]:
+    """The dialogues `mynah export` writes, by the training export's own rules, oldest first."""
+    from bots.learning.export import allowed_dialogues
+
+    dialogues = await allowed_dialogues(store, config.learning, list(config.generation.banned_words))
+    keys = await _chat_keys(store.db, {d.chat_id for d in dialogues}) if with_ids else {}
     records = []
     for d in dialogues:
-        turns = _turns(d, rows)
-        if turns is None:
-            continue  # a message vanished between the two reads (a /forget just now): leave it out
+        turns = _turns(d)
         if with_ids:
-            first = rows[d.message_ids[0]]
-            record = {"platform": first["platform"], "chat": first["chat"], "thread": first["thread"],
-                      "first_message_id": d.first_message_id, "last_message_id": d.last_message_id,
+            platform, chat, thread = keys[d.chat_id]
+            record = {"platform": platform, "chat": chat, "thread": thread,
+                      "first_message_id": d.rows[0].id, "last_message_id": d.last_id,
                       "turns": [{k: v for k, v in t.items() if v is not None} for t in turns]}
         else:
             record = {"turns": [{"role": t["role"], "text": t["text"]} for t in turns]}
@@ -91,18 +89,18 @@ def _write(records: list[dict], output: str) -> None:
 
 async def export(config, output: str = "-", *, with_ids: bool = False) -> int:
     """Write the export; returns how many dialogues were written."""
-    from storage import is_postgres, open_database, target_of
-    from storage.conversations import Conversations
+    from storage import is_postgres, target_of
     from storage.db import StorageError
+    from storage.store import open_store
 
     target = target_of(config.storage)
     if not is_postgres(target) and not Path(target).is_file():
         raise StorageError(f"no database at {target}")
-    db = await open_database(config.storage)
+    store = await open_store(config.storage)
     try:
-        records = await export_records(Conversations(db), with_ids=with_ids)
+        records = await export_records(store, config, with_ids=with_ids)
     finally:
-        await db.close()
+        await store.close()
     _write(records, output)
     return len(records)
 

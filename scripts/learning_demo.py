@@ -37,33 +37,31 @@ async def populate(root: Path, old: int, new: int, base_eval: int) -> tuple[int,
     from bots.learning.export import BASE_SAMPLE_SEED
     from engine.training.data import read_corpus
     from engine.registry import Registry
-    from storage.conversations import Conversations
-    from storage.db import Database
+    from storage.store import open_store
 
     dialogues = list(read_corpus("chitchat"))
     random.Random(BASE_SAMPLE_SEED).shuffle(dialogues)  # the same order the learning loop uses
     pool = dialogues[base_eval:]                        # the base-eval sample stays out of the logs
     random.Random(7).shuffle(pool)
-    db = await Database.open(root / "mynah.sqlite3")
-    conv = Conversations(db)
+    store = await open_store(root / "mynah.sqlite3")
 
     async def log_part(part, tag):
         for i, turns in enumerate(part):
-            chat = await conv.chat("telegram", f"{tag}-{i}")
-            user = await conv.user("telegram", f"{tag}-{i}")
+            chat = await store.chats.chat("telegram", f"{tag}-{i}")
+            user = await store.chats.user("telegram", f"{tag}-{i}")
             for k, text in enumerate(turns):
-                await conv.log_message(chat, "user" if k % 2 == 0 else "bot", text,
+                await store.messages.log_message(chat, "user" if k % 2 == 0 else "bot", text,
                                        user_id=user if k % 2 == 0 else None, model_version="v0001")
 
     try:
         await log_part(pool[:old], "old")
-        watermark = await conv.max_message_id()
+        watermark = await store.messages.max_message_id()
         Registry(root / "models").register_configured(
             "starter", trained_through=watermark, note="demo: the starter counts the 'old' logs as learned")
         await log_part(pool[old:old + new], "new")
-        return watermark, await conv.count_user_messages(after_message_id=watermark)
+        return watermark, await store.messages.count_user_messages(after_message_id=watermark)
     finally:
-        await db.close()
+        await store.close()
 
 
 def main(argv=None) -> int:

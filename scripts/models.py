@@ -59,21 +59,20 @@ def run(args) -> int:
 
 async def _records(path: str, limit: int) -> tuple[list[dict], dict, dict]:
     """(the last `limit` runs, each version's lineage, the tainted versions) from the database."""
-    from storage import is_postgres, open_database
-    from storage.conversations import Conversations
+    from storage import is_postgres
     from storage.db import StorageError
-    from storage.trust import TrustStore
+    from storage.store import open_store
 
     if not is_postgres(path) and (path == ":memory:" or not Path(path).exists()):
         return [], {}, {}
+
     try:
-        db = await open_database(path)
+        store = await open_store(path)
     except StorageError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
         return [], {}, {}
     try:
-        trust = TrustStore(db)
-        runs = await Conversations(db).training_runs(limit) if limit > 0 else []
-        return runs, await trust.lineage(), await trust.tainted()
+        runs = await store.runs.training_runs(limit) if limit > 0 else []
+        return runs, await store.trust.lineage(), await store.trust.tainted()
     finally:
-        await db.close()
+        await store.close()

@@ -1,7 +1,8 @@
 """`mynah restore FILE`: put a backup back as the live database (the bot must be stopped).
 
 Nothing is replaced until FILE passed every check (integrity, a schema version this Mynah
-knows, the tables it must have); the old database is kept as `<db>.pre-restore-<time>`.
+knows, the tables it must have and no table, view or trigger it does not know) and the forget
+ledger was applied to the copy; the old database is kept as `<db>.pre-restore-<time>`.
 """
 from __future__ import annotations
 
@@ -51,5 +52,7 @@ def run(args) -> int:
         print(f"mynah: {exc}", file=sys.stderr)
         return 1
     kept = f"; the old one is kept as {result.kept}" if result.kept else ""
-    print(f"restored {config.storage.path} from {args.file} ({result.check.messages} messages){kept}")
+    again = (f"; {result.reforgotten} user(s) who ran /forget after it was taken forgotten again"
+             if result.reforgotten else "")
+    print(f"restored {config.storage.path} from {args.file} ({result.check.messages} messages){again}{kept}")
     return 0

@@ -64,15 +64,14 @@ async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | No
     from bots.learning.loop import AlreadyRunning, Learning
     from bots.learning.report import RunStatus
     from engine.registry import Registry
-    from storage.conversations import Conversations
-    from storage import open_database
+    from bots.app import open_configured_store
 
     registry = Registry(config.learning.registry)
     active, changed = await asyncio.to_thread(registry.ensure_configured, config.model.path)
     if changed:
         print(f"registered [model] path {config.model.path} as {active.name} (now active)")
-    db = await open_database(config.storage)
-    learning = Learning(config, registry, Conversations(db))
+    store = await open_configured_store(config)
+    learning = Learning(config, registry, store)
     learning.canary = Canary(config, learning, None, None, None)   # a running bot serves and judges it
     try:
         await learning.start(schedule=False)
@@ -92,7 +91,7 @@ async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | No
         return (0 if result.ok else 3 if result.status == RunStatus.SKIPPED else 1), result
     finally:
         await learning.stop()
-        await db.close()
+        await store.close()
 
 
 def run(args) -> int:

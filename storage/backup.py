@@ -7,12 +7,17 @@ never finish on a busy bot). The copy is written to a temporary name, checked, s
 to journal_mode=DELETE (one self-contained file) and renamed into place.
 
 Restore checks the backup first (SQLite header, PRAGMA integrity_check, a schema version
-this code knows, the tables that version must have), copies it next to the live file,
+this code knows, the tables that version must have, no table, view or trigger it does not
+know), copies it next to the live file, re-applies the forget ledger to the copy (so a
+/forget made after the backup still holds: storage/ledger.py),
 refuses while anything still has the live database open, keeps the old file under a
 ``.pre-restore-…`` name, and only then renames the copy over it (os.replace, atomic).
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -21,7 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.db import MIGRATIONS, StorageError, _statements
+from storage.db import MIGRATIONS, Database, StorageError, _statements
+from storage.ledger import Entry, ForgetLedger, user_hash
+from storage.messages import Messages
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -51,21 +58,27 @@ class RestoreResult:
     path: Path
     check: CheckResult
     kept: Path | None      # where the replaced database now lives (None: there was none)
+    reforgotten: int = 0   # users in the backup whom the forget ledger made forget again
 
 
 def _connect_ro(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
 
 
-def expected_tables(version: int) -> set[str]:
-    """The tables schema `version` has: the migrations up to it, applied to an empty database."""
+def _schema_objects(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+    """(type, name) of every table, index, view and trigger but SQLite's own."""
+    return {(r[0], r[1]) for r in conn.execute("SELECT type, name FROM sqlite_master")
+            if not r[1].startswith("sqlite_")}
+
+
+def expected_objects(version: int) -> set[tuple[str, str]]:
+    """What schema `version` has: the migrations up to it, applied to an empty database."""
     conn = sqlite3.connect(":memory:")
     try:
         for script in MIGRATIONS[:version]:
             for statement in _statements(script):
                 conn.execute(statement)
-        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                if not r[0].startswith("sqlite_")}
+        return _schema_objects(conn)
     finally:
         conn.close()
 
@@ -85,8 +98,8 @@ def check_database(path: str | Path) -> CheckResult:
             if problems != ["ok"]:
                 raise BackupError(f"{path} is corrupt: {'; '.join(problems[:5])}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                            if not r[0].startswith("sqlite_"))
+            objects = _schema_objects(conn)
+            tables = sorted(name for kind, name in objects if kind == "table")
             messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] if "messages" in tables else 0
         finally:
             conn.close()
@@ -97,9 +110,16 @@ def check_database(path: str | Path) -> CheckResult:
     if version > len(MIGRATIONS):
         raise BackupError(f"{path} has schema version {version}, newer than this Mynah knows ({len(MIGRATIONS)}); "
                           "upgrade Mynah to restore it")
-    missing = sorted(expected_tables(version) - set(tables))
+    expected = expected_objects(version)
+    missing = sorted(name for kind, name in expected - objects if kind == "table")
     if missing:
         raise BackupError(f"{path} lacks table(s) its schema version {version} must have: {', '.join(missing)}")
+    # A trigger could re-insert what /forget deletes, a view or a stray table could keep it:
+    # nothing Mynah's migrations did not create is let in.
+    unknown = sorted(f"{kind} {name}" for kind, name in objects - expected if kind != "index")
+    if unknown:
+        raise BackupError(f"{path} has schema objects Mynah does not know ({', '.join(unknown)}); "
+                          "refusing to restore it")
     return CheckResult(path, version, tables, messages, path.stat().st_size)
 
 
@@ -115,9 +135,13 @@ def _copy(src: sqlite3.Connection, dest: Path) -> None:
 
 
 def _temp_beside(target: Path, tag: str) -> Path:
+    """An empty 0600 file next to `target` (SQLite takes an empty file for an empty database).
+
+    The copy holds every private conversation: it is 0600 from the start whatever the umask,
+    and keeps that mode when it is renamed into place (a backup, or the restored database)."""
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.{tag}-", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o600)
     os.close(fd)
-    os.unlink(name)  # SQLite creates it; an empty file would be taken for an empty database anyway
     return Path(name)
 
 
@@ -139,7 +163,7 @@ def backup(db_path: str | Path, dest: str | Path, *, overwrite: bool = False) ->
         raise BackupError("the backup file cannot be the database itself")
     if dest.exists() and not overwrite:
         raise BackupError(f"{dest} exists; choose another name or pass --force")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = _temp_beside(dest, "backup")
     try:
         try:
@@ -182,11 +206,65 @@ def _ensure_unused(db_path: Path) -> None:
         conn.close()
 
 
+def _live_forgets(db_path: Path) -> list[Entry]:
+    """The /forgets the live database recorded (its `forgotten` table), as ledger entries: a
+    ledger that missed one (written before the ledger existed) still gets it."""
+    if not db_path.is_file():
+        return []
+    try:
+        conn = _connect_ro(db_path)
+        try:
+            rows = conn.execute("SELECT platform, platform_user_id, forgotten_at FROM forgotten").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return []   # no such table yet, or a damaged file: the ledger file is what is left
+    return [Entry(user_hash(p, u), float(at)) for p, u, at in rows]
+
+
+async def _forget_again(path: Path, entries: list[Entry]) -> int:
+    """Apply each entry to the database at `path` (migrated to this Mynah's schema on the way):
+    the user's messages up to the entry's time, and the replies to them, go."""
+    latest: dict[str, float] = {}
+    for e in entries:
+        latest[e.user] = max(e.at, latest.get(e.user, e.at))
+    db = await Database.open(path)
+    try:
+        messages = Messages(db)          # no ledger: these are re-applications, not new requests
+        users = [(p, u) for p, u in await db.fetchall("SELECT platform, platform_user_id FROM users")
+                 if user_hash(p, u) in latest]
+        for platform, user in users:
+            await messages.forget_user(platform, user, until=latest[user_hash(platform, user)])
+        return len(users)
+    finally:
+        await db.close()
+
+
+def _reapply_ledger(tmp: Path, db_path: Path) -> int:
+    """Re-apply the forget ledger (plus what the live database recorded) to the copy."""
+    ledger = ForgetLedger.beside(db_path)
+    known = ledger.entries()
+    seen = set(known)
+    missing = [e for e in _live_forgets(db_path) if e not in seen]
+    ledger.extend(missing)
+    entries = known + missing
+    if not entries:
+        return 0
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:   # callable from inside an event loop too
+        users = pool.submit(asyncio.run, _forget_again(tmp, entries)).result()
+    conn = sqlite3.connect(str(tmp))
+    try:
+        conn.execute("PRAGMA journal_mode = DELETE")   # one self-contained file again, as _copy left it
+    finally:
+        conn.close()
+    return users
+
+
 def restore(backup_path: str | Path, db_path: str | Path, *, keep_old: bool = True) -> RestoreResult:
     """Replace the database at `db_path` with the checked backup at `backup_path`."""
     backup_path, db_path = Path(backup_path), Path(db_path)
     check = check_database(backup_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = _temp_beside(db_path, "restore")
     try:
         try:
@@ -197,7 +275,8 @@ def restore(backup_path: str | Path, db_path: str | Path, *, keep_old: bool = Tr
                 src.close()
         except sqlite3.Error as exc:
             raise BackupError(f"could not read {backup_path}: {exc}") from None
-        check_database(tmp)
+        reforgotten = _reapply_ledger(tmp, db_path)
+        check = dataclasses.replace(check_database(tmp), path=db_path)
         _fsync(tmp)
         kept = None
         if db_path.exists():
@@ -208,9 +287,10 @@ def restore(backup_path: str | Path, db_path: str | Path, *, keep_old: bool = Tr
                     os.link(db_path, kept)  # the old file lives on under this name; the rename below is atomic
                 except OSError:
                     shutil.copy2(db_path, kept)
+                os.chmod(kept, 0o600)   # the old conversations stay private too
         for suffix in ("-wal", "-shm", "-journal"):
             Path(f"{db_path}{suffix}").unlink(missing_ok=True)
         os.replace(tmp, db_path)
     finally:
         tmp.unlink(missing_ok=True)
-    return RestoreResult(db_path, check, kept)
+    return RestoreResult(db_path, check, kept, reforgotten)

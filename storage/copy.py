@@ -160,10 +160,22 @@ async def restore_from_file(backup_path, dest):
     from storage.backup import check_database
     from storage.db import Database
 
+    from storage.messages import Messages
+
     check = check_database(backup_path)
+    latest = ("SELECT platform, platform_user_id, MAX(forgotten_at) FROM forgotten "
+              "GROUP BY platform, platform_user_id")
+    forgotten = [tuple(r) for r in await dest.fetchall(latest)]
     src = await Database.open(backup_path)   # migrates an older backup forward first
     try:
+        known = {(r[0], r[1]): r[2] for r in await src.fetchall(latest)}
         await copy_storage(src, dest, replace=True)
     finally:
         await src.close()
+    forgotten = [(p, u, at) for p, u, at in forgotten if known.get((p, u), -1.0) < at]
+    # Who ran /forget on the live database stays forgotten: their messages up to then go
+    # again (the backup may predate the /forget). SQLite does this with its forget ledger.
+    messages = Messages(dest)
+    for platform, user, at in forgotten:
+        await messages.forget_user(platform, user, until=at)
     return check

@@ -298,7 +298,10 @@ class Database:
     async def open(cls, path: str | Path, *, busy_timeout_ms: int = 5000) -> "Database":
         path = str(path)
         if path != ":memory:":
-            _create_private(Path(path))
+            try:
+                _create_private(Path(path))
+            except OSError as e:   # a folder that cannot exist (/proc/...), no permission, a full disk
+                raise StorageError(f"cannot create {path}: {e.strerror or e}") from None
         try:
             # isolation_level=None: no implicit transactions; transaction() issues BEGIN itself.
             conn = await aiosqlite.connect(path, isolation_level=None)
@@ -320,7 +323,8 @@ class Database:
             raise
         except sqlite3.DatabaseError as e:
             await conn.close()
-            raise StorageError(f"cannot use {path} as a SQLite database: {e}") from e
+            raise StorageError(f"cannot use {path} as a SQLite database: {e}; if it is damaged, put a "
+                               "backup back with `mynah restore FILE` (docs/DASHBOARD.md)") from e
         return db
 
     async def close(self) -> None:

@@ -10,7 +10,7 @@ wrote it):
   it ("reset" -1), was the answer a short negative like "what?" ("short_negative" -1).
 
 Consent: nothing is stored or derived for a chat that opted out; /forget deletes the
-user's rows (`delete_user_rows`, called inside Conversations.forget_user's transaction),
+user's rows (`delete_user_rows`, called inside Messages.forget_user's transaction),
 and rows on a deleted reply go with it (ON DELETE CASCADE).
 
 A reply's overall outcome (`outcome`): its explicit reactions decide when it has any (sum
@@ -23,10 +23,10 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from storage.db import Database
+from storage.protocol import StorageBackend
 
 KINDS = ("explicit", "implicit")
-DIALOGUE_GAP_SECONDS = 3600  # as in conversations.py: a longer silence starts a new conversation
+DIALOGUE_GAP_SECONDS = 3600  # as in messages.py: a longer silence starts a new conversation
 SHORT_NEGATIVES = ("what", "huh", "wtf", "what?", "that makes no sense", "makes no sense", "no sense",
                    "nonsense", "what are you talking about", "i don't understand", "i dont understand",
                    "that's not what i asked", "thats not what i asked", "stop", "you're not making sense",
@@ -116,7 +116,7 @@ def summarize(scores: list[ReplyScore]) -> dict[str, VersionFeedback]:
 
 
 async def delete_user_rows(conn, platform: str, platform_user_id: str) -> None:
-    """Inside Conversations.forget_user's transaction: the user's feedback goes with them."""
+    """Inside Messages.forget_user's transaction: the user's feedback goes with them."""
     await conn.execute("DELETE FROM feedback WHERE user_id IN "
                        "(SELECT id FROM users WHERE platform = ? AND platform_user_id = ?)",
                        (platform, str(platform_user_id)))
@@ -125,7 +125,7 @@ async def delete_user_rows(conn, platform: str, platform_user_id: str) -> None:
 class Feedback:
     """The feedback table, behind the shared Database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: StorageBackend) -> None:
         self.db = db
 
     async def find_reply(self, platform: str, platform_chat_id, platform_message_id) -> tuple[int, int] | None:

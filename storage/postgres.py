@@ -128,11 +128,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 class _Cursor:
-    """What store code reads after `conn.execute`: lastrowid and rowcount."""
+    """What store code reads after `conn.execute`: lastrowid, rowcount, and any rows returned."""
 
-    def __init__(self, lastrowid: int | None, rowcount: int) -> None:
+    def __init__(self, lastrowid: int | None, rowcount: int, rows: list | None = None) -> None:
         self.lastrowid = lastrowid
         self.rowcount = rowcount
+        self._rows = list(rows or [])
+
+    async def fetchone(self):
+        return self._rows.pop(0) if self._rows else None
 
 
 class PgConnection:
@@ -146,6 +150,9 @@ class PgConnection:
         if returning:
             rows = await self.raw.fetch(text, *params)
             return _Cursor(rows[0][0] if rows else None, len(rows))
+        if "RETURNING" in text.upper() or text.lstrip().upper().startswith("SELECT"):
+            rows = await self.raw.fetch(text, *params)
+            return _Cursor(None, len(rows), rows)
         status = await self.raw.execute(text, *params)
         count = status.rsplit(" ", 1)[-1]
         return _Cursor(None, int(count) if count.isdigit() else -1)

@@ -7,14 +7,22 @@ deletes the messages: the record of who a version learned from must outlive them
 """
 from __future__ import annotations
 
+import bisect
 import time
 
-from storage.db import Database
+from storage.protocol import StorageBackend
 
 
 class TrustStore:
-    def __init__(self, db: Database) -> None:
+    """Consent, the training read and lineage.
+
+    `reader`: a second connection to the same database for the training read (its own
+    thread and lock; in WAL mode readers and the writer do not wait for each other), so a
+    large export never holds up the messages the bot is storing. Defaults to `db`."""
+
+    def __init__(self, db: StorageBackend, reader: StorageBackend | None = None) -> None:
         self.db = db
+        self.reader = reader or db
 
     # --- per-user consent ---------------------------------------------------------------
     async def set_user_consent(self, platform: str, platform_user_id: str | int, consent: bool) -> None:
@@ -34,16 +42,31 @@ class TrustStore:
     # --- what a run may read --------------------------------------------------------------
     async def training_rows(self, *, after_message_id: int = 0) -> list[dict]:
         """Every message of the opted-in chats that have something after `after_message_id`,
-        with its user's key and consent and its reset epoch; oldest first."""
-        rows = await self.db.fetchall(
+        with its user's key and consent and its reset epoch; oldest first.
+
+        Read on `reader`, linear in messages + resets whatever /reset spam did: each
+        message's epoch (how many resets came before it) is found by bisecting its chat's
+        reset points, not by a per-message COUNT (issue 25 item 2). The resets are read
+        after the rows: a reset made in between lies after every row read, so it counts for
+        none of them."""
+        rows = await self.reader.fetchall(
             "SELECT m.id, m.chat_id, m.role, m.text, m.created_at, m.status, "
-            "  u.platform || ':' || u.platform_user_id AS user, COALESCE(u.consent, 1) AS consent, "
-            "  (SELECT COUNT(*) FROM context_resets r "
-            "   WHERE r.chat_id = m.chat_id AND r.at_message_id < m.id) AS epoch "
+            "  u.platform || ':' || u.platform_user_id AS user, COALESCE(u.consent, 1) AS consent "
             "FROM messages m JOIN chats c ON c.id = m.chat_id LEFT JOIN users u ON u.id = m.user_id "
             "WHERE c.consent = 1 AND m.chat_id IN (SELECT chat_id FROM messages WHERE id > ?) "
             "ORDER BY m.id", (after_message_id,))
-        return [dict(r) for r in rows]
+        resets: dict[int, list[int]] = {}
+        for chat, at in await self.reader.fetchall(
+                "SELECT chat_id, at_message_id FROM context_resets "
+                "WHERE chat_id IN (SELECT chat_id FROM messages WHERE id > ?) ORDER BY chat_id, at_message_id",
+                (after_message_id,)):
+            resets.setdefault(chat, []).append(at)
+        out = []
+        for r in rows:
+            row = dict(r)
+            row["epoch"] = bisect.bisect_left(resets.get(row["chat_id"], ()), row["id"])   # resets with at < id
+            out.append(row)
+        return out
 
     async def count_new_user_messages(self, *, after_message_id: int = 0) -> int:
         """New material: 'ok' user messages (no commands) of opted-in chats and users."""

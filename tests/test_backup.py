@@ -11,7 +11,7 @@ import pytest
 
 from scripts.cli import main
 from storage.backup import BackupError, backup, check_database, restore
-from storage.conversations import Conversations
+from storage.store import Store
 from storage.db import MIGRATIONS, Database
 
 
@@ -27,8 +27,8 @@ def write_config(tmp_path: Path, db: Path) -> Path:
 
 async def seed(db: Database, n: int) -> None:
     """n messages in one transaction (quick), spread over a few chats."""
-    conv = Conversations(db)
-    chats = [await conv.chat("telegram", f"c{i}") for i in range(5)]
+    conv = Store.over(db)
+    chats = [await conv.chats.chat("telegram", f"c{i}") for i in range(5)]
     async with db.transaction() as conn:
         await conn.executemany(
             "INSERT INTO messages (chat_id, role, text, created_at) VALUES (?, ?, ?, 0)",
@@ -39,15 +39,15 @@ async def test_backup_while_messages_arrive_is_consistent_and_complete(tmp_path)
     path = tmp_path / "live.sqlite3"
     db = await Database.open(path)
     await seed(db, 20000)
-    conv = Conversations(db)
-    chat = await conv.chat("console", "writer")
+    conv = Store.over(db)
+    chat = await conv.chats.chat("console", "writer")
     committed: list[int] = []
     stop = asyncio.Event()
 
     async def writer():
         i = 0
         while not stop.is_set():
-            committed.append(await conv.log_message(chat, "user", f"live {i}"))
+            committed.append(await conv.messages.log_message(chat, "user", f"live {i}"))
             i += 1
             await asyncio.sleep(0)
 
@@ -199,27 +199,27 @@ SECRET_FORGOTTEN = "something a forgotten user said"
 
 async def fill_for_export(path: Path) -> None:
     db = await Database.open(path)
-    conv = Conversations(db)
+    conv = Store.over(db)
     for name, texts in (("kept", ["hello there", "hi! how are you?", "fine thanks", "glad to hear"]),
                         ("optedout", [SECRET_OPTED_OUT, "noted"]),
                         ("forgetme", [SECRET_FORGOTTEN, "I see"])):
-        chat = await conv.chat("telegram", f"chat-{name}", type="private")
-        user = await conv.user("telegram", f"user-{name}", name=name)
+        chat = await conv.chats.chat("telegram", f"chat-{name}", type="private")
+        user = await conv.chats.user("telegram", f"user-{name}", name=name)
         asked = None
         for i, text in enumerate(texts):
             role = "user" if i % 2 == 0 else "bot"
-            stored = await conv.log_message(chat, role, text, user_id=user if role == "user" else None,
+            stored = await conv.messages.log_message(chat, role, text, user_id=user if role == "user" else None,
                                             reply_to_id=asked if role == "bot" else None)
             asked = stored if role == "user" else None
         if name == "optedout":
-            await conv.set_consent(chat, False)
+            await conv.chats.set_consent(chat, False)
     # a second user in the kept chat, who asks to be forgotten later
-    chat = await conv.chat("telegram", "chat-kept")
-    other = await conv.user("telegram", "user-forget-2")
-    asked = await conv.log_message(chat, "user", SECRET_FORGOTTEN + " (2)", user_id=other)
-    await conv.log_message(chat, "bot", "reply to the forgotten one", reply_to_id=asked)   # linked, as the bot stores it
-    await conv.forget_user("telegram", "user-forgetme")
-    await conv.forget_user("telegram", "user-forget-2")
+    chat = await conv.chats.chat("telegram", "chat-kept")
+    other = await conv.chats.user("telegram", "user-forget-2")
+    asked = await conv.messages.log_message(chat, "user", SECRET_FORGOTTEN + " (2)", user_id=other)
+    await conv.messages.log_message(chat, "bot", "reply to the forgotten one", reply_to_id=asked)   # linked, as the bot stores it
+    await conv.messages.forget_user("telegram", "user-forgetme")
+    await conv.messages.forget_user("telegram", "user-forget-2")
     await db.close()
 
 
@@ -244,3 +244,24 @@ def test_export_writes_opted_in_dialogues_only_and_ids_only_on_request(tmp_path,
     assert record["turns"][0] == {"role": "user", "text": "hello there", "user": "user-kept"}
     assert "user" not in record["turns"][1]
     assert SECRET_OPTED_OUT not in "\n".join(lines) and SECRET_FORGOTTEN not in "\n".join(lines)
+
+
+async def test_backup_file_and_restored_database_are_private_whatever_the_umask(tmp_path):
+    """Issue 25 item 9: a backup holds every private conversation; so does the restored file."""
+    import os
+    import stat
+
+    path = tmp_path / "live.sqlite3"
+    db = await Database.open(path)
+    await seed(db, 10)
+    await db.close()
+    old = os.umask(0o022)
+    try:
+        copy = backup(path, tmp_path / "backups" / "copy.sqlite3").path
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+        assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700        # a new backups folder too
+        os.chmod(path, 0o644)                                            # even a live file left world-readable
+        restore(copy, path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

@@ -62,7 +62,7 @@ async def _start(tmp_path, tiny_dialogpt, **learning):
     app = await Mynah.open(make_config(tmp_path, tiny_dialogpt, **learning))
     app.learning.canary.check_every_s = 3600   # the test calls check() itself
     candidate = build_dialogpt_model(tmp_path / "candidate", seed=7)
-    run_id = await app.conversations.start_training_run("test")
+    run_id = await app.store.runs.start_training_run("test")
     run = SimpleNamespace(run_id=run_id, trigger="test", notify_to=[])
     result = RunResult(run_id, RunStatus.DONE, Decision.PROMOTED, "held-out loss fell by 0.1")
     active = app.learning.registry.active()
@@ -99,7 +99,7 @@ async def test_canary_serves_its_share_of_chats_sticky_and_never_opted_out_ones(
         assert {v for v, _ in first.values()} == {candidate, active}
         assert 0.18 <= len(on_candidate) / 190 <= 0.42                      # ~30% of the opted-in chats
         assert not on_candidate & set(range(10))                             # opted out: never the canary
-        chat_ids = {i: await app.conversations.chat("telegram", f"c{i}") for i in range(10, 200)}
+        chat_ids = {i: await app.store.chats.chat("telegram", f"c{i}") for i in range(10, 200)}
         assert on_candidate == {i for i, cid in chat_ids.items() if in_canary(cid, candidate, 0.3)}
         again = await _talk(app, range(10, 200))
         assert {i for i, (v, _) in again.items() if v == candidate} == on_candidate   # sticky
@@ -154,7 +154,7 @@ async def test_a_clearly_worse_canary_is_retired_and_a_clearly_better_one_promot
         print(f"\nsimulated canary ({'better' if better else 'worse'} candidate): {test.text()}")
         assert await canary.check() == ("promoted" if better else "retired")
         registry = Registry(app.config.learning.registry)
-        run = await app.conversations.training_run(run_id)
+        run = await app.store.runs.training_run(run_id)
         served = {v for v, _ in (await _talk(app, range(1000, 1020))).values()}   # every chat: one version now
         if better:
             assert registry.active_name() == candidate and served == {candidate}
@@ -196,17 +196,17 @@ async def test_a_real_run_that_passes_the_loss_gate_starts_a_canary_and_feedback
         learning, inbox = app.learning, Inbox()
         learning.canary.check_every_s = 3600
         learning.add_notifier("telegram", inbox)
-        await log_chats(app.conversations, 24, CATCHPHRASE)
+        await log_chats(app.store, 24, CATCHPHRASE)
         await app.chat.handle(admin_msg("/retrain"))
         result = await learning.wait()
         assert result.decision == Decision.CANARY, result.summary()
         assert learning.registry.active_name() == "v0001" and learning.canary.state.candidate == "v0002"
-        run = await app.conversations.training_run(result.run_id)
+        run = await app.store.runs.training_run(result.run_id)
         assert run["decision"] == "canary" and "serves 50% of chats" in inbox.got[0][1].text
         await _simulate(app, "v0002", {"v0002": 0.95, "v0001": 0.2}, chats=60)
         assert await learning.canary.check() == "promoted"
         assert learning.registry.active_name() == "v0002"
-        run = await app.conversations.training_run(result.run_id)
+        run = await app.store.runs.training_run(result.run_id)
         assert run["decision"].startswith("promoted v0002 after its canary")
         assert "promoted, now serving it" in inbox.got[-1][1].text and "z = " in inbox.got[-1][1].text
     finally:
@@ -222,7 +222,7 @@ async def test_a_canary_started_by_mynah_retrain_is_picked_up_by_the_running_bot
     app = await Mynah.open(config)
     try:
         app.learning.canary.check_every_s = 3600
-        await log_chats(app.conversations, 24, CATCHPHRASE)
+        await log_chats(app.store, 24, CATCHPHRASE)
         status, result = await retrain(config, force=True, quiet=True)      # another "process": the CLI
         assert status == 0 and result.decision == Decision.CANARY, result.summary()
         canary = app.learning.canary

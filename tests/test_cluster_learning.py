@@ -13,7 +13,7 @@ from bots.learning.loop import Learning
 from engine.registry import Registry
 from storage import open_database
 from storage.cluster import ClusterStore
-from storage.conversations import Conversations
+from storage.store import Store
 
 
 async def _worker(pg_url, registry_root, heartbeat=0.2, stale=1.0):
@@ -21,7 +21,7 @@ async def _worker(pg_url, registry_root, heartbeat=0.2, stale=1.0):
     presence = await Presence(ClusterStore(db), heartbeat_s=heartbeat, stale_after_s=stale,
                               version=lambda: "v0001").start()
     config = parse_config({"storage": {"url": pg_url}, "learning": {"registry": str(registry_root)}})
-    learning = Learning(config, Registry(registry_root), Conversations(db))
+    learning = Learning(config, Registry(registry_root), Store.over(db))
     share_learning(presence, learning)
     return db, presence, learning
 
@@ -45,16 +45,16 @@ async def test_one_learner_and_a_dead_learners_run_is_marked_interrupted(pg_url,
         # a learns and dies mid-run (SIGKILL: no release, no heartbeat)
         lock_a = a_learning.train_lock()
         assert await asyncio.to_thread(lock_a.acquire)
-        run_id = await a_learning.conversations.start_training_run("schedule")
+        run_id = await a_learning.store.runs.start_training_run("schedule")
         a._task.cancel()
         lock_a._held = False                                         # the dead process renews nothing
         a.on_beat.clear()
         started = time.monotonic()
-        while (await b_learning.conversations.training_run(run_id))["status"] == "running":
+        while (await b_learning.store.runs.training_run(run_id))["status"] == "running":
             assert time.monotonic() - started < 30, "the dead learner's run was never marked interrupted"
             await asyncio.sleep(0.2)
         taken_over_s = time.monotonic() - started
-        assert (await b_learning.conversations.training_run(run_id))["status"] == "interrupted"
+        assert (await b_learning.store.runs.training_run(run_id))["status"] == "interrupted"
         assert taken_over_s < 60
         lock_b = b_learning.train_lock()
         assert await asyncio.to_thread(lock_b.acquire)               # the survivor may learn now

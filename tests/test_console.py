@@ -53,7 +53,7 @@ def test_pipe_gets_one_line_per_message_and_remembers_after_restart(tmp_path, ti
 def test_reset_then_context_starts_afresh(tmp_path, tiny_dialogpt):
     import asyncio
 
-    from storage.conversations import Conversations
+    from storage.store import Store
     from storage.db import Database
 
     config = write_config(tmp_path, tiny_dialogpt)
@@ -61,9 +61,9 @@ def test_reset_then_context_starts_afresh(tmp_path, tiny_dialogpt):
 
     async def context():
         db = await Database.open(tmp_path / "db.sqlite3")
-        conv = Conversations(db)
-        chat_id = await conv.chat("console", "tester")
-        turns = await conv.context(chat_id, 10)
+        conv = Store.over(db)
+        chat_id = await conv.chats.chat("console", "tester")
+        turns = await conv.messages.context(chat_id, 10)
         await db.close()
         return turns
 
@@ -96,3 +96,33 @@ def test_bad_config_value_is_named(tmp_path, bad, message):
                             input="", capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def run_chat(config: Path, stdin: str = "hi\n") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "scripts.cli", "--config", str(config), "chat"],
+                          input=stdin, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+
+
+def test_unusable_storage_path_is_one_line_naming_the_key(tmp_path, tiny_dialogpt):
+    """Issue 25 item 18: a folder that cannot exist is a one-line error, not a traceback."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[model]\npath = "{tiny_dialogpt}"\n[storage]\npath = "/proc/1/nope/x.sqlite3"\n',
+                      encoding="utf-8")
+    result = run_chat(config)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if "[storage] path" in line]
+    assert len(errors) == 1 and "/proc/1/nope/x.sqlite3" in errors[0], out
+
+
+def test_corrupt_database_error_suggests_restore(tmp_path, tiny_dialogpt):
+    """Issue 25 item 21: what to do about a damaged database is in the error itself."""
+    config = write_config(tmp_path, tiny_dialogpt)
+    (tmp_path / "db.sqlite3").write_bytes(b"this is not a database at all " * 200)
+    result = run_chat(config)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "Traceback" not in out
+    assert "mynah restore" in out and "[storage] path" in out, out

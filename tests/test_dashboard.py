@@ -25,7 +25,7 @@ from bots.dashboard import DashboardError, start_dashboard
 from bots.runner import serve
 from engine.registry import Registry
 from engine.training.plot import plot_loss_curve
-from storage.conversations import Conversations
+from storage.store import Store
 from tests.fakes.telegram_api import TOKEN as TELEGRAM_TOKEN
 from tests.fakes.telegram_api import FakeTelegram
 
@@ -193,11 +193,11 @@ async def test_actions_need_the_session_csrf_token_and_this_origin(bot, caplog):
 
 async def test_chats_page_hides_message_text_unless_configured(bot):
     app, handle = bot
-    conv: Conversations = app.conversations
-    group = await conv.chat("telegram", "-100", type="group", title="Book club")
-    await conv.log_message(group, "user", "a very private sentence")
-    await conv.set_consent(group, False)
-    await conv.chat("discord", "55", type="group", title="general")
+    conv: Store = app.store
+    group = await conv.chats.chat("telegram", "-100", type="group", title="Book club")
+    await conv.messages.log_message(group, "user", "a very private sentence")
+    await conv.chats.set_consent(group, False)
+    await conv.chats.chat("discord", "55", type="group", title="general")
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     async with aiohttp.ClientSession(headers=bearer) as http:
         async with http.get(handle.url + "/chats") as r:
@@ -319,13 +319,13 @@ async def wait_for(predicate, timeout: float = 30.0) -> None:
 
 
 async def some_traffic(app) -> None:
-    conv: Conversations = app.conversations
+    conv: Store = app.store
     for i in range(24):   # material for a retrain: 24 chats of three exchanges, one chat an hour
-        chat = await conv.chat("telegram", f"u{i}")
-        user = await conv.user("telegram", f"u{i}")
+        chat = await conv.chats.chat("telegram", f"u{i}")
+        user = await conv.chats.user("telegram", f"u{i}")
         for j in range(3):
-            await conv.log_message(chat, "user", QUESTIONS[(i + j) % len(QUESTIONS)], user_id=user)
-            await conv.log_message(chat, "bot", CATCHPHRASE)
+            await conv.messages.log_message(chat, "user", QUESTIONS[(i + j) % len(QUESTIONS)], user_id=user)
+            await conv.messages.log_message(chat, "bot", CATCHPHRASE)
         async with app.db.transaction() as db:  # spread over the day, replies 0.2-2 s after their question
             await db.execute("UPDATE messages SET created_at = created_at - ? + (CASE role WHEN 'bot' THEN ? "
                              "ELSE 0 END) WHERE chat_id = ?", ((i + 0.5) * 3600, 0.2 + (i * 7 % 10) / 5.5, chat))
@@ -385,7 +385,7 @@ async def test_dashboard_in_a_real_browser(bot, tmp_path, tiny_dialogpt):
             await expect(page.locator("#progress .outcome")).to_contain_text(
                 re.compile("promoted|rejected"), timeout=240_000)
             await expect(page.locator('tr[data-run="1"] .decision')).to_have_text(re.compile("promoted|rejected"))
-            runs = await app.conversations.training_runs(1)
+            runs = await app.store.runs.training_runs(1)
             assert runs[0]["trigger"] == "dashboard" and runs[0]["status"] == "done"
 
             await page.click("nav >> text=Overview")
@@ -398,5 +398,5 @@ async def test_dashboard_in_a_real_browser(bot, tmp_path, tiny_dialogpt):
                 shutil.copyfile(shot, DOCS / "dashboard.png")
         finally:
             await browser.close()
-    audit = await app.conversations.recent_audit(5)
+    audit = await app.store.audit.recent(5)
     assert {("dashboard", "rollback"), ("dashboard", "retrain")} <= {(a["platform"], a["command"]) for a in audit}

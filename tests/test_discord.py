@@ -131,8 +131,8 @@ async def test_dm_every_message_is_answered_and_the_dm_remembers(dbot):
     # the bot turns were delivered and carry the Discord message ids
     assert [(r[0], r[2], r[3]) for r in rows if r[0] == "bot"] == [("bot", "ok", str(m.id)) for m in replies]
     # the context the next reply is built from holds both earlier turns and both replies
-    conv = dbot.app.conversations
-    turns = await conv.context(await conv.chat("discord", str(dm.id)), 10)
+    conv = dbot.app.store
+    turns = await conv.messages.context(await conv.chats.chat("discord", str(dm.id)), 10)
     assert [t.role for t in turns] == ["user", "bot", "user", "bot"]
     assert turns[2].text == "what do you like to do ?"
 
@@ -205,8 +205,8 @@ async def test_typed_reset_goes_through_the_shared_chat_logic(dbot):
     assert replies[-1].content.startswith("Fresh start")
     await dpytest.message("good morning", channel=dm, member=alice)
     sent_messages()
-    conv = dbot.app.conversations
-    turns = await conv.context(await conv.chat("discord", str(dm.id)), 10)
+    conv = dbot.app.store
+    turns = await conv.messages.context(await conv.chats.chat("discord", str(dm.id)), 10)
     assert [t.text for t in turns if t.role == "user"] == ["good morning"]
     assert db_rows(dbot.app, "SELECT COUNT(*) FROM context_resets") == [(1,)]
     # in a guild channel too, typed after a mention or bare (a command needs no mention), by a
@@ -257,12 +257,12 @@ async def test_rate_limit_is_the_shared_one(dbot):
 async def test_long_reply_is_split_into_parts_of_at_most_2000(dbot):
     channel = dpytest.get_config().channels[0]
     app = dbot.app
-    conv = app.conversations
-    chat_id = await conv.chat("discord", str(channel.id), type="group")
+    conv = app.store
+    chat_id = await conv.chats.chat("discord", str(channel.id), type="group")
     paragraph = "This is a sentence that goes on for a while. " * 10  # 450 characters
     text = "\n\n".join(paragraph.strip() for _ in range(10))
     assert len(text) >= 4500
-    stored = await conv.log_message(chat_id, "bot", text, status="pending")
+    stored = await conv.messages.log_message(chat_id, "bot", text, status="pending")
 
     parts = await dbot.cog.send(channel, Outgoing(text, stored_id=stored))
     received = sent_messages()
@@ -399,26 +399,26 @@ async def test_slash_reset_uses_the_shared_chat_logic(fake, live):
     await fake.slash_command("reset", user_id=MEMBER_ID)
     await fake.wait_for(lambda: fake.callbacks)
     assert "only this group's admins" in fake.callbacks[0]["data"]["content"]
-    conv = live.app.conversations
-    assert await conv.context(await conv.chat("discord", str(fd.CHANNEL_ID)), 10) != []
+    conv = live.app.store
+    assert await conv.messages.context(await conv.chats.chat("discord", str(fd.CHANNEL_ID)), 10) != []
     await fake.slash_command("reset", user_id=MEMBER_ID, permissions=fd.EVERYONE_PERMISSIONS | fd.MANAGE_MESSAGES)
     await fake.wait_for(lambda: len(fake.callbacks) == 2)
     assert fake.callbacks[1]["data"]["content"].startswith("Fresh start")
     assert "flags" not in fake.callbacks[1]["data"]  # everyone in the channel sees it
-    assert await conv.context(await conv.chat("discord", str(fd.CHANNEL_ID)), 10) == []
+    assert await conv.messages.context(await conv.chats.chat("discord", str(fd.CHANNEL_ID)), 10) == []
 
 
 async def test_group_optout_by_a_moderator_cannot_be_undone_by_a_member(fake, live):
     """Typed commands: the member's roles (from the message) decide; both attempts are audited."""
     await fake.user_message("/optout", user_id=ADMIN_ID + 1, roles=[fd.MOD_ROLE_ID])
     await fake.wait_for(lambda: fake.sent)
-    conv = live.app.conversations
-    chat = await conv.chat("discord", str(fd.CHANNEL_ID))
-    assert not await conv.consent(chat)
+    conv = live.app.store
+    chat = await conv.chats.chat("discord", str(fd.CHANNEL_ID))
+    assert not await conv.chats.consent(chat)
     await fake.user_message("/optin", user_id=MEMBER_ID)
     await fake.wait_for(lambda: len(fake.sent) == 2)
     assert "for its admins" in fake.sent[1]["content"]
-    assert not await conv.consent(chat)
+    assert not await conv.chats.consent(chat)
     assert db_rows(live.app, "SELECT platform_user_id, command, allowed FROM admin_audit ORDER BY id") == [
         (str(ADMIN_ID + 1), "optout", 1), (str(MEMBER_ID), "optin", 0)]
 
@@ -440,8 +440,8 @@ async def test_a_send_that_fails_marks_the_reply_failed(fake, live):
     await asyncio.wait_for(live.cog.drain(10), 10)
     rows = chat_messages(live.app, fd.CHANNEL_ID)
     assert [(r[0], r[2]) for r in rows] == [("user", "ok"), ("bot", "failed")]
-    conv = live.app.conversations  # a failed reply is not part of the context
-    turns = await conv.context(await conv.chat("discord", str(fd.CHANNEL_ID)), 10)
+    conv = live.app.store  # a failed reply is not part of the context
+    turns = await conv.messages.context(await conv.chats.chat("discord", str(fd.CHANNEL_ID)), 10)
     assert [t.role for t in turns] == ["user"]
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from storage.conversations import Conversations
+from storage.store import Store
 from storage import open_database
 from storage.feedback import Feedback, is_short_negative, summarize
 from tests.test_telegram import bot, fake, make_bot  # noqa: F401  (fixtures)
@@ -90,28 +90,28 @@ async def test_reactions_off_by_config_store_nothing(make_bot, fake):
 async def _setup(storage_target):
     """Each storage test below runs on SQLite and on PostgreSQL (conftest's storage_target)."""
     db = await open_database(storage_target)
-    return db, Conversations(db), Feedback(db)
+    return db, Store.over(db), Feedback(db)
 
 
 async def _exchange(conv, chat, user, text, reply, *, version="v0001", platform_id=None):
-    await conv.log_message(chat, "user", text, user_id=user)
-    mid = await conv.log_message(chat, "bot", reply, model_version=version, status="pending")
-    await conv.set_status(mid, "ok", platform_message_id=platform_id or f"b{mid}")
+    await conv.messages.log_message(chat, "user", text, user_id=user)
+    mid = await conv.messages.log_message(chat, "bot", reply, model_version=version, status="pending")
+    await conv.messages.set_status(mid, "ok", platform_message_id=platform_id or f"b{mid}")
     return mid
 
 
 async def test_implicit_signals_continuation_reset_and_short_negative(storage_target):
     db, conv, fb = await _setup(storage_target)
     try:
-        chat = await conv.chat("tg", 1)
-        ann = await conv.user("tg", 1)
+        chat = await conv.chats.chat("tg", 1)
+        ann = await conv.chats.user("tg", 1)
         a = await _exchange(conv, chat, ann, "hi", "hello")
         b = await _exchange(conv, chat, ann, "how are you", "banana")   # answered "what?"
-        await conv.log_message(chat, "user", "what?", user_id=ann)
-        c = await conv.log_message(chat, "bot", "sorry", model_version="v0001")
-        await conv.reset(chat)                                          # /reset right after c
-        other = await conv.chat("tg", 2)
-        d = await _exchange(conv, other, await conv.user("tg", 2), "hey", "ho")   # nobody answered
+        await conv.messages.log_message(chat, "user", "what?", user_id=ann)
+        c = await conv.messages.log_message(chat, "bot", "sorry", model_version="v0001")
+        await conv.messages.reset(chat)                                          # /reset right after c
+        other = await conv.chats.chat("tg", 2)
+        d = await _exchange(conv, other, await conv.chats.user("tg", 2), "hey", "ho")   # nobody answered
         assert await fb.derive_implicit(300, now=time.time() - 10) == 0           # windows not over yet
         assert await fb.derive_implicit(300, now=time.time() + 301) == 4
         assert await fb.derive_implicit(300, now=time.time() + 301) == 0          # idempotent
@@ -129,8 +129,8 @@ async def test_implicit_signals_continuation_reset_and_short_negative(storage_ta
 async def test_explicit_feedback_decides_and_forget_removes_the_users_rows(storage_target):
     db, conv, fb = await _setup(storage_target)
     try:
-        chat = await conv.chat("tg", 1, type="group")
-        ann, bob = await conv.user("tg", 1), await conv.user("tg", 2)
+        chat = await conv.chats.chat("tg", 1, type="group")
+        ann, bob = await conv.chats.user("tg", 1), await conv.chats.user("tg", 2)
         mid = await _exchange(conv, chat, ann, "hi", "hello", platform_id="77")
         assert await fb.set_signals("tg", 1, "77", 2, {"reaction:👎": -1}) == 1          # bob reacts
         assert await fb.set_signals("tg", 1, "78", 2, {"reaction:👎": -1}) == 0          # no such reply
@@ -139,7 +139,7 @@ async def test_explicit_feedback_decides_and_forget_removes_the_users_rows(stora
         await fb.derive_implicit(1, now=time.time() + 10)
         score = (await fb.scores())[0]
         assert (score.message_id, score.outcome, score.explicit_count) == (mid, -1, 1)   # explicit beats silence
-        await conv.forget_user("tg", 2)
+        await conv.messages.forget_user("tg", 2)
         assert [r[0] for r in await db.fetchall("SELECT user_id FROM feedback")] == [ann]  # only the implicit row
         assert bob
     finally:
@@ -151,8 +151,8 @@ async def test_a_user_who_opted_out_leaves_no_feedback_anywhere(storage_target):
 
     db, conv, fb = await _setup(storage_target)
     try:
-        chat = await conv.chat("tg", 1, type="group")
-        await _exchange(conv, chat, await conv.user("tg", 1), "hi", "hello", platform_id="77")
+        chat = await conv.chats.chat("tg", 1, type="group")
+        await _exchange(conv, chat, await conv.chats.user("tg", 1), "hi", "hello", platform_id="77")
         await TrustStore(db).set_user_consent("tg", "2", False)         # bob's own /optout, in any chat
         assert await fb.set_signals("tg", 1, "77", 2, {"reaction:👍": 1}) == 0
         assert await fb.set_signals("tg", 1, "77", 3, {"reaction:👍": 1}) == 1        # carol has not opted out
@@ -178,7 +178,7 @@ def test_mynah_feedback_prints_the_per_version_table(tmp_path, capsys, storage_t
         db, conv, fb = await _setup(storage_target)
         try:
             for i in range(4):
-                chat, user = await conv.chat("tg", i), await conv.user("tg", i)
+                chat, user = await conv.chats.chat("tg", i), await conv.chats.user("tg", i)
                 for version, emoji_value in (("v0001", 1 if i < 3 else -1), ("v0002", -1)):
                     await _exchange(conv, chat, user, "hi", f"reply {version}", version=version,
                                     platform_id=f"{version}-{i}")

@@ -9,7 +9,7 @@ import pytest
 from bots.config import parse_config
 from bots.learning.export import BaseCorpus, export_dialogues
 from engine.registry import Registry
-from storage.conversations import Conversations
+from storage.store import Store
 from storage.db import Database
 from storage.feedback import Feedback
 
@@ -24,12 +24,12 @@ def make_config(tmp_path, **learning):
 
 async def talk(conv, chat_key: str, exchanges: list[tuple[str, str]]) -> list[int]:
     """Log user/bot exchanges in one chat; the bot replies get platform ids "<chat>-<n>"."""
-    chat = await conv.chat("telegram", chat_key)
-    user = await conv.user("telegram", chat_key)
+    chat = await conv.chats.chat("telegram", chat_key)
+    user = await conv.chats.user("telegram", chat_key)
     ids = []
     for n, (said, answered) in enumerate(exchanges):
-        await conv.log_message(chat, "user", said, user_id=user)
-        ids.append(await conv.log_message(chat, "bot", answered, model_version="v0001",
+        await conv.messages.log_message(chat, "user", said, user_id=user)
+        ids.append(await conv.messages.log_message(chat, "bot", answered, model_version="v0001",
                                           platform_message_id=f"{chat_key}-{n}"))
     return ids
 
@@ -50,7 +50,7 @@ async def test_negatively_rated_replies_are_absent_from_the_next_runs_training_d
     config = make_config(tmp_path, feedback_weighting=weighting)
     db = await Database.open(config.storage.path)
     try:
-        conv, fb = Conversations(db), Feedback(db)
+        conv, fb = Store.over(db), Feedback(db)
         await talk(conv, "good", [("good morning", "LIKED-REPLY"), ("see you", "bye")])   # oldest: trained on
         for i in range(6):
             await talk(conv, f"plain{i}", [("hello there", "hi friend"), ("how are you ?", "fine thanks")])

@@ -25,8 +25,8 @@ from bots.learning.export import BaseCorpus, changed_since_export, export_dialog
 from bots.learning.loop import Learning
 from bots.learning.schedule import ScheduleState
 from engine.training.finetune import read_data
-from engine.registry import FileLock, Registry, RegistryError, parse_version
-from storage.conversations import Conversations
+from engine.registry import FileLock, Registry, RegistryError, clean_stale, parse_version
+from storage.store import Store
 from storage.db import Database
 from tests.conftest import build_dialogpt_model
 
@@ -64,16 +64,16 @@ def make_config(tmp_path: Path, model: Path, **learning):
     })
 
 
-async def log_chats(conv: Conversations, n: int, bot_line, *, platform="telegram", prefix="u", seed=0) -> list[int]:
+async def log_chats(conv: Store, n: int, bot_line, *, platform="telegram", prefix="u", seed=0) -> list[int]:
     """n chats of three user/bot exchanges each; returns the chat ids."""
     rng = random.Random(seed)
     chats = []
     for i in range(n):
-        chat = await conv.chat(platform, f"{prefix}{i}")
-        user = await conv.user(platform, f"{prefix}{i}")
+        chat = await conv.chats.chat(platform, f"{prefix}{i}")
+        user = await conv.chats.user(platform, f"{prefix}{i}")
         for _ in range(3):
-            await conv.log_message(chat, "user", rng.choice(QUESTIONS), user_id=user)
-            await conv.log_message(chat, "bot", bot_line(rng) if callable(bot_line) else bot_line)
+            await conv.messages.log_message(chat, "user", rng.choice(QUESTIONS), user_id=user)
+            await conv.messages.log_message(chat, "bot", bot_line(rng) if callable(bot_line) else bot_line)
         chats.append(chat)
     return chats
 
@@ -120,7 +120,7 @@ async def test_retrain_learns_a_new_style_promotes_and_replies_carry_the_new_ver
         assert app.engine.version == "v0001" and learning.registry.active().kind == "configured"
         inbox = Inbox()
         learning.add_notifier("telegram", inbox)
-        await log_chats(app.conversations, 24, CATCHPHRASE)
+        await log_chats(app.store, 24, CATCHPHRASE)
 
         started = await app.chat.handle(admin_msg("/retrain"))
         assert "run #1" in started[0].text
@@ -145,7 +145,7 @@ async def test_retrain_learns_a_new_style_promotes_and_replies_carry_the_new_ver
         v2 = learning.registry.get("v0002")
         assert v2.parent == "v0001" and v2.run_id == 1 and (v2.folder / "model.safetensors").is_file()
         assert v2.metrics["held_out_loss"] == pytest.approx(after["held_out"])
-        run = await app.conversations.training_run(1)
+        run = await app.store.runs.training_run(1)
         assert run["status"] == "done" and run["decision"].startswith("promoted v0002")
         assert run["trigger"] == f"telegram:{ADMIN} (boss)" and run["duration_s"] > 0
         assert run["losses"]["after"]["held_out"] == pytest.approx(after["held_out"])
@@ -180,7 +180,7 @@ async def test_candidate_trained_on_noise_is_rejected(tmp_path, base_model):
     registry.ensure_configured(str(base_model))
     db = await Database.open(config.storage.path)
     try:
-        conv = Conversations(db)
+        conv = Store.over(db)
         learning = Learning(config, registry, conv)
         await learning.start(schedule=False)
         await log_chats(conv, 24, noise)
@@ -189,7 +189,7 @@ async def test_candidate_trained_on_noise_is_rejected(tmp_path, base_model):
         assert "base-corpus loss rose" in result.reason
         assert result.losses["after"]["base"] > result.losses["before"]["base"] + config.learning.base_loss_tolerance
         assert registry.active_name() == "v0001" and [v.name for v in registry.versions()] == ["v0001"]
-        run = await conv.training_run(result.run_id)
+        run = await conv.runs.training_run(result.run_id)
         assert run["status"] == "done" and run["decision"].startswith("rejected: base-corpus loss rose")
         assert (registry.runs_dir() / "run-0001" / "loss_curve.png").is_file()   # kept for the admin
         registry_is_consistent(registry.root)
@@ -235,7 +235,7 @@ def test_killed_trainer_leaves_everything_consistent_then_cli_retrain_works(tmp_
         registry = Registry(config.learning.registry)
         registry.ensure_configured(str(base_model))
         db = await Database.open(config.storage.path)
-        conv = Conversations(db)
+        conv = Store.over(db)
         learning = Learning(config, registry, conv)
         await learning.start(schedule=False)
         await log_chats(conv, 24, CATCHPHRASE)
@@ -247,7 +247,7 @@ def test_killed_trainer_leaves_everything_consistent_then_cli_retrain_works(tmp_
         os.kill(learning.running.pid, signal.SIGKILL)  # the trainer dies mid-training
         result = await learning.wait()
         assert result.status == "failed" and "killed by SIGKILL" in result.reason
-        row = await conv.training_run(run_id)
+        row = await conv.runs.training_run(run_id)
         assert row["status"] == "failed" and "SIGKILL" in row["error"] and row["finished_at"]
         assert registry.active_name() == "v0001" and [v.name for v in registry.versions()] == ["v0001"]
         assert registry.train_lock().holder() is None  # the lock is free again
@@ -281,7 +281,7 @@ async def test_full_disk_and_out_of_memory_end_in_failed_runs(tmp_path, base_mod
     registry.ensure_configured(str(base_model))
     db = await Database.open(config.storage.path)
     try:
-        conv = Conversations(db)
+        conv = Store.over(db)
         await log_chats(conv, 6, CATCHPHRASE)
         learning = Learning(config, registry, conv)
         result = await learning.run_once("test", force=True)
@@ -291,7 +291,7 @@ async def test_full_disk_and_out_of_memory_end_in_failed_runs(tmp_path, base_mod
         config.learning.max_memory_mb = 50
         result = await learning.run_once("test", force=True)
         assert result.status == "failed" and "out of memory" in result.reason, result.reason
-        rows = await conv.training_runs()
+        rows = await conv.runs.training_runs()
         assert [r["status"] for r in rows] == ["failed", "failed"]
         assert registry.active_name() == "v0001" and registry.train_lock().holder() is None
         registry_is_consistent(registry.root)
@@ -306,9 +306,9 @@ async def test_schedule_fires_on_its_interval_and_skips_when_too_little_is_new(t
     registry = Registry(config.learning.registry)
     registry.ensure_configured(str(base_model))
     db = await Database.open(config.storage.path)
-    learning = Learning(config, registry, Conversations(db))
+    learning = Learning(config, registry, Store.over(db))
     try:
-        await log_chats(learning.conversations, 2, CATCHPHRASE)   # 6 user messages: too few
+        await log_chats(learning.store, 2, CATCHPHRASE)   # 6 user messages: too few
         await learning.start()
         job = learning.scheduler.get_job("mynah-retrain")
         assert job.coalesce and job.max_instances == 1 and job.misfire_grace_time == 3600
@@ -317,7 +317,7 @@ async def test_schedule_fires_on_its_interval_and_skips_when_too_little_is_new(t
             await asyncio.sleep(0.1)
         assert learning.schedule_fires >= 2
         assert learning.last_check[1] == "skipped: 6 new user messages, 50 needed"
-        assert await learning.conversations.training_runs() == []
+        assert await learning.store.runs.training_runs() == []
         lines = await learning.status_lines()
         assert any(line.startswith("Next scheduled run: ") for line in lines)
         assert any("skipped: 6 new user messages" in line for line in lines)
@@ -329,7 +329,7 @@ async def test_schedule_fires_on_its_interval_and_skips_when_too_little_is_new(t
             await asyncio.sleep(0.05)
         assert learning.running is not None and learning.running.trigger == "schedule"
         await learning.stop()
-        run, = await learning.conversations.training_runs()
+        run, = await learning.store.runs.training_runs()
         assert run["trigger"] == "schedule" and run["status"] == "interrupted"
         assert registry.train_lock().holder() is None
         registry_is_consistent(registry.root)
@@ -343,12 +343,12 @@ async def test_an_overdue_interval_catches_up_after_a_restart(tmp_path):
     registry = Registry(config.learning.registry)
     db = await Database.open(config.storage.path)
     try:
-        learning = Learning(config, registry, Conversations(db))
+        learning = Learning(config, registry, Store.over(db))
         await learning.start()                                  # first start: a whole interval from now
         assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 86400, abs=5)
         await learning.stop()
         ScheduleState(registry.root).save(time.time() - 3 * 86400)  # the bot was down when it was due
-        learning = Learning(config, registry, Conversations(db))
+        learning = Learning(config, registry, Store.over(db))
         await learning.start()
         assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 60, abs=5)
         await learning.stop()
@@ -364,8 +364,8 @@ async def test_admin_commands_refuse_non_admins_and_are_audited(tmp_path, base_m
         for command in ("/retrain", "/rollback", "/models", "/status"):
             out = await app.chat.handle(admin_msg(command, user="999"))
             assert "admins only" in out[0].text
-        assert await app.conversations.training_runs() == []
-        audit = await app.conversations.recent_audit()
+        assert await app.store.runs.training_runs() == []
+        audit = await app.store.audit.recent()
         assert [(a["command"], a["allowed"]) for a in audit][-1] == ("retrain", False)
         out = await app.chat.handle(admin_msg("/rollback"))  # allowed, but nothing to go back to
         assert "no previous version" in out[0].text
@@ -379,12 +379,12 @@ async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
     registry.register_configured("starter")
     db = await Database.open(config.storage.path)
     try:
-        conv = Conversations(db)
+        conv = Store.over(db)
         await log_chats(conv, 3, "public reply", prefix="ok")
         (private,) = await log_chats(conv, 1, "SECRET-OPTOUT", prefix="out")
-        await conv.set_consent(private, False)
+        await conv.chats.set_consent(private, False)
         await log_chats(conv, 1, "SECRET-FORGOTTEN", prefix="gone")
-        await conv.forget_user("telegram", "gone0")
+        await conv.messages.forget_user("telegram", "gone0")
         late = await log_chats(conv, 2, "LATE-CHAT", prefix="late")
         learning = Learning(config, registry, conv)
 
@@ -403,12 +403,12 @@ async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
 
         # a /forget after the export: the trainer drops those dialogues at use time, the
         # finished candidate is vetoed, and the next export no longer has them
-        await conv.forget_user("telegram", "late0")
-        forgotten = await conv.forgotten_message_ids()
+        await conv.messages.forget_user("telegram", "late0")
+        forgotten = await conv.messages.forgotten_message_ids()
         splits, dropped = read_data(data, forgotten)
         assert dropped == 1 and "LATE-CHAT" in json.dumps(splits)  # late1 did not ask
         assert "/forget" in await changed_since_export(conv, plan)
-        await conv.set_consent(late[1], False)
+        await conv.chats.set_consent(late[1], False)
         plan2, data2 = await export(2)
         assert "LATE-CHAT" not in data2.read_text(encoding="utf-8")
         assert "/optout" in await changed_since_export(conv, dataclasses.replace(plan2, ids=set(), chats=plan.chats))
@@ -437,7 +437,7 @@ def test_registry_versions_pointer_and_config_changes(tmp_path):
     (tmp_path / "models" / ".v0003.tmp-999999").mkdir()
     (tmp_path / "models" / "v0009").mkdir()
     assert [v.name for v in registry.versions()] == ["v0001", "v0002"]
-    assert registry.clean_stale() == [".v0003.tmp-999999"]
+    assert clean_stale(registry) == [".v0003.tmp-999999"]
     with pytest.raises(RegistryError, match="no version v0007"):
         registry.set_active("7")
 

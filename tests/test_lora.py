@@ -16,13 +16,13 @@ from bots.config import ConfigError, parse_config
 from bots.learning.loop import Learning
 from bots.learning.promote import PromotionRefused
 from bots.learning.trainer import build_job, run_trainer, write_job
-from engine.registry import Registry
+from engine.registry import Registry, prune
 from engine.serving.lora_admin import NOT_ENABLED, LoraAdmin, LoraAdminError, backend_path
 from engine.serving.protocol import RemoteModelSwitch, Reply, SamplingParams
 from engine.training.devices import launch_command, plan_devices
 from engine.training.finetune import FinetuneJob, TrainSettings
 from engine.training.lora import LoraSettings, target_modules
-from storage.conversations import Conversations
+from storage.store import Store
 from storage.db import Database
 from tests.fakes.vllm_lora import FakeVLLM
 from tests.test_learning import (CATCHPHRASE, QUESTIONS, admin_msg, base_model, log_chats,  # noqa: F401 (fixture)
@@ -109,7 +109,7 @@ async def test_lora_retrain_promotes_an_adapter_that_peft_loads_and_rollback_wor
     app = await Mynah.open(config)
     try:
         learning = app.learning
-        await log_chats(app.conversations, 24, CATCHPHRASE)
+        await log_chats(app.store, 24, CATCHPHRASE)
         await app.chat.handle(admin_msg("/retrain"))
         result = await learning.wait()
         assert result.decision == "promoted", result.summary()
@@ -143,7 +143,7 @@ async def test_lora_retrain_promotes_an_adapter_that_peft_loads_and_rollback_wor
         assert "LoRA adapter on model, from v0001 by run #1" in (await app.chat.handle(admin_msg("/models")))[0].text
 
         # the next run continues the active adapter: same base, parent v0002
-        await log_chats(app.conversations, 24, "splendid , simply splendid , old chap !", prefix="w", seed=1)
+        await log_chats(app.store, 24, "splendid , simply splendid , old chap !", prefix="w", seed=1)
         await app.chat.handle(admin_msg("/retrain"))
         result = await learning.wait()
         assert result.decision == "promoted", result.summary()
@@ -175,7 +175,7 @@ def test_prune_keeps_the_base_of_a_kept_adapter(tmp_path, tiny_adapter, base_mod
     assert v3.kind == "lora" and v3.base_model == str(v2.folder.resolve())
     registry.rollback("v0001")
     registry.set_active("v0003")
-    assert registry.prune(keep=1) == []            # v0002 is v0003's base: it stays
+    assert prune(registry, keep=1) == []            # v0002 is v0003's base: it stays
     assert [v.name for v in registry.versions()] == ["v0001", "v0002", "v0003"]
 
 
@@ -197,7 +197,7 @@ async def test_remote_promotion_loads_the_adapter_and_rollback_unloads_it(tmp_pa
     fake = await FakeVLLM(path_map={"/mnt/mynah-models": str(shared)}).start()
     learning, engine, app = await open_remote(tmp_path, base_model, fake, adapter_path_prefix="/mnt/mynah-models")
     try:
-        await log_chats(learning.conversations, 24, CATCHPHRASE)
+        await log_chats(learning.store, 24, CATCHPHRASE)
         result = await learning.run_once("test", force=True)
         assert result.decision == "promoted", result.summary()
         assert f"base model {base_model.resolve()}" in result.summary()

@@ -307,13 +307,13 @@ async def test_overload_gets_the_busy_text_through_chat_service(tmp_path, fp32):
     from bots.chat.service import BUSY_TEXT, ChatService
     from bots.config import Config
     from bots.chat.events import Incoming
-    from storage.conversations import Conversations
+    from storage.store import Store
     from storage.db import Database
 
     db = await Database.open(tmp_path / "db.sqlite3")
     config = Config()
     engine = Engine(fp32, SamplingParams(max_new_tokens=40, min_new_tokens=40), max_batch_size=1, max_queue=1)
-    chat = ChatService(config, engine, Conversations(db))
+    chat = ChatService(config, engine, Store.over(db))
     try:
         async with engine:
             messages = [Incoming("console", f"chat{i}", f"user{i}", "hello there", message_id=str(i)) for i in range(8)]

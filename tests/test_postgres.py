@@ -15,34 +15,33 @@ from bots.config import ConfigError, parse_config
 from scripts.cli import main
 from storage import open_database, redact
 from storage.backup import check_database
-from storage.conversations import Conversations
-from storage.backup import expected_tables
+from storage.store import Store
+from storage.backup import expected_objects
 from storage.cluster import ClusterStore
 from storage.copy import TABLES
 from storage.db import MIGRATIONS
-from storage.feedback import Feedback
-from storage.trust import TrustStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 async def fill(db) -> dict:
     """A row in every table (a /forget included, so the id counter is ahead of MAX(id))."""
-    conv, trust = Conversations(db), TrustStore(db)
-    chat, group = await conv.chat("telegram", 1, title="DM"), await conv.chat("discord", 9, thread_id=3, type="group")
-    ann, bob = await conv.user("telegram", 10, name="Ann"), await conv.user("discord", 20, name="Bob")
+    store = Store.over(db)
+    conv, chats, trust = store.messages, store.chats, store.trust
+    chat, group = await chats.chat("telegram", 1, title="DM"), await chats.chat("discord", 9, thread_id=3, type="group")
+    ann, bob = await chats.user("telegram", 10, name="Ann"), await chats.user("discord", 20, name="Bob")
     q = await conv.log_message(chat, "user", "hello ünïcode ✓", user_id=ann, platform_message_id=100)
     r = await conv.log_message(chat, "bot", "hi there", model_version="v0001", reply_to_id=q, status="pending")
     await conv.set_status(r, "ok", platform_message_id=101)
     await conv.log_message(group, "user", "bob here", user_id=bob, platform_message_id="1234567890123456789")
     await conv.log_message(group, "user", "flood", user_id=bob, status="limited")
     await conv.reset(chat)
-    await conv.set_persona(group, "a pirate")
-    await conv.record_model_version("v0001", "/models/v0001", 1.5, {"loss": 2.25}, "configured")
-    run = await conv.start_training_run("manual", {"dialogues": 3})
-    await conv.update_training_run(run, status="done", decision="rejected: worse", finished=True)
-    await conv.audit("telegram", 10, "/retrain", "now", False)
-    await Feedback(db).set_signals("telegram", 1, 101, 10, {"reaction:👍": 1})
+    await chats.set_persona(group, "a pirate")
+    await store.runs.record_model_version("v0001", "/models/v0001", 1.5, {"loss": 2.25}, "configured")
+    run = await store.runs.start_training_run("manual", {"dialogues": 3})
+    await store.runs.update_training_run(run, status="done", decision="rejected: worse", finished=True)
+    await store.audit.record("telegram", 10, "/retrain", "now", False)
+    await store.feedback.set_signals("telegram", 1, 101, 10, {"reaction:👍": 1})
     await trust.record_lineage("v0001", {"telegram:10": 2}, [q, r])
     await trust.taint(["v0001"], "forgotten user")
     cluster = ClusterStore(db)
@@ -50,7 +49,7 @@ async def fill(db) -> dict:
     await cluster.claim("telegram", "5001", "host:1:a", stale_after=30, payload='{"update_id": 5001}')
     await cluster.acquire("learner", "host:1:a", 60)
     await cluster.set_state("active_version", "v0001")
-    gone = await conv.log_message(group, "user", "forget me", user_id=await conv.user("discord", 30))
+    gone = await conv.log_message(group, "user", "forget me", user_id=await chats.user("discord", 30))
     await conv.forget_user("discord", 30)
     return {"deleted_id": gone}
 
@@ -64,7 +63,7 @@ async def dump(db) -> dict[str, list[tuple]]:
 
 
 def test_copy_knows_every_table_of_the_schema():
-    assert set(TABLES) == expected_tables(len(MIGRATIONS))
+    assert set(TABLES) == {name for kind, name in expected_objects(len(MIGRATIONS)) if kind == "table"}
 
 
 # --- the translation ----------------------------------------------------------------------------
@@ -90,11 +89,12 @@ async def test_glob_patterns_mean_the_same_on_postgres(pg_url):
     """feedback's `signal GLOB ?` (clear "reaction:*") must not clear what it should keep."""
     db = await open_database(pg_url)
     try:
-        conv, fb = Conversations(db), Feedback(db)
-        chat = await conv.chat("tg", 1)
-        await conv.log_message(chat, "user", "hi", user_id=await conv.user("tg", 5))
-        reply = await conv.log_message(chat, "bot", "yo", model_version="v1")
-        await conv.set_status(reply, "ok", platform_message_id=7)
+        store = Store.over(db)
+        fb = store.feedback
+        chat = await store.chats.chat("tg", 1)
+        await store.messages.log_message(chat, "user", "hi", user_id=await store.chats.user("tg", 5))
+        reply = await store.messages.log_message(chat, "bot", "yo", model_version="v1")
+        await store.messages.set_status(reply, "ok", platform_message_id=7)
         await fb.set_signals("tg", 1, 7, 5, {"reaction:a": 1, "reaction_b": -1, "button": 1})
         await fb.set_signals("tg", 1, 7, 5, {"reaction:c": 1}, clear=("reaction:*",))
         assert sorted(r[0] for r in await db.fetchall("SELECT signal FROM feedback")) == \
@@ -145,7 +145,7 @@ async def test_copy_storage_sqlite_to_postgres_and_back_keeps_every_row(pg_url, 
     pg = await open_database(pg_url)
     try:
         assert await dump(pg) == before
-        new = await Conversations(pg).log_message(1, "user", "after the move")
+        new = await Store.over(pg).messages.log_message(1, "user", "after the move")
         assert new > facts["deleted_id"]        # a forgotten id is never handed out again
         async with pg.transaction() as conn:
             await conn.execute("DELETE FROM messages WHERE id = ?", (new,))
@@ -157,7 +157,7 @@ async def test_copy_storage_sqlite_to_postgres_and_back_keeps_every_row(pg_url, 
     db = await open_database(str(back))
     try:
         assert await dump(db) == before
-        assert await Conversations(db).log_message(1, "user", "again") > new
+        assert await Store.over(db).messages.log_message(1, "user", "again") > new
     finally:
         await db.close()
 
@@ -185,7 +185,7 @@ def test_backup_restore_and_export_against_postgres(pg_url, tmp_path, capsys):
     async def change():
         db = await open_database(pg_url)
         try:
-            await Conversations(db).log_message(1, "user", "written after the backup")
+            await Store.over(db).messages.log_message(1, "user", "written after the backup")
         finally:
             await db.close()
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import storage.db as dbmod
-from storage.conversations import Conversations, StoredDialogue, StoredTurn
+from storage.messages import StoredDialogue, StoredTurn
 from storage import open_database
+from storage.store import Store
 from storage.db import MIGRATIONS, Database, StorageError
 
 ALL_TABLES = {"chats", "users", "messages", "context_resets", "model_versions", "training_runs",
@@ -27,7 +28,7 @@ async def db(storage_target):
 
 @pytest.fixture
 def conv(db):
-    return Conversations(db)
+    return Store.over(db)
 
 
 def tables(path) -> set[str]:
@@ -44,8 +45,8 @@ async def exchange(conv, chat_id, user_id, *pairs):
     """Log user/bot pairs; return the message ids."""
     ids = []
     for user_text, bot_text in pairs:
-        ids.append(await conv.log_message(chat_id, "user", user_text, user_id=user_id))
-        ids.append(await conv.log_message(chat_id, "bot", bot_text, model_version="v1", reply_to_id=ids[-1]))
+        ids.append(await conv.messages.log_message(chat_id, "user", user_text, user_id=user_id))
+        ids.append(await conv.messages.log_message(chat_id, "bot", bot_text, model_version="v1", reply_to_id=ids[-1]))
     return ids
 
 
@@ -80,12 +81,12 @@ async def test_migrates_from_previous_version_keeping_rows(tmp_path):
 
     database = await Database.open(path)
     try:
-        conv = Conversations(database)
+        conv = Store.over(database)
         assert await database.user_version() == len(MIGRATIONS)
-        assert await conv.chat("tg", 7) == 1
-        assert await conv.context(1, 10) == [StoredTurn("user", "old hi"), StoredTurn("bot", "old hello")]
-        await conv.audit("tg", 9, "/status", "", True)  # a table from migration 2 works
-        assert await conv.forget_user("tg", 9) == 1
+        assert await conv.chats.chat("tg", 7) == 1
+        assert await conv.messages.context(1, 10) == [StoredTurn("user", "old hi"), StoredTurn("bot", "old hello")]
+        await conv.audit.record("tg", 9, "/status", "", True)  # a table from migration 2 works
+        assert await conv.messages.forget_user("tg", 9) == 1
     finally:
         await database.close()
     assert ALL_TABLES <= tables(path)
@@ -120,10 +121,10 @@ async def test_corrupt_file_names_the_path(tmp_path):
 async def test_memory_database_works():
     database = await Database.open(":memory:")
     try:
-        conv = Conversations(database)
-        chat = await conv.chat("console", "local", type="console")
-        await conv.log_message(chat, "user", "hi")
-        assert await conv.context(chat, 5) == [StoredTurn("user", "hi")]
+        conv = Store.over(database)
+        chat = await conv.chats.chat("console", "local", type="console")
+        await conv.messages.log_message(chat, "user", "hi")
+        assert await conv.messages.context(chat, 5) == [StoredTurn("user", "hi")]
     finally:
         await database.close()
 
@@ -131,23 +132,23 @@ async def test_memory_database_works():
 # --- chats, users, messages ------------------------------------------------------------------
 
 async def test_chat_and_user_upsert(conv):
-    a = await conv.chat("tg", 100, type="group", title="Old")
-    assert await conv.chat("tg", "100", title="New") == a
+    a = await conv.chats.chat("tg", 100, type="group", title="Old")
+    assert await conv.chats.chat("tg", "100", title="New") == a
     assert tuple(await conv.db.fetchone("SELECT title, type FROM chats WHERE id = ?", (a,))) == ("New", "group")
-    assert await conv.chat("tg", 100) == a  # no title given: kept
+    assert await conv.chats.chat("tg", 100) == a  # no title given: kept
     assert (await conv.db.fetchone("SELECT title FROM chats WHERE id = ?", (a,)))[0] == "New"
-    assert await conv.chat("tg", 100, thread_id=5) != a
-    assert await conv.chat("discord", 100) != a
-    u = await conv.user("tg", 1, name="ann")
-    assert await conv.user("tg", "1", name="anna") == u
+    assert await conv.chats.chat("tg", 100, thread_id=5) != a
+    assert await conv.chats.chat("discord", 100) != a
+    u = await conv.chats.user("tg", 1, name="ann")
+    assert await conv.chats.user("tg", "1", name="anna") == u
     assert (await conv.db.fetchone("SELECT name FROM users WHERE id = ?", (u,)))[0] == "anna"
-    assert await conv.user("discord", 1) != u
-    assert await conv.stats() == {"chats": 3, "users": 2, "messages": 0}
+    assert await conv.chats.user("discord", 1) != u
+    assert await conv.messages.stats() == {"chats": 3, "users": 2, "messages": 0}
 
 
 async def test_log_message_is_durable_and_validated(db, conv, storage_target):
-    chat = await conv.chat("tg", 1)
-    mid = await conv.log_message(chat, "user", "kept", platform_message_id=55, reply_to=54)
+    chat = await conv.chats.chat("tg", 1)
+    mid = await conv.messages.log_message(chat, "user", "kept", platform_message_id=55, reply_to=54)
     other = await open_database(storage_target)   # another connection sees it: committed
     try:
         assert tuple(await other.fetchone("SELECT text, platform_message_id, reply_to_platform_id FROM messages "
@@ -155,74 +156,74 @@ async def test_log_message_is_durable_and_validated(db, conv, storage_target):
     finally:
         await other.close()
     with pytest.raises(ValueError):
-        await conv.log_message(chat, "system", "x")
+        await conv.messages.log_message(chat, "system", "x")
     with pytest.raises(ValueError):
-        await conv.log_message(chat, "bot", "x", status="sent")
-    assert await conv.max_message_id() == mid
+        await conv.messages.log_message(chat, "bot", "x", status="sent")
+    assert await conv.messages.max_message_id() == mid
 
 
 async def test_context_per_chat_and_thread_with_limit_and_order(conv):
-    a = await conv.chat("tg", 1)
-    b = await conv.chat("tg", 2)
-    topic = await conv.chat("tg", 2, thread_id="77")
+    a = await conv.chats.chat("tg", 1)
+    b = await conv.chats.chat("tg", 2)
+    topic = await conv.chats.chat("tg", 2, thread_id="77")
     for i in range(6):
-        await conv.log_message(a, "user" if i % 2 == 0 else "bot", f"a{i}")
-        await conv.log_message(b, "user", f"b{i}")
-        await conv.log_message(topic, "user", f"t{i}")
-    assert [t.text for t in await conv.context(a, 4)] == ["a2", "a3", "a4", "a5"]
-    assert [t.role for t in await conv.context(a, 4)] == ["user", "bot", "user", "bot"]
-    assert [t.text for t in await conv.context(b, 2)] == ["b4", "b5"]
-    assert [t.text for t in await conv.context(topic, 100)] == [f"t{i}" for i in range(6)]
-    assert await conv.context(a, 0) == []
+        await conv.messages.log_message(a, "user" if i % 2 == 0 else "bot", f"a{i}")
+        await conv.messages.log_message(b, "user", f"b{i}")
+        await conv.messages.log_message(topic, "user", f"t{i}")
+    assert [t.text for t in await conv.messages.context(a, 4)] == ["a2", "a3", "a4", "a5"]
+    assert [t.role for t in await conv.messages.context(a, 4)] == ["user", "bot", "user", "bot"]
+    assert [t.text for t in await conv.messages.context(b, 2)] == ["b4", "b5"]
+    assert [t.text for t in await conv.messages.context(topic, 100)] == [f"t{i}" for i in range(6)]
+    assert await conv.messages.context(a, 0) == []
 
 
 async def test_failed_replies_leave_context_and_replies_are_recognised(conv):
-    chat = await conv.chat("tg", 1)
-    other = await conv.chat("tg", 2)
-    await conv.log_message(chat, "user", "hi", platform_message_id=10)
-    bad = await conv.log_message(chat, "bot", "lost", status="pending")
-    good = await conv.log_message(chat, "bot", "hello", status="pending")
-    await conv.set_status(bad, "failed")
-    await conv.set_status(good, "ok", platform_message_id=11)
-    assert await conv.context(chat, 10) == [StoredTurn("user", "hi"), StoredTurn("bot", "hello")]
-    assert await conv.is_bot_message(chat, 11)
-    assert await conv.is_bot_message(chat, "11")
-    assert not await conv.is_bot_message(chat, 10)   # the user's own message
-    assert not await conv.is_bot_message(other, 11)  # same id, other chat
+    chat = await conv.chats.chat("tg", 1)
+    other = await conv.chats.chat("tg", 2)
+    await conv.messages.log_message(chat, "user", "hi", platform_message_id=10)
+    bad = await conv.messages.log_message(chat, "bot", "lost", status="pending")
+    good = await conv.messages.log_message(chat, "bot", "hello", status="pending")
+    await conv.messages.set_status(bad, "failed")
+    await conv.messages.set_status(good, "ok", platform_message_id=11)
+    assert await conv.messages.context(chat, 10) == [StoredTurn("user", "hi"), StoredTurn("bot", "hello")]
+    assert await conv.messages.is_bot_message(chat, 11)
+    assert await conv.messages.is_bot_message(chat, "11")
+    assert not await conv.messages.is_bot_message(chat, 10)   # the user's own message
+    assert not await conv.messages.is_bot_message(other, 11)  # same id, other chat
 
 
 async def test_consent(conv):
-    chat = await conv.chat("tg", 1)
-    assert await conv.consent(chat) is True
-    await conv.set_consent(chat, False)
-    assert await conv.consent(chat) is False
-    await conv.set_consent(chat, True)
-    assert await conv.consent(chat) is True
+    chat = await conv.chats.chat("tg", 1)
+    assert await conv.chats.consent(chat) is True
+    await conv.chats.set_consent(chat, False)
+    assert await conv.chats.consent(chat) is False
+    await conv.chats.set_consent(chat, True)
+    assert await conv.chats.consent(chat) is True
 
 
 async def test_audit_newest_first(conv):
-    await conv.audit("tg", 1, "/retrain", "", False)
-    await conv.audit("tg", 2, "/rollback", "v0001", True)
-    rows = await conv.recent_audit(limit=1)
+    await conv.audit.record("tg", 1, "/retrain", "", False)
+    await conv.audit.record("tg", 2, "/rollback", "v0001", True)
+    rows = await conv.audit.recent(limit=1)
     assert len(rows) == 1
     assert (rows[0]["platform_user_id"], rows[0]["command"], rows[0]["args"], rows[0]["allowed"]) == \
         ("2", "/rollback", "v0001", True)
-    assert [r["allowed"] for r in await conv.recent_audit()] == [True, False]
+    assert [r["allowed"] for r in await conv.audit.recent()] == [True, False]
 
 
 # --- reset and forget ---------------------------------------------------------------------
 
 async def test_reset_keeps_rows_but_empties_context(conv):
-    chat = await conv.chat("tg", 1)
-    other = await conv.chat("tg", 2)
+    chat = await conv.chats.chat("tg", 1)
+    other = await conv.chats.chat("tg", 2)
     await exchange(conv, chat, None, ("hi", "hello"))
-    await conv.log_message(other, "user", "elsewhere")
-    await conv.reset(chat)
-    assert await conv.context(chat, 10) == []
-    assert await conv.context(other, 10) == [StoredTurn("user", "elsewhere")]
-    assert (await conv.stats())["messages"] == 3
-    await conv.log_message(chat, "user", "again")
-    assert await conv.context(chat, 10) == [StoredTurn("user", "again")]
+    await conv.messages.log_message(other, "user", "elsewhere")
+    await conv.messages.reset(chat)
+    assert await conv.messages.context(chat, 10) == []
+    assert await conv.messages.context(other, 10) == [StoredTurn("user", "elsewhere")]
+    assert (await conv.messages.stats())["messages"] == 3
+    await conv.messages.log_message(chat, "user", "again")
+    assert await conv.messages.context(chat, 10) == [StoredTurn("user", "again")]
     resets = await conv.db.fetchall("SELECT chat_id FROM context_resets")
     assert [r[0] for r in resets] == [chat]
 
@@ -230,28 +231,28 @@ async def test_reset_keeps_rows_but_empties_context(conv):
 async def test_forget_really_deletes_user_and_their_replies(db, conv, storage_target):
     sqlite = db.backend == "sqlite"
     path = Path(db.path)
-    a = await conv.chat("tg", 1)
-    b = await conv.chat("tg", 2, type="group")
-    elsewhere = await conv.chat("discord", 1)
-    ann = await conv.user("tg", 42, name="Ann")
-    bob = await conv.user("tg", 43, name="Bob")
-    ann_discord = await conv.user("discord", 42)
+    a = await conv.chats.chat("tg", 1)
+    b = await conv.chats.chat("tg", 2, type="group")
+    elsewhere = await conv.chats.chat("discord", 1)
+    ann = await conv.chats.user("tg", 42, name="Ann")
+    bob = await conv.chats.user("tg", 43, name="Bob")
+    ann_discord = await conv.chats.user("discord", 42)
     await exchange(conv, a, ann, ("ann-secret-one", "reply-to-ann-one"))
-    await conv.log_message(b, "user", "bob-says-hi", user_id=bob)
+    await conv.messages.log_message(b, "user", "bob-says-hi", user_id=bob)
     await exchange(conv, b, ann, ("ann-secret-two", "reply-to-ann-two"))
-    await conv.log_message(b, "bot", "bot-unprompted")    # not directly after Ann: kept
+    await conv.messages.log_message(b, "bot", "bot-unprompted")    # not directly after Ann: kept
     await exchange(conv, b, bob, ("bob-question", "reply-to-bob"))
-    await conv.log_message(elsewhere, "user", "ann-on-discord", user_id=ann_discord)
+    await conv.messages.log_message(elsewhere, "user", "ann-on-discord", user_id=ann_discord)
     await db.compact_wal()
     assert not sqlite or b"ann-secret-one" in file_bytes(path)
 
-    assert await conv.forget_user("tg", "42") == 2
-    assert (await conv.stats())["messages"] == 9 - 4
-    assert await conv.context(a, 10) == []
-    assert [t.text for t in await conv.context(b, 10)] == \
+    assert await conv.messages.forget_user("tg", "42") == 2
+    assert (await conv.messages.stats())["messages"] == 9 - 4
+    assert await conv.messages.context(a, 10) == []
+    assert [t.text for t in await conv.messages.context(b, 10)] == \
         ["bob-says-hi", "bot-unprompted", "bob-question", "reply-to-bob"]
-    assert [t.text for t in await conv.context(elsewhere, 10)] == ["ann-on-discord"]  # other platform
-    assert len(await conv.forgotten_message_ids()) == 4
+    assert [t.text for t in await conv.messages.context(elsewhere, 10)] == ["ann-on-discord"]  # other platform
+    assert len(await conv.messages.forgotten_message_ids()) == 4
     assert (await db.fetchone("SELECT name FROM users WHERE id = ?", (ann,)))[0] is None
 
     fresh = await open_database(storage_target)
@@ -264,27 +265,27 @@ async def test_forget_really_deletes_user_and_their_replies(db, conv, storage_ta
     if sqlite:   # the text is gone from the file itself (PostgreSQL: VACUUM's job, not ours)
         raw = file_bytes(path)
         assert b"ann-secret" not in raw and b"reply-to-ann" not in raw
-    assert await conv.forget_user("tg", 42) == 0  # forgetting twice is harmless
+    assert await conv.messages.forget_user("tg", 42) == 0  # forgetting twice is harmless
 
 
 # --- concurrency and locking ----------------------------------------------------------------
 
 async def test_fifty_concurrent_writers_lose_nothing(conv):
     async def writer(n):
-        chat = await conv.chat("tg", n)
+        chat = await conv.chats.chat("tg", n)
         for i in range(20):
-            await conv.log_message(chat, "user" if i % 2 == 0 else "bot", f"{n}:{i}")
+            await conv.messages.log_message(chat, "user" if i % 2 == 0 else "bot", f"{n}:{i}")
         return chat
 
     chats = await asyncio.gather(*(writer(n) for n in range(50)))
     assert len(set(chats)) == 50
-    assert (await conv.stats())["messages"] == 1000
+    assert (await conv.messages.stats())["messages"] == 1000
     for n, chat in enumerate(chats):
-        assert [t.text for t in await conv.context(chat, 100)] == [f"{n}:{i}" for i in range(20)]
+        assert [t.text for t in await conv.messages.context(chat, 100)] == [f"{n}:{i}" for i in range(20)]
 
 
 async def test_a_failing_transaction_does_not_take_others_down(db, conv):
-    chat = await conv.chat("tg", 1)
+    chat = await conv.chats.chat("tg", 1)
 
     async def fails():
         async with db.transaction() as conn:
@@ -293,11 +294,11 @@ async def test_a_failing_transaction_does_not_take_others_down(db, conv):
             await asyncio.sleep(0.01)
             raise RuntimeError("boom")
 
-    results = await asyncio.gather(fails(), *(conv.log_message(chat, "user", f"m{i}") for i in range(10)),
+    results = await asyncio.gather(fails(), *(conv.messages.log_message(chat, "user", f"m{i}") for i in range(10)),
                                    return_exceptions=True)
     assert isinstance(results[0], RuntimeError)
     assert all(isinstance(r, int) for r in results[1:])
-    assert sorted(t.text for t in await conv.context(chat, 100)) == sorted(f"m{i}" for i in range(10))
+    assert sorted(t.text for t in await conv.messages.context(chat, 100)) == sorted(f"m{i}" for i in range(10))
 
 
 async def test_two_database_objects_on_one_file(tmp_path):
@@ -305,14 +306,14 @@ async def test_two_database_objects_on_one_file(tmp_path):
     first, second = await Database.open(path), await Database.open(path)
     try:
         async def writer(conv, name):
-            chat = await conv.chat("tg", name)
+            chat = await conv.chats.chat("tg", name)
             for i in range(20):
-                await conv.log_message(chat, "user", f"{name}:{i}")
+                await conv.messages.log_message(chat, "user", f"{name}:{i}")
 
-        one, two = Conversations(first), Conversations(second)
+        one, two = Store.over(first), Store.over(second)
         await asyncio.gather(*(writer(one, f"a{n}") for n in range(10)), *(writer(two, f"b{n}") for n in range(10)))
-        assert (await one.stats())["messages"] == 400
-        assert (await two.stats())["chats"] == 20
+        assert (await one.messages.stats())["messages"] == 400
+        assert (await two.messages.stats())["chats"] == 20
     finally:
         await first.close()
         await second.close()
@@ -324,14 +325,14 @@ async def test_write_waits_out_a_brief_external_lock(tmp_path):
     path = tmp_path / "locked.sqlite3"
     database = await Database.open(path, busy_timeout_ms=50)  # short, so the retry path is used
     try:
-        conv = Conversations(database)
-        chat = await conv.chat("tg", 1)
+        conv = Store.over(database)
+        chat = await conv.chats.chat("tg", 1)
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
         asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
-        mid = await conv.log_message(chat, "user", "after the lock")
+        mid = await conv.messages.log_message(chat, "user", "after the lock")
         other.close()
-        assert await conv.context(chat, 1) == [StoredTurn("user", "after the lock")]
+        assert await conv.messages.context(chat, 1) == [StoredTurn("user", "after the lock")]
         assert mid > 0
     finally:
         await database.close()
@@ -343,14 +344,14 @@ async def test_write_gives_up_on_a_lock_that_stays(tmp_path):
     database.retries, database.retry_delay = 2, 0.01
     other = sqlite3.connect(path, isolation_level=None)
     try:
-        conv = Conversations(database)
-        chat = await conv.chat("tg", 1)
+        conv = Store.over(database)
+        chat = await conv.chats.chat("tg", 1)
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(StorageError, match="locked"):
-            await conv.log_message(chat, "user", "never")
+            await conv.messages.log_message(chat, "user", "never")
         other.execute("ROLLBACK")
-        await conv.log_message(chat, "user", "later")  # the connection is still usable
-        assert await conv.context(chat, 5) == [StoredTurn("user", "later")]
+        await conv.messages.log_message(chat, "user", "later")  # the connection is still usable
+        assert await conv.messages.context(chat, 5) == [StoredTurn("user", "later")]
     finally:
         other.close()
         await database.close()
@@ -359,30 +360,30 @@ async def test_write_gives_up_on_a_lock_that_stays(tmp_path):
 # --- export for the learning loop -----------------------------------------------------------
 
 async def test_export_dialogues(db, conv):
-    a = await conv.chat("tg", 1)
-    opted_out = await conv.chat("tg", 2)
-    group = await conv.chat("tg", 3, type="group")
-    ann = await conv.user("tg", 10)
-    bob = await conv.user("tg", 11)
-    cat = await conv.user("tg", 12)
+    a = await conv.chats.chat("tg", 1)
+    opted_out = await conv.chats.chat("tg", 2)
+    group = await conv.chats.chat("tg", 3, type="group")
+    ann = await conv.chats.user("tg", 10)
+    bob = await conv.chats.user("tg", 11)
+    cat = await conv.chats.user("tg", 12)
 
     await exchange(conv, a, cat, ("hi", "hello"), ("how are you", "fine"))
-    await conv.reset(a)
-    await conv.log_message(a, "user", "new topic", user_id=cat)
-    await conv.log_message(a, "user", "really", user_id=cat)          # merged with the previous turn
-    await conv.log_message(a, "bot", "lost", status="failed")         # never exported
-    await conv.log_message(a, "bot", "tell me")
-    first_part_end = await conv.max_message_id()
+    await conv.messages.reset(a)
+    await conv.messages.log_message(a, "user", "new topic", user_id=cat)
+    await conv.messages.log_message(a, "user", "really", user_id=cat)          # merged with the previous turn
+    await conv.messages.log_message(a, "bot", "lost", status="failed")         # never exported
+    await conv.messages.log_message(a, "bot", "tell me")
+    first_part_end = await conv.messages.max_message_id()
 
     await exchange(conv, opted_out, cat, ("private stuff", "ok"))
-    await conv.set_consent(opted_out, False)
+    await conv.chats.set_consent(opted_out, False)
 
     await exchange(conv, group, bob, ("bob one", "bot one"))
     await exchange(conv, group, ann, ("ann secret", "bot to ann"))
     await exchange(conv, group, bob, ("bob two", "bot two"))
-    await conv.forget_user("tg", 10)  # removes Ann's group messages and the bot's replies to them
+    await conv.messages.forget_user("tg", 10)  # removes Ann's group messages and the bot's replies to them
 
-    dialogues = await conv.export_dialogues()
+    dialogues = await conv.messages.export_dialogues()
     assert dialogues == [
         StoredDialogue(a, ["hi", "hello", "how are you", "fine"], dialogues[0].first_message_id, dialogues[0].last_message_id),
         StoredDialogue(a, ["new topic\nreally", "tell me"], dialogues[1].first_message_id, first_part_end),
@@ -392,22 +393,22 @@ async def test_export_dialogues(db, conv):
     assert [d.last_message_id for d in dialogues] == sorted(d.last_message_id for d in dialogues)
     assert dialogues[0].last_message_id < dialogues[1].first_message_id
 
-    later = await conv.export_dialogues(after_message_id=first_part_end)
+    later = await conv.messages.export_dialogues(after_message_id=first_part_end)
     assert [d.turns[0] for d in later] == ["bob one"]
-    assert await conv.export_dialogues(after_message_id=await conv.max_message_id()) == []
-    assert [d.turns for d in await conv.export_dialogues(min_turns=5)] == []
+    assert await conv.messages.export_dialogues(after_message_id=await conv.messages.max_message_id()) == []
+    assert [d.turns for d in await conv.messages.export_dialogues(min_turns=5)] == []
 
     # Opted-out chats and forgotten users count for nothing.
-    assert await conv.count_user_messages() == 2 + 2 + 2
-    assert await conv.count_user_messages(after_message_id=first_part_end) == 2
+    assert await conv.messages.count_user_messages() == 2 + 2 + 2
+    assert await conv.messages.count_user_messages(after_message_id=first_part_end) == 2
 
 
 async def test_export_splits_at_long_silences(db, conv):
-    chat = await conv.chat("tg", 1)
+    chat = await conv.chats.chat("tg", 1)
     ids = await exchange(conv, chat, None, ("morning", "hi"), ("evening", "hey"))
     async with db.transaction() as conn:
         for n, mid in enumerate(ids):
             await conn.execute("UPDATE messages SET created_at = ? WHERE id = ?",
                                (1000.0 + n * 60 + (7200 if n >= 2 else 0), mid))
-    assert [d.turns for d in await conv.export_dialogues()] == [["morning", "hi"], ["evening", "hey"]]
-    assert [d.turns for d in await conv.export_dialogues(min_turns=3)] == []
+    assert [d.turns for d in await conv.messages.export_dialogues()] == [["morning", "hi"], ["evening", "hey"]]
+    assert [d.turns for d in await conv.messages.export_dialogues(min_turns=3)] == []

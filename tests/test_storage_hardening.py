@@ -15,15 +15,17 @@ import storage.db as dbmod
 from bots.chat.durable import WriteRetry
 from bots.chat.ratelimit import RateLimiter
 from bots.learning.trainer import child_environment
-from storage.conversations import AUDIT_ARGS_MAX, Conversations, StoredTurn
+from storage.audit import AUDIT_ARGS_MAX
+from storage.messages import StoredTurn
 from storage import open_database
+from storage.store import Store
 from storage.db import Database
 
 
 @pytest.fixture
 async def conv(storage_target):
     database = await open_database(storage_target)
-    yield Conversations(database)
+    yield Store.over(database)
     await database.close()
 
 
@@ -31,9 +33,9 @@ async def test_populated_v2_file_migrates_keeping_rows_links_and_the_id_counter(
     path = tmp_path / "v2.sqlite3"
     monkeypatch.setattr(dbmod, "MIGRATIONS", dbmod.MIGRATIONS[:2])
     old = await Database.open(path)
-    conv = Conversations(old)
-    chat = await conv.chat("telegram", 1, type="group")
-    ann = await conv.user("telegram", 42, name="Ann")
+    conv = Store.over(old)
+    chat = await conv.chats.chat("telegram", 1, type="group")
+    ann = await conv.chats.user("telegram", 42, name="Ann")
     insert = ("INSERT INTO messages (chat_id, user_id, role, text, platform_message_id, reply_to_platform_id, "
               "status, created_at) VALUES (?, ?, ?, ?, ?, ?, 'ok', 0)")
     async with old.transaction() as c:          # as version 2 wrote them
@@ -42,7 +44,7 @@ async def test_populated_v2_file_migrates_keeping_rows_links_and_the_id_counter(
             await c.execute(insert, (chat, None, "bot", f"answer {i}", None, str(10 + i)))
         last = (await c.execute(insert, (chat, ann, "user", "deleted later", None, None))).lastrowid
         await c.execute("DELETE FROM messages WHERE id = ?", (last,))   # the counter must not go back
-    await conv.reset(chat)
+    await conv.messages.reset(chat)
     await old.close()
     monkeypatch.undo()
 
@@ -52,8 +54,8 @@ async def test_populated_v2_file_migrates_keeping_rows_links_and_the_id_counter(
         rows = [tuple(r) for r in await db.fetchall("SELECT id, role, text, status, reply_to_id FROM messages")]
         assert [r[2] for r in rows] == ["question 0", "answer 0", "question 1", "answer 1", "question 2", "answer 2"]
         assert [r[4] for r in rows if r[1] == "bot"] == [1, 3, 5]          # linked to what they answered
-        conv = Conversations(db)
-        new = await conv.log_message(chat, "user", "limited one", user_id=ann, status="limited")
+        conv = Store.over(db)
+        new = await conv.messages.log_message(chat, "user", "limited one", user_id=ann, status="limited")
         assert new == last + 1
         indexes = {r[0] for r in await db.fetchall("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"messages_chat_id", "messages_user", "messages_platform_id", "messages_reply_to"} <= indexes
@@ -67,9 +69,9 @@ async def test_populated_v2_postgres_migrates_keeping_rows_links_and_the_id_coun
     """PostgreSQL's own form of migration 5 (ALTER in place) keeps what SQLite's rebuild keeps."""
     monkeypatch.setattr(dbmod, "MIGRATIONS", dbmod.MIGRATIONS[:2])
     old = await open_database(pg_url)
-    conv = Conversations(old)
-    chat = await conv.chat("telegram", 1, type="group")
-    ann = await conv.user("telegram", 42, name="Ann")
+    conv = Store.over(old)
+    chat = await conv.chats.chat("telegram", 1, type="group")
+    ann = await conv.chats.user("telegram", 42, name="Ann")
     insert = ("INSERT INTO messages (chat_id, user_id, role, text, platform_message_id, reply_to_platform_id, "
               "status, created_at) VALUES (?, ?, ?, ?, ?, ?, 'ok', 0)")
     async with old.transaction() as c:
@@ -88,53 +90,53 @@ async def test_populated_v2_postgres_migrates_keeping_rows_links_and_the_id_coun
         rows = [tuple(r) for r in await db.fetchall("SELECT id, role, text, status, reply_to_id FROM messages "
                                                     "ORDER BY id")]
         assert [r[4] for r in rows if r[1] == "bot"] == [1, 3, 5]
-        new = await Conversations(db).log_message(chat, "user", "limited one", user_id=ann, status="limited")
+        new = await Store.over(db).messages.log_message(chat, "user", "limited one", user_id=ann, status="limited")
         assert new == last + 1
     finally:
         await db.close()
 
 
 async def test_forget_deletes_replies_by_link_not_the_next_bot_message(conv):
-    group = await conv.chat("telegram", -5, type="group")
-    ann = await conv.user("telegram", 1, name="Ann")
-    bob = await conv.user("telegram", 2, name="Bob")
-    a1 = await conv.log_message(group, "user", "ann asks", user_id=ann)
-    b1 = await conv.log_message(group, "user", "bob asks", user_id=bob)
-    await conv.log_message(group, "bot", "reply to bob", reply_to_id=b1)   # right after Ann's? no: Bob's
-    await conv.log_message(group, "bot", "reply to ann echoing ann asks", reply_to_id=a1)
-    assert await conv.forget_user("telegram", 1) == 1
+    group = await conv.chats.chat("telegram", -5, type="group")
+    ann = await conv.chats.user("telegram", 1, name="Ann")
+    bob = await conv.chats.user("telegram", 2, name="Bob")
+    a1 = await conv.messages.log_message(group, "user", "ann asks", user_id=ann)
+    b1 = await conv.messages.log_message(group, "user", "bob asks", user_id=bob)
+    await conv.messages.log_message(group, "bot", "reply to bob", reply_to_id=b1)   # right after Ann's? no: Bob's
+    await conv.messages.log_message(group, "bot", "reply to ann echoing ann asks", reply_to_id=a1)
+    assert await conv.messages.forget_user("telegram", 1) == 1
     left = [r[0] for r in await conv.db.fetchall("SELECT text FROM messages ORDER BY id")]
     assert left == ["bob asks", "reply to bob"]
 
 
 async def test_forget_clears_titles_derived_from_the_user(conv):
-    dm = await conv.chat("discord", 77, type="private", title="DM with ann#1234")
-    ann = await conv.user("discord", 1, name="ann")
-    await conv.log_message(dm, "user", "hi", user_id=ann)
-    group = await conv.chat("discord", 88, type="group", title="Server #general")
-    await conv.log_message(group, "user", "hello all", user_id=ann)
-    await conv.forget_user("discord", 1)
+    dm = await conv.chats.chat("discord", 77, type="private", title="DM with ann#1234")
+    ann = await conv.chats.user("discord", 1, name="ann")
+    await conv.messages.log_message(dm, "user", "hi", user_id=ann)
+    group = await conv.chats.chat("discord", 88, type="group", title="Server #general")
+    await conv.messages.log_message(group, "user", "hello all", user_id=ann)
+    await conv.messages.forget_user("discord", 1)
     titles = dict(tuple(r) for r in await conv.db.fetchall("SELECT platform_chat_id, title FROM chats"))
     assert titles == {"77": None, "88": "Server #general"}
 
 
 async def test_context_leaves_out_pending_failed_and_limited(conv):
-    chat = await conv.chat("telegram", 3)
-    await conv.log_message(chat, "user", "one")
-    await conv.log_message(chat, "bot", "never confirmed", status="pending")
-    await conv.log_message(chat, "user", "flood", status="limited")
-    await conv.log_message(chat, "bot", "lost", status="failed")
-    await conv.log_message(chat, "user", "two")
-    assert await conv.context(chat, 10) == [StoredTurn("user", "one"), StoredTurn("user", "two")]
-    assert await conv.count_user_messages() == 2
+    chat = await conv.chats.chat("telegram", 3)
+    await conv.messages.log_message(chat, "user", "one")
+    await conv.messages.log_message(chat, "bot", "never confirmed", status="pending")
+    await conv.messages.log_message(chat, "user", "flood", status="limited")
+    await conv.messages.log_message(chat, "bot", "lost", status="failed")
+    await conv.messages.log_message(chat, "user", "two")
+    assert await conv.messages.context(chat, 10) == [StoredTurn("user", "one"), StoredTurn("user", "two")]
+    assert await conv.messages.count_user_messages() == 2
 
 
 async def test_database_wal_and_folder_are_private(tmp_path):
     old = os.umask(0o022)
     try:
         db = await Database.open(tmp_path / "new" / "mynah.sqlite3")
-        conv = Conversations(db)
-        await conv.log_message(await conv.chat("telegram", 1), "user", "secret")
+        conv = Store.over(db)
+        await conv.messages.log_message(await conv.chats.chat("telegram", 1), "user", "secret")
         try:
             for name in ("mynah.sqlite3", "mynah.sqlite3-wal", "mynah.sqlite3-shm"):
                 assert stat.S_IMODE((tmp_path / "new" / name).stat().st_mode) == 0o600, name
@@ -164,7 +166,7 @@ def test_trainer_child_gets_no_tokens():
 
 
 async def test_audit_keeps_at_most_200_characters_of_arguments(conv):
-    await conv.audit("telegram", 5, "status", "x" * 3000, False)
+    await conv.audit.record("telegram", 5, "status", "x" * 3000, False)
     (args,), = [tuple(r) for r in await conv.db.fetchall("SELECT args FROM admin_audit")]
     assert len(args) == AUDIT_ARGS_MAX
 
@@ -183,7 +185,7 @@ async def _export_steps(conv) -> int:
     raw = conv.db.conn._conn      # the sqlite3 connection behind aiosqlite
     await conv.db.conn._execute(raw.set_progress_handler, count, 100)
     try:
-        dialogues = await conv.export_dialogues()
+        dialogues = await conv.messages.export_dialogues()
     finally:
         await conv.db.conn._execute(raw.set_progress_handler, None, 100)
     assert dialogues
@@ -193,15 +195,15 @@ async def _export_steps(conv) -> int:
 async def test_export_cost_does_not_grow_with_the_number_of_resets(conv):
     """Someone spams /reset: the export's work must follow the messages, not messages x resets."""
     async def chat_with(resets: int, platform_chat_id: int) -> int:
-        chat = await conv.chat("telegram", platform_chat_id)
+        chat = await conv.chats.chat("telegram", platform_chat_id)
         for i in range(100):
-            await conv.log_message(chat, "user", f"q{i}")
-            await conv.log_message(chat, "bot", f"a{i}")
+            await conv.messages.log_message(chat, "user", f"q{i}")
+            await conv.messages.log_message(chat, "bot", f"a{i}")
         for _ in range(resets):
-            await conv.reset(chat)
+            await conv.messages.reset(chat)
         for i in range(100):
-            await conv.log_message(chat, "user", f"q{i}")
-            await conv.log_message(chat, "bot", f"a{i}")
+            await conv.messages.log_message(chat, "user", f"q{i}")
+            await conv.messages.log_message(chat, "bot", f"a{i}")
         return chat
 
     await chat_with(10, 1)
@@ -232,18 +234,18 @@ def test_rate_limiter_forgets_idle_users_and_notices_once_per_window():
 async def test_write_retry_waits_out_a_lock_and_gives_up_only_when_abandoned(tmp_path):
     db = await Database.open(tmp_path / "w.sqlite3", busy_timeout_ms=50)
     db.retries, db.retry_delay = 0, 0.01
-    conv = Conversations(db)
-    chat = await conv.chat("telegram", 1)
+    conv = Store.over(db)
+    chat = await conv.chats.chat("telegram", 1)
     locker = sqlite3.connect(db.path, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     retry = WriteRetry(0.05, 0.2)
-    task = asyncio.create_task(retry.run("test", lambda: conv.log_message(chat, "user", "kept")))
+    task = asyncio.create_task(retry.run("test", lambda: conv.messages.log_message(chat, "user", "kept")))
     await asyncio.sleep(1.0)
     assert not task.done()
     locker.execute("ROLLBACK")
     assert await asyncio.wait_for(task, 5) > 0
     locker.execute("BEGIN EXCLUSIVE")
-    task = asyncio.create_task(retry.run("test", lambda: conv.log_message(chat, "user", "dropped")))
+    task = asyncio.create_task(retry.run("test", lambda: conv.messages.log_message(chat, "user", "dropped")))
     await asyncio.sleep(0.3)
     retry.abandon()
     with pytest.raises(dbmod.StorageError, match="stopping"):

@@ -220,7 +220,7 @@ async def test_sticker_and_voice_get_a_note_empty_text_and_edits_are_ignored(bot
 
 
 async def test_typing_is_resent_while_generating_and_stops_after(make_bot, fake, monkeypatch):
-    monkeypatch.setattr("bots.platforms.telegram.adapter.TYPING_EVERY_S", 0.05)    # Telegram's is 4 s
+    monkeypatch.setattr("bots.platforms.telegram.sender.TYPING_EVERY_S", 0.05)    # Telegram's is 4 s
     bot = await make_bot(generation={"max_new_tokens": 24, "min_new_tokens": 24}, engine={"fast_path": "off"})
     # the tiny model answers in milliseconds; make each decode step take 20 ms so the
     # reply takes ~0.5 s, long enough for several typing resends however fast the machine is
@@ -377,9 +377,9 @@ async def test_ten_thousand_characters_are_split_through_the_real_bot(bot, fake)
     text = "\n\n".join([paragraph] * 6)
     text += "\n\n" + "x" * (10_000 - len(text) - 2)
     assert len(text) == 10_000
-    conv = bot.app.conversations
-    chat_id = await conv.chat("telegram", "300")
-    stored = await conv.log_message(chat_id, "bot", text, status="pending")
+    conv = bot.app.store
+    chat_id = await conv.chats.chat("telegram", "300")
+    stored = await conv.messages.log_message(chat_id, "bot", text, status="pending")
 
     ids = await bot.adapter.send(300, Outgoing(text, stored_id=stored), reply_to=7)
     parts = fake.sent(300)[1:]
@@ -390,6 +390,22 @@ async def test_ten_thousand_characters_are_split_through_the_real_bot(bot, fake)
     assert all("reply_parameters" not in c.params for c in parts[1:])
     assert bot.rows("SELECT status, platform_message_id FROM messages WHERE id = ?", (stored,)) == \
         [("ok", str(ids[0]))]
+
+
+async def test_a_partly_sent_reply_is_marked_failed_with_its_first_part(bot, fake):
+    """The one rule for partial sends (bots/chat/delivery.py): delivered only when every part
+    went out; a partly sent reply is failed (not context, not training data, not resent),
+    with the first part's id kept so a reply to it still counts as a reply to the bot."""
+    fake.message(303, "/start")
+    await fake.wait_sent(303, 1)
+    text = "first part. " * 400 + "\n\n" + "second part. " * 400         # two parts of under 4096
+    store = bot.app.store
+    stored = await store.messages.log_message(await store.chats.chat("telegram", "303"), "bot", text, status="pending")
+    fake.fail_next("sendMessage", 403, after=1)                         # the first part goes out, then 403
+    ids = await bot.adapter.send(303, Outgoing(text, stored_id=stored))
+    assert len(ids) == 1 and len(fake.sent(303)) == 2
+    assert bot.rows("SELECT status, platform_message_id FROM messages WHERE id = ?", (stored,)) == \
+        [("failed", str(ids[0]))]
 
 
 async def test_a_picture_with_its_caption(bot, fake, tmp_path):

@@ -94,8 +94,8 @@ async def test_burst_of_40_gets_at_most_limit_plus_one_replies_and_others_are_an
     assert rows.count(("user", "ok")) == 5 and rows.count(("user", "limited")) == 35
     assert rows.count(("bot", "ok")) == 5
     # limited messages are never trained on or counted toward retraining
-    assert await bot.app.conversations.count_user_messages() == 5 + 1
-    dialogue_text = " ".join(t for d in await bot.app.conversations.export_dialogues(min_turns=1) for t in d.turns)
+    assert await bot.app.store.messages.count_user_messages() == 5 + 1
+    dialogue_text = " ".join(t for d in await bot.app.store.messages.export_dialogues(min_turns=1) for t in d.turns)
     assert "message number 39" not in dialogue_text
     # nor shown to the model as context
     assert all("message number 39" not in text for call in bot.engine_calls for _, text in call)

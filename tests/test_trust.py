@@ -21,7 +21,7 @@ from bots.learning.decide import Decision, parrot
 from bots.learning.export import BaseCorpus, changed_since_export, export_dialogues
 from bots.learning.trust import tainted_closure, untainted_ancestor
 from engine.registry import Registry, Version
-from storage.conversations import Conversations
+from storage.store import Store
 from storage import open_database
 from storage.trust import TrustStore
 
@@ -171,15 +171,15 @@ async def test_exported_training_data_masks_contacts_and_keeps_breadth(tmp_path,
     registry.register_configured("starter")
     db = await open_database(storage_target)      # SQLite and PostgreSQL
     try:
-        conv = Conversations(db)
+        conv = Store.over(db)
         for u in range(3):
-            chat, user = await conv.chat("telegram", f"c{u}"), await conv.user("telegram", f"u{u}")
+            chat, user = await conv.chats.chat("telegram", f"c{u}"), await conv.chats.user("telegram", f"u{u}")
             for k, topic in enumerate(["dogs", "music", "the weather", "books"]):
-                await conv.log_message(chat, "user", f"about {topic}: write to me at person{u}@mail.com or ring "
+                await conv.messages.log_message(chat, "user", f"about {topic}: write to me at person{u}@mail.com or ring "
                                        f"0171 555 01{u}{k} or see http://my{u}.example.org/{k}", user_id=user)
-                await conv.log_message(chat, "bot", f"sure thing {k} damn" if k == 1 else f"sure thing {k}")
+                await conv.messages.log_message(chat, "bot", f"sure thing {k} damn" if k == 1 else f"sure thing {k}")
                 if k == 1:
-                    await conv.reset(chat)      # two conversations each: one can be held out
+                    await conv.messages.reset(chat)      # two conversations each: one can be held out
         folder = tmp_path / "run"
         folder.mkdir()
         plan = await export_dialogues(conv, config.learning, registry.active(), 1, folder, BaseCorpus(),
@@ -228,31 +228,31 @@ async def test_group_settings_are_for_group_admins_and_audited(tmp_path):
     config = parse_config({"storage": {"path": str(tmp_path / "db.sqlite3")}, "admins": {"telegram": [ADMIN]},
                            "model": {"path": "starter"}})
     async with await Mynah.open(config) as app:
-        conv, chat = app.conversations, app.chat
+        conv, chat = app.store, app.chat
         out = await chat.handle(group_msg("/optout", "5", chat_admin=True))
         assert "no longer be used" in out[0].text
-        chat_id = await conv.chat("telegram", "-100")
-        assert not await conv.consent(chat_id)
+        chat_id = await conv.chats.chat("telegram", "-100")
+        assert not await conv.chats.consent(chat_id)
         # a member who is not an admin cannot opt the group back in (only themselves)
         out = await chat.handle(group_msg("/optin", "6", chat_admin=False))
         assert "for its admins" in out[0].text
-        assert not await conv.consent(chat_id)
+        assert not await conv.chats.consent(chat_id)
         # nor /reset the group's conversation
-        await conv.log_message(chat_id, "user", "keep me", user_id=await conv.user("telegram", "6"))
+        await conv.messages.log_message(chat_id, "user", "keep me", user_id=await conv.chats.user("telegram", "6"))
         out = await chat.handle(group_msg("/reset", "6", chat_admin=False))
         assert "only this group's admins" in out[0].text
-        assert [t.text for t in await conv.context(chat_id, 10)] == ["keep me"]
+        assert [t.text for t in await conv.messages.context(chat_id, 10)] == ["keep me"]
         # Mynah's own admins may, even without being the group's admins
         out = await chat.handle(group_msg("/reset", ADMIN, chat_admin=False))
-        assert "Fresh start" in out[0].text and await conv.context(chat_id, 10) == []
-        audit = await conv.recent_audit(10)
+        assert "Fresh start" in out[0].text and await conv.messages.context(chat_id, 10) == []
+        audit = await conv.audit.recent(10)
         assert [(a["platform_user_id"], a["command"], a["allowed"]) for a in reversed(audit)] == [
             ("5", "optout", True), ("6", "optin", False), ("6", "reset", False), (ADMIN, "reset", True)]
         # a user's own /optout keeps their messages out everywhere, even in chats that allow training
         await chat.handle(Incoming(platform="telegram", chat_id="77", user_id="77", text="/optout"))
         trust = TrustStore(app.db)
         assert not await trust.user_consent("telegram", "77")
-        other = await conv.chat("telegram", "-200", type="group")
-        await conv.log_message(other, "user", "mine", user_id=await conv.user("telegram", "77"))
-        await conv.log_message(other, "user", "theirs", user_id=await conv.user("telegram", "78"))
+        other = await conv.chats.chat("telegram", "-200", type="group")
+        await conv.messages.log_message(other, "user", "mine", user_id=await conv.chats.user("telegram", "77"))
+        await conv.messages.log_message(other, "user", "theirs", user_id=await conv.chats.user("telegram", "78"))
         assert await trust.count_new_user_messages() == 1

@@ -35,14 +35,14 @@ async def test_tay_one_user_with_a_few_others_never_promotes_and_says_why(tmp_pa
     run (its threshold met) and an admin's /retrain both end without a promotion, and say why."""
     config = make_config(tmp_path, base_model, min_new_messages=200, min_users=5, max_user_share=0.2)
     async with await Mynah.open(config) as app:
-        conv, rng = app.conversations, random.Random(7)
-        chat = await conv.chat("telegram", "evil")
-        evil = await conv.user("telegram", "evil")
+        conv, rng = app.store, random.Random(7)
+        chat = await conv.chats.chat("telegram", "evil")
+        evil = await conv.chats.user("telegram", "evil")
         for k in range(200):
-            await conv.log_message(chat, "user", advert(rng, k), user_id=evil)
-            await conv.log_message(chat, "bot", "hmm , ok")
+            await conv.messages.log_message(chat, "user", advert(rng, k), user_id=evil)
+            await conv.messages.log_message(chat, "bot", "hmm , ok")
             if k % 10 == 9:
-                await conv.reset(chat)
+                await conv.messages.reset(chat)
         await log_chats(conv, 3, "nice to meet you", prefix="friend")
         learning = app.learning
         new, _ = await learning.new_messages()
@@ -56,7 +56,7 @@ async def test_tay_one_user_with_a_few_others_never_promotes_and_says_why(tmp_pa
         forced = await learning.wait()
         assert forced.status == RunStatus.SKIPPED and "min_users" in forced.reason
         assert learning.registry.active_name() == "v0001" and len(learning.registry.versions()) == 1
-        runs = await conv.training_runs(5)
+        runs = await conv.runs.training_runs(5)
         assert len(runs) == 2 and all(r["decision"].startswith("skipped: only 0 distinct user") for r in runs)
 
 
@@ -87,12 +87,12 @@ def phrase_loss(path: str) -> float:
 async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model, capsys):
     config = make_config(tmp_path, base_model, base_loss_tolerance=0.5, rebuild_delay_seconds=0, epochs=3)
     async with await Mynah.open(config) as app:
-        conv, learning = app.conversations, app.learning
+        conv, learning = app.store, app.learning
         await log_chats(conv, 24, CATCHPHRASE)
-        chat, user = await conv.chat("telegram", "pet"), await conv.user("telegram", "pet")
+        chat, user = await conv.chats.chat("telegram", "pet"), await conv.chats.user("telegram", "pet")
         for text in PET:
-            await conv.log_message(chat, "user", text, user_id=user)
-            await conv.log_message(chat, "bot", REPLY)
+            await conv.messages.log_message(chat, "user", text, user_id=user)
+            await conv.messages.log_message(chat, "bot", REPLY)
         mine = {r[0] for r in await app.db.fetchall("SELECT id FROM messages WHERE user_id = ?", (user,))}
         result = await learning.run_once("test", force=True)
         assert result.decision == Decision.PROMOTED, result.summary()
@@ -117,7 +117,7 @@ async def test_forget_after_a_promotion_reaches_the_model(tmp_path, base_model, 
 
         # the queued rebuild: a normal run from v0001 on what remains
         for _ in range(200):
-            runs = await conv.training_runs(1)
+            runs = await conv.runs.training_runs(1)
             if runs and runs[0]["trigger"] == "rebuild after /forget" and runs[0]["status"] != "running":
                 break
             await asyncio.sleep(0.2)
@@ -168,7 +168,7 @@ async def test_require_approval_waits_for_promote(tmp_path, base_model):
             got.append(out.text)
 
         learning.add_notifier("telegram", inbox)
-        await log_chats(app.conversations, 24, CATCHPHRASE)
+        await log_chats(app.store, 24, CATCHPHRASE)
         await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN, text="/retrain"))
         result = await learning.wait()
         assert result.decision == Decision.REJECTED and result.reason == "awaiting approval: /promote v0002"

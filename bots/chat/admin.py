@@ -1,58 +1,54 @@
-"""Admin-only commands behind a real ACL: /retrain, /status, /rollback, /models.
+"""Admin-only commands behind a real ACL: /retrain, /status, /rollback, /models, /promote
+(the `admin=True` records of bots/chat/commands.py).
 
-Admins are platform user ids listed in config under [admins]. Every attempt, allowed or
-not, is written to the audit table. The learning loop plugs in as `learning`; without it
-the commands that need it say so.
+Admins are platform user ids listed in config under [admins]; each platform's spec says
+where its ids are (a platform without any, the console, makes whoever runs it an admin).
+Every attempt, allowed or not, is written to the audit table. /status is answered here;
+the other handlers are bound from the learning loop and its trust keeper at construction;
+without the loop the commands that need it say so.
 """
 from __future__ import annotations
 
 import time
 
-from bots.durations import duration
+from collections.abc import Mapping
+
+from bots.chat.durable import WriteRetry
 from bots.chat.events import Incoming, Outgoing
+from bots.durations import duration
 
 
-# Telegram's anonymous group admins (and linked channels) post as the group itself: the id
-# is shared by every anonymous admin, so it can prove nobody's identity.
+# Anonymous group admins (and linked channels) post as the group itself: the id is shared by
+# every anonymous admin, so it can prove nobody's identity.
 ANONYMOUS_TEXT = ("/{name} needs to know which admin you are, but this message was sent anonymously (on behalf "
                   "of the group). Turn off \"Remain anonymous\" in your admin rights, or ask me in a private chat.")
 
 
 class AdminCommands:
-    def __init__(self, admins_config, conversations, engine, learning=None):
-        self.admins = {
-            "telegram": {str(i) for i in admins_config.telegram},
-            "discord": {str(i) for i in admins_config.discord},
-        }
-        self.conversations = conversations
+    def __init__(self, admins: Mapping[str, frozenset[str] | None], store, engine, learning=None, *,
+                 writes: WriteRetry | None = None):
+        self.admins = dict(admins)   # platform -> admin ids; None: everyone there (bots/platforms/registry.py)
+        self.store = store      # storage.store.Store: the audit, and counts for /status
         self.engine = engine
         self.learning = learning
-        self.writes = None      # bots.chat.durable.WriteRetry, set by ChatService: audits survive a locked database
+        self.writes = writes or WriteRetry()   # audits survive a locked database
         self.started_at = time.time()
         self.cluster = None     # bots.cluster.Presence when several workers share the database
-        # Each admin command's handler, by name; without the learning loop its commands say so.
-        self.handlers = {"status": self._status}
-        if learning is not None:
-            self.handlers.update(retrain=learning.command_retrain, rollback=learning.command_rollback,
-                                 models=learning.command_models, promote=learning.trust.command_promote)
 
     def is_admin(self, platform: str, user_id: str) -> bool:
-        if platform == "console":  # whoever runs the console owns the machine
+        if platform in self.admins and self.admins[platform] is None:
             return True
-        return str(user_id) in self.admins.get(platform, set())
+        return str(user_id) in (self.admins.get(platform) or ())
 
-    async def handle(self, name: str, args: list[str], msg: Incoming) -> list[Outgoing]:
+    async def handle(self, name: str, args: list[str], msg: Incoming, handler=None) -> list[Outgoing]:
+        """ACL and audit, then `handler` (bound from the command table; None: not available)."""
         allowed = self.is_admin(msg.platform, msg.user_id) and not msg.anonymous
-        audit = lambda: self.conversations.audit(msg.platform, msg.user_id, name, " ".join(args), allowed)  # noqa: E731
-        if self.writes is not None:
-            await self.writes.run(f"audit of /{name}", audit)
-        else:
-            await audit()
+        audit = lambda: self.store.audit.record(msg.platform, msg.user_id, name, " ".join(args), allowed)  # noqa: E731
+        await self.writes.run(f"audit of /{name}", audit)
         if msg.anonymous:
             return [Outgoing(ANONYMOUS_TEXT.format(name=name), ephemeral=True)]
         if not allowed:
             return [Outgoing(f"Sorry, /{name} is for the bot's admins only.", ephemeral=True)]
-        handler = self.handlers.get(name)
         if handler is None:
             return [Outgoing(f"/{name} is not available yet: the learning loop is not running.", ephemeral=True)]
         answers = await handler(args, msg)
@@ -60,12 +56,12 @@ class AdminCommands:
             out.private = True
         return answers
 
-    async def _status(self, args: list[str], msg: Incoming) -> list[Outgoing]:
+    async def command_status(self, args: list[str], msg: Incoming) -> list[Outgoing]:
         return [Outgoing(await self.status_text(), ephemeral=True)]
 
     async def status_text(self) -> str:
         stats = self.engine.stats()  # engine.serving.protocol.EngineStats
-        counts = await self.conversations.stats()
+        counts = await self.store.messages.stats()
         mmi = stats.mmi
         round_trip = f", last round trip {_secs(stats.backend_latency_s)}" if stats.backend != "local" else ""
         lines = [

@@ -1,11 +1,15 @@
-"""The one command table: every front end registers its commands from it.
+"""Every command, declared once: name, help, who may run it, and the handler that runs it.
 
-Telegram's setMyCommands and handlers, Discord's slash commands and the /help text all
-read `COMMANDS`, so a command is added (or described) in exactly one place. What each
-command does lives in `ChatService` (user commands) and `AdminCommands` (admin ones).
+/help, the command menus the platforms register (a bot command list, slash commands) and
+the dispatch in ChatService all read `COMMANDS`. A record names its handler as "provider.method"; `bind(providers)`
+turns the names into callables once, when the chat service is built, from the objects that
+implement them (the user commands, the admin commands, the learning loop and its trust
+keeper). A provider that is absent (no learning loop) leaves its commands unbound, and
+they say so when asked. Every handler is `async (args, msg) -> list[Outgoing]`.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 
@@ -21,28 +25,30 @@ class Argument:
 class Command:
     name: str
     description: str
+    handler: str                        # "provider.method", bound by `bind`
     admin: bool = False                 # admins only (checked by AdminCommands, audited)
     private: bool = False               # only the asker should see the answer (ephemeral)
     argument: Argument | None = None
-    platforms: frozenset[str] | None = None   # None: offered everywhere
+    optional: bool = False              # offered only by platforms that list it (PlatformSpec.optional_commands)
 
 
 COMMANDS: tuple[Command, ...] = (
-    # /start is Telegram's "Start" button; elsewhere /help says the same
-    Command("start", "say hello", platforms=frozenset({"telegram", "console"})),
-    Command("help", "what I can do"),
-    Command("reset", "start our conversation afresh"),
-    Command("forget", "delete everything you have said to me", private=True),
-    Command("optout", "keep this chat out of my training"),
-    Command("optin", "let this chat help me learn again"),
-    Command("persona", "show or set my persona in this chat (/persona reset clears it)",
+    # /start is the "Start" button of some platforms; elsewhere /help says the same
+    Command("start", "say hello", "user.command_help", optional=True),
+    Command("help", "what I can do", "user.command_help"),
+    Command("reset", "start our conversation afresh", "user.command_reset"),
+    Command("forget", "delete everything you have said to me", "user.command_forget", private=True),
+    Command("optout", "keep this chat out of my training", "user.command_optout"),
+    Command("optin", "let this chat help me learn again", "user.command_optin"),
+    Command("persona", "show or set my persona in this chat (/persona reset clears it)", "user.command_persona",
             argument=Argument("text", "the persona, e.g. \"a cheerful pirate\"; \"reset\" clears it")),
-    Command("retrain", "fine-tune on logged chats now", admin=True, private=True),
-    Command("status", "model, runs, queue, latency, uptime", admin=True, private=True),
-    Command("rollback", "make the previous (or a given) version active", admin=True, private=True,
+    Command("retrain", "fine-tune on logged chats now", "learning.command_retrain", admin=True, private=True),
+    Command("status", "model, runs, queue, latency, uptime", "admin.command_status", admin=True, private=True),
+    Command("rollback", "make the previous (or a given) version active", "learning.command_rollback",
+            admin=True, private=True,
             argument=Argument("version", "the version to make active, e.g. v0003 (default: the previous one)")),
-    Command("models", "list model versions and their metrics", admin=True, private=True),
-    Command("promote", "serve a version that waits for approval", admin=True, private=True,
+    Command("models", "list model versions and their metrics", "learning.command_models", admin=True, private=True),
+    Command("promote", "serve a version that waits for approval", "trust.command_promote", admin=True, private=True,
             argument=Argument("version", "the waiting version, e.g. v0004")),
 )
 
@@ -52,10 +58,22 @@ USER_COMMANDS: dict[str, str] = {c.name: c.description for c in COMMANDS if not 
 ADMIN_COMMANDS: dict[str, str] = {c.name: c.description for c in COMMANDS if c.admin}
 
 
-def commands_for(platform: str, *, admin: bool | None = None) -> list[Command]:
-    """The commands `platform` offers, in table order; `admin` filters on admin-only."""
+def bind(providers: Mapping[str, object | None]) -> dict:
+    """{command name: its handler} for every command whose provider is present."""
+    bound = {}
+    for command in COMMANDS:
+        provider, _, method = command.handler.partition(".")
+        owner = providers.get(provider)
+        if owner is not None:
+            bound[command.name] = getattr(owner, method)
+    return bound
+
+
+def commands_for(optional: Collection[str] = (), *, admin: bool | None = None) -> list[Command]:
+    """The commands a platform offers (the optional ones it lists), in table order;
+    `admin` filters on admin-only."""
     return [c for c in COMMANDS
-            if (c.platforms is None or platform in c.platforms) and (admin is None or c.admin == admin)]
+            if (not c.optional or c.name in optional) and (admin is None or c.admin == admin)]
 
 
 def parse_command(text: str) -> tuple[str, list[str], str] | None:

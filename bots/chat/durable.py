@@ -4,7 +4,7 @@ A backup tool or another process can hold SQLite's write lock for longer than th
 timeout, and a full disk refuses writes until someone frees space. Neither is a reason to
 drop a user's message: `WriteRetry.run` keeps trying (0.5 s, 1 s, 2 s … up to `max_delay`
 between attempts), says so in the log, and returns once the write went through. Meanwhile
-the platform's delivery is not acknowledged (Telegram redelivers after a restart), so the
+the platform's delivery is not acknowledged (a platform that redelivers does so after a restart), so the
 message is never lost, only late. Only `abandon()` (the process is stopping) ends the wait,
 with `StorageUnavailable`; the message then stays unacknowledged and comes back next start.
 """

@@ -27,10 +27,18 @@ class Incoming:
     # commands that change a group's settings (GROUP_ADMIN_COMMANDS).
     sender_is_chat_admin: bool | None = None
     anonymous: bool = False       # sent on behalf of a chat (anonymous group admin): no real user id
+    can_answer_privately: bool = False   # the platform can message the asker privately (from a group)
 
     @property
     def is_private(self) -> bool:
         return self.chat_type == "private"
+
+
+def answers_privately(msg: Incoming) -> bool:
+    """Whether an answer meant for the asker alone (Outgoing.private) goes to their private
+    chat: asked in a group, on a platform that can message them there, by a real user (an
+    anonymous sender's id is the group's). The one place this is decided."""
+    return msg.can_answer_privately and not msg.is_private and not msg.anonymous
 
 
 GROUP_ADMIN_COMMANDS = frozenset({"optout", "optin", "reset", "persona"})

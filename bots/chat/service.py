@@ -19,14 +19,15 @@ import time
 from dataclasses import dataclass
 
 from bots.chat.admin import AdminCommands
-from bots.chat.commands import BY_NAME, help_text, parse_command
+from bots.chat.commands import BY_NAME, bind, parse_command
 from bots.chat.events import Incoming, Outgoing
 from bots.chat.durable import WriteRetry
 from bots.chat.ratelimit import RateLimiter, Verdict
 from bots.chat.routing import current_chat
+from bots.chat.user_commands import UserCommands, chat_row
 from bots.metrics import record_reply
+from bots.platforms.registry import admin_ids
 from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
-from storage.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,6 @@ ERROR_TEXT = "Sorry, something went wrong on my side. Please try again."
 NON_TEXT_TEXT = "I can only read text messages for now."
 UNAVAILABLE_TEXT = ("Sorry, I can't think right now: the engine that writes my replies is unreachable. "
                     "I've kept your message; please try again in a little while.")
-PERSONA_MAX_CHARS = 2000
-ANONYMOUS_FORGET_TEXT = ("/forget needs to know who you are, but this message was sent on behalf of a chat "
-                         "(anonymously). Send /forget as yourself, e.g. in a private chat with me.")
 UNKNOWN_NAME_CHARS = 32     # of an unknown command's name echoed back
 
 
@@ -60,17 +58,20 @@ class Gate:
 
 
 class ChatService:
-    def __init__(self, config, engine, conversations, learning=None):
+    def __init__(self, config, engine, store, learning=None, *, admins=None):
+        """`admins`: {platform: admin ids, None for everyone there}; default: from each
+        registered platform's spec and the config's [admins]."""
         self.config = config
         self.engine = engine
-        self.conversations = conversations
-        self.admin = AdminCommands(config.admins, conversations, engine, learning)
+        self.store = store      # storage.store.Store
         self.limiter = RateLimiter(config.chat.rate_limit_messages, config.chat.rate_limit_seconds)
         self.writes = WriteRetry(config.storage.write_retry_first_s, config.storage.write_retry_max_s)
-        self.admin.writes = self.writes
-        self.user_commands = {"start": self._help, "help": self._help, "reset": self._reset,
-                              "forget": self._forget, "optout": self._consent, "optin": self._consent,
-                              "persona": self._persona}
+        self.admin = AdminCommands(admin_ids(config) if admins is None else admins, store, engine, learning,
+                                   writes=self.writes)
+        self.user = UserCommands(config, store, self.admin.is_admin, learning)
+        # Each command's handler, bound once from the command table (bots/chat/commands.py).
+        self.handlers = bind({"user": self.user, "admin": self.admin, "learning": learning,
+                              "trust": learning.trust if learning is not None else None})
 
     # ---- entry point --------------------------------------------------------------
     async def handle(self, msg: Incoming, *, on_logged=None, stream=None) -> list[Outgoing]:
@@ -154,12 +155,12 @@ class ChatService:
         Also when rate-limited (status 'limited'): the log is the whole conversation, but a
         limited message is never answered, trained on or counted toward retraining."""
         async def write():
-            chat_id = await self._chat_id(msg)
-            seen = None if msg.message_id is None else await self.conversations.seen_message(chat_id, msg.message_id)
+            chat_id = await chat_row(self.store.chats, msg)
+            seen = None if msg.message_id is None else await self.store.messages.seen_message(chat_id, msg.message_id)
             if seen is not None:
                 return chat_id, seen[0], seen[1]
-            user_id = await self.conversations.user(msg.platform, msg.user_id, name=msg.user_name)
-            stored = await self.conversations.log_message(
+            user_id = await self.store.chats.user(msg.platform, msg.user_id, name=msg.user_name)
+            stored = await self.store.messages.log_message(
                 chat_id, "user", text, user_id=user_id, platform_message_id=msg.message_id,
                 reply_to=msg.reply_to_message_id, status=status)
             return chat_id, stored, False
@@ -168,13 +169,13 @@ class ChatService:
 
     async def build_context(self, chat_id: int) -> list[tuple[str, str]]:
         """The chat's turns since its last /reset, each cut to the platform-neutral length limit."""
-        turns = await self.conversations.context(chat_id, self.config.generation.max_history_turns)
+        turns = await self.store.messages.context(chat_id, self.config.generation.max_history_turns)
         limit = self.config.chat.max_message_chars
         return [(t.role, t.text[-limit:]) for t in turns]
 
     async def persona(self, chat_id: int) -> str:
         """The chat's system prompt: its own /persona, else `[chat] default_persona`."""
-        own = await self.conversations.persona(chat_id)
+        own = await self.store.chats.persona(chat_id)
         return own if own is not None else self.config.chat.default_persona
 
     async def generate(self, msg: Incoming, history: list[tuple[str, str]], *, system: str = "", stream=None):
@@ -201,7 +202,7 @@ class ChatService:
         stored message `answered`) and hand it out."""
         stored = await self.writes.run(
             f"{msg.platform} reply in chat {msg.chat_id}",
-            lambda: self.conversations.log_message(chat_id, "bot", reply.text, model_version=reply.model_version,
+            lambda: self.store.messages.log_message(chat_id, "bot", reply.text, model_version=reply.model_version,
                                                    reply_to=msg.message_id, status="pending", reply_to_id=answered))
         record_reply(msg.platform, "fallback" if reply.fallback else "ok", reply.latency_s, reply.new_tokens)
         return Outgoing(reply.text, stored_id=stored, reply_to=msg.message_id)
@@ -209,13 +210,15 @@ class ChatService:
     # ---- delivery reports from the adapters ---------------------------------------------
     async def delivered(self, out: Outgoing, platform_message_id: str | None) -> None:
         if out.stored_id is not None:
-            await self.writes.run(f"delivery of reply {out.stored_id}", lambda: self.conversations.set_status(
+            await self.writes.run(f"delivery of reply {out.stored_id}", lambda: self.store.messages.set_status(
                 out.stored_id, "ok", platform_message_id=platform_message_id))
 
-    async def failed(self, out: Outgoing) -> None:
+    async def failed(self, out: Outgoing, platform_message_id: str | None = None) -> None:
+        """Not (wholly) delivered; a partly sent reply keeps its first part's id, so a reply
+        to that part still counts as a reply to the bot."""
         if out.stored_id is not None:
-            await self.writes.run(f"failure of reply {out.stored_id}",
-                                  lambda: self.conversations.set_status(out.stored_id, "failed"))
+            await self.writes.run(f"failure of reply {out.stored_id}", lambda: self.store.messages.set_status(
+                out.stored_id, "failed", platform_message_id=platform_message_id))
 
     async def recover_pending(self, platform: str, send) -> tuple[int, int]:
         """Replies left 'pending' by a process that died mid-send: resent through
@@ -223,13 +226,13 @@ class ChatService:
         else marked failed. Returns (resent, failed); `send` marks each delivered or failed."""
         max_age = self.config.chat.resend_pending_minutes * 60
         resent = dropped = 0
-        for pending in await self.conversations.pending_replies(platform):
+        for pending in await self.store.messages.pending_replies(platform):
             if time.time() - pending.created_at <= max_age:
                 out = Outgoing(pending.text, stored_id=pending.id, reply_to=pending.reply_to_platform_id)
                 await send(pending.platform_chat_id, pending.thread_id, out)
                 resent += 1
             else:
-                await self.conversations.set_status(pending.id, "failed")
+                await self.store.messages.set_status(pending.id, "failed")
                 dropped += 1
         if resent or dropped:
             log.warning("%s: %d reply(ies) left pending by the last run: %d resent, %d too old and marked failed",
@@ -240,95 +243,16 @@ class ChatService:
     async def command(self, name: str, args: list[str], msg: Incoming) -> list[Outgoing]:
         """Run a command; commands count toward the sender's rate limit like messages do."""
         spec = BY_NAME.get(name)
-        handler = self.user_commands.get(name)
-        if spec is None and handler is None and not (msg.is_private or msg.mentions_bot):
+        if spec is None and not (msg.is_private or msg.mentions_bot):
             return []             # someone else's command in a group: not ours, costs nothing
         verdict = self.limiter.check((msg.platform, msg.user_id))
         if not verdict.allowed:
             notice = self._slow_down(msg, verdict)
             return [notice] if notice is not None else []
+        handler = self.handlers.get(name)
         if spec is not None and spec.admin:
-            return await self.admin.handle(name, args, msg)
+            return await self.admin.handle(name, args, msg, handler)
         if handler is not None:
-            return await self.writes.run(f"command /{name}", lambda: handler(name, msg))
+            return await self.writes.run(f"command /{name}", lambda: handler(args, msg))
         shown = name[:UNKNOWN_NAME_CHARS] + ("…" if len(name) > UNKNOWN_NAME_CHARS else "")
         return [Outgoing(f"I don't know the command /{shown}. Try /help.")]
-
-    async def _chat_id(self, msg: Incoming) -> int:
-        return await self.conversations.chat(msg.platform, msg.chat_id, thread_id=msg.thread_id,
-                                             type=msg.chat_type, title=msg.chat_title)
-
-    async def _help(self, name: str, msg: Incoming) -> list[Outgoing]:
-        return [Outgoing(help_text(self.admin.is_admin(msg.platform, msg.user_id)))]
-
-    async def _group_admin(self, name: str, msg: Incoming) -> bool:
-        """A group's settings are for its admins and Mynah's; every attempt is audited."""
-        allowed = self.admin.is_admin(msg.platform, msg.user_id) or msg.sender_is_chat_admin is True
-        await self.conversations.audit(msg.platform, msg.user_id, name, f"group {msg.chat_id}", allowed)
-        return allowed
-
-    async def _reset(self, name: str, msg: Incoming) -> list[Outgoing]:
-        if not msg.is_private and not await self._group_admin(name, msg):
-            return [Outgoing("Sorry, only this group's admins can /reset the group's conversation.", ephemeral=True)]
-        await self.conversations.reset(await self._chat_id(msg))
-        return [Outgoing("Fresh start! I've put our earlier conversation out of mind.")]
-
-    async def _forget(self, name: str, msg: Incoming) -> list[Outgoing]:
-        if msg.anonymous:   # the id is the group's: it would delete every anonymous admin's messages
-            return [Outgoing(ANONYMOUS_FORGET_TEXT, ephemeral=True)]
-        deleted = await self.conversations.forget_user(msg.platform, msg.user_id)
-        learning = self.admin.learning
-        if learning is None:
-            return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
-                             ephemeral=True, private=True)]
-        try:
-            model = await learning.trust.forgot(msg.platform, msg.user_id)
-        except Exception:
-            log.exception("/forget: updating the model versions failed")
-            model = ("I could not yet retire the model versions that learned from them; the admins can see "
-                     "this in the log, and the next run will not use your messages.")
-        return [Outgoing(f"Done: I deleted {deleted} of your messages; they will never be used for training. {model}",
-                         ephemeral=True, private=True)]
-
-    async def _persona(self, name: str, msg: Incoming) -> list[Outgoing]:
-        """/persona shows the chat's persona, /persona <text> sets it, /persona reset clears it.
-
-        Anyone may set it in a private chat; in groups, the group's admins and Mynah's (audited)."""
-        chat_id = await self._chat_id(msg)
-        parts = (msg.text or "").split(maxsplit=1)
-        text = parts[1].strip() if len(parts) > 1 else ""
-        if not text:
-            own = await self.conversations.persona(chat_id)
-            current = own if own is not None else self.config.chat.default_persona
-            if not current:
-                return [Outgoing("This chat has no persona. Set one with /persona <text>.")]
-            where = "this chat's own" if own is not None else "the default"
-            return [Outgoing(f"Persona ({where}): {current}")]
-        if not msg.is_private and not await self._group_admin(name, msg):
-            return [Outgoing("Only this chat's admins can change my persona here.", ephemeral=True)]
-        if text.lower() == "reset":
-            await self.conversations.set_persona(chat_id, None)
-            return [Outgoing("Persona cleared: back to the default.")]
-        if len(text) > PERSONA_MAX_CHARS:
-            return [Outgoing(f"That persona is {len(text)} characters long; please keep it under "
-                             f"{PERSONA_MAX_CHARS}. Nothing was changed.")]
-        await self.conversations.set_persona(chat_id, text)
-        return [Outgoing("Persona set. It applies from my next reply (models without a system prompt, like "
-                         "DialoGPT, ignore it).")]
-
-    async def _consent(self, name: str, msg: Incoming) -> list[Outgoing]:
-        """The sender's own consent always follows their word; a group's only its admins'."""
-        optin = name == "optin"
-        await TrustStore(self.conversations.db).set_user_consent(msg.platform, msg.user_id, optin)
-        if not msg.is_private and not await self._group_admin(name, msg):
-            own = ("Your own messages may help me learn again" if optin else
-                   "Your own messages will no longer be used to train me, in any chat")
-            return [Outgoing(f"{own}. Keeping this whole group in or out of training is for its admins.",
-                             ephemeral=True)]
-        if msg.is_private:
-            await self.conversations.audit(msg.platform, msg.user_id, name, "private chat", True)
-        await self.conversations.set_consent(await self._chat_id(msg), optin)
-        if not optin:
-            return [Outgoing("This chat will no longer be used to train me. What earlier versions already learned "
-                             "stays (/forget deletes your messages and unlearns them). /optin to change your mind.")]
-        return [Outgoing("Thanks! This chat may help me learn again.")]

@@ -1,12 +1,12 @@
-"""Split a long reply into parts a platform accepts (Telegram: 4096 characters, Discord: 2000).
+"""Split a long reply into parts a platform accepts (each platform's sender has its limit).
 
 `split_message(text, limit)` prefers the largest natural boundary that fits: a paragraph
 break (blank line), then a line break, then the end of a sentence, then a space; only a
 single unbroken run longer than `limit` is cut mid-word. Parts are never empty and never
 longer than `limit`; the whitespace at a cut is dropped, everything else is kept in order.
 
-Length is measured by `measure` (default: code points). Telegram counts UTF-16 code units,
-where an emoji outside the BMP counts 2: pass `measure=utf16_len` there. Cuts always fall
+Length is measured by `measure` (default: code points). Some platforms count UTF-16 code
+units, where an emoji outside the BMP counts 2: pass `measure=utf16_len` there. Cuts always fall
 between code points, so a surrogate pair is never split.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ __all__ = ["split_message", "utf16_len"]
 
 
 def utf16_len(text: str) -> int:
-    """Length in UTF-16 code units, the way Telegram counts a message's length."""
+    """Length in UTF-16 code units, the way some platforms count a message's length."""
     return len(text.encode("utf-16-le")) // 2
 
 

@@ -1,15 +1,16 @@
 """Showing a reply while it is written, the same way on every platform.
 
 The first words go out as a new message; after that the message is edited as text
-arrives, at most once per `interval_s` (Telegram's flood limits are what streaming bots
-most often run into; Discord's are similar), and `finish()` makes it the whole reply: a
+arrives, at most once per `interval_s` (flood limits on edits are what streaming bots
+most often run into), and `finish()` makes it the whole reply: a
 last edit (waiting out the interval if needed), then the rest of a long reply as further
 messages, split as usual. While streaming, only what fits in the first message is shown.
 
-A platform subclasses `StreamedMessage` with `send_first`, `edit` and `send_more`. An edit
-that fails while streaming is skipped (the next one, or the final one, catches up); the
-final edit is the platform's to retry. The reply is stored once, complete, by ChatService
-after generation; `finish()` returns the sent ids so the adapter marks it delivered.
+`bots.chat.delivery.SenderStream` implements `send_first`, `edit` and `send_more` with a
+platform's Sender. An edit that fails while streaming is skipped (the next one, or the
+final one, catches up); the final edit is the sender's to retry. The reply is stored once,
+complete, by ChatService after generation; `finish()` returns the messages sent, and the
+delivery routine marks it delivered.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ def traffic_png(counts: list[tuple[float, str, int]], replies: list[tuple[float,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from bots.dashboard.queries import percentile
+    from engine.types import percentile
 
     now = now or time.time()
     edges = _buckets(since, now)

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from bots.metrics import engine_backend, engine_stats, stat
+from engine.types import percentile
 
 DAY_S = 24 * 3600
 RATE_WINDOW_S = 300
@@ -20,17 +21,6 @@ _REPLY_TIMES = (
     "SELECT m.created_at, m.created_at - (SELECT p.created_at FROM messages p WHERE p.chat_id = m.chat_id "
     "  AND p.id < m.id AND p.role = 'user' ORDER BY p.id DESC LIMIT 1) "
     "FROM messages m WHERE m.role = 'bot' AND m.created_at >= ?")
-
-
-def percentile(values, q: float) -> float | None:
-    """The q-quantile, linear between neighbours; None for no values."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 @dataclass
@@ -71,7 +61,7 @@ async def rates(db, window_s: float = RATE_WINDOW_S) -> tuple[float, float]:
 async def overview(state) -> Overview:
     app = state.app
     stats = engine_stats(app.engine)
-    counts = await app.conversations.stats()
+    counts = await app.store.messages.stats()
     per_min = await rates(app.db)
     p50, p95 = stat(stats, "latency_p50_s"), stat(stats, "latency_p95_s")
     if p50 is None:  # an engine that keeps no latencies: the last day's from the log
@@ -142,11 +132,11 @@ async def recent_messages(db, limit: int = 50) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-async def versions(registry, conversations) -> tuple[list, str | None, dict]:
+async def versions(registry, messages) -> tuple[list, str | None, dict]:
     """(versions oldest first, the active name, replies written per version)."""
     found = await asyncio.to_thread(registry.versions)
     active = await asyncio.to_thread(registry.active_name)
-    replies = await conversations.replies_by_version()
+    replies = await messages.replies_by_version()
     return found, active, replies
 
 

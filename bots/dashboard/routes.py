@@ -71,7 +71,7 @@ def done(request: web.Request, location: str, message: str, *, ok: bool = True) 
 
 async def audit(request: web.Request, command: str, args: str | None) -> None:
     try:
-        await state_of(request).app.conversations.audit("dashboard", request.remote or "?", command, args, True)
+        await state_of(request).app.store.audit.record("dashboard", request.remote or "?", command, args, True)
     except Exception:
         log.exception("could not audit the dashboard's %s", command)
 
@@ -142,7 +142,7 @@ async def versions(request: web.Request) -> web.Response:
     learning = state.app.learning
     if learning is None:
         return html(pages.versions_page([], None, {}, None, learning=False, **context(request)))
-    found, active, replies = await queries.versions(learning.registry, state.app.conversations)
+    found, active, replies = await queries.versions(learning.registry, state.app.store.messages)
     serving = getattr(learning, "serving", None)
     return html(pages.versions_page(found, active, replies, serving, learning=True, **context(request)))
 
@@ -214,7 +214,7 @@ async def training(request: web.Request) -> web.Response:
     if learning is None:
         return html(pages.training_page([], None, [], None, None, learning=False, **context(request)))
     now = await _training_state(state)
-    runs = await state.app.conversations.training_runs(50)
+    runs = await state.app.store.runs.training_runs(50)
     return html(pages.training_page(runs, now["running"], now["lines"], now["last_result"], now["other"],
                                     learning=True, extra=await feedback_section(state.app), **context(request)))
 

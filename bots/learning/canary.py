@@ -60,9 +60,9 @@ class Candidate:
 class Router:
     """A ReplyEngine over the active engine and, during a canary, the candidate's engine."""
 
-    def __init__(self, active, conversations):
+    def __init__(self, active, chats):
         self.active = active
-        self.conversations = conversations
+        self.chats = chats
         self.candidate: Candidate | None = None
         self.routed = 0       # replies the candidate wrote
 
@@ -78,7 +78,7 @@ class Router:
         c = self.candidate
         if c is None or chat_id is None or not in_canary(chat_id, c.version, c.share):
             return False
-        return await self.conversations.consent(chat_id)   # opted out: never an experiment
+        return await self.chats.consent(chat_id)   # opted out: never an experiment
 
     async def _pick(self):
         """The engine for the chat of the current task (bots/chat/routing.current_chat)."""
@@ -157,7 +157,7 @@ class Canary:
         self.lc = config.learning
         self.learning = learning
         self.registry = learning.registry
-        self.conversations = learning.conversations
+        self.store = learning.store
         self.router = router
         self.recorder = recorder       # bots.feedback.FeedbackRecorder
         self.make_engine = make_engine
@@ -271,7 +271,7 @@ class Canary:
             self.state = CanaryState(version.name, active.name, share, time.time(), run.run_id,
                                      [list(t) for t in run.notify_to])
             await self._save()
-        await self.conversations.record_model_version(version.name, version.model_path, version.created_at,
+        await self.store.runs.record_model_version(version.name, version.model_path, version.created_at,
                                                       version.metrics, version.note)
         result.decision = Decision.CANARY
         result.reason = (f"passed the offline gate ({result.reason}); {version.name} now serves {share:.0%} of "
@@ -340,7 +340,7 @@ class Canary:
         self.last = (time.time(), text)
         log.info("%s", text)
         with contextlib.suppress(Exception):
-            await self.conversations.update_training_run(st.run_id, decision=decision)
+            await self.store.runs.update_training_run(st.run_id, decision=decision)
             await self.learning.sync_versions()
         targets = [tuple(t) for t in st.notify_to] or [tuple(str(t).split(":", 2)) for t in self.lc.notify]
         if targets:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import random
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,22 +62,40 @@ class BaseCorpus:
         return dialogues[:n], dialogues[n:]
 
 
-async def export_dialogues(conversations, lc, active: Version, run_id: int, folder: Path,
+async def allowed_rows(store, lc, *, after_message_id: int = 0) -> feedback_filter.FeedbackFiltered:
+    """Every row training may read: the opted-in chats' messages (with each user's own
+    consent) minus what /forget removed, disliked replies cut. The training export and
+    `mynah export` both start here and then apply curate.clean and curate.group."""
+    from bots.learning.curate import Row
+
+    forgotten = await store.messages.forgotten_message_ids()
+    rows = [Row(**r) for r in await store.trust.training_rows(after_message_id=after_message_id)
+            if r["id"] not in forgotten]
+    return await feedback_filter.apply(store.feedback, lc, rows)
+
+
+async def allowed_dialogues(store, lc, banned: list[str]) -> list:
+    """Every dialogue the training rules allow (what `mynah export` writes): the same rows,
+    cleaning and grouping as a run's export, without a run's sampling (the per-user caps,
+    the held-out split, replay)."""
+    from bots.learning.curate import clean, group
+
+    rated = await allowed_rows(store, lc)
+    return group(clean(rated.rows, banned, Counter()))
+
+
+async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path,
                            base_corpus: BaseCorpus, *, banned_words: list[str] | None = None) -> ExportPlan:
     """Write folder/data.jsonl (splits train / held_out / base_eval) and return the plan.
 
     `lc` is the [learning] config; `run_id` seeds the caps, the replay sample and the shuffle.
     What may be learned from and how much each user may supply is curate.py's business."""
-    from bots.learning.curate import Row, cap_users, clean, curate, group, share_line
-    from storage.trust import TrustStore
+    from bots.learning.curate import cap_users, clean, curate, group, share_line
 
-    trust = TrustStore(conversations.db)
+    trust = store.trust
     watermark = active.trained_through
-    snapshot = await conversations.max_message_id()
-    forgotten = await conversations.forgotten_message_ids()
-    rows = [Row(**r) for r in await trust.training_rows(after_message_id=watermark if lc.replay_fraction <= 0 else 0)
-            if r["id"] not in forgotten]
-    rated = await feedback_filter.apply(conversations, lc, rows)     # disliked replies cut out
+    snapshot = await store.messages.max_message_id()
+    rated = await allowed_rows(store, lc, after_message_id=watermark if lc.replay_fraction <= 0 else 0)
     rows = rated.rows
     banned = list(banned_words or [])
     cur = curate(rows, after=watermark, banned=banned, max_user_share=lc.max_user_share,
@@ -134,17 +153,15 @@ async def export_dialogues(conversations, lc, active: Version, run_id: int, fold
                       trained_ids={i for d in trained for i in ids(d)}, users=users, user_texts=texts)
 
 
-async def changed_since_export(conversations, plan: ExportPlan) -> str | None:
+async def changed_since_export(store, plan: ExportPlan) -> str | None:
     """Privacy: a /forget or /optout that came after the export vetoes the candidate; why, or None."""
-    forgotten = await conversations.forgotten_message_ids()
+    forgotten = await store.messages.forgotten_message_ids()
     if forgotten & plan.ids:
         return "some exported messages were deleted by /forget during the run; the candidate was dropped"
-    if plan.chats and await conversations.consenting_chats(plan.chats) != plan.chats:
+    if plan.chats and await store.chats.consenting_chats(plan.chats) != plan.chats:
         return "a chat in the training data ran /optout during the run; the candidate was dropped"
     if plan.users:
-        from storage.trust import TrustStore
-
-        trust = TrustStore(conversations.db)
+        trust = store.trust
         for user in plan.users:
             if not await trust.user_consent(*user.split(":", 1)):
                 return "a user in the training data ran /optout during the run; the candidate was dropped"

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from storage.feedback import Feedback
-
 
 @dataclass
 class FeedbackFiltered:
@@ -55,12 +53,12 @@ def cut_rows(rows: list, negative: set[int]) -> list:
     return out
 
 
-async def apply(conversations, lc, rows: list) -> FeedbackFiltered:
+async def apply(feedback, lc, rows: list) -> FeedbackFiltered:
     """Cut negatively rated replies out of the rows the export reads (see the docstring)."""
     mode = getattr(lc, "feedback_weighting", "off")
     if mode == "off" or not rows:
         return FeedbackFiltered(rows)
-    outcomes = await Feedback(conversations.db).outcomes({r.id for r in rows if r.role == "bot"})
+    outcomes = await feedback.outcomes({r.id for r in rows if r.role == "bot"})
     negative = {i for i, o in outcomes.items() if o < 0}
     positive = {i for i, o in outcomes.items() if o > 0}
     return FeedbackFiltered(cut_rows(rows, negative), {"feedback_negative_cut": len(negative),

@@ -48,7 +48,7 @@ from bots.learning.quiet import engine_yields_cores
 from bots.learning.trust import Trust, approval_text
 from bots.learning.trainer import (RunFailed, TrainerResult, build_job, check_disk, keep_training_record, run_trainer,
                                    write_job)
-from engine.registry import FileLock, Registry, RegistryError, Version, parse_version
+from engine.registry import FileLock, Registry, RegistryError, Version, clean_stale, parse_version, prune
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,11 @@ class RunState:
 class Learning:
     """The learning loop of one bot (or one `mynah retrain`)."""
 
-    def __init__(self, config, registry: Registry, conversations, engine=None, *, serving: str | None = None):
+    def __init__(self, config, registry: Registry, store, engine=None, *, serving: str | None = None):
         self.config = config
         self.lc = config.learning
         self.registry = registry
-        self.conversations = conversations
+        self.store = store      # storage.store.Store
         self.engine = engine
         self.promoter = Promoter(config, registry, engine, serving=serving)
         self._notifiers = Notifiers()
@@ -140,7 +140,7 @@ class Learning:
         if not await asyncio.to_thread(lock.acquire):
             return  # a run is going on in another process: leave its files alone
         try:
-            ids = await self.conversations.interrupt_running_runs(
+            ids = await self.store.runs.interrupt_running_runs(
                 "interrupted: the process running it stopped (crash, kill or shutdown)")
             if ids:
                 log.warning("training run(s) %s were interrupted by a stop; marked as such", ids)
@@ -149,7 +149,7 @@ class Learning:
             lock.release()
 
     def _clean_files(self) -> None:
-        removed = self.registry.clean_stale()
+        removed = clean_stale(self.registry)
         tidy_run_folders(self.registry.runs_dir(), KEEP_RUN_FOLDERS)
         if removed:
             log.info("removed leftovers from interrupted writes: %s", ", ".join(removed))
@@ -157,7 +157,7 @@ class Learning:
     async def sync_versions(self) -> None:
         """Mirror the registry (the source of truth) into the model_versions table."""
         for v in await asyncio.to_thread(self.registry.versions):
-            await self.conversations.record_model_version(v.name, v.model_path, v.created_at, v.metrics,
+            await self.store.runs.record_model_version(v.name, v.model_path, v.created_at, v.metrics,
                                                           v.note or v.kind)
 
     # ---- notifications and progress ---------------------------------------------------
@@ -207,7 +207,7 @@ class Learning:
         active = await asyncio.to_thread(self.registry.active)
         watermark = active.trained_through if active else 0
         if active is not None:
-            for run in await self.conversations.training_runs(20):
+            for run in await self.store.runs.training_runs(20):
                 data = run["data"]
                 if run["status"] == RunStatus.DONE and data.get("base_version") == active.name and data.get("through"):
                     watermark = max(watermark, int(data["through"]))
@@ -266,7 +266,7 @@ class Learning:
                 raise AlreadyRunning(lock.holder())
             try:
                 active = await asyncio.to_thread(self.registry.active)
-                run_id = await self.conversations.start_training_run(
+                run_id = await self.store.runs.start_training_run(
                     trigger, {"base_version": active.name if active else None})
                 lock.describe({"pid": os.getpid(), "run_id": run_id, "since": time.time(), "trigger": trigger})
             except BaseException:
@@ -330,7 +330,7 @@ class Learning:
 
     async def _record(self, run: RunState, result: RunResult) -> None:
         try:
-            await self.conversations.update_training_run(
+            await self.store.runs.update_training_run(
                 run.run_id, status=result.status.value, decision=result.decision_text(), data=result.data or None,
                 losses=result.losses or None, finished=True,
                 error=result.reason if result.status in (RunStatus.FAILED, RunStatus.INTERRUPTED) else None)
@@ -353,7 +353,7 @@ class Learning:
         if plan.skip:
             result.status = RunStatus.SKIPPED
             return result
-        await self.conversations.update_training_run(run.run_id, data=plan.counts)
+        await self.store.runs.update_training_run(run.run_id, data=plan.counts)
         trained = await self._train(run, active, plan)                         # 3. the child
         await asyncio.to_thread(keep_training_record, result, trained, run.folder)
         verdict = await self._decide(trained, plan)                            # 4. the decision
@@ -365,12 +365,12 @@ class Learning:
     async def _export(self, run: RunState, active: Version) -> ExportPlan:
         run.stage = "exporting"
         self._progress({"event": "stage", "stage": "exporting dialogues", "run_id": run.run_id})
-        return await export_dialogues(self.conversations, self.lc, active, run.run_id, run.folder, self._base_corpus,
+        return await export_dialogues(self.store, self.lc, active, run.run_id, run.folder, self._base_corpus,
                                       banned_words=list(self.config.generation.banned_words))
 
     async def _train(self, run: RunState, active: Version, plan: ExportPlan) -> TrainerResult:
         job = build_job(self.config, run.run_id, active, run.folder)
-        forgotten = await self.conversations.forgotten_message_ids()
+        forgotten = await self.store.messages.forgotten_message_ids()
         await asyncio.to_thread(write_job, run.folder, job, forgotten & plan.ids)
         run.stage = "starting the trainer"
         with engine_yields_cores(self.engine, self.config.engine, self.lc) as quiet:  # chats stay fast meanwhile
@@ -385,7 +385,7 @@ class Learning:
             verdict = parrot(trained.probe_replies("candidate"), trained.probe_replies("active"), plan.user_texts,
                              n=self.lc.parrot_ngram, ratio=self.lc.parrot_ratio) or verdict
         if verdict.promoted:
-            veto = await changed_since_export(self.conversations, plan)
+            veto = await changed_since_export(self.store, plan)
             if veto is not None:
                 return Verdict(Decision.REJECTED, veto)
         return verdict
@@ -414,11 +414,11 @@ class Learning:
             result.decision, result.reason = Decision.REJECTED, str(exc)
             return
         await self.trust.record(version.name, plan)
-        await self.conversations.record_model_version(version.name, version.model_path, version.created_at,
+        await self.store.runs.record_model_version(version.name, version.model_path, version.created_at,
                                                       version.metrics, version.note)
         if version.loss_curve is not None:
             result.loss_curve = version.loss_curve
-        pruned = await asyncio.to_thread(self.registry.prune, self.lc.keep_versions)
+        pruned = await asyncio.to_thread(prune, self.registry, self.lc.keep_versions)
         if pruned:
             log.info("pruned old versions: %s", ", ".join(pruned))
         result.data["candidate"] = version.name
@@ -479,7 +479,7 @@ class Learning:
         if not versions:
             return report.NO_VERSIONS
         active = await asyncio.to_thread(self.registry.active_name)
-        return report.models_text(versions, active, await self.conversations.replies_by_version(), limit,
+        return report.models_text(versions, active, await self.store.messages.replies_by_version(), limit,
                                   await self.trust.store.lineage(), await self.trust.store.tainted())
 
     async def status_lines(self) -> list[str]:

@@ -120,7 +120,7 @@ def describe_version(v: Version, active: str | None, replies: int | None = None)
 
 
 def describe_run(r: dict) -> str:
-    """One training_runs row (as Conversations.training_runs returns it) on one line."""
+    """One training_runs row (as storage.runs.Runs.training_runs returns it) on one line."""
     dur = duration(r["duration_s"]) if r.get("duration_s") is not None else "running"
     what = r.get("decision") or r["status"]
     if r["status"] in (RunStatus.FAILED, RunStatus.INTERRUPTED) and r.get("error"):
@@ -247,7 +247,7 @@ async def status_lines(lr) -> list[str]:
             lines.append(f"Running now in another process: run #{holder.get('run_id', '?')} "
                          f"(pid {holder.get('pid', '?')})")
     lines += await lr.canary.status_lines() if lr.canary is not None else []
-    runs = await lr.conversations.training_runs(3)
+    runs = await lr.store.runs.training_runs(3)
     if runs:
         lines.append("Last runs:")
         lines += [f"  {describe_run(r)}" for r in runs]

@@ -20,7 +20,6 @@ import logging
 
 from bots.chat.events import Incoming, Outgoing
 from engine.registry import Registry, RegistryError, Version, parse_version
-from storage.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class Trust:
 
     def __init__(self, learning):
         self.learning = learning
-        self.store = TrustStore(learning.conversations.db)
+        self.store = learning.store.trust
         self._rebuild: asyncio.Task | None = None
         self.forgets_waiting = 0
 

@@ -62,10 +62,6 @@ def require_peft():
     return peft
 
 
-def is_adapter_folder(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
 def adapter_base(path: str | Path) -> str:
     """The base model an adapter folder was trained on (as recorded in adapter_config.json)."""
     raw = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))

@@ -2,7 +2,7 @@
 
 Setup bulk-loads N messages spread over many chats with executemany in one transaction
 (fast; not what is timed), then times what the bot does per message through the real
-code: `Conversations.context()` (p50/p99 over random chats) and `Conversations.log_message()`
+code: `Messages.context()` (p50/p99 over random chats) and `Messages.log_message()`
 (messages per second, each its own committed transaction), and prints SQLite's query plan
 for the context query so the index use can be checked.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from engine.types import percentile
 
-# The context query as storage/conversations.py wrote it when this was written; the bench
-# prints the plan of the SQL that Conversations.context() really runs (captured with a
+# The context query as storage/conversations.py (now storage/messages.py) wrote it when this was written; the bench
+# prints the plan of the SQL that Messages.context() really runs (captured with a
 # trace callback) and falls back to this text only if nothing was captured.
 CONTEXT_SQL = (
     "SELECT role, text FROM ("
@@ -62,7 +62,7 @@ def _bulk_load(path: str, messages: int, chats: int, seed: int = 0) -> float:
 
 
 async def captured_context_sql(conv, chat_id: int, max_turns: int) -> str | None:
-    """The SQL (values filled in) that Conversations.context() runs, via sqlite's trace callback."""
+    """The SQL (values filled in) that Messages.context() runs, via sqlite's trace callback."""
     seen: list[str] = []
     await conv.db.conn.set_trace_callback(seen.append)
     try:
@@ -101,7 +101,7 @@ def _raw_context_latencies(path: str, chats: int, queries: int, max_turns: int) 
 async def bench_storage(messages: int, *, chats: int | None = None, queries: int = 2000, writes: int = 2000,
                         max_turns: int = 6, folder: str | None = None) -> dict:
     """Bulk-load `messages`, then time context() and log_message() through storage/."""
-    from storage.conversations import Conversations
+    from storage.messages import Messages
     from storage.db import Database
 
     chats = chats or max(10, min(20_000, messages // 50))
@@ -111,7 +111,7 @@ async def bench_storage(messages: int, *, chats: int | None = None, queries: int
         await db.close()
         load_s = _bulk_load(path, messages, chats)
         db = await Database.open(path)
-        conv = Conversations(db)
+        conv = Messages(db)
         sql = await captured_context_sql(conv, 1, max_turns)
         plan = query_plan(path, sql, ()) if sql else query_plan(path)
         rng = random.Random(1)

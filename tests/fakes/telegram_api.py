@@ -147,8 +147,8 @@ class FakeTelegram:
             return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
         if self._delays[method]:
             await asyncio.sleep(self._delays[method].popleft())
-        if self._faults[method]:
-            fault = self._faults[method].popleft()
+        fault = self._faults[method].popleft() if self._faults[method] else None
+        if fault is not None:
             self.calls.append(Call(method, params, time.monotonic(), fault.status))
             body = {"ok": False, "error_code": fault.status, "description": fault.description}
             if fault.parameters:
@@ -280,7 +280,9 @@ class FakeTelegram:
 
     # ---- test controls ----------------------------------------------------------------
     def fail_next(self, method: str, status: int, *, times: int = 1, retry_after: int | None = None,
-                  description: str | None = None) -> None:
+                  description: str | None = None, after: int = 0) -> None:
+        """The next `times` calls of `method` fail (once `after` calls went through)."""
+        self._faults[method].extend([None] * after)
         description = description or _ERROR_TEXT.get(status, "Error")
         parameters = {}
         if retry_after is not None:

@@ -32,6 +32,7 @@ from bots.platforms.discord.catchup import catch_up
 from bots.platforms.discord.cog import NO_MENTIONS, ChatCog
 from bots.platforms.discord.reactions import FeedbackCog
 from bots.platforms.discord.slash import slash_commands
+from bots.platforms.discord.spec import SPEC
 from bots.platforms.redaction import redact, register_token
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def bot_class(shards) -> tuple[type, dict]:
 class DiscordAdapter(Platform):
     """One Discord bot serving a shared `Mynah` app; see the module docstring."""
 
-    name = "discord"
+    name = SPEC.name
 
     def __init__(self, app, token: str, *, intents: discord.Intents | None = None, ready_timeout: float = 180.0,
                  defer_after: float = 2.0, drain_timeout: float = 30.0, **bot_options):
@@ -161,7 +162,7 @@ class DiscordAdapter(Platform):
     def make_cog(self, bot: commands.Bot) -> ChatCog:
         """The cog, given what it needs (it knows nothing of this adapter)."""
         app = self.app
-        return ChatCog(bot, app.chat, app.conversations, app.config.discord, stopping=lambda: self._stopping,
+        return ChatCog(bot, app.chat, app.store, app.config.discord, stopping=lambda: self._stopping,
                        defer_after=self.defer_after,
                        stream_edit_seconds=app.config.chat.stream_edit_seconds if app.config.chat.stream else None)
 
@@ -223,8 +224,8 @@ class DiscordAdapter(Platform):
         try:
             if not self._recovered:
                 self._recovered = True
-                await self.chat.recover_pending("discord", self._resend)
-            await catch_up(self.bot, self.cog, self.app.conversations, self.app.config.discord.catch_up_minutes)
+                await self.chat.recover_pending(SPEC.name, self._resend)
+            await catch_up(self.bot, self.cog, self.app.store.messages, self.app.config.discord.catch_up_minutes)
         except Exception:
             log.exception("discord: catching up after connecting failed")
 

@@ -18,6 +18,8 @@ import time
 
 import discord
 
+from bots.platforms.discord.spec import SPEC
+
 log = logging.getLogger(__name__)
 
 ACTIVE_DAYS = 7          # chats whose last stored message is at most this old are read back
@@ -25,13 +27,13 @@ MAX_CHATS = 200          # at most this many of them (the most recently active f
 MAX_PER_CHAT = 100       # messages read back per chat
 
 
-async def catch_up(bot: discord.Client, cog, conversations, minutes: float) -> int:
+async def catch_up(bot: discord.Client, cog, messages, minutes: float) -> int:
     """Hand every missed message of the last `minutes` to the cog; returns how many were read."""
     if minutes <= 0:
         return 0
     now = time.time()
     cutoff = datetime.datetime.fromtimestamp(now - minutes * 60, datetime.timezone.utc)
-    chats = await conversations.recent_chats("discord", since=now - ACTIVE_DAYS * 86400, limit=MAX_CHATS)
+    chats = await messages.recent_chats(SPEC.name, since=now - ACTIVE_DAYS * 86400, limit=MAX_CHATS)
     seen = 0
     for chat in chats:
         target = int(chat.thread_id or chat.platform_chat_id)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -19,18 +18,16 @@ import discord
 from discord.ext import commands
 
 from bots.chat.commands import BY_NAME
+from bots.chat.delivery import Delivery
 from bots.chat.events import Incoming, Outgoing
 from bots.chat.service import ERROR_TEXT
-from bots.chat.splitting import split_message
-from bots.chat.streaming import StreamedMessage
+from bots.platforms.discord.sender import (MESSAGE_LIMIT, NO_DM_TEXT, NO_MENTIONS, PRIVATELY_TEXT,  # noqa: F401
+                                           DiscordSender, InteractionSender)
+from bots.platforms.discord.spec import SPEC
 
 log = logging.getLogger(__name__)
 
-MESSAGE_LIMIT = 2000  # Discord's limit on message content, in characters
 CLAIMED_MAX = 10_000  # message ids remembered as handled (catch-up and live delivery may overlap)
-PRIVATELY_TEXT = "I've sent you the answer in a DM."
-NO_DM_TEXT = "That answer is for you only, but I can't DM you: allow DMs from server members, or use the slash command."
-NO_MENTIONS = discord.AllowedMentions.none()  # generated text must never ping anyone
 
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
 _ROLE_MENTION = re.compile(r"<@&(\d+)>")
@@ -106,15 +103,15 @@ class ChatCog(commands.Cog, name="Mynah"):
     whether the platform is stopping, and how long a slash command may take before it is
     deferred."""
 
-    def __init__(self, bot: commands.Bot, chat, conversations, settings, *, stopping: Callable[[], bool],
+    def __init__(self, bot: commands.Bot, chat, store, settings, *, stopping: Callable[[], bool],
                  defer_after: float = 2.0, stream_edit_seconds: float | None = None):
         self.bot = bot
         self.chat = chat
-        self.conversations = conversations
+        self.store = store
         self.settings = settings              # the [discord] section of the config
         self.stopping = stopping
         self.defer_after = defer_after        # slash commands slower than this are deferred
-        self.stream_edit_seconds = stream_edit_seconds  # None: replies are sent whole ([chat] stream = false)
+        self.delivery = Delivery(chat, stream_edit_seconds=stream_edit_seconds)   # None: replies are sent whole
         self._inflight: set[asyncio.Task] = set()
         self._claimed: collections.OrderedDict[int, None] = collections.OrderedDict()   # message ids taken
 
@@ -162,90 +159,30 @@ class ChatCog(commands.Cog, name="Mynah"):
             if isinstance(ref.resolved, discord.Message):
                 reply_to_bot = ref.resolved.author.id == me.id
             else:  # not delivered with the message (deleted, or too old): ask the log
-                db_chat = await self.conversations.chat(
-                    "discord", chat_id, thread_id=thread_id, type=chat_type, title=title)
-                reply_to_bot = await self.conversations.is_bot_message(db_chat, ref.message_id)
+                db_chat = await self.store.chats.chat(
+                    SPEC.name, chat_id, thread_id=thread_id, type=chat_type, title=title)
+                reply_to_bot = await self.store.messages.is_bot_message(db_chat, ref.message_id)
         answer_all = {str(c) for c in self.settings.answer_all_channels}
         return Incoming(
-            platform="discord", chat_id=chat_id, user_id=str(message.author.id),
+            platform=SPEC.name, chat_id=chat_id, user_id=str(message.author.id),
             text=text if kind == "text" else None, chat_type=chat_type, user_name=message.author.display_name,
             thread_id=thread_id, chat_title=title, message_id=str(message.id), reply_to_message_id=reply_to,
             mentions_bot=mentions_bot(message, me), reply_to_bot=reply_to_bot,
             answer_all=chat_id in answer_all or (thread_id != "" and thread_id in answer_all), kind=kind,
             sender_is_chat_admin=None if chat_type == "private" else member_is_admin(message.channel, message.author),
+            can_answer_privately=SPEC.can_answer_privately,
         )
 
     async def handle_message(self, message: discord.Message) -> None:
         msg = await self.incoming(message)
         quote = message if not msg.is_private else None  # in a DM the answer needs no quote
-        stream = None
-        if self.chat.will_generate(msg):
-            if self.stream_edit_seconds is not None:
-                stream = DiscordStream(message.channel, quote, self.stream_edit_seconds)
-            async with typing(message.channel):
-                outgoing = await self.chat.handle(msg, stream=stream)
-        else:
-            outgoing = await self.chat.handle(msg)
-        for out in outgoing:
-            if stream is not None and stream.started:
-                await self.finish_stream(stream, out)
-                stream = None
-                continue
-            if out.private and not msg.is_private:
-                await self.send_privately(message, out)
-            else:
-                await self.send(message.channel, out, reply_to=quote)
-
-    async def send_privately(self, message: discord.Message, out: Outgoing) -> None:
-        """Admin output (and other answers for one person) asked for in a channel: to the
-        author's DMs, with a short note in the channel."""
-        try:
-            dm = message.author.dm_channel or await message.author.create_dm()
-            sent = await self.send(dm, out)
-        except discord.HTTPException as exc:
-            log.info("could not open a DM with %s: %s", message.author.id, exc)
-            sent = []
-        note = PRIVATELY_TEXT if sent else NO_DM_TEXT
-        await self.send(message.channel, Outgoing(note), reply_to=message)
-
-    async def finish_stream(self, stream: "DiscordStream", out: Outgoing) -> None:
-        """The streamed message becomes the whole reply (or the apology); then it is marked
-        delivered with the first message's id, or failed."""
-        try:
-            sent = await stream.finish(out.text)
-        except discord.HTTPException as exc:
-            log.warning("could not finish a streamed reply in Discord channel %s: %s",
-                        getattr(stream.channel, "id", "?"), exc)
-            await self.chat.failed(out)
-            return
-        await self.chat.delivered(out, str(sent[0].id))
+        await self.delivery.reply(msg, DiscordSender(message.channel, quote, author=message.author))
 
     async def send(self, channel: discord.abc.Messageable, out: Outgoing, *,
                    reply_to: discord.Message | None = None) -> list[discord.Message]:
         """Send one Outgoing as one or more messages of at most 2000 characters, then mark
-        it delivered (with the first message's id) or failed."""
-        parts = split_message(out.text, MESSAGE_LIMIT) if out.text else []
-        if not parts and out.image is None:
-            await self.chat.failed(out)
-            return []
-        parts = parts or [None]
-        sent: list[discord.Message] = []
-        try:
-            for i, part in enumerate(parts):
-                kwargs = {"allowed_mentions": NO_MENTIONS}
-                if i == 0 and reply_to is not None:
-                    kwargs["reference"] = reply_to.to_reference(fail_if_not_exists=False)
-                    kwargs["mention_author"] = False
-                if i == len(parts) - 1 and out.image is not None:
-                    kwargs["file"] = discord.File(out.image)
-                sent.append(await channel.send(part, **kwargs))
-        except discord.HTTPException as exc:
-            log.warning("could not send a reply in Discord channel %s: %s", getattr(channel, "id", "?"), exc)
-        if sent:
-            await self.chat.delivered(out, str(sent[0].id))
-        else:
-            await self.chat.failed(out)
-        return sent
+        it delivered (with the first message's id) or failed (bots/chat/delivery.py)."""
+        return await self.delivery.send(DiscordSender(channel, reply_to), out)
 
     async def drain(self, timeout: float) -> None:
         """Wait for the replies in flight (stop() calls this after intake has stopped)."""
@@ -263,10 +200,11 @@ class ChatCog(commands.Cog, name="Mynah"):
             chat_type, chat_id, thread_id, title = place(channel)
         answer_all = {str(c) for c in self.settings.answer_all_channels}
         return Incoming(
-            platform="discord", chat_id=chat_id, user_id=str(interaction.user.id),
+            platform=SPEC.name, chat_id=chat_id, user_id=str(interaction.user.id),
             text=f"/{name} {args}".strip(), chat_type=chat_type, user_name=interaction.user.display_name,
             thread_id=thread_id, chat_title=title, mentions_bot=True, answer_all=chat_id in answer_all,
             sender_is_chat_admin=None if chat_type == "private" else _can_manage(interaction.permissions),
+            can_answer_privately=SPEC.can_answer_privately,
         )
 
     async def run_command(self, interaction: discord.Interaction, name: str, args: str = "") -> None:
@@ -296,63 +234,7 @@ class ChatCog(commands.Cog, name="Mynah"):
             await self.respond(interaction, out)
 
     async def respond(self, interaction: discord.Interaction, out: Outgoing) -> None:
-        parts = split_message(out.text, MESSAGE_LIMIT) or [None]
-        first_id = None
-        try:
-            for i, part in enumerate(parts):
-                kwargs = {"ephemeral": out.ephemeral, "allowed_mentions": NO_MENTIONS}
-                if i == len(parts) - 1 and out.image is not None:
-                    kwargs["file"] = discord.File(out.image)
-                if not interaction.response.is_done():
-                    await interaction.response.send_message(part, **kwargs)
-                else:
-                    sent = await interaction.followup.send(part, wait=True, **kwargs)
-                    first_id = first_id or sent.id
-        except discord.HTTPException as exc:
-            log.warning("could not answer /%s: %s", interaction.command.name if interaction.command else "?", exc)
-            await self.chat.failed(out)
-            return
-        await self.chat.delivered(out, str(first_id) if first_id else None)
-
-
-class DiscordStream(StreamedMessage):
-    """A reply shown while it is written: channel.send for the first words, then
-    message.edit (PATCH) at most once per interval (bots/chat/streaming.py)."""
-
-    def __init__(self, channel: discord.abc.Messageable, reply_to: discord.Message | None, interval_s: float):
-        super().__init__(MESSAGE_LIMIT, interval_s)
-        self.channel = channel
-        self.reply_to = reply_to
-
-    async def send_first(self, text: str) -> discord.Message:
-        kwargs = {"allowed_mentions": NO_MENTIONS}
-        if self.reply_to is not None:
-            kwargs["reference"] = self.reply_to.to_reference(fail_if_not_exists=False)
-            kwargs["mention_author"] = False
-        return await self.channel.send(text, **kwargs)
-
-    async def edit(self, message: discord.Message, text: str) -> None:
-        await message.edit(content=text, allowed_mentions=NO_MENTIONS)
-
-    async def send_more(self, text: str) -> discord.Message:
-        return await self.channel.send(text, allowed_mentions=NO_MENTIONS)
-
-
-@contextlib.asynccontextmanager
-async def typing(channel: discord.abc.Messageable):
-    """The typing indicator while the body runs (kept alive by discord.py every few
-    seconds); a channel that refuses it does not stop the reply."""
-    indicator = channel.typing()
-    try:
-        await indicator.__aenter__()
-    except discord.HTTPException as exc:
-        log.debug("no typing indicator in %s: %s", getattr(channel, "id", "?"), exc)
-        yield
-        return
-    try:
-        yield
-    finally:
-        await indicator.__aexit__(None, None, None)
+        await self.delivery.send(InteractionSender(interaction, out.ephemeral), out)
 
 
 def _can_manage(perms: discord.Permissions | None) -> bool:

@@ -14,6 +14,8 @@ import logging
 import discord
 from discord.ext import commands
 
+from bots.platforms.discord.spec import SPEC
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ class FeedbackCog(commands.Cog, name="MynahFeedback"):
             return
         name = payload.member.display_name if payload.member is not None else None
         try:
-            await self.recorder.add_reaction("discord", None, payload.message_id, payload.user_id,
+            await self.recorder.add_reaction(SPEC.name, None, payload.message_id, payload.user_id,
                                              emoji_key(payload.emoji), user_name=name)
         except Exception:  # feedback is never worth a crash
             log.exception("could not store a Discord reaction")
@@ -49,7 +51,7 @@ class FeedbackCog(commands.Cog, name="MynahFeedback"):
         if not self._ours(payload):
             return
         try:
-            await self.recorder.remove_reaction("discord", None, payload.message_id, payload.user_id,
+            await self.recorder.remove_reaction(SPEC.name, None, payload.message_id, payload.user_id,
                                                 emoji_key(payload.emoji))
         except Exception:
             log.exception("could not remove a Discord reaction")

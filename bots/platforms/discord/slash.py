@@ -12,15 +12,14 @@ import discord
 from discord import app_commands
 
 from bots.chat.commands import Command, commands_for
-
-PLATFORM = "discord"
+from bots.platforms.discord.spec import SPEC
 
 RunCommand = Callable[[discord.Interaction, str, str], Awaitable[None]]
 
 
 def slash_commands(run: RunCommand) -> list[app_commands.Command]:
     """One app command per table entry Discord offers, each calling `run(interaction, name, args)`."""
-    return [slash_command(spec, run) for spec in commands_for(PLATFORM)]
+    return [slash_command(spec, run) for spec in commands_for(SPEC.optional_commands)]
 
 
 def slash_command(spec: Command, run: RunCommand) -> app_commands.Command:

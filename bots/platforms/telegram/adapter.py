@@ -8,11 +8,9 @@
   `[telegram] answer_all_chat_types`); a forum topic is its own conversation;
 * the commands of `bots.chat.commands` (admin ones only for admins, in their private
   chat) are registered with setMyCommands; `/cmd@otherbot` is left to the other bot;
-* while the engine generates, the chat shows "typing…" (resent every 4 s by the job queue);
-* replies longer than 4096 characters are split on paragraph, line or sentence boundaries;
-  429s are waited out (PTB's AIORateLimiter, then our own retry loop, which also retries
-  network errors); a reply that finally fails is marked failed in storage, a sent one is
-  marked delivered with its Telegram message id.
+* replies go out through the shared delivery routine (bots/chat/delivery.py: typing,
+  streaming, splitting, private answers, delivered / failed); telegram/sender.py is the
+  Bot API side of it (429s waited out, network errors retried, "typing…" every 4 s).
 
 Delivery durability (telegram/delivery.py): an update is acknowledged to Telegram only
 once the user's message is stored. Message -> Incoming lives in telegram/incoming.py.
@@ -25,49 +23,36 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
-from datetime import timedelta
 from urllib.parse import urlsplit
 
-from telegram import BotCommand, BotCommandScopeChat, Message, ReplyParameters, Update
-from telegram.constants import ChatAction, MessageLimit
-from telegram.error import (BadRequest, ChatMigrated, Conflict, InvalidToken, NetworkError, RetryAfter,
-                            TelegramError, TimedOut)
+from telegram import BotCommand, BotCommandScopeChat, Update
+from telegram.error import Conflict, InvalidToken, TelegramError
 from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, CommandHandler, ContextTypes,
                           MessageHandler, filters)
 from telegram.request import HTTPXRequest
 
 from bots.chat.commands import commands_for, parse_command
+from bots.chat.delivery import Delivery
 from bots.chat.events import GROUP_ADMIN_COMMANDS, Incoming, Outgoing, PlatformStartError
-from bots.chat.splitting import split_message, utf16_len
 from bots.platforms.base import Platform
 from bots.platforms.redaction import redact, register_token
 from bots.platforms.telegram.delivery import AckGatedBot, DeliveryTracker, TrackingUpdateProcessor
 from bots.platforms.telegram.incoming import PLATFORM, to_incoming
-from bots.platforms.telegram.streaming import TelegramStream
+from bots.platforms.telegram.sender import (NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT, TEXT_LIMIT,  # noqa: F401 (tests)
+                                            TelegramSender)
+from bots.platforms.telegram.spec import SPEC
 from bots.platforms.telegram import reactions, workers
 from bots.platforms.telegram.webhook import WebhookServer
 
 log = logging.getLogger(__name__)
 
 OFFICIAL_API = "https://api.telegram.org"
-TEXT_LIMIT = MessageLimit.MAX_TEXT_LENGTH          # 4096
-CAPTION_LIMIT = MessageLimit.CAPTION_LENGTH        # 1024
-TYPING_EVERY_S = 4.0                               # "typing…" shows for ~5 s
 ALLOWED_UPDATES = [Update.MESSAGE, *reactions.UPDATES]   # + feedback; edits, channel posts etc. are not ours
 TOKEN_LABEL = "<TELEGRAM_BOT_TOKEN>"
 CHAT_ADMIN_TTL_S = 60.0                            # how long a getChatMember answer is trusted
-PRIVATELY_TEXT = "I've sent you the answer in a private chat."
-NO_PRIVATE_CHAT_TEXT = ("That answer is for you only, but I can't message you privately yet: open a private chat "
-                        "with me, press Start, then ask again.")
-
-
-def _retry_seconds(exc: RetryAfter) -> float:
-    value = getattr(exc, "_retry_after", None)  # a timedelta; the public property warns in 22.x
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    return float(value or 1)
 
 
 # ---- the adapter --------------------------------------------------------------------------
@@ -91,6 +76,8 @@ class TelegramAdapter(Platform):
         self.app = app
         self.chat = app.chat
         self.config = app.config.telegram
+        stream = app.config.chat.stream_edit_seconds if app.config.chat.stream else None
+        self.delivery = Delivery(app.chat, stream_edit_seconds=stream)
         self._token = (token or "").strip()
         self.webhook_secret = webhook_secret        # TELEGRAM_WEBHOOK_SECRET (several workers need it)
         register_token(self._token, TOKEN_LABEL, separator=":")   # the bot id before ':' is public
@@ -131,7 +118,7 @@ class TelegramAdapter(Platform):
             .build()
         )
         only_new = filters.UpdateType.MESSAGE   # edited messages and channel posts are ignored
-        commands = [c.name for c in commands_for(PLATFORM)]
+        commands = [c.name for c in commands_for(SPEC.optional_commands)]
         application.add_handler(CommandHandler(commands, self._on_message, filters=only_new))
         application.add_handler(MessageHandler(only_new & filters.COMMAND, self._on_other_command))
         application.add_handler(MessageHandler(only_new & ~filters.COMMAND, self._on_message))
@@ -250,13 +237,13 @@ class TelegramAdapter(Platform):
 
     async def _register_commands(self) -> None:
         bot = self.application.bot
-        everyone = [BotCommand(c.name, c.description) for c in commands_for(PLATFORM, admin=False)]
-        admins = everyone + [BotCommand(c.name, c.description) for c in commands_for(PLATFORM, admin=True)]
+        everyone = [BotCommand(c.name, c.description) for c in commands_for(SPEC.optional_commands, admin=False)]
+        admins = everyone + [BotCommand(c.name, c.description) for c in commands_for(SPEC.optional_commands, admin=True)]
         try:
             await bot.set_my_commands(everyone)
         except TelegramError as exc:
             log.warning("telegram: could not register the command list: %s", redact(exc))
-        for admin in self.app.config.admins.telegram:
+        for admin in SPEC.admins(self.app.config) or ():
             try:
                 await bot.set_my_commands(admins, scope=BotCommandScopeChat(int(admin)))
             except (TelegramError, ValueError) as exc:
@@ -282,48 +269,16 @@ class TelegramAdapter(Platform):
         key = (incoming.chat_id, incoming.thread_id)
         self._newest[key] = max(self._newest.get(key, 0), message.message_id)
         await self._mark_chat_admin(incoming)
-        generating = self.chat.will_generate(incoming)
-        typing = self._start_typing(message) if generating else None
-        thread = int(incoming.thread_id) if incoming.thread_id else None
-        stream = None
-        if generating and self.app.config.chat.stream:
-            quote = int(incoming.message_id) if not incoming.is_private else None
-            stream = TelegramStream(self, message.chat_id, thread_id=thread, reply_to=quote, limit=TEXT_LIMIT,
-                                    interval_s=self.app.config.chat.stream_edit_seconds)
-        try:
-            outgoing = await self.chat.handle(incoming, on_logged=lambda: self.tracker.stored(update.update_id),
-                                              stream=stream)
-        finally:
-            if typing is not None:
-                typing.schedule_removal()
-        for out in outgoing:
-            if stream is not None and stream.started:
-                await self.finish_stream(stream, out)
-                stream = None
-                continue
-            if out.private and not incoming.is_private and not incoming.anonymous:
-                await self._send_privately(message.chat_id, incoming, out, thread)
-            else:
-                await self.send(message.chat_id, out, thread_id=thread, reply_to=self._quote(incoming, out))
+        await self.delivery.reply(incoming, self._sender_for(incoming),
+                                  on_logged=lambda: self.tracker.stored(update.update_id))
 
-    async def _send_privately(self, group_id: int, incoming: Incoming, out: Outgoing, thread: int | None) -> None:
-        """Admin output and other answers for one person: to their private chat, with a short
-        note in the group (or how to make that possible, when they never started the bot)."""
-        sent = await self.send(int(incoming.user_id), out)
-        note = Outgoing(PRIVATELY_TEXT if sent else NO_PRIVATE_CHAT_TEXT, reply_to=incoming.message_id)
-        await self.send(group_id, note, thread_id=thread, reply_to=int(incoming.message_id))
-
-    async def finish_stream(self, stream: TelegramStream, out: Outgoing) -> None:
-        """The streamed message becomes the whole reply (or the apology, if generation failed
-        after the first words); the reply is marked delivered with the first message's id."""
-        try:
-            sent = await stream.finish(out.text)
-        except (TelegramError, OSError) as exc:
-            log.warning("telegram: the streamed reply to chat %s could not be finished: %s",
-                        stream.target["chat_id"], redact(exc))
-            await self.chat.failed(out)
-            return
-        await self.chat.delivered(out, str(sent[0]))
+    def _sender_for(self, msg: Incoming) -> TelegramSender:
+        """The chat (or topic) a message came from; in a private chat the answer quotes the
+        message only once newer ones came."""
+        key = (msg.chat_id, msg.thread_id)
+        newer = (lambda reply_to: self._newest.get(key) != int(reply_to)) if msg.is_private else None
+        return TelegramSender(self, int(msg.chat_id), thread_id=int(msg.thread_id) if msg.thread_id else None,
+                              user_id=int(msg.user_id), quote_private=newer)
 
     async def _mark_chat_admin(self, msg: Incoming) -> None:
         """For a group command that changes the group's settings: is the sender its creator or an
@@ -343,74 +298,15 @@ class TelegramAdapter(Platform):
             self._chat_admins[key] = cached
         msg.sender_is_chat_admin = cached[0]
 
-    def _quote(self, msg: Incoming, out: Outgoing) -> int | None:
-        """Quote the message answered in groups, and in private chats once newer messages came."""
-        if out.reply_to is None:
-            return None
-        if msg.is_private and self._newest.get((msg.chat_id, msg.thread_id)) == int(out.reply_to):
-            return None
-        return int(out.reply_to)
-
-    # ---- typing ---------------------------------------------------------------------
-    def _start_typing(self, message: Message):
-        """Show "typing…" now and every TYPING_EVERY_S until the returned job is removed."""
-        thread = message.message_thread_id if message.is_topic_message else None
-        self.application.create_task(self._send_typing(message.chat_id, thread))
-        job_queue = self.application.job_queue
-        if job_queue is None:
-            return None
-        return job_queue.run_repeating(self._typing_job, interval=TYPING_EVERY_S, first=TYPING_EVERY_S,
-                                       chat_id=message.chat_id, data=thread,
-                                       name=f"typing:{message.chat_id}:{message.message_id}")
-
-    async def _typing_job(self, context: ContextTypes.DEFAULT_TYPE) -> None:
-        await self._send_typing(context.job.chat_id, context.job.data)
-
-    async def _send_typing(self, chat_id: int, thread: int | None) -> None:
-        try:
-            await self.application.bot.send_chat_action(chat_id, ChatAction.TYPING, message_thread_id=thread)
-        except TelegramError as exc:  # cosmetic: never worth a retry or an error
-            log.debug("telegram: typing indicator for %s failed: %s", chat_id, redact(exc))
-        except AttributeError:  # the application was shut down meanwhile
-            pass
-
     # ---- outgoing -------------------------------------------------------------------
     async def send(self, chat_id: int | str, out: Outgoing, *, thread_id: int | None = None,
                    reply_to: int | None = None) -> list[int]:
-        """Send one Outgoing (split to 4096-character parts, a picture first if it has one);
-        mark it delivered with the first part's message id, or failed. Returns the ids sent."""
-        bot = self.application.bot
-        sent: list[int] = []
-        quote = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to else None
-        target = {"chat_id": chat_id, "message_thread_id": thread_id}
-        parts = split_message(out.text, TEXT_LIMIT, utf16_len)   # Telegram counts UTF-16 code units
-        try:
-            if out.image is not None:
-                caption = (parts.pop(0) if parts and utf16_len(parts[0]) <= CAPTION_LIMIT and len(parts) == 1
-                           else None)
-                with open(out.image, "rb") as picture:
-                    photo = picture.read()
-                message = await self._with_retries(bot.send_photo, target, photo=photo, caption=caption,
-                                                   reply_parameters=quote)
-                sent.append(message.message_id)
-                quote = None
-            markup = reactions.buttons_markup(self.app.feedback) if out.stored_id is not None else None
-            for part in parts:
-                message = await self._with_retries(bot.send_message, target, text=part, reply_parameters=quote,
-                                                   reply_markup=None if sent else markup)
-                sent.append(message.message_id)
-                quote = None
-        except (TelegramError, OSError) as exc:
-            log.warning("telegram: reply to chat %s failed for good after %d part(s): %s",
-                        chat_id, len(sent), redact(exc))
-            await self.chat.failed(out)
-            return sent
-        if not sent:
-            log.warning("telegram: nothing to send to chat %s (empty reply)", chat_id)
-            await self.chat.failed(out)
-            return sent
-        await self.chat.delivered(out, str(sent[0]))
-        return sent
+        """Send one Outgoing to a chat (bots/chat/delivery.py: split, marked delivered or
+        failed); `reply_to` quotes that message. Returns the message ids sent."""
+        if reply_to is not None:
+            out = dataclasses.replace(out, reply_to=str(reply_to))
+        sender = TelegramSender(self, int(chat_id), thread_id=thread_id)
+        return [m.message_id for m in await self.delivery.send(sender, out)]
 
     async def notify(self, chat_id: str, out: Outgoing, thread_id: str = "") -> None:
         """Deliver something nobody just asked for (a retrain result) to a Telegram chat / topic."""
@@ -418,35 +314,6 @@ class TelegramAdapter(Platform):
             log.info("telegram is stopped; not delivered to chat %s: %s", chat_id, out.text)
             return
         await self.send(int(chat_id), out, thread_id=int(thread_id) if thread_id else None)
-
-    async def _with_retries(self, call, target: dict, **kwargs):
-        """call(**target, **kwargs), waiting out 429s (beyond what AIORateLimiter already
-        retried) and retrying network errors with back-off; a group that became a
-        supergroup is followed. Anything else (400, 403) fails at once."""
-        delay = self.retry_delay
-        for attempt in range(1, self.send_attempts + 1):
-            try:
-                return await call(**target, **kwargs)
-            except ChatMigrated as exc:
-                target["chat_id"] = exc.new_chat_id
-                wait, why = 0.0, "the group became a supergroup"
-            except BadRequest as exc:
-                if target.get("message_thread_id") and "thread not found" in str(exc).lower():
-                    target["message_thread_id"] = None   # the topic was deleted: answer in the chat
-                    wait, why = 0.0, "the topic is gone"
-                else:
-                    raise
-            except RetryAfter as exc:
-                wait, why = _retry_seconds(exc) + 0.1, "flood limit"
-            except (TimedOut, NetworkError) as exc:   # BadRequest is a NetworkError: caught above
-                wait, why = delay, f"network error: {redact(exc)}"
-                delay = min(delay * 2, 30.0)
-            if attempt == self.send_attempts:
-                break
-            log.info("telegram: send to chat %s attempt %d failed (%s); retrying in %.1f s",
-                     target["chat_id"], attempt, why, wait)
-            await asyncio.sleep(wait)
-        raise NetworkError(f"gave up after {self.send_attempts} attempts ({why})")
 
     # ---- errors ---------------------------------------------------------------------
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:

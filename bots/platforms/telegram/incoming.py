@@ -14,8 +14,9 @@ from telegram.constants import ChatType
 
 from bots.chat.commands import parse_command
 from bots.chat.events import Incoming
+from bots.platforms.telegram.spec import SPEC
 
-PLATFORM = "telegram"
+PLATFORM = SPEC.name
 
 
 def to_incoming(message: Message, bot: Bot, answer_all_chat_types: Collection[str]) -> Incoming | None:
@@ -56,6 +57,7 @@ def to_incoming(message: Message, bot: Bot, answer_all_chat_types: Collection[st
         answer_all=(not private) and chat.type in answer_all_chat_types,
         kind=kind,
         anonymous=on_behalf is not None,
+        can_answer_privately=SPEC.can_answer_privately,
     )
 
 

@@ -1,23 +1,25 @@
-"""What the bot said and heard: logging, per-chat context, /reset, /forget and export.
+"""What the bot said and heard: logging, per-chat context, /reset, /forget, pending
+replies, redelivery checks, and the opted-in dialogues training reads.
 
-Every platform id is stored as TEXT so Telegram ints and Discord snowflakes compare the
-same way. A thread or forum topic is its own chat, so it keeps its own context.
+Platform ids are TEXT (see storage/chats.py); a thread or forum topic is its own chat, so
+it keeps its own context.
 """
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
 import time
 from dataclasses import dataclass, field
 
-from storage.db import Database
 from storage.feedback import delete_user_rows
+from storage.ledger import ForgetLedger
+from storage.protocol import StorageBackend
 
 ROLES = ("user", "bot")
 # ok: sent / heard; pending: a reply not yet confirmed sent; failed: never reached the chat;
 # limited: a user message over the rate limit (stored, never answered, never trained on).
 STATUSES = ("ok", "pending", "failed", "limited")
-AUDIT_ARGS_MAX = 200   # characters of an admin command's arguments kept in the audit table
 DIALOGUE_GAP_SECONDS = 3600  # a longer silence starts a new conversation
 
 
@@ -66,66 +68,15 @@ def _id(value: str | int | None) -> str | None:
     return None if value is None else str(value)
 
 
-class Conversations:
-    """The conversation tables, behind one shared Database."""
+class Messages:
+    """The messages and context_resets tables (and the `forgotten` record /forget keeps).
 
-    def __init__(self, db: Database) -> None:
+    `ledger`: where /forget is also noted outside the database (hash and time), so a
+    restored backup can be made to forget again (storage/ledger.py); None keeps no ledger."""
+
+    def __init__(self, db: StorageBackend, ledger: ForgetLedger | None = None) -> None:
         self.db = db
-
-    # --- chats and users -------------------------------------------------------------
-
-    async def chat(self, platform: str, platform_chat_id: str | int, *, thread_id: str | int = "",
-                   type: str = "private", title: str | None = None) -> int:
-        """The chats.id for this chat (created on first sight; title kept current)."""
-        key = (platform, str(platform_chat_id), str(thread_id or ""))
-        row = await self.db.fetchone(
-            "SELECT id, title FROM chats WHERE platform = ? AND platform_chat_id = ? AND thread_id = ?", key)
-        if row is not None and (title is None or row["title"] == title):
-            return row["id"]  # the common case needs no write lock
-        async with self.db.transaction() as conn:
-            rows = await conn.execute_fetchall(
-                "INSERT INTO chats (platform, platform_chat_id, thread_id, type, title, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (platform, platform_chat_id, thread_id) "
-                "DO UPDATE SET title = COALESCE(excluded.title, chats.title) RETURNING id",
-                (*key, type, title, time.time()))
-        return list(rows)[0][0]
-
-    async def user(self, platform: str, platform_user_id: str | int, *, name: str | None = None) -> int:
-        """The users.id for this user (created on first sight; name kept current)."""
-        key = (platform, str(platform_user_id))
-        row = await self.db.fetchone(
-            "SELECT id, name FROM users WHERE platform = ? AND platform_user_id = ?", key)
-        if row is not None and (name is None or row["name"] == name):
-            return row["id"]
-        async with self.db.transaction() as conn:
-            rows = await conn.execute_fetchall(
-                "INSERT INTO users (platform, platform_user_id, name, created_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (platform, platform_user_id) "
-                "DO UPDATE SET name = COALESCE(excluded.name, users.name) RETURNING id",
-                (*key, name, time.time()))
-        return list(rows)[0][0]
-
-    async def set_consent(self, chat_id: int, consent: bool) -> None:
-        async with self.db.transaction() as conn:
-            await conn.execute("UPDATE chats SET consent = ? WHERE id = ?", (int(consent), chat_id))
-
-    async def consent(self, chat_id: int) -> bool:
-        """Whether this chat's messages may be used for training (chats opt in by default)."""
-        row = await self.db.fetchone("SELECT consent FROM chats WHERE id = ?", (chat_id,))
-        return True if row is None else bool(row[0])
-
-    async def set_persona(self, chat_id: int, persona: str | None) -> None:
-        """A chat's own system prompt (/persona); None goes back to the configured default."""
-        async with self.db.transaction() as conn:
-            await conn.execute("UPDATE chats SET persona = ? WHERE id = ?", (persona, chat_id))
-
-    async def persona(self, chat_id: int) -> str | None:
-        """The chat's own persona, or None when it has none."""
-        row = await self.db.fetchone("SELECT persona FROM chats WHERE id = ?", (chat_id,))
-        return None if row is None else row[0]
-
-    # --- messages ----------------------------------------------------------------------
+        self.ledger = ledger
 
     async def log_message(self, chat_id: int, role: str, text: str, *, user_id: int | None = None,
                           platform_message_id: str | int | None = None, reply_to: str | int | None = None,
@@ -226,23 +177,29 @@ class Conversations:
                 "INSERT INTO context_resets (chat_id, at_message_id, created_at) VALUES (?, ?, ?)",
                 (chat_id, at, time.time()))
 
-    async def forget_user(self, platform: str, platform_user_id: str | int) -> int:
+    async def forget_user(self, platform: str, platform_user_id: str | int, *, until: float | None = None) -> int:
         """Delete the user's messages in every chat of the platform, and the bot replies to them.
 
         Returns how many of the user's messages were deleted. The ids are recorded in
-        `forgotten` so data exported before now can be purged too.
+        `forgotten` so data exported before now can be purged too, and the request in the
+        ledger first (so even a write that fails is re-applied by the next restore).
+        `until`: only messages stored up to then (a ledger entry re-applied to a backup).
         """
         key = (platform, str(platform_user_id))
+        if until is None and self.ledger is not None:
+            await asyncio.to_thread(self.ledger.append, platform, key[1], time.time())
+        upto = float("inf") if until is None else until    # no time limit for a /forget now
         async with self.db.transaction() as conn:
             own = [row[0] for row in await conn.execute_fetchall(
                 "SELECT m.id FROM messages m JOIN users u ON u.id = m.user_id "
-                "WHERE u.platform = ? AND u.platform_user_id = ?", key)]
+                "WHERE u.platform = ? AND u.platform_user_id = ? AND m.created_at <= ?", (*key, upto))]
             # The bot's replies are linked to the user message they answer (reply_to_id), so
             # interleaved group messages never make us delete someone else's reply.
             replies = [row[0] for row in await conn.execute_fetchall(
                 "SELECT n.id FROM messages m JOIN users u ON u.id = m.user_id "
                 "JOIN messages n ON n.reply_to_id = m.id "
-                "WHERE u.platform = ? AND u.platform_user_id = ? AND n.role = 'bot'", key)]
+                "WHERE u.platform = ? AND u.platform_user_id = ? AND m.created_at <= ? AND n.role = 'bot'",
+                (*key, upto))]
             deleted = sorted(set(own) | set(replies))
             # Titles derived from the user ("DM with <name>") go too: private chats they wrote in.
             await conn.execute(
@@ -254,7 +211,7 @@ class Conversations:
             await conn.execute("UPDATE users SET name = NULL WHERE platform = ? AND platform_user_id = ?", key)
             await conn.execute(
                 "INSERT INTO forgotten (platform, platform_user_id, forgotten_at, message_ids) VALUES (?, ?, ?, ?)",
-                (*key, time.time(), json.dumps(deleted)))
+                (*key, time.time() if until is None else until, json.dumps(deleted)))
         await self.db.compact_wal()  # secure_delete zeroed the rows; now flush the old WAL frames too
         return len(own)
 
@@ -263,7 +220,7 @@ class Conversations:
         rows = await self.db.fetchall("SELECT message_ids FROM forgotten")
         return {i for row in rows for i in json.loads(row[0])}
 
-    # --- learning loop -----------------------------------------------------------------
+    # --- what training reads ----------------------------------------------------------
 
     async def export_dialogues(self, *, after_message_id: int = 0, min_turns: int = 2) -> list[StoredDialogue]:
         """Opted-in conversations for training, ordered by their last message id.
@@ -319,107 +276,12 @@ class Conversations:
         row = await self.db.fetchone("SELECT COALESCE(MAX(id), 0) FROM messages")
         return row[0]
 
-    async def consenting_chats(self, chat_ids) -> set[int]:
-        """Which of these chats still allow training (the others opted out meanwhile)."""
-        ids = sorted({int(i) for i in chat_ids})
-        if not ids:
-            return set()
-        rows = await self.db.fetchall(
-            f"SELECT id FROM chats WHERE consent = 1 AND id IN ({','.join('?' * len(ids))})", ids)
-        return {row[0] for row in rows}
-
-    # --- training runs and model versions (the learning loop's record) ---------------------
-
-    async def start_training_run(self, trigger: str, data: dict | None = None) -> int:
-        """A new 'running' row; returns its id."""
-        async with self.db.transaction() as conn:
-            cursor = await conn.execute(
-                "INSERT INTO training_runs (trigger, started_at, status, data_json) VALUES (?, ?, 'running', ?)",
-                (trigger, time.time(), json.dumps(data or {})))
-            return cursor.lastrowid
-
-    async def update_training_run(self, run_id: int, *, status: str | None = None, data: dict | None = None,
-                                  losses: dict | None = None, decision: str | None = None,
-                                  error: str | None = None, finished: bool = False) -> None:
-        """Change the given fields (None leaves a field as it is); finished=True stamps finished_at."""
-        sets, params = [], []
-        for column, value in (("status", status), ("data_json", None if data is None else json.dumps(data)),
-                              ("losses_json", None if losses is None else json.dumps(losses)),
-                              ("decision", decision), ("error", error)):
-            if value is not None:
-                sets.append(f"{column} = ?")
-                params.append(value)
-        if finished:
-            sets.append("finished_at = ?")
-            params.append(time.time())
-        if not sets:
-            return
-        async with self.db.transaction() as conn:
-            await conn.execute(f"UPDATE training_runs SET {', '.join(sets)} WHERE id = ?", (*params, run_id))
-
-    @staticmethod
-    def _run_row(row) -> dict:
-        out = dict(row)
-        out["data"] = json.loads(out.pop("data_json") or "{}")
-        out["losses"] = json.loads(out.pop("losses_json") or "{}")
-        out["duration_s"] = (out["finished_at"] - out["started_at"]) if out["finished_at"] else None
-        return out
-
-    async def training_runs(self, limit: int = 10) -> list[dict]:
-        """Newest first, JSON columns decoded (data, losses) and duration_s added."""
-        rows = await self.db.fetchall("SELECT * FROM training_runs ORDER BY id DESC LIMIT ?", (limit,))
-        return [self._run_row(row) for row in rows]
-
-    async def training_run(self, run_id: int) -> dict | None:
-        row = await self.db.fetchone("SELECT * FROM training_runs WHERE id = ?", (run_id,))
-        return None if row is None else self._run_row(row)
-
-    async def interrupt_running_runs(self, reason: str) -> list[int]:
-        """Mark rows still 'running' (their process died) as 'interrupted'; returns their ids."""
-        async with self.db.transaction() as conn:
-            rows = await conn.execute_fetchall(
-                "UPDATE training_runs SET status = 'interrupted', error = ?, finished_at = ? "
-                "WHERE status = 'running' RETURNING id", (reason, time.time()))
-        return sorted(row[0] for row in rows)
-
-    async def record_model_version(self, version: str, path: str, created_at: float, metrics: dict | None = None,
-                                   note: str | None = None) -> None:
-        """Insert or refresh a model_versions row (the registry on disk is the source of truth)."""
-        async with self.db.transaction() as conn:
-            await conn.execute(
-                "INSERT INTO model_versions (version, path, created_at, metrics_json, note) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (version) DO UPDATE SET path = excluded.path, metrics_json = excluded.metrics_json, "
-                "note = excluded.note", (version, path, created_at, json.dumps(metrics or {}), note))
-
-    async def model_versions(self) -> list[dict]:
-        rows = await self.db.fetchall("SELECT * FROM model_versions ORDER BY version")
-        return [{**dict(row), "metrics": json.loads(row["metrics_json"] or "{}")} for row in rows]
-
     async def replies_by_version(self) -> dict[str, int]:
         """How many logged bot replies each model version wrote."""
         rows = await self.db.fetchall(
             "SELECT model_version, COUNT(*) FROM messages WHERE role = 'bot' AND model_version IS NOT NULL "
             "GROUP BY model_version")
         return {row[0]: row[1] for row in rows}
-
-    # --- admin -------------------------------------------------------------------------
-
-    async def audit(self, platform: str, platform_user_id: str | int, command: str, args: str | None,
-                    allowed: bool) -> None:
-        """Record an admin command attempt, allowed or refused (arguments cut to AUDIT_ARGS_MAX)."""
-        if args is not None and len(args) > AUDIT_ARGS_MAX:
-            args = args[:AUDIT_ARGS_MAX - 1] + "…"
-        async with self.db.transaction() as conn:
-            await conn.execute(
-                "INSERT INTO admin_audit (platform, platform_user_id, command, args, allowed, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (platform, str(platform_user_id), command, args, int(allowed), time.time()))
-
-    async def recent_audit(self, limit: int = 20) -> list[dict]:
-        """Newest first."""
-        rows = await self.db.fetchall(
-            "SELECT id, platform, platform_user_id, command, args, allowed, created_at "
-            "FROM admin_audit ORDER BY id DESC LIMIT ?", (limit,))
-        return [{**dict(row), "allowed": bool(row["allowed"])} for row in rows]
 
     async def stats(self) -> dict:
         row = await self.db.fetchone(

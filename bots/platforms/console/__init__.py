@@ -10,8 +10,10 @@ import asyncio
 import getpass
 import sys
 
+from bots.chat.delivery import Delivery, Sender
 from bots.chat.events import Incoming, Outgoing
 from bots.platforms.base import Platform
+from bots.platforms.console.spec import SPEC
 
 QUIT = {"/quit", "/exit"}
 
@@ -31,10 +33,31 @@ async def _read_line(stream, prompt: str | None) -> str | None:
     return None if line == "" else line.rstrip("\r\n")
 
 
+class ConsoleSender(Sender):
+    """The terminal: one "mynah>" line per answer, never split."""
+
+    limit = 1 << 30
+    caption_limit = 1 << 30
+
+    def __init__(self, stdout):
+        self.stdout = stdout
+
+    async def send_text(self, text: str, *, quote=None, buttons: bool = False) -> str:
+        print(f"mynah> {text}", file=self.stdout, flush=True)
+        return text
+
+    async def send_image(self, image, caption, *, quote=None) -> str:
+        print(f"mynah> {caption or ''}\n(loss curve: {image})", file=self.stdout, flush=True)
+        return str(image)
+
+    def message_id(self, message) -> None:
+        return None             # a terminal line has no id
+
+
 class ConsolePlatform(Platform):
     """One person at a terminal (or a script at a pipe); `run()` chats until /quit or end of input."""
 
-    name = "console"
+    name = SPEC.name
 
     def __init__(self, chat, *, session: str | None = None, stdin=None, stdout=None):
         self.chat = chat
@@ -42,6 +65,7 @@ class ConsolePlatform(Platform):
         self.stdout = stdout or sys.stdout
         self.interactive = self.stdin.isatty()
         self.session = session or getpass.getuser()
+        self.delivery = Delivery(chat)
         self._stopped = False
 
     async def start(self) -> None:
@@ -78,13 +102,10 @@ class ConsolePlatform(Platform):
         print(_one_line(" ".join(texts)), file=self.stdout, flush=True)
 
     async def send(self, target, out: Outgoing, **options) -> list[str]:
-        await self.chat.delivered(out, None)
-        print(f"mynah> {out.text}", file=self.stdout, flush=True)
-        return [out.text]
+        return await self.delivery.send(ConsoleSender(self.stdout), out)
 
     async def notify(self, chat_id: str, out: Outgoing, thread_id: str = "") -> None:
-        picture = f"\n(loss curve: {out.image})" if out.image else ""
-        print(f"mynah> {out.text}{picture}", file=self.stdout, flush=True)
+        await self.send(chat_id, out)
 
 
 async def run_console(chat, *, session: str | None = None, stdin=None, stdout=None) -> None:

@@ -1,0 +1,116 @@
+"""What the user commands do (/help, /reset, /forget, /optout, /optin, /persona): the
+"user.*" handlers of the command table (bots/chat/commands.py).
+
+A group's settings (/reset, /optout, /optin, /persona) are for its admins and Mynah's;
+every such attempt is audited.
+"""
+from __future__ import annotations
+
+import logging
+
+from bots.chat.commands import help_text
+from bots.chat.events import Incoming, Outgoing
+
+log = logging.getLogger(__name__)
+
+PERSONA_MAX_CHARS = 2000
+ANONYMOUS_FORGET_TEXT = ("/forget needs to know who you are, but this message was sent on behalf of a chat "
+                         "(anonymously). Send /forget as yourself, e.g. in a private chat with me.")
+
+
+async def chat_row(chats, msg: Incoming) -> int:
+    """The stored chat (chats.id) a message belongs to, created on first sight."""
+    return await chats.chat(msg.platform, msg.chat_id, thread_id=msg.thread_id, type=msg.chat_type,
+                                    title=msg.chat_title)
+
+
+class UserCommands:
+    def __init__(self, config, store, is_admin, learning=None):
+        self.config = config
+        self.store = store      # storage.store.Store
+        self.is_admin = is_admin          # (platform, user_id) -> bool: Mynah's admins
+        self.learning = learning          # /forget retires the model versions that learned from the sender
+
+    async def _chat_id(self, msg: Incoming) -> int:
+        return await chat_row(self.store.chats, msg)
+
+    async def command_help(self, args: list[str], msg: Incoming) -> list[Outgoing]:
+        return [Outgoing(help_text(self.is_admin(msg.platform, msg.user_id)))]
+
+    async def _group_admin(self, name: str, msg: Incoming) -> bool:
+        """A group's settings are for its admins and Mynah's; every attempt is audited."""
+        allowed = self.is_admin(msg.platform, msg.user_id) or msg.sender_is_chat_admin is True
+        await self.store.audit.record(msg.platform, msg.user_id, name, f"group {msg.chat_id}", allowed)
+        return allowed
+
+    async def command_reset(self, args: list[str], msg: Incoming) -> list[Outgoing]:
+        if not msg.is_private and not await self._group_admin("reset", msg):
+            return [Outgoing("Sorry, only this group's admins can /reset the group's conversation.", ephemeral=True)]
+        await self.store.messages.reset(await self._chat_id(msg))
+        return [Outgoing("Fresh start! I've put our earlier conversation out of mind.")]
+
+    async def command_forget(self, args: list[str], msg: Incoming) -> list[Outgoing]:
+        if msg.anonymous:   # the id is the group's: it would delete every anonymous admin's messages
+            return [Outgoing(ANONYMOUS_FORGET_TEXT, ephemeral=True)]
+        deleted = await self.store.messages.forget_user(msg.platform, msg.user_id)
+        learning = self.learning
+        if learning is None:
+            return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
+                             ephemeral=True, private=True)]
+        try:
+            model = await learning.trust.forgot(msg.platform, msg.user_id)
+        except Exception:
+            log.exception("/forget: updating the model versions failed")
+            model = ("I could not yet retire the model versions that learned from them; the admins can see "
+                     "this in the log, and the next run will not use your messages.")
+        return [Outgoing(f"Done: I deleted {deleted} of your messages; they will never be used for training. {model}",
+                         ephemeral=True, private=True)]
+
+    async def command_persona(self, args: list[str], msg: Incoming) -> list[Outgoing]:
+        """/persona shows the chat's persona, /persona <text> sets it, /persona reset clears it.
+
+        Anyone may set it in a private chat; in groups, the group's admins and Mynah's (audited)."""
+        chat_id = await self._chat_id(msg)
+        parts = (msg.text or "").split(maxsplit=1)
+        text = parts[1].strip() if len(parts) > 1 else ""
+        if not text:
+            own = await self.store.chats.persona(chat_id)
+            current = own if own is not None else self.config.chat.default_persona
+            if not current:
+                return [Outgoing("This chat has no persona. Set one with /persona <text>.")]
+            where = "this chat's own" if own is not None else "the default"
+            return [Outgoing(f"Persona ({where}): {current}")]
+        if not msg.is_private and not await self._group_admin("persona", msg):
+            return [Outgoing("Only this chat's admins can change my persona here.", ephemeral=True)]
+        if text.lower() == "reset":
+            await self.store.chats.set_persona(chat_id, None)
+            return [Outgoing("Persona cleared: back to the default.")]
+        if len(text) > PERSONA_MAX_CHARS:
+            return [Outgoing(f"That persona is {len(text)} characters long; please keep it under "
+                             f"{PERSONA_MAX_CHARS}. Nothing was changed.")]
+        await self.store.chats.set_persona(chat_id, text)
+        return [Outgoing("Persona set. It applies from my next reply (models without a system prompt, like "
+                         "DialoGPT, ignore it).")]
+
+    async def command_optout(self, args: list[str], msg: Incoming) -> list[Outgoing]:
+        return await self._consent("optout", msg)
+
+    async def command_optin(self, args: list[str], msg: Incoming) -> list[Outgoing]:
+        return await self._consent("optin", msg)
+
+    async def _consent(self, name: str, msg: Incoming) -> list[Outgoing]:
+        """The sender's own consent always follows their word; a group's only its admins'."""
+        optin = name == "optin"
+        await self.store.trust.set_user_consent(msg.platform, msg.user_id, optin)
+        if not msg.is_private and not await self._group_admin(name, msg):
+            own = ("Your own messages may help me learn again" if optin else
+                   "Your own messages will no longer be used to train me, in any chat")
+            return [Outgoing(f"{own}. Keeping this whole group in or out of training is for its admins.",
+                             ephemeral=True)]
+        if msg.is_private:
+            await self.store.audit.record(msg.platform, msg.user_id, name, "private chat", True)
+        await self.store.chats.set_consent(await self._chat_id(msg), optin)
+        if not optin:
+            return [Outgoing("This chat will no longer be used to train me. What earlier versions already learned "
+                             "stays (/forget deletes your messages and unlearns them). /optin to change your mind.")]
+        return [Outgoing("Thanks! This chat may help me learn again.")]
