@@ -235,3 +235,27 @@ def test_the_password_comes_from_the_environment_and_is_never_printed(pg_url, tm
     out, errs = proc.communicate(timeout=60)
     assert proc.returncode == 0, errs
     assert "s3cret-value" not in out + errs
+
+
+def test_restore_into_postgres_forgets_again_who_ran_forget_after_the_backup(pg_url, tmp_path):
+    import asyncio
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\nurl = "{pg_url}"\n', encoding="utf-8")
+
+    async def run(fn):
+        db = await open_database(pg_url)
+        try:
+            return await fn(Store.over(db))
+        finally:
+            await db.close()
+
+    asyncio.run(run(lambda s: fill(s.db)))
+    assert main(["--config", str(config), "backup", str(tmp_path / "b.sqlite3")]) == 0
+    asyncio.run(run(lambda s: s.messages.forget_user("telegram", 10)))    # Ann, after the backup
+    assert main(["--config", str(config), "restore", str(tmp_path / "b.sqlite3")]) == 0
+
+    async def ann_texts(store):
+        return [r[0] for r in await store.db.fetchall(
+            "SELECT m.text FROM messages m JOIN users u ON u.id = m.user_id WHERE u.platform_user_id = '10'")]
+    assert asyncio.run(run(ann_texts)) == []          # the backup had them; the restore did not bring them back
