@@ -21,12 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def sampling_defaults(config: Config) -> SamplingParams:
-    g = config.generation
-    return SamplingParams(
-        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
-        max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, seed=g.seed,
-        banned_words=list(g.banned_words),
-    )
+    return SamplingParams.from_settings(config.generation)
 
 
 def build_engine(config: Config, loaded: LoadedModel) -> Engine:
@@ -167,17 +162,15 @@ class Mynah:
         store = await open_configured_store(config)
         learning, replier = None, engine
         if registry is not None:
-            from bots.learning.canary import Canary, Router
+            from bots.learning.canary import CanaryServing, Router
             from bots.learning.loop import Learning
 
-            learning = Learning(config, registry, store, engine, serving=loaded.version)
             replier = Router(engine, store.chats)   # serves a canary's share of chats from a second engine
-            learning.canary = Canary(config, learning, replier, FeedbackRecorder(config.feedback, store.feedback),
-                                     lambda candidate: build_engine(config, candidate))
+            learning = Learning(config, registry, store, engine, serving=loaded.version, canary=CanaryServing(
+                replier, FeedbackRecorder(config.feedback, store.feedback), lambda candidate: build_engine(config, candidate)))
         engine.start()
         if learning is not None:
             await learning.start()
-            await learning.canary.start()
         return await cls(config, store, engine, ChatService(config, replier, store, learning), learning)._join()
 
     @classmethod
@@ -218,8 +211,6 @@ class Mynah:
         """Stop the learning loop (a run in flight is stopped and recorded), finish in-flight
         replies, then close the database."""
         if self.learning is not None:
-            if self.learning.canary is not None:   # none with a remote backend (it needs a second local engine)
-                await self.learning.canary.stop()
             await self.learning.stop()
         await self.engine.stop()
         if self.cluster is not None:

@@ -3,7 +3,7 @@
 `Presence` is this process's seat: a heartbeat row in `workers` (alive, the version it
 serves, last seen), a loop that takes over the platform updates a dead worker left
 unfinished, and the helpers the adapters use to claim an update (exactly one worker
-handles each delivery) and to take a job's lease (one learner, one Telegram poller).
+handles each delivery) and to take a job's lease (one learner, one poller).
 
 With SQLite there is one worker by construction and no Presence (app.cluster is None);
 every caller treats None as "alone".
@@ -195,8 +195,9 @@ def share_learning(presence: Presence, learning) -> None:
     """One learner across the workers: training takes the lease too, and each heartbeat
     (when nothing runs here) marks runs whose learner died as interrupted."""
     loop = asyncio.get_running_loop()
-    file_locks = learning.registry.train_lock
-    learning.train_lock = lambda: ClusterTrainLock(presence, file_locks(), loop)
+    runs = learning.runs
+    file_locks = runs.registry.train_lock
+    runs.train_lock = lambda: ClusterTrainLock(presence, file_locks(), loop)
 
     last = [0.0]
 
@@ -204,8 +205,8 @@ def share_learning(presence: Presence, learning) -> None:
         if time.monotonic() - last[0] < TIDY_EVERY_S:
             return
         last[0] = time.monotonic()
-        if learning.running is None and await presence.store.holder(LEARNER_LEASE) is None:
-            await learning.recover()
+        if runs.running is None and await presence.store.holder(LEARNER_LEASE) is None:
+            await runs.recover()
     presence.on_beat.append(tidy)
 
 

@@ -1,7 +1,7 @@
 """Reactions from the platforms into the feedback table, through the configured emoji table.
 
-The adapters only translate their platform's event (Telegram `message_reaction`, Discord
-raw reaction add/remove, a 👍/👎 button press) and call this; the mapping emoji -> +1 / -1 /
+The adapters only translate their platform's event (a reaction set, one reaction added or
+removed, a 👍/👎 button press) and call this; the mapping emoji -> +1 / -1 /
 0 ([feedback] positive / negative; any other emoji is neutral), the consent check and the
 storage live here and in storage/feedback.py. A reaction on anything but a logged bot
 reply, or in a chat that opted out, leaves no row.
@@ -49,7 +49,7 @@ class FeedbackRecorder:
 
     async def set_reactions(self, platform: str, chat_id, message_id, user_id, emojis: list[str], *,
                             user_name: str | None = None) -> int:
-        """The user's complete set of reactions on a message now (Telegram reports the new set)."""
+        """The user's complete set of reactions on a message now (for platforms that report the new set)."""
         if not self.enabled:
             return 0
         values = {f"reaction:{_norm(e)}": self.table.value(e) for e in emojis if _norm(e)}
@@ -58,7 +58,7 @@ class FeedbackRecorder:
 
     async def add_reaction(self, platform: str, chat_id, message_id, user_id, emoji: str, *,
                            user_name: str | None = None) -> int:
-        """One reaction added (Discord reports them one at a time)."""
+        """One reaction added (for platforms that report them one at a time)."""
         if not self.enabled or not _norm(emoji):
             return 0
         signal = f"reaction:{_norm(emoji)}"

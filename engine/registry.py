@@ -81,6 +81,7 @@ class Version:
     metrics: dict = field(default_factory=dict)
     note: str = ""
     base_model: str = ""           # lora: the model the adapter applies to (a folder or hub name)
+    awaiting_approval: bool = False  # installed by a run under [learning] require_approval, for /promote
 
     @property
     def number(self) -> int:
@@ -100,7 +101,8 @@ class Version:
         return {"version": self.name, "kind": self.kind, "source": self.source, "resolved": self.resolved,
                 "parent": self.parent, "created_at": self.created_at, "run_id": self.run_id,
                 "trained_through": self.trained_through, "metrics": self.metrics, "note": self.note,
-                **({"base_model": self.base_model} if self.base_model else {})}
+                **({"base_model": self.base_model} if self.base_model else {}),
+                **({"awaiting_approval": True} if self.awaiting_approval else {})}
 
     @classmethod
     def from_json(cls, folder: Path, raw: dict) -> "Version":
@@ -108,7 +110,10 @@ class Version:
                    resolved=raw.get("resolved", ""), parent=raw.get("parent", ""),
                    created_at=float(raw.get("created_at", 0.0)), run_id=raw.get("run_id"),
                    trained_through=int(raw.get("trained_through", 0)), metrics=raw.get("metrics") or {},
-                   note=raw.get("note", ""), base_model=raw.get("base_model", ""))
+                   note=raw.get("note", ""), base_model=raw.get("base_model", ""),
+                   # registries written before the typed field kept it among the metrics
+                   awaiting_approval=bool(raw.get("awaiting_approval", (raw.get("metrics") or {}).get(
+                       "awaiting_approval"))))
 
 
 def resolve_source(source: str) -> str:
@@ -321,13 +326,15 @@ class Registry:
         return self._install(lambda tmp: tmp.mkdir(), info, activate, f"configured model {source}")
 
     def add_fine_tuned(self, candidate: str | Path, *, parent: str, run_id: int | None, trained_through: int,
-                       metrics: dict, activate: bool = True, note: str = "") -> Version:
+                       metrics: dict, activate: bool = True, note: str = "",
+                       awaiting_approval: bool = False) -> Version:
         """Move a finished candidate folder (same filesystem) into the registry as the next version:
         a model folder (config.json), or a LoRA adapter folder (adapter_config.json), recorded with
         the base model it applies to."""
         candidate = Path(candidate)
         info = {"kind": "fine-tuned", "parent": parent, "run_id": run_id, "created_at": time.time(),
-                "trained_through": trained_through, "metrics": metrics, "note": note}
+                "trained_through": trained_through, "metrics": metrics, "note": note,
+                **({"awaiting_approval": True} if awaiting_approval else {})}
         if (candidate / "adapter_config.json").is_file():
             from engine.training.lora import adapter_base
 

@@ -42,7 +42,7 @@ def run(args) -> int:
             line = describe_version(v, active)
             if v.name in lineage:
                 line += f"; trained on {lineage[v.name]['messages']} messages of {lineage[v.name]['users']} users"
-            if v.metrics.get("awaiting_approval"):
+            if v.awaiting_approval:
                 line += f"; awaiting approval (mynah promote {v.name})"
             print(line + (f"; TAINTED: {tainted[v.name]}" if v.name in tainted else ""))
             if v.kind == "fine-tuned" and v.loss_curve:

@@ -20,19 +20,15 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from bots.config import load_config
     from engine.registry import Registry, RegistryError, parse_version
-    from scripts.rollback import check_servable
+    from scripts.rollback import make_active
 
     config = load_config(args.config)
     registry = Registry(config.learning.registry)
     try:
         version = registry.get(parse_version(args.version))
-        if not version.metrics.get("awaiting_approval"):
+        if not version.awaiting_approval:
             raise RegistryError(f"{version.name} is not waiting for approval (use `mynah rollback` to switch)")
-        check_servable(config, version)
-        version, old = registry.rollback(version.name, "approved with mynah promote")
     except RegistryError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
         return 1
-    print(f"active: {version.name} (was {old}); a running bot switches within {config.learning.poll_seconds:g} s")
-    return 0
-
+    return make_active(config, registry, version, "approved with mynah promote")

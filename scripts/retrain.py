@@ -29,29 +29,25 @@ def add_arguments(parser) -> None:
 def progress_printer(out=None):
     """A progress listener that prints one readable line per trainer event (to `out`, or to
     whatever sys.stdout is when it prints: a default bound at import time would go stale)."""
+    from bots.dashboard.progress import describe
+    from engine.training.events import Event, RunEnded, Train
+
     state = {"last_step_print": 0.0}
 
-    def show(event: dict) -> None:
+    def show(event: "Event") -> None:
         import time
 
-        kind = event.get("event")
-        run = f"run #{event.get('run_id', '?')}"
+        run = f"run #{event.run_id if event.run_id is not None else '?'}"
         line = None
-        if kind == "stage":
-            line = f"{run}: {event['stage']}"
-        elif kind == "data":
-            line = (f"{run}: {event['train']} training / {event['held_out']} held-out / "
-                    f"{event['base_eval']} base-corpus dialogues")
-        elif kind in ("before", "after"):
-            who = "active model" if kind == "before" else "candidate"
-            base = f", base-corpus loss {event['base']:.4f}" if event.get("base") is not None else ""
-            line = f"{run}: {who}: held-out loss {event['held_out']:.4f}{base}"
-        elif kind == "train" and event.get("kind") == "eval" and event.get("valid_loss") is not None:
-            line = (f"{run}: step {event['step']}/{event['total_steps']}: validation loss {event['valid_loss']:.4f}, "
-                    f"{event['elapsed_s']:.0f}s")
-        elif kind == "train" and event.get("kind") == "step" and time.time() - state["last_step_print"] > 15:
+        if isinstance(event, Train) and event.kind == "eval" and event.valid_loss is not None:
+            line = (f"{run}: step {event.step}/{event.total_steps}: validation loss {event.valid_loss:.4f}, "
+                    f"{event.elapsed_s:.0f}s")
+        elif isinstance(event, Train) and event.kind == "step" and time.time() - state["last_step_print"] > 15:
             state["last_step_print"] = time.time()
-            line = f"{run}: step {event['step']}/{event['total_steps']}: train loss {event['train_loss']:.4f}"
+            line = f"{run}: step {event.step}/{event.total_steps}: train loss {event.train_loss:.4f}"
+        elif not isinstance(event, (Train, RunEnded)):
+            text = describe(event)
+            line = text and f"{run}: {text.removeprefix('stage: ').removeprefix('data: ')}"
         if line:
             print(line, file=out or sys.stdout, flush=True)
 
@@ -60,7 +56,7 @@ def progress_printer(out=None):
 
 async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | None = None):
     """Run once; returns (exit status, RunResult or None)."""
-    from bots.learning.canary import Canary
+    from bots.learning.canary import CanaryServing
     from bots.learning.loop import AlreadyRunning, Learning
     from bots.learning.report import RunStatus
     from engine.registry import Registry
@@ -71,8 +67,7 @@ async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | No
     if changed:
         print(f"registered [model] path {config.model.path} as {active.name} (now active)")
     store = await open_configured_store(config)
-    learning = Learning(config, registry, store)
-    learning.canary = Canary(config, learning, None, None, None)   # a running bot serves and judges it
+    learning = Learning(config, registry, store, canary=CanaryServing())  # a running bot serves it
     try:
         await learning.start(schedule=False)
         if not quiet:
@@ -83,7 +78,7 @@ async def retrain(config, *, force: bool, quiet: bool = False, trigger: str | No
             print(f"mynah: {exc}; try again when it has finished", file=sys.stderr)
             return 3, None
         if result is None:
-            print(f"nothing to do: {learning.last_check[1]} (--force runs anyway)")
+            print(f"nothing to do: {learning.schedule.last_check[1]} (--force runs anyway)")
             return 3, None
         print(result.summary())
         if result.loss_curve:

@@ -32,8 +32,19 @@ def run(args) -> int:
         if name is None:
             raise RegistryError("there is no previous version to roll back to")
         version = registry.get(name)
-        check_servable(config, version, load=not args.no_check)
-        version, old = registry.rollback(version.name, "rollback by mynah rollback")
+    except RegistryError as exc:
+        print(f"mynah: {exc}", file=sys.stderr)
+        return 1
+    return make_active(config, registry, version, "rollback by mynah rollback", load=not args.no_check)
+
+
+def make_active(config, registry, version, reason: str, *, load: bool = True) -> int:
+    """The CLI's last step for `mynah rollback` and `mynah promote`: check, move the pointer, say so."""
+    from engine.registry import RegistryError
+
+    try:
+        check_servable(config, version, load=load)
+        version, old = registry.rollback(version.name, reason)
     except RegistryError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
         return 1

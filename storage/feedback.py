@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from storage.protocol import StorageBackend
 
 KINDS = ("explicit", "implicit")
-DIALOGUE_GAP_SECONDS = 3600  # as in messages.py: a longer silence starts a new conversation
+DIALOGUE_GAP_SECONDS = 3600  # as in bots/learning/curate.py: a longer silence starts a new conversation
 SHORT_NEGATIVES = ("what", "huh", "wtf", "what?", "that makes no sense", "makes no sense", "no sense",
                    "nonsense", "what are you talking about", "i don't understand", "i dont understand",
                    "that's not what i asked", "thats not what i asked", "stop", "you're not making sense",

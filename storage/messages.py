@@ -1,5 +1,6 @@
 """What the bot said and heard: logging, per-chat context, /reset, /forget, pending
-replies, redelivery checks, and the opted-in dialogues training reads.
+replies and redelivery checks. (What training may read is storage/trust.py's training_rows,
+cut into dialogues by bots/learning/curate.py: one path for a run and for `mynah export`.)
 
 Platform ids are TEXT (see storage/chats.py); a thread or forum topic is its own chat, so
 it keeps its own context.
@@ -7,10 +8,9 @@ it keeps its own context.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from storage.feedback import delete_user_rows
 from storage.ledger import ForgetLedger
@@ -20,7 +20,6 @@ ROLES = ("user", "bot")
 # ok: sent / heard; pending: a reply not yet confirmed sent; failed: never reached the chat;
 # limited: a user message over the rate limit (stored, never answered, never trained on).
 STATUSES = ("ok", "pending", "failed", "limited")
-DIALOGUE_GAP_SECONDS = 3600  # a longer silence starts a new conversation
 
 
 @dataclass
@@ -51,17 +50,6 @@ class RecentChat:
     platform_chat_id: str
     thread_id: str
     newest_platform_id: int | None
-
-
-@dataclass
-class StoredDialogue:
-    """One exported conversation: its turns (same-side messages merged) and where it lies in the log."""
-
-    chat_id: int
-    turns: list[str]
-    first_message_id: int
-    last_message_id: int
-    message_ids: list[int] = field(default_factory=list, compare=False)  # every message in it
 
 
 def _id(value: str | int | None) -> str | None:
@@ -220,50 +208,7 @@ class Messages:
         rows = await self.db.fetchall("SELECT message_ids FROM forgotten")
         return {i for row in rows for i in json.loads(row[0])}
 
-    # --- what training reads ----------------------------------------------------------
-
-    async def export_dialogues(self, *, after_message_id: int = 0, min_turns: int = 2) -> list[StoredDialogue]:
-        """Opted-in conversations for training, ordered by their last message id.
-
-        A chat's history is cut at every /reset and at silences over an hour; consecutive
-        messages from the same side are merged into one turn.
-        """
-        # Each message's epoch (how many /resets came before it) is found by bisecting the
-        # chat's reset points here, not by a per-message COUNT in SQL: the cost must not grow
-        # with messages x resets while the shared connection is busy (issue 12, item 3).
-        resets: dict[int, list[int]] = {}
-        for chat, at in await self.db.fetchall(
-                "SELECT chat_id, at_message_id FROM context_resets "
-                "WHERE chat_id IN (SELECT chat_id FROM messages WHERE id > ?) ORDER BY chat_id, at_message_id",
-                (after_message_id,)):
-            resets.setdefault(chat, []).append(at)
-        rows = await self.db.fetchall(
-            "SELECT m.id, m.chat_id, m.role, m.text, m.created_at "
-            "FROM messages m JOIN chats c ON c.id = m.chat_id "
-            "WHERE c.consent = 1 AND m.status = 'ok' "
-            "  AND m.chat_id IN (SELECT chat_id FROM messages WHERE id > ?) "
-            "ORDER BY m.chat_id, m.id", (after_message_id,))
-        dialogues: list[StoredDialogue] = []
-        current: StoredDialogue | None = None
-        prev = None
-        prev_epoch = None
-        for row in rows:
-            epoch = bisect.bisect_left(resets.get(row["chat_id"], ()), row["id"])   # resets with at < id
-            starts_new = (prev is None or row["chat_id"] != prev["chat_id"] or epoch != prev_epoch
-                          or row["created_at"] - prev["created_at"] > DIALOGUE_GAP_SECONDS)
-            if starts_new:
-                current = StoredDialogue(row["chat_id"], [row["text"]], row["id"], row["id"])
-                dialogues.append(current)
-            elif row["role"] == prev["role"]:
-                current.turns[-1] += "\n" + row["text"]
-                current.last_message_id = row["id"]
-            else:
-                current.turns.append(row["text"])
-                current.last_message_id = row["id"]
-            current.message_ids.append(row["id"])
-            prev, prev_epoch = row, epoch
-        kept = [d for d in dialogues if len(d.turns) >= min_turns and d.last_message_id > after_message_id]
-        return sorted(kept, key=lambda d: d.last_message_id)
+    # --- what training counts ----------------------------------------------------------
 
     async def count_user_messages(self, *, after_message_id: int = 0) -> int:
         """New material for training: user messages in opted-in chats after the given id."""

@@ -31,7 +31,7 @@ async def test_one_learner_and_a_dead_learners_run_is_marked_interrupted(pg_url,
     a_db, a, a_learning = await _worker(pg_url, tmp_path / "machine-a")
     b_db, b, b_learning = await _worker(pg_url, tmp_path / "machine-b")
     try:
-        lock_a, lock_b = a_learning.train_lock(), b_learning.train_lock()
+        lock_a, lock_b = a_learning.runs.train_lock(), b_learning.runs.train_lock()
         got = await asyncio.gather(asyncio.to_thread(lock_a.acquire), asyncio.to_thread(lock_b.acquire))
         assert sorted(got) == [False, True]                         # two /retrain at once: one run
         holder, learner = (lock_a, a) if got[0] else (lock_b, b)
@@ -43,7 +43,7 @@ async def test_one_learner_and_a_dead_learners_run_is_marked_interrupted(pg_url,
         assert await a.store.holder(LEARNER_LEASE) is None
 
         # a learns and dies mid-run (SIGKILL: no release, no heartbeat)
-        lock_a = a_learning.train_lock()
+        lock_a = a_learning.runs.train_lock()
         assert await asyncio.to_thread(lock_a.acquire)
         run_id = await a_learning.store.runs.start_training_run("schedule")
         a._task.cancel()
@@ -56,7 +56,7 @@ async def test_one_learner_and_a_dead_learners_run_is_marked_interrupted(pg_url,
         taken_over_s = time.monotonic() - started
         assert (await b_learning.store.runs.training_run(run_id))["status"] == "interrupted"
         assert taken_over_s < 60
-        lock_b = b_learning.train_lock()
+        lock_b = b_learning.runs.train_lock()
         assert await asyncio.to_thread(lock_b.acquire)               # the survivor may learn now
         lock_b.release()
         lines = await b.status_lines()

@@ -10,11 +10,11 @@ from bots.chat.commands import COMMANDS, bind, commands_for
 from bots.chat.events import Incoming, answers_privately
 from bots.chat.user_commands import UserCommands
 from bots.config import parse_config
-from bots.learning.loop import Learning
+from bots.learning.commands import LearningCommands
 from bots.learning.trust import Trust
 from bots.platforms.registry import admin_ids, discover
 
-PROVIDERS = {"user": UserCommands, "admin": AdminCommands, "learning": Learning, "trust": Trust}
+PROVIDERS = {"user": UserCommands, "admin": AdminCommands, "learning": LearningCommands, "trust": Trust}
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)

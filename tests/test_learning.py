@@ -25,6 +25,7 @@ from bots.learning.export import BaseCorpus, changed_since_export, export_dialog
 from bots.learning.loop import Learning
 from bots.learning.schedule import ScheduleState
 from engine.training.finetune import read_data
+from engine.training.events import Train
 from engine.registry import FileLock, Registry, RegistryError, clean_stale, parse_version
 from storage.store import Store
 from storage.db import Database
@@ -240,7 +241,7 @@ def test_killed_trainer_leaves_everything_consistent_then_cli_retrain_works(tmp_
         await learning.start(schedule=False)
         await log_chats(conv, 24, CATCHPHRASE)
         training = asyncio.Event()
-        learning.add_progress_listener(lambda e: e.get("kind") == "step" and training.set())
+        learning.add_progress_listener(lambda e: isinstance(e, Train) and e.kind == "step" and training.set())
         run_id = await learning.start_run("test")
         await asyncio.wait_for(training.wait(), 120)
         assert registry.train_lock().holder()["run_id"] == run_id
@@ -310,13 +311,13 @@ async def test_schedule_fires_on_its_interval_and_skips_when_too_little_is_new(t
     try:
         await log_chats(learning.store, 2, CATCHPHRASE)   # 6 user messages: too few
         await learning.start()
-        job = learning.scheduler.get_job("mynah-retrain")
+        job = learning.schedule.scheduler.get_job("mynah-retrain")
         assert job.coalesce and job.max_instances == 1 and job.misfire_grace_time == 3600
         deadline = time.monotonic() + 15
-        while learning.schedule_fires < 2 and time.monotonic() < deadline:
+        while learning.schedule.fires < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        assert learning.schedule_fires >= 2
-        assert learning.last_check[1] == "skipped: 6 new user messages, 50 needed"
+        assert learning.schedule.fires >= 2
+        assert learning.schedule.last_check[1] == "skipped: 6 new user messages, 50 needed"
         assert await learning.store.runs.training_runs() == []
         lines = await learning.status_lines()
         assert any(line.startswith("Next scheduled run: ") for line in lines)

@@ -20,6 +20,7 @@ from engine.registry import Registry, prune
 from engine.serving.lora_admin import NOT_ENABLED, LoraAdmin, LoraAdminError, backend_path
 from engine.serving.protocol import RemoteModelSwitch, Reply, SamplingParams
 from engine.training.devices import launch_command, plan_devices
+from engine.training.events import Finished
 from engine.training.finetune import FinetuneJob, TrainSettings
 from engine.training.lora import LoraSettings, target_modules
 from storage.store import Store
@@ -312,8 +313,8 @@ async def test_the_trainer_child_runs_ddp_under_accelerate_launch(tmp_path, base
     assert result.launched_by_accelerate
     assert result.after["held_out"] < result.before["held_out"]
     assert (result.candidate / "adapter_model.safetensors").is_file()
-    assert [e["event"] for e in events].count("finished") == 1     # rank 1 trains but does not report
-    assert [e["event"] for e in events].count("before") == 1
+    assert [type(e) for e in events].count(Finished) == 1     # rank 1 trains but does not report
+    assert [getattr(e, "side", None) for e in events].count("before") == 1
 
 
 def test_a_missing_peft_is_a_clear_error(tmp_path, base_model, monkeypatch):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import types
 from pathlib import Path
 
 import pytest
 
 import storage.db as dbmod
-from storage.messages import StoredDialogue, StoredTurn
+from bots.learning.export import allowed_dialogues
 from storage import open_database
+from storage.messages import StoredTurn
 from storage.store import Store
 from storage.db import MIGRATIONS, Database, StorageError
 
@@ -359,6 +361,8 @@ async def test_write_gives_up_on_a_lock_that_stays(tmp_path):
 
 # --- export for the learning loop -----------------------------------------------------------
 
+NO_FEEDBACK = types.SimpleNamespace(feedback_weighting="off")   # the [learning] key allowed_rows reads
+
 async def test_export_dialogues(db, conv):
     a = await conv.chats.chat("tg", 1)
     opted_out = await conv.chats.chat("tg", 2)
@@ -383,20 +387,18 @@ async def test_export_dialogues(db, conv):
     await exchange(conv, group, bob, ("bob two", "bot two"))
     await conv.messages.forget_user("tg", 10)  # removes Ann's group messages and the bot's replies to them
 
-    dialogues = await conv.messages.export_dialogues()
-    assert dialogues == [
-        StoredDialogue(a, ["hi", "hello", "how are you", "fine"], dialogues[0].first_message_id, dialogues[0].last_message_id),
-        StoredDialogue(a, ["new topic\nreally", "tell me"], dialogues[1].first_message_id, first_part_end),
-        StoredDialogue(group, ["bob one", "bot one", "bob two", "bot two"],
-                 dialogues[2].first_message_id, dialogues[2].last_message_id),
+    dialogues = await allowed_dialogues(conv, NO_FEEDBACK, [])
+    assert [(d.chat_id, d.turns()) for d in dialogues] == [
+        (a, ["hi", "hello", "how are you", "fine"]),
+        (a, ["new topic\nreally", "tell me"]),
+        (group, ["bob one", "bot one", "bob two", "bot two"]),
     ]
-    assert [d.last_message_id for d in dialogues] == sorted(d.last_message_id for d in dialogues)
-    assert dialogues[0].last_message_id < dialogues[1].first_message_id
+    assert dialogues[1].last_id == first_part_end
+    assert [d.last_id for d in dialogues] == sorted(d.last_id for d in dialogues)
+    assert dialogues[0].last_id < dialogues[1].rows[0].id
 
-    later = await conv.messages.export_dialogues(after_message_id=first_part_end)
-    assert [d.turns[0] for d in later] == ["bob one"]
-    assert await conv.messages.export_dialogues(after_message_id=await conv.messages.max_message_id()) == []
-    assert [d.turns for d in await conv.messages.export_dialogues(min_turns=5)] == []
+    later = await conv.trust.training_rows(after_message_id=first_part_end)
+    assert {r["chat_id"] for r in later} == {group}      # only chats with something new, opted in
 
     # Opted-out chats and forgotten users count for nothing.
     assert await conv.messages.count_user_messages() == 2 + 2 + 2
@@ -410,5 +412,61 @@ async def test_export_splits_at_long_silences(db, conv):
         for n, mid in enumerate(ids):
             await conn.execute("UPDATE messages SET created_at = ? WHERE id = ?",
                                (1000.0 + n * 60 + (7200 if n >= 2 else 0), mid))
-    assert [d.turns for d in await conv.messages.export_dialogues()] == [["morning", "hi"], ["evening", "hey"]]
-    assert [d.turns for d in await conv.messages.export_dialogues(min_turns=3)] == []
+    assert [d.turns() for d in await allowed_dialogues(conv, NO_FEEDBACK, [])] == [["morning", "hi"], ["evening", "hey"]]
+
+
+# --- the storage protocol ---------------------------------------------------------------------
+
+class ProtocolOnly:
+    """A backend with nothing but storage.protocol.StorageBackend's members (over SQLite), so the
+    stores are shown to need no more: what a second backend must implement."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.path = db.path
+
+    async def fetchall(self, sql, params=()):
+        return await self._db.fetchall(sql, params)
+
+    async def fetchone(self, sql, params=()):
+        return await self._db.fetchone(sql, params)
+
+    def transaction(self):
+        return self._db.transaction()
+
+    async def user_version(self):
+        return await self._db.user_version()
+
+    async def compact_wal(self):
+        return await self._db.compact_wal()
+
+    async def close(self):
+        await self._db.close()
+
+
+async def test_every_store_works_over_the_protocol_alone(tmp_path):
+    from storage.protocol import StorageBackend
+
+    database = await Database.open(tmp_path / "p.sqlite3")
+    assert isinstance(database, StorageBackend)
+    backend = ProtocolOnly(database)
+    assert isinstance(backend, StorageBackend)
+    store = Store.over(backend)
+    try:
+        chat = await store.chats.chat("tg", 1, title="t")
+        ann = await store.chats.user("tg", 10, name="Ann")
+        asked = await store.messages.log_message(chat, "user", "hello", user_id=ann, platform_message_id=5)
+        await store.messages.log_message(chat, "bot", "hi", reply_to_id=asked)
+        assert await store.messages.seen_message(chat, 5) == (asked, True)
+        await store.messages.reset(chat)
+        assert [r["epoch"] for r in await store.trust.training_rows()] == [0, 0]
+        run = await store.runs.start_training_run("test")
+        await store.runs.update_training_run(run, status="done", finished=True)
+        assert (await store.runs.training_run(run))["status"] == "done"
+        await store.audit.record("tg", 10, "status", "", True)
+        assert len(await store.audit.recent()) == 1
+        await store.trust.set_user_consent("tg", 10, False)
+        assert await store.messages.forget_user("tg", 10) == 1
+        assert await store.messages.stats() == {"chats": 1, "users": 1, "messages": 0}
+    finally:
+        await store.close()

@@ -172,7 +172,7 @@ async def test_audit_keeps_at_most_200_characters_of_arguments(conv):
 
 
 async def _export_steps(conv) -> int:
-    """SQLite VM steps (a deterministic cost measure) spent by one export."""
+    """SQLite VM steps (a deterministic cost measure) spent by one training read."""
     if conv.db.backend != "sqlite":
         pytest.skip("counts SQLite VM steps")
     steps = 0
@@ -185,7 +185,7 @@ async def _export_steps(conv) -> int:
     raw = conv.db.conn._conn      # the sqlite3 connection behind aiosqlite
     await conv.db.conn._execute(raw.set_progress_handler, count, 100)
     try:
-        dialogues = await conv.messages.export_dialogues()
+        dialogues = await conv.trust.training_rows()
     finally:
         await conv.db.conn._execute(raw.set_progress_handler, None, 100)
     assert dialogues

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from bots.chat.splitting import split_message, utf16_len
+from bots.learning.export import allowed_dialogues
 from bots.platforms.telegram.adapter import NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT, TEXT_LIMIT
 from tests.fakes.telegram_api import TOKEN
 from tests.test_telegram import (ADMIN, ROOT, Harness, bot, fake, free_port, make_bot,  # noqa: F401 (fixtures)
@@ -95,7 +96,8 @@ async def test_burst_of_40_gets_at_most_limit_plus_one_replies_and_others_are_an
     assert rows.count(("bot", "ok")) == 5
     # limited messages are never trained on or counted toward retraining
     assert await bot.app.store.messages.count_user_messages() == 5 + 1
-    dialogue_text = " ".join(t for d in await bot.app.store.messages.export_dialogues(min_turns=1) for t in d.turns)
+    dialogue_text = " ".join(t for d in await allowed_dialogues(bot.app.store, bot.app.config.learning, [])
+                             for t in d.turns())
     assert "message number 39" not in dialogue_text
     # nor shown to the model as context
     assert all("message number 39" not in text for call in bot.engine_calls for _, text in call)

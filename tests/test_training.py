@@ -126,7 +126,7 @@ def test_loss_falls_from_scratch(scratch_run):
     assert metrics["steps"] == 30 and not metrics["stopped_early"]
     assert [h[0] for h in metrics["history"]] == [0, 10, 20, 30]
     assert metrics["tokens"] > 0 and metrics["tokens_per_s"] > 0 and metrics["params"] > 0
-    assert {"eval", "step", "done"} <= {e["event"] for e in events}
+    assert {"eval", "step", "done"} <= {e.kind for e in events}
 
 
 def test_saved_folder_reloads_and_generates(scratch_run):

@@ -23,7 +23,6 @@ from bots.chat.commands import BY_NAME, bind, parse_command
 from bots.chat.events import Incoming, Outgoing
 from bots.chat.durable import WriteRetry
 from bots.chat.ratelimit import RateLimiter, Verdict
-from bots.chat.routing import current_chat
 from bots.chat.user_commands import UserCommands, chat_row
 from bots.metrics import record_reply
 from bots.platforms.registry import admin_ids
@@ -70,7 +69,8 @@ class ChatService:
                                    writes=self.writes)
         self.user = UserCommands(config, store, self.admin.is_admin, learning)
         # Each command's handler, bound once from the command table (bots/chat/commands.py).
-        self.handlers = bind({"user": self.user, "admin": self.admin, "learning": learning,
+        self.handlers = bind({"user": self.user, "admin": self.admin,
+                              "learning": learning.commands if learning is not None else None,
                               "trust": learning.trust if learning is not None else None})
 
     # ---- entry point --------------------------------------------------------------
@@ -91,7 +91,6 @@ class ChatService:
             return []
         chat_id, stored, handled = await self.log_user_message(msg, parsed.text,
                                                                "limited" if verdict.limited else "ok")
-        current_chat.set(chat_id)  # a per-chat router (the canary) picks the engine by it
         if on_logged is not None:
             on_logged()
         if handled:              # delivered twice (a redelivery after a restart): answered already
@@ -100,7 +99,7 @@ class ChatService:
             return [verdict.slow_down] if verdict.slow_down is not None else []
         history = await self.build_context(chat_id)
         system = await self.persona(chat_id)
-        reply = await self.generate(msg, history, system=system,
+        reply = await self.generate(msg, history, system=system, route=chat_id,
                                     stream=stream if self.config.chat.stream else None)
         if isinstance(reply, Outgoing):  # busy or failed: said, not stored
             return [reply]
@@ -178,13 +177,15 @@ class ChatService:
         own = await self.store.chats.persona(chat_id)
         return own if own is not None else self.config.chat.default_persona
 
-    async def generate(self, msg: Incoming, history: list[tuple[str, str]], *, system: str = "", stream=None):
+    async def generate(self, msg: Incoming, history: list[tuple[str, str]], *, system: str = "", route=None,
+                       stream=None):
         """The engine's reply, or an Outgoing that says why there is none. With `stream`, the
-        text is shown as it is written (the engine's ReplyStream feeds stream.show)."""
+        text is shown as it is written (the engine's ReplyStream feeds stream.show). `route`
+        (the chats.id) lets a per-chat engine (the canary's Router) pick the model."""
         try:
             if stream is None:
-                return await self.engine.reply(history, system=system)
-            written = self.engine.stream(history, system=system)
+                return await self.engine.reply(history, system=system, route=route)
+            written = self.engine.stream(history, system=system, route=route)
             async for _ in written:
                 await stream.show(written.text)
             return written.reply

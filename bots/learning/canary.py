@@ -6,7 +6,8 @@ and is promoted only if people like it no less than the active model.
   for each candidate, and never a chat that opted out (/optout: checked on every reply).
 * Serving (`Router`): the candidate is loaded into a second local engine next to the
   active one; the Router implements ReplyEngine and sends each reply to one of them by
-  the chat it is for (bots/chat/routing.current_chat). Everything else (stats, the
+  the `route` its caller passes (the chats.id ChatService replies in, as vLLM takes a
+  `lora_request` per request). Everything else (stats, the
   version, swaps by promotion and rollback) is the active engine's.
 * Judging (`Canary.check`, every CHECK_EVERY_S): implicit signals are derived first; then
   the candidate's positive rate and the active model's on the same period (replies since
@@ -27,11 +28,12 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from bots.chat.events import Outgoing
-from bots.chat.routing import current_chat
 from bots.durations import duration
 from bots.learning.decide import Decision
+from bots.learning.notify import Notifiers, configured_targets
 from bots.learning.promote import PromotionRefused
 from bots.learning.stats import non_inferiority, wilson
 from engine.registry import RegistryError, write_json_atomic
@@ -80,29 +82,29 @@ class Router:
             return False
         return await self.chats.consent(chat_id)   # opted out: never an experiment
 
-    async def _pick(self):
-        """The engine for the chat of the current task (bots/chat/routing.current_chat)."""
+    async def _pick(self, route):
+        """The engine for the chat `route` names (None: the active one)."""
         c = self.candidate
-        if c is not None and await self.serves_candidate(current_chat.get()):
+        if c is not None and await self.serves_candidate(route):
             return c.engine
         return self.active
 
-    async def reply(self, turns, overrides: dict | None = None, *, system: str = ""):
-        engine = await self._pick()
+    async def reply(self, turns, overrides: dict | None = None, *, system: str = "", route=None):
+        engine = await self._pick(route)
         if engine is not self.active:
             try:
-                reply = await engine.reply(turns, overrides, system=system)
+                reply = await engine.reply(turns, overrides, system=system, route=route)
                 self.routed += 1
                 return reply
             except (EngineBusy, EngineStopped):
                 pass  # the canary just ended, or its queue is full: the active model answers
-        return await self.active.reply(turns, overrides, system=system)
+        return await self.active.reply(turns, overrides, system=system, route=route)
 
-    def stream(self, turns, overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+    def stream(self, turns, overrides: dict | None = None, *, system: str = "", route=None) -> ReplyStream:
         """The chosen engine's stream, passed through (routing is decided when reading starts)."""
         async def produce(stream: ReplyStream):
-            engine = await self._pick()
-            inner = engine.stream(turns, overrides, system=system)
+            engine = await self._pick(route)
+            inner = engine.stream(turns, overrides, system=system, route=route)
             async for delta in inner:
                 stream.push(delta)
             if engine is not self.active:
@@ -129,6 +131,15 @@ class Router:
 
 
 @dataclass
+class CanaryServing:
+    """What the app hands the learning loop to serve a canary: the Router, the feedback
+    recorder and `make_engine(loaded)`; all None for `mynah retrain`, which only installs."""
+    router: Router | None = None
+    recorder: object = None
+    make_engine: Callable | None = None
+
+
+@dataclass
 class CanaryState:
     candidate: str
     active: str
@@ -150,14 +161,18 @@ class Counts:
 
 class Canary:
     """Starts, watches and ends the canary of one bot. `make_engine(loaded)` builds a local
-    engine like the active one (the app passes bots.app.build_engine)."""
+    engine like the active one (the app passes bots.app.build_engine); without a router
+    (`mynah retrain`) it only installs the candidate: the running bot serves and judges it."""
 
-    def __init__(self, config, learning, router: Router, recorder, make_engine):
+    def __init__(self, config, registry, store, promoter, versions, notifiers: Notifiers,
+                 router: Router | None = None, recorder=None, make_engine=None):
         self.config = config
         self.lc = config.learning
-        self.learning = learning
-        self.registry = learning.registry
-        self.store = learning.store
+        self.registry = registry
+        self.store = store      # storage.store.Store
+        self.promoter = promoter
+        self.versions = versions       # bots.learning.versions.Versions (the SQLite mirror)
+        self.notifiers = notifiers
         self.router = router
         self.recorder = recorder       # bots.feedback.FeedbackRecorder
         self.make_engine = make_engine
@@ -214,7 +229,7 @@ class Canary:
             await asyncio.to_thread(self._path.unlink, missing_ok=True)
             return
         try:
-            loaded = await asyncio.to_thread(self.learning.promoter.load, version.model_path, version.name)
+            loaded = await asyncio.to_thread(self.promoter.load, version.model_path, version.name)
         except Exception as exc:
             self.state = state
             await self._end(False, f"the candidate no longer loads after a restart ({exc})")
@@ -253,7 +268,7 @@ class Canary:
                                  "was dropped (retrain again when it has ended)")
                 return
             try:
-                loaded = await asyncio.to_thread(self.learning.promoter.load, str(candidate_path), "candidate")
+                loaded = await asyncio.to_thread(self.promoter.load, str(candidate_path), "candidate")
             except Exception as exc:
                 result.decision, result.reason = Decision.REJECTED, f"the candidate failed to load: {exc}"
                 return
@@ -324,7 +339,7 @@ class Canary:
         took = duration(time.time() - st.started_at)
         if promote:
             try:     # loaded into the active engine, then the pointer, then the swap
-                await self.learning.promoter.activate(st.candidate, f"canary passed (run #{st.run_id})")
+                await self.promoter.activate(st.candidate, f"canary passed (run #{st.run_id})")
             except (PromotionRefused, RegistryError) as exc:
                 promote, why = False, f"{why}; but it could not be activated: {exc}"
         if promote:
@@ -341,10 +356,10 @@ class Canary:
         log.info("%s", text)
         with contextlib.suppress(Exception):
             await self.store.runs.update_training_run(st.run_id, decision=decision)
-            await self.learning.sync_versions()
-        targets = [tuple(t) for t in st.notify_to] or [tuple(str(t).split(":", 2)) for t in self.lc.notify]
+            await self.versions.sync()
+        targets = [tuple(t) for t in st.notify_to] or configured_targets(self.lc.notify)
         if targets:
-            await self.learning.notify(targets, Outgoing(text))
+            await self.notifiers.notify(targets, Outgoing(text))
         return "promoted" if promote else "retired"
 
     async def retire(self, why: str) -> str | None:

@@ -11,11 +11,17 @@ import logging
 from typing import Awaitable, Callable
 
 from bots.chat.events import Outgoing
+from engine.training.events import Event
 
 log = logging.getLogger(__name__)
 
 Notifier = Callable[..., Awaitable[None]]   # async fn(chat_id, Outgoing[, thread_id=...])
-ProgressListener = Callable[[dict], None]
+ProgressListener = Callable[[Event], None]
+
+
+def configured_targets(notify: list[str]) -> list[tuple]:
+    """[learning] notify entries, "platform:chat" or "platform:chat:thread", as tuples."""
+    return [tuple(str(t).split(":", 2)) for t in notify]
 
 
 async def _print_notice(chat_id: str, out: Outgoing, thread_id: str = "") -> None:
@@ -53,7 +59,7 @@ class Notifiers:
                 except Exception:
                     log.exception("could not tell %s chat %s about the run", platform, chat_id)
 
-    def progress(self, event: dict) -> None:
+    def progress(self, event: Event) -> None:
         """Hand a progress event to every listener."""
         for fn in self._listeners:
             try:

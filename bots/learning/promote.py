@@ -72,26 +72,18 @@ class Promoter:
             if self.remote is not None:
                 return await self._promote_remote(candidate, active=active, run_id=run_id, trigger=trigger,
                                                   through=through, metrics=metrics)
-            loaded = None
-            if self.engine is not None:
-                try:
-                    loaded = await asyncio.to_thread(self.load, str(candidate), "candidate")
-                except Exception as exc:
-                    raise PromotionRefused(f"the candidate failed to load: {exc}") from exc
-            if await asyncio.to_thread(self.registry.active_name) != active.name:
-                raise PromotionRefused("the active version changed during the run (a rollback?); "
-                                       "the candidate was dropped")
-            version = await asyncio.to_thread(
-                self.registry.add_fine_tuned, candidate, parent=active.name, run_id=run_id,
-                trained_through=through, metrics=metrics, note=f"run #{run_id} ({trigger})", activate=activate)
-            if not activate:
-                return version
-            self._stamp = self.registry.pointer_stamp()
-            if loaded is not None:
-                loaded.version = version.name
-                self.engine.swap(loaded)
-            self.serving = version.name
-            return version
+
+            def install() -> Version:
+                if self.registry.active_name() != active.name:
+                    raise PromotionRefused("the active version changed during the run (a rollback?); "
+                                           "the candidate was dropped")
+                return self.registry.add_fine_tuned(candidate, parent=active.name, run_id=run_id,
+                                                    trained_through=through, metrics=metrics,
+                                                    note=f"run #{run_id} ({trigger})", activate=activate,
+                                                    awaiting_approval=not activate)
+
+            return await self._switch(str(candidate), "candidate", install, swap=activate,
+                                      refused=lambda exc: PromotionRefused(f"the candidate failed to load: {exc}"))
 
     async def _promote_remote(self, candidate: Path, *, active: Version, run_id: int, trigger: str, through: int,
                               metrics: dict) -> Version:
@@ -142,19 +134,9 @@ class Promoter:
                 if demoted != version.name:
                     await self.remote.unload(demoted)
                 return version, old
-            loaded = None
-            if self.engine is not None:
-                try:
-                    loaded = await asyncio.to_thread(self.load, version.model_path, version.name)
-                except Exception as exc:
-                    raise RegistryError(f"{version.name} does not load ({exc}); still serving {self.serving}") from exc
-            version, old = await asyncio.to_thread(self.registry.rollback, version.name,
-                                                   f"rollback by {who}" if who else "")
-            self._stamp = self.registry.pointer_stamp()
-            if loaded is not None:
-                self.engine.swap(loaded)
-            self.serving = version.name
-            return version, old
+            return await self._switch(version.model_path, version.name, lambda: self.registry.rollback(
+                version.name, f"rollback by {who}" if who else ""), refused=lambda exc: RegistryError(
+                f"{version.name} does not load ({exc}); still serving {self.serving}"))
 
     async def check_pointer(self) -> bool:
         """Serve what the pointer names, if it changed (e.g. `mynah rollback`). True if swapped."""
@@ -168,15 +150,14 @@ class Promoter:
                 return False
             if self.remote is not None:
                 return await self._follow_remote(version)
+            old = self.serving
             try:
-                loaded = await asyncio.to_thread(self.load, version.model_path, version.name)
-            except Exception as exc:
+                await self._switch(version.model_path, version.name, lambda: version, refused=RegistryError)
+            except RegistryError as exc:
                 log.error("the active pointer now names %s, but it does not load (%s); still serving %s",
                           version.name, exc, self.serving)
                 return False
-            self.engine.swap(loaded)
-            log.info("the active pointer changed: now serving %s (was %s)", version.name, self.serving)
-            self.serving = version.name
+            log.info("the active pointer changed: now serving %s (was %s)", version.name, old)
             return True
 
     async def _follow_remote(self, version: Version) -> bool:
@@ -208,15 +189,27 @@ class Promoter:
         swap lock: loaded first, then the pointer, then the swap (canary.py)."""
         async with self._lock:
             version = await asyncio.to_thread(self.registry.get, name)
-            loaded = None
-            if self.engine is not None:
-                try:
-                    loaded = await asyncio.to_thread(self.load, version.model_path, version.name)
-                except Exception as exc:
-                    raise PromotionRefused(f"{version.name} does not load ({exc})") from exc
-            await asyncio.to_thread(self.registry.set_active, version.name, reason)
-            self._stamp = self.registry.pointer_stamp()
-            if loaded is not None:
-                self.engine.swap(loaded)
-            self.serving = version.name
-            return version
+            return await self._switch(version.model_path, version.name,
+                                      lambda: self.registry.set_active(version.name, reason),
+                                      refused=lambda exc: PromotionRefused(f"{version.name} does not load ({exc})"))
+
+    async def _switch(self, path: str, name: str, move, *, refused, swap: bool = True):
+        """The one order for every change of what is served, under the caller's lock: load the
+        model (`refused(exc)` is raised when it does not load), then `move()` (blocking: the
+        pointer, or installing it), then hot-swap the engine. Returns what `move` returned."""
+        loaded = None
+        if self.engine is not None:
+            try:
+                loaded = await asyncio.to_thread(self.load, path, name)
+            except Exception as exc:
+                raise refused(exc) from exc
+        moved = await asyncio.to_thread(move)
+        if not swap:
+            return moved
+        self._stamp = self.registry.pointer_stamp()
+        version = moved[0] if isinstance(moved, tuple) else moved
+        if loaded is not None:
+            loaded.version = version.name
+            self.engine.swap(loaded)
+        self.serving = version.name
+        return moved

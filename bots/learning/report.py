@@ -1,7 +1,7 @@
 """What people read about runs and versions: a run's summary, /models, /status, `mynah models`.
 
-Only text: nothing here reads the database or the registry, so the bot, the admin commands
-and the CLI print the same lines from the same facts.
+Mostly text from facts handed in, so the bot, the admin commands and the CLI print the same
+lines; `status_lines` gathers /status's facts itself (the registry, the runs table, the lock).
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def describe_version(v: Version, active: str | None, replies: int | None = None)
 
 
 def describe_run(r: dict) -> str:
-    """One training_runs row (as storage.runs.Runs.training_runs returns it) on one line."""
+    """One training_runs row (as Conversations.training_runs returns it) on one line."""
     dur = duration(r["duration_s"]) if r.get("duration_s") is not None else "running"
     what = r.get("decision") or r["status"]
     if r["status"] in (RunStatus.FAILED, RunStatus.INTERRUPTED) and r.get("error"):
@@ -147,7 +147,7 @@ def models_text(versions: list[Version], active: str | None, replies: dict[str, 
         line = describe_version(v, active, replies.get(v.name))
         if v.name in lineage:
             line += f"; trained on {lineage[v.name]['messages']} messages of {lineage[v.name]['users']} users"
-        if v.metrics.get("awaiting_approval"):
+        if v.awaiting_approval:
             line += f"; awaiting approval (/promote {v.name})"
         lines.append(line + (f"; TAINTED: {tainted[v.name]}" if v.name in tainted else ""))
     if len(versions) > limit:
@@ -223,32 +223,43 @@ def running_line(run_id: int, trigger: str, stage: str, step: int, total_steps: 
     return f"Running now: run #{run_id} ({trigger}): {stage}{steps}, {duration(time.time() - started)} so far"
 
 
-async def status_lines(lr) -> list[str]:
-    """The learning loop's part of /status (`lr`: the Learning facade)."""
-    lines = []
-    active = await asyncio.to_thread(lr.registry.active)
+async def status_lines(config, registry, serving: str | None, runs, schedule, trust, canary) -> list[str]:
+    """The learning loop's part of /status, from its parts (runs.Runs, schedule.Scheduler,
+    trust.Trust, canary.Canary or None)."""
+    lc, lines = config.learning, []
+    active = await asyncio.to_thread(registry.active)
     if active is not None:
-        lines += active_lines(active, lr.serving)
-    lines.append(learning_line(lr.config))
-    new, _ = await lr.new_messages()
-    lines.append(f"New since the active version: {new} user messages "
-                 f"(a scheduled run needs {lr.lc.min_new_messages})")
-    lines.append(next_run_line(lr.next_run_time(), lr.lc.schedule))
-    if lr.trust.forgets_waiting:
-        lines.append(f"A rebuild after /forget is queued ({lr.trust.forgets_waiting} forget(s) waiting)")
-    if lr.last_check is not None:
-        lines.append(f"Last scheduled check: {ago(lr.last_check[0])}, {lr.last_check[1]}")
-    run = lr.running
+        lines += active_lines(active, serving)
+    lines.append(learning_line(config))
+    new, _ = await runs.new_messages()
+    lines.append(f"New since the active version: {new} user messages (a scheduled run needs {lc.min_new_messages})")
+    lines.append(next_run_line(schedule.next_run_time(), lc.schedule))
+    if trust.forgets_waiting:
+        lines.append(f"A rebuild after /forget is queued ({trust.forgets_waiting} forget(s) waiting)")
+    if schedule.last_check is not None:
+        lines.append(f"Last scheduled check: {ago(schedule.last_check[0])}, {schedule.last_check[1]}")
+    run = runs.running
     if run is not None:
         lines.append(running_line(run.run_id, run.trigger, run.stage, run.step, run.total_steps, run.started))
     else:
-        holder = await asyncio.to_thread(lr.registry.train_lock().holder)
+        holder = await asyncio.to_thread(registry.train_lock().holder)
         if holder:
             lines.append(f"Running now in another process: run #{holder.get('run_id', '?')} "
                          f"(pid {holder.get('pid', '?')})")
-    lines += await lr.canary.status_lines() if lr.canary is not None else []
-    runs = await lr.store.runs.training_runs(3)
-    if runs:
+    lines += await canary.status_lines() if canary is not None else []
+    recent = await runs.store.runs.training_runs(3)
+    if recent:
         lines.append("Last runs:")
-        lines += [f"  {describe_run(r)}" for r in runs]
+        lines += [f"  {describe_run(r)}" for r in recent]
     return lines
+
+
+def approval_text(version: str, result, probes: dict) -> str:
+    """What the admins are told about a candidate waiting for /promote: numbers and samples."""
+    lines = [f"{version} passed every check and waits for your approval: /promote {version}",
+             result.summary()]
+    candidate = probes.get("candidate") or []
+    if candidate:
+        lines.append("Sample replies (probe prompt → candidate):")
+        lines += [f"  {p['prompt']} → {(p.get('replies') or [''])[0]}" for p in candidate[:5]]
+    return "\n".join(lines)

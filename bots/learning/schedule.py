@@ -1,4 +1,4 @@
-"""When the learning loop runs: the schedule's syntax, the APScheduler job, the last fire.
+"""When the learning loop runs: the schedule's syntax, the APScheduler job, the last fire and check.
 
 The schedule is an interval like "6h" / "30m" or a 5-field cron line. The job is an
 APScheduler AsyncIOScheduler job in the bot's event loop (coalesced, one instance at a
@@ -8,16 +8,22 @@ a fire that fell due while the bot was down happens shortly after startup instea
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from bots.learning.notify import configured_targets
+from bots.learning.runs import AlreadyRunning, Runs
 from engine.registry import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 JOB_ID = "mynah-retrain"
@@ -107,3 +113,61 @@ def next_run_time(scheduler) -> dt.datetime | None:
         return None
     job = scheduler.get_job(JOB_ID)
     return job.next_run_time if job is not None else None
+
+
+class Scheduler:
+    """The scheduled job: start a run when enough is new, else note why not (for /status).
+    """
+
+    def __init__(self, lc, runs: Runs, folder: str | Path):
+        self.lc = lc
+        self.runs = runs
+        self.state = ScheduleState(folder)
+        self.scheduler = None
+        self.fires = 0
+        self.last_check: tuple[float, str] | None = None
+
+    async def start(self) -> None:
+        sched = parse_schedule(self.lc.schedule)
+        first = None
+        if sched.interval_seconds is not None:
+            first = await asyncio.to_thread(self.state.first_fire, sched.interval_seconds)
+        self.scheduler = start_scheduler(sched, self.fire, misfire_grace_seconds=self.lc.misfire_grace_seconds,
+                                         first_fire=first)
+        log.info("learning loop: scheduled %s; next run %s", self.lc.schedule, self.next_run_time())
+
+    def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+            self.scheduler = None
+
+    def next_run_time(self) -> dt.datetime | None:
+        """When the scheduled job fires next, or None when the schedule is off."""
+        return next_run_time(self.scheduler)
+
+    async def enough_new(self) -> bool:
+        """Whether [learning] min_new_messages new user messages arrived; notes it when not."""
+        new, _ = await self.runs.new_messages()
+        if new >= self.lc.min_new_messages:
+            return True
+        self.last_check = (time.time(), f"skipped: {new} new user messages, {self.lc.min_new_messages} needed")
+        return False
+
+    async def fire(self) -> None:
+        """The job. Never raises."""
+        self.fires += 1
+        try:
+            await asyncio.to_thread(self.state.save, time.time())
+            if self.runs.running is not None:
+                self.last_check = (time.time(), f"run #{self.runs.running.run_id} was still running")
+                return
+            if not await self.enough_new():
+                log.info("scheduled retrain %s", self.last_check[1])
+                return
+            run_id = await self.runs.start("schedule", notify_to=configured_targets(self.lc.notify))
+            self.last_check = (time.time(), f"started run #{run_id}")
+        except AlreadyRunning as exc:
+            self.last_check = (time.time(), f"{exc} (another process)")
+        except Exception:
+            log.exception("the scheduled retrain could not start")
+            self.last_check = (time.time(), "error: could not start (see the log)")

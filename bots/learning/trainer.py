@@ -2,7 +2,7 @@
 
 Training never runs in the bot's event loop or its generation thread: each run starts
 ``python -m engine.training.finetune job.json`` (nice, few threads, bounded memory, its own
-session) and reads its progress, one JSON object per stdout line. The child writes
+session) and reads its progress, one typed event per stdout line (engine/training/events.py). The child writes
 result.json; a child that dies, overruns its time or fails is turned into a RunFailed whose
 message says why in words an admin can act on (disk full, out of memory, killed by …).
 A cancelled run (the bot stops) stops the child: SIGTERM, then SIGKILL.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import json
 import os
 import signal
 import sys
@@ -23,7 +22,9 @@ from typing import Callable
 from bots.learning.export import DATA_FILE, FORGOTTEN_FILE
 from bots.learning.report import method_facts
 from engine.registry import Version, folder_bytes, write_json_atomic
+from engine.serving.protocol import SamplingParams
 from engine.training.devices import launch_command, plan_devices
+from engine.training.events import Event, Finished, read_event
 from engine.training.finetune import FinetuneJob, TrainSettings
 from engine.training.lora import LoraSettings
 
@@ -52,14 +53,12 @@ class TrainerResult:
     probes: dict = field(default_factory=dict)   # {"active": [{"prompt", "replies"}], "candidate": [...]}
 
     @classmethod
-    def from_json(cls, raw: dict, job: FinetuneJob) -> "TrainerResult":
-        candidate = Path(raw.get("candidate") or job.output)
-        return cls(before=raw.get("before") or {}, after=raw.get("after") or {}, finite=bool(raw.get("finite", False)),
-                   candidate=candidate, loss_curve=Path(raw.get("loss_curve") or candidate / "loss_curve.png"),
-                   train=raw.get("train") or {},
-                   dropped_forgotten=(raw.get("counts") or {}).get("dropped_forgotten", 0),
-                   max_resident_mb=raw.get("max_resident_mb"), base_model=raw.get("base_model") or "",
-                   launched_by_accelerate=bool(raw.get("launched_by_accelerate")), probes=raw.get("probes") or {})
+    def from_finished(cls, raw: Finished, job: FinetuneJob) -> "TrainerResult":
+        candidate = Path(raw.candidate or job.output)
+        return cls(before=raw.before, after=raw.after, finite=raw.finite, candidate=candidate,
+                   loss_curve=Path(raw.loss_curve or candidate / "loss_curve.png"), train=raw.train,
+                   dropped_forgotten=raw.counts.get("dropped_forgotten", 0), max_resident_mb=raw.max_resident_mb,
+                   base_model=raw.base_model, launched_by_accelerate=raw.launched_by_accelerate, probes=raw.probes)
 
     def probe_replies(self, which: str) -> list[str]:
         return [r for p in self.probes.get(which) or [] for r in p.get("replies") or []]
@@ -121,6 +120,7 @@ def build_job(config, run_id: int, active: Version, folder: Path) -> FinetuneJob
         output=str(folder / f"candidate-run-{run_id}"), result=str(folder / RESULT_FILE),
         threads=lc.threads, nice=lc.nice, max_memory_mb=lc.max_memory_mb, method=lc.method,
         distributed=plan.distributed, processes=plan.processes, probes=probe_prompts(lc),
+        sampling=SamplingParams.from_settings(config.generation),
         train=TrainSettings(lr=lc.lr, epochs=lc.epochs, batch_size=lc.batch_size, max_len=lc.max_len,
                             max_minutes=lc.max_minutes, seed=run_id),
         lora=LoraSettings(r=lc.lora_r, alpha=lc.lora_alpha, dropout=lc.lora_dropout,
@@ -146,8 +146,8 @@ _SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "APIKEY", "CREDENTI
 def child_environment(parent: dict[str, str]) -> dict[str, str]:
     """The trainer's environment: the parent's minus anything secret-looking.
 
-    The child only reads job files and writes weights; it never talks to Telegram or
-    Discord, so a crash dump or a stray subprocess of it must not carry the bot tokens."""
+    The child only reads job files and writes weights; it never talks to a chat
+    platform, so a crash dump or a stray subprocess of it must not carry the bot tokens."""
     return {k: v for k, v in parent.items() if not any(m in k.upper() for m in _SECRET_MARKERS)}
 
 
@@ -166,23 +166,22 @@ async def _spawn(folder: Path, threads: int, job: FinetuneJob):
 
 
 async def run_trainer(job: FinetuneJob, folder: Path, *, threads: int, max_minutes: float,
-                      on_event: Callable[[dict], None], on_started: Callable[[int], None]) -> TrainerResult:
+                      on_event: Callable[[Event], None], on_started: Callable[[int], None]) -> TrainerResult:
     """Run the child on folder/job.json to the end; each progress event (tagged with the run
     id) goes to `on_event`. Raises RunFailed with the reason when it does not succeed."""
     proc = await _spawn(folder, threads, job)
     on_started(proc.pid)
-    last: dict = {}
+    last: Finished | None = None
     timeout = max_minutes * 60 * 2 + 1800 if max_minutes > 0 else None
 
     async def pump() -> None:
         nonlocal last
         async for line in proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
+            event = read_event(line)
+            if event is None:
                 continue
-            event["run_id"] = job.run_id
-            if event.get("event") == "finished":
+            event.run_id = job.run_id
+            if isinstance(event, Finished):
                 last = event
             on_event(event)
         await proc.wait()
@@ -196,12 +195,12 @@ async def run_trainer(job: FinetuneJob, folder: Path, *, threads: int, max_minut
         await stop_process(proc)
         raise
     result = None
-    with contextlib.suppress(OSError, ValueError):
-        result = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
-    result = result or last or None
-    if proc.returncode != 0 or not result or not result.get("ok"):
+    with contextlib.suppress(OSError):
+        result = read_event((folder / RESULT_FILE).read_text(encoding="utf-8"))
+    result = result if isinstance(result, Finished) else last
+    if proc.returncode != 0 or result is None or not result.ok:
         raise RunFailed(failure_reason(proc.returncode, result, folder))
-    return TrainerResult.from_json(result, job)
+    return TrainerResult.from_finished(result, job)
 
 
 def check_disk(config, root: Path, active: Version, folder: Path) -> None:
@@ -232,10 +231,10 @@ def keep_training_record(result, trained: TrainerResult, folder: Path) -> None:
         shutil.copyfile(trained.candidate / "metrics.json", folder / "metrics.json")
 
 
-def failure_reason(code: int | None, result: dict | None, folder: Path) -> str:
+def failure_reason(code: int | None, result: Finished | None, folder: Path) -> str:
     """Why the child failed, from its result, its exit signal or the last line of its log."""
-    if result and result.get("error"):
-        return f"the trainer failed: {result['error']}"
+    if result is not None and result.error:
+        return f"the trainer failed: {result.error}"
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         hint = " (out of memory? the kernel's OOM killer uses SIGKILL)" if -code == signal.SIGKILL else ""

@@ -19,7 +19,11 @@ import contextlib
 import logging
 
 from bots.chat.events import Incoming, Outgoing
+from bots.learning.notify import configured_targets
+from bots.learning.runs import AlreadyRunning, Runs
+from bots.learning.versions import Versions
 from engine.registry import Registry, RegistryError, Version, parse_version
+from storage.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +59,16 @@ def untainted_ancestor(registry: Registry, start: Version | None, tainted: set[s
 
 
 class Trust:
-    """Owned by bots/learning/loop.Learning; `learning` gives the registry, promoter and runs."""
+    """/forget's consequences and /promote's approval; gets every part it acts on."""
 
-    def __init__(self, learning):
-        self.learning = learning
-        self.store = learning.store.trust
+    def __init__(self, lc, registry: Registry, store: TrustStore, promoter, versions: Versions, runs: Runs,
+                 canary=None):
+        self.lc, self.registry, self.store = lc, registry, store
+        self.promoter, self.versions, self.runs, self.canary = promoter, versions, runs, canary
         self._rebuild: asyncio.Task | None = None
         self.forgets_waiting = 0
 
     # ---- lineage ------------------------------------------------------------------------
-    async def record(self, version: str, plan) -> None:
-        await self.store.record_lineage(version, plan.users, plan.trained_ids)
-
     async def tainted(self) -> dict[str, str]:
         return await self.store.tainted()
 
@@ -74,29 +76,28 @@ class Trust:
     async def forgot(self, platform: str, user_id: str) -> str:
         """After the user's rows are deleted: taint, switch, clean up, queue the rebuild.
         Returns what to tell the user, truthfully."""
-        lr = self.learning
         direct = await self.store.versions_trained_on(platform, user_id)
         if not direct:
             return "No model version was trained on your messages, so there is nothing to unlearn."
-        versions = await asyncio.to_thread(lr.registry.versions)
+        versions = await asyncio.to_thread(self.registry.versions)
         bad = tainted_closure(versions, direct) | set(await self.store.tainted())
         await self.store.taint(bad, f"trained on data of a user who ran /forget ({len(direct)} version(s) directly)")
-        active = await asyncio.to_thread(lr.registry.active)
+        active = await asyncio.to_thread(self.registry.active)
         text = f"{len(direct)} model version(s) had learned from your messages; they are retired for good."
-        canary = getattr(lr, "canary", None)
+        canary = self.canary
         if canary is not None and canary.state is not None and canary.state.candidate in bad:
             await canary.retire("a user whose messages it learned from ran /forget")
         switched = active is not None and active.name in bad
         if switched:
-            target = await asyncio.to_thread(untainted_ancestor, lr.registry, active, bad)
+            target = await asyncio.to_thread(untainted_ancestor, self.registry, active, bad)
             if target is None:
                 return text + " I could not find an earlier version to serve; an admin has to pick one."
-            await lr.promoter.rollback(target.name, who="/forget")
+            await self.promoter.rollback(target.name, who="/forget")
             text += f" I now serve {target.name}, which never saw them (instead of {active.name})."
         removed = await asyncio.to_thread(self._delete_folders, bad)
         if removed:
             log.info("/forget: deleted tainted versions %s", ", ".join(removed))
-        await lr.sync_versions()
+        await self.versions.sync()
         if not switched:
             return text + " The version I serve never saw them."
         self.queue_rebuild()
@@ -104,7 +105,7 @@ class Trust:
 
     def _delete_folders(self, bad: set[str]) -> list[str]:
         """Tainted versions leave the disk once nothing serves them (never the active one)."""
-        registry, out = self.learning.registry, []
+        registry, out = self.registry, []
         active = registry.active_name()
         for v in registry.versions():
             if v.name in bad and v.name != active and v.kind in ("fine-tuned", "lora"):
@@ -120,17 +121,14 @@ class Trust:
             self._rebuild = asyncio.create_task(self._rebuild_later(), name="mynah-rebuild")
 
     async def _rebuild_later(self) -> None:
-        lr = self.learning
         while True:
-            await asyncio.sleep(lr.lc.rebuild_delay_seconds)
+            await asyncio.sleep(self.lc.rebuild_delay_seconds)
             waiting, self.forgets_waiting = self.forgets_waiting, 0
             try:
-                await lr.start_run(REBUILD_TRIGGER, force=True, notify_to=lr._scheduled_targets())
+                await self.runs.start(REBUILD_TRIGGER, force=True, notify_to=configured_targets(self.lc.notify))
                 log.info("queued rebuild started for %d forget(s)", waiting)
                 return
-            except RuntimeError as exc:
-                if not hasattr(exc, "holder"):    # loop.AlreadyRunning (not imported: no cycle)
-                    raise
+            except AlreadyRunning:
                 self.forgets_waiting += waiting  # try again after the run in flight
             except Exception:
                 log.exception("the rebuild after /forget could not start")
@@ -155,24 +153,12 @@ class Trust:
         return [Outgoing(f"Promoted: now serving {version.name} (was {old}).", ephemeral=True)]
 
     async def approve(self, name: str, *, who: str) -> tuple[Version, str | None]:
-        lr = self.learning
         name = parse_version(name)
-        version = await asyncio.to_thread(lr.registry.get, name)
+        version = await asyncio.to_thread(self.registry.get, name)
         if name in await self.store.tainted():
             raise RegistryError(f"{name} was trained on forgotten data and can never be served")
-        if not version.metrics.get("awaiting_approval"):
+        if not version.awaiting_approval:
             raise RegistryError(f"{name} is not waiting for approval (use /rollback to switch versions)")
-        result = await lr.promoter.rollback(name, who=f"approval by {who}")
-        await lr.sync_versions()
+        result = await self.promoter.rollback(name, who=f"approval by {who}")
+        await self.versions.sync()
         return result
-
-
-def approval_text(version: str, result, probes: dict) -> str:
-    """What the admins are told about a candidate waiting for /promote: numbers and samples."""
-    lines = [f"{version} passed every check and waits for your approval: /promote {version}",
-             result.summary()]
-    candidate = probes.get("candidate") or []
-    if candidate:
-        lines.append("Sample replies (probe prompt → candidate):")
-        lines += [f"  {p['prompt']} → {(p.get('replies') or [''])[0]}" for p in candidate[:5]]
-    return "\n".join(lines)

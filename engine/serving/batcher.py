@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,9 +29,9 @@ from engine.model import LoadedModel
 from engine.serving.fastpath import FAST_PATH_MODES, pick_decoder
 # EngineBusy, EngineStopped and Reply are the contract's (protocol.py); importing them from here still works
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, ModelEngine, Reply,
-                                     ReplyStream, SamplingParams)
+                                     ReplyStream, SamplingParams, Route)
 from engine.serving.quantize import pack_fp32, release_freed_memory
-from engine.serving.sampling import BatchSampler, RowSampler
+from engine.serving.sampling import BatchSampler, RowSampler, banned_ids
 from engine.serving.worker import WorkerThread
 from engine.types import Turn, max_positions, percentile
 
@@ -90,6 +90,7 @@ class Engine(WorkerThread, ModelEngine):
         grow_cache: bool = True,
         pack_weights: bool = True,
         fast_path: str = "auto",
+        busy_hook: Callable[[bool], None] | None = None,
     ):
         if fast_path not in FAST_PATH_MODES:
             raise ValueError(f"fast_path must be one of {', '.join(FAST_PATH_MODES)}, not {fast_path!r}")
@@ -102,6 +103,7 @@ class Engine(WorkerThread, ModelEngine):
         self.grow_cache = grow_cache  # KV cache with spare room (kvcache.GrowingLayer) where the model allows it
         self.pack_weights = pack_weights  # fp32 CPU models: linear weights pre-packed for oneDNN (quantize.pack_fp32)
         self.fast_path = fast_path  # "auto": GPT-2-family models decode on engine.serving.fastpath; "off": transformers
+        self._busy_hook, self._busy = busy_hook, False   # set_busy_hook: hook(True) on work after idle, hook(False)
         self._decoder = None  # the model seam (fastpath.FastDecoder or hf_step.HFDecoder), made in the worker
         self._threads_wanted: int | None = None  # set_threads(): applied by the worker between steps
         self.threads_now: int | None = None  # the worker's torch threads after its last set_threads
@@ -120,16 +122,8 @@ class Engine(WorkerThread, ModelEngine):
         self.timing = {"prefill_s": 0.0, "prefilled_tokens": 0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
 
     # ---- public, event-loop side -------------------------------------------------
-    @property
-    def model(self) -> LoadedModel:
-        return self._loaded
-
-    @property
-    def version(self) -> str:
-        return self._loaded.version
-
     async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
-                    stream: ReplyStream | None = None) -> Reply:
+                    route: Route = None, stream: ReplyStream | None = None) -> Reply:
         """The bot's next turn for a chat whose history (oldest first) is `turns`
         (`stream`, when given, gets the text after every decode step)."""
         params = self.defaults.merged(overrides)
@@ -137,16 +131,10 @@ class Engine(WorkerThread, ModelEngine):
         request = _Request(context_ids=[], params=params, loop=loop, future=loop.create_future(),
                            enqueued_at=time.monotonic(), stream=stream)
         request.context_ids = self._context_ids(self._loaded, turns, params, system)
-        with self._wake:
-            if not self._running:
-                raise EngineStopped("the engine is not running")
-            if len(self._queue) >= self.max_queue:
-                raise EngineBusy(f"{len(self._queue)} requests are already waiting")
-            self._queue.append(request)
-            self._wake.notify()
-        return await request.future
+        return await self._admit(request)
 
-    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+               route: Route = None) -> ReplyStream:
         """The reply as it is decoded: the worker pushes each step's new text (ReplyStream)."""
         return ReplyStream(lambda stream: self.reply(turns, overrides, system=system, stream=stream))
 
@@ -155,14 +143,6 @@ class Engine(WorkerThread, ModelEngine):
         with self._wake:
             self._pending_swap = loaded
             self._wake.notify()
-
-    def stats(self) -> EngineStats:
-        latencies = list(self._latencies)
-        return EngineStats(
-            model_version=self.version, queue_depth=len(self._queue), active=self._active,
-            replies=self.replies_served, latency_p50_s=percentile(latencies, 0.5),
-            latency_p95_s=percentile(latencies, 0.95), uptime_s=time.time() - self.started_at,
-        )
 
     # ---- helpers ----------------------------------------------------------------
     def set_threads(self, threads: int) -> None:
@@ -186,7 +166,7 @@ class Engine(WorkerThread, ModelEngine):
         self._busy_hook, self._busy = hook, False
 
     def _tell_busy(self, busy: bool) -> None:
-        hook = getattr(self, "_busy_hook", None)
+        hook = self._busy_hook
         if hook is not None and busy != self._busy:
             self._busy = busy
             try:
@@ -215,21 +195,6 @@ class Engine(WorkerThread, ModelEngine):
             raise ValueError(f"max_new_tokens={params.max_new_tokens} leaves no room for context in a {loaded.max_positions}-position model")
         return loaded.fmt.context_ids(list(turns), budget, system)
 
-    def _banned_ids(self, loaded: LoadedModel, params: SamplingParams) -> set[int]:
-        """[UNK] & co. plus banned words that are a single token (with or without a leading space)."""
-        banned = set(loaded.fmt.banned_ids)
-        for word in params.banned_words:
-            if word not in loaded.banned_word_ids:
-                ids = set()
-                for variant in (word, " " + word, word.capitalize(), " " + word.capitalize()):
-                    encoded = loaded.fmt.encode_text(variant)
-                    if len(encoded) == 1:
-                        ids.add(encoded[0])
-                loaded.banned_word_ids[word] = ids
-            banned |= loaded.banned_word_ids[word]
-        return banned
-
-    # ---- worker thread ----------------------------------------------------------
     def _make_decoder(self, loaded: LoadedModel) -> None:
         """THE model seam: pick the decoder every forward pass of the worker goes through.
 
@@ -330,7 +295,7 @@ class Engine(WorkerThread, ModelEngine):
         """
         for request in admitted:
             request.version = loaded.version
-            request.sampler = RowSampler(request.params, request.context_ids, self._banned_ids(loaded, request.params))
+            request.sampler = RowSampler(request.params, request.context_ids, banned_ids(loaded, request.params))
         unique: dict[tuple[int, ...], int] = {}
         expand = [unique.setdefault(tuple(r.context_ids), len(unique)) for r in admitted]
         room = max(r.params.max_new_tokens for r in admitted)

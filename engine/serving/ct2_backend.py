@@ -31,7 +31,7 @@ from typing import Sequence
 
 from engine.model import LoadedModel
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, Reply, ReplyStream,
-                                     SamplingParams)
+                                     SamplingParams, Route)
 from engine.serving.worker import WorkerThread
 from engine.types import Turn, max_positions, percentile
 
@@ -83,13 +83,9 @@ class CT2Engine(WorkerThread):
     def __init__(self, loaded: LoadedModel, defaults: SamplingParams | None = None, *, precision: str = "int8",
                  max_batch_size: int = 16, max_queue: int = 256, max_context_tokens: int = 256,
                  fallback_reply: str = FALLBACK_REPLY, threads: int = 0):
-        self.defaults = defaults or SamplingParams()
-        self.precision = precision
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.max_context_tokens = max_context_tokens
+        self.defaults, self.precision, self.threads = defaults or SamplingParams(), precision, threads
+        self.max_batch_size, self.max_queue, self.max_context_tokens = max_batch_size, max_queue, max_context_tokens
         self.fallback_reply = fallback_reply
-        self.threads = threads
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake = threading.Condition()
         self._running = False
@@ -111,14 +107,6 @@ class CT2Engine(WorkerThread):
         loaded.max_positions = max_positions(loaded.model)
         self._loaded = loaded
 
-    @property
-    def model(self) -> LoadedModel:
-        return self._loaded
-
-    @property
-    def version(self) -> str:
-        return self._loaded.version
-
     def swap(self, loaded: LoadedModel) -> None:
         """Convert and serve `loaded` (blocking this call; the worker picks it up for its next batch)."""
         with self._wake:
@@ -127,22 +115,18 @@ class CT2Engine(WorkerThread):
     def set_threads(self, threads: int) -> None:  # CTranslate2 fixes its threads when the Generator is made
         log.debug("CTranslate2 backend: thread count stays %s", self.threads or "default")
 
-    def stats(self) -> EngineStats:
-        latencies = list(self._latencies)
-        return EngineStats(model_version=self.version, queue_depth=len(self._queue), active=self._active,
-                           replies=self.replies_served, latency_p50_s=percentile(latencies, 0.5),
-                           latency_p95_s=percentile(latencies, 0.95), uptime_s=time.time() - self.started_at)
-
-    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+               route: Route = None) -> ReplyStream:
         """CTranslate2 decodes a whole batch in one call: the stream yields the whole reply once."""
         async def produce(stream: ReplyStream) -> Reply:
-            reply = await self.reply(turns, overrides, system=system)
+            reply = await self.reply(turns, overrides, system=system, route=route)
             stream.push(reply.text)
             return reply
 
         return ReplyStream(produce)
 
-    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> Reply:
+    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+                    route: Route = None) -> Reply:
         params = self.defaults.merged(overrides)
         budget = min(self.max_context_tokens, self._loaded.max_positions - params.max_new_tokens)
         if budget < 8:
@@ -150,14 +134,7 @@ class CT2Engine(WorkerThread):
         loop = asyncio.get_running_loop()
         ids = self._loaded.fmt.context_ids(list(turns), budget, system)
         job = _Job(ids, params, loop, loop.create_future(), time.monotonic())
-        with self._wake:
-            if not self._running:
-                raise EngineStopped("the engine is not running")
-            if len(self._queue) >= self.max_queue:
-                raise EngineBusy(f"{len(self._queue)} requests are already waiting")
-            self._queue.append(job)
-            self._wake.notify()
-        return await job.future
+        return await self._admit(job)
 
     # ---- worker ----------------------------------------------------------------------
     def _run(self) -> None:

@@ -48,7 +48,7 @@ from typing import Sequence
 import torch
 
 from engine.model import LoadedModel
-from engine.serving.protocol import EngineStats, MMIStats, ModelEngine, Reply, ReplyStream, SamplingParams
+from engine.serving.protocol import EngineStats, MMIStats, ModelEngine, Reply, ReplyStream, Route, SamplingParams
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -290,14 +290,16 @@ class MMIEngine(ModelEngine):
             self.backward = loaded
 
     # ---- ModelEngine, MMI's own -----------------------------------------------------
-    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> Reply:
-        return (await self.rerank(turns, overrides, system=system)).reply
+    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+                    route: Route = None) -> Reply:
+        return (await self.rerank(turns, overrides, system=system, route=route)).reply
 
-    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+               route: Route = None) -> ReplyStream:
         """MMI cannot stream: the reply is chosen only once every candidate is finished and
         scored, so the stream yields the whole reranked reply as one delta."""
         async def produce(stream: ReplyStream) -> Reply:
-            reply = await self.reply(turns, overrides, system=system)
+            reply = await self.reply(turns, overrides, system=system, route=route)
             stream.push(reply.text)
             return reply
 
@@ -315,7 +317,7 @@ class MMIEngine(ModelEngine):
 
     # ---- reranking ---------------------------------------------------------------
     async def rerank(self, turns: Sequence[Turn], overrides: dict | None = None, *, n: int | None = None,
-                     system: str = "") -> Reranked:
+                     system: str = "", route: Route = None) -> Reranked:
         """Sample n candidates in one batch, score them, return the best with all the scores.
 
         `system` (the persona) reaches the candidates' generation; scoring does not see it."""
@@ -325,13 +327,13 @@ class MMIEngine(ModelEngine):
         n = self.candidates if n is None else n
         params = self.engine.defaults.merged(overrides)
         if n <= 1 or not params.do_sample:  # greedy decoding would give N copies of one reply
-            reply = await self.engine.reply(turns, overrides, system=system)
+            reply = await self.engine.reply(turns, overrides, system=system, route=route)
             self._record(time.monotonic() - start, 0.0)
             return Reranked(reply, [Candidate(reply.text, reply)], 0, 0.0)
 
         base = params.seed if params.seed is not None else random.randrange(2**31)
         results = await asyncio.gather(
-            *[self.engine.reply(turns, {**overrides, "seed": base + i}, system=system) for i in range(n)],
+            *[self.engine.reply(turns, {**overrides, "seed": base + i}, system=system, route=route) for i in range(n)],
             return_exceptions=True)
         replies = [r for r in results if isinstance(r, Reply)]
         if not replies:

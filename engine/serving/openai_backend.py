@@ -38,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 from engine.dialogue import DialogueFormat
 from engine.serving.breaker import CircuitBreaker, backoff_delays
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, EngineUnavailable, Reply,
-                                     ReplyEngine, ReplyStream, SamplingParams)
+                                     ReplyEngine, ReplyStream, SamplingParams, Route)
 from engine.types import Turn, percentile
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,12 @@ class OpenAIEngine(ReplyEngine):
         return [m.id for m in page.data]
 
     # ---- ReplyEngine --------------------------------------------------------------------
-    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> Reply:
+    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+                    route: Route = None) -> Reply:
         return await self._generate(turns, overrides, system, None)
 
-    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+               route: Route = None) -> ReplyStream:
         return ReplyStream(lambda stream: self._generate(turns, overrides, system, stream))
 
     def stats(self) -> EngineStats:

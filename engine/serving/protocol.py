@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol, 
 
 from engine.types import Turn
 
+Route = int | str | None   # which conversation a request is for (ReplyEngine.reply's `route`)
+
 if TYPE_CHECKING:
     from engine.model import LoadedModel
 
@@ -41,6 +43,13 @@ class SamplingParams:
     do_sample: bool = True
     seed: int | None = None
     banned_words: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, g) -> "SamplingParams":
+        """From a [generation] section (any object with these attribute names)."""
+        return cls(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
+                   max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, seed=g.seed,
+                   banned_words=list(g.banned_words))
 
     def merged(self, overrides: dict | None) -> "SamplingParams":
         """A copy with per-request overrides; unknown names are an error, not ignored."""
@@ -182,18 +191,22 @@ class ReplyEngine(Protocol):
         """Finish the requests in flight, then stop; later reply() calls raise EngineStopped."""
         ...
 
-    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> Reply:
+    async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+                    route: Route = None) -> Reply:
         """The bot's next turn for a chat whose history (oldest first) is `turns`.
 
         `overrides` names SamplingParams fields for this request only (ValueError for an
         unknown name). `system` is the chat's persona: the system message of chat-template
-        models; formats without a system role (dialogpt, chitchat) ignore it. Raises
+        models; formats without a system role (dialogpt, chitchat) ignore it. `route` names
+        the conversation (the chats.id) for an engine that serves chats from different
+        models (the canary's Router, as vLLM takes a `lora_request`); others ignore it. Raises
         EngineBusy when the queue is full, EngineStopped when stopped, EngineUnavailable
         when a remote backend cannot answer.
         """
         ...
 
-    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "") -> ReplyStream:
+    def stream(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
+               route: Route = None) -> ReplyStream:
         """Like reply(), but the text arrives as it is written (see ReplyStream). Errors are
         raised while iterating. An engine that cannot stream yields the whole reply once."""
         ...

@@ -228,6 +228,22 @@ def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([widen(a), widen(b)])  # (B + B', N)
 
 
+def banned_ids(loaded, params: SamplingParams) -> set[int]:
+    """[UNK] & co. plus banned words that are a single token (with or without a leading space);
+    `loaded` (a LoadedModel) caches each word's ids."""
+    banned = set(loaded.fmt.banned_ids)
+    for word in params.banned_words:
+        if word not in loaded.banned_word_ids:
+            ids = set()
+            for variant in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+                encoded = loaded.fmt.encode_text(variant)
+                if len(encoded) == 1:
+                    ids.add(encoded[0])
+            loaded.banned_word_ids[word] = ids
+        banned |= loaded.banned_word_ids[word]
+    return banned
+
+
 def next_tokens(logits: torch.Tensor, rows: list[RowSampler], steps: list[int], stop_ids: set[int]) -> list[int]:
     """One token per row, each row with its own settings. logits: [batch, vocab] for the last position.
 

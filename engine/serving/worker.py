@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+
+from engine.serving.protocol import EngineBusy, EngineStats, EngineStopped
+from engine.types import percentile
 
 
 class WorkerThread:
-    """start / stop / `async with` for an engine that sets `_wake` (a Condition), `_running`
-    and `_thread` in its constructor and defines `_run` (the worker loop)."""
+    """start / stop / `async with` and queue admission for an engine that sets `_wake` (a
+    Condition), `_running`, `_thread`, `_queue` and `max_queue` in its constructor and defines
+    `_run` (the worker loop)."""
 
     thread_name = "mynah-engine"
 
@@ -27,6 +32,34 @@ class WorkerThread:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+
+    async def _admit(self, request):
+        """Queue `request` (it has a `future`) for the worker and await its reply; EngineStopped
+        when stopped, EngineBusy when max_queue requests already wait."""
+        with self._wake:
+            if not self._running:
+                raise EngineStopped("the engine is not running")
+            if len(self._queue) >= self.max_queue:
+                raise EngineBusy(f"{len(self._queue)} requests are already waiting")
+            self._queue.append(request)
+            self._wake.notify()
+        return await request.future
+
+    @property
+    def model(self):
+        """The LoadedModel being served (`_loaded`)."""
+        return self._loaded
+
+    @property
+    def version(self) -> str:
+        return self._loaded.version
+
+    def stats(self) -> EngineStats:
+        """The queue and the latencies (the engine keeps `_latencies`, `_active`, `replies_served`, `started_at`)."""
+        latencies = list(self._latencies)
+        return EngineStats(model_version=self.version, queue_depth=len(self._queue), active=self._active,
+                           replies=self.replies_served, latency_p50_s=percentile(latencies, 0.5),
+                           latency_p95_s=percentile(latencies, 0.95), uptime_s=time.time() - self.started_at)
 
     async def __aenter__(self):
         self.start()

@@ -20,7 +20,7 @@ What it does:
    the same seeds (the parent's parrot check compares the replies with each user's text);
 5. write result.json (atomically) and print it as the last stdout line.
 
-Progress goes to stdout as one JSON object per line ({"event": ...}); logs go to stderr.
+Progress goes to stdout as one JSON line per event (engine/training/events.py); logs go to stderr.
 It never decides whether to promote and never touches the registry's pointer: the parent
 does, so killing this process at any moment changes nothing that is being served.
 """
@@ -39,6 +39,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from engine.serving.protocol import SamplingParams
+from engine.training.events import Data, Event, Finished, Scored, Stage, Started, Train, to_json
 from engine.training.lora import LoraSettings
 
 log = logging.getLogger("engine.training.finetune")
@@ -78,13 +80,14 @@ class FinetuneJob:
     processes: int = 1                # one per GPU
     probes: list = field(default_factory=list)   # prompts both models answer (sampled, fixed seeds)
     probe_samples: int = 3
+    sampling: SamplingParams = field(default_factory=SamplingParams)   # how probe replies are drawn (as served)
     train: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "lora"):
             raise ValueError(f"method must be \"full\" or \"lora\", got {self.method!r}")
-        for obj in (self, self.train, self.lora):
+        for obj in (self, self.train, self.lora, self.sampling):
             _coerce_numbers(obj)
 
     def to_json(self) -> dict:
@@ -97,7 +100,8 @@ class FinetuneJob:
         raw = dict(raw)
         train = TrainSettings(**raw.pop("train", None) or {})
         lora = LoraSettings(**raw.pop("lora", None) or {})
-        return cls(**raw, train=train, lora=lora)
+        sampling = SamplingParams(**raw.pop("sampling", None) or {})
+        return cls(**raw, train=train, lora=lora, sampling=sampling)
 
 
 def _coerce_numbers(obj) -> None:
@@ -116,11 +120,11 @@ class TrainerMemoryError(MemoryError):
 _QUIET = False   # a DDP rank other than the first: only rank 0 talks to the parent
 
 
-def emit(event: str, **info) -> None:
-    """One progress line for the parent."""
+def emit(event: Event) -> None:
+    """One progress line for the parent (engine/training/events.py: the records and their reader)."""
     if _QUIET:
         return
-    sys.stdout.write(json.dumps({"event": event, "time": time.time(), **info}) + "\n")
+    sys.stdout.write(to_json(event) + "\n")
     sys.stdout.flush()
 
 
@@ -264,7 +268,7 @@ def _read_splits(job: FinetuneJob) -> tuple[dict[str, list[list[str]]], dict]:
     splits, dropped = read_data(job.data, forgotten)
     counts = {"train": len(splits["train"]), "held_out": len(splits["held_out"]),
               "base_eval": len(splits["base_eval"]), "dropped_forgotten": dropped}
-    emit("data", **counts)
+    emit(Data(**counts))
     if not splits["held_out"]:
         raise ValueError("no held-out dialogues to evaluate on")
     if len(splits["train"]) < 2:
@@ -280,10 +284,9 @@ def _fine_tune(job: FinetuneJob, train_d: list[list[str]], est_steps: int, guard
 
     t = job.train
 
-    def on_progress(info: dict) -> None:
+    def on_progress(info: Train) -> None:
         guard.check("training")
-        fields = {k: v for k, v in info.items() if k != "event" and (isinstance(v, (int, float, str)) or v is None)}
-        emit("train", kind=info.get("event", ""), **fields)
+        emit(info)
 
     return train(TrainConfig(
         output=job.output, overwrite=True, dialogues=train_d, valid_fraction=t.valid_fraction, max_len=t.max_len,
@@ -359,25 +362,25 @@ def run_job(job: FinetuneJob) -> dict:
         return out
 
     # 1. the model being served now (an adapter: merged into its base), on the held-out and base dialogues
-    emit("stage", stage="evaluating the active model")
+    emit(Stage("evaluating the active model"))
     active = load_model(job.init, fmt=job.format, device=job.device)
     before = losses(active.model, active.fmt)
-    emit("before", **before)
+    emit(Scored("before", **before))
     probes = {"active": _probe(job, active)}
     _free(active)
     # 2. fine-tune it (LoRA: train an adapter on it, or train the active adapter further)
-    emit("stage", stage="training")
+    emit(Stage("training"))
     metrics = _fine_tune(job, train_d, est_steps, guard)
 
     # 3. the candidate as it will be served: loaded back from disk (base + adapter), same dialogues
-    emit("stage", stage="evaluating the candidate")
+    emit(Stage("evaluating the candidate"))
     try:
         candidate = load_model(job.output, fmt=job.format, device=job.device)
     except Exception as exc:
         raise RuntimeError(f"the candidate does not load: {exc}") from exc
     after = losses(candidate.model, candidate.fmt)
     finite = _finite_parameters(candidate.model) and all(v is None or math.isfinite(v) for v in after.values())
-    emit("after", **after)
+    emit(Scored("after", **after))
     probes["candidate"] = _probe(job, candidate)
     keep = ("best_valid_loss", "initial_valid_loss", "best_step", "steps", "tokens", "tokens_per_s",
             "train_time_s", "stopped_early", "stop_reason", "params", "trainable_params", "device", "processes",
@@ -404,17 +407,17 @@ def _probe(job: FinetuneJob, loaded) -> list[dict]:
         return []
     from engine.training.probes import sample_replies
 
-    emit("stage", stage="sampling probe replies")
-    return sample_replies(loaded, list(job.probes), samples=job.probe_samples, seed=job.train.seed)
+    emit(Stage("sampling probe replies"))
+    return sample_replies(loaded, list(job.probes), job.sampling, samples=job.probe_samples, seed=job.train.seed)
 
 
-def write_result(path: str | Path | None, result: dict) -> None:
+def write_result(path: str | Path | None, result: Finished) -> None:
     if not path:
         return
     try:
         from engine.registry import write_json_atomic
 
-        write_json_atomic(Path(path), result)
+        write_json_atomic(Path(path), json.loads(to_json(result)))
     except OSError as exc:  # a full disk must not hide the real reason: stdout still carries it
         log.error("could not write %s: %s", path, exc)
 
@@ -432,24 +435,24 @@ def main(argv: list[str] | None = None) -> int:
     global _QUIET
     _QUIET = job.distributed and _rank() != 0
     lower_priority(job.nice)
-    emit("started", pid=os.getpid(), run_id=job.run_id)
+    emit(Started(os.getpid(), job.run_id))
     try:
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        result = run_job(job)
+        result = Finished(**run_job(job))
         code = 0
     except BaseException as exc:  # everything ends in a result with a reason
         lift_memory_limit()  # reporting an out-of-memory failure needs a little memory itself
         if isinstance(exc, KeyboardInterrupt):
             exc = RuntimeError("interrupted")
         log.exception("the job failed")
-        result = {"ok": False, "error": classify(exc)}
+        result = Finished(ok=False, error=classify(exc))
         code = 1
     if not _QUIET:
         write_result(job.result, result)
-    emit("finished", **result)
+    emit(result)
     return code
 
 

@@ -29,6 +29,7 @@ import torch
 from engine.dialogue import DialogueFormat
 from engine.model import load_model, load_tokenizer, lora_base_path, pick_device
 from engine.training.devices import AccelerateDistributed, Distributed
+from engine.training.events import Train
 from engine.training.lora import describe as lora_shape, wrap
 from engine.training.data import encode_windows, load_prepared, prepare, read_corpora, train_tokenizer
 from engine.types import Dialogue, max_positions
@@ -316,8 +317,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def report(event: str, **info) -> None:
         if cfg.on_progress:
-            cfg.on_progress({"event": event, "step": step, "total_steps": total_steps, "tokens": tokens,
-                             "elapsed_s": time.time() - wall_start, "best_valid_loss": best_loss, **info})
+            cfg.on_progress(Train(event, step=step, total_steps=total_steps, tokens=tokens,
+                                  elapsed_s=time.time() - wall_start, best_valid_loss=best_loss, **info))
 
     step, tokens, train_time = 0, 0, 0.0
     initial_loss = best_loss = evaluate()
