@@ -22,6 +22,10 @@ from storage.cluster import CLAIM_DONE, CLAIM_MINE, ClusterStore
 log = logging.getLogger(__name__)
 
 
+CLAIMS_KEPT_S = 2 * 24 * 3600   # Telegram redelivers for up to 24 h; a claim older than this is history
+CLAIMS_SWEEP_S = 600.0
+
+
 class Presence:
     def __init__(self, store: ClusterStore, *, heartbeat_s: float = 5.0, stale_after_s: float = 20.0,
                  version=lambda: None):
@@ -34,6 +38,7 @@ class Presence:
         self.takeovers: dict[str, object] = {}      # platform -> async fn(update_key, payload)
         self.on_beat: list = []                      # async fns run after each heartbeat (lease renewals)
         self._task: asyncio.Task | None = None
+        self._swept = 0.0
 
     async def start(self) -> "Presence":
         await self.beat()
@@ -66,6 +71,9 @@ class Presence:
                 for job in list(self.on_beat):
                     await job()
                 await self.take_over()
+                if time.monotonic() - self._swept > CLAIMS_SWEEP_S:   # done claims past redelivery age
+                    self._swept = time.monotonic()
+                    await self.store.forget_claims(older_than=time.time() - CLAIMS_KEPT_S)
             except asyncio.CancelledError:
                 raise
             except Exception:

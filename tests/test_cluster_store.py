@@ -69,3 +69,14 @@ async def test_shared_state(stores):
     await stores[1].set_state("active_version", "v0003")
     assert await stores[2].state("active_version") == "v0003"
     assert await stores[2].state("missing") is None
+
+
+async def test_done_claims_past_redelivery_age_are_forgotten(stores):
+    store = stores[0]
+    await store.heartbeat("w", "h", 1, None)
+    for key in ("1", "2"):
+        assert await store.claim("telegram", key, "w", stale_after=30) == CLAIM_MINE
+    await store.mark("telegram", "1", "w", done=True)
+    assert await store.forget_claims(older_than=time.time() + 1) == 1       # only the done one
+    assert await store.claim_state("telegram", "1") is None
+    assert await store.claim_state("telegram", "2") is not None
