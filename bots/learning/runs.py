@@ -35,7 +35,7 @@ from bots.learning.quiet import engine_yields_cores
 from bots.learning.report import RunResult, RunStatus, approval_text
 from bots.learning.trainer import (RunFailed, TrainerResult, build_job, check_disk, keep_training_record, run_trainer,
                                    write_job)
-from engine.registry import FileLock, Registry, RegistryError, Version
+from engine.registry import FileLock, Registry, RegistryError, Version, clean_stale
 from engine.training.events import Event, RunEnded, Stage, Started, Train
 from storage.trust import TrustStore
 
@@ -126,7 +126,7 @@ class Runs:
             lock.release()
 
     def _clean_files(self) -> None:
-        removed = self.registry.clean_stale()
+        removed = clean_stale(self.registry)
         tidy_run_folders(self.registry.runs_dir(), KEEP_RUN_FOLDERS)
         if removed:
             log.info("removed leftovers from interrupted writes: %s", ", ".join(removed))
