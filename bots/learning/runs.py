@@ -35,7 +35,7 @@ from bots.learning.quiet import engine_yields_cores
 from bots.learning.report import RunResult, RunStatus, approval_text
 from bots.learning.trainer import (RunFailed, TrainerResult, build_job, check_disk, keep_training_record, run_trainer,
                                    write_job)
-from engine.registry import FileLock, Registry, RegistryError, Version, clean_stale
+from engine.registry import FileLock, Registry, RegistryError, Version, clean_stale, prune
 from engine.training.events import Event, RunEnded, Stage, Started, Train
 from storage.trust import TrustStore
 
@@ -284,7 +284,7 @@ class Runs:
                                                       version.metrics, version.note)
         if version.loss_curve is not None:
             result.loss_curve = version.loss_curve
-        pruned = await asyncio.to_thread(self.registry.prune, self.lc.keep_versions)
+        pruned = await asyncio.to_thread(prune, self.registry, self.lc.keep_versions)
         if pruned:
             log.info("pruned old versions: %s", ", ".join(pruned))
         result.data["candidate"] = version.name
