@@ -62,4 +62,4 @@ def build_openai_engine(config: Config, defaults: SamplingParams) -> OpenAIEngin
         max_context_tokens=config.generation.max_context_tokens, fallback_reply=config.generation.fallback_reply,
         timeout_s=e.timeout_seconds, retries=e.retries, backoff_s=e.retry_backoff_seconds,
         breaker=CircuitBreaker(e.breaker_failures, e.breaker_cooldown_seconds), max_in_flight=e.max_queue,
-        extra_sampling=e.extra_sampling)
+        extra_sampling=e.extra_sampling, max_reply_chars=e.max_reply_chars)

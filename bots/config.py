@@ -57,6 +57,7 @@ class EngineConfig:
     model: str = ""                      # "openai": the served model name (vllm serve's --served-model-name)
     api: str = "auto"                    # "openai": "chat", "completions", or "auto" (by [model] path's tokenizer)
     timeout_seconds: float = 60.0        # "openai": one request, streaming included
+    max_reply_chars: int = 4096          # "openai": a longer reply (a server ignoring max_tokens) is cut here
     retries: int = 2                     # "openai": retries of a failed request (connection, timeout, 429, 5xx)
     retry_backoff_seconds: float = 0.5   # first wait between retries; doubles each time
     breaker_failures: int = 5            # failures in a row that open the circuit breaker
@@ -222,6 +223,7 @@ _POSITIVE = {
     ("engine", "max_queue"), ("chat", "rate_limit_messages"),
     ("chat", "rate_limit_seconds"), ("chat", "max_message_chars"),
     ("generation", "mmi_candidates"), ("engine", "timeout_seconds"), ("engine", "breaker_failures"),
+    ("engine", "max_reply_chars"),
     ("chat", "stream_edit_seconds"), ("storage", "busy_timeout_ms"), ("storage", "write_retry_first_s"),
     ("storage", "write_retry_max_s"), ("storage", "heartbeat_seconds"), ("storage", "worker_timeout_seconds"),
 }
@@ -349,8 +351,9 @@ def _check_engine(section: Any) -> None:
         raise ConfigError("[engine] retries, retry_backoff_seconds and breaker_cooldown_seconds must be 0 or more")
     if section.backend == "openai":
         if not section.base_url.startswith(("http://", "https://")):
+            shown = "…@" + section.base_url.rsplit("@", 1)[1] if "@" in section.base_url else section.base_url
             raise ConfigError('[engine] backend = "openai" needs base_url, the server\'s API root, '
-                              f'e.g. "http://gpu-box:8000/v1"; got {section.base_url!r}')
+                              f'e.g. "http://gpu-box:8000/v1"; got {shown!r}')   # never a password
         if not section.model.strip():
             raise ConfigError('[engine] backend = "openai" needs model, the served model name '
                               "(what GET /v1/models lists)")

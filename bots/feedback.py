@@ -91,27 +91,37 @@ def _glob_escape(text: str) -> str:
 
 # ---- the per-version table (`mynah feedback`, the dashboard) ----------------------------------
 
-def _rate(k: int, n: int) -> str:
+def _rate(k: int, n: int) -> tuple[float | None, list[float] | None]:
+    """(share, [low, high] of its 95% Wilson interval), rounded; (None, None) with nothing to rate."""
     from bots.learning.stats import wilson
 
     if n == 0:
-        return "-"
+        return None, None
     lo, hi = wilson(k, n)
-    return f"{k / n:4.0%} [{lo:.0%}–{hi:.0%}]"
+    return round(k / n, 4), [round(lo, 4), round(hi, 4)]
+
+
+def rate_text(row: dict, name: str) -> str:
+    """" 75% [30%–95%]" from a row's numbers (`mynah feedback` and the dashboard show this)."""
+    rate, ci = row[f"{name}_rate"], row[f"{name}_ci"]
+    return "-" if rate is None else f"{rate:4.0%} [{ci[0]:.0%}–{ci[1]:.0%}]"
 
 
 def table_rows(summary: dict) -> list[dict]:
-    """One dict per version (newest name last): counts, and rates with 95% Wilson intervals."""
+    """One dict per version (newest name last): counts, and rates with their 95% Wilson
+    intervals as numbers (`mynah feedback --json` prints these rows as they are)."""
     rows = []
     for name in sorted(summary):
         v = summary[name]
         length = v.mean_conversation_length
-        rows.append({"version": name, "replies": v.replies, "rated": v.evaluated, "positive": v.positive,
-                     "negative": v.negative, "reactions": v.reactions, "continued": v.continued,
-                     "continuation_base": v.continuation_base,
-                     "positive_rate": _rate(v.positive, v.evaluated), "negative_rate": _rate(v.negative, v.evaluated),
-                     "continuation_rate": _rate(v.continued, v.continuation_base),
-                     "mean_conversation_length": None if length is None else round(length, 1)})
+        row = {"version": name, "replies": v.replies, "rated": v.evaluated, "positive": v.positive,
+               "negative": v.negative, "reactions": v.reactions, "continued": v.continued,
+               "continuation_base": v.continuation_base,
+               "mean_conversation_length": None if length is None else round(length, 1)}
+        for rate, k, n in (("positive", v.positive, v.evaluated), ("negative", v.negative, v.evaluated),
+                           ("continuation", v.continued, v.continuation_base)):
+            row[f"{rate}_rate"], row[f"{rate}_ci"] = _rate(k, n)
+        rows.append(row)
     return rows
 
 
@@ -120,8 +130,8 @@ def table_text(rows: list[dict]) -> str:
         return "no bot replies with a model version yet"
     head = ("version", "replies", "rated", "positive (95% CI)", "negative (95% CI)", "reactions",
             "continued (95% CI)", "conv. length")
-    body = [(r["version"], str(r["replies"]), str(r["rated"]), r["positive_rate"], r["negative_rate"],
-             str(r["reactions"]), r["continuation_rate"],
+    body = [(r["version"], str(r["replies"]), str(r["rated"]), rate_text(r, "positive"), rate_text(r, "negative"),
+             str(r["reactions"]), rate_text(r, "continuation"),
              "-" if r["mean_conversation_length"] is None else f"{r['mean_conversation_length']:.1f}") for r in rows]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *body])

@@ -54,7 +54,7 @@ def _stop_on_signals(stop_event: asyncio.Event) -> None:
 
 async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None = None) -> int:
     platforms = configured_platforms(environ)
-    if not platforms:
+    if not platforms and not config.dashboard.enabled:
         log.error("no platform to serve: set %s in the environment (or use `mynah chat`)",
                   " and/or ".join(spec.token_var for spec in served().values()))
         return 2
@@ -78,6 +78,9 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
 
     try:
         dashboard = await start_dashboard(app, config, environ, platforms=list(platforms))
+        if not platforms:   # the dashboard can be tried before any platform token exists
+            log.warning("no platform configured (%s unset): serving the dashboard alone on %s",
+                        " and ".join(PLATFORM_TOKENS.values()), dashboard.url)
         for platform, token in platforms.items():
             adapter = make_adapter(platform, app, token, environ)
             adapter.on_fatal = stop_for(platform)

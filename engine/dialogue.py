@@ -33,6 +33,32 @@ def _is_eos_join_template(tokenizer) -> bool:
     return "{{message.content}}{{eos_token}}" in template or "{{message['content']}}{{eos_token}}" in template
 
 
+# Control-token spellings of the common model families, for a remote model whose tokenizer
+# Mynah does not have: <|im_end|>, <|eot_id|>, </s>, <start_of_turn>, [INST], [SEP], <<SYS>>.
+_CONTROL_MARKUP = re.compile(r"<\|[^\s|<>]{0,40}\|>|<<?/?[A-Za-z_][\w.-]{0,40}>>?|\[/?[A-Z_]{2,40}\]")
+ZWSP = "\u200b"
+
+
+def break_token(token: str) -> str:
+    """A special token's text with a zero-width space after its first character: still
+    readable, but no tokenizer matches it as the control token any more."""
+    return token[0] + ZWSP + token[1:]
+
+
+def break_specials(text: str, specials) -> str:
+    """Every one of `specials` (a tokenizer's special tokens) in `text` broken up."""
+    for token in sorted(set(specials), key=len, reverse=True):
+        if len(token) > 1 and token in text:
+            text = text.replace(token, break_token(token))
+    return text
+
+
+def defang_markup(text: str, specials=()) -> str:
+    """User text safe to send to a remote model whose tokenizer Mynah may not have: `specials`
+    and every common control-token spelling broken up, so a user cannot forge a turn."""
+    return _CONTROL_MARKUP.sub(lambda m: break_token(m.group(0)), break_specials(text, specials))
+
+
 def encode_plain(tokenizer, texts):
     """Token ids of text (or of each text in a list) with special tokens never recognised in it."""
     return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -82,10 +108,7 @@ class DialogueFormat:
     def defang(self, text: str) -> str:
         """For chat templates, which tokenize the rendered string: break up any special-token
         text in a message (a zero-width space inside it) so it stays text."""
-        for token in sorted(set(self.tokenizer.all_special_tokens), key=len, reverse=True):
-            if len(token) > 1 and token in text:
-                text = text.replace(token, token[0] + "\u200b" + token[1:])
-        return text
+        return break_specials(text, self.tokenizer.all_special_tokens)
 
     def context_ids(self, turns: Sequence[Turn], max_tokens: int, system: str = "") -> list[int]:
         """The prompt for the next bot turn: newest turns kept within max_tokens.

@@ -2,7 +2,9 @@
 
 A folder can be a normal HF save (config + safetensors + tokenizer files), a DialoGPT /
 GPT-2 download, or a GPT2-chitchat checkpoint (config.json + pytorch_model.bin +
-vocab.txt), which loads unchanged. A hub name works where the machine is online.
+vocab.txt), which loads unchanged. A hub name ("org/name") works where the machine is online
+or the model is in the Hugging Face cache; otherwise it fails at once with one line (hub.py),
+not after a minute of retried downloads.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.dialogue import DialogueFormat
+from engine.hub import HubUnavailable, hub_cache_only, is_hub_name
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,9 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(path: str):
-    """AutoTokenizer, except a bare BERT vocab.txt folder (GPT2-chitchat) → BertTokenizerFast."""
+def load_tokenizer(path: str, local_only: bool = False):
+    """AutoTokenizer, except a bare BERT vocab.txt folder (GPT2-chitchat) → BertTokenizerFast.
+    `local_only`: a hub name from the cache only (the hub is unreachable)."""
     from transformers import AutoTokenizer, BertTokenizerFast
 
     folder = Path(path)
@@ -70,13 +74,13 @@ def load_tokenizer(path: str):
         # from_pretrained(folder) reads vocab.txt; the vocab_file= keyword is ignored in transformers 5
         tok = BertTokenizerFast.from_pretrained(str(folder))
     else:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if local_only else {}))
     if len(tok.get_vocab()) < 10:
         raise ModelLoadError(f"the tokenizer in {path} has only {len(tok.get_vocab())} tokens; its vocabulary did not load")
     return tok
 
 
-def _load_weights(path: str, dtype: torch.dtype):
+def _load_weights(path: str, dtype: torch.dtype, local_only: bool = False):
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     config_file = Path(path) / "config.json"
@@ -84,7 +88,7 @@ def _load_weights(path: str, dtype: torch.dtype):
         raw = json.loads(config_file.read_text(encoding="utf-8"))
         if "model_type" not in raw and "n_embd" in raw:  # old GPT2-chitchat configs name no model type
             return GPT2LMHeadModel.from_pretrained(path, config=GPT2Config(**raw), dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({"local_files_only": True} if local_only else {}))
 
 
 def _load_adapter(path: str, merge: bool):
@@ -95,8 +99,10 @@ def _load_adapter(path: str, merge: bool):
     base = resolve_path(adapter_base(path))
     if not Path(base).exists() and ("/" not in base or base.startswith((".", "/"))):
         raise ModelLoadError(f"the base model of the adapter in {path} is not found: {base}")
-    tokenizer = load_tokenizer(path if (Path(path) / "tokenizer_config.json").exists() else base)
-    return tokenizer, attach(_load_weights(base, torch.float32), path, merge=merge)
+    local_only = hub_cache_only(base) if is_hub_name(base) else False
+    own = (Path(path) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(path) if own else load_tokenizer(base, local_only)
+    return tokenizer, attach(_load_weights(base, torch.float32, local_only), path, merge=merge)
 
 
 def load_model_tokenizer(path: str):
@@ -135,10 +141,13 @@ def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: s
         if (folder / "adapter_config.json").is_file():
             tokenizer, model = _load_adapter(path, merge)
         else:
-            tokenizer = load_tokenizer(path)
-            model = _load_weights(path, torch.float32)
+            local_only = hub_cache_only(path) if is_hub_name(path) else False
+            tokenizer = load_tokenizer(path, local_only)
+            model = _load_weights(path, torch.float32, local_only)
     except ModelLoadError:
         raise
+    except HubUnavailable as exc:
+        raise ModelLoadError(str(exc)) from None
     except Exception as exc:  # corrupt weights, missing files, no network for a hub name, no peft …
         raise ModelLoadError(f"could not load the model from {path}: {type(exc).__name__}: {exc}") from exc
     dev = pick_device(device)

@@ -107,6 +107,7 @@ async def export(config, output: str = "-", *, with_ids: bool = False) -> int:
 
 def run(args) -> int:
     from bots.config import load_config
+    from bots.durations import plural
     from storage.db import StorageError
 
     config = load_config(args.config)
@@ -116,5 +117,5 @@ def run(args) -> int:
         print(f"mynah: {exc}", file=sys.stderr)
         return 1
     if args.output != "-":
-        print(f"wrote {n} dialogues to {args.output}", file=sys.stderr)
+        print(f"wrote {plural(n, 'dialogue')} to {args.output}", file=sys.stderr)
     return 0

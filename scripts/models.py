@@ -17,6 +17,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from bots.config import load_config
+    from bots.durations import plural
     from bots.learning.report import describe_run, describe_version
     from engine.registry import Registry
     from storage import target_of
@@ -37,11 +38,12 @@ def run(args) -> int:
         print(f"no versions in {registry.root} yet: the bot registers [model] path ({config.model.path}) as v0001 "
               "when it starts with [learning] enabled = true, and so does `mynah retrain`")
     else:
-        print(f"registry {registry.root} ({len(versions)} versions; * = active):")
+        print(f"registry {registry.root} ({plural(len(versions), 'version')}; * = active):")
         for v in reversed(versions):
             line = describe_version(v, active)
             if v.name in lineage:
-                line += f"; trained on {lineage[v.name]['messages']} messages of {lineage[v.name]['users']} users"
+                line += (f"; trained on {plural(lineage[v.name]['messages'], 'message')} of "
+                         f"{plural(lineage[v.name]['users'], 'user')}")
             if v.awaiting_approval:
                 line += f"; awaiting approval (mynah promote {v.name})"
             print(line + (f"; TAINTED: {tainted[v.name]}" if v.name in tainted else ""))

@@ -229,6 +229,19 @@ class Feedback:
                 "VALUES (?, ?, ?, 'implicit', ?, ?, ?)", inserts)
         return len(rows)
 
+    async def mark_scripted(self, message_ids) -> None:
+        """Replies answered to a script (a piped console): what follows them is the script's next
+        line, not a reaction, so they get a neutral implicit row (signal "scripted") that keeps
+        derive_implicit away from them; they stay unrated (no "continued" signal)."""
+        ids = [(int(i), time.time()) for i in message_ids if i is not None]
+        if not ids:
+            return
+        async with self.db.transaction() as conn:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO feedback (message_id, chat_id, user_id, kind, signal, value, created_at) "
+                "SELECT id, chat_id, NULL, 'implicit', 'scripted', 0, ? FROM messages WHERE id = ? AND role = 'bot'",
+                [(at, i) for i, at in ids])
+
     async def scores(self, *, since: float | None = None, until: float | None = None,
                      versions=None, with_lengths: bool = False) -> list[ReplyScore]:
         """Every sent bot reply (opted-in chats, with a model version) and its feedback."""

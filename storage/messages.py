@@ -86,14 +86,17 @@ class Messages:
                  model_version, status, time.time(), reply_to_id))
             return cursor.lastrowid
 
-    async def set_status(self, message_id: int, status: str, *, platform_message_id: str | int | None = None) -> None:
-        """Mark a bot reply sent ('ok') or 'failed', and remember the id the platform gave it."""
+    async def set_status(self, message_id: int, status: str, *, platform_message_id: str | int | None = None,
+                         text: str | None = None, model_version: str | None = None) -> None:
+        """Mark a bot reply sent ('ok') or 'failed', and remember the id the platform gave it;
+        `text` (and `model_version`) complete a reply stored while it was being written."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
         async with self.db.transaction() as conn:
             await conn.execute(
-                "UPDATE messages SET status = ?, platform_message_id = COALESCE(?, platform_message_id) "
-                "WHERE id = ?", (status, _id(platform_message_id), message_id))
+                "UPDATE messages SET status = ?, platform_message_id = COALESCE(?, platform_message_id), "
+                "text = COALESCE(?, text), model_version = COALESCE(?, model_version) WHERE id = ?",
+                (status, _id(platform_message_id), text, model_version, message_id))
 
     async def seen_message(self, chat_id: int, platform_message_id: str | int) -> tuple[int, bool] | None:
         """(messages.id, handled) when this user message is already stored, else None.

@@ -55,3 +55,16 @@ def test_answering_privately_is_decided_in_one_place():
     assert not answers_privately(asked(chat_type="private", can_answer_privately=True))   # already private
     assert not answers_privately(asked(chat_type="group"))                                # the platform cannot
     assert not answers_privately(asked(chat_type="group", can_answer_privately=True, anonymous=True))
+
+
+async def test_forget_for_a_chat_only_where_the_adapter_checks_the_target():
+    """A Discord moderator (sender_is_chat_admin for the channel) must not erase any user by id."""
+    class NoStorage:
+        async def audit(self, *args):
+            raise AssertionError("nothing to audit: refused before")
+
+    user = UserCommands(None, NoStorage(), lambda platform, user_id: False, forgets_for_chats=frozenset({"telegram"}))
+    msg = Incoming(platform="discord", chat_id="1", user_id="2", text="/forget 12345", chat_type="group",
+                   sender_is_chat_admin=True)
+    [answer] = await user.command_forget(["12345"], msg)
+    assert "takes no argument here" in answer.text

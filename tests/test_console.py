@@ -50,6 +50,16 @@ def test_pipe_gets_one_line_per_message_and_remembers_after_restart(tmp_path, ti
     assert texts == ["hello there", "what do you like to do ?", "i like books"]
 
 
+def test_the_console_operator_is_not_rate_limited(tmp_path, tiny_dialogpt):
+    """Issue 25 #14: README's piped example hit "faster than I can think" at line 9."""
+    config = write_config(tmp_path, tiny_dialogpt)
+    config.write_text(config.read_text(encoding="utf-8") + "[chat]\nrate_limit_messages = 2\n", encoding="utf-8")
+    lines = [f"line number {i}" for i in range(6)] + ["/help", "/reset", "one more"]
+    out = chat(config, lines)
+    assert len(out) == len(lines)
+    assert not [line for line in out if "faster than I can think" in line]
+
+
 def test_reset_then_context_starts_afresh(tmp_path, tiny_dialogpt):
     import asyncio
 
@@ -126,3 +136,30 @@ def test_corrupt_database_error_suggests_restore(tmp_path, tiny_dialogpt):
     assert result.returncode == 1, out
     assert "Traceback" not in out
     assert "mynah restore" in out and "[storage] path" in out, out
+
+
+def test_piped_lines_are_not_counted_as_feedback(tmp_path, tiny_dialogpt):
+    """A script's next line is no reaction: a piped "what?" must not make the reply before it
+    negative, nor a piped line make it "continued"."""
+    import asyncio
+    import time
+
+    from bots.config import load_config
+    from bots.feedback import FeedbackRecorder
+    from storage.db import Database
+    from storage.feedback import Feedback, summarize
+
+    config = write_config(tmp_path, tiny_dialogpt)
+    assert len(chat(config, ["hello there", "what?", "hello again"])) == 3
+
+    async def rated():
+        db = await Database.open(str(tmp_path / "db.sqlite3"))
+        try:
+            recorder = FeedbackRecorder(load_config(config).feedback, Feedback(db))
+            await recorder.derive(now=time.time() + 86400)      # every window has passed
+            return summarize(await recorder.store.scores())
+        finally:
+            await db.close()
+
+    (version,) = asyncio.run(rated()).values()
+    assert version.replies == 3 and (version.evaluated, version.negative, version.positive) == (0, 0, 0)

@@ -152,6 +152,114 @@ async def test_every_page_needs_the_token_and_metrics_does_not(bot):
     assert TOKEN not in after
 
 
+async def test_login_next_only_redirects_to_a_single_slash_path_here(bot):
+    app, handle = bot
+    evil = ["/\t/evil.example", "/\n/evil.example", "/\r\n/evil.example/x", "/\\evil.example", "//evil.example",
+            "https://evil.example/", "/ /evil.example", "\t//evil.example", "/\x00/evil.example", "javascript:alert(1)"]
+    async with aiohttp.ClientSession() as http:
+        for target in evil:
+            async with http.post(handle.url + "/login", data={"token": TOKEN, "next": target},
+                                 allow_redirects=False) as r:
+                assert r.status == 303 and r.headers["Location"] == "/", repr(target)
+            async with http.get(handle.url + "/login", params={"next": target}) as r:
+                assert "evil.example" not in await r.text(), repr(target)
+        async with http.post(handle.url + "/login", data={"token": TOKEN, "next": "/versions?x=1"},
+                             allow_redirects=False) as r:
+            assert r.headers["Location"] == "/versions?x=1"
+
+
+async def test_metrics_needs_the_token_when_listening_beyond_loopback(tmp_path, tiny_dialogpt, caplog):
+    config = make_config(tmp_path, tiny_dialogpt, listen="0.0.0.0")
+    app = await Mynah.open(config)
+    handle = await start_dashboard(app, config, {"MYNAH_DASHBOARD_TOKEN": TOKEN})
+    url = f"http://127.0.0.1:{handle.port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/metrics") as r:
+                assert r.status == 401
+            async with http.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert r.status == 200 and "mynah_stored_replies" in await r.text()
+    finally:
+        await handle.stop()
+        await app.close()
+    assert "/metrics needs the token" in caplog.text
+
+
+async def test_concurrent_scrapes_read_no_table_scan_and_do_not_hold_a_user_message(tmp_path, tiny_dialogpt):
+    """20 scrapes at once over 400,000 stored messages: every query a scrape makes reads the
+    messages table by primary key (EXPLAIN QUERY PLAN says SEARCH, never SCAN), and a user's
+    message stored meanwhile waits no more than a few milliseconds."""
+    import sqlite3
+
+    config = make_config(tmp_path, tiny_dialogpt)
+    app = await Mynah.open(config)
+    chat = await app.store.chats.chat("telegram", 1)
+    await app.close()
+    with sqlite3.connect(config.storage.path) as db:
+        now = time.time()
+        db.executemany("INSERT INTO messages (chat_id, role, text, status, created_at) VALUES (?, ?, ?, 'ok', ?)",
+                       ((chat, "bot" if i % 2 else "user", f"message {i}", now) for i in range(400_000)))
+    app = await Mynah.open(config)
+    handle = await start_dashboard(app, config, {"MYNAH_DASHBOARD_TOKEN": TOKEN})
+    statements: list[str] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def scrape() -> str:
+                async with http.get(handle.url + "/metrics") as r:
+                    return await r.text()
+
+            first = await scrape()      # the first read walks the table once, in primary-key chunks
+            assert sample(first, "mynah_stored_replies", platform="telegram", status="sent") == 200_000
+            started = time.perf_counter()
+            await app.store.messages.log_message(chat, "user", "baseline")
+            baseline = time.perf_counter() - started
+            await app.db.conn.set_trace_callback(statements.append)
+            scrapes = [asyncio.ensure_future(scrape()) for _ in range(20)]
+            await asyncio.sleep(0)
+            started = time.perf_counter()
+            await app.store.messages.log_message(chat, "user", "hello while scraped")
+            during = time.perf_counter() - started
+            texts = await asyncio.gather(*scrapes)
+            all_scrapes = time.perf_counter() - started
+            await app.db.conn.set_trace_callback(None)
+            await app.store.messages.log_message(chat, "bot", "a new reply", status="pending")
+            last = await scrape()
+        print(f"store: {baseline * 1000:.1f} ms alone, {during * 1000:.1f} ms during 20 scrapes "
+              f"({all_scrapes * 1000:.0f} ms for all 20)")
+        assert all(sample(t, "mynah_stored_replies", platform="telegram", status="sent") == 200_000 for t in texts)
+        assert sample(last, "mynah_stored_replies", platform="telegram", status="pending") == 1
+        reads = {q for q in statements if "messages" in q and q.lstrip().upper().startswith("SELECT")}
+        assert reads
+        with sqlite3.connect(config.storage.path) as db:
+            for query in reads:
+                plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + query))
+                assert "SCAN" not in plan, (query, plan)
+        assert during < max(0.5, 20 * baseline)
+    finally:
+        await handle.stop()
+        await app.close()
+
+
+async def test_counts_of_one_read_in_the_singular(bot, tmp_path, capsys):
+    from bots.durations import plural
+    from scripts.cli import main
+
+    assert [plural(n, "reply") for n in (0, 1, 2)] == ["0 replies", "1 reply", "2 replies"]
+    assert plural(1, "version") == "1 version" and plural(3, "day") == "3 days"
+    app, handle = bot
+    for out in await app.chat.handle(console("hello there")):
+        await app.chat.delivered(out, None)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        async with http.get(handle.url + "/api/overview") as r:
+            assert (await r.json())["display"]["stored"] == "1 chat, 1 user, 2 messages"
+    status = "\n".join(o.text for o in await app.chat.handle(console("/status")))
+    assert "Stored: 1 chat, 2 messages" in status and "over 1 reply" in status, status
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\npath = "{app.config.storage.path}"\n[learning]\nregistry = "{tmp_path / "models"}"\n')
+    assert await asyncio.to_thread(main, ["--config", str(config), "models"]) == 0
+    assert "(1 version; * = active)" in capsys.readouterr().out
+
+
 async def login(http: aiohttp.ClientSession, url: str) -> str:
     """Log in through the form; returns the page's CSRF token."""
     async with http.post(url + "/login", data={"token": "not-it", "next": "/"}, allow_redirects=False) as r:
@@ -248,6 +356,33 @@ async def test_mynah_run_refuses_an_enabled_dashboard_without_a_token(tmp_path, 
     assert await serve(config, environ={"TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN}) == 2
     assert "needs MYNAH_DASHBOARD_TOKEN" in caplog.text
     assert not (tmp_path / "mynah.sqlite3").exists()      # stopped before loading or opening anything
+
+
+async def test_mynah_run_serves_the_dashboard_alone_without_a_platform_token(tmp_path, tiny_dialogpt, caplog):
+    caplog.set_level(logging.INFO)
+    config = run_config(tmp_path, tiny_dialogpt)
+    url = f"http://127.0.0.1:{config.dashboard.port}"
+    stop = asyncio.Event()
+    served = asyncio.create_task(serve(config, environ={"MYNAH_DASHBOARD_TOKEN": TOKEN}, stop_event=stop))
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                assert not served.done(), "mynah run exited instead of serving the dashboard"
+                try:
+                    async with http.get(url + "/api/overview") as r:
+                        overview = await r.json()
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+        assert overview["platforms"] == {} and overview["version"]
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(served, 30) == 0
+    assert "serving the dashboard alone on " + url in caplog.text
+    off = run_config(tmp_path, tiny_dialogpt, dashboard={"enabled": False})
+    assert await serve(off, environ={}) == 2     # nothing to serve at all
 
 
 async def test_mynah_run_serves_the_dashboard_beside_telegram(tmp_path, tiny_dialogpt):

@@ -211,3 +211,34 @@ def test_missing_and_corrupt_models_give_clear_errors(tmp_path, tiny_dialogpt):
     (broken / "model.safetensors").write_bytes(b"this is not a checkpoint")
     with pytest.raises(ModelLoadError, match="could not load"):
         load_model(str(broken))
+
+
+@pytest.mark.parametrize("hub", ["HF_HUB_OFFLINE", "unreachable"])
+def test_a_hub_name_offline_fails_at_once_with_one_message(tmp_path, hub):
+    """`mynah generate --model org/name` with the hub out of reach (HF_HUB_OFFLINE set, or a
+    hub address that refuses connections) and an empty cache: one line, in seconds — not 49 s
+    of retried downloads. Nothing leaves 127.0.0.1."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                 "ALL_PROXY", "all_proxy"):
+        env.pop(name, None)
+    if hub == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\npath = "{tmp_path / "db.sqlite3"}"\n')
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "scripts.cli", "--config", str(config), "generate", "--model",
+                           "someorg/not-downloaded", "--prompt", "hi"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    took = time.monotonic() - started
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert done.returncode == 1 and took < 15, (took, done.stderr)
+    assert len(lines) == 1 and "someorg/not-downloaded" in lines[0] and "Retrying" not in done.stderr, done.stderr
+    assert ("HF_HUB_OFFLINE is set" if hub == "HF_HUB_OFFLINE" else "unreachable") in lines[0]

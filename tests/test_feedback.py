@@ -197,7 +197,11 @@ def test_mynah_feedback_prints_the_per_version_table(tmp_path, capsys, storage_t
     rows = {r["version"]: r for r in jsonlib.loads(capsys.readouterr().out)}
     assert (rows["v0001"]["replies"], rows["v0001"]["positive"], rows["v0001"]["negative"]) == (4, 3, 1)
     assert (rows["v0002"]["positive"], rows["v0002"]["negative"]) == (0, 4)
-    assert rows["v0001"]["positive_rate"].startswith(" 75% [")
+    assert " 75% [" in text.splitlines()[1]
+    v1 = rows["v0001"]    # numbers, not formatted strings
+    assert v1["positive_rate"] == 0.75 and v1["negative_rate"] == 0.25 and rows["v0002"]["positive_rate"] == 0.0
+    assert all(isinstance(x, float) for x in v1["positive_ci"]) and v1["positive_ci"][0] < 0.75 < v1["positive_ci"][1]
+    assert v1["continuation_rate"] is None or isinstance(v1["continuation_rate"], float)
     assert rows["v0001"]["mean_conversation_length"] == 4.0    # each chat: 2 exchanges = 4 messages
     missing = tmp_path / "none.toml"
     missing.write_text(f'[storage]\npath = "{tmp_path / "absent.sqlite3"}"\n', encoding="utf-8")

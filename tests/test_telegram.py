@@ -197,6 +197,22 @@ async def test_reset_and_forget(bot, fake):
     assert [r[0] for r in bot.messages(101)] == []  # the bot's replies to them went too
 
 
+STICKER = {"file_id": "s1", "file_unique_id": "s1", "type": "regular", "width": 512, "height": 512,
+           "is_animated": False, "is_video": False}
+
+
+async def test_a_sticker_flood_counts_toward_the_rate_limit_with_one_notice(make_bot, fake):
+    """Issue 25 #4: 40 stickers got 40 notes. Every kind of message counts; one notice per window."""
+    bot = await make_bot(chat={"rate_limit_messages": 3, "rate_limit_seconds": 60})
+    updates = [fake.message(103, sticker=STICKER) for _ in range(40)]
+    for update in updates:
+        await fake.wait_served(update)
+    await bot.idle()
+    texts = fake.texts(103)
+    assert texts[:3] == [NON_TEXT_TEXT] * 3
+    assert len(texts) == 4 and "faster than I can think" in texts[3]
+
+
 async def test_sticker_and_voice_get_a_note_empty_text_and_edits_are_ignored(bot, fake):
     fake.message(102, sticker={"file_id": "s1", "file_unique_id": "s1", "type": "regular", "width": 512,
                                "height": 512, "is_animated": False, "is_video": False})

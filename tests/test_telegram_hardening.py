@@ -18,8 +18,8 @@ import pytest
 from bots.chat.splitting import split_message, utf16_len
 from bots.learning.export import allowed_dialogues
 from bots.platforms.telegram.adapter import NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT, TEXT_LIMIT
-from tests.fakes.telegram_api import TOKEN
-from tests.test_telegram import (ADMIN, ROOT, Harness, bot, fake, free_port, make_bot,  # noqa: F401 (fixtures)
+from tests.fakes.telegram_api import BOT_USERNAME, TOKEN
+from tests.test_telegram import (ADMIN, ROOT, STICKER, Harness, bot, fake, free_port, make_bot,  # noqa: F401
                                  make_config)
 
 pytestmark = pytest.mark.timeout(60)
@@ -104,6 +104,45 @@ async def test_burst_of_40_gets_at_most_limit_plus_one_replies_and_others_are_an
     assert len(fake.calls_to("sendChatAction", 1300)) <= 20    # no "typing…" for each flood message
 
 
+@pytest.mark.timeout(90)
+async def test_a_slow_command_answer_does_not_hold_other_chats(bot, fake):
+    """Issue 25 #3: commands are not stored, so the acknowledgement waited for their answers
+    (throttled by the group's flood limit): a private chat waited 101 s. Now a command is
+    acknowledged at once and another chat's message is fetched and answered meanwhile."""
+    fake.delay_next("sendMessage", 20)                 # the group's /help answer takes 20 s to go out
+    command = fake.message(-1300, "/help", user_id=1301, chat_type="group")
+    await fake.wait_served(command)
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    fake.message(1302, "hello there")
+    await fake.wait_sent(1302, 1, timeout=15)
+    assert time.monotonic() - started < 8
+    assert fake.sent(-1300) == []                      # the /help answer is still on its way
+    await fake.wait_sent(-1300, 1, timeout=40)
+
+
+@pytest.mark.timeout(180)
+async def test_per_chat_memory_stays_flat_as_chats_grow(make_bot, fake, monkeypatch):
+    """Issue 25 #12: the adapter's per-chat maps grew with every chat ever seen. They are
+    bounded (LRU for the newest message id, TTL + size for getChatMember answers): their
+    size is the same after 600 chats as after 300 (the bound here is 100; 10,000 in use)."""
+    monkeypatch.setattr("bots.platforms.telegram.adapter.CHATS_REMEMBERED", 100)
+    bot = await make_bot()
+    sizes = []
+    chat = -1_000_000
+    for batch in range(3):
+        updates = []
+        for _ in range(300 if batch == 0 else 150):
+            chat -= 1
+            updates.append(fake.message(chat, chat_type="group", user_id=5, sticker=STICKER))   # not answered
+        for group in range(-2000 - 60 * batch, -2060 - 60 * batch, -1):
+            updates.append(fake.message(group, "/optout", chat_type="group", user_id=5))          # getChatMember
+        await fake.wait_served(updates[-1], timeout=60)
+        await bot.idle()
+        sizes.append((len(bot.adapter._newest), len(bot.adapter.chat_admins)))
+    assert sizes == [(100, 60), (100, 100), (100, 100)]
+
+
 async def test_30_admin_commands_with_3000_char_arguments_cost_little(make_bot, fake):
     bot = await make_bot(chat={"rate_limit_messages": 4})
     for _ in range(30):
@@ -128,14 +167,17 @@ async def test_unknown_command_echo_is_bounded_in_utf16(bot, fake):
 # ---- 4: replies in flight at kill -9 ----------------------------------------------------------
 
 @pytest.mark.timeout(120)
-async def test_kill_9_with_a_reply_in_flight_then_restart_resends_it(tmp_path, tiny_dialogpt, fake, make_bot):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_kill_9_with_a_reply_in_flight_then_restart_resends_it(tmp_path, tiny_dialogpt, fake, make_bot, stream):
+    """A whole reply in flight is resent; a streamed one (issue 25 #1: it used to be stored
+    only once complete, so the crash lost it) is held as an empty pending row from the
+    moment streaming starts, and written again and sent after the restart, once."""
     db_path = tmp_path / "mynah.sqlite3"
     config = tmp_path / "config.toml"
     config.write_text(
         f'[model]\npath = "{tiny_dialogpt}"\n[storage]\npath = "{db_path}"\n'
         f'[generation]\nmax_new_tokens = 4\nseed = 1\n[telegram]\nbase_url = "{fake.base_url}"\n'
-        '[chat]\nstream = false\n',          # a whole reply in flight (a streamed one is logged when complete)
-        encoding="utf-8")
+        f'[chat]\nstream = {str(stream).lower()}\nstream_edit_seconds = 0.2\n', encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT), TELEGRAM_BOT_TOKEN=TOKEN)
     env.pop("DISCORD_BOT_TOKEN", None)
     fake.delay_next("sendMessage", 60)                       # the reply hangs in flight
@@ -173,6 +215,7 @@ async def test_kill_9_with_a_reply_in_flight_then_restart_resends_it(tmp_path, t
     await asyncio.sleep(0.5)
     assert len(fake.sent(1500)) == 1                         # resent once, not answered twice
     assert statuses(bot, 1500) == [("user", "ok"), ("bot", "ok")]
+    assert fake.texts(1500)[0].strip() and bot.messages(1500)[1][1] == fake.texts(1500)[0]
 
 
 async def test_old_pending_reply_is_marked_failed_and_never_in_context(make_bot, fake):
@@ -212,6 +255,34 @@ async def test_emoji_reply_over_4096_units_goes_through_the_real_bot(bot, fake):
 
 
 # ---- 6 + 8: anonymous admins, private admin output ------------------------------------------
+
+async def test_channel_admins_can_forget_what_was_posted_under_its_name(bot, fake):
+    """Issue 25 #7: "send as channel" posts are stored under the channel's id, so nobody's
+    /forget reached them. Now a channel admin's `/forget @channel` does, and says so."""
+    group, channel, owner, stranger = -1603, -1009001, 4242, 4343
+    fake.chats[channel] = {"id": channel, "type": "channel", "title": "News", "username": "newsroom"}
+    fake.chat_creators[channel].add(owner)
+    as_channel = {"sender_chat": fake.chats[channel]}
+    fake.message(group, f"@{BOT_USERNAME} hello from the channel", user_id=136817688, chat_type="supergroup",
+                 first_name="Channel", **as_channel)
+    await fake.wait_sent(group, 1)
+    await bot.idle()
+    assert [r[0] for r in bot.rows("SELECT u.platform_user_id FROM messages m JOIN users u ON u.id = m.user_id")] \
+        == [str(channel)]
+
+    fake.message(group, "/forget", user_id=136817688, chat_type="supergroup", first_name="Channel", **as_channel)
+    await fake.wait_sent(group, 2)
+    assert "/forget <the channel's id or @username>" in fake.texts(group)[1]      # how to do it instead
+    fake.message(group, "/forget @newsroom", user_id=stranger, chat_type="supergroup")
+    await fake.wait_sent(stranger, 1)
+    assert "Only the admins of" in fake.texts(stranger)[0]
+    fake.message(group, "/forget @newsroom", user_id=owner, chat_type="supergroup")
+    await fake.wait_sent(owner, 1)
+    await bot.idle()
+    assert f"as an admin of {channel}, you had me delete 1 messages posted under its name" in fake.texts(owner)[0]
+    assert bot.rows("SELECT COUNT(*) FROM messages WHERE role = 'user'") == [(0,)]
+    assert bot.rows("SELECT args, allowed FROM admin_audit WHERE command = 'forget' ORDER BY id") == \
+        [(f"posted as {channel}", 0), (f"posted as {channel}", 1)]
 
 async def test_admin_output_in_a_group_goes_privately(bot, fake):
     group = -1600

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from bots.chat.durable import WriteRetry
 from bots.chat.events import Incoming, Outgoing
-from bots.durations import duration
+from bots.durations import duration, plural
 
 
 # Anonymous group admins (and linked channels) post as the group itself: the id is shared by
@@ -69,11 +69,11 @@ class AdminCommands:
             f"Backend: {stats.backend}: {stats.health}{round_trip}",
             f"Queue: {stats.queue_depth} waiting, {stats.active} generating",
             f"Reply latency: p50 {_secs(stats.latency_p50_s)}, p95 {_secs(stats.latency_p95_s)} "
-            f"over {stats.replies} replies",
+            f"over {plural(stats.replies, 'reply')}",
             f"MMI reranking: on ({mmi.candidates} candidates, weight {mmi.weight:g}, "
             f"backward model {mmi.backward_model})" if mmi else "MMI reranking: off",
             f"Uptime: {duration(time.time() - self.started_at)}",
-            f"Stored: {counts.get('chats', 0)} chats, {counts.get('messages', 0)} messages",
+            f"Stored: {plural(counts.get('chats', 0), 'chat')}, {plural(counts.get('messages', 0), 'message')}",
         ]
         if self.learning is not None:
             lines += await self.learning.status_lines()

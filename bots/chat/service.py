@@ -3,18 +3,20 @@
     parse -> gate -> log the user message -> build context (+ persona) -> generate -> log the reply
 
 The user's message is stored before generation starts, so a crash never loses it; the
-reply is stored as "pending" (linked to the message it answers) and the adapter marks it
-sent or failed. Writes on this path are retried while storage is locked or full
-(bots/chat/durable.py). With `[chat] stream` and an adapter that can show a reply while
-it is written (a `StreamedMessage`), `generate` feeds it the text as the engine writes it;
-the reply is still stored once, complete. Commands leave the path after `parse`; messages
-the bot should not answer leave it at `gate`; messages over the rate limit are stored as
-'limited' and never answered (one "slow down" notice per window), and commands count
-toward the same limit.
+reply is stored as "pending" (linked to the message it answers) and the delivery routine
+(bots/chat/delivery.py) marks it sent or failed. Writes on this path are retried while
+storage is locked or full (bots/chat/durable.py). With `[chat] stream` and a
+`StreamedMessage`, `generate` feeds it the text as the engine writes it; the pending row is
+stored when streaming starts (empty, so a crash leaves it for start-up recovery to write
+again) and completed once the reply is. Commands leave the path after `parse`; messages the
+bot should not answer leave it at `gate`; messages over the rate limit are stored as
+'limited' and never answered (one "slow down" notice per window); commands and non-text
+messages count toward the same limit. The console's operator is not limited.
 """
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ from bots.chat.durable import WriteRetry
 from bots.chat.ratelimit import RateLimiter, Verdict
 from bots.chat.user_commands import UserCommands, chat_row
 from bots.metrics import record_reply
-from bots.platforms.registry import admin_ids
+from bots.platforms.registry import admin_ids, forgetting_for_chats, unlimited_platforms
 from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
 
 log = logging.getLogger(__name__)
@@ -64,10 +66,12 @@ class ChatService:
         self.engine = engine
         self.store = store      # storage.store.Store
         self.limiter = RateLimiter(config.chat.rate_limit_messages, config.chat.rate_limit_seconds)
+        self.unlimited = unlimited_platforms()      # platforms whose users are never rate-limited
         self.writes = WriteRetry(config.storage.write_retry_first_s, config.storage.write_retry_max_s)
         self.admin = AdminCommands(admin_ids(config) if admins is None else admins, store, engine, learning,
                                    writes=self.writes)
-        self.user = UserCommands(config, store, self.admin.is_admin, learning)
+        self.user = UserCommands(config, store, self.admin.is_admin, learning,
+                                 forgets_for_chats=forgetting_for_chats())
         # Each command's handler, bound once from the command table (bots/chat/commands.py).
         self.handlers = bind({"user": self.user, "admin": self.admin,
                               "learning": learning.commands if learning is not None else None,
@@ -79,11 +83,16 @@ class ChatService:
 
         `on_logged()`, when given, is called as soon as the user's message is stored, before
         generation starts: an adapter may acknowledge the platform's delivery from then on.
+        Commands and non-text messages are not stored: it is called for them at once, so
+        their answers (which a platform may throttle) never hold other chats' updates.
         `stream` (a bots.chat.streaming.StreamedMessage) is shown the reply as it is written
         when `[chat] stream` is on; the adapter then finishes it with the returned Outgoing."""
         parsed = self.parse(msg)
-        if parsed.answer is not None:
-            return parsed.answer
+        if on_logged is not None and (parsed.answer is not None or parsed.command is not None):
+            on_logged()     # stores nothing: acknowledged at once, never waiting for its (throttled) answer
+        if parsed.answer is not None:    # a sticker's note counts toward the limit like any message
+            verdict = self.limit(msg) if parsed.answer else Verdict(True)
+            return parsed.answer if verdict.allowed else self._slow_down_once(msg, verdict)
         if parsed.command is not None:
             return await self.command(*parsed.command, msg)
         verdict = self.gate(msg)
@@ -99,11 +108,19 @@ class ChatService:
             return [verdict.slow_down] if verdict.slow_down is not None else []
         history = await self.build_context(chat_id)
         system = await self.persona(chat_id)
-        reply = await self.generate(msg, history, system=system, route=chat_id,
-                                    stream=stream if self.config.chat.stream else None)
+        stream = stream if self.config.chat.stream else None
+        held = None
+        if stream is not None:   # shown before it is complete: a crash now must not lose it
+            held = await self.hold_reply(chat_id, stored, msg)
+            if held is None:
+                return []
+        reply = await self.generate(msg, history, system=system, route=chat_id, stream=stream)
         if isinstance(reply, Outgoing):  # busy or failed: said, not stored
+            if held is not None:
+                await self.failed(Outgoing("", stored_id=held))
             return [reply]
-        return [await self.log_reply(chat_id, stored, msg, reply)]
+        out = await self.log_reply(chat_id, stored, msg, reply, held=held)
+        return [out] if out is not None else []
 
     # ---- the steps ----------------------------------------------------------------
     def parse(self, msg: Incoming) -> Parsed:
@@ -122,10 +139,20 @@ class ChatService:
         """Answer at all (see `should_answer`), and the per-user rate limit."""
         if not self.should_answer(msg):
             return Gate(False)
-        verdict = self.limiter.check((msg.platform, msg.user_id))
+        verdict = self.limit(msg)
         if verdict.allowed:
             return Gate(True)
         return Gate(True, self._slow_down(msg, verdict), limited=True)
+
+    def limit(self, msg: Incoming, *, record: bool = True) -> Verdict:
+        """The sender's rate limit: every kind of message and every command counts. A platform
+        whose spec says so (the console: its operator owns the machine) is not limited."""
+        if msg.platform in self.unlimited:
+            return Verdict(True)
+        key = (msg.platform, msg.user_id)
+        if not record:
+            return Verdict(self.limiter.peek(key))
+        return self.limiter.check(key)
 
     @staticmethod
     def _slow_down(msg: Incoming, verdict: Verdict) -> Outgoing | None:
@@ -134,6 +161,11 @@ class ChatService:
             return None
         return Outgoing(f"You're sending messages faster than I can think. Please wait {verdict.retry_in:.0f} s; "
                         "I won't answer until then.", reply_to=msg.message_id)
+
+    @classmethod
+    def _slow_down_once(cls, msg: Incoming, verdict: Verdict) -> list[Outgoing]:
+        notice = cls._slow_down(msg, verdict)
+        return [notice] if notice is not None else []
 
     def should_answer(self, msg: Incoming) -> bool:
         if msg.is_private or msg.answer_all or self.config.chat.answer_all_in_groups:
@@ -145,7 +177,7 @@ class ChatService:
         flood over the rate limit gets no typing indicator either)."""
         parsed = self.parse(msg)
         return (parsed.answer is None and parsed.command is None and self.should_answer(msg)
-                and self.limiter.peek((msg.platform, msg.user_id)))
+                and self.limit(msg, record=False).allowed)
 
     async def log_user_message(self, msg: Incoming, text: str, status: str = "ok") -> tuple[int, int, bool]:
         """Store the user's message, retrying while storage is unavailable; (chats.id,
@@ -198,13 +230,35 @@ class ChatService:
             log.exception("generation failed for %s chat %s", msg.platform, msg.chat_id)
             return Outgoing(ERROR_TEXT, reply_to=msg.message_id)
 
-    async def log_reply(self, chat_id: int, answered: int, msg: Incoming, reply) -> Outgoing:
+    async def hold_reply(self, chat_id: int, answered: int, msg: Incoming, text: str = "",
+                         model_version: str | None = None) -> int | None:
+        """Store a pending reply row (empty while a streamed reply is still being written, so
+        that after a crash start-up recovery writes and sends it). None when the message it
+        answers was forgotten (/forget) meanwhile: the reply is dropped."""
+        try:
+            return await self.writes.run(
+                f"{msg.platform} reply in chat {msg.chat_id}",
+                lambda: self.store.messages.log_message(chat_id, "bot", text, model_version=model_version,
+                                                       reply_to=msg.message_id, status="pending",
+                                                       reply_to_id=answered))
+        except sqlite3.IntegrityError:    # the message it answers is gone (the foreign key)
+            log.info("%s chat %s: the message was forgotten while its reply was written; the reply is dropped",
+                     msg.platform, msg.chat_id)
+            return None
+
+    async def log_reply(self, chat_id: int, answered: int, msg: Incoming, reply, *, held: int | None = None
+                        ) -> Outgoing | None:
         """Store the reply as pending (with the model version that wrote it, linked to the
-        stored message `answered`) and hand it out."""
-        stored = await self.writes.run(
-            f"{msg.platform} reply in chat {msg.chat_id}",
-            lambda: self.store.messages.log_message(chat_id, "bot", reply.text, model_version=reply.model_version,
-                                                   reply_to=msg.message_id, status="pending", reply_to_id=answered))
+        stored message `answered`; into the `held` row when streaming stored one) and hand it
+        out. None when the message was forgotten meanwhile: neither stored nor sent."""
+        if held is None:
+            stored = await self.hold_reply(chat_id, answered, msg, reply.text, reply.model_version)
+            if stored is None:
+                return None
+        else:
+            stored = held
+            await self.writes.run(f"{msg.platform} reply in chat {msg.chat_id}", lambda: self.store.messages.set_status(
+                held, "pending", text=reply.text, model_version=reply.model_version))
         record_reply(msg.platform, "fallback" if reply.fallback else "ok", reply.latency_s, reply.new_tokens)
         return Outgoing(reply.text, stored_id=stored, reply_to=msg.message_id)
 
@@ -224,12 +278,17 @@ class ChatService:
     async def recover_pending(self, platform: str, send) -> tuple[int, int]:
         """Replies left 'pending' by a process that died mid-send: resent through
         `send(chat_id, thread_id, out)` when younger than [chat] resend_pending_minutes,
-        else marked failed. Returns (resent, failed); `send` marks each delivered or failed."""
+        else marked failed. One cut short while it was streamed (stored empty) is written
+        again now, from the chat's context. Returns (resent, failed); `send` marks each
+        delivered or failed, so each is dealt with once."""
         max_age = self.config.chat.resend_pending_minutes * 60
         resent = dropped = 0
         for pending in await self.store.messages.pending_replies(platform):
-            if time.time() - pending.created_at <= max_age:
-                out = Outgoing(pending.text, stored_id=pending.id, reply_to=pending.reply_to_platform_id)
+            text = pending.text
+            if time.time() - pending.created_at <= max_age and not text:
+                text = await self._rewrite(pending)
+            if time.time() - pending.created_at <= max_age and text:
+                out = Outgoing(text, stored_id=pending.id, reply_to=pending.reply_to_platform_id)
                 await send(pending.platform_chat_id, pending.thread_id, out)
                 resent += 1
             else:
@@ -240,16 +299,27 @@ class ChatService:
                         platform, resent + dropped, resent, dropped)
         return resent, dropped
 
+    async def _rewrite(self, pending) -> str:
+        """The reply a crash cut short while it was streamed, written again (and stored)."""
+        chat_id = await self.store.chats.chat(pending.platform, pending.platform_chat_id, thread_id=pending.thread_id)
+        try:
+            reply = await self.engine.reply(await self.build_context(chat_id), system=await self.persona(chat_id),
+                                            route=chat_id)
+        except Exception as exc:       # the engine is down: the reply is marked failed
+            log.warning("could not write again a reply cut short by the last run: %s", exc)
+            return ""
+        await self.store.messages.set_status(pending.id, "pending", text=reply.text, model_version=reply.model_version)
+        return reply.text
+
     # ---- commands ---------------------------------------------------------------
     async def command(self, name: str, args: list[str], msg: Incoming) -> list[Outgoing]:
         """Run a command; commands count toward the sender's rate limit like messages do."""
         spec = BY_NAME.get(name)
         if spec is None and not (msg.is_private or msg.mentions_bot):
             return []             # someone else's command in a group: not ours, costs nothing
-        verdict = self.limiter.check((msg.platform, msg.user_id))
+        verdict = self.limit(msg)
         if not verdict.allowed:
-            notice = self._slow_down(msg, verdict)
-            return [notice] if notice is not None else []
+            return self._slow_down_once(msg, verdict)
         handler = self.handlers.get(name)
         if spec is not None and spec.admin:
             return await self.admin.handle(name, args, msg, handler)

@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 PERSONA_MAX_CHARS = 2000
 ANONYMOUS_FORGET_TEXT = ("/forget needs to know who you are, but this message was sent on behalf of a chat "
-                         "(anonymously). Send /forget as yourself, e.g. in a private chat with me.")
+                         "(anonymously). Send /forget as yourself, e.g. in a private chat with me. To forget what "
+                         "was posted under a channel's name, one of its admins sends /forget <the channel's id or "
+                         "@username> as themselves.")
 
 
 async def chat_row(chats, msg: Incoming) -> int:
@@ -25,8 +27,9 @@ async def chat_row(chats, msg: Incoming) -> int:
 
 
 class UserCommands:
-    def __init__(self, config, store, is_admin, learning=None):
+    def __init__(self, config, store, is_admin, learning=None, *, forgets_for_chats=frozenset()):
         self.config = config
+        self.forgets_for_chats = forgets_for_chats   # platforms whose adapters check /forget <chat>
         self.store = store      # storage.store.Store
         self.is_admin = is_admin          # (platform, user_id) -> bool: Mynah's admins
         self.learning = learning          # /forget retires the model versions that learned from the sender
@@ -50,21 +53,40 @@ class UserCommands:
         return [Outgoing("Fresh start! I've put our earlier conversation out of mind.")]
 
     async def command_forget(self, args: list[str], msg: Incoming) -> list[Outgoing]:
+        """/forget: everything the sender said. /forget <chat>: what was posted under a
+        channel's (or group's) name, for that chat's admins (the adapter checks who they are)."""
         if msg.anonymous:   # the id is the group's: it would delete every anonymous admin's messages
             return [Outgoing(ANONYMOUS_FORGET_TEXT, ephemeral=True)]
-        deleted = await self.store.messages.forget_user(msg.platform, msg.user_id)
-        learning = self.learning
-        if learning is None:
-            return [Outgoing(f"Done: I deleted {deleted} of your messages, and they will never be used for training.",
+        if args:
+            return await self._forget_for_chat(args[0], msg)
+        deleted = await self._forget(msg.platform, msg.user_id)
+        return [Outgoing(f"Done: I deleted {deleted[0]} of your messages; they will never be used for training."
+                         f"{deleted[1]}", ephemeral=True, private=True)]
+
+    async def _forget_for_chat(self, target: str, msg: Incoming) -> list[Outgoing]:
+        if msg.platform not in self.forgets_for_chats:
+            return [Outgoing("/forget takes no argument here: it deletes everything you said to me.", ephemeral=True)]
+        allowed = msg.sender_is_chat_admin is True
+        await self.store.audit.record(msg.platform, msg.user_id, "forget", f"posted as {target}"[:200], allowed)
+        if not allowed:
+            return [Outgoing(f"Only the admins of {target[:64]} can make me forget what was posted under its name "
+                             "(and I could not confirm that you are one). /forget alone deletes your own messages.",
                              ephemeral=True, private=True)]
+        deleted, model = await self._forget(msg.platform, target)
+        return [Outgoing(f"Done: as an admin of {target}, you had me delete {deleted} messages posted under its name; "
+                         f"they will never be used for training.{model}", ephemeral=True, private=True)]
+
+    async def _forget(self, platform: str, user_id: str) -> tuple[int, str]:
+        """Delete what `user_id` posted; (how many, what became of the model versions)."""
+        deleted = await self.store.messages.forget_user(platform, user_id)
+        if self.learning is None:
+            return deleted, ""
         try:
-            model = await learning.trust.forgot(msg.platform, msg.user_id)
+            return deleted, " " + await self.learning.trust.forgot(platform, user_id)
         except Exception:
             log.exception("/forget: updating the model versions failed")
-            model = ("I could not yet retire the model versions that learned from them; the admins can see "
-                     "this in the log, and the next run will not use your messages.")
-        return [Outgoing(f"Done: I deleted {deleted} of your messages; they will never be used for training. {model}",
-                         ephemeral=True, private=True)]
+            return deleted, (" I could not yet retire the model versions that learned from them; the admins can see "
+                             "this in the log, and the next run will not use those messages.")
 
     async def command_persona(self, args: list[str], msg: Incoming) -> list[Outgoing]:
         """/persona shows the chat's persona, /persona <text> sets it, /persona reset clears it.

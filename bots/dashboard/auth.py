@@ -7,6 +7,8 @@
   token (hidden form field or X-CSRF-Token header) and, when the browser sends one, an
   Origin (or Referer) of this very host. Bearer requests cannot be forged cross-site, so
   they need no CSRF token.
+- /metrics needs no token on a loopback address (a local Prometheus); listening beyond this
+  machine, it needs the bearer token like every page.
 - Failed logins are counted per client address: too many in a minute and the login form
   answers 429 for a while.
 """
@@ -75,15 +77,24 @@ def _digest(value: str) -> str:
 
 
 def safe_next(target: str | None) -> str:
-    """Only a path on this site (no //host, no scheme): no open redirect through ?next=."""
+    """Only a single-slash path on this site: no open redirect through ?next=. Browsers drop
+    tabs and newlines and read a backslash as a slash, so `/\t/evil.example` is `//evil.example`:
+    any control character, whitespace or backslash, a `//` start, a scheme or a host refuses it."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    if any(ord(c) < 0x21 or c == "\x7f" for c in target):
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
         return "/"
     return target
 
 
 class Auth:
-    def __init__(self, token: str):
+    def __init__(self, token: str, *, metrics_public: bool = True):
         self._token = token.encode()
+        # /metrics without the token only while the dashboard listens on loopback
+        self.public_paths = PUBLIC_PATHS if metrics_public else PUBLIC_PATHS - {"/metrics"}
         self._sessions: dict[str, Session] = {}          # keyed by the id's digest, never the id
         self._failures: dict[str, collections.deque] = {}
 
@@ -171,7 +182,7 @@ class Auth:
         return gate
 
     async def _check(self, request: web.Request, handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS:
+        if request.path in self.public_paths:
             return await handler(request)
         bearer = self.bearer(request)
         if bearer is False:

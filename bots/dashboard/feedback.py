@@ -6,7 +6,7 @@ import time
 
 from bots.dashboard.pages import e
 from bots.durations import duration
-from bots.feedback import table_rows
+from bots.feedback import rate_text, table_rows
 from storage.feedback import Feedback, summarize
 
 DAY_S = 86400
@@ -41,8 +41,8 @@ def canary_html(s: dict | None, last: tuple[float, str] | None) -> str:
 
 def table_html(rows: list[dict]) -> str:
     cells = "".join(
-        f"<tr><td>{e(r['version'])}</td><td>{r['replies']}</td><td>{r['rated']}</td><td>{e(r['positive_rate'])}</td>"
-        f"<td>{e(r['negative_rate'])}</td><td>{r['reactions']}</td><td>{e(r['continuation_rate'])}</td></tr>"
+        f"<tr><td>{e(r['version'])}</td><td>{r['replies']}</td><td>{r['rated']}</td><td>{e(rate_text(r, 'positive'))}</td>"
+        f"<td>{e(rate_text(r, 'negative'))}</td><td>{r['reactions']}</td><td>{e(rate_text(r, 'continuation'))}</td></tr>"
         for r in rows) or '<tr><td colspan="7">No rated replies yet.</td></tr>'
     return ("<h2>Feedback by version (last 30 days)</h2><table class=\"feedback\"><thead><tr><th>Version</th>"
             "<th>Replies</th><th>Rated</th><th>Positive (95% CI)</th><th>Negative (95% CI)</th><th>Reactions</th>"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 
-from bots.durations import duration as format_duration
+from bots.durations import duration as format_duration, plural
 
 NAV = (("/", "Overview"), ("/versions", "Versions"), ("/training", "Training"), ("/chats", "Chats"))
 
@@ -84,7 +84,8 @@ def overview_display(ov) -> dict[str, str]:
         "messages_per_min": f"{ov.messages_per_min:.1f}", "replies_per_min": f"{ov.replies_per_min:.1f}",
         "latency": f"{seconds(ov.latency_p50_s)} / {seconds(ov.latency_p95_s)}",
         "queue": f"{dash(ov.queue_length)} / {dash(ov.batch_size)}", "version": ov.version, "backend": ov.backend,
-        "stored": f"{ov.chats} chats, {ov.users} users, {ov.messages} messages", "running": running,
+        "stored": f"{plural(ov.chats, 'chat')}, {plural(ov.users, 'user')}, {plural(ov.messages, 'message')}",
+        "running": running,
         "learning": "on" if ov.learning else "off ([learning] enabled = false)",
         "workers": workers_text(ov.workers),
     }
@@ -124,7 +125,7 @@ def _metrics_cell(m: dict) -> str:
         parts.append(f"base {number(before)} → {number(m['base_loss'])}" if before is not None
                      else f"base {number(m['base_loss'])}")
     if m.get("held_out_dialogues") is not None:
-        parts.append(f"{m['held_out_dialogues']} held-out dialogues")
+        parts.append(plural(m['held_out_dialogues'], "held-out dialogue"))
     return e("; ".join(parts)) if parts else "not measured"
 
 

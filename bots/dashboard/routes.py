@@ -38,6 +38,7 @@ class DashboardState:
     platforms: dict = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     chart: tuple[float, bytes] | None = None
+    stored: metrics.StoredReplies = field(default_factory=metrics.StoredReplies)   # /metrics' tally
 
 
 STATE = web.AppKey("mynah_dashboard", DashboardState)
@@ -254,7 +255,7 @@ async def chats(request: web.Request) -> web.Response:
 
 async def prometheus(request: web.Request) -> web.Response:
     state = state_of(request)
-    snap = await metrics.snapshot(state.app, state.platforms, state.started_at)
+    snap = await metrics.snapshot(state.app, state.platforms, state.started_at, state.stored)
     from prometheus_client import CONTENT_TYPE_LATEST
 
     return web.Response(body=metrics.render(snap), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from bots.durations import duration
+from bots.durations import duration, plural
 from bots.learning.decide import Decision
 from engine.registry import Version
 
@@ -115,12 +115,12 @@ def describe_version(v: Version, active: str | None, replies: int | None = None)
         nums = f"; held-out {m['held_out_loss_before']:.4f} → {m['held_out_loss']:.4f}"
         if m.get("base_loss") is not None:
             nums += f", base {m['base_loss_before']:.4f} → {m['base_loss']:.4f}"
-    used = f"; {replies} replies" if replies else ""
+    used = f"; {plural(replies, 'reply')}" if replies else ""
     return f"{mark} {v.name}  {when}  {what}{nums}{used}"
 
 
 def describe_run(r: dict) -> str:
-    """One training_runs row (as Conversations.training_runs returns it) on one line."""
+    """One training_runs row (as storage.runs.Runs.training_runs returns it) on one line."""
     dur = duration(r["duration_s"]) if r.get("duration_s") is not None else "running"
     what = r.get("decision") or r["status"]
     if r["status"] in (RunStatus.FAILED, RunStatus.INTERRUPTED) and r.get("error"):
@@ -146,7 +146,8 @@ def models_text(versions: list[Version], active: str | None, replies: dict[str, 
     for v in reversed(versions[-limit:]):
         line = describe_version(v, active, replies.get(v.name))
         if v.name in lineage:
-            line += f"; trained on {lineage[v.name]['messages']} messages of {lineage[v.name]['users']} users"
+            line += (f"; trained on {plural(lineage[v.name]['messages'], 'message')} of "
+                     f"{plural(lineage[v.name]['users'], 'user')}")
         if v.awaiting_approval:
             line += f"; awaiting approval (/promote {v.name})"
         lines.append(line + (f"; TAINTED: {tainted[v.name]}" if v.name in tainted else ""))
@@ -232,7 +233,8 @@ async def status_lines(config, registry, serving: str | None, runs, schedule, tr
         lines += active_lines(active, serving)
     lines.append(learning_line(config))
     new, _ = await runs.new_messages()
-    lines.append(f"New since the active version: {new} user messages (a scheduled run needs {lc.min_new_messages})")
+    lines.append(f"New since the active version: {plural(new, 'user message')} "
+                 f"(a scheduled run needs {lc.min_new_messages})")
     lines.append(next_run_line(schedule.next_run_time(), lc.schedule))
     if trust.forgets_waiting:
         lines.append(f"A rebuild after /forget is queued ({trust.forgets_waiting} forget(s) waiting)")

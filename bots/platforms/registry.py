@@ -28,6 +28,10 @@ class PlatformSpec:
     admin_ids: Callable[[Any], Iterable] | None = None
     can_answer_privately: bool = False  # it can message the asker privately (from a group)
     optional_commands: frozenset[str] = field(default_factory=frozenset)   # e.g. a "Start" button's /start
+    # `/forget <chat>` works here: the adapter checks that the sender administers the named
+    # chat (a channel whose posts are stored under its id) and says so in sender_is_chat_admin.
+    forgets_for_chats: bool = False
+    rate_limited: bool = True           # its users are rate-limited (not the console's operator)
     order: int = 100                    # `mynah run` starts platforms in this order (quick starters first)
     # Other secrets its adapter takes from the environment: variable -> the adapter's keyword argument.
     environ_kwargs: dict[str, str] = field(default_factory=dict)
@@ -75,6 +79,16 @@ def platform(name: str) -> PlatformSpec | None:
 def admin_ids(config) -> dict[str, frozenset[str] | None]:
     """{platform: its admins' ids (None: everyone there)} for every registered platform."""
     return {name: spec.admins(config) for name, spec in discover().items()}
+
+
+def forgetting_for_chats() -> frozenset[str]:
+    """The platforms whose adapters check `/forget <chat>` (see PlatformSpec.forgets_for_chats)."""
+    return frozenset(name for name, spec in discover().items() if spec.forgets_for_chats)
+
+
+def unlimited_platforms() -> frozenset[str]:
+    """The platforms whose users are never rate-limited."""
+    return frozenset(name for name, spec in discover().items() if not spec.rate_limited)
 
 
 def served() -> dict[str, PlatformSpec]:

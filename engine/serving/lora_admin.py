@@ -26,6 +26,8 @@ import logging
 import os
 from pathlib import Path, PurePosixPath
 
+from engine.serving.urls import public_url, redact, split_credentials
+
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "MYNAH_ENGINE_API_KEY"
@@ -80,12 +82,13 @@ class LoraAdmin:
     async def _call(self, method: str, route: str, body: dict | None = None):
         import httpx
 
+        url, credentials = split_credentials(self.base_url)   # httpx logs the URL of every request
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, headers=self._headers()) as client:
-                return await client.request(method, f"{self.base_url}/{route}", json=body)
-        except httpx.HTTPError as exc:
-            raise LoraAdminError(f"the backend at {self.base_url} could not be reached: "
-                                 f"{type(exc).__name__}: {exc}") from None
+            async with httpx.AsyncClient(timeout=self.timeout, headers=self._headers(), auth=credentials) as client:
+                return await client.request(method, f"{url}/{route}", json=body)
+        except httpx.HTTPError as exc:   # never the password of a user:password@ base_url
+            raise LoraAdminError(redact(f"the backend at {public_url(self.base_url)} could not be reached: "
+                                        f"{type(exc).__name__}: {exc}", self.base_url)) from None
 
     async def load(self, name: str, path: str) -> str:
         """Load the adapter at `path` (as the backend sees it) under `name`. An adapter already
@@ -123,4 +126,5 @@ class LoraAdmin:
             return NOT_ENABLED
         if status in (401, 403):
             return f"the backend refused to {what}: HTTP {status} (check {API_KEY_ENV})"
-        return f"the backend could not {what}: HTTP {status} {kind}: {message}".replace(" : ", ": ")
+        text = f"the backend could not {what}: HTTP {status} {kind}: {message}".replace(" : ", ": ")
+        return redact(text, self.base_url)   # a server may echo the URL it was asked on

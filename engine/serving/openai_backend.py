@@ -23,6 +23,13 @@ dead backend from collecting every chat's retries; it lets a probe through after
 cooldown, so the bot recovers by itself. A stream that fails after text was shown is not
 retried (the user has seen part of it): it raises EngineUnavailable too.
 
+A misbehaving server cannot hold a reply or the bot: every reply is bounded in tokens
+(max_new_tokens streamed pieces, whatever the server does with max_tokens), characters
+(`max_reply_chars`) and time (`timeout_s` for the whole request, streaming included); a
+reply cut by a bound keeps what arrived. `stop()` waits `stop_grace_s` for requests in
+flight, then aborts them (EngineStopped), so it always returns. Error texts never carry
+the credentials of a user:password@ base_url (urls.py).
+
 The API key comes from the caller (bots/app.py reads MYNAH_ENGINE_API_KEY); it is never
 logged, and it is not part of any message this module writes.
 """
@@ -33,24 +40,15 @@ import collections
 import logging
 import time
 from typing import Sequence
-from urllib.parse import urlsplit, urlunsplit
 
-from engine.dialogue import DialogueFormat
+from engine.dialogue import DialogueFormat, defang_markup
 from engine.serving.breaker import CircuitBreaker, backoff_delays
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, EngineUnavailable, Reply,
                                      ReplyEngine, ReplyStream, SamplingParams, Route)
+from engine.serving.urls import public_url, redact, split_credentials
 from engine.types import Turn, percentile
 
 log = logging.getLogger(__name__)
-
-
-def public_url(url: str) -> str:
-    """The URL without user:password@ (safe for logs and /status)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -80,7 +78,7 @@ class OpenAIEngine(ReplyEngine):
                  fmt: DialogueFormat | None = None, api_key: str | None = None, max_context_tokens: int = 256,
                  fallback_reply: str = FALLBACK_REPLY, timeout_s: float = 60.0, retries: int = 2,
                  backoff_s: float = 0.5, breaker: CircuitBreaker | None = None, max_in_flight: int = 256,
-                 extra_sampling: bool = True):
+                 extra_sampling: bool = True, max_reply_chars: int = 4096, stop_grace_s: float = 5.0):
         self.defaults = defaults or SamplingParams()
         self.base_url = base_url.rstrip("/")
         self.model_name = model
@@ -93,6 +91,9 @@ class OpenAIEngine(ReplyEngine):
         self.breaker = breaker or CircuitBreaker()
         self.max_in_flight = max_in_flight
         self.extra_sampling = extra_sampling
+        self.max_reply_chars = max_reply_chars
+        self.stop_grace_s = stop_grace_s
+        self._abort = asyncio.Event()        # set by stop(): requests still in flight give up
         self._api_key = api_key or "EMPTY"   # vLLM without --api-key accepts any value
         self._client = None
         self._running = False
@@ -129,19 +130,30 @@ class OpenAIEngine(ReplyEngine):
     def start(self) -> None:
         if self._running:
             return
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
+        # user:password@ in base_url travels as Basic auth (as httpx would send it), never in a logged URL
+        url, credentials = split_credentials(self.base_url)
+        http = DefaultAsyncHttpxClient(auth=credentials) if credentials else None
         # max_retries=0: retries and back-off are ours, so the circuit breaker sees every failure
-        self._client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, max_retries=0,
-                                   timeout=self.timeout_s)
+        self._client = AsyncOpenAI(base_url=url, api_key=self._api_key, max_retries=0, timeout=self.timeout_s,
+                                   http_client=http)
         self._running = True
+        self._abort = asyncio.Event()
         log.info("engine: OpenAI-compatible backend %s, model %s, %s", public_url(self.base_url), self.model_name,
                  "chat completions" if self.fmt is None else f"text completions in the {self.fmt.name} format")
 
     async def stop(self) -> None:
+        """Let requests in flight finish for stop_grace_s, then abort them: always returns."""
         self._running = False
         if self._in_flight:
-            await self._idle.wait()
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.stop_grace_s)
+            except asyncio.TimeoutError:
+                log.warning("engine: %d backend request(s) still running after %.0f s; aborting them",
+                            self._in_flight, self.stop_grace_s)
+                self._abort.set()
+                await self._idle.wait()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -158,7 +170,8 @@ class OpenAIEngine(ReplyEngine):
         try:
             page = await self._client.models.list()
         except Exception as exc:
-            raise EngineUnavailable(f"{public_url(self.base_url)} did not list its models: {_why(exc)}") from None
+            raise EngineUnavailable(f"{public_url(self.base_url)} did not list its models: "
+                                    f"{redact(_why(exc), self.base_url)}") from None
         return [m.id for m in page.data]
 
     # ---- ReplyEngine --------------------------------------------------------------------
@@ -213,15 +226,18 @@ class OpenAIEngine(ReplyEngine):
             shown = [False]
             started = time.monotonic()
             try:
-                result = await self._send(request, stream, shown)
+                result = await self._bounded(request, stream, shown)
+            except EngineStopped:
+                raise
             except Exception as exc:
+                why = redact(_why(exc), self.base_url)
                 if not _retryable(exc):
                     self.breaker.success()   # the server answered: it is up, the request was wrong
-                    raise RuntimeError(f"the backend refused the request: {_why(exc)}") from None
+                    raise RuntimeError(f"the backend refused the request: {why}") from None
                 self.breaker.failure()
                 if shown[0] or attempt == self.retries:
-                    raise EngineUnavailable(f"the backend failed: {_why(exc)}") from None
-                log.warning("engine: backend request failed (%s); retry %d/%d in %.1f s", _why(exc), attempt + 1,
+                    raise EngineUnavailable(f"the backend failed: {why}") from None
+                log.warning("engine: backend request failed (%s); retry %d/%d in %.1f s", why, attempt + 1,
                             self.retries, delays[attempt])
                 await asyncio.sleep(delays[attempt])
                 continue
@@ -230,29 +246,65 @@ class OpenAIEngine(ReplyEngine):
             return result
         raise AssertionError("unreachable")
 
-    async def _send(self, request: dict, stream: ReplyStream | None, shown: list[bool]) -> tuple[str, int]:
-        """One HTTP request: (text, tokens); with a stream, the deltas are pushed as they arrive."""
+    async def _bounded(self, request: dict, stream: ReplyStream | None, shown: list[bool]) -> tuple[str, int]:
+        """_send within the deadline and until stop() aborts: a reply cut by the deadline after
+        text was shown keeps that text; before, the timeout is retried like any other."""
+        pieces: list[str] = []
+        work = asyncio.ensure_future(self._send(request, stream, shown, pieces))
+        aborted = asyncio.ensure_future(self._abort.wait())
+        try:
+            await asyncio.wait({work, aborted}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, aborted):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(work, aborted, return_exceptions=True)
+        if not work.cancelled():
+            return work.result()
+        if self._abort.is_set():
+            raise EngineStopped("the engine stopped while the backend was still answering")
+        if not pieces:
+            raise asyncio.TimeoutError(f"no reply within {self.timeout_s:g} s")
+        log.warning("engine: the backend's reply was cut at the %g s deadline", self.timeout_s)
+        return "".join(pieces), len(pieces)
+
+    async def _send(self, request: dict, stream: ReplyStream | None, shown: list[bool],
+                    pieces: list[str]) -> tuple[str, int]:
+        """One HTTP request: (text, tokens); with a stream, the deltas are pushed as they arrive
+        (into `pieces` too) until the reply ends or reaches max_tokens pieces or max_reply_chars."""
         api = self._client.chat.completions if self.fmt is None else self._client.completions
         if stream is None:
             response = await api.create(**request)
             self._served_by = response.model or self._served_by
             tokens = (response.usage.completion_tokens or 0) if response.usage is not None else 0
             choice = response.choices[0]
-            return ((choice.message.content or "") if self.fmt is None else (choice.text or "")), tokens
-        pieces: list[str] = []
+            text = (choice.message.content or "") if self.fmt is None else (choice.text or "")
+            if len(text) > self.max_reply_chars:
+                log.warning("engine: the backend's reply had %d characters; cut at %d", len(text), self.max_reply_chars)
+            return text[:self.max_reply_chars], min(tokens, request["max_tokens"])
+        chars, max_tokens = 0, request["max_tokens"]
         chunks = await api.create(**request, stream=True)
-        async for chunk in chunks:
-            self._served_by = chunk.model or self._served_by
-            if not chunk.choices:
-                continue
-            choice = chunk.choices[0]
-            delta = (choice.delta.content or "") if self.fmt is None else (choice.text or "")
-            if delta:
+        try:
+            async for chunk in chunks:
+                self._served_by = chunk.model or self._served_by
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                delta = (choice.delta.content or "") if self.fmt is None else (choice.text or "")
                 if not pieces:
                     delta = delta.lstrip()
-                pieces.append(delta)
-                shown[0] = True
-                stream.push(delta)
+                delta = delta[:self.max_reply_chars - chars]
+                if delta:
+                    pieces.append(delta)
+                    chars += len(delta)
+                    shown[0] = True
+                    stream.push(delta)
+                if len(pieces) >= max_tokens or chars >= self.max_reply_chars:
+                    log.warning("engine: the backend's stream passed %d pieces or %d characters; cut there",
+                                max_tokens, self.max_reply_chars)
+                    break
+        finally:
+            await chunks.close()   # a stream left early (a bound, a deadline) closes its connection
         return "".join(pieces), len(pieces)   # one chunk per token on vLLM
 
     # ---- what is sent ---------------------------------------------------------------------
@@ -266,17 +318,33 @@ class OpenAIEngine(ReplyEngine):
             body["extra_body"] = {"top_k": params.top_k if params.top_k > 0 else -1,
                                   "repetition_penalty": params.repetition_penalty,
                                   "min_tokens": params.min_new_tokens}
-        if self.fmt is None:
-            messages = [{"role": "system", "content": system}] if system else []
-            messages += [{"role": "assistant" if role == "bot" else "user", "content": text} for role, text in turns]
+        if self.fmt is None:   # the server renders its chat template: no text may spell a control token
+            messages = [{"role": "system", "content": defang_markup(system)}] if system else []
+            messages += [{"role": "assistant" if role == "bot" else "user", "content": defang_markup(text)}
+                         for role, text in turns]
             body["messages"] = messages
         else:
             body["prompt"], body["stop"] = self.prompt(turns, params)
         return body
 
     def prompt(self, turns: Sequence[Turn], params: SamplingParams) -> tuple[str, list[str]]:
-        """Mynah's dialogue format as text, and the turn separator as the stop sequence."""
-        tokenizer = self.fmt.tokenizer
-        ids = self.fmt.context_ids(list(turns), max(8, self.max_context_tokens))
-        separator = tokenizer.convert_ids_to_tokens(self.fmt.turn_end_id)
-        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), [separator]
+        """Mynah's dialogue format as text, and the turn separator as the stop sequence.
+
+        The server tokenizes this text, so the safe ids of a typed `<|endoftext|>` would turn
+        back into the control token: each turn is decoded alone and defanged, and only Mynah
+        writes the separators."""
+        tokenizer, fmt = self.fmt.tokenizer, self.fmt
+        specials = tokenizer.all_special_tokens
+        ids = fmt.context_ids([(role, defang_markup(text, specials)) for role, text in turns],
+                              max(8, self.max_context_tokens))
+        separator = tokenizer.convert_ids_to_tokens(fmt.turn_end_id)
+        if fmt.name == "chat_template":   # the template wrote the control tokens; the texts are defanged
+            return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), [separator]
+        head = tokenizer.decode(fmt.start_ids, skip_special_tokens=False) if fmt.start_ids else ""
+        body, pieces = ids[len(fmt.start_ids):], []
+        while body:
+            end = body.index(fmt.turn_end_id) if fmt.turn_end_id in body else len(body)
+            text = tokenizer.decode(body[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            pieces.append(defang_markup(text, specials) + separator)
+            body = body[end + 1:]
+        return head + "".join(pieces), [separator]

@@ -9,7 +9,9 @@ Tests steer it: `replies` (texts to answer, in turn; then `default_reply`), `dow
 request fails: "refuse" closes the connection, or an HTTP status like 503), `fail_next`
 (the next n requests fail with a status), and `hold_after` + `release()` (a stream pauses
 after that many tokens until the test releases it, so "shown before the stream ended"
-needs no timing). `requests` records every JSON body received.
+needs no timing). A misbehaving server: `ignore_max_tokens` sends the whole reply whatever
+max_tokens says, `endless` streams the reply's words over and over until the client hangs up.
+`requests` records every JSON body received.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ class FakeOpenAI:
         self.hold_after: int | None = None         # streams pause after this many tokens until release()
         self._release = asyncio.Event()
         self.token_delay_s = 0.0                   # between streamed tokens
+        self.ignore_max_tokens = False             # a misbehaving server: the whole reply, whatever max_tokens says
+        self.endless = False                       # a misbehaving server: a stream that never ends
+        self.streams_closed = 0                    # streams the client hung up on
         self.requests: list[dict] = []             # JSON bodies of completion requests, in order
         self.paths: list[str] = []
         self.held = asyncio.Event()                # set once a stream is paused at hold_after
@@ -122,7 +127,9 @@ class FakeOpenAI:
                                                      "does not define one."), status=400)
         text = self.replies.popleft() if self.replies else self.default_reply
         tokens = text.split(" ")
-        tokens = [t if i == 0 else " " + t for i, t in enumerate(tokens)][: int(body.get("max_tokens") or 10**6)]
+        tokens = [t if i == 0 else " " + t for i, t in enumerate(tokens)]
+        if not (self.ignore_max_tokens or self.endless):
+            tokens = tokens[: int(body.get("max_tokens") or 10**6)]
         if body.get("stream"):
             return await self._stream(request, tokens, chat)
         content = "".join(tokens)
@@ -145,16 +152,31 @@ class FakeOpenAI:
 
         if chat:
             await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        if self.endless:
+            tokens = _forever(tokens)
+        try:
+            await self._send_tokens(send, tokens, chat)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.streams_closed += 1
+            raise
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _send_tokens(self, send, tokens, chat: bool) -> None:
         for i, token in enumerate(tokens):
             if self.hold_after is not None and i == self.hold_after:
                 self.held.set()
                 await self._release.wait()
-            elif self.token_delay_s:
+            elif self.token_delay_s or self.endless:   # an endless stream still lets the loop run
                 await asyncio.sleep(self.token_delay_s)
             await send({"index": 0, "delta": {"content": token}, "finish_reason": None} if chat
                        else {"index": 0, "text": token, "finish_reason": None, "logprobs": None})
         await send({"index": 0, "delta": {}, "finish_reason": "stop"} if chat
                    else {"index": 0, "text": "", "finish_reason": "stop", "logprobs": None})
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+
+
+def _forever(tokens: list[str]):
+    while True:
+        for token in tokens:
+            yield token if token.startswith(" ") else " " + token

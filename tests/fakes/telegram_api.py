@@ -198,6 +198,14 @@ class FakeTelegram:
             member["is_anonymous"] = False
         return member
 
+    async def _api_getChat(self, params):
+        """A chat the fake has seen (or a test put in `chats`), by id or "@username"."""
+        key = str(params["chat_id"])
+        for chat in self.chats.values():
+            if str(chat["id"]) == key or (chat.get("username") and "@" + chat["username"] == key):
+                return {**chat, "accent_color_id": 0, "max_reaction_count": 11}
+        raise _ApiError(400, "Bad Request: chat not found")
+
     async def _api_getUpdates(self, params):
         offset = int(params.get("offset") or 0)
         timeout = float(params.get("timeout") or 0)

@@ -1,7 +1,8 @@
 """Console chat (GPT2-chitchat's interact.py, with memory).
 
 Interactive on a terminal; when stdin is a pipe it prints exactly one reply line per input
-line, so it can be scripted. History lives in SQLite under platform "console", so a
+line, so it can be scripted (and piped replies give no implicit feedback: the next line is
+the script's, not a reaction). History lives in SQLite under platform "console", so a
 restarted chat remembers.
 """
 from __future__ import annotations
@@ -98,8 +99,14 @@ class ConsolePlatform(Platform):
             return
         for out in outgoing:
             await self.chat.delivered(out, None)
+        await self._not_feedback(outgoing)
         texts = [out.text for out in outgoing] or ["(nothing to answer)"]
         print(_one_line(" ".join(texts)), file=self.stdout, flush=True)
+
+    async def _not_feedback(self, outgoing: list[Outgoing]) -> None:
+        """A pipe's next line is the script's, not a reaction to the reply: keep piped replies
+        out of implicit feedback (a scripted "what?" is not a complaint)."""
+        await self.chat.store.feedback.mark_scripted(out.stored_id for out in outgoing)
 
     async def send(self, target, out: Outgoing, **options) -> list[str]:
         return await self.delivery.send(ConsoleSender(self.stdout), out)

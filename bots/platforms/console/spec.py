@@ -6,5 +6,6 @@ SPEC = register_platform(PlatformSpec(
     name="console",
     adapter="bots.platforms.console:ConsolePlatform",
     admin_ids=None,
+    rate_limited=False,                  # one operator, who may pipe a whole script in
     optional_commands=frozenset({"start"}),
 ))

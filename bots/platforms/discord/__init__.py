@@ -1,0 +1,1 @@
+"""The Discord adapter (adapter.py and its parts; spec.py registers it)."""

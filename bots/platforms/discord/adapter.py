@@ -23,8 +23,13 @@ import asyncio
 import logging
 
 import aiohttp
-import discord
-from discord.ext import commands
+
+from bots.platforms.discord.quiet import silence_voice_warnings
+
+silence_voice_warnings()   # before discord.py's voice module warns
+
+import discord  # noqa: E402
+from discord.ext import commands  # noqa: E402
 
 from bots.chat.events import Outgoing, PlatformStartError
 from bots.platforms.base import Platform

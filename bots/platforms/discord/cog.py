@@ -9,12 +9,12 @@ thread, whose own id is the thread_id, so a thread keeps its own context).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import re
 from collections.abc import Callable
 
 import discord
+from cachetools import LRUCache
 from discord.ext import commands
 
 from bots.chat.commands import BY_NAME
@@ -113,15 +113,13 @@ class ChatCog(commands.Cog, name="Mynah"):
         self.defer_after = defer_after        # slash commands slower than this are deferred
         self.delivery = Delivery(chat, stream_edit_seconds=stream_edit_seconds)   # None: replies are sent whole
         self._inflight: set[asyncio.Task] = set()
-        self._claimed: collections.OrderedDict[int, None] = collections.OrderedDict()   # message ids taken
+        self._claimed: LRUCache[int, None] = LRUCache(CLAIMED_MAX)   # message ids taken
 
     def claim(self, message_id: int) -> bool:
         """True the first time a message id is seen: live delivery and catch-up may overlap."""
         if message_id in self._claimed:
             return False
         self._claimed[message_id] = None
-        while len(self._claimed) > CLAIMED_MAX:
-            self._claimed.popitem(last=False)
         return True
 
     # ---- messages ---------------------------------------------------------------------

@@ -25,9 +25,9 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import time
 from urllib.parse import urlsplit
 
+from cachetools import LRUCache
 from telegram import BotCommand, BotCommandScopeChat, Update
 from telegram.error import Conflict, InvalidToken, TelegramError
 from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, CommandHandler, ContextTypes,
@@ -36,9 +36,10 @@ from telegram.request import HTTPXRequest
 
 from bots.chat.commands import commands_for, parse_command
 from bots.chat.delivery import Delivery
-from bots.chat.events import GROUP_ADMIN_COMMANDS, Incoming, Outgoing, PlatformStartError
+from bots.chat.events import Incoming, Outgoing, PlatformStartError
 from bots.platforms.base import Platform
 from bots.platforms.redaction import redact, register_token
+from bots.platforms.telegram.admins import ChatAdmins
 from bots.platforms.telegram.delivery import AckGatedBot, DeliveryTracker, TrackingUpdateProcessor
 from bots.platforms.telegram.incoming import PLATFORM, to_incoming
 from bots.platforms.telegram.sender import (NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT, TEXT_LIMIT,  # noqa: F401 (tests)
@@ -53,6 +54,7 @@ OFFICIAL_API = "https://api.telegram.org"
 ALLOWED_UPDATES = [Update.MESSAGE, *reactions.UPDATES]   # + feedback; edits, channel posts etc. are not ours
 TOKEN_LABEL = "<TELEGRAM_BOT_TOKEN>"
 CHAT_ADMIN_TTL_S = 60.0                            # how long a getChatMember answer is trusted
+CHATS_REMEMBERED = 10_000                          # per-chat entries kept (least recently used go first)
 
 
 # ---- the adapter --------------------------------------------------------------------------
@@ -94,8 +96,9 @@ class TelegramAdapter(Platform):
         self.api_root, self._api_url, self._file_url = api_urls(self.config.base_url)
         self.application: Application | None = None
         self._requests: tuple[HTTPXRequest, ...] = ()
-        self._newest: dict[tuple[str, str], int] = {}   # (chat, topic) -> newest message id seen
-        self._chat_admins: dict[tuple[str, str], tuple[bool, float]] = {}   # getChatMember answers, timed
+        # Per-chat memory, bounded so that a bot in 100,000 chats holds only the recent ones.
+        self._newest: LRUCache[tuple[str, str], int] = LRUCache(CHATS_REMEMBERED)   # (chat, topic) -> newest id
+        self.chat_admins = ChatAdmins(lambda: self.application.bot, size=CHATS_REMEMBERED, ttl_s=CHAT_ADMIN_TTL_S)
         self.errors: collections.deque[BaseException] = collections.deque(maxlen=100)  # latest handler errors
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -268,7 +271,7 @@ class TelegramAdapter(Platform):
             return
         key = (incoming.chat_id, incoming.thread_id)
         self._newest[key] = max(self._newest.get(key, 0), message.message_id)
-        await self._mark_chat_admin(incoming)
+        await self.chat_admins.mark(incoming)
         await self.delivery.reply(incoming, self._sender_for(incoming),
                                   on_logged=lambda: self.tracker.stored(update.update_id))
 
@@ -279,24 +282,6 @@ class TelegramAdapter(Platform):
         newer = (lambda reply_to: self._newest.get(key) != int(reply_to)) if msg.is_private else None
         return TelegramSender(self, int(msg.chat_id), thread_id=int(msg.thread_id) if msg.thread_id else None,
                               user_id=int(msg.user_id), quote_private=newer)
-
-    async def _mark_chat_admin(self, msg: Incoming) -> None:
-        """For a group command that changes the group's settings: is the sender its creator or an
-        administrator (getChatMember, cached for a minute)? A failed lookup counts as no."""
-        parsed = parse_command((msg.text or "").strip())
-        if msg.is_private or parsed is None or parsed[0] not in GROUP_ADMIN_COMMANDS:
-            return
-        key, now = (msg.chat_id, msg.user_id), time.monotonic()
-        cached = self._chat_admins.get(key)
-        if cached is None or now - cached[1] > CHAT_ADMIN_TTL_S:
-            try:
-                member = await self.application.bot.get_chat_member(int(msg.chat_id), int(msg.user_id))
-                cached = (member.status in ("creator", "administrator"), now)
-            except (TelegramError, ValueError) as exc:
-                log.warning("getChatMember failed for a group command: %s", exc)
-                cached = (False, now)
-            self._chat_admins[key] = cached
-        msg.sender_is_chat_admin = cached[0]
 
     # ---- outgoing -------------------------------------------------------------------
     async def send(self, chat_id: int | str, out: Outgoing, *, thread_id: int | None = None,

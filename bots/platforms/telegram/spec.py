@@ -10,6 +10,7 @@ SPEC = register_platform(PlatformSpec(
     admin_ids=lambda config: config.admins.telegram,
     can_answer_privately=True,           # a user who pressed Start can be messaged privately
     optional_commands=frozenset({"start"}),   # Telegram's "Start" button
+    forgets_for_chats=True,              # /forget @channel: its admins, checked with getChatMember
     order=10,                            # up in a second (getMe); Discord waits for its gateway first
     environ_kwargs={"TELEGRAM_WEBHOOK_SECRET": "webhook_secret"},   # the same on every worker of a webhook
 ))
