@@ -138,12 +138,12 @@ async def open_remote_learning(config: Config, store: Store, engine):
 
 
 async def open_configured_store(config: Config) -> Store:
-    """The database at [storage] path; a StorageError names that key, so the operator knows
-    which setting to fix (the command prints it as one line)."""
+    """The database at [storage] url (PostgreSQL) or path (SQLite); a StorageError names that
+    key, so the operator knows which setting to fix (the command prints it as one line)."""
     try:
-        return await open_store(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
+        return await open_store(config.storage)
     except StorageError as exc:
-        raise StorageError(f"[storage] path: {exc}") from None
+        raise StorageError(f"[storage] {'url' if config.storage.url else 'path'}: {exc}") from None
 
 
 class Mynah:
@@ -157,6 +157,20 @@ class Mynah:
         self.chat = chat
         self.learning = learning  # bots.learning.loop.Learning, or None when [learning] enabled = false
         self.feedback = FeedbackRecorder(config.feedback, store.feedback)  # reactions from the adapters
+        self.cluster = None       # bots.cluster.Presence with a shared (PostgreSQL) database, else None
+
+    async def _join(self) -> "Mynah":
+        """With PostgreSQL: take a seat among the workers (heartbeat, takeovers, one learner)."""
+        from bots.cluster import open_presence, share_learning
+
+        self.cluster = await open_presence(self.config, self.db, version=self.served_version)
+        self.chat.admin.cluster = self.cluster
+        if self.cluster is not None and self.learning is not None:
+            share_learning(self.cluster, self.learning)
+        return self
+
+    def served_version(self) -> str | None:
+        return getattr(self.engine, "version", None) or None
 
     @classmethod
     async def open(cls, config: Config, *, model_path: str | None = None) -> "Mynah":
@@ -189,7 +203,7 @@ class Mynah:
         chat = ChatService(config, replier, store, learning)
         if loaded.fmt.name == "chat_template":
             chat.admin.mmi_note = MMI_OFF_CHAT_TEMPLATE
-        return cls(config, store, engine, chat, learning)
+        return await cls(config, store, engine, chat, learning)._join()
 
     @classmethod
     async def open_remote(cls, config: Config) -> "Mynah":
@@ -219,7 +233,7 @@ class Mynah:
         except EngineUnavailable as exc:  # the bot still starts; replies apologise until the backend is up
             log.warning("engine: %s; starting anyway, replies will say so until it is back", exc)
         learning = await open_remote_learning(config, store, engine) if learn else None
-        return cls(config, store, engine, ChatService(config, engine, store, learning), learning)
+        return await cls(config, store, engine, ChatService(config, engine, store, learning), learning)._join()
 
     def attach(self, platform: Platform) -> None:
         """A platform has started: the learning loop may now deliver through it what nobody
@@ -233,6 +247,8 @@ class Mynah:
         if self.learning is not None:
             await self.learning.stop()
         await self.engine.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.store.close()
 
     async def __aenter__(self) -> "Mynah":

@@ -71,6 +71,9 @@ class EngineConfig:
 @dataclass
 class StorageConfig:
     path: str = "data/mynah.sqlite3"
+    url: str = ""                        # "postgresql://USER@HOST:PORT/DB": PostgreSQL instead of `path`
+    heartbeat_seconds: float = 5.0       # PostgreSQL: how often a worker says it is alive
+    worker_timeout_seconds: float = 20.0  # …and after how long a silent worker counts as dead
     busy_timeout_ms: int = 5000          # how long one write waits for another process's lock
     write_retry_first_s: float = 0.5     # then a message's write is retried after this, doubling…
     write_retry_max_s: float = 30.0      # …up to this, for as long as storage stays locked or full
@@ -225,7 +228,7 @@ _POSITIVE = {
     ("generation", "mmi_candidates"), ("engine", "timeout_seconds"), ("engine", "breaker_failures"),
     ("engine", "max_reply_chars"),
     ("chat", "stream_edit_seconds"), ("storage", "busy_timeout_ms"), ("storage", "write_retry_first_s"),
-    ("storage", "write_retry_max_s"),
+    ("storage", "write_retry_max_s"), ("storage", "heartbeat_seconds"), ("storage", "worker_timeout_seconds"),
 }
 
 
@@ -270,6 +273,25 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     return section
 
 
+def _check_storage_url(url: str) -> None:
+    """A PostgreSQL URL without a password: that comes from MYNAH_DATABASE_PASSWORD or libpq's
+    pgpass / service file, so config.toml (often in git, often world-readable) never holds it."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError as exc:
+        raise ConfigError(f"[storage] url is not a valid URL: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError('[storage] url must start with "postgresql://" (SQLite uses [storage] path)')
+    if parts.password is not None:
+        raise ConfigError("[storage] url must not contain a password: set MYNAH_DATABASE_PASSWORD in the "
+                          "environment or use a pgpass / service file")
+    if "password" in parts.query.lower():
+        raise ConfigError("[storage] url must not contain a password parameter: set MYNAH_DATABASE_PASSWORD")
+
+
 def _check_section(name: str, section: Any) -> None:
     if name == "generation":
         if not 0 < section.temperature <= 10:
@@ -306,6 +328,10 @@ def _check_section(name: str, section: Any) -> None:
         raise ConfigError(f"[discord] catch_up_minutes must be 0 (off) or more, got {section.catch_up_minutes}")
     if name == "storage" and section.write_retry_max_s < section.write_retry_first_s:
         raise ConfigError("[storage] write_retry_max_s must be at least write_retry_first_s")
+    if name == "storage" and section.url:
+        _check_storage_url(section.url)
+    if name == "storage" and section.worker_timeout_seconds < 2 * section.heartbeat_seconds:
+        raise ConfigError("[storage] worker_timeout_seconds must be at least twice heartbeat_seconds")
     if name == "dashboard":
         if not 0 <= section.port <= 65535:
             raise ConfigError(f"[dashboard] port must be between 1 and 65535 (0 = any free port), got {section.port}")

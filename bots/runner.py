@@ -25,8 +25,10 @@ from bots.platforms.registry import discover, served
 log = logging.getLogger(__name__)
 
 
-def make_adapter(platform: str, app: Mynah, token: str) -> Platform:
-    return discover()[platform].load_adapter()(app, token)
+def make_adapter(platform: str, app: Mynah, token: str, environ=os.environ) -> Platform:
+    spec = discover()[platform]
+    extra = {kw: environ[var].strip() for var, kw in spec.environ_kwargs.items() if environ.get(var, "").strip()}
+    return spec.load_adapter()(app, token, **extra)
 
 
 def configured_platforms(environ=os.environ) -> dict[str, str]:
@@ -80,7 +82,7 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
             log.warning("no platform configured (%s unset): serving the dashboard alone on %s",
                         " and ".join(spec.token_var for spec in served().values()), dashboard.url)
         for platform, token in platforms.items():
-            adapter = make_adapter(platform, app, token)
+            adapter = make_adapter(platform, app, token, environ)
             adapter.on_fatal = stop_for(platform)
             await adapter.start()
             started.append(adapter)

@@ -26,6 +26,8 @@ SUBCOMMANDS = [
     "scripts.restore",
     "scripts.export",
     "scripts.feedback",
+    "scripts.migrate",
+    "scripts.copy_storage",
 ]
 
 

@@ -89,12 +89,14 @@ def _write(records: list[dict], output: str) -> None:
 
 async def export(config, output: str = "-", *, with_ids: bool = False) -> int:
     """Write the export; returns how many dialogues were written."""
+    from storage import is_postgres, target_of
     from storage.db import StorageError
     from storage.store import open_store
 
-    if not Path(config.storage.path).is_file():
-        raise StorageError(f"no database at {config.storage.path}")
-    store = await open_store(config.storage.path)
+    target = target_of(config.storage)
+    if not is_postgres(target) and not Path(target).is_file():
+        raise StorageError(f"no database at {target}")
+    store = await open_store(config.storage)
     try:
         records = await export_records(store, config, with_ids=with_ids)
     finally:

@@ -40,8 +40,10 @@ def run(args) -> int:
     from bots.feedback import table_rows, table_text
 
     config = load_config(args.config)
-    path = config.storage.path
-    if path != ":memory:" and not Path(path).exists():
+    from storage import is_postgres, target_of
+
+    path = target_of(config.storage)
+    if not is_postgres(path) and path != ":memory:" and not Path(path).exists():
         print(f"mynah: no database at {path} yet: nothing has been said", file=sys.stderr)
         return 1
     rows = table_rows(asyncio.run(_summary(config, args.hours)))
@@ -54,10 +56,10 @@ def run(args) -> int:
 
 async def _summary(config, hours: float) -> dict:
     from bots.feedback import FeedbackRecorder
-    from storage.db import Database
+    from storage import open_database
     from storage.feedback import Feedback, summarize
 
-    db = await Database.open(config.storage.path)
+    db = await open_database(config.storage)
     try:
         recorder = FeedbackRecorder(config.feedback, Feedback(db))
         await recorder.derive()

@@ -20,12 +20,13 @@ def run(args) -> int:
     from bots.durations import plural
     from bots.learning.report import describe_run, describe_version
     from engine.registry import Registry
+    from storage import target_of
 
     config = load_config(args.config)
     registry = Registry(config.learning.registry)
     versions = registry.versions()
     active = registry.active_name()
-    runs, lineage, tainted = asyncio.run(_records(config.storage.path, args.runs))
+    runs, lineage, tainted = asyncio.run(_records(target_of(config.storage), args.runs))
     if args.json:
         print(json.dumps({"registry": str(registry.root), "active": active,
                           "versions": [{**v.to_json(), "model_path": v.model_path,
@@ -60,10 +61,12 @@ def run(args) -> int:
 
 async def _records(path: str, limit: int) -> tuple[list[dict], dict, dict]:
     """(the last `limit` runs, each version's lineage, the tainted versions) from the database."""
-    if path == ":memory:" or not Path(path).exists():
-        return [], {}, {}
+    from storage import is_postgres
     from storage.db import StorageError
     from storage.store import open_store
+
+    if not is_postgres(path) and (path == ":memory:" or not Path(path).exists()):
+        return [], {}, {}
 
     try:
         store = await open_store(path)

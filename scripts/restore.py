@@ -6,6 +6,7 @@ ledger was applied to the copy; the old database is kept as `<db>.pre-restore-<t
 """
 from __future__ import annotations
 
+import asyncio
 import sys
 
 NAME = "restore"
@@ -18,10 +19,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-keep", action="store_true", help="do not keep the replaced database")
 
 
+async def _restore_postgres(config, file: str):
+    """Every row replaced in one transaction; stop the workers first (they would write meanwhile)."""
+    from storage import open_database
+    from storage.copy import restore_from_file
+
+    db = await open_database(config.storage)
+    try:
+        return await restore_from_file(file, db)
+    finally:
+        await db.close()
+
+
 def run(args) -> int:
     from bots.config import load_config
     from bots.durations import plural
-    from storage.backup import BackupError, check_database, restore
+    from storage.backup import check_database, restore
+    from storage.db import StorageError
+    from storage import redact
 
     config = load_config(args.config)
     try:
@@ -29,8 +44,12 @@ def run(args) -> int:
             c = check_database(args.file)
             print(f"{args.file}: integrity ok, schema version {c.user_version}, {plural(c.messages, 'message')}")
             return 0
+        if config.storage.url:
+            check = asyncio.run(_restore_postgres(config, args.file))
+            print(f"restored {redact(config.storage.url)} from {args.file} ({plural(check.messages, "message")})")
+            return 0
         result = restore(args.file, config.storage.path, keep_old=not args.no_keep)
-    except BackupError as exc:
+    except StorageError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
         return 1
     kept = f"; the old one is kept as {result.kept}" if result.kept else ""

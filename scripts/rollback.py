@@ -23,6 +23,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from bots.config import load_config
     from engine.registry import Registry, RegistryError, parse_version
+    from storage import target_of
 
     config = load_config(args.config)
     registry = Registry(config.learning.registry)
@@ -55,7 +56,7 @@ def check_servable(config, version, *, load: bool = True) -> None:
     """RegistryError unless `version` may be served: not tainted by /forget, and it loads."""
     from engine.registry import RegistryError
 
-    if version.name in asyncio.run(tainted_versions(config.storage.path)):
+    if version.name in asyncio.run(tainted_versions(target_of(config.storage))):
         raise RegistryError(f"{version.name} was trained on forgotten data and can never be served")
     if load:
         from engine.model import ModelLoadError, load_model
@@ -68,12 +69,12 @@ def check_servable(config, version, *, load: bool = True) -> None:
 
 async def tainted_versions(path: str) -> dict[str, str]:
     """{version: why} of the versions /forget retired (none when there is no database yet)."""
-    if path == ":memory:" or not Path(path).exists():
-        return {}
-    from storage.db import Database
+    from storage import is_postgres, open_database
     from storage.trust import TrustStore
 
-    db = await Database.open(path)
+    if not is_postgres(path) and (path == ":memory:" or not Path(path).exists()):
+        return {}
+    db = await open_database(path)
     try:
         return await TrustStore(db).tainted()
     finally:

@@ -30,7 +30,7 @@ class Chats:
                 "INSERT INTO chats (platform, platform_chat_id, thread_id, type, title, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (platform, platform_chat_id, thread_id) "
-                "DO UPDATE SET title = COALESCE(excluded.title, title) RETURNING id",
+                "DO UPDATE SET title = COALESCE(excluded.title, chats.title) RETURNING id",
                 (*key, type, title, time.time()))
         return list(rows)[0][0]
 
@@ -45,7 +45,7 @@ class Chats:
             rows = await conn.execute_fetchall(
                 "INSERT INTO users (platform, platform_user_id, name, created_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (platform, platform_user_id) "
-                "DO UPDATE SET name = COALESCE(excluded.name, name) RETURNING id",
+                "DO UPDATE SET name = COALESCE(excluded.name, users.name) RETURNING id",
                 (*key, name, time.time()))
         return list(rows)[0][0]
 

@@ -20,6 +20,10 @@ class StorageError(Exception):
     """The database cannot be used: not a database, too new, or locked for too long."""
 
 
+class TransientStorageError(StorageError):
+    """The database is briefly out of reach (a lost connection, a server restart): retry the write."""
+
+
 # Each entry is one schema version; entry i moves user_version from i to i + 1.
 # Never edit an entry that has shipped: append a new one.
 MIGRATIONS: list[str] = [
@@ -213,6 +217,45 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX user_facts_user ON user_facts (user_id, updated_at);
     """,
+    # 8 (issue 24): several workers on one database.
+    # workers: each `mynah run` process and its heartbeat; update_claims: which worker handles
+    # a platform update (one row per update id: a second delivery finds it taken; `payload`
+    # lets a survivor re-handle what a dead worker left unfinished); leases: one holder at a
+    # time for a named job (the learner) until it expires; cluster_state: small shared facts
+    # (the registered webhook's fingerprint, the active model version).
+    """
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        version TEXT,
+        stopped_at REAL
+    );
+    CREATE TABLE update_claims (
+        platform TEXT NOT NULL,
+        update_key TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        claimed_at REAL NOT NULL,
+        stored_at REAL,
+        done_at REAL,
+        payload TEXT,
+        PRIMARY KEY (platform, update_key)
+    );
+    CREATE INDEX update_claims_open ON update_claims (worker) WHERE done_at IS NULL;
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        acquired_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE cluster_state (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -254,6 +297,7 @@ class Database:
     has one transaction per connection and interleaved BEGINs would mix their writes.
     """
 
+    backend = "sqlite"
     retries = 5            # extra BEGIN attempts after busy_timeout gave up
     retry_delay = 0.05     # seconds, doubled each attempt
 

@@ -167,7 +167,7 @@ class Feedback:
                 return 0
             rows = await conn.execute_fetchall(
                 "INSERT INTO users (platform, platform_user_id, name, created_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (platform, platform_user_id) DO UPDATE SET name = COALESCE(excluded.name, name) "
+                "ON CONFLICT (platform, platform_user_id) DO UPDATE SET name = COALESCE(excluded.name, users.name) "
                 "RETURNING id", (platform, str(platform_user_id), user_name, time.time()))
             user_id = list(rows)[0][0]
             for pattern in clear:

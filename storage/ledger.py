@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.urls import is_postgres
+
 SUFFIX = ".forget-ledger"
 
 
@@ -34,7 +36,9 @@ class ForgetLedger:
     @classmethod
     def beside(cls, db_path: str | Path) -> "ForgetLedger | None":
         """The ledger of the SQLite file at `db_path` (None for ":memory:")."""
-        return None if str(db_path) == ":memory:" else cls(f"{db_path}{SUFFIX}")
+        if str(db_path) == ":memory:" or is_postgres(str(db_path)):
+            return None   # PostgreSQL: restore re-applies the live database's `forgotten` rows instead
+        return cls(f"{db_path}{SUFFIX}")
 
     def append(self, platform: str, platform_user_id: str | int, at: float) -> None:
         self.extend([Entry(user_hash(platform, platform_user_id), at)])

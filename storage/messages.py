@@ -128,7 +128,7 @@ class Messages:
             "SELECT c.platform_chat_id, c.thread_id, MAX(CAST(m.platform_message_id AS INTEGER)), "
             "       MAX(m.created_at) AS last "
             "FROM chats c JOIN messages m ON m.chat_id = c.id WHERE c.platform = ? "
-            "GROUP BY c.id HAVING last >= ? ORDER BY last DESC LIMIT ?", (platform, since, limit))
+            "GROUP BY c.id HAVING MAX(m.created_at) >= ? ORDER BY last DESC LIMIT ?", (platform, since, limit))
         return [RecentChat(row[0], row[1], row[2]) for row in rows]
 
     async def is_bot_message(self, chat_id: int, platform_message_id: str | int) -> bool:
@@ -150,15 +150,16 @@ class Messages:
             "  SELECT m.id, m.role, m.text FROM messages m JOIN chats c ON c.id = m.chat_id"
             "  WHERE m.chat_id = ? AND m.id > c.context_start_id AND m.status = 'ok'"
             "  ORDER BY m.id DESC LIMIT ?"
-            ") ORDER BY id", (chat_id, max_turns))
+            ") AS recent ORDER BY id", (chat_id, max_turns))
         return [StoredTurn(row["role"], row["text"]) for row in rows]
 
     async def reset(self, chat_id: int) -> None:
         """Start a fresh context; nothing is deleted, so the history still trains the model."""
         async with self.db.transaction() as conn:
             rows = await conn.execute_fetchall(
-                "SELECT MAX(COALESCE((SELECT MAX(id) FROM messages WHERE chat_id = ?), 0), context_start_id) "
-                "FROM chats WHERE id = ?", (chat_id, chat_id))
+                "SELECT CASE WHEN newest > context_start_id THEN newest ELSE context_start_id END FROM ("
+                "  SELECT COALESCE((SELECT MAX(id) FROM messages WHERE chat_id = ?), 0) AS newest, context_start_id "
+                "  FROM chats WHERE id = ?) AS c", (chat_id, chat_id))
             rows = list(rows)
             if not rows:
                 raise LookupError(f"no chat with id {chat_id}")

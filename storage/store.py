@@ -13,6 +13,7 @@ from pathlib import Path
 from storage.audit import Audit
 from storage.chats import Chats
 from storage.db import Database
+from storage.opening import is_postgres, open_database, target_of
 from storage.feedback import Feedback
 from storage.ledger import ForgetLedger
 from storage.memory import Memory
@@ -46,9 +47,15 @@ class Store:
         await self.db.close()
 
 
-async def open_store(path: str | Path, *, busy_timeout_ms: int = 5000) -> Store:
-    """Open (creating and migrating as needed) the SQLite database at `path`, with a second
-    connection for the training read (not for ":memory:", which would be another database)."""
+async def open_store(path, *, busy_timeout_ms: int = 5000) -> Store:
+    """Open (creating and migrating as needed) the database: a SQLite path, a `postgresql://`
+    URL, or a [storage] section (its url, else its path). SQLite gets a second connection for
+    the training read (not for ":memory:", which would be another database); PostgreSQL's
+    pool already reads beside the writers."""
+    if not isinstance(path, (str, Path)):
+        path, busy_timeout_ms = target_of(path), getattr(path, "busy_timeout_ms", busy_timeout_ms)
+    if is_postgres(str(path)):
+        return Store.over(await open_database(str(path)))
     db = await Database.open(path, busy_timeout_ms=busy_timeout_ms)
     if str(path) == ":memory:":
         return Store.over(db)

@@ -82,8 +82,9 @@ class TrustStore:
         """`users`: "platform:platform_user_id" -> how many of their messages it trained on."""
         async with self.db.transaction() as conn:
             await conn.executemany(
-                "INSERT OR REPLACE INTO version_users (version, platform, platform_user_id, messages) "
-                "VALUES (?, ?, ?, ?)", [(version, *u.split(":", 1), n) for u, n in users.items()])
+                "INSERT INTO version_users (version, platform, platform_user_id, messages) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (version, platform, platform_user_id) DO UPDATE SET messages = excluded.messages",
+                [(version, *u.split(":", 1), n) for u, n in users.items()])
             await conn.executemany("INSERT OR IGNORE INTO version_messages (version, message_id) VALUES (?, ?)",
                                    [(version, int(i)) for i in message_ids])
 

@@ -1,8 +1,13 @@
 """Shared fixtures: tiny real models built in seconds, never downloaded."""
 from __future__ import annotations
 
+import concurrent.futures
+import asyncio
 import json
+import os
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import torch
@@ -132,3 +137,57 @@ def build_gguf_llama(path: Path, seed: int = 0, architecture: str = "llama"):
     writer.write_tensors_to_file()
     writer.close()
     return path, model
+
+
+# --- storage backends ---------------------------------------------------------------------
+# PostgreSQL tests need a server: MYNAH_TEST_PG_URL (scripts/pg_test_cluster.sh start DIR prints
+# one; .ci/run starts a throwaway cluster and sets it, with MYNAH_REQUIRE_PG=1 so a missing
+# server fails CI instead of skipping). Each test gets its own fresh database on that server.
+PG_URL_ENV = "MYNAH_TEST_PG_URL"
+
+
+def _in_thread(coro_fn):
+    """Run a coroutine on its own loop in a thread (fixtures may be set up inside a running loop)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro_fn()).result()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    url = os.environ.get(PG_URL_ENV)
+    if not url:
+        if os.environ.get("MYNAH_REQUIRE_PG") == "1":
+            pytest.fail(f"MYNAH_REQUIRE_PG=1 but {PG_URL_ENV} is unset: PostgreSQL did not start")
+        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (scripts/pg_test_cluster.sh start DIR prints one)")
+    return url
+
+
+def pg_database_url(server: str, name: str) -> str:
+    return urlunsplit(urlsplit(server)._replace(path="/" + name))
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database on the test server; dropped afterwards."""
+    import asyncpg
+
+    name = "t_" + uuid.uuid4().hex[:16]
+
+    async def admin(sql):
+        conn = await asyncpg.connect(pg_server)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _in_thread(lambda: admin(f"CREATE DATABASE {name}"))
+    yield pg_database_url(pg_server, name)
+    _in_thread(lambda: admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_target(request, tmp_path) -> str:
+    """Where a test's database lives: a SQLite file, or a fresh PostgreSQL database (URL)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "data" / "mynah.sqlite3")
+    return request.getfixturevalue("pg_url")

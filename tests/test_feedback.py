@@ -7,7 +7,7 @@ import time
 import pytest
 
 from storage.store import Store
-from storage.db import Database
+from storage import open_database
 from storage.feedback import Feedback, is_short_negative, summarize
 from tests.test_telegram import bot, fake, make_bot  # noqa: F401  (fixtures)
 
@@ -87,8 +87,9 @@ async def test_reactions_off_by_config_store_nothing(make_bot, fake):
 
 # ---- storage and implicit signals ---------------------------------------------------------
 
-async def _setup(tmp_path):
-    db = await Database.open(tmp_path / "f.sqlite3")
+async def _setup(storage_target):
+    """Each storage test below runs on SQLite and on PostgreSQL (conftest's storage_target)."""
+    db = await open_database(storage_target)
     return db, Store.over(db), Feedback(db)
 
 
@@ -99,8 +100,8 @@ async def _exchange(conv, chat, user, text, reply, *, version="v0001", platform_
     return mid
 
 
-async def test_implicit_signals_continuation_reset_and_short_negative(tmp_path):
-    db, conv, fb = await _setup(tmp_path)
+async def test_implicit_signals_continuation_reset_and_short_negative(storage_target):
+    db, conv, fb = await _setup(storage_target)
     try:
         chat = await conv.chats.chat("tg", 1)
         ann = await conv.chats.user("tg", 1)
@@ -125,8 +126,8 @@ async def test_implicit_signals_continuation_reset_and_short_negative(tmp_path):
         await db.close()
 
 
-async def test_explicit_feedback_decides_and_forget_removes_the_users_rows(tmp_path):
-    db, conv, fb = await _setup(tmp_path)
+async def test_explicit_feedback_decides_and_forget_removes_the_users_rows(storage_target):
+    db, conv, fb = await _setup(storage_target)
     try:
         chat = await conv.chats.chat("tg", 1, type="group")
         ann, bob = await conv.chats.user("tg", 1), await conv.chats.user("tg", 2)
@@ -145,10 +146,10 @@ async def test_explicit_feedback_decides_and_forget_removes_the_users_rows(tmp_p
         await db.close()
 
 
-async def test_a_user_who_opted_out_leaves_no_feedback_anywhere(tmp_path):
+async def test_a_user_who_opted_out_leaves_no_feedback_anywhere(storage_target):
     from storage.trust import TrustStore
 
-    db, conv, fb = await _setup(tmp_path)
+    db, conv, fb = await _setup(storage_target)
     try:
         chat = await conv.chats.chat("tg", 1, type="group")
         await _exchange(conv, chat, await conv.chats.user("tg", 1), "hi", "hello", platform_id="77")
@@ -167,14 +168,14 @@ def test_short_negative_answers(text, negative):
     assert is_short_negative(text) is negative
 
 
-def test_mynah_feedback_prints_the_per_version_table(tmp_path, capsys):
+def test_mynah_feedback_prints_the_per_version_table(tmp_path, capsys, storage_target):
     import asyncio
     import json as jsonlib
 
     from scripts.cli import main
 
     async def fill():
-        db, conv, fb = await _setup(tmp_path)
+        db, conv, fb = await _setup(storage_target)
         try:
             for i in range(4):
                 chat, user = await conv.chats.chat("tg", i), await conv.chats.user("tg", i)
@@ -187,7 +188,8 @@ def test_mynah_feedback_prints_the_per_version_table(tmp_path, capsys):
 
     asyncio.run(fill())
     config = tmp_path / "config.toml"
-    config.write_text(f'[storage]\npath = "{tmp_path / "f.sqlite3"}"\n', encoding="utf-8")
+    key = "url" if storage_target.startswith("postgresql:") else "path"
+    config.write_text(f'[storage]\n{key} = "{storage_target}"\n', encoding="utf-8")
     assert main(["--config", str(config), "feedback"]) == 0
     text = capsys.readouterr().out
     assert "positive (95% CI)" in text and "v0001" in text and "v0002" in text

@@ -1,6 +1,7 @@
 """Issue 12 in storage: the 'limited' status and reply links (a migration that rebuilds the
 messages table), /forget by link and of derived titles, private file modes, capped audit
-arguments, and /reset-independent export cost. Real SQLite files throughout."""
+arguments, and /reset-independent export cost. Real SQLite files, and a real PostgreSQL where
+the `conv` fixture runs a test on both backends."""
 from __future__ import annotations
 
 import asyncio
@@ -16,13 +17,14 @@ from bots.chat.ratelimit import RateLimiter
 from bots.learning.trainer import child_environment
 from storage.audit import AUDIT_ARGS_MAX
 from storage.messages import StoredTurn
+from storage import open_database
 from storage.store import Store
 from storage.db import Database
 
 
 @pytest.fixture
-async def conv(tmp_path):
-    database = await Database.open(tmp_path / "mynah.sqlite3")
+async def conv(storage_target):
+    database = await open_database(storage_target)
     yield Store.over(database)
     await database.close()
 
@@ -59,6 +61,37 @@ async def test_populated_v2_file_migrates_keeping_rows_links_and_the_id_counter(
         assert {"messages_chat_id", "messages_user", "messages_platform_id", "messages_reply_to"} <= indexes
         assert list(await db.fetchall("PRAGMA foreign_key_check")) == []
         assert (await db.fetchone("PRAGMA integrity_check"))[0] == "ok"
+    finally:
+        await db.close()
+
+
+async def test_populated_v2_postgres_migrates_keeping_rows_links_and_the_id_counter(pg_url, monkeypatch):
+    """PostgreSQL's own form of migration 5 (ALTER in place) keeps what SQLite's rebuild keeps."""
+    monkeypatch.setattr(dbmod, "MIGRATIONS", dbmod.MIGRATIONS[:2])
+    old = await open_database(pg_url)
+    conv = Store.over(old)
+    chat = await conv.chats.chat("telegram", 1, type="group")
+    ann = await conv.chats.user("telegram", 42, name="Ann")
+    insert = ("INSERT INTO messages (chat_id, user_id, role, text, platform_message_id, reply_to_platform_id, "
+              "status, created_at) VALUES (?, ?, ?, ?, ?, ?, 'ok', 0)")
+    async with old.transaction() as c:
+        for i in range(3):
+            await c.execute(insert, (chat, ann, "user", f"question {i}", str(10 + i), None))
+            await c.execute(insert, (chat, None, "bot", f"answer {i}", None, str(10 + i)))
+        last = (await c.execute(insert, (chat, ann, "user", "deleted later", None, None))).lastrowid
+        await c.execute("DELETE FROM messages WHERE id = ?", (last,))
+    assert await old.user_version() == 2
+    await old.close()
+    monkeypatch.undo()
+
+    db = await open_database(pg_url)
+    try:
+        assert await db.user_version() == len(dbmod.MIGRATIONS)
+        rows = [tuple(r) for r in await db.fetchall("SELECT id, role, text, status, reply_to_id FROM messages "
+                                                    "ORDER BY id")]
+        assert [r[4] for r in rows if r[1] == "bot"] == [1, 3, 5]
+        new = await Store.over(db).messages.log_message(chat, "user", "limited one", user_id=ann, status="limited")
+        assert new == last + 1
     finally:
         await db.close()
 
@@ -140,6 +173,8 @@ async def test_audit_keeps_at_most_200_characters_of_arguments(conv):
 
 async def _export_steps(conv) -> int:
     """SQLite VM steps (a deterministic cost measure) spent by one training read."""
+    if conv.db.backend != "sqlite":
+        pytest.skip("counts SQLite VM steps")
     steps = 0
 
     def count() -> int:

@@ -22,7 +22,7 @@ from bots.learning.export import BaseCorpus, changed_since_export, export_dialog
 from bots.learning.trust import tainted_closure, untainted_ancestor
 from engine.registry import Registry, Version
 from storage.store import Store
-from storage.db import Database
+from storage import open_database
 from storage.trust import TrustStore
 
 ADMIN = "42"
@@ -170,14 +170,14 @@ def test_config_checks_the_new_learning_keys(tmp_path):
 
 # --------------------------------------------------------------------------- export
 
-async def test_exported_training_data_masks_contacts_and_keeps_breadth(tmp_path):
+async def test_exported_training_data_masks_contacts_and_keeps_breadth(tmp_path, storage_target):
     config = parse_config({"storage": {"path": str(tmp_path / "db.sqlite3")},
                            "generation": {"banned_words": ["damn"]},
                            "learning": {"registry": str(tmp_path / "models"), "base_corpus": "", "min_users": 2,
                                         "max_user_share": 0.5, "min_account_age_hours": 0}})
     registry = Registry(config.learning.registry)
     registry.register_configured("starter")
-    db = await Database.open(config.storage.path)
+    db = await open_database(storage_target)      # SQLite and PostgreSQL
     try:
         conv = Store.over(db)
         for u in range(3):

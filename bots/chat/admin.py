@@ -35,6 +35,7 @@ class AdminCommands:
         self.writes = writes or WriteRetry()   # audits survive a locked database
         self.started_at = time.time()
         self.mmi_note = ""      # why MMI is off for this model (bots.app.MMI_OFF_CHAT_TEMPLATE), shown by /status
+        self.cluster = None     # bots.cluster.Presence when several workers share the database
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         if platform in self.admins and self.admins[platform] is None:
@@ -79,6 +80,8 @@ class AdminCommands:
         ]
         if self.learning is not None:
             lines += await self.learning.status_lines()
+        if self.cluster is not None:
+            lines += await self.cluster.status_lines()
         return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import time
 
-from storage.db import StorageError
+from storage.db import StorageError, TransientStorageError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ def transient(exc: BaseException) -> bool:
     """Locked, busy, full or an I/O hiccup: worth retrying. A constraint or SQL error is a bug."""
     if isinstance(exc, StorageUnavailable):
         return False
+    if isinstance(exc, TransientStorageError):
+        return True
     if isinstance(exc, StorageError):
         return "locked" in str(exc).lower()
     if isinstance(exc, sqlite3.OperationalError):

@@ -87,13 +87,22 @@ def overview_display(ov) -> dict[str, str]:
         "stored": f"{plural(ov.chats, 'chat')}, {plural(ov.users, 'user')}, {plural(ov.messages, 'message')}",
         "running": running,
         "learning": "on" if ov.learning else "off ([learning] enabled = false)",
+        "workers": workers_text(ov.workers),
     }
+
+
+def workers_text(workers: list) -> str:
+    """One worker (SQLite), or each worker sharing the PostgreSQL database: alive, version, last seen."""
+    if not workers:
+        return "this one only"
+    return "; ".join(f"{w['id']}: {'alive' if w['alive'] else 'gone'}, {w['version'] or '?'}, "
+                     f"{w['last_seen_s']:.0f} s ago" for w in workers)
 
 
 OVERVIEW_CARDS = (("platforms", "Platforms"), ("uptime", "Uptime"), ("messages_per_min", "Messages / min (5 min)"),
                   ("replies_per_min", "Replies / min (5 min)"), ("latency", "Reply latency p50 / p95"),
                   ("queue", "Queue / batch"), ("version", "Active model"), ("backend", "Backend"),
-                  ("stored", "Stored"), ("learning", "Learning"), ("running", "Retrain running"))
+                  ("stored", "Stored"), ("learning", "Learning"), ("running", "Retrain running"), ("workers", "Workers"))
 
 
 def overview_page(ov, *, csrf: str, flash=None) -> str:

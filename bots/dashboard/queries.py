@@ -42,6 +42,7 @@ class Overview:
     messages: int = 0
     learning: bool = False
     running: dict | None = None
+    workers: list = field(default_factory=list)     # several workers on PostgreSQL: each one's state
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -50,7 +51,8 @@ class Overview:
 async def rates(db, window_s: float = RATE_WINDOW_S) -> tuple[float, float]:
     """User messages and bot replies per minute, averaged over the last `window_s` seconds."""
     row = await db.fetchone(
-        "SELECT COALESCE(SUM(role = 'user'), 0), COALESCE(SUM(role = 'bot'), 0) FROM messages WHERE created_at >= ?",
+        "SELECT COALESCE(SUM(CASE WHEN role = 'user' THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN role = 'bot' THEN 1 ELSE 0 END), 0) FROM messages WHERE created_at >= ?",
         (time.time() - window_s,))
     minutes = window_s / 60
     return row[0] / minutes, row[1] / minutes
@@ -73,7 +75,8 @@ async def overview(state) -> Overview:
         batch_size=stat(stats, "active", "batch_size", "active_rows"),
         version=str(stat(stats, "model_version", "version", default="") or getattr(app.engine, "version", "")),
         backend=engine_backend(app.engine, stats), chats=counts["chats"], users=counts["users"],
-        messages=counts["messages"], learning=app.learning is not None, running=running_run(app.learning))
+        messages=counts["messages"], learning=app.learning is not None, running=running_run(app.learning),
+        workers=await app.cluster.workers() if getattr(app, "cluster", None) is not None else [])
 
 
 def running_run(learning) -> dict | None:
@@ -107,7 +110,7 @@ async def traffic(db, since: float, bucket_s: float) -> tuple[list[tuple[float, 
 async def chat_summary(db) -> list[dict]:
     """Per platform and chat type: chats, opted-out chats, users who wrote there, messages."""
     rows = await db.fetchall(
-        "SELECT c.platform, c.type, COUNT(*) AS chats, COALESCE(SUM(c.consent = 0), 0) AS opted_out, "
+        "SELECT c.platform, c.type, COUNT(*) AS chats, COALESCE(SUM(CASE WHEN c.consent = 0 THEN 1 ELSE 0 END), 0) AS opted_out, "
         "  COALESCE(SUM((SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.id)), 0) AS messages "
         "FROM chats c GROUP BY c.platform, c.type ORDER BY c.platform, c.type")
     return [dict(r) for r in rows]

@@ -91,6 +91,7 @@ class Runs:
         self.last_result: RunResult | None = None
         self._start_lock = asyncio.Lock()
         self._base_corpus = BaseCorpus()
+        self.train_lock = registry.train_lock   # several workers: also a database lease (bots/cluster.py)
 
     @property
     def running(self) -> RunState | None:
@@ -112,7 +113,7 @@ class Runs:
     async def recover(self) -> None:
         """When no run holds the lock: rows left 'running' are marked interrupted, temp
         folders and exported text from dead runs are deleted."""
-        lock = self.registry.train_lock()
+        lock = self.train_lock()
         if not await asyncio.to_thread(lock.acquire):
             return  # a run is going on in another process: leave its files alone
         try:
@@ -142,7 +143,7 @@ class Runs:
         async with self._start_lock:
             if self.running is not None:
                 raise AlreadyRunning({"run_id": self.running.run_id})
-            lock = self.registry.train_lock()
+            lock = self.train_lock()
             if not await asyncio.to_thread(lock.acquire):
                 raise AlreadyRunning(lock.holder())
             try:

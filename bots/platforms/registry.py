@@ -33,6 +33,8 @@ class PlatformSpec:
     forgets_for_chats: bool = False
     rate_limited: bool = True           # its users are rate-limited (not the console's operator)
     order: int = 100                    # `mynah run` starts platforms in this order (quick starters first)
+    # Other secrets its adapter takes from the environment: variable -> the adapter's keyword argument.
+    environ_kwargs: dict[str, str] = field(default_factory=dict)
 
     def admins(self, config) -> frozenset[str] | None:
         """The admins' ids as strings; None when everyone at this platform is one."""

@@ -25,7 +25,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import secrets
 from urllib.parse import urlsplit
 
 from cachetools import LRUCache
@@ -39,14 +38,14 @@ from bots.chat.commands import commands_for, parse_command
 from bots.chat.delivery import Delivery
 from bots.chat.events import Incoming, Outgoing, PlatformStartError
 from bots.platforms.base import Platform
-from bots.platforms.redaction import redact, register_secret, register_token
+from bots.platforms.redaction import redact, register_token
 from bots.platforms.telegram.admins import ChatAdmins
 from bots.platforms.telegram.delivery import AckGatedBot, DeliveryTracker, TrackingUpdateProcessor
 from bots.platforms.telegram.incoming import PLATFORM, to_incoming
 from bots.platforms.telegram.sender import (NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT, TEXT_LIMIT,  # noqa: F401 (tests)
                                             TelegramSender)
 from bots.platforms.telegram.spec import SPEC
-from bots.platforms.telegram import reactions
+from bots.platforms.telegram import reactions, workers
 from bots.platforms.telegram.webhook import WebhookServer
 
 log = logging.getLogger(__name__)
@@ -75,13 +74,14 @@ class TelegramAdapter(Platform):
 
     def __init__(self, app, token: str, *, poll_timeout: float = 30.0, ack_warn_every: float = 30.0,
                  send_attempts: int = 6, retry_delay: float = 1.0, max_concurrent_updates: int = 256,
-                 newcomer_s: float = 60.0):
+                 newcomer_s: float = 60.0, webhook_secret: str | None = None):
         self.app = app
         self.chat = app.chat
         self.config = app.config.telegram
         stream = app.config.chat.stream_edit_seconds if app.config.chat.stream else None
         self.delivery = Delivery(app.chat, stream_edit_seconds=stream)
         self._token = (token or "").strip()
+        self.webhook_secret = webhook_secret        # TELEGRAM_WEBHOOK_SECRET (several workers need it)
         register_token(self._token, TOKEN_LABEL, separator=":")   # the bot id before ':' is public
         self.poll_timeout = poll_timeout
         self.send_attempts = send_attempts
@@ -159,6 +159,7 @@ class TelegramAdapter(Platform):
             if self.config.mode == "webhook":
                 await self._start_webhook()
             else:
+                await workers.take_poll(getattr(self.app, "cluster", None), PLATFORM)
                 self._polling_since = asyncio.get_running_loop().time()
                 await application.updater.start_polling(
                     timeout=self.poll_timeout, allowed_updates=ALLOWED_UPDATES,
@@ -221,21 +222,21 @@ class TelegramAdapter(Platform):
     async def _start_webhook(self) -> None:
         url = self.config.webhook_url
         path = urlsplit(url).path.lstrip("/")
-        # A fresh secret per start: Telegram sends it back in a header and the server rejects
-        # any request without it, so only Telegram can post updates to us.
-        secret = secrets.token_urlsafe(32)
-        register_secret(secret, "<TELEGRAM_WEBHOOK_SECRET>")
+        # Telegram sends the secret back in a header and the server rejects any request
+        # without it, so only Telegram can post updates to us (telegram/workers.py).
+        cluster = getattr(self.app, "cluster", None)
+        secret = workers.webhook_secret(self.webhook_secret, cluster)
+        claims = None if cluster is None else workers.WebhookClaims(cluster, PLATFORM, self.application, self.tracker)
         # Our own server (telegram/webhook.py): it answers 200 only once the message is stored.
         server = WebhookServer(self.application, self.tracker, secret=secret, path=path,
-                               listen=self.config.webhook_listen, port=self.config.webhook_port)
+                               listen=self.config.webhook_listen, port=self.config.webhook_port, claims=claims)
         try:
             await server.start()
         except OSError as exc:
             raise PlatformStartError(f"cannot listen for the Telegram webhook on {self.config.webhook_listen}:"
                                      f"{self.config.webhook_port}: {exc}") from None
         self._webhook = server
-        await self.application.bot.set_webhook(url, secret_token=secret, allowed_updates=ALLOWED_UPDATES,
-                                               drop_pending_updates=False)
+        await workers.register_webhook(self.application.bot, cluster, url, secret, ALLOWED_UPDATES)
 
     async def _register_commands(self) -> None:
         bot = self.application.bot

@@ -33,6 +33,7 @@ class DeliveryTracker:
     def __init__(self, warn_every: float = 30.0):
         self.warn_every = warn_every
         self.closing = False          # set on stop: acknowledge what is stored, wait for nothing
+        self.on_finished = None       # (update_id) -> None, told when an update is fully handled
         self._closed = asyncio.Event()
         self._waiters: dict[int, asyncio.Event] = {}   # update id -> set once it is stored
         self._unstored: set[int] = set()
@@ -61,6 +62,8 @@ class DeliveryTracker:
     def finished(self, update_id: int) -> None:
         self.stored(update_id)
         self._unfinished.discard(update_id)
+        if self.on_finished is not None:     # several workers: the claim is marked done
+            self.on_finished(update_id)
         if not self._unfinished:
             self._finished_all.set()
 

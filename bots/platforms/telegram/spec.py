@@ -12,4 +12,5 @@ SPEC = register_platform(PlatformSpec(
     optional_commands=frozenset({"start"}),   # Telegram's "Start" button
     forgets_for_chats=True,              # /forget @channel: its admins, checked with getChatMember
     order=10,                            # up in a second (getMe); Discord waits for its gateway first
+    environ_kwargs={"TELEGRAM_WEBHOOK_SECRET": "webhook_secret"},   # the same on every worker of a webhook
 ))

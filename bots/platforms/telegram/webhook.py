@@ -9,8 +9,10 @@ process dies, Telegram gets no 200 and posts the update again later; a repeated 
 update still in progress waits for that one instead of handling it twice, and storage
 recognises a message it already answered.
 
-Only Telegram can post: each start registers a fresh random secret with setWebhook, and
-a request without it gets 403 (compared in constant time).
+Only Telegram can post: the secret given to setWebhook (TELEGRAM_WEBHOOK_SECRET, or a fresh
+random one per start for a lone worker) must come back with each request, else 403
+(compared in constant time). With several workers each update is first claimed in the
+database (telegram/workers.py), so a delivery to two workers is handled once.
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 
 class WebhookServer:
-    def __init__(self, application, tracker, *, secret: str, path: str, listen: str, port: int):
+    def __init__(self, application, tracker, *, secret: str, path: str, listen: str, port: int, claims=None):
         self.application = application
         self.tracker = tracker
+        self.claims = claims      # several workers: telegram/workers.py WebhookClaims, else None
         self.secret = secret
         self.path = "/" + path.lstrip("/")
         self.listen = listen
@@ -58,15 +61,25 @@ class WebhookServer:
         if not hmac.compare_digest(given.encode(), self.secret.encode()):
             return web.Response(status=403)
         try:
-            update = Update.de_json(json.loads(await request.text()), self.application.bot)
+            body = await request.text()
+            update = Update.de_json(json.loads(body), self.application.bot)
         except (ValueError, TypeError, KeyError) as exc:
             log.info("telegram webhook: ignoring a request that is not an update: %s", type(exc).__name__)
             return web.Response(status=400)
         if update is None:
             return web.Response(status=400)
         if not self.tracker.in_progress(update.update_id):     # a repeat of one in progress: just wait
-            self.tracker.fetched([update.update_id])
-            await self.application.update_queue.put(update)
+            if self.claims is not None:
+                try:
+                    if not await self.claims.claim(update.update_id, body):
+                        return web.Response(status=200)      # another worker stored or handled it
+                except TimeoutError:
+                    return web.Response(status=503)          # still with a live worker: Telegram retries
+            if not self.tracker.in_progress(update.update_id):
+                self.tracker.fetched([update.update_id])
+                await self.application.update_queue.put(update)
         if not await self.tracker.wait_stored(update.update_id):
             return web.Response(status=503)      # stopping before it was stored: Telegram posts it again
+        if self.claims is not None:
+            await self.claims.stored(update.update_id)
         return web.Response(status=200)
