@@ -71,7 +71,7 @@ async def test_fp32_llama_fast_path_gives_hf_generates_greedy_tokens_with_rows_j
     lengths = [6 + 5 * i for i in range(len(PROMPTS))]
     expected = [hf_generate(loaded, p, n) for p, n in zip(PROMPTS, lengths)]
     assert len(set(expected)) > 1  # the random model says different things to different prompts
-    async with Engine(loaded, SamplingParams(), max_batch_size=4) as engine:
+    async with Engine(loaded, SamplingParams(finish_sentences=False), max_batch_size=4) as engine:
         async def late(i):
             await asyncio.sleep(0.02 * i)  # joins a batch that is already decoding; shorter ones leave first
             return (await engine.reply(PROMPTS[i], greedy(lengths[i]))).text
@@ -103,7 +103,7 @@ async def test_int8_llama_fast_path_agrees_with_transformers_int8_and_serves_a_b
         agree += sum(a == b for a, b in zip(fast, slow))
         total += len(fast)
     assert total > 50 and agree / total >= 0.9
-    async with Engine(loaded, SamplingParams(), max_batch_size=4) as engine:
+    async with Engine(loaded, SamplingParams(finish_sentences=False), max_batch_size=4) as engine:
         replies = await asyncio.gather(*[engine.reply(p, greedy(8)) for p in PROMPTS])
         assert engine._decoder.name == "fast"
     assert all(r.new_tokens == 8 and r.text for r in replies)

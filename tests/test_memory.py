@@ -48,13 +48,13 @@ class Spy:
     def __init__(self, engine):
         self.engine, self.systems = engine, []
 
-    async def reply(self, history, overrides=None, *, system=""):
+    async def reply(self, history, overrides=None, *, system="", route=None):
         self.systems.append(system)
-        return await self.engine.reply(history, overrides, system=system)
+        return await self.engine.reply(history, overrides, system=system, route=route)
 
-    def stream(self, history, overrides=None, *, system=""):
+    def stream(self, history, overrides=None, *, system="", route=None):
         self.systems.append(system)
-        return self.engine.stream(history, overrides, system=system)
+        return self.engine.stream(history, overrides, system=system, route=route)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)

@@ -22,7 +22,7 @@ from bots.platforms.discord.adapter import DiscordAdapter
 from bots.platforms.telegram.adapter import TelegramAdapter
 from engine.serving.protocol import EngineStopped, EngineUnavailable, SamplingParams
 from tests.fakes.openai_api import FakeOpenAI
-from tests.fakes.telegram_api import TOKEN, FakeTelegram
+from tests.fakes.telegram_api import BOT_USERNAME, TOKEN, FakeTelegram
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,24 +125,25 @@ async def test_a_streamed_reply_shows_before_the_stream_ends_with_at_most_one_ed
     app, adapter = await make_bot(chat={"stream": True, "stream_edit_seconds": 1.0})
     backend.replies.append(THIRTY_TOKENS)
     backend.hold_after = 5            # the backend stops after 5 tokens until the test has looked
-    update = telegram.message(503, "tell me thirty words")
-    await telegram.wait_sent(503, 1)
+    update = telegram.message(-503, f"@{BOT_USERNAME} tell me thirty words", chat_type="group")  # groups: edits
+                                      # (private chats stream as drafts: tests/test_drafts.py)
+    await telegram.wait_sent(-503, 1)
     assert backend.held.is_set()      # the stream has not ended, yet the chat shows its first words
-    first = telegram.sent(503)[0].params["text"]
+    first = telegram.sent(-503)[0].params["text"]
     assert THIRTY_TOKENS.startswith(first) and 0 < len(first) < len(THIRTY_TOKENS)
     backend.token_delay_s = 0.1       # the other 25 tokens take ~2.5 s: several edit windows
     backend.release()
     await telegram.wait_served(update)
     await adapter.wait_idle(30)
-    assert telegram.shown(503) == [THIRTY_TOKENS]      # one message, edited to the complete reply
-    assert len(telegram.sent(503)) == 1
-    edits = telegram.edits(503)
+    assert telegram.shown(-503) == [THIRTY_TOKENS]      # one message, edited to the complete reply
+    assert len(telegram.sent(-503)) == 1
+    edits = telegram.edits(-503)
     assert len(edits) >= 2 and edits[-1].params["text"] == THIRTY_TOKENS   # edited while streaming, then final
-    times = [telegram.sent(503)[0].at] + [e.at for e in edits]
+    times = [telegram.sent(-503)[0].at] + [e.at for e in edits]
     assert all(later - earlier >= 1.0 for earlier, later in zip(times, times[1:])), times
     # logged once, complete, with the id of the message that shows it
     assert rows(app, "SELECT text, status, platform_message_id FROM messages WHERE role = 'bot'") == [
-        (THIRTY_TOKENS, "ok", str(telegram.sent(503)[0].result["message_id"]))]
+        (THIRTY_TOKENS, "ok", str(telegram.sent(-503)[0].result["message_id"]))]
 
 
 async def test_backend_down_polite_error_nothing_lost_and_recovery(make_bot, backend, telegram, caplog):
@@ -338,7 +339,7 @@ async def test_an_endless_stream_is_cut_at_max_new_tokens_and_its_connection_clo
     from engine.serving.openai_backend import OpenAIEngine
 
     backend.endless = True
-    async with OpenAIEngine(backend.base_url, backend.model, SamplingParams(max_new_tokens=40)) as engine:
+    async with OpenAIEngine(backend.base_url, backend.model, SamplingParams(max_new_tokens=40, finish_sentences=False)) as engine:
         started = time.monotonic()
         reply = await asyncio.wait_for(engine.stream([("user", "hi")]).result(), 20)
         took = time.monotonic() - started
