@@ -346,12 +346,12 @@ async def test_an_overdue_interval_catches_up_after_a_restart(tmp_path):
     try:
         learning = Learning(config, registry, Conversations(db))
         await learning.start()                                  # first start: a whole interval from now
-        assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 86400, abs=5)
+        assert learning.schedule.next_run_time().timestamp() == pytest.approx(time.time() + 86400, abs=5)
         await learning.stop()
         ScheduleState(registry.root).save(time.time() - 3 * 86400)  # the bot was down when it was due
         learning = Learning(config, registry, Conversations(db))
         await learning.start()
-        assert learning.next_run_time().timestamp() == pytest.approx(time.time() + 60, abs=5)
+        assert learning.schedule.next_run_time().timestamp() == pytest.approx(time.time() + 60, abs=5)
         await learning.stop()
     finally:
         await db.close()

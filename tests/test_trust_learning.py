@@ -45,7 +45,7 @@ async def test_tay_one_user_with_a_few_others_never_promotes_and_says_why(tmp_pa
                 await conv.reset(chat)
         await log_chats(conv, 3, "nice to meet you", prefix="friend")
         learning = app.learning
-        new, _ = await learning.new_messages()
+        new, _ = await learning.runs.new_messages()
         assert new >= config.learning.min_new_messages       # the threshold alone would start a run
         result = await learning.run_once("scheduled")
         assert result is not None and result.status == RunStatus.SKIPPED and result.decision == Decision.SKIPPED

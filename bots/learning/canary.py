@@ -37,7 +37,7 @@ from bots.learning.notify import Notifiers, configured_targets
 from bots.learning.promote import PromotionRefused
 from bots.learning.stats import non_inferiority, wilson
 from engine.registry import RegistryError, write_json_atomic
-from engine.serving.protocol import EngineBusy, EngineStopped, ReplyStream
+from engine.serving.protocol import EngineBusy, EngineStopped, EngineWrapper, ReplyStream
 from storage.feedback import summarize
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Candidate:
     share: float
 
 
-class Router:
+class Router(EngineWrapper):
     """A ReplyEngine over the active engine and, during a canary, the candidate's engine."""
 
     def __init__(self, active, conversations):
@@ -69,12 +69,8 @@ class Router:
         self.routed = 0       # replies the candidate wrote
 
     @property
-    def defaults(self):
-        return self.active.defaults
-
-    @property
-    def version(self) -> str:
-        return self.active.version
+    def inner(self):
+        return self.active
 
     async def serves_candidate(self, chat_id: int | None) -> bool:
         c = self.candidate
@@ -113,21 +109,6 @@ class Router:
 
         return ReplyStream(produce)
 
-    def stats(self):
-        return self.active.stats()
-
-    def start(self) -> None:
-        self.active.start()
-
-    async def stop(self) -> None:
-        await self.active.stop()
-
-    async def __aenter__(self) -> "Router":
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
 
 @dataclass

@@ -48,7 +48,8 @@ from typing import Sequence
 import torch
 
 from engine.model import LoadedModel
-from engine.serving.protocol import EngineStats, MMIStats, ModelEngine, Reply, ReplyStream, Route, SamplingParams
+from engine.serving.protocol import (EngineStats, EngineWrapper, MMIStats, ModelEngine, Reply, ReplyStream, Route,
+                                     SamplingParams)
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class Reranked:
     scoring_s: float
 
 
-class MMIEngine(ModelEngine):
+class MMIEngine(EngineWrapper, ModelEngine):
     """A ModelEngine that answers with the best of N sampled candidates (see the module docstring).
 
     Everything but reply() and stats() is the wrapped engine's: the same model, version,
@@ -248,37 +249,12 @@ class MMIEngine(ModelEngine):
             setter(hook)
 
     @property
-    def version(self) -> str:
-        return self.engine.version
+    def inner(self):
+        return self.engine
 
-    @property
-    def model(self) -> LoadedModel:
-        return self.engine.model
-
-    @property
-    def defaults(self) -> SamplingParams:
-        return self.engine.defaults
-
-    @property
-    def max_context_tokens(self) -> int:
-        return self.engine.max_context_tokens
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.engine.max_batch_size
-
-    def start(self) -> None:
-        self.engine.start()
-
-    async def stop(self) -> None:
-        await self.engine.stop()
-
-    async def __aenter__(self) -> "MMIEngine":
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
+    model = property(lambda self: self.engine.model)
+    max_context_tokens = property(lambda self: self.engine.max_context_tokens)
+    max_batch_size = property(lambda self: self.engine.max_batch_size)
 
     def swap(self, loaded: LoadedModel) -> None:
         """Swap the forward model (the engine does it between batches)."""

@@ -12,45 +12,44 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 
+@dataclass(kw_only=True)
+class _Event:
+    """Every event: the run it belongs to (the parent tags it) and when it happened."""
+    run_id: int | None = None
+    time: float = field(default_factory=time.time)
+
+
 @dataclass
-class Started:
+class Started(_Event):
     """The child is up (its pid: the parent stops it by its process group)."""
     pid: int
-    run_id: int | None = None
-    time: float = field(default_factory=time.time)
 
 
 @dataclass
-class Stage:
+class Stage(_Event):
     """A step of the run begins ("evaluating the active model", "training", …)."""
     stage: str
-    run_id: int | None = None
-    time: float = field(default_factory=time.time)
 
 
 @dataclass
-class Data:
+class Data(_Event):
     """How many dialogues each split holds, after dropping what /forget removed."""
     train: int
     held_out: int
     base_eval: int
     dropped_forgotten: int = 0
-    run_id: int | None = None
-    time: float = field(default_factory=time.time)
 
 
 @dataclass
-class Scored:
+class Scored(_Event):
     """A model's losses on the held-out and base-corpus dialogues (side: before | after)."""
     side: str
     held_out: float | None = None
     base: float | None = None
-    run_id: int | None = None
-    time: float = field(default_factory=time.time)
 
 
 @dataclass
-class Train:
+class Train(_Event):
     """One progress report of engine.training.train (kind: step | eval | done)."""
     kind: str
     step: int = 0
@@ -61,12 +60,10 @@ class Train:
     train_loss: float | None = None
     valid_loss: float | None = None
     lr: float | None = None
-    run_id: int | None = None
-    time: float = field(default_factory=time.time)
 
 
 @dataclass
-class Finished:
+class Finished(_Event):
     """The child's outcome (also result.json): the numbers on success, the reason otherwise."""
     ok: bool
     error: str = ""
@@ -82,18 +79,14 @@ class Finished:
     duration_s: float = 0.0
     max_resident_mb: int | None = None
     probes: dict = field(default_factory=dict)
-    run_id: int | None = None
-    time: float = field(default_factory=time.time)
 
 
 @dataclass
-class RunEnded:
+class RunEnded(_Event):
     """The parent's last word on a run (the learning loop sends it to its listeners)."""
     status: str
     decision: str
     reason: str = ""
-    run_id: int | None = None
-    time: float = field(default_factory=time.time)
 
 
 Event = Started | Stage | Data | Scored | Train | Finished | RunEnded
@@ -104,15 +97,15 @@ _NAMES = {cls: name for name, cls in KINDS.items()}
 
 
 def to_json(event: Event) -> str:
-    """One line: the record's fields plus its kind."""
-    return json.dumps({"kind": _NAMES[type(event)], **asdict(event)})
+    """One line: the record's fields plus its type's name."""
+    return json.dumps({"type": _NAMES[type(event)], **asdict(event)})
 
 
 def from_dict(raw: dict) -> Event | None:
-    """The record `raw` describes, or None for an unknown kind; unknown fields are dropped."""
+    """The record `raw` describes, or None for an unknown type; unknown fields are dropped."""
     if not isinstance(raw, dict):
         return None
-    cls = KINDS.get(raw.get("kind"))
+    cls = KINDS.get(raw.get("type"))
     if cls is None:
         return None
     known = {f.name for f in fields(cls)}

@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     global _QUIET
     _QUIET = job.distributed and _rank() != 0
     lower_priority(job.nice)
-    emit(Started(os.getpid(), job.run_id))
+    emit(Started(os.getpid(), run_id=job.run_id))
     try:
         import transformers
 
