@@ -1,8 +1,8 @@
 """Start and stop the dashboard inside the bot's own event loop (one aiohttp site, one port).
 
     check_dashboard(config, os.environ)                       # early: DashboardError without a token
-    handle = await start_dashboard(app, config, os.environ, platforms=["telegram"])  # None when disabled
-    handle.platform_up("telegram")                            # after each platform started
+    handle = await start_dashboard(app, config, os.environ, platforms=[name, …])  # None when disabled
+    handle.platform_up(name)                                  # after each platform started
     await handle.stop()
 """
 from __future__ import annotations

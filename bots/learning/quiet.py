@@ -2,7 +2,7 @@
 
 On a 2-core machine a niced, single-threaded trainer still takes one core most of the time.
 An engine running two torch threads then collapses: every parallel region of every step
-waits for the thread that lost its core (measured through Telegram: a lone chat's 32-token
+waits for the thread that lost its core (measured through a chat platform: a lone chat's 32-token
 reply went from 0.5 s to 14-20 s). Two measures (docs/BENCHMARKS.md measures both):
 
 - `[learning] pause_trainer_while_chatting` (default true): while the engine is answering

@@ -146,8 +146,8 @@ _SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "APIKEY", "CREDENTI
 def child_environment(parent: dict[str, str]) -> dict[str, str]:
     """The trainer's environment: the parent's minus anything secret-looking.
 
-    The child only reads job files and writes weights; it never talks to Telegram or
-    Discord, so a crash dump or a stray subprocess of it must not carry the bot tokens."""
+    The child only reads job files and writes weights; it never talks to a chat platform,
+    so a crash dump or a stray subprocess of it must not carry the bot tokens."""
     return {k: v for k, v in parent.items() if not any(m in k.upper() for m in _SECRET_MARKERS)}
 
 
