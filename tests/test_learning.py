@@ -415,7 +415,7 @@ async def test_opted_out_and_forgotten_messages_never_reach_training(tmp_path):
         assert "/optout" in await changed_since_export(conv, dataclasses.replace(plan2, ids=set(), chats=plan.chats))
         assert await changed_since_export(conv, plan2) is None   # what is exported now is all still allowed
         # stale export files from a crashed run are deleted on the next start
-        await learning.recover()
+        await learning.runs.recover()
         assert not data.exists() and not data2.exists()
     finally:
         await db.close()
