@@ -53,12 +53,12 @@ class Train(_Event):
     """One progress report of engine.training.train (kind: step | eval | done)."""
     kind: str
     step: int = 0
-    total_steps: int = 0
-    tokens: int = 0
-    elapsed_s: float = 0.0
-    best_valid_loss: float | None = None
     train_loss: float | None = None
+    total_steps: int = 0
     valid_loss: float | None = None
+    tokens: int = 0
+    best_valid_loss: float | None = None
+    elapsed_s: float = 0.0
     lr: float | None = None
 
 
