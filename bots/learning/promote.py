@@ -210,6 +210,8 @@ class Promoter:
         version = moved[0] if isinstance(moved, tuple) else moved
         if loaded is not None:
             loaded.version = version.name
-            self.engine.swap(loaded)
+            landed = self.engine.swap(loaded)
+            if landed is not None:      # answered only once the new model serves (the worker's next batch)
+                await asyncio.wrap_future(landed)
         self.serving = version.name
         return moved

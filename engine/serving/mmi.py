@@ -256,9 +256,9 @@ class MMIEngine(EngineWrapper, ModelEngine):
     max_context_tokens = property(lambda self: self.engine.max_context_tokens)
     max_batch_size = property(lambda self: self.engine.max_batch_size)
 
-    def swap(self, loaded: LoadedModel) -> None:
-        """Swap the forward model (the engine does it between batches)."""
-        self.engine.swap(loaded)
+    def swap(self, loaded: LoadedModel):
+        """Swap the forward model (the engine does it between batches); the engine's future."""
+        return self.engine.swap(loaded)
 
     def swap_backward(self, loaded: LoadedModel) -> None:
         """Score with `loaded` from the next scoring pass on."""

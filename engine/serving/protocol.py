@@ -16,6 +16,7 @@ The values that cross the boundary live here too: `SamplingParams` (per-request
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol, Sequence, runtime_checkable
@@ -233,8 +234,9 @@ class ModelEngine(ReplyEngine, Protocol):
         """The model serving now (torch module, tokenizer, dialogue format)."""
         ...
 
-    def swap(self, loaded: LoadedModel) -> None:
-        """Serve `loaded` from the next batch on; requests in flight finish on the old model."""
+    def swap(self, loaded: LoadedModel) -> "concurrent.futures.Future":
+        """Serve `loaded` from the next batch on; requests in flight finish on the old model.
+        The future resolves (to the version) once the new model serves."""
         ...
 
 
