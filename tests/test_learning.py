@@ -488,3 +488,17 @@ async def test_a_running_bot_notices_a_cli_rollback(tmp_path, base_model):
         assert rows[0][0] == "v0001"
     finally:
         await app.close()
+
+
+async def test_a_model_that_does_not_load_is_never_registered(tmp_path, base_model):
+    """[model] path that does not load: the bot does not start and no version names it, so
+    the next start with a good path does not serve (or list) a ghost."""
+    from engine.model import ModelLoadError
+
+    config = make_config(tmp_path, tmp_path / "nope")
+    with pytest.raises(ModelLoadError):
+        await Mynah.open(config)
+    assert Registry(config.learning.registry).versions() == []
+    async with await Mynah.open(make_config(tmp_path, base_model)) as app:
+        assert [v.name for v in app.learning.registry.versions()] == ["v0001"]
+        assert app.learning.registry.get("v0001").source == str(base_model)
