@@ -100,9 +100,18 @@ async def load_active_model(config: Config, registry) -> LoadedModel:
     version that no longer loads falls back to the configured model, which becomes active."""
     from engine.model import ModelLoadError
 
-    active, changed = await asyncio.to_thread(registry.ensure_configured, config.model.path)
+    first: list[LoadedModel] = []
+
+    def load_first(source: str) -> None:   # a [model] path that does not load is never registered
+        m = config.model
+        first.append(load_model(source, fmt=m.format, device=m.device, quantize=config.engine.quantize))
+
+    active, changed = await asyncio.to_thread(registry.ensure_configured, config.model.path, check=load_first)
     if changed:
         log.info("registered [model] path %s as %s (now active)", config.model.path, active.name)
+    if first:
+        first[0].version = active.name
+        return first[0]
     try:
         return await load_configured_model(config, active.model_path, version=active.name)
     except ModelLoadError:

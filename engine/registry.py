@@ -35,7 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from engine.atomic import _fsync_dir, write_json_atomic, write_jsonl_atomic  # noqa: F401 (re-exported)
 from engine.pointer import Pointer
@@ -357,8 +357,10 @@ class Registry:
             return self._install(lambda tmp: os.rename(candidate, tmp), info, activate,
                                  f"promoted by run {run_id}" if run_id is not None else "promoted")
 
-    def ensure_configured(self, source: str) -> tuple[Version, bool]:
+    def ensure_configured(self, source: str, *, check: Callable[[str], None] | None = None) -> tuple[Version, bool]:
         """Make sure the registry reflects [model] path; returns (version to serve, changed).
+        `check(source)` runs before a new configured version is registered (the bot loads it
+        there): when it raises, nothing is registered.
 
         - empty registry: the configured model becomes v0001 and is active;
         - the configured path differs from the one last registered: it becomes a new
@@ -371,16 +373,19 @@ class Registry:
         last = self.configured()
         converted = stage_conversion(source, self.root, last.resolved if last else None)
         try:
-            return self._ensure_configured(source, converted)
+            return self._ensure_configured(source, converted, check)
         finally:
             if converted is not None:
                 shutil.rmtree(converted, ignore_errors=True)  # left only if another process registered first
 
-    def _ensure_configured(self, source: str, converted: Path | None) -> tuple[Version, bool]:
+    def _ensure_configured(self, source: str, converted: Path | None,
+                           check: Callable[[str], None] | None) -> tuple[Version, bool]:
         with _writer_lock(self.root):  # two processes starting at once must not both register
             last = self.configured()
             same = last is not None and (last.resolved or last.source) == resolve_source(source)
             if not same:
+                if check is not None:
+                    check(source)
                 note = "the configured model" if last is None else f"[model] path changed from {last.source!r}"
                 return self._register_configured(source, activate=True, note=note, converted=converted), True
             active = self.active()

@@ -48,13 +48,51 @@ def make_active(config, registry, version, reason: str, *, load: bool = True) ->
     except RegistryError as exc:
         print(f"mynah: {exc}", file=sys.stderr)
         return 1
-    print(f"active: {version.name} (was {old}); a running bot switches within {config.learning.poll_seconds:g} s")
-    return 0
+    bot = served_by(registry.root)
+    if bot is None:
+        print(f"active: {version.name} (was {old}); no bot is running, it serves {version.name} when it starts")
+        return 0
+    wait_s = 2 * config.learning.poll_seconds + 60   # its next poll, plus loading the model
+    if wait_until_served(registry.root, version.name, wait_s):
+        print(f"active: {version.name} (was {old}); the running bot now serves it")
+        return 0
+    print(f"active: {version.name} (was {old}); the running bot (pid {bot['pid']}) still serves {bot['version']} "
+          f"after {wait_s:g} s: see its log (the model may not load there)", file=sys.stderr)
+    return 1
+
+
+def served_by(root) -> dict | None:
+    """What a running bot on this registry serves ({"version", "pid"}), or None when none runs."""
+    import json
+    import os
+
+    from bots.learning.promote import SERVING_FILE
+
+    try:
+        info = json.loads((Path(root) / SERVING_FILE).read_text(encoding="utf-8"))
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info
+
+
+def wait_until_served(root, name: str, timeout_s: float) -> bool:
+    """Whether the running bot serves `name` within `timeout_s` (it swaps between batches)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = served_by(root)
+        if info is None or info.get("version") == name:
+            return info is not None
+        time.sleep(0.1)
+    return False
 
 
 def check_servable(config, version, *, load: bool = True) -> None:
     """RegistryError unless `version` may be served: not tainted by /forget, and it loads."""
     from engine.registry import RegistryError
+    from storage import target_of
 
     if version.name in asyncio.run(tainted_versions(target_of(config.storage))):
         raise RegistryError(f"{version.name} was trained on forgotten data and can never be served")

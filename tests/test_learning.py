@@ -503,3 +503,42 @@ async def test_a_running_bot_notices_a_cli_rollback(tmp_path, base_model):
         assert rows[0][0] == "v0001"
     finally:
         await app.close()
+
+
+async def test_a_model_that_does_not_load_is_never_registered(tmp_path, base_model):
+    """[model] path that does not load: the bot does not start and no version names it, so
+    the next start with a good path does not serve (or list) a ghost."""
+    from engine.model import ModelLoadError
+
+    config = make_config(tmp_path, tmp_path / "nope")
+    with pytest.raises(ModelLoadError):
+        await Mynah.open(config)
+    assert Registry(config.learning.registry).versions() == []
+    async with await Mynah.open(make_config(tmp_path, base_model)) as app:
+        assert [v.name for v in app.learning.registry.versions()] == ["v0001"]
+        assert app.learning.registry.get("v0001").source == str(base_model)
+
+
+async def test_cli_rollback_answers_once_the_running_bot_serves_it(tmp_path, base_model, capsys):
+    """`mynah rollback` / `mynah promote` move the pointer; they answer only after the running
+    bot (which polls it) has swapped, so "now serves it" is true when printed."""
+    import shutil
+
+    from scripts.cli import main
+
+    toml = tmp_path / "config.toml"
+    toml.write_text(
+        f'[model]\npath = "{base_model}"\n[storage]\npath = "{tmp_path / "mynah.sqlite3"}"\n[learning]\n'
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in {**FAST, "registry": str(tmp_path / "models"),
+                                                         "poll_seconds": 1.0}.items()), encoding="utf-8")
+    async with await Mynah.open(make_config(tmp_path, base_model, poll_seconds=1.0)) as app:
+        registry = app.learning.registry
+        shutil.copytree(base_model, tmp_path / "candidate")
+        registry.add_fine_tuned(tmp_path / "candidate", parent="v0001", run_id=None, trained_through=0, metrics={},
+                                activate=False, awaiting_approval=True)
+        assert await asyncio.to_thread(main, ["--config", str(toml), "promote", "v0002"]) == 0
+        assert app.engine.version == "v0002" and "the running bot now serves it" in capsys.readouterr().out
+        assert await asyncio.to_thread(main, ["--config", str(toml), "rollback"]) == 0
+        assert app.engine.version == "v0001" and "active: v0001 (was v0002)" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["--config", str(toml), "rollback", "v0002"]) == 0
+    assert "no bot is running" in capsys.readouterr().out

@@ -288,7 +288,7 @@ async def test_mynah_open_wires_mmi_and_status_shows_it(tmp_path, tiny_dialogpt,
         assert len(out) == 1 and out[0].text
         status = await app.chat.admin.status_text()
         assert "MMI reranking: on (3 candidates, weight 0.5" in status
-        assert "over 1 replies" in status   # a reply counts once, not once per candidate
+        assert "over 1 reply" in status   # a reply counts once, not once per candidate
     finally:
         await app.close()
 

@@ -184,10 +184,22 @@ async def test_require_approval_waits_for_promote(tmp_path, base_model):
         refused = await app.chat.handle(Incoming(platform="telegram", chat_id="b", user_id="7", text="/promote v0002"))
         assert "admins only" in refused[0].text and learning.registry.active_name() == "v0001"
         out = await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN, text="/promote v0002"))
-        assert "now serving v0002" in out[0].text
+        assert "now serving v0002" in out[0].text      # said only once the worker serves it
         assert learning.registry.active_name() == "v0002" and app.engine.version == "v0002"
+        assert await _replier(app) == "v0002"
+        back = await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN, text="/rollback v0001"))
+        assert "now serving v0001" in back[0].text and app.engine.version == "v0001"
+        assert await _replier(app) == "v0001"
+        await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN, text="/rollback v0002"))
         again = await app.chat.handle(Incoming(platform="telegram", chat_id="a", user_id=ADMIN, text="/promote v0001"))
         assert "not waiting for approval" in again[0].text
+
+
+async def _replier(app) -> str:
+    """The model version that wrote the next reply."""
+    reply = await app.chat.handle(Incoming(platform="telegram", chat_id="someone", user_id="77", text="hello there"))
+    rows = await app.db.fetchall("SELECT model_version FROM messages WHERE id = ?", (reply[0].stored_id,))
+    return rows[0][0]
 
 
 async def _users(db, version: str) -> set[str]:

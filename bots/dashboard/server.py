@@ -1,8 +1,8 @@
 """Start and stop the dashboard inside the bot's own event loop (one aiohttp site, one port).
 
     check_dashboard(config, os.environ)                       # early: DashboardError without a token
-    handle = await start_dashboard(app, config, os.environ, platforms=["console"])  # None when disabled
-    handle.platform_up("console")                             # after each platform started
+    handle = await start_dashboard(app, config, os.environ, platforms=[name, …])  # None when disabled
+    handle.platform_up(name)                                  # after each platform started
     await handle.stop()
 """
 from __future__ import annotations
@@ -82,8 +82,7 @@ async def start_dashboard(app, config=None, environ=os.environ, *, platforms=())
         register_secret(token, "<MYNAH_DASHBOARD_TOKEN>")
     except ImportError:
         pass
-    state = DashboardState(app=app, config=dc, auth=Auth(token, metrics_public=_is_loopback(dc.listen)),
-                           progress=Progress(),
+    state = DashboardState(app=app, config=dc, auth=Auth(token), progress=Progress(),
                            platforms={name: "starting" for name in platforms}, started_at=time.time())
     if app.learning is not None:
         app.learning.add_progress_listener(state.progress)
@@ -100,7 +99,7 @@ async def start_dashboard(app, config=None, environ=os.environ, *, platforms=())
     log.info("dashboard on %s", handle.url)
     if not _is_loopback(dc.listen):
         log.warning("the dashboard listens on %s, beyond this machine: put it behind a TLS proxy or a firewall "
-                    "(/metrics needs the token there too: Prometheus's bearer_token)", dc.listen)
+                    "(/metrics needs no token)", dc.listen)
     return handle
 
 

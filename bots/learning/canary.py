@@ -40,7 +40,7 @@ from bots.learning.promote import PromotionRefused
 from bots.learning import canary_stats
 from bots.learning.stats import wilson
 from engine.registry import RegistryError, write_json_atomic
-from engine.serving.protocol import EngineBusy, EngineStopped, ReplyEngine, ReplyStream
+from engine.serving.protocol import EngineBusy, EngineStopped, EngineWrapper, ReplyStream
 from storage.feedback import summarize
 from storage.votes import votes
 
@@ -63,7 +63,7 @@ class Candidate:
     share: float
 
 
-class Router(ReplyEngine):
+class Router(EngineWrapper):
     """A ReplyEngine over the active engine and, during a canary, the candidate's engine."""
 
     def __init__(self, active, chats):
@@ -73,12 +73,8 @@ class Router(ReplyEngine):
         self.routed = 0       # replies the candidate wrote
 
     @property
-    def defaults(self):
-        return self.active.defaults
-
-    @property
-    def version(self) -> str:
-        return self.active.version
+    def inner(self):
+        return self.active
 
     async def serves_candidate(self, chat_id: int | None) -> bool:
         c = self.candidate
@@ -116,15 +112,6 @@ class Router(ReplyEngine):
             return inner.reply
 
         return ReplyStream(produce)
-
-    def stats(self):
-        return self.active.stats()
-
-    def start(self) -> None:
-        self.active.start()
-
-    async def stop(self) -> None:
-        await self.active.stop()
 
 
 

@@ -78,6 +78,7 @@ class Learning:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        self.promoter.stop()
         run = self.runs.current
         if run is not None and run.task is not None and not run.task.done():
             run.task.cancel()

@@ -14,15 +14,20 @@ an adapter the backend refuses never becomes active.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import time
 from pathlib import Path
 
 from bots.learning.remote import RemoteAdapters
-from engine.registry import Registry, RegistryError, Version, parse_version
+from engine.registry import Registry, RegistryError, Version, parse_version, write_json_atomic
 from engine.serving.lora_admin import LoraAdminError
 from engine.serving.protocol import RemoteModelSwitch
 
 log = logging.getLogger(__name__)
+
+SERVING_FILE = "serving.json"   # {"version", "pid", "at"}: what the running bot serves
 
 
 class PromotionRefused(RuntimeError):
@@ -30,7 +35,9 @@ class PromotionRefused(RuntimeError):
 
 
 class Promoter:
-    """Owns the swap lock, the name of the version being served and the pointer's last stamp."""
+    """Owns the swap lock, the name of the version being served and the pointer's last stamp.
+    In a bot (with an engine) what is served is also written to the registry's serving.json,
+    so `mynah promote` / `mynah rollback` can answer once the running bot has switched."""
 
     def __init__(self, config, registry: Registry, engine=None, *, serving: str | None = None):
         self.config = config
@@ -40,6 +47,24 @@ class Promoter:
         self._lock = asyncio.Lock()
         self._stamp = registry.pointer_stamp()
         self.remote = RemoteAdapters(config, registry, engine) if isinstance(engine, RemoteModelSwitch) else None
+
+    @property
+    def serving(self) -> str | None:
+        return self._serving
+
+    @serving.setter
+    def serving(self, name: str | None) -> None:
+        self._serving = name
+        if self.engine is not None and name:
+            with contextlib.suppress(OSError):
+                write_json_atomic(self.registry.root / SERVING_FILE, {"version": name, "pid": os.getpid(),
+                                                                      "at": time.time()})
+
+    def stop(self) -> None:
+        """The bot stops serving: serving.json goes (the CLI then knows no bot will switch)."""
+        if self.engine is not None:
+            with contextlib.suppress(OSError):
+                (self.registry.root / SERVING_FILE).unlink()
 
     async def start(self) -> None:
         """Remote backend: serve the active version (its adapter may be gone after a backend restart)."""
@@ -210,6 +235,8 @@ class Promoter:
         version = moved[0] if isinstance(moved, tuple) else moved
         if loaded is not None:
             loaded.version = version.name
-            self.engine.swap(loaded)
+            landed = self.engine.swap(loaded)
+            if landed is not None:      # answered only once the new model serves (the worker's next batch)
+                await asyncio.wrap_future(landed)
         self.serving = version.name
         return moved

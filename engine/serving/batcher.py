@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -127,7 +128,7 @@ class Engine(WorkerThread, ModelEngine):
         self._threads_wanted: int | None = None  # set_threads(): applied by the worker between steps
         self.threads_now: int | None = None  # the worker's torch threads after its last set_threads
         self._loaded = loaded
-        self._pending_swap: LoadedModel | None = None
+        self._pending_swap: tuple[LoadedModel, concurrent.futures.Future] | None = None
         self._prepare(loaded)
         self._queue: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
@@ -157,11 +158,22 @@ class Engine(WorkerThread, ModelEngine):
         """The reply as it is decoded: the worker pushes each step's new text (ReplyStream)."""
         return ReplyStream(lambda stream: self.reply(turns, overrides, system=system, stream=stream))
 
-    def swap(self, loaded: LoadedModel) -> None:
-        """Serve `loaded` from the next batch on; rows in flight finish on the old model."""
+    def swap(self, loaded: LoadedModel) -> concurrent.futures.Future:
+        """Serve `loaded` from the next batch on; rows in flight finish on the old model. The
+        future resolves to its version once the worker serves it (`await asyncio.wrap_future(...)`),
+        so whoever says "now serving" can wait until it is true."""
+        landed: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
-            self._pending_swap = loaded
+            if not self._running:      # no worker: the next start serves it
+                self._loaded = loaded
+                self._prepare(loaded)
+                landed.set_result(loaded.version)
+                return landed
+            if self._pending_swap is not None:
+                self._pending_swap[1].set_result(None)   # superseded before it landed
+            self._pending_swap = (loaded, landed)
             self._wake.notify()
+        return landed
 
     # ---- helpers ----------------------------------------------------------------
     def set_threads(self, threads: int) -> None:
@@ -242,12 +254,12 @@ class Engine(WorkerThread, ModelEngine):
         batch: _Batch | None = None
         with torch.inference_mode():
             while True:
-                swapped = False
+                swapped, landed = False, None
                 if self._threads_wanted is not None:
                     self._apply_threads()
                 with self._wake:
                     if batch is None and self._pending_swap is not None:
-                        self._loaded, self._pending_swap = self._pending_swap, None
+                        (self._loaded, landed), self._pending_swap = self._pending_swap, None
                         self._prepare(self._loaded)
                         swapped = True
                         log.info("now serving model version %s", self._loaded.version)
@@ -263,7 +275,12 @@ class Engine(WorkerThread, ModelEngine):
                             self._wake.wait(timeout=0.5)
                         continue
                 if swapped:  # outside the lock: reply() must not wait for this
-                    self._make_decoder(self._loaded)
+                    try:
+                        self._make_decoder(self._loaded)
+                    except BaseException as exc:
+                        landed.set_exception(exc)
+                        raise
+                    landed.set_result(self._loaded.version)
                     if batch is None and not admitted:
                         continue
                 if admitted and batch is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import logging
@@ -108,10 +109,14 @@ class CT2Engine(WorkerThread):
         loaded.max_positions = max_positions(loaded.model)
         self._loaded = loaded
 
-    def swap(self, loaded: LoadedModel) -> None:
-        """Convert and serve `loaded` (blocking this call; the worker picks it up for its next batch)."""
+    def swap(self, loaded: LoadedModel) -> concurrent.futures.Future:
+        """Convert and serve `loaded` (blocking this call; the worker picks it up for its next batch).
+        The returned future is already resolved: the next batch is the new model's."""
         with self._wake:
             self._load(loaded)
+        landed: concurrent.futures.Future = concurrent.futures.Future()
+        landed.set_result(loaded.version)
+        return landed
 
     def set_threads(self, threads: int) -> None:  # CTranslate2 fixes its threads when the Generator is made
         log.debug("CTranslate2 backend: thread count stays %s", self.threads or "default")

@@ -48,7 +48,8 @@ from typing import Sequence
 import torch
 
 from engine.model import LoadedModel
-from engine.serving.protocol import EngineStats, MMIStats, ModelEngine, Reply, ReplyStream, Route
+from engine.serving.protocol import (EngineStats, EngineWrapper, MMIStats, ModelEngine, Reply, ReplyStream, Route,
+                                     SamplingParams)
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -213,12 +214,7 @@ class Reranked:
     scoring_s: float
 
 
-def _wrapped(name: str) -> property:
-    """An MMIEngine attribute read from the engine it wraps (it serves the same model)."""
-    return property(lambda mmi: getattr(mmi.engine, name), doc=f"The wrapped engine's {name}.")
-
-
-class MMIEngine(ModelEngine):
+class MMIEngine(EngineWrapper, ModelEngine):
     """A ModelEngine that answers with the best of N sampled candidates (see the module docstring).
 
     Everything but reply() and stats() is the wrapped engine's: the same model, version,
@@ -242,33 +238,27 @@ class MMIEngine(ModelEngine):
         self.changed_by_backward = 0  # replies where the backward model overruled the forward favourite
 
     # ---- ModelEngine, delegated to the wrapped engine ------------------------------
-    version = _wrapped("version")
-    model = _wrapped("model")
-    defaults = _wrapped("defaults")
-    max_context_tokens = _wrapped("max_context_tokens")
-    max_batch_size = _wrapped("max_batch_size")
-
     def set_threads(self, threads: int) -> None:
-        self._pass_on("set_threads", threads)
+        setter = getattr(self.engine, "set_threads", None)
+        if setter is not None:
+            setter(threads)
 
     def set_busy_hook(self, hook) -> None:
-        self._pass_on("set_busy_hook", hook)
-
-    def _pass_on(self, method: str, value) -> None:
-        """Call the wrapped engine's `method` if it has one (CTranslate2 and remote engines may not)."""
-        setter = getattr(self.engine, method, None)
+        setter = getattr(self.engine, "set_busy_hook", None)
         if setter is not None:
-            setter(value)
+            setter(hook)
 
-    def start(self) -> None:
-        self.engine.start()
+    @property
+    def inner(self):
+        return self.engine
 
-    async def stop(self) -> None:
-        await self.engine.stop()
+    model = property(lambda self: self.engine.model)
+    max_context_tokens = property(lambda self: self.engine.max_context_tokens)
+    max_batch_size = property(lambda self: self.engine.max_batch_size)
 
-    def swap(self, loaded: LoadedModel) -> None:
-        """Swap the forward model (the engine does it between batches)."""
-        self.engine.swap(loaded)
+    def swap(self, loaded: LoadedModel):
+        """Swap the forward model (the engine does it between batches); the engine's future."""
+        return self.engine.swap(loaded)
 
     def swap_backward(self, loaded: LoadedModel) -> None:
         """Score with `loaded` from the next scoring pass on."""

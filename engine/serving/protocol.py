@@ -16,6 +16,7 @@ The values that cross the boundary live here too: `SamplingParams` (per-request
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol, Sequence, runtime_checkable
@@ -238,8 +239,9 @@ class ModelEngine(ReplyEngine, Protocol):
         """The model serving now (torch module, tokenizer, dialogue format)."""
         ...
 
-    def swap(self, loaded: LoadedModel) -> None:
-        """Serve `loaded` from the next batch on; requests in flight finish on the old model."""
+    def swap(self, loaded: LoadedModel) -> "concurrent.futures.Future":
+        """Serve `loaded` from the next batch on; requests in flight finish on the old model.
+        The future resolves (to the version) once the new model serves."""
         ...
 
 
@@ -260,3 +262,36 @@ class RemoteModelSwitch(Protocol):
         """From the next request on, ask for `model` (None: the backend's base model) and record
         `version` as the model version of the replies (in-flight requests are not affected)."""
         ...
+
+
+class EngineWrapper:
+    """A ReplyEngine in front of another one (`inner`: MMI reranking, the canary's Router): its
+    lifecycle, version, defaults and stats are the inner engine's unless the wrapper says otherwise."""
+
+    @property
+    def inner(self):
+        raise NotImplementedError
+
+    @property
+    def version(self) -> str:
+        return self.inner.version
+
+    @property
+    def defaults(self) -> SamplingParams:
+        return self.inner.defaults
+
+    def stats(self) -> EngineStats:
+        return self.inner.stats()
+
+    def start(self) -> None:
+        self.inner.start()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    async def __aenter__(self):
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

@@ -13,27 +13,26 @@ from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass(kw_only=True)
-class _Envelope:
-    """What every record carries: the run it belongs to and when it was written (keyword-only,
-    so each record's own fields come first and positional)."""
+class _Event:
+    """Every event: the run it belongs to (the parent tags it) and when it happened."""
     run_id: int | None = None
     time: float = field(default_factory=time.time)
 
 
 @dataclass
-class Started(_Envelope):
+class Started(_Event):
     """The child is up (its pid: the parent stops it by its process group)."""
     pid: int
 
 
 @dataclass
-class Stage(_Envelope):
+class Stage(_Event):
     """A step of the run begins ("evaluating the active model", "training", …)."""
     stage: str
 
 
 @dataclass
-class Data(_Envelope):
+class Data(_Event):
     """How many dialogues each split holds, after dropping what /forget removed."""
     train: int
     held_out: int
@@ -42,7 +41,7 @@ class Data(_Envelope):
 
 
 @dataclass
-class Scored(_Envelope):
+class Scored(_Event):
     """A model's losses on the held-out and base-corpus dialogues (side: before | after)."""
     side: str
     held_out: float | None = None
@@ -50,21 +49,21 @@ class Scored(_Envelope):
 
 
 @dataclass
-class Train(_Envelope):
+class Train(_Event):
     """One progress report of engine.training.train (kind: step | eval | done)."""
     kind: str
     step: int = 0
-    total_steps: int = 0
-    tokens: int = 0
-    elapsed_s: float = 0.0
-    best_valid_loss: float | None = None
     train_loss: float | None = None
+    total_steps: int = 0
     valid_loss: float | None = None
+    tokens: int = 0
+    best_valid_loss: float | None = None
+    elapsed_s: float = 0.0
     lr: float | None = None
 
 
 @dataclass
-class Finished(_Envelope):
+class Finished(_Event):
     """The child's outcome (also result.json): the numbers on success, the reason otherwise."""
     ok: bool
     error: str = ""
@@ -83,7 +82,7 @@ class Finished(_Envelope):
 
 
 @dataclass
-class RunEnded(_Envelope):
+class RunEnded(_Event):
     """The parent's last word on a run (the learning loop sends it to its listeners)."""
     status: str
     decision: str
@@ -98,16 +97,15 @@ _NAMES = {cls: name for name, cls in KINDS.items()}
 
 
 def to_json(event: Event) -> str:
-    """One line: the record's fields plus its kind under "record" (not "kind": Train has a
-    field of that name, which would overwrite the tag)."""
-    return json.dumps({"record": _NAMES[type(event)], **asdict(event)})
+    """One line: the record's fields plus its type's name."""
+    return json.dumps({"type": _NAMES[type(event)], **asdict(event)})
 
 
 def from_dict(raw: dict) -> Event | None:
-    """The record `raw` describes, or None for an unknown kind; unknown fields are dropped."""
+    """The record `raw` describes, or None for an unknown type; unknown fields are dropped."""
     if not isinstance(raw, dict):
         return None
-    cls = KINDS.get(raw.get("record"))
+    cls = KINDS.get(raw.get("type"))
     if cls is None:
         return None
     known = {f.name for f in fields(cls)}
