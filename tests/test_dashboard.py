@@ -34,7 +34,7 @@ CHROMIUM = os.environ.get("MYNAH_CHROMIUM", "/usr/bin/chromium")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FAST = dict(schedule="24h", base_corpus="", epochs=2, lr=3e-3, max_len=64, batch_size=8, min_free_disk_mb=1,
-            poll_seconds=0.2, threads=1, nice=5, min_new_messages=1)
+            poll_seconds=0.2, threads=1, nice=5, min_new_messages=1, min_account_age_hours=0)
 CATCHPHRASE = "indubitably , my good friend , indubitably !"
 QUESTIONS = ["hello there", "how are you ?", "what do you like to do ?", "do you have a dog ?", "good morning"]
 
