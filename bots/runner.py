@@ -80,7 +80,7 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
         dashboard = await start_dashboard(app, config, environ, platforms=list(platforms))
         if not platforms:   # the dashboard can be tried before any platform token exists
             log.warning("no platform configured (%s unset): serving the dashboard alone on %s",
-                        " and ".join(PLATFORM_TOKENS.values()), dashboard.url)
+                        " and ".join(spec.token_var for spec in served().values()), dashboard.url)
         for platform, token in platforms.items():
             adapter = make_adapter(platform, app, token, environ)
             adapter.on_fatal = stop_for(platform)
