@@ -46,7 +46,7 @@ def run(args) -> int:
             return 0
         if config.storage.url:
             check = asyncio.run(_restore_postgres(config, args.file))
-            print(f"restored {redact(config.storage.url)} from {args.file} ({plural(check.messages, "message")})")
+            print(f"restored {redact(config.storage.url)} from {args.file} ({plural(check.messages, 'message')})")
             return 0
         result = restore(args.file, config.storage.path, keep_old=not args.no_keep)
     except StorageError as exc:
