@@ -242,3 +242,32 @@ def test_a_hub_name_offline_fails_at_once_with_one_message(tmp_path, hub):
     assert done.returncode == 1 and took < 15, (took, done.stderr)
     assert len(lines) == 1 and "someorg/not-downloaded" in lines[0] and "Retrying" not in done.stderr, done.stderr
     assert ("HF_HUB_OFFLINE is set" if hub == "HF_HUB_OFFLINE" else "unreachable") in lines[0]
+
+
+async def test_a_held_burst_is_prefilled_as_one_batch_and_an_unused_ticket_releases(dialogpt, monkeypatch):
+    """engine/serving/admission.py: while a platform's fetched updates are held, the idle worker
+    waits for each one's request (or its end) and prefills them together."""
+    groups: list[int] = []
+    real = Engine._prefill
+
+    def spy(self, loaded, admitted):
+        groups.append(len(admitted))
+        return real(self, loaded, admitted)
+
+    monkeypatch.setattr(Engine, "_prefill", spy)
+    async with Engine(dialogpt, SamplingParams(max_new_tokens=3, min_new_tokens=3)) as engine:
+        gate = engine.admission
+
+        async def update(text: str | None, delay: float):
+            with gate.ticket():
+                await asyncio.sleep(delay)   # storing the message before the reply is asked for
+                if text is not None:
+                    return (await engine.reply([("user", text)])).text
+
+        gate.hold(3)
+        answers = await asyncio.gather(update("hello", 0.0), update("how are you", 0.1), update(None, 0.15))
+        assert groups == [2] and all(answers[:2])   # without the hold: [1, 1]
+        groups.clear()
+        gate.hold(2)                                # one update never asks (a command): its end releases it
+        await asyncio.gather(update(None, 0.0), update("again", 0.05))
+        assert groups == [1] and gate.waiting_s() == 0.0

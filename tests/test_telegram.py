@@ -665,3 +665,27 @@ async def test_mynah_run_serves_until_sigterm(tmp_path, tiny_dialogpt, fake):
         [("user", "ok"), ("bot", "ok"), ("user", "ok"), ("bot", "ok")]
     assert not (tmp_path / "run.sqlite3-wal").exists() or (tmp_path / "run.sqlite3-wal").stat().st_size == 0
     db.close()
+
+
+async def test_sixteen_messages_fetched_together_reach_the_engine_in_one_batch(bot, fake, monkeypatch):
+    """A burst fetched by one getUpdates is prefilled as one batch (engine/serving/admission.py):
+    admitted 1 + 15, the fifteen waited for the lone prefill and the burst ran one step longer."""
+    from engine.serving.batcher import Engine
+
+    groups: list[int] = []
+    real = Engine._prefill
+
+    def spy(self, loaded, admitted):
+        groups.append(len(admitted))
+        return real(self, loaded, admitted)
+
+    monkeypatch.setattr(Engine, "_prefill", spy)
+    fake.message(1, "hello there")                      # the bot is polling: the burst comes in one fetch
+    await fake.wait_for(lambda: fake.sent(1), timeout=30)
+    groups.clear()
+    chats = list(range(2000, 2016))
+    for chat in chats:
+        fake.message(chat, f"hello there, I am chat {chat}")
+    await fake.wait_for(lambda: all(fake.sent(c) for c in chats), timeout=30)
+    fetches = [c for c in fake.calls if c.method == "getUpdates"]
+    assert groups == [16], f"admitted in groups {groups} ({len(fetches)} getUpdates calls)"

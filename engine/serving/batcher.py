@@ -28,6 +28,7 @@ import torch
 
 from engine.model import LoadedModel
 from engine.serving import sentences
+from engine.serving.admission import AdmissionGate
 from engine.serving.fastpath import FAST_PATH_MODES, pick_decoder
 # EngineBusy, EngineStopped and Reply are the contract's (protocol.py); importing them from here still works
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, ModelEngine, Reply,
@@ -132,6 +133,7 @@ class Engine(WorkerThread, ModelEngine):
         self._prepare(loaded)
         self._queue: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
+        self.admission = AdmissionGate(self._wake)  # a platform's burst is admitted as one batch (admission.py)
         self._running = False
         self._thread: threading.Thread | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
@@ -264,7 +266,8 @@ class Engine(WorkerThread, ModelEngine):
                         swapped = True
                         log.info("now serving model version %s", self._loaded.version)
                     admitted = []
-                    if self._pending_swap is None:
+                    hold_s = self.admission.waiting_s() if self._queue else 0.0  # a burst's siblings are on their way
+                    if self._pending_swap is None and not hold_s:
                         running = len(batch.rows) if batch else 0
                         while self._queue and running + len(admitted) < self.max_batch_size:
                             admitted.append(self._queue.popleft())
@@ -272,7 +275,7 @@ class Engine(WorkerThread, ModelEngine):
                         if not self._running and not self._queue:
                             return
                         if self._threads_wanted is None:
-                            self._wake.wait(timeout=0.5)
+                            self._wake.wait(timeout=min(hold_s, 0.5) if hold_s else 0.5)
                         continue
                 if swapped:  # outside the lock: reply() must not wait for this
                     try:

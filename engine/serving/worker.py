@@ -58,6 +58,9 @@ class WorkerThread:
             if len(self._queue) >= self.max_queue:
                 raise EngineBusy(f"{len(self._queue)} requests are already waiting")
             self._queue.append(request)
+            gate = getattr(self, "admission", None)
+            if gate is not None:
+                gate.queued()   # this update's hold (admission.py) is released: it reached the engine
             self._wake.notify()
         return await request.future
 

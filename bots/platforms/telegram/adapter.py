@@ -47,6 +47,7 @@ from bots.platforms.telegram.sender import (NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT
 from bots.platforms.telegram.spec import SPEC
 from bots.platforms.telegram import reactions, workers
 from bots.platforms.telegram.webhook import WebhookServer
+from engine.serving.admission import AdmissionGate
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class TelegramAdapter(Platform):
         self.retry_delay = retry_delay              # first back-off after a network error
         self.max_concurrent_updates = max_concurrent_updates
         self.tracker = DeliveryTracker(ack_warn_every)
+        gate = getattr(getattr(app, "engine", None), "admission", None)   # a fetched burst is prefilled as one batch
+        self.tracker.admission = gate if isinstance(gate, AdmissionGate) else None
         self.newcomer_s = newcomer_s                # a 409 this soon after starting: we are the second instance
         self.on_fatal = None                        # runner: called with the reason when we must stop
         self.conflict: str | None = None            # set once a 409 Conflict made this instance stop

@@ -14,6 +14,7 @@ the acknowledgement is held for as long as it takes, with a warning in the log e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -34,6 +35,7 @@ class DeliveryTracker:
         self.warn_every = warn_every
         self.closing = False          # set on stop: acknowledge what is stored, wait for nothing
         self.on_finished = None       # (update_id) -> None, told when an update is fully handled
+        self.admission = None         # the engine's AdmissionGate (engine/serving/admission.py), if it has one
         self._closed = asyncio.Event()
         self._waiters: dict[int, asyncio.Event] = {}   # update id -> set once it is stored
         self._unstored: set[int] = set()
@@ -126,6 +128,8 @@ class AckGatedBot(ExtBot):
             offset = await self._tracker.before_ack(offset)
         updates = await super().get_updates(offset, *args, **kwargs)
         self._tracker.fetched(u.update_id for u in updates)
+        if self._tracker.admission is not None:  # one fetch, one batch: the engine admits their replies together
+            self._tracker.admission.hold(len(updates))
         return updates
 
 
@@ -138,8 +142,10 @@ class TrackingUpdateProcessor(BaseUpdateProcessor):
         self._tracker = tracker
 
     async def do_process_update(self, update, coroutine) -> None:
+        gate = self._tracker.admission
         try:
-            await coroutine
+            with gate.ticket() if gate is not None else contextlib.nullcontext():
+                await coroutine
         finally:
             if isinstance(update, Update):
                 self._tracker.finished(update.update_id)
