@@ -28,6 +28,7 @@ SUBCOMMANDS = [
     "scripts.feedback",
     "scripts.migrate",
     "scripts.copy_storage",
+    "scripts.demo",
 ]
 
 
