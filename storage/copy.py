@@ -15,9 +15,9 @@ from storage.db import StorageError
 
 # Every table, parents before children. A migration that adds a table adds it here (a test checks).
 TABLES = ["chats", "users", "messages", "context_resets", "model_versions", "training_runs", "admin_audit",
-          "forgotten", "version_users", "version_messages", "version_taint", "feedback", "workers", "update_claims",
+          "forgotten", "version_users", "version_messages", "version_taint", "feedback", "user_facts", "workers", "update_claims",
           "leases", "cluster_state"]
-ID_TABLES = {"chats", "users", "messages", "context_resets", "training_runs", "admin_audit", "forgotten", "feedback"}
+ID_TABLES = {"chats", "users", "messages", "context_resets", "training_runs", "admin_audit", "forgotten", "feedback", "user_facts"}
 CHUNK = 1000
 
 

@@ -262,7 +262,7 @@ class Feedback:
             # one vote per person: the sign of each user's own reactions, summed over people
             "  COALESCE((SELECT SUM(v) FROM (SELECT CASE WHEN SUM(x.value) > 0 THEN 1 WHEN SUM(x.value) < 0 "
             "    THEN -1 ELSE 0 END AS v FROM feedback x WHERE x.message_id = m.id AND x.kind = 'explicit' "
-            "    GROUP BY x.user_id)), 0) AS ex_sum, "
+            "    GROUP BY x.user_id) AS per_person), 0) AS ex_sum, "
             "  COUNT(CASE WHEN f.kind = 'explicit' THEN 1 END) AS ex_n, "
             "  COUNT(CASE WHEN f.kind = 'explicit' AND f.value > 0 THEN 1 END) AS ex_pos, "
             "  COUNT(CASE WHEN f.kind = 'explicit' AND f.value < 0 THEN 1 END) AS ex_neg, "

@@ -42,6 +42,7 @@ async def fill(db) -> dict:
     await store.runs.update_training_run(run, status="done", decision="rejected: worse", finished=True)
     await store.audit.record("telegram", 10, "/retrain", "now", False)
     await store.feedback.set_signals("telegram", 1, 101, 10, {"reaction:👍": 1})
+    await store.memory.remember(ann, [("name", "Ann"), ("pet", "a cat named Tom")])
     await trust.record_lineage("v0001", {"telegram:10": 2}, [q, r])
     await trust.taint(["v0001"], "forgotten user")
     cluster = ClusterStore(db)

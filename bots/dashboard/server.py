@@ -82,7 +82,8 @@ async def start_dashboard(app, config=None, environ=os.environ, *, platforms=())
         register_secret(token, "<MYNAH_DASHBOARD_TOKEN>")
     except ImportError:
         pass
-    state = DashboardState(app=app, config=dc, auth=Auth(token), progress=Progress(),
+    state = DashboardState(app=app, config=dc, auth=Auth(token, metrics_public=_is_loopback(dc.listen)),
+                           progress=Progress(),
                            platforms={name: "starting" for name in platforms}, started_at=time.time())
     if app.learning is not None:
         app.learning.add_progress_listener(state.progress)
@@ -99,7 +100,7 @@ async def start_dashboard(app, config=None, environ=os.environ, *, platforms=())
     log.info("dashboard on %s", handle.url)
     if not _is_loopback(dc.listen):
         log.warning("the dashboard listens on %s, beyond this machine: put it behind a TLS proxy or a firewall "
-                    "(/metrics needs no token)", dc.listen)
+                    "(/metrics needs the token there too: Prometheus's bearer_token)", dc.listen)
     return handle
 
 
