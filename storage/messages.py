@@ -103,11 +103,14 @@ class Messages:
         """(messages.id, handled) when this user message is already stored, else None.
 
         A platform may deliver a message twice (Telegram redelivers what was not acknowledged
-        before a restart); `handled` says it needs no answer: it was rate-limited, or a reply
-        to it was sent or is pending (start-up recovery deals with those)."""
+        before a restart, a surviving worker re-handles a dead one's); `handled` says it needs
+        no answer: it was rate-limited, a reply to it was sent or is pending (start-up recovery
+        deals with those), or the chat moved on: a newer message of the chat is stored, whose
+        reply has this one in its context, and a late answer would arrive out of order."""
         row = await self.db.fetchone(
             "SELECT m.id, m.status != 'ok' OR EXISTS (SELECT 1 FROM messages r WHERE r.reply_to_id = m.id "
-            "  AND r.status IN ('ok', 'pending')) FROM messages m "
+            "  AND r.status IN ('ok', 'pending')) OR EXISTS (SELECT 1 FROM messages n WHERE n.chat_id = m.chat_id "
+            "  AND n.role = 'user' AND n.id > m.id AND n.status = 'ok') FROM messages m "
             "WHERE m.chat_id = ? AND m.platform_message_id = ? AND m.role = 'user' ORDER BY m.id LIMIT 1",
             (chat_id, str(platform_message_id)))
         return None if row is None else (row[0], bool(row[1]))

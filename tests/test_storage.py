@@ -194,6 +194,23 @@ async def test_failed_replies_leave_context_and_replies_are_recognised(conv):
     assert not await conv.messages.is_bot_message(other, 11)  # same id, other chat
 
 
+async def test_a_redelivered_message_needs_an_answer_only_until_it_is_answered_or_the_chat_moves_on(conv):
+    chat = await conv.chats.chat("tg", 1)
+    elsewhere = await conv.chats.chat("tg", 2)
+    first = await conv.messages.log_message(chat, "user", "one", platform_message_id=10)
+    assert await conv.messages.seen_message(chat, 10) == (first, False)      # stored, never answered
+    lost = await conv.messages.log_message(chat, "bot", "lost", reply_to_id=first, status="pending")
+    assert await conv.messages.seen_message(chat, 10) == (first, True)       # pending: recovery sends it
+    await conv.messages.set_status(lost, "failed")
+    assert await conv.messages.seen_message(chat, 10) == (first, False)      # failed: answer it again
+    await conv.messages.log_message(elsewhere, "user", "other chat", platform_message_id=11)
+    await conv.messages.log_message(chat, "user", "limited", platform_message_id=12, status="limited")
+    assert await conv.messages.seen_message(chat, 10) == (first, False)      # neither moves this chat on
+    await conv.messages.log_message(chat, "user", "two", platform_message_id=13)
+    assert await conv.messages.seen_message(chat, 10) == (first, True)       # the chat moved on: no late answer
+    assert await conv.messages.seen_message(chat, 13) is not None and not (await conv.messages.seen_message(chat, 13))[1]
+
+
 async def test_consent(conv):
     chat = await conv.chats.chat("tg", 1)
     assert await conv.chats.consent(chat) is True
