@@ -53,13 +53,18 @@ def memory_chats(n: int, seed: int) -> list[dict]:
 
 async def memory_recall(engine, chats: list[dict], persona: str, history_turns: int, *, use_memory: bool,
                         seed: int) -> dict:
-    """Recall of the probed facts; `use_memory`: the bot's memory part in the system prompt."""
-    from bots.chat.memory import extract_facts, memory_prompt
+    """Recall of the probed facts; `use_memory`: as the bot does it (bots/chat/service.py): a
+    direct question about a stored fact answered from memory, anything else by the model
+    with the memory part in its system prompt."""
+    from bots.chat.memory import asked_about, extract_facts, memory_prompt, recall_answer
 
     async def ask(chat: dict, question: str, answer: str, k: int) -> bool:
         system = persona
         if use_memory:
             facts = [f for _, text in chat["turns"] if _ == "user" for f in extract_facts(text)]
+            known = recall_answer(asked_about(question), facts)
+            if known is not None:
+                return answer.lower() in known.lower()
             system = f"{persona}\n\n{memory_prompt(facts)}".strip()
         turns = chat["turns"][-(history_turns - 1):] + [("user", question)] if history_turns > 1 else [("user", question)]
         reply = await engine.reply(turns, {"seed": seed + k}, system=system)

@@ -50,7 +50,7 @@ class TrustStore:
         after the rows: a reset made in between lies after every row read, so it counts for
         none of them."""
         rows = await self.reader.fetchall(
-            "SELECT m.id, m.chat_id, m.role, m.text, m.created_at, m.status, "
+            "SELECT m.id, m.chat_id, m.role, m.text, m.created_at, m.status, m.model_version, "
             "  u.platform || ':' || u.platform_user_id AS user, COALESCE(u.consent, 1) AS consent, "
             "  COALESCE(u.created_at, 0) AS user_since "
             "FROM messages m JOIN chats c ON c.id = m.chat_id LEFT JOIN users u ON u.id = m.user_id "

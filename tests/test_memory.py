@@ -93,7 +93,7 @@ async def test_each_speaker_gets_their_own_facts_and_memory_commands_work(app, t
     await say(app, "bob", "I'm Bob. I live in Paris")
     bob_prompt = app.chat.engine.systems[-1]
     assert "name: Bob; lives in: Paris" in bob_prompt and "Alice" not in bob_prompt and "Rex" not in bob_prompt
-    await say(app, "alice", "what is my dog called?")
+    await say(app, "alice", "tell me something about dogs")
     assert "Rex" in app.chat.engine.systems[-1] and "Paris" not in app.chat.engine.systems[-1]
 
     shown = (await say(app, "alice", "/memory"))[0]
@@ -113,14 +113,60 @@ async def test_each_speaker_gets_their_own_facts_and_memory_commands_work(app, t
 
 
 async def test_memory_is_never_in_the_training_data(app, tmp_path):
-    from bots.learning.export import allowed_rows
+    from bots.learning.export import allowed_dialogues, allowed_rows
 
     await say(app, "dave", "my name is Dave and I have a cat named Tom", chat="d", chat_type="private")
-    await say(app, "dave", "what is my cat called", chat="d", chat_type="private")
+    await say(app, "dave", "tell me about my cat", chat="d", chat_type="private")
     assert "a cat named Tom" in app.chat.engine.systems[-1]
+    answered = await say(app, "dave", "what is my cat called?", chat="d", chat_type="private")
+    assert answered[0].text == "Your cat is Tom!"
+    await say(app, "dave", "cats are great", chat="d", chat_type="private")
+    async with app.store.db.transaction() as conn:      # every reply sent, as the adapter marks them
+        await conn.execute("UPDATE messages SET status = 'ok' WHERE status = 'pending'")
     text = repr([row.text for row in (await allowed_rows(app.store, app.config.learning)).rows])
     assert "my name is Dave" in text                      # the user's own words are logged as ever ...
-    assert "Facts the person" not in text and "pet: a cat" not in text      # ... the memory never
+    assert "Facts the person" not in text and "pet: a cat" not in text      # ... the memory never,
+    trained = repr([d.turns() for d in await allowed_dialogues(app.store, app.config.learning, [])])
+    assert "my name is Dave" in trained and "cats are great" in trained
+    assert "Your cat is Tom" not in trained and "what is my cat called" not in trained   # nor answers from it
+
+
+@pytest.mark.parametrize("question, answer", [
+    ("what is my name?", "You're Alice!"),
+    ("Do you remember my name?", "You're Alice!"),
+    ("what's my dog's name?", "Your dog is Rex!"),
+    ("what is my cat called?", "You haven't told me about your cat yet. What's their name?"),
+    ("which city do i live in?", "You live in Lyon."),
+    ("where am i from?", "You haven't told me where you're from yet."),
+    ("hey, what's my name and where do I live?", "You're Alice! You live in Lyon."),
+    ("how old am i?", "You haven't told me how old you are."),
+    ("I wonder what my name is", None),              # not a question to Mynah
+    ("what is your name?", None),                    # about Mynah: the model answers
+    ("what is my name? " + "blah " * 60, None),      # a long message is a conversation
+])
+def test_direct_questions_about_oneself_are_answered_from_the_facts(question, answer):
+    from bots.chat.memory import asked_about, recall_answer
+
+    facts = [("name", "Alice"), ("pet", "a dog named Rex"), ("home", "Lyon")]
+    assert recall_answer(asked_about(question), facts) == answer
+
+
+async def test_the_bot_answers_what_you_told_it_from_memory_each_their_own(app, tmp_path):
+    before = len(app.chat.engine.systems)
+    assert (await say(app, "erin", "what's my name?"))[0].text == "You haven't told me your name yet. What is it?"
+    await say(app, "erin", "I'm Erin and I live in Oslo")
+    await say(app, "finn", "my name is Finn")
+    asked = len(app.chat.engine.systems)
+    assert (await say(app, "erin", "what is my name?"))[0].text == "You're Erin!"
+    assert (await say(app, "finn", "what is my name? where do i live?"))[0].text == (
+        "You're Finn! You haven't told me where you live yet.")
+    assert len(app.chat.engine.systems) == asked == before + 2     # the model was not asked
+    db = sqlite3.connect(tmp_path / "db.sqlite3")
+    assert db.execute("SELECT text, model_version, status FROM messages WHERE role = 'bot' ORDER BY id DESC "
+                      "LIMIT 1").fetchone() == ("You're Finn! You haven't told me where you live yet.", "memory",
+                                                "pending")      # logged like any reply (sent by the adapter)
+    await say(app, "erin", "/memory clear")
+    assert (await say(app, "erin", "what is my name?"))[0].text.startswith("You haven't told me your name")
 
 
 async def test_name_is_replaced_pets_accumulate(tmp_path):

@@ -105,6 +105,78 @@ def memory_prompt(facts: list[tuple[str, str]], speaker: str = "") -> str:
             "Use them when they fit; they are about this person only, not about you.")
 
 
+# Direct questions about what the asker told Mynah: (kind, pattern); a pet question's first
+# group is the animal asked about. Only sentences that are questions count.
+QUESTIONS: list[tuple[str, re.Pattern]] = [
+    ("name", re.compile(r"\b(?:what(?:'?s| is) my name|(?:do|did) you (?:know|remember) my name|who am i)\b", re.I)),
+    ("pet", re.compile(r"\bwhat(?:'?s| is) (?:my|the) (" + _PET + r")(?:'?s)? (?:name|called)\b", re.I)),
+    ("pet", re.compile(r"\bwhat(?:'?s| is| did i) (?:name|call) my (" + _PET + r")\b", re.I)),
+    ("pet", re.compile(r"\b(?:do|did) you (?:know|remember) (?:the name of )?my (" + _PET + r")(?:'?s name)?\b", re.I)),
+    ("home", re.compile(r"\b(?:where|which (?:city|town|place)|what (?:city|town|place)) do i (?:live|stay)\b", re.I)),
+    ("home", re.compile(r"\b(?:do|did) you (?:know|remember) where i live\b", re.I)),
+    ("from", re.compile(r"\bwhere (?:am i from|do i come from)\b", re.I)),
+    ("age", re.compile(r"\bhow old am i\b", re.I)),
+    ("job", re.compile(r"\bwhat(?:'?s| is) my job\b|\bwhat do i do for (?:a )?(?:living|work)\b", re.I)),
+    ("like", re.compile(r"\bwhat do i (?:like|love|enjoy)\b", re.I)),
+]
+MAX_QUESTION_CHARS = 200   # a long message is a conversation, not a question about oneself
+MEMORY_VERSION = "memory"  # the model_version of replies written from memory (never trained on)
+
+
+def asked_about(text: str) -> list[tuple[str, str]]:
+    """(kind, animal or "") of each thing the sender asks Mynah to recall about them."""
+    if len(text) > MAX_QUESTION_CHARS:
+        return []
+    asked: list[tuple[str, str]] = []
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", text.strip()):
+        if not sentence.rstrip().endswith("?"):
+            continue
+        for kind, pattern in QUESTIONS:
+            match = pattern.search(sentence)
+            if match:
+                item = (kind, match.group(1).lower() if kind == "pet" else "")
+                if item not in asked and not any(k == kind == "pet" for k, _ in asked):
+                    asked.append(item)
+    return asked
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def recall_answer(asked: list[tuple[str, str]], facts: list[tuple[str, str]]) -> str | None:
+    """The answer to direct questions about the asker, from their facts; an honest "you
+    haven't told me" for what Mynah does not know (a small model would invent one)."""
+    if not asked:
+        return None
+    known: dict[str, list[str]] = {}
+    for kind, value in facts:
+        known.setdefault(kind, []).append(value)
+    lines = []
+    for kind, animal in asked:
+        values = known.get(kind, [])
+        if kind == "pet":
+            named = [v for v in values if animal == "pet" or v.startswith(f"{_article(animal)} {animal} named ")]
+            if named:
+                lines.append(f"Your {animal} is {named[0].split(' named ', 1)[1]}!" if animal != "pet" else
+                             f"You told me you have {' and '.join(named)}.")
+            else:
+                lines.append(f"You haven't told me about your {animal} yet. What's their name?")
+        elif not values:
+            lines.append(UNKNOWN[kind])
+        else:
+            lines.append(KNOWN[kind].format(v=values[-1], a=_article(values[-1]), all=" and ".join(values)))
+    return " ".join(lines)
+
+
+KNOWN = {"name": "You're {v}!", "home": "You live in {v}.", "from": "You're from {v}.",
+         "age": "You told me you're {v}.", "job": "You work as {a} {v}.", "like": "You told me you like {all}."}
+UNKNOWN = {"name": "You haven't told me your name yet. What is it?",
+           "home": "You haven't told me where you live yet.", "from": "You haven't told me where you're from yet.",
+           "age": "You haven't told me how old you are.", "job": "You haven't told me what you do yet.",
+           "like": "You haven't told me what you like yet. What do you enjoy?"}
+
+
 class UserMemory:
     """The "memory.*" handlers of the command table and the prompt part for each reply."""
 
@@ -130,6 +202,20 @@ class UserMemory:
         except Exception:
             log.exception("memory: could not read or update what %s told me; answering without it", msg.platform)
             return persona
+
+    async def answer(self, msg: Incoming, text: str) -> str | None:
+        """The reply to a direct question about what the sender told Mynah ("what's my
+        name?"), written from their stored facts, not by the model: a 135M model given the
+        facts in its prompt recalled 8-16 of 60 in our probes (any wording, sampled or greedy),
+        and invents a name when it has none. None: not such a question (the model answers)."""
+        asked = asked_about(text)
+        if not asked or msg.anonymous:
+            return None
+        try:
+            return recall_answer(asked, await self.store.memory.facts(msg.platform, msg.user_id))
+        except Exception:
+            log.exception("memory: could not read what %s told me; the model answers instead", msg.platform)
+            return None
 
     async def system_prompt(self, msg: Incoming, persona: str) -> str:
         """The persona plus what the sender told Mynah about themselves."""

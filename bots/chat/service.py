@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from bots.chat.admin import AdminCommands
 from bots.chat.commands import BY_NAME, bind, parse_command
 from bots.chat.events import Incoming, Outgoing
-from bots.chat.memory import UserMemory
+from bots.chat.memory import MEMORY_VERSION, UserMemory
 from bots.chat.durable import WriteRetry
 from bots.chat.ratelimit import RateLimiter, Verdict
 from bots.chat.user_commands import UserCommands, chat_row
 from bots.metrics import record_reply
 from bots.platforms.registry import admin_ids, forgetting_for_chats, unlimited_platforms
-from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable
+from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable, Reply
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,10 @@ class ChatService:
             return [verdict.slow_down] if verdict.slow_down is not None else []
         history = await self.build_context(chat_id)
         system = await self.memory.prompt_after(msg, parsed.text, await self.persona(chat_id))
+        known = await self.memory.answer(msg, parsed.text)   # "what's my name?": from memory, not the model
+        if known is not None:
+            out = await self.log_reply(chat_id, stored, msg, Reply(known, MEMORY_VERSION, 0, 0.0))
+            return [out] if out is not None else []
         stream = stream if self.config.chat.stream else None
         held = None
         if stream is not None:   # shown before it is complete: a crash now must not lose it

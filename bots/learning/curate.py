@@ -24,6 +24,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
+from bots.chat.memory import MEMORY_VERSION
 from bots.learning import coalitions
 from bots.learning.masking import mask_contacts  # noqa: F401 (re-exported: tests and callers use it here)
 
@@ -65,6 +66,7 @@ class Row:
     status: str = "ok"
     user_since: float = 0.0       # when Mynah first saw the account (users.created_at)
     contributor: str | None = None  # the account, or its linked group (coalitions.py)
+    model_version: str | None = None  # what wrote a bot reply ("memory": bots/chat/memory.py)
 
     @property
     def who(self) -> str | None:
@@ -135,6 +137,11 @@ def clean(rows: list[Row], banned: list[str], dropped: Counter, *, too_new_after
             why = "banned words"
         elif r.role == "bot" and last_dropped.get(r.chat_id):
             why = "replies to dropped messages"
+        elif r.role == "bot" and r.model_version == MEMORY_VERSION:
+            why = "answers from memory"     # the user's facts, which are never trained on
+            if kept and kept[-1].chat_id == r.chat_id and kept[-1].role == "user":
+                kept.pop()                  # nor is the question
+                dropped[why] += 1
         text = mask_contacts(r.text)
         if why is None and r.role == "user" and r.user:
             shape, words = _shape(text), set(_shape(text).split())
