@@ -65,3 +65,35 @@ async def test_one_learner_and_a_dead_learners_run_is_marked_interrupted(pg_url,
         for presence, db in ((a, a_db), (b, b_db)):
             await presence.stop()
             await db.close()
+
+
+async def test_every_worker_serves_a_promotion_within_10_seconds(pg_url, tmp_path, tiny_dialogpt):
+    """Three workers (each its own engine) on one database and one registry folder, the
+    shipped poll_seconds: a promotion on one is served by all of them within 10 s."""
+    import shutil
+
+    from bots.app import Mynah
+    from bots.config import load_config
+
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text(f'[model]\npath = "{tiny_dialogpt}"\n[storage]\nurl = "{pg_url}"\n'
+                           f'[learning]\nenabled = true\nschedule = "24h"\nregistry = "{tmp_path / "registry"}"\n', encoding="utf-8")
+    config = load_config(config_file)
+    assert config.learning.poll_seconds == parse_config({}).learning.poll_seconds      # as shipped
+    workers = [await Mynah.open(config) for _ in range(3)]
+    try:
+        assert len({w.engine.version for w in workers}) == 1
+        candidate = tmp_path / "candidate"
+        shutil.copytree(tiny_dialogpt, candidate)
+        promoter = workers[0]
+        version = await asyncio.to_thread(promoter.learning.registry.add_fine_tuned, candidate, parent=workers[0].engine.version,
+                                          run_id=None, trained_through=0, metrics={"held_out_loss": 2.0})
+        promoted_at = time.monotonic()
+        await promoter.learning.check_pointer()                     # the promoting worker swaps at once
+        while {w.engine.version for w in workers} != {version.name}:
+            assert time.monotonic() - promoted_at < 10.0, [w.engine.version for w in workers]
+            await asyncio.sleep(0.1)
+        print(f"\nevery worker served {version.name} {time.monotonic() - promoted_at:.1f} s after the promotion")
+    finally:
+        for w in workers:
+            await w.close()

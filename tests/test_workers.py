@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from storage import open_database
+from storage.store import Store
 from tests.fakes.telegram_api import TOKEN, FakeTelegram
 from tests.fakes.webhook_push import SECRET_HEADER, RoundRobinProxy, WebhookPusher, wait_until
 from tests.test_telegram import free_port
@@ -166,6 +167,22 @@ async def test_three_workers_behind_a_proxy_survive_a_sigkill(tmp_path, tiny_dia
             unconfirmed = sum(1 for r in rows if r[1] == "bot" and r[3] == "failed")
             assert 3 <= len(fake.sent(u)) <= 3 + unconfirmed, (u, fake.texts(u), rows)
             resent += len(fake.sent(u)) - 3
+        # A worker starting (a rolling restart) while another is mid-send leaves that one's
+        # 'pending' reply alone: dead workers' pending replies come back with their updates.
+        db = await open_database(pg_url, migrate=False)
+        try:
+            store = Store.over(db)
+            chat = await store.chats.chat("telegram", 7777)
+            asked = await store.messages.log_message(chat, "user", "mid-send", platform_message_id=1)
+            sending = await store.messages.log_message(chat, "bot", "on its way", reply_to_id=asked,
+                                                       status="pending")
+            workers.append(await start_worker(tmp_path, 3, tiny_dialogpt, fake, pg_url, hook))
+            await wait_until(lambda: workers[-1].up, 180, "a fourth worker up")
+            await asyncio.sleep(3.0)
+            assert fake.sent(7777) == []
+            assert (await db.fetchone("SELECT status FROM messages WHERE id = ?", (sending,)))[0] == "pending"
+        finally:
+            await db.close()
         print(f"\nall 60 stored once and answered; {resent} reply(ies) the killed worker had not confirmed were "
               f"sent again; {recovered_s:.1f} s from the SIGKILL to the last reply")
     finally:

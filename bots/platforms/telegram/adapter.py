@@ -173,7 +173,12 @@ class TelegramAdapter(Platform):
                 raise PlatformStartError(f"Telegram would not start: {redact(exc)}") from None
             raise
         log.info("telegram: %s", "webhook listening" if self.config.mode == "webhook" else "polling for updates")
-        application.create_task(self._recover_pending(), name="telegram:recover-pending")
+        if self.config.mode == "webhook" and getattr(self.app, "cluster", None) is not None:
+            # Several workers: a 'pending' reply may be another live worker's, mid-send. A dead
+            # worker's are failed and answered again with the updates survivors take over.
+            log.info("telegram: pending replies of dead workers are recovered with their updates, not at start")
+        else:
+            application.create_task(self._recover_pending(), name="telegram:recover-pending")
 
     async def _recover_pending(self) -> None:
         """Replies a crash left 'pending': resend the recent ones, mark the rest failed."""
