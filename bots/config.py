@@ -112,6 +112,7 @@ class DiscordConfig:
     command_guilds: list = field(default_factory=list)
     answer_all_channels: list = field(default_factory=list)
     shards: str | int = 1                # 1: one connection; "auto": Discord's recommended count; N: N shards
+    shard_ids: list = field(default_factory=list)   # this process's shards of `shards` (several workers); [] = all
     catch_up_minutes: float = 10.0       # on (re)connect: answer what was missed this recently (0 = off)
 
 
@@ -321,6 +322,11 @@ def _check_section(name: str, section: Any) -> None:
         shards = section.shards
         if not (shards == "auto" or (isinstance(shards, int) and not isinstance(shards, bool) and shards >= 1)):
             raise ConfigError(f'[discord] shards must be "auto" or a whole number of 1 or more, got {shards!r}')
+        ids = section.shard_ids
+        if ids and (shards == "auto" or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < shards
+                                                for i in ids) or len(set(ids)) != len(ids)):
+            raise ConfigError(f"[discord] shard_ids must be distinct shard numbers from 0 to shards - 1 with a fixed "
+                              f"shards count (each worker its own), got {ids!r} with shards = {shards!r}")
     if name == "chat" and section.resend_pending_minutes < 0:
         raise ConfigError(f"[chat] resend_pending_minutes must be 0 (never resend) or more, "
                           f"got {section.resend_pending_minutes}")

@@ -488,3 +488,41 @@ async def test_dm_over_the_gateway_is_answered_without_a_quote(fake, live):
     sent = await fake.wait_for(lambda: fake.sent)
     assert sent[0]["channel_id"] == str(dm_channel) and "message_reference" not in sent[0]
     assert db_rows(live.app, "SELECT type FROM chats WHERE platform_chat_id = ?", str(dm_channel)) == [("private",)]
+
+
+async def test_two_workers_on_one_database_answer_a_discord_message_once(tmp_path, tiny_dialogpt, pg_url):
+    """Two workers' sessions see the same gateway event (an overlapping shard, or catch-up
+    racing the gateway): the claim in the shared database lets exactly one answer it."""
+    from bots.platforms.discord.workers import SharedClaims
+
+    config = make_config(tmp_path, tiny_dialogpt, storage={"url": pg_url, "path": ""})
+    first, second = await Mynah.open(config), await Mynah.open(config)
+    try:
+        assert first.cluster is not None and second.cluster is not None and first.cluster.id != second.cluster.id
+        intents = required_intents()
+        intents.members = True
+        adapter = DiscordAdapter(first, "not-a-real-token", intents=intents)
+        bot = adapter.build_bot()
+        await bot._async_setup_hook()
+        await bot.install()
+        dpytest.configure(bot, members=["alice"])
+        bot._connection.loop = asyncio.get_running_loop()
+        other_cog = DiscordAdapter(second, "not-a-real-token", intents=intents).make_cog(bot)
+        assert isinstance(adapter.cog.shared, SharedClaims) and isinstance(other_cog.shared, SharedClaims)
+        alice = dpytest.get_config().members[0]
+        dm = await alice.create_dm()
+        data = dpy_factories.make_message_dict(dm, alice, content="hello from two sessions")
+        message = discord.Message(state=dpy_backend.get_state(), channel=dm, data=data)
+        await asyncio.gather(adapter.cog.receive(message), other_cog.receive(message))
+        replies = sent_messages()
+        assert len(replies) == 1, [m.content for m in replies]
+        db = first.store.db
+        rows = await db.fetchall("SELECT m.role, m.status FROM messages m JOIN chats c ON c.id = m.chat_id "
+                                 "WHERE c.platform = 'discord' ORDER BY m.id")
+        assert [tuple(r) for r in rows] == [("user", "ok"), ("bot", "ok")]
+        assert (await db.fetchone("SELECT done_at IS NOT NULL FROM update_claims WHERE platform = 'discord' "
+                                  "AND update_key = ?", (str(message.id),)))[0]
+    finally:
+        await dpytest.empty_queue()
+        await second.close()
+        await first.close()

@@ -216,7 +216,15 @@ def test_discord_shards_pick_the_sharded_client():
     assert bot_class(1) == (MynahBot, {})
     assert bot_class("auto") == (ShardedMynahBot, {})
     assert bot_class(4) == (ShardedMynahBot, {"shard_count": 4})
+    assert bot_class(4, [3, 1]) == (ShardedMynahBot, {"shard_count": 4, "shard_ids": [1, 3]})   # one worker's share
     assert issubclass(ShardedMynahBot, discord.AutoShardedClient) and issubclass(ShardedMynahBot, MynahBot)
+
+
+@pytest.mark.parametrize("shards, ids", [("auto", [0]), (2, [2]), (2, [0, 0]), (2, [-1]), (2, ["0"]), (1, [True])])
+def test_discord_shard_ids_must_name_distinct_shards_of_a_fixed_count(shards, ids):
+    with pytest.raises(ConfigError, match="shard_ids"):
+        parse_config({"discord": {"shards": shards, "shard_ids": ids}})
+    assert parse_config({"discord": {"shards": 4, "shard_ids": [0, 2]}}).discord.shard_ids == [0, 2]
 
 
 # ---- the local engine streams to Telegram too ----------------------------------------------------

@@ -38,6 +38,7 @@ from bots.platforms.discord.cog import NO_MENTIONS, ChatCog
 from bots.platforms.discord.reactions import FeedbackCog
 from bots.platforms.discord.slash import slash_commands
 from bots.platforms.discord.spec import SPEC
+from bots.platforms.discord.workers import SharedClaims
 from bots.platforms.redaction import redact, register_token
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,13 @@ class ShardedMynahBot(MynahBot, commands.AutoShardedBot):
     same: discord.py routes each guild's events through its shard."""
 
 
-def bot_class(shards) -> tuple[type, dict]:
-    """(client class, its extra options) for `[discord] shards`."""
+def bot_class(shards, shard_ids=()) -> tuple[type, dict]:
+    """(client class, its extra options) for `[discord] shards` and `shard_ids` (this
+    worker's share of the shards when several workers run the same bot)."""
     if shards == "auto":
         return ShardedMynahBot, {}
+    if shard_ids:
+        return ShardedMynahBot, {"shard_count": int(shards), "shard_ids": sorted(shard_ids)}
     if int(shards) > 1:
         return ShardedMynahBot, {"shard_count": int(shards)}
     return MynahBot, {}
@@ -158,9 +162,11 @@ class DiscordAdapter(Platform):
 
     def build_bot(self) -> MynahBot:
         """A fresh client (tests drive it with dpytest without calling start())."""
-        cls, options = bot_class(self.app.config.discord.shards)
+        settings = self.app.config.discord
+        cls, options = bot_class(settings.shards, settings.shard_ids)
         if cls is ShardedMynahBot:
-            log.info("discord: sharded client (%s shards)", options.get("shard_count", "auto: Discord's recommended"))
+            log.info("discord: sharded client (%s shards%s)", options.get("shard_count", "auto: Discord's recommended"),
+                     f", this worker runs {options['shard_ids']}" if "shard_ids" in options else "")
         self.bot = cls(self, **{**options, **self.bot_options})
         return self.bot
 
@@ -168,7 +174,7 @@ class DiscordAdapter(Platform):
         """The cog, given what it needs (it knows nothing of this adapter)."""
         app = self.app
         return ChatCog(bot, app.chat, app.store, app.config.discord, stopping=lambda: self._stopping,
-                       defer_after=self.defer_after,
+                       defer_after=self.defer_after, shared=SharedClaims(app.cluster) if getattr(app, "cluster", None) else None,
                        stream_edit_seconds=app.config.chat.stream_edit_seconds if app.config.chat.stream else None)
 
     @property

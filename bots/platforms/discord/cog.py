@@ -104,7 +104,7 @@ class ChatCog(commands.Cog, name="Mynah"):
     deferred."""
 
     def __init__(self, bot: commands.Bot, chat, store, settings, *, stopping: Callable[[], bool],
-                 defer_after: float = 2.0, stream_edit_seconds: float | None = None):
+                 defer_after: float = 2.0, stream_edit_seconds: float | None = None, shared=None):
         self.bot = bot
         self.chat = chat
         self.store = store
@@ -114,6 +114,7 @@ class ChatCog(commands.Cog, name="Mynah"):
         self.delivery = Delivery(chat, stream_edit_seconds=stream_edit_seconds)   # None: replies are sent whole
         self._inflight: set[asyncio.Task] = set()
         self._claimed: LRUCache[int, None] = LRUCache(CLAIMED_MAX)   # message ids taken
+        self.shared = shared      # workers.SharedClaims with several workers (a shared database), else None
 
     def claim(self, message_id: int) -> bool:
         """True the first time a message id is seen: live delivery and catch-up may overlap."""
@@ -134,7 +135,11 @@ class ChatCog(commands.Cog, name="Mynah"):
         task = asyncio.current_task()
         self._inflight.add(task)
         try:
+            if self.shared is not None and not await self.shared.take(message.id):
+                return                     # another worker has it
             await self.handle_message(message)
+            if self.shared is not None:
+                await self.shared.done(message.id)
         finally:
             self._inflight.discard(task)
 
