@@ -174,6 +174,11 @@ class Mynah:
 
         self.cluster = await open_presence(self.config, self.db, version=self.served_version)
         self.chat.admin.cluster = self.cluster
+        if self.cluster is not None:      # one rate limit per user across the workers
+            from bots.chat.shared_limit import SharedRateLimiter
+            from storage.rates import RateStore
+
+            self.chat.shared_limits = SharedRateLimiter(RateStore(self.db), self.chat.limiter)
         if self.cluster is not None and self.learning is not None:
             share_learning(self.cluster, self.learning)
         return self

@@ -16,7 +16,7 @@ from storage.db import StorageError
 # Every table, parents before children. A migration that adds a table adds it here (a test checks).
 TABLES = ["chats", "users", "messages", "context_resets", "model_versions", "training_runs", "admin_audit",
           "forgotten", "version_users", "version_messages", "version_taint", "feedback", "user_facts", "workers", "update_claims",
-          "leases", "cluster_state"]
+          "leases", "cluster_state", "rate_windows"]
 ID_TABLES = {"chats", "users", "messages", "context_resets", "training_runs", "admin_audit", "forgotten", "feedback", "user_facts"}
 CHUNK = 1000
 

@@ -222,7 +222,8 @@ MIGRATIONS: list[str] = [
     # a platform update (one row per update id: a second delivery finds it taken; `payload`
     # lets a survivor re-handle what a dead worker left unfinished); leases: one holder at a
     # time for a named job (the learner) until it expires; cluster_state: small shared facts
-    # (the registered webhook's fingerprint, the active model version).
+    # (the registered webhook's fingerprint, the active model version); rate_windows: each
+    # user's messages per rate-limit window, counted across workers (storage/rates.py).
     """
     CREATE TABLE workers (
         id TEXT PRIMARY KEY,
@@ -254,6 +255,13 @@ MIGRATIONS: list[str] = [
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL,
         updated_at REAL NOT NULL
+    );
+    CREATE TABLE rate_windows (
+        key TEXT NOT NULL,
+        window_start REAL NOT NULL,
+        events INTEGER NOT NULL,
+        noticed_at REAL,
+        PRIMARY KEY (key, window_start)
     );
     """,
 ]

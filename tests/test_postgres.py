@@ -18,6 +18,7 @@ from storage.backup import check_database
 from storage.store import Store
 from storage.backup import expected_objects
 from storage.cluster import ClusterStore
+from storage.rates import RateStore
 from storage.copy import TABLES
 from storage.db import MIGRATIONS
 
@@ -50,6 +51,7 @@ async def fill(db) -> dict:
     await cluster.claim("telegram", "5001", "host:1:a", stale_after=30, payload='{"update_id": 5001}')
     await cluster.acquire("learner", "host:1:a", 60)
     await cluster.set_state("active_version", "v0001")
+    assert await RateStore(db).admit("telegram:1", 6000.0, 3)
     gone = await conv.log_message(group, "user", "forget me", user_id=await chats.user("discord", 30))
     await conv.forget_user("discord", 30)
     return {"deleted_id": gone}

@@ -67,6 +67,7 @@ class ChatService:
         self.engine = engine
         self.store = store      # storage.store.Store
         self.limiter = RateLimiter(config.chat.rate_limit_messages, config.chat.rate_limit_seconds)
+        self.shared_limits = None   # bots.chat.shared_limit.SharedRateLimiter with several workers
         self.unlimited = unlimited_platforms()      # platforms whose users are never rate-limited
         self.writes = WriteRetry(config.storage.write_retry_first_s, config.storage.write_retry_max_s)
         self.admin = AdminCommands(admin_ids(config) if admins is None else admins, store, engine, learning,
@@ -93,11 +94,11 @@ class ChatService:
         if on_logged is not None and (parsed.answer is not None or parsed.command is not None):
             on_logged()     # stores nothing: acknowledged at once, never waiting for its (throttled) answer
         if parsed.answer is not None:    # a sticker's note counts toward the limit like any message
-            verdict = self.limit(msg) if parsed.answer else Verdict(True)
+            verdict = await self.limit(msg) if parsed.answer else Verdict(True)
             return parsed.answer if verdict.allowed else self._slow_down_once(msg, verdict)
         if parsed.command is not None:
             return await self.command(*parsed.command, msg)
-        verdict = self.gate(msg)
+        verdict = await self.gate(msg)
         if not verdict.answer:
             return []
         chat_id, stored, handled = await self.log_user_message(msg, parsed.text,
@@ -141,23 +142,24 @@ class ChatService:
             return Parsed(text, command=(command[0], command[1]))
         return Parsed(text)
 
-    def gate(self, msg: Incoming) -> Gate:
+    async def gate(self, msg: Incoming) -> Gate:
         """Answer at all (see `should_answer`), and the per-user rate limit."""
         if not self.should_answer(msg):
             return Gate(False)
-        verdict = self.limit(msg)
+        verdict = await self.limit(msg)
         if verdict.allowed:
             return Gate(True)
         return Gate(True, self._slow_down(msg, verdict), limited=True)
 
-    def limit(self, msg: Incoming, *, record: bool = True) -> Verdict:
+    async def limit(self, msg: Incoming) -> Verdict:
         """The sender's rate limit: every kind of message and every command counts. A platform
-        whose spec says so (the console: its operator owns the machine) is not limited."""
+        whose spec says so (the console: its operator owns the machine) is not limited. With
+        several workers (`shared_limits`), counted across all of them."""
         if msg.platform in self.unlimited:
             return Verdict(True)
         key = (msg.platform, msg.user_id)
-        if not record:
-            return Verdict(self.limiter.peek(key))
+        if self.shared_limits is not None:
+            return await self.shared_limits.check(key)
         return self.limiter.check(key)
 
     @staticmethod
@@ -183,7 +185,7 @@ class ChatService:
         flood over the rate limit gets no typing indicator either)."""
         parsed = self.parse(msg)
         return (parsed.answer is None and parsed.command is None and self.should_answer(msg)
-                and self.limit(msg, record=False).allowed)
+                and (msg.platform in self.unlimited or self.limiter.peek((msg.platform, msg.user_id))))
 
     async def log_user_message(self, msg: Incoming, text: str, status: str = "ok") -> tuple[int, int, bool]:
         """Store the user's message, retrying while storage is unavailable; (chats.id,
@@ -323,7 +325,7 @@ class ChatService:
         spec = BY_NAME.get(name)
         if spec is None and not (msg.is_private or msg.mentions_bot):
             return []             # someone else's command in a group: not ours, costs nothing
-        verdict = self.limit(msg)
+        verdict = await self.limit(msg)
         if not verdict.allowed:
             return self._slow_down_once(msg, verdict)
         handler = self.handlers.get(name)
