@@ -199,9 +199,22 @@ class ClusterTrainLock:
         return self._held
 
 
+CANARY_LEASE = "canary-judge"
+CANARY_JUDGE_TTL_S = 600.0   # longer than a judgement (a promotion loads the model); let go right after
+
+
 def share_learning(presence: Presence, learning) -> None:
     """One learner across the workers: training takes the lease too, and each heartbeat
-    (when nothing runs here) marks runs whose learner died as interrupted."""
+    (when nothing runs here) marks runs whose learner died as interrupted. Every worker
+    serves a canary's share of chats; one at a time judges it (the canary-judge lease)."""
+    canary = getattr(learning, "canary", None)
+    if canary is not None:
+        async def may_judge() -> bool:
+            return await presence.hold(CANARY_LEASE, CANARY_JUDGE_TTL_S)
+
+        async def judged() -> None:
+            await presence.let_go(CANARY_LEASE)
+        canary.may_judge, canary.judged = may_judge, judged
     loop = asyncio.get_running_loop()
     runs = learning.runs
     file_locks = runs.registry.train_lock

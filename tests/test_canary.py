@@ -4,6 +4,7 @@ tiny models in two real engines, the real chat path."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import random
 import time
@@ -233,3 +234,39 @@ async def test_a_canary_started_by_mynah_retrain_is_picked_up_by_the_running_bot
         assert Registry(config.learning.registry).active_name() == "v0001"
     finally:
         await app.close()
+
+
+async def test_with_two_workers_both_serve_the_canary_and_one_judges_it(tmp_path, tiny_dialogpt, pg_url):
+    """Two workers on one database and registry: the canary begun by one is served by both;
+    when both check at once one decides, and the other lets the ended canary go instead of
+    ending it again (it used to retire, i.e. delete, the version the first had promoted)."""
+    learning = {"canary_share": 0.4, "canary_min_replies": 60}
+    config = dataclasses.replace(make_config(tmp_path, tiny_dialogpt, **learning),
+                                 storage=parse_config({"storage": {"url": pg_url}}).storage)
+    first = await Mynah.open(config)
+    second = None
+    try:
+        first.learning.canary.check_every_s = 3600
+        candidate_folder = build_dialogpt_model(tmp_path / "candidate", seed=7)
+        run_id = await first.store.runs.start_training_run("test")
+        result = RunResult(run_id, RunStatus.DONE, Decision.PROMOTED, "held-out loss fell by 0.1")
+        active = first.learning.registry.active()
+        await first.learning.canary.begin(SimpleNamespace(run_id=run_id, trigger="test", notify_to=[]), active, 0,
+                                          {}, candidate_folder, result)
+        candidate = result.data["candidate"]
+        second = await Mynah.open(config)
+        second.learning.canary.check_every_s = 3600
+        assert second.learning.canary.router.candidate.version == candidate        # served on both
+        await _simulate(first, candidate, {candidate: 0.8, active.name: 0.55})
+        outcomes = await asyncio.gather(first.learning.canary.check(), second.learning.canary.check())
+        assert sorted(map(str, outcomes)) == ["None", "promoted"], outcomes       # one judge
+        for app in (first, second):
+            assert await app.learning.canary.check() is None
+            assert app.learning.canary.state is None and app.learning.canary.router.candidate is None
+        registry = Registry(config.learning.registry)
+        assert registry.active_name() == candidate and candidate in [v.name for v in registry.versions()]
+        assert (await first.store.runs.training_run(run_id))["decision"].startswith(f"promoted {candidate}")
+    finally:
+        if second is not None:
+            await second.close()
+        await first.close()

@@ -144,6 +144,14 @@ class Counts:
     replies_a: int
 
 
+async def _always() -> bool:
+    return True
+
+
+async def _nothing() -> None:
+    return None
+
+
 class Canary:
     """Starts, watches and ends the canary of one bot. `make_engine(loaded)` builds a local
     engine like the active one (the app passes bots.app.build_engine); without a router
@@ -164,6 +172,9 @@ class Canary:
         self.state: CanaryState | None = None
         self.last: tuple[float, str] | None = None   # (when, what the last canary ended with)
         self.check_every_s = CHECK_EVERY_S
+        # With several workers only one judges at a time (bots/cluster.py sets these to a lease).
+        self.may_judge = _always
+        self.judged = _nothing
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
@@ -302,27 +313,49 @@ class Canary:
         "retired" when it ended now, else None."""
         await self.recorder.derive(now)
         async with self._lock:
-            if self.state is None:
-                await self._resume()     # started by `mynah retrain` in another process
+            await self._follow()
             st = self.state
-            if st is None:
+            if st is None or not await self.may_judge():
                 return None
-            now = time.time() if now is None else now
-            active = await asyncio.to_thread(self.registry.active_name)
-            if active != st.active:
-                return await self._end(False, f"the active version changed to {active} during the canary")
-            _, c, a = await self.people()
-            need, raters = self.lc.canary_min_replies, self.lc.canary_min_raters
-            if min(c.replies, a.replies) < need or min(c.raters, a.raters) < raters:
-                if now - st.started_at < self.lc.canary_hours * 3600:
-                    return None    # extended: too few people have spoken yet
-                return await self._end(False, f"too few rated replies or raters after {self.lc.canary_hours:g} h: "
-                                              f"{c.replies} replies by {c.raters} raters for {st.candidate}, "
-                                              f"{a.replies} by {a.raters} for {st.active}; the test needs {need} "
-                                              f"replies and {raters} established raters on each side")
-            test = canary_stats.rater_test(c, a, margin=self.lc.canary_margin, alpha=self.lc.canary_alpha)
-            why = ("not worse" if test.not_worse else "worse, or not shown to be no worse") + f": {test.text()}"
-            return await self._end(test.not_worse, why)
+            try:
+                return await self._judge(st, now)
+            finally:
+                await self.judged()
+
+    async def _follow(self) -> None:
+        """Serve what canary.json says: a canary begun by `mynah retrain` or by another worker's
+        learner is picked up; one another worker ended (promoted or retired) is let go here
+        without ending it a second time. Caller holds the lock."""
+        if self.state is not None:
+            try:
+                raw = json.loads(await asyncio.to_thread(self._path.read_text, encoding="utf-8"))
+            except (OSError, ValueError):
+                raw = None
+            if not isinstance(raw, dict) or raw.get("candidate") != self.state.candidate:
+                log.info("the canary of %s was ended by another worker; no longer serving it", self.state.candidate)
+                self.state = None
+                await self._unserve()
+        if self.state is None:
+            await self._resume()
+
+    async def _judge(self, st: CanaryState, now: float | None) -> str | None:
+        """End the canary if it is due (caller holds the lock and, with several workers, the judge's lease)."""
+        now = time.time() if now is None else now
+        active = await asyncio.to_thread(self.registry.active_name)
+        if active != st.active:
+            return await self._end(False, f"the active version changed to {active} during the canary")
+        _, c, a = await self.people()
+        need, raters = self.lc.canary_min_replies, self.lc.canary_min_raters
+        if min(c.replies, a.replies) < need or min(c.raters, a.raters) < raters:
+            if now - st.started_at < self.lc.canary_hours * 3600:
+                return None    # extended: too few people have spoken yet
+            return await self._end(False, f"too few rated replies or raters after {self.lc.canary_hours:g} h: "
+                                          f"{c.replies} replies by {c.raters} raters for {st.candidate}, "
+                                          f"{a.replies} by {a.raters} for {st.active}; the test needs {need} "
+                                          f"replies and {raters} established raters on each side")
+        test = canary_stats.rater_test(c, a, margin=self.lc.canary_margin, alpha=self.lc.canary_alpha)
+        why = ("not worse" if test.not_worse else "worse, or not shown to be no worse") + f": {test.text()}"
+        return await self._end(test.not_worse, why)
 
     async def _end(self, promote: bool, why: str) -> str:
         """Caller holds the lock. Promote or retire the candidate; record and tell."""
