@@ -115,7 +115,8 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
     """A CPU model whose linear layers (Conv1D included) run in dynamic int8; eval mode.
 
     Layers are converted one at a time (Conv1D → Linear → int8), so loading never holds a
-    second fp32 copy of the model.
+    second fp32 copy of the model, and each converted layer's pages of the memory-mapped
+    checkpoint are paged out (`page_out`), so nor does it hold the whole fp32 file resident.
 
     per_channel: one weight scale per output row (better quality than one per tensor, same speed).
     include_lm_head: also quantize the output projection (the largest matrix of a small
