@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import mmap
 import warnings
 
 import torch
@@ -79,12 +80,43 @@ def release_freed_memory(collect: bool = True) -> None:
         _LIBC = False
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now, keeping their contents (re-read on the next touch)
+
+
+def page_out(tensors: list[torch.Tensor]) -> None:
+    """Drop the pages a layer's fp32 tensors occupy from this process's RSS once they are converted.
+
+    The checkpoint is memory-mapped: every page quantization reads stays resident (counted
+    in RSS) until the whole file is unmapped, so without this the int8 load peaks at the
+    full fp32 model plus the int8 one. MADV_PAGEOUT never changes contents (a clean file page
+    is re-read if touched again, e.g. by a tied output head; an anonymous page is swapped out
+    or, without swap, left alone), so it is safe on any tensor.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:
+            _LIBC = False
+    if not _LIBC:
+        return
+    page = mmap.PAGESIZE
+    for t in tensors:
+        size = t.numel() * t.element_size()
+        if t.is_mkldnn or t.device.type != "cpu" or size < page:
+            continue
+        start = t.data_ptr() // page * page
+        end = -(-(t.data_ptr() + size) // page) * page
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)  # EINVAL on old kernels: no-op
+
+
 def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head: bool = True,
                   embeddings: bool = True) -> nn.Module:
     """A CPU model whose linear layers (Conv1D included) run in dynamic int8; eval mode.
 
     Layers are converted one at a time (Conv1D → Linear → int8), so loading never holds a
-    second fp32 copy of the model.
+    second fp32 copy of the model, and each converted layer's pages of the memory-mapped
+    checkpoint are paged out (`page_out`), so nor does it hold the whole fp32 file resident.
 
     per_channel: one weight scale per output row (better quality than one per tensor, same speed).
     include_lm_head: also quantize the output projection (the largest matrix of a small
@@ -108,6 +140,7 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
+                read = [t for t in (getattr(child, "weight", None), getattr(child, "bias", None)) if t is not None]
                 if conv1d is not None and isinstance(child, conv1d):
                     child = as_linear(child)
                 if type(child) is nn.Linear and (include_lm_head or child is not head):
@@ -118,6 +151,10 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                     child.qconfig = float_qparams_weight_only_qconfig
                     setattr(parent, name, QuantizedEmbedding.from_float(child))
                     counts["embedding"] += 1
+                else:
+                    continue
+                page_out(read)
+                del child, read
     _own_memory(model)
     release_freed_memory()
     log.debug("int8: %d linear layers and %d embeddings quantized", counts["linear"], counts["embedding"])

@@ -40,13 +40,13 @@ class StaticKV:
     def nbytes(self) -> int:
         return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
 
-    def _reserve(self, rows: int, columns: int) -> None:
-        """Room for `rows` rows of `columns` columns; keeps what is cached."""
+    def _reserve(self, rows: int, columns: int, headroom: int = COLUMN_HEADROOM) -> None:
+        """Room for `rows` rows of `columns` columns (plus `headroom` when it grows); keeps what is cached."""
         have_rows, have_columns = self.capacity()
         if rows <= have_rows and columns <= have_columns:
             return
         new_rows = max(have_rows, -(-rows // ROW_GRANULE) * ROW_GRANULE)
-        new_columns = max(have_columns, columns + COLUMN_HEADROOM) if columns > have_columns else have_columns
+        new_columns = max(have_columns, columns + headroom) if columns > have_columns else have_columns
         layers, heads, head_dim = self.shape
         buffer = torch.zeros(layers, 2, new_rows, heads, new_columns, head_dim, dtype=self.dtype)
         if self.buffer is not None and self.rows:
@@ -68,9 +68,10 @@ class StaticKV:
         """Append rows that a prefill is about to fill with `lengths` tokens each.
 
         room: columns to reserve beyond the longest (the tokens the rows will generate), so
-        decoding them never re-allocates the buffer (a re-allocation holds two copies).
+        decoding them never re-allocates the buffer (a re-allocation holds two copies); with
+        room reserved no further headroom is added (it would only be memory nobody writes).
         """
-        self._reserve(self.rows + len(lengths), max(self.lengths + list(lengths)) + room)
+        self._reserve(self.rows + len(lengths), max(self.lengths + list(lengths)) + room, 0 if room else COLUMN_HEADROOM)
         self.lengths = self.lengths + list(lengths)
         self._lengths_t = None
 
@@ -91,15 +92,39 @@ class StaticKV:
         self._lengths_t = None
 
     def merge(self, other: "StaticKV") -> None:
-        """Append `other`'s rows after these."""
+        """Append `other`'s rows after these.
+
+        Where these rows do not fit this buffer but all rows fit `other`'s (a burst joining
+        one running chat), `other`'s buffer is used instead of allocating a third one: a
+        new buffer beside both would hold the cache about twice at the peak.
+        """
         if not other.rows:
             return
-        first = self.rows
-        self._reserve(first + other.rows, max(max(self.lengths + other.lengths), other.capacity()[1]))
+        first, total = self.rows, self.rows + other.rows
+        if self.rows and total > self.capacity()[0] and total <= other.capacity()[0] \
+                and self.capacity()[1] <= other.capacity()[1]:
+            self._merge_into(other)
+            return
+        self._reserve(total, max(max(self.lengths + other.lengths), other.capacity()[1]), 0)
         used = max(other.lengths)
         self.buffer[:, :, first:first + other.rows, :, :used] = other.buffer[:, :, :other.rows, :, :used]
         self.lengths = self.lengths + other.lengths
         self._lengths_t = None
+
+    def _merge_into(self, other: "StaticKV") -> None:
+        """Move `other`'s rows behind where these go, copy these in front, and keep its buffer."""
+        first, used = self.rows, max(other.lengths)
+        buffer = other.buffer
+        moved = buffer[:, :, :other.rows, :, :used].clone()  # the joining rows only (not the whole buffer)
+        buffer[:, :, first:first + other.rows, :, :used] = moved
+        del moved
+        mine = max(self.lengths)
+        buffer[:, :, :first, :, :mine] = self.buffer[:, :, :first, :, :mine]
+        buffer[:, :, :first, :, mine:] = 0  # columns these rows never wrote hold finite numbers
+        self.buffer = buffer
+        self.lengths = self.lengths + other.lengths
+        self._lengths_t = None
+        other.buffer, other.lengths = None, []
 
     # ---- one decode step ---------------------------------------------------------------
     def advance(self) -> tuple[tuple, torch.Tensor | None, int]:

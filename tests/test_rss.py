@@ -1,0 +1,101 @@
+"""What keeps the bot's memory down (issue 23): no duplicate weights, safe page-out, a burst's KV merge.
+
+No RSS numbers are asserted here (they depend on the machine and its load); the
+measurements are scripts/bench/rss_stages.py's. These tests check the mechanisms: the fast
+paths read the transformers module's own tensors (no second copy of any weight), paging
+out a converted layer never changes a tensor's contents (a written page of a private
+mapping included), and a burst joining one running row merges into the burst's buffer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.model import load_model
+from engine.serving.fastpath.cache import StaticKV
+from engine.serving.fastpath.gpt2 import GPT2Step
+from engine.serving.fastpath.llama import LlamaStep
+from engine.serving.quantize import page_out
+
+
+def _step_tensors(step) -> list[torch.Tensor]:
+    """Every weight tensor a fast path's linear layers read."""
+    layers = getattr(step, "blocks", None) or step.layers
+    found = []
+    for layer in layers:
+        for linear in vars(layer).values():
+            if hasattr(linear, "kind") and linear.kind != "int8":
+                found.append(linear.weight)
+    return found + ([step.head.weight] if step.head.kind != "int8" else [])
+
+
+def _model_pointers(model: nn.Module) -> set[int]:
+    return {p.data_ptr() for p in model.parameters()}
+
+
+def test_gpt2_fast_path_reads_the_modules_own_weights(tiny_dialogpt):
+    fp32 = load_model(str(tiny_dialogpt))
+    step = GPT2Step(fp32.model)
+    assert {t.data_ptr() for t in _step_tensors(step)} <= _model_pointers(fp32.model)
+    assert step.blocks[0].qkv.weight.data_ptr() == fp32.model.transformer.h[0].attn.c_attn.weight.data_ptr()
+    assert step.head.weight.data_ptr() == fp32.model.transformer.wte.weight.data_ptr()  # tied: one table
+
+    int8 = load_model(str(tiny_dialogpt), quantize="int8")
+    step = GPT2Step(int8.model)
+    assert step.blocks[0].fc.packed is int8.model.transformer.h[0].mlp.c_fc._packed_params._packed_params
+    assert step.head.packed is int8.model.lm_head._packed_params._packed_params
+
+
+def test_llama_fast_path_reads_the_modules_own_weights():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).eval()
+    step = LlamaStep(model)
+    tensors = _step_tensors(step)
+    assert len(tensors) == 2 * 7 + 1 and {t.data_ptr() for t in tensors} <= _model_pointers(model)
+    assert step.head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_page_out_never_changes_contents(tmp_path):
+    values = torch.arange(300_000, dtype=torch.float32)
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel(), dtype=torch.float32)  # a private mapping
+    mapped[:1000] = -1.0  # written pages of a private mapping: discarding them would bring the file's back
+    expect = values.clone()
+    expect[:1000] = -1.0
+    heap = values.clone() * 2
+    page_out([mapped, heap, torch.ones(3)])
+    assert torch.equal(mapped, expect) and torch.equal(heap, values * 2)
+
+
+def test_a_burst_joining_one_running_row_merges_into_the_bursts_buffer():
+    def filled(lengths, base, room):
+        cache = StaticKV(layers=2, heads=1, head_dim=2)
+        cache.add_rows(lengths, room)
+        for row, n in enumerate(lengths):  # every cached value names its row and column
+            for col in range(n):
+                cache.buffer[:, :, row, 0, col] = base + 100 * row + col
+        return cache
+
+    def row_values(cache, row):
+        return cache.buffer[1, 0, row, 0, :cache.lengths[row], 0].tolist()
+
+    running = filled([4], 0, room=8)
+    running.advance()  # it has decoded one token already
+    running.buffer[:, :, 0, 0, 4] = 4
+    burst = filled([3, 6, 2, 5, 7, 1, 3], 1000, room=8)  # 7 rows: a capacity of 8
+    assert running.capacity() == (4, 12) and burst.capacity() == (8, 15)  # the reply room, no further headroom
+    expect = [row_values(running, 0)] + [row_values(burst, i) for i in range(7)]
+    pointer = burst.buffer.data_ptr()
+    running.merge(burst)
+    assert running.buffer.data_ptr() == pointer and running.capacity() == (8, 15)
+    assert running.lengths == [5, 3, 6, 2, 5, 7, 1, 3] and [row_values(running, i) for i in range(8)] == expect
+    assert torch.isfinite(running.buffer).all()
+    assert running.buffer[1, 0, 0, 0, 5:, 0].eq(0).all()  # the running row's unwritten columns are clean
+
+    small = filled([2], 0, room=4)  # the burst's buffer has fewer columns than the running row's room
+    small.merge(filled([9], 1000, room=0))
+    assert small.lengths == [2, 9] and row_values(small, 1) == [1000 + c for c in range(9)]
