@@ -157,7 +157,7 @@ async def test_three_workers_behind_a_proxy_survive_a_sigkill(tmp_path, tiny_dia
         await asyncio.sleep(2.0)                                         # no late duplicates either
 
         assert len(fake.sent(4999)) == 1
-        resent = 0
+        resent = moved_on = 0
         for u in users:
             rows = await stored_chat(pg_url, u)
             assert_answered_once_in_order(rows, texts[u])   # stored once, at most one confirmed reply each, in order
@@ -167,6 +167,8 @@ async def test_three_workers_behind_a_proxy_survive_a_sigkill(tmp_path, tiny_dia
             unconfirmed = sum(1 for r in rows if r[1] == "bot" and r[3] == "failed")
             assert 3 <= len(fake.sent(u)) <= 3 + unconfirmed, (u, fake.texts(u), rows)
             resent += len(fake.sent(u)) - 3
+            confirmed = {r[4] for r in rows if r[1] == "bot" and r[3] == "ok"}
+            moved_on += sum(1 for r in rows if r[1] == "user" and r[0] not in confirmed)
         # A worker starting (a rolling restart) while another is mid-send leaves that one's
         # 'pending' reply alone: dead workers' pending replies come back with their updates.
         db = await open_database(pg_url, migrate=False)
@@ -184,7 +186,8 @@ async def test_three_workers_behind_a_proxy_survive_a_sigkill(tmp_path, tiny_dia
         finally:
             await db.close()
         print(f"\nall 60 stored once and answered; {resent} reply(ies) the killed worker had not confirmed were "
-              f"sent again; {recovered_s:.1f} s from the SIGKILL to the last reply")
+              f"sent again, {moved_on} not answered again because the chat had moved on; {recovered_s:.1f} s from the "
+              "SIGKILL to the last reply")
     finally:
         if pusher is not None:
             await pusher.close()
