@@ -68,7 +68,7 @@ async def app(tmp_path):
     gguf_file, _ = build_gguf_llama(tmp_path / "tiny.gguf")
     config_file = tmp_path / "config.toml"
     config_file.write_text(f'[model]\npath = "{gguf_file}"\n[storage]\npath = "{tmp_path / "db.sqlite3"}"\n'
-                           '[learning]\nenabled = false\n[generation]\nmax_new_tokens = 6\n'
+                           '[learning]\nenabled = false\nmin_account_age_hours = 0\n[generation]\nmax_new_tokens = 6\n'
                            '[chat]\nstream = false\ndefault_persona = "You are Mynah."\n', encoding="utf-8")
     app = await Mynah.open(load_config(config_file))
     app.chat.engine = Spy(app.chat.engine)

@@ -487,3 +487,19 @@ async def test_every_store_works_over_the_protocol_alone(tmp_path):
         assert await store.messages.stats() == {"chats": 1, "users": 1, "messages": 0}
     finally:
         await store.close()
+
+
+async def test_export_leaves_out_accounts_too_new_to_train(db, conv):
+    """`mynah export` shows what a run would train on now: min_account_age_hours included."""
+    chat_old = await conv.chats.chat("tg", 21)
+    chat_new = await conv.chats.chat("tg", 22)
+    old = await conv.chats.user("tg", 31)
+    new = await conv.chats.user("tg", 32)
+    async with conv.db.transaction() as c:
+        await c.execute("UPDATE users SET created_at = created_at - ? WHERE id = ?", (48 * 3600, old))
+    await exchange(conv, chat_old, old, ("an established account", "welcome back"))
+    await exchange(conv, chat_new, new, ("a brand new account", "hello"))
+    lc = types.SimpleNamespace(feedback_weighting="off", min_account_age_hours=24)
+    assert [d.turns() for d in await allowed_dialogues(conv, lc, [])] == [["an established account", "welcome back"]]
+    lc.min_account_age_hours = 0
+    assert len(await allowed_dialogues(conv, lc, [])) == 2

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import random
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,11 +95,13 @@ async def allowed_rows(store, lc, *, after_message_id: int = 0) -> feedback_filt
 async def allowed_dialogues(store, lc, banned: list[str]) -> list:
     """Every dialogue the training rules allow (what `mynah export` writes): the same rows,
     cleaning and grouping as a run's export, without a run's sampling (the per-user caps,
-    the held-out split, replay)."""
+    the held-out split, replay). Accounts younger than `min_account_age_hours` are left
+    out as a run would leave them out now."""
     from bots.learning.curate import clean, group
 
     rated = await allowed_rows(store, lc)
-    return group(clean(rated.rows, banned, Counter()))
+    age_s = getattr(lc, "min_account_age_hours", 0) * 3600
+    return group(clean(rated.rows, banned, Counter(), too_new_after=time.time() - age_s if age_s > 0 else None))
 
 
 async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path,
