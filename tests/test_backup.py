@@ -21,7 +21,7 @@ def digest(path: Path) -> str:
 
 def write_config(tmp_path: Path, db: Path) -> Path:
     config = tmp_path / "config.toml"
-    config.write_text(f'[storage]\npath = "{db}"\n', encoding="utf-8")
+    config.write_text(f'[storage]\npath = "{db}"\n[learning]\nmin_account_age_hours = 0\n', encoding="utf-8")
     return config
 
 

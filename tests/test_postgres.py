@@ -169,7 +169,7 @@ def test_backup_restore_and_export_against_postgres(pg_url, tmp_path, capsys):
     import asyncio
 
     config = tmp_path / "config.toml"
-    config.write_text(f'[storage]\nurl = "{pg_url}"\n', encoding="utf-8")
+    config.write_text(f'[storage]\nurl = "{pg_url}"\n[learning]\nmin_account_age_hours = 0\n', encoding="utf-8")
 
     async def setup():
         db = await open_database(pg_url)
@@ -205,7 +205,8 @@ def test_backup_restore_and_export_against_postgres(pg_url, tmp_path, capsys):
     assert asyncio.run(after()) == before
     # the same export from the SQLite backup file as from PostgreSQL
     sqlite_config = tmp_path / "sqlite.toml"
-    sqlite_config.write_text(f'[storage]\npath = "{tmp_path / "b.sqlite3"}"\n', encoding="utf-8")
+    sqlite_config.write_text(f'[storage]\npath = "{tmp_path / "b.sqlite3"}"\n[learning]\nmin_account_age_hours = 0\n',
+                             encoding="utf-8")
     assert main(["--config", str(sqlite_config), "export", "-o", str(tmp_path / "sqlite.jsonl")]) == 0
     pg_lines = (tmp_path / "pg.jsonl").read_text(encoding="utf-8").splitlines()
     assert pg_lines and pg_lines == (tmp_path / "sqlite.jsonl").read_text(encoding="utf-8").splitlines()

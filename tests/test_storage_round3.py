@@ -113,7 +113,7 @@ async def test_an_unrelated_write_does_not_wait_for_the_training_read(tmp_path):
 
 def _config(tmp_path, db_path):
     config = tmp_path / "config.toml"
-    config.write_text(f'[storage]\npath = "{db_path}"\n', encoding="utf-8")
+    config.write_text(f'[storage]\npath = "{db_path}"\n[learning]\nmin_account_age_hours = 0\n', encoding="utf-8")
     return config
 
 
