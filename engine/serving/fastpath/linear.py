@@ -64,3 +64,74 @@ class Linear:
         if self.gelu is not None:
             y = F.gelu(y, approximate=self.gelu)
         return y
+
+
+def fuse(modules: list[nn.Module]) -> Linear | None:
+    """One linear layer computing `modules` side by side (outputs concatenated), or None when it cannot.
+
+    A decode step of a small model is many small matrix calls; one call on the stacked
+    weight (q/k/v, gate/up) reads the same bytes with fewer calls and a wider output.
+    fp32 `nn.Linear`: the weights are concatenated once and each module's weight (and bias)
+    becomes a view into the stacked one, so no second copy is kept. Dynamic int8: the int8
+    rows and their per-output-channel scales are stacked as they are (a per-tensor scale is
+    repeated per row), so every output is exactly what its own layer computed; fbgemm packs
+    the stacked weight once (the modules keep theirs: int8 costs the fused layers' bytes again).
+    Other kinds (oneDNN-packed, Conv1D, mixed) give None: the caller keeps separate calls.
+    """
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    kinds = {type(m) for m in modules}
+    if kinds == {nn.Linear}:
+        return _fuse_fp32(modules)
+    if kinds == {DynamicInt8Linear} and len({m.version for m in modules}) == 1:
+        return _fuse_int8(modules)
+    return None
+
+
+def _fuse_fp32(modules: list[nn.Linear]) -> Linear | None:
+    if any(m.weight.dtype != torch.float32 or m.weight.device.type != "cpu" for m in modules):
+        return None
+    has_bias = [m.bias is not None for m in modules]
+    with torch.no_grad():
+        weight = torch.cat([m.weight.detach() for m in modules])  # (sum out, in)
+        bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features) for m in modules]) \
+            if any(has_bias) else None
+        start = 0
+        for m in modules:  # the modules now read their rows of the stacked weight: no second copy
+            end = start + m.out_features
+            m.weight.data = weight[start:end]
+            if m.bias is not None:
+                m.bias.data = bias[start:end]
+            start = end
+    return _made("linear", weight=weight, bias=bias)
+
+
+def _fuse_int8(modules: list[nn.Module]) -> Linear | None:
+    rows, scales, zeros, biases = [], [], [], []
+    for m in modules:
+        w = m.weight()  # (out, in) qint8
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            if w.q_per_channel_axis() != 0:
+                return None
+            scales.append(w.q_per_channel_scales().double())
+            zeros.append(w.q_per_channel_zero_points().long())
+        elif w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            scales.append(torch.full((w.shape[0],), w.q_scale(), dtype=torch.double))
+            zeros.append(torch.full((w.shape[0],), w.q_zero_point(), dtype=torch.long))
+        else:
+            return None
+        rows.append(w.int_repr())
+        b = m.bias()
+        biases.append(b.detach().float() if b is not None else torch.zeros(w.shape[0]))
+    bias = torch.cat(biases) if any(m.bias() is not None for m in modules) else None
+    weight = torch._make_per_channel_quantized_tensor(torch.cat(rows), torch.cat(scales), torch.cat(zeros), 0)
+    return _made("int8", packed=torch.ops.quantized.linear_prepack(weight, bias),
+                 reduce_range=modules[0].version is not None and modules[0].version >= 4)
+
+
+def _made(kind: str, **fields) -> Linear:
+    """A `Linear` of `kind` on weights made here (not a module's)."""
+    layer = Linear.__new__(Linear)
+    layer.gelu, layer.fused, layer.kind = None, False, kind
+    layer.__dict__.update(fields)
+    return layer

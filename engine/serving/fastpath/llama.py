@@ -13,6 +13,9 @@ the same arithmetic with nothing around it:
   query heads are its "query positions" (B, Hkv, G, D), so one SDPA call reads each
   cached key once; the cache (fastpath.cache.StaticKV) holds only the key/value heads;
 - SwiGLU (silu(gate) * up, then down), q/k/v biases where the model has them (Qwen2);
+- q/k/v as one matrix call and gate/up as another (fastpath.linear.fuse: fp32 weights
+  stacked with the modules' weights made views into them, int8 rows and per-channel scales
+  stacked as quantized): five calls a layer instead of seven, same outputs;
 - the linear layers call the serving kernels directly (fastpath.linear: int8 fbgemm,
   fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
   itself (no second copy).
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.serving.fastpath.cache import StaticKV
-from engine.serving.fastpath.linear import Linear
+from engine.serving.fastpath.linear import Linear, fuse
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load: a table is exact
@@ -39,14 +42,32 @@ TABLE_GRANULE = 512  # rotary table grows in steps of this many positions
 
 
 class _Layer:
+    """One decoder layer's weights; q/k/v and gate/up as one matrix call each where the kind allows."""
+
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         self.ln1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         self.ln2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-        self.q, self.k, self.v, self.o = (Linear(attn.q_proj), Linear(attn.k_proj), Linear(attn.v_proj),
-                                          Linear(attn.o_proj))
-        self.gate, self.up, self.down = Linear(mlp.gate_proj), Linear(mlp.up_proj), Linear(mlp.down_proj)
+        self.o, self.down = Linear(attn.o_proj), Linear(mlp.down_proj)
+        self.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])  # (N, (H + 2K)·D), None: three calls
+        self.q, self.k, self.v = (None, None, None) if self.qkv else \
+            (Linear(attn.q_proj), Linear(attn.k_proj), Linear(attn.v_proj))
+        self.gate_up = fuse([mlp.gate_proj, mlp.up_proj])  # (N, 2·I), None: two calls
+        self.gate, self.up = (None, None) if self.gate_up else (Linear(mlp.gate_proj), Linear(mlp.up_proj))
         self.scale = attn.scaling
+
+    def project(self, h: torch.Tensor, split: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+        """q, k, v of `h` (N, E): views into one output when fused."""
+        if self.qkv is None:
+            return self.q(h), self.k(h), self.v(h)
+        return self.qkv(h).split(split, dim=-1)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: down(silu(gate(h)) * up(h))."""
+        if self.gate_up is None:
+            return self.down(F.silu(self.gate(h)) * self.up(h))
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 def _rms_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
@@ -106,6 +127,7 @@ class LlamaStep:
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_head
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_head
         self.groups = self.n_head // self.n_kv
+        self.split = (self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)  # q, k, v widths
         self.n_embd = config.hidden_size
         self.embed = base.embed_tokens
         self.layers = [_Layer(layer) for layer in base.layers]
@@ -145,9 +167,10 @@ class LlamaStep:
         x = self.embed(ids).reshape(rows * width, self.n_embd)  # (U·W, E)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1)
-            q = _rotate(layer.q(h).view(rows, width, H, D), cos, sin).transpose(1, 2)  # (U, H, W, D)
-            k = _rotate(layer.k(h).view(rows, width, K, D), cos, sin).transpose(1, 2)  # (U, K, W, D)
-            v = layer.v(h).view(rows, width, K, D).transpose(1, 2)
+            q, k, v = layer.project(h, self.split)
+            q = _rotate(q.reshape(rows, width, H, D), cos, sin).transpose(1, 2)  # (U, H, W, D)
+            k = _rotate(k.reshape(rows, width, K, D), cos, sin).transpose(1, 2)  # (U, K, W, D)
+            v = v.reshape(rows, width, K, D).transpose(1, 2)
             k_buf, v_buf = cache.layer(index)  # (Bcap, K, Tcap, D)
             k_buf[first:first + rows, :, :width] = k
             v_buf[first:first + rows, :, :width] = v
@@ -156,7 +179,7 @@ class LlamaStep:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale)  # padding sits after the text
             x = x + layer.o(a.transpose(1, 2).reshape(rows * width, H * D))
             h = _rms_norm(x, layer.ln2)
-            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+            x = x + layer.mlp(h)
         last = torch.tensor([i * width + n - 1 for i, n in enumerate(lengths)])
         return self._logits(x.index_select(0, last))
 
@@ -173,15 +196,16 @@ class LlamaStep:
         new_kv = torch.empty(B, 2, K, D)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1)
-            q = _rotate(layer.q(h).view(B, H, D), cos, sin)  # (B, H, D)
-            new_kv[:, 0] = _rotate(layer.k(h).view(B, K, D), cos, sin)
-            new_kv[:, 1] = layer.v(h).view(B, K, D)
+            q, k, v = layer.project(h, self.split)
+            q = _rotate(q.reshape(B, H, D), cos, sin)  # (B, H, D)
+            new_kv[:, 0] = _rotate(k.reshape(B, K, D), cos, sin)
+            new_kv[:, 1] = v.reshape(B, K, D)
             cache.buffer[index][write] = new_kv  # each row's new key and value column, in place
             k, v = kv[index]  # (B, K, T, D) each
             a = F.scaled_dot_product_attention(q.view(B, K, G, D), k, v, attn_mask=mask, scale=layer.scale)  # (B, K, G, D)
             x = x + layer.o(a.reshape(B, H * D))
             h = _rms_norm(x, layer.ln2)
-            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+            x = x + layer.mlp(h)
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
