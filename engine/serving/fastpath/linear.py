@@ -67,43 +67,23 @@ class Linear:
 
 
 def fuse(modules: list[nn.Module]) -> Linear | None:
-    """One linear layer computing `modules` side by side (outputs concatenated), or None when it cannot.
+    """One dynamic-int8 linear layer computing `modules` side by side (outputs concatenated), or None.
 
     A decode step of a small model is many small matrix calls; one call on the stacked
-    weight (q/k/v, gate/up) reads the same bytes with fewer calls and a wider output.
-    fp32 `nn.Linear`: the weights are concatenated once and each module's weight (and bias)
-    becomes a view into the stacked one, so no second copy is kept. Dynamic int8: the int8
+    weight (q/k/v, gate/up) does the same work with fewer calls and a wider output. The int8
     rows and their per-output-channel scales are stacked as they are (a per-tensor scale is
-    repeated per row), so every output is exactly what its own layer computed; fbgemm packs
-    the stacked weight once (the modules keep theirs: int8 costs the fused layers' bytes again).
-    Other kinds (oneDNN-packed, Conv1D, mixed) give None: the caller keeps separate calls.
+    repeated per row), and dynamic int8 quantizes the shared input once per call either way,
+    so every output is exactly what its own layer computed; fbgemm packs the stacked weight
+    once (the modules keep theirs: the fused layers' int8 bytes again, ~70 MB for SmolLM2).
+    fp32 gives None on purpose: stacking its weights measured no faster on SmolLM2's shape
+    and added the stacked copy to RSS (the checkpoint's memory-mapped pages stay resident),
+    see docs/BENCHMARKS.md (issue 23, fusing).
     """
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    kinds = {type(m) for m in modules}
-    if kinds == {nn.Linear}:
-        return _fuse_fp32(modules)
-    if kinds == {DynamicInt8Linear} and len({m.version for m in modules}) == 1:
+    if {type(m) for m in modules} == {DynamicInt8Linear} and len({m.version for m in modules}) == 1:
         return _fuse_int8(modules)
     return None
-
-
-def _fuse_fp32(modules: list[nn.Linear]) -> Linear | None:
-    if any(m.weight.dtype != torch.float32 or m.weight.device.type != "cpu" for m in modules):
-        return None
-    has_bias = [m.bias is not None for m in modules]
-    with torch.no_grad():
-        weight = torch.cat([m.weight.detach() for m in modules])  # (sum out, in)
-        bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features) for m in modules]) \
-            if any(has_bias) else None
-        start = 0
-        for m in modules:  # the modules now read their rows of the stacked weight: no second copy
-            end = start + m.out_features
-            m.weight.data = weight[start:end]
-            if m.bias is not None:
-                m.bias.data = bias[start:end]
-            start = end
-    return _made("linear", weight=weight, bias=bias)
 
 
 def _fuse_int8(modules: list[nn.Module]) -> Linear | None:

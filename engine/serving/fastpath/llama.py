@@ -13,9 +13,9 @@ the same arithmetic with nothing around it:
   query heads are its "query positions" (B, Hkv, G, D), so one SDPA call reads each
   cached key once; the cache (fastpath.cache.StaticKV) holds only the key/value heads;
 - SwiGLU (silu(gate) * up, then down), q/k/v biases where the model has them (Qwen2);
-- q/k/v as one matrix call and gate/up as another (fastpath.linear.fuse: fp32 weights
-  stacked with the modules' weights made views into them, int8 rows and per-channel scales
-  stacked as quantized): five calls a layer instead of seven, same outputs;
+- in int8, q/k/v as one matrix call and gate/up as another (fastpath.linear.fuse: int8
+  rows and per-channel scales stacked as quantized): five calls a layer instead of seven,
+  same outputs (fp32 keeps seven: stacking measured no faster and cost RSS);
 - the linear layers call the serving kernels directly (fastpath.linear: int8 fbgemm,
   fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
   itself when it cannot be packed; an fp32 head is packed for oneDNN (fastpath.linear.packed_head:
@@ -45,15 +45,15 @@ TABLE_GRANULE = 512  # rotary table grows in steps of this many positions
 class _Layer:
     """One decoder layer's weights; q/k/v and gate/up as one matrix call each where the kind allows."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, fused: bool = True):
         attn, mlp = layer.self_attn, layer.mlp
         self.ln1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         self.ln2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         self.o, self.down = Linear(attn.o_proj), Linear(mlp.down_proj)
-        self.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])  # (N, (H + 2K)·D), None: three calls
+        self.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj]) if fused else None  # (N, (H + 2K)·D), None: three calls
         self.q, self.k, self.v = (None, None, None) if self.qkv else \
             (Linear(attn.q_proj), Linear(attn.k_proj), Linear(attn.v_proj))
-        self.gate_up = fuse([mlp.gate_proj, mlp.up_proj])  # (N, 2·I), None: two calls
+        self.gate_up = fuse([mlp.gate_proj, mlp.up_proj]) if fused else None  # (N, 2·I), None: two calls
         self.gate, self.up = (None, None) if self.gate_up else (Linear(mlp.gate_proj), Linear(mlp.up_proj))
         self.scale = attn.scaling
 
@@ -116,12 +116,13 @@ class LlamaStep:
         if any(p.device.type != "cpu" for p in model.parameters()):
             return "not on the CPU"
         try:
-            LlamaStep(model)
+            LlamaStep(model, probe=True)
         except (TypeError, AttributeError) as exc:
             return str(exc)
         return ""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, probe: bool = False):
+        """probe: only check that every weight has a kind the step can call (nothing fused or packed)."""
         config, base = model.config, model.model
         self.n_layer = config.num_hidden_layers
         self.n_head = config.num_attention_heads
@@ -131,9 +132,9 @@ class LlamaStep:
         self.split = (self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)  # q, k, v widths
         self.n_embd = config.hidden_size
         self.embed = base.embed_tokens
-        self.layers = [_Layer(layer) for layer in base.layers]
+        self.layers = [_Layer(layer, fused=not probe) for layer in base.layers]
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.head = packed_head(model.lm_head) or Linear(model.lm_head)  # fp32: oneDNN-packed copy; int8 as it is
+        self.head = (None if probe else packed_head(model.lm_head)) or Linear(model.lm_head)  # fp32: oneDNN-packed copy; int8 as it is
         self.rotary = base.rotary_emb
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1
 
