@@ -120,3 +120,20 @@ def test_llama_models_the_fast_path_does_not_serve_take_transformers_forward():
     mistral = MistralForCausalLM(MistralConfig(**small, sliding_window=4096))
     assert pick_decoder(mistral, "auto").family == "llama"
     assert pick_decoder(mistral, "off").name == "transformers"
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_fused_projections_give_exactly_each_layers_own_outputs(per_channel):
+    from torch import nn
+
+    from engine.serving.fastpath.linear import Linear, fuse
+    from engine.serving.quantize import quantize_int8
+
+    torch.manual_seed(3)
+    parts = nn.ModuleList([nn.Linear(32, 48), nn.Linear(32, 16, bias=False), nn.Linear(32, 16)])
+    parts = quantize_int8(parts, per_channel=per_channel)
+    fused = fuse(list(parts))
+    assert fused is not None and fuse([nn.Linear(32, 8), nn.Linear(32, 8)]) is None  # fp32 stays unfused
+    x = torch.randn(5, 32)
+    together = torch.cat([Linear(p)(x) for p in parts], dim=-1)
+    assert torch.equal(fused(x), together)

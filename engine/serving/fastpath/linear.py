@@ -64,3 +64,73 @@ class Linear:
         if self.gelu is not None:
             y = F.gelu(y, approximate=self.gelu)
         return y
+
+
+def fuse(modules: list[nn.Module]) -> Linear | None:
+    """One dynamic-int8 linear layer computing `modules` side by side (outputs concatenated), or None.
+
+    A decode step of a small model is many small matrix calls; one call on the stacked
+    weight (q/k/v, gate/up) does the same work with fewer calls and a wider output. The int8
+    rows and their per-output-channel scales are stacked as they are (a per-tensor scale is
+    repeated per row), and dynamic int8 quantizes the shared input once per call either way,
+    so every output is exactly what its own layer computed; fbgemm packs the stacked weight
+    once (the modules keep theirs: the fused layers' int8 bytes again, ~70 MB for SmolLM2).
+    fp32 gives None on purpose: stacking its weights measured no faster on SmolLM2's shape
+    and added the stacked copy to RSS (the checkpoint's memory-mapped pages stay resident),
+    see docs/BENCHMARKS.md (issue 23, fusing).
+    """
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    if {type(m) for m in modules} == {DynamicInt8Linear} and len({m.version for m in modules}) == 1:
+        return _fuse_int8(modules)
+    return None
+
+
+def _fuse_int8(modules: list[nn.Module]) -> Linear | None:
+    rows, scales, zeros, biases = [], [], [], []
+    for m in modules:
+        w = m.weight()  # (out, in) qint8
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            if w.q_per_channel_axis() != 0:
+                return None
+            scales.append(w.q_per_channel_scales().double())
+            zeros.append(w.q_per_channel_zero_points().long())
+        elif w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            scales.append(torch.full((w.shape[0],), w.q_scale(), dtype=torch.double))
+            zeros.append(torch.full((w.shape[0],), w.q_zero_point(), dtype=torch.long))
+        else:
+            return None
+        rows.append(w.int_repr())
+        b = m.bias()
+        biases.append(b.detach().float() if b is not None else torch.zeros(w.shape[0]))
+    bias = torch.cat(biases) if any(m.bias() is not None for m in modules) else None
+    weight = torch._make_per_channel_quantized_tensor(torch.cat(rows), torch.cat(scales), torch.cat(zeros), 0)
+    return _made("int8", packed=torch.ops.quantized.linear_prepack(weight, bias),
+                 reduce_range=modules[0].version is not None and modules[0].version >= 4)
+
+
+def _made(kind: str, **fields) -> Linear:
+    """A `Linear` of `kind` on weights made here (not a module's)."""
+    layer = Linear.__new__(Linear)
+    layer.gelu, layer.fused, layer.kind = None, False, kind
+    layer.__dict__.update(fields)
+    return layer
+
+
+def packed_head(module: nn.Module) -> Linear | None:
+    """An fp32 output head pre-packed for oneDNN, or None (not fp32 nn.Linear, or no oneDNN linear).
+
+    The head is the largest matrix of a small model with a big vocabulary (SmolLM2: 576 ×
+    49,152); on this CPU oneDNN's packed layout multiplied it 2.3× faster than BLAS at 1
+    row and 2.8× at 16 (measured). It costs a packed copy of the table (113 MB for SmolLM2).
+    """
+    from engine.serving.quantize import PACK_BATCH_HINT, _has_linear_pointwise
+
+    weight = getattr(module, "weight", None)
+    if type(module) is not nn.Linear or weight is None or weight.dtype != torch.float32 \
+            or weight.device.type != "cpu" or not _has_linear_pointwise():
+        return None
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
+        bias = module.bias.detach().contiguous() if module.bias is not None else torch.zeros(weight.shape[0])
+    return _made("packed", weight=packed, bias=bias, pointwise=True)
