@@ -116,21 +116,3 @@ def _made(kind: str, **fields) -> Linear:
     layer.__dict__.update(fields)
     return layer
 
-
-def packed_head(module: nn.Module) -> Linear | None:
-    """An fp32 output head pre-packed for oneDNN, or None (not fp32 nn.Linear, or no oneDNN linear).
-
-    The head is the largest matrix of a small model with a big vocabulary (SmolLM2: 576 ×
-    49,152); on this CPU oneDNN's packed layout multiplied it 2.3× faster than BLAS at 1
-    row and 2.8× at 16 (measured). It costs a packed copy of the table (113 MB for SmolLM2).
-    """
-    from engine.serving.quantize import PACK_BATCH_HINT, _has_linear_pointwise
-
-    weight = getattr(module, "weight", None)
-    if type(module) is not nn.Linear or weight is None or weight.dtype != torch.float32 \
-            or weight.device.type != "cpu" or not _has_linear_pointwise():
-        return None
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
-        bias = module.bias.detach().contiguous() if module.bias is not None else torch.zeros(weight.shape[0])
-    return _made("packed", weight=packed, bias=bias, pointwise=True)

@@ -18,8 +18,8 @@ the same arithmetic with nothing around it:
   same outputs (fp32 keeps seven: stacking measured no faster and cost RSS);
 - the linear layers call the serving kernels directly (fastpath.linear: int8 fbgemm,
   fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
-  itself when it cannot be packed; an fp32 head is packed for oneDNN (fastpath.linear.packed_head:
-  2.3-2.8x BLAS's speed on a 49,152-row head, for a packed copy of the table).
+  itself (no second copy: a oneDNN-packed head was 10-15 % faster a step but cost 212 MB,
+  docs/BENCHMARKS.md).
 
 It reads the weights of the transformers model it is built from (no copy).
 `LlamaStep.supports(model)` says which models qualify.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.serving.fastpath.cache import StaticKV
-from engine.serving.fastpath.linear import Linear, fuse, packed_head
+from engine.serving.fastpath.linear import Linear, fuse
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load: a table is exact
@@ -134,7 +134,7 @@ class LlamaStep:
         self.embed = base.embed_tokens
         self.layers = [_Layer(layer, fused=not probe) for layer in base.layers]
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.head = (None if probe else packed_head(model.lm_head)) or Linear(model.lm_head)  # fp32: oneDNN-packed copy; int8 as it is
+        self.head = Linear(model.lm_head)  # tied: the embedding table itself (F.linear), no copy
         self.rotary = base.rotary_emb
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1
 
