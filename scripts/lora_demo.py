@@ -6,7 +6,7 @@
 
 It is `mynah demo` with `[model] path = "smollm2"` instead of the starter: simulated users
 (back-dated as first seen 30 days ago, said so) log chitchat-dataset conversations in a new
-style (every user turn ends with " ~ :)"), then the `mynah retrain --force` code path
+style (every user turn ends with " ~ :)"; none of the dialogues `mynah eval` scores), then the `mynah retrain --force` code path
 converts the GGUF into DIR/models/v0001 and trains a LoRA adapter (method "auto" picks LoRA
 for a chat-template model; r, alpha, lr, epochs and every trust default as shipped; the parrot
 check on 6-word runs as in `mynah demo`, which says why). Only the CPU budget is small. The
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
           f"min_account_age_hours = {t.min_account_age_hours:g}; parrot check on {t.parrot_ngram}-word runs", flush=True)
     start = time.monotonic()
     p = {"users": args.users, "dialogues": args.dialogues, "base_eval": args.base_eval}
-    sent, users = asyncio.run(simulate(root, p, args.age_days))
+    from engine.training.data import read_corpora, split_by_conversation
+    _, scored = split_by_conversation(read_corpora(["chitchat"]), 0.05, 0)   # `mynah eval`'s held-out split
+    sent, users = asyncio.run(simulate(root, p, args.age_days, frozenset(tuple(d) for d in scored)))
     print(f"simulated: {users} users (first seen {args.age_days:g} days ago, simulated), {args.dialogues} "
           f"chitchat conversations, {sent} user messages, each ending with {STYLE!r}", flush=True)
     code, result = asyncio.run(retrain(config, force=True, trigger="lora-demo"))
