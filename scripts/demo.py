@@ -63,16 +63,17 @@ def styled(turns: list[str]) -> list[str]:
     return [f"{t} {STYLE}" if k % 2 == 0 else t for k, t in enumerate(turns)]
 
 
-async def simulate(root: Path, p: dict, age_days: float) -> tuple[int, int]:
+async def simulate(root: Path, p: dict, age_days: float, exclude: frozenset = frozenset()) -> tuple[int, int]:
     """Log p['dialogues'] conversations, dealt round-robin to p['users'] accounts; returns
-    (user messages, users). Dialogues come after the base-eval sample, so the two never overlap."""
+    (user messages, users). Dialogues come after the base-eval sample, so the two never overlap;
+    none in `exclude` (tuples of turns, e.g. the dialogues `mynah eval` scores) is used."""
     from bots.learning.export import BASE_SAMPLE_SEED
     from engine.training.data import read_corpus
     from storage.store import open_store
 
     dialogues = list(read_corpus("chitchat"))
     random.Random(BASE_SAMPLE_SEED).shuffle(dialogues)        # the order the learning loop samples in
-    pool = [d for d in dialogues[p["base_eval"]:] if 4 <= len(d) <= 10]   # short talks: see SHORT
+    pool = [d for d in dialogues[p["base_eval"]:] if 4 <= len(d) <= 10 and tuple(d) not in exclude]   # short talks: see SHORT
     random.Random(7).shuffle(pool)
     store = await open_store(root / "mynah.sqlite3")
     sent = 0
