@@ -109,12 +109,12 @@ class ChatService:
             return []
         if verdict.limited:
             return [verdict.slow_down] if verdict.slow_down is not None else []
-        history = await self.build_context(chat_id)
         system = await self.memory.prompt_after(msg, parsed.text, await self.persona(chat_id))
         known = await self.memory.answer(msg, parsed.text)   # "what's my name?": from memory, not the model
         if known is not None:
             out = await self.log_reply(chat_id, stored, msg, Reply(known, MEMORY_VERSION, 0, 0.0))
             return [out] if out is not None else []
+        history = await self.build_context(chat_id)
         stream = stream if self.config.chat.stream else None
         held = None
         if stream is not None:   # shown before it is complete: a crash now must not lose it
