@@ -116,6 +116,13 @@ class Curated:
     held_contributors: list = field(default_factory=list)  # whose dialogues are the yardstick (cross-fitting)
 
 
+def too_new_after(min_account_age_hours: float, now: float | None = None) -> float | None:
+    """Accounts first seen after this time are too new to train (None: no age rule)."""
+    if min_account_age_hours <= 0:
+        return None
+    return (time.time() if now is None else now) - min_account_age_hours * 3600
+
+
 def clean(rows: list[Row], banned: list[str], dropped: Counter, *, too_new_after: float | None = None) -> list[Row]:
     """Drop what must never train, mask contacts; a bot reply follows its user message out.
     `too_new_after`: accounts first seen after this time are left out (min_account_age_hours)."""
@@ -270,9 +277,7 @@ def curate(rows: list[Row], *, after: int, banned: list[str], max_user_share: fl
     (coalitions.common_bigrams; None: no linking, every account is its own contributor)."""
     result = Curated()
     rng = random.Random(seed)
-    now = time.time() if now is None else now
-    cutoff = now - min_account_age_hours * 3600 if min_account_age_hours > 0 else None
-    cleaned = clean(rows, banned, result.dropped, too_new_after=cutoff)
+    cleaned = clean(rows, banned, result.dropped, too_new_after=too_new_after(min_account_age_hours, now))
     raw = {r.id: r.text for r in rows}
     links = (coalitions.Links() if common is None else
              coalitions.link([(r.user, raw[r.id]) for r in cleaned if r.role == "user" and r.user], common))

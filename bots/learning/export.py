@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import random
 import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,11 +96,11 @@ async def allowed_dialogues(store, lc, banned: list[str]) -> list:
     cleaning and grouping as a run's export, without a run's sampling (the per-user caps,
     the held-out split, replay). Accounts younger than `min_account_age_hours` are left
     out as a run would leave them out now."""
-    from bots.learning.curate import clean, group
+    from bots.learning.curate import clean, group, too_new_after
 
     rated = await allowed_rows(store, lc)
-    age_s = getattr(lc, "min_account_age_hours", 0) * 3600
-    return group(clean(rated.rows, banned, Counter(), too_new_after=time.time() - age_s if age_s > 0 else None))
+    cutoff = too_new_after(getattr(lc, "min_account_age_hours", 0))
+    return group(clean(rated.rows, banned, Counter(), too_new_after=cutoff))
 
 
 async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path,
