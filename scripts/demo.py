@@ -58,6 +58,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--age-days", type=float, default=30.0, help="how long ago the simulated users were first seen")
 
 
+def new_folder(root: Path, who: str) -> bool:
+    """Create `root` for a demo, unless it already holds something (a demo never writes into
+    a folder in use); False after saying so."""
+    if root.exists() and any(root.iterdir()):
+        print(f"{who}: {root} is not empty; give a new or empty folder", file=sys.stderr)
+        return False
+    root.mkdir(parents=True, exist_ok=True)
+    return True
+
+
 def styled(turns: list[str]) -> list[str]:
     """The simulated users' habit: every user turn (even index) ends with STYLE."""
     return [f"{t} {STYLE}" if k % 2 == 0 else t for k, t in enumerate(turns)]
@@ -100,10 +110,8 @@ def run(args) -> int:
 
     p = QUICK if args.quick else FULL
     root = Path(args.dir or tempfile.mkdtemp(prefix="mynah-demo-")).resolve()
-    if root.exists() and any(root.iterdir()):
-        print(f"mynah demo: {root} is not empty; give a new or empty folder", file=sys.stderr)
+    if not new_folder(root, "mynah demo"):
         return 2
-    root.mkdir(parents=True, exist_ok=True)
     config_path = root / "config.toml"
     config_path.write_text(CONFIG.format(root=root, **{k: p[k] for k in
                            ("base_eval", "epochs", "max_len", "max_minutes")}, parrot_ngram=PARROT_NGRAM),

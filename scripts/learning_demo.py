@@ -65,6 +65,8 @@ async def populate(root: Path, old: int, new: int, base_eval: int) -> tuple[int,
 
 
 def main(argv=None) -> int:
+    from scripts.demo import new_folder
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir")
     parser.add_argument("--old", type=int, default=400, help="chitchat conversations logged before v0001")
@@ -74,10 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, default=5.0)
     args = parser.parse_args(argv)
     root = Path(args.dir).resolve()
-    if root.exists() and any(root.iterdir()):
-        print(f"{root} is not empty; give a fresh folder", file=sys.stderr)
+    if not new_folder(root, "learning_demo"):
         return 2
-    root.mkdir(parents=True, exist_ok=True)
     (root / "config.toml").write_text(CONFIG.format(root=root, base_eval=args.base_eval, epochs=args.epochs,
                                                     max_minutes=args.max_minutes), encoding="utf-8")
     watermark, new_msgs = asyncio.run(populate(root, args.old, args.new, args.base_eval))

@@ -44,7 +44,7 @@ parrot_ngram = {parrot_ngram}
 
 def main(argv: list[str] | None = None) -> int:
     from bots.config import load_config
-    from scripts.demo import PARROT_NGRAM, STYLE, simulate
+    from scripts.demo import PARROT_NGRAM, STYLE, new_folder, simulate
     from scripts.retrain import retrain
 
     parser = argparse.ArgumentParser(prog="python -m scripts.lora_demo", description=__doc__.split("\n\n")[0])
@@ -62,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = Path(args.dir).resolve()
-    if root.exists() and any(root.iterdir()):
-        print(f"lora_demo: {root} is not empty; give a new or empty folder", file=sys.stderr)
+    if not new_folder(root, "lora_demo"):
         return 2
-    root.mkdir(parents=True, exist_ok=True)
     config_path = root / "config.toml"
     config_path.write_text(CONFIG.format(root=root, base_eval=args.base_eval, max_len=args.max_len,
                                          max_minutes=args.max_minutes, threads=args.threads, max_memory_mb=args.max_memory_mb,
