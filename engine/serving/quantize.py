@@ -64,20 +64,27 @@ def conv1d_to_linear(model: nn.Module) -> int:
 _LIBC = None
 
 
+def _libc():
+    """glibc, loaded once; None where there is none (then the calls below do nothing)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
 def release_freed_memory(collect: bool = True) -> None:
     """Give freed heap pages back to the OS (glibc keeps them otherwise), so RSS shows the truth.
 
     collect: run Python's garbage collector first (holds the GIL; the engine's idle call skips it).
     """
-    global _LIBC
     if collect:
         gc.collect()
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        _LIBC = False
+    trim = getattr(_libc(), "malloc_trim", None)   # not glibc: nothing to do
+    if trim is not None:
+        trim(0)
 
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now, keeping their contents (re-read on the next touch)
@@ -92,13 +99,8 @@ def page_out(tensors: list[torch.Tensor]) -> None:
     is re-read if touched again, e.g. by a tied output head; an anonymous page is swapped out
     or, without swap, left alone), so it is safe on any tensor.
     """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
-        except OSError:
-            _LIBC = False
-    if not _LIBC:
+    libc = _libc()
+    if libc is None:
         return
     page = mmap.PAGESIZE
     for t in tensors:
@@ -107,7 +109,7 @@ def page_out(tensors: list[torch.Tensor]) -> None:
             continue
         start = t.data_ptr() // page * page
         end = -(-(t.data_ptr() + size) // page) * page
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)  # EINVAL on old kernels: no-op
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)  # EINVAL on old kernels: no-op
 
 
 def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head: bool = True,

@@ -115,4 +115,3 @@ def _made(kind: str, **fields) -> Linear:
     layer.gelu, layer.fused, layer.kind = None, False, kind
     layer.__dict__.update(fields)
     return layer
-
