@@ -121,3 +121,15 @@ async def test_gateway_unreachable_for_60_s_then_back_answers_what_was_sent_mean
         assert len(sent_to(fake, DM_CHANNEL)) == 2 and len(sent_to(fake, fd.CHANNEL_ID)) == 2
     finally:
         await adapter.stop()
+
+
+def test_reconnect_waits_are_capped_at_32_s_however_often_it_failed():
+    """discord.py alone would wait up to 1024 s after ten failures in a row (a minute's outage)."""
+    import discord.client
+    import discord.shard
+
+    from bots.platforms.discord.backoff import BoundedBackoff
+    assert discord.client.ExponentialBackoff is BoundedBackoff and discord.shard.ExponentialBackoff is BoundedBackoff
+    backoff = discord.client.ExponentialBackoff()
+    waits = [backoff.delay() for _ in range(200)]
+    assert max(waits) <= 32 and max(waits[20:]) > 8     # capped, still jittered and growing

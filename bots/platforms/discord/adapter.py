@@ -13,7 +13,8 @@ What it does (the chat rules live in `bots.chat.service.ChatService`, shared wit
 
 Run it with `DISCORD_BOT_TOKEN=... mynah run` (see docs/DISCORD.md for the Developer
 Portal steps). `start()` returns once the bot is connected and ready, with the client
-running as a background task; reconnects are left to discord.py. A bad token or a missing
+running as a background task; reconnects are left to discord.py, with its wait between
+attempts capped at 32 s (backoff.py). A bad token or a missing
 Message Content intent raises `PlatformStartError` with what to fix. The token is never
 logged, and never part of an error message (bots/platforms/redaction.py).
 """
@@ -33,6 +34,7 @@ from discord.ext import commands  # noqa: E402
 
 from bots.chat.events import Outgoing, PlatformStartError
 from bots.platforms.base import Platform
+from bots.platforms.discord.backoff import bound_reconnect_waits
 from bots.platforms.discord.catchup import catch_up
 from bots.platforms.discord.cog import NO_MENTIONS, ChatCog
 from bots.platforms.discord.reactions import FeedbackCog
@@ -40,6 +42,8 @@ from bots.platforms.discord.slash import slash_commands
 from bots.platforms.discord.spec import SPEC
 from bots.platforms.discord.workers import SharedClaims
 from bots.platforms.redaction import redact, register_token
+
+bound_reconnect_waits()
 
 log = logging.getLogger(__name__)
 
