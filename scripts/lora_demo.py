@@ -52,12 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=30)
     parser.add_argument("--dialogues", type=int, default=240, help="logged chitchat conversations (default 240)")
     parser.add_argument("--base-eval", type=int, default=30, help="[learning] base_eval_dialogues (default 30)")
-    parser.add_argument("--max-len", type=int, default=128, help="[learning] max_len in tokens (default 128)")
+    parser.add_argument("--max-len", type=int, default=256, help="[learning] max_len in tokens (default 256, as shipped)")
     parser.add_argument("--max-minutes", type=float, default=7.0, help="[learning] max_minutes (default 7)")
     parser.add_argument("--threads", type=int, default=1, help="[learning] threads (default 1, as shipped)")
-    parser.add_argument("--max-memory-mb", type=int, default=8192,
-                        help="[learning] max_memory_mb (default 8192: LoRA on SmolLM2 at max_len 128, batch 8, "
-                             "outgrew the shipped 4096 MB of address space)")
+    parser.add_argument("--max-memory-mb", type=int, default=4096, help="[learning] max_memory_mb (default 4096, as shipped)")
     parser.add_argument("--age-days", type=float, default=30.0)
     args = parser.parse_args(argv)
 

@@ -286,6 +286,7 @@ def _fine_tune(job: FinetuneJob, train_d: list[list[str]], est_steps: int, guard
     """engine.training.train with init = the active model: about six evaluations per run (early
     stopping on a validation slice of the training dialogues; the held-out set is never seen
     before the final scoring)."""
+    from engine.model import pick_device
     from engine.training.train import TrainConfig, train
 
     t = job.train
@@ -302,6 +303,7 @@ def _fine_tune(job: FinetuneJob, train_d: list[list[str]], est_steps: int, guard
         threads=job.threads, seed=t.seed, progress=False, log_every=max(1, min(10, est_steps // 20)),
         command=f"learning run {job.run_id}", on_progress=on_progress,
         lora=job.lora if job.method == "lora" else None, distributed=job.distributed,
+        memory_mb=job.max_memory_mb if pick_device(job.device).type == "cpu" else 0,
     ))
 
 

@@ -20,7 +20,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +31,7 @@ from engine.model import load_model, load_tokenizer, lora_base_path, pick_device
 from engine.training.devices import AccelerateDistributed, Distributed
 from engine.training.events import Train
 from engine.training.lora import describe as lora_shape, wrap
+from engine.training.memory_plan import apply as apply_plan, plan_step
 from engine.training.data import encode_windows, load_prepared, prepare, read_corpora, train_tokenizer
 from engine.types import Dialogue, max_positions
 
@@ -86,6 +87,7 @@ class TrainConfig:
     # LoRA (engine.training.lora.LoraSettings): train an adapter on `init` instead of all its weights;
     # an adapter folder as `init` is trained further. The output is then an adapter folder.
     lora: object | None = None
+    memory_mb: int = 0               # > 0: fit each step in this budget (engine.training.memory_plan)
     progress: bool = True            # tqdm bar
     log_every: int = 10
     command: str = ""                # the command line, recorded in metrics.json
@@ -285,6 +287,14 @@ def train(cfg: TrainConfig) -> dict:
 
     model, tokenizer, fmt, data, data_info = _setup(cfg)
     model.to(device).train()
+    plan = plan_step(model, cfg.batch_size, int(data_info.get("max_len", cfg.max_len)), cfg.memory_mb,
+                     cfg.eval_batch_size)
+    apply_plan(model, plan)
+    cfg = replace(cfg, batch_size=plan.micro_batch, grad_accum=cfg.grad_accum * plan.grad_accum,
+                  eval_batch_size=plan.eval_batch)
+    if cfg.memory_mb > 0:
+        log.info("memory plan for %d MB: %d micro-batches of %d windows a step, gradient checkpointing %s",
+                 cfg.memory_mb, cfg.grad_accum, cfg.batch_size, "on" if plan.checkpointing else "off")
     train_seqs, valid_seqs = data.train, data.valid
     lr = cfg.lr if cfg.lr is not None else (2e-3 if cfg.init == "scratch" else 5e-5)
     params = sum(p.numel() for p in model.parameters())
@@ -421,6 +431,7 @@ def train(cfg: TrainConfig) -> dict:
         "params": params,
         "trainable_params": trainable,
         "method": "lora" if cfg.lora is not None else "full",
+        "memory_plan": plan.to_json(),
         "processes": dist.world,
         "accelerate": dist.kind,
         "device": str(device),
