@@ -148,7 +148,7 @@ class LearningConfig:
     misfire_grace_seconds: int = 3600
     notify: list = field(default_factory=list)   # "telegram:12345": also told about scheduled runs
     # at scale: LoRA adapters and the trainer's hardware (docs/LEARNING.md, docs/SCALING.md)
-    method: str = "full"                 # "full" fine-tune or "lora" adapters (peft)
+    method: str = "auto"                 # "full" fine-tune, "lora" adapters (peft), "auto": LoRA for chat models
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05

@@ -82,6 +82,10 @@ def apply(model, plan: StepPlan) -> None:
     """Turn gradient checkpointing on when the plan asks for it (non-reentrant: works with frozen
     weights under LoRA without making the inputs require gradients)."""
     if plan.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):     # transformers >= 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if getattr(model.config, "use_cache", False):
             model.config.use_cache = False
