@@ -503,3 +503,19 @@ async def test_export_leaves_out_accounts_too_new_to_train(db, conv):
     assert [d.turns() for d in await allowed_dialogues(conv, lc, [])] == [["an established account", "welcome back"]]
     lc.min_account_age_hours = 0
     assert len(await allowed_dialogues(conv, lc, [])) == 2
+
+
+async def test_export_masks_the_phrase_a_coordinated_group_pushes(db, conv):
+    """`mynah export` applies a run's coalition masking: data exported to train elsewhere does
+    not carry a group's catchphrase either (issue 19's defence, not bypassed by exporting)."""
+    from scripts.puppet_sim import PAYLOAD
+
+    for n in range(4):
+        chat = await conv.chats.chat("tg", 40 + n)
+        user = await conv.chats.user("tg", 50 + n)
+        await exchange(conv, chat, user, (f"hello there , {PAYLOAD} !", "hi"), (f"so {PAYLOAD} again", "ok"))
+    honest_chat, honest = await conv.chats.chat("tg", 60), await conv.chats.user("tg", 70)
+    await exchange(conv, honest_chat, honest, ("my cat likes the sun", "cats do"))
+    text = " ".join(" ".join(d.turns()) for d in await allowed_dialogues(conv, NO_FEEDBACK, []))
+    assert PAYLOAD not in text and "[phrase]" in text
+    assert "my cat likes the sun" in text

@@ -278,19 +278,25 @@ def curate(rows: list[Row], *, after: int, banned: list[str], max_user_share: fl
     result = Curated()
     rng = random.Random(seed)
     cleaned = clean(rows, banned, result.dropped, too_new_after=too_new_after(min_account_age_hours, now))
-    raw = {r.id: r.text for r in rows}
-    links = (coalitions.Links() if common is None else
-             coalitions.link([(r.user, raw[r.id]) for r in cleaned if r.role == "user" and r.user], common))
-    result.links = links
-    result.rows = [replace(r, contributor=links.of(r.user),
-                           text=coalitions.mask_phrases(r.text, links.lone_phrases) if r.role == "user" else r.text)
-                   for r in cleaned]
+    result.links, result.rows = link_and_mask(rows, cleaned, common)
     dialogues = [d for d in group(result.rows) if d.last_id > after]
     result.users_before_caps = share_line(dialogues)[0]
     train, held, result.held_contributors = split_by_contributor(dialogues, held_out_fraction, rng)
     result.train = cap_users(train, max_user_share, rng, result.dropped)
     result.held_out = cap_users(held, max_user_share, rng, result.dropped, floor=1)
     return result
+
+
+def link_and_mask(rows: list[Row], cleaned: list[Row], common: frozenset | None) -> tuple[coalitions.Links, list[Row]]:
+    """Accounts acting in concert linked into one contributor, and the rare phrases they share
+    masked in their messages (coalitions.py), judged on the raw texts of `rows`. `common`: the
+    base corpus's common word pairs (None: no linking)."""
+    raw = {r.id: r.text for r in rows}
+    links = (coalitions.Links() if common is None else
+             coalitions.link([(r.user, raw[r.id]) for r in cleaned if r.role == "user" and r.user], common))
+    return links, [replace(r, contributor=links.of(r.user),
+                           text=coalitions.mask_phrases(r.text, links.lone_phrases) if r.role == "user" else r.text)
+                   for r in cleaned]
 
 
 def share_line(dialogues: list[Dialogue]) -> tuple[int, int, int]:

@@ -91,16 +91,21 @@ async def allowed_rows(store, lc, *, after_message_id: int = 0) -> feedback_filt
     return await feedback_filter.apply(store.feedback, lc, rows)
 
 
-async def allowed_dialogues(store, lc, banned: list[str]) -> list:
+_EXPORT_CORPUS = BaseCorpus()   # `mynah export`'s common word pairs, read once per process
+
+
+async def allowed_dialogues(store, lc, banned: list[str], base_corpus: "BaseCorpus | None" = None) -> list:
     """Every dialogue the training rules allow (what `mynah export` writes): the same rows,
-    cleaning and grouping as a run's export, without a run's sampling (the per-user caps,
-    the held-out split, replay). Accounts younger than `min_account_age_hours` are left
-    out as a run would leave them out now."""
-    from bots.learning.curate import clean, group, too_new_after
+    cleaning, coordinated-phrase masking and grouping as a run's export, without a run's
+    sampling (the per-user caps, the held-out split, replay). Accounts younger than
+    `min_account_age_hours` are left out as a run would leave them out now."""
+    from bots.learning.curate import clean, group, link_and_mask, too_new_after
 
     rated = await allowed_rows(store, lc)
     cutoff = too_new_after(getattr(lc, "min_account_age_hours", 0))
-    return group(clean(rated.rows, banned, Counter(), too_new_after=cutoff))
+    cleaned = clean(rated.rows, banned, Counter(), too_new_after=cutoff)
+    common = await asyncio.to_thread((base_corpus or _EXPORT_CORPUS).common_bigrams, getattr(lc, "base_corpus", ""))
+    return group(link_and_mask(rated.rows, cleaned, common)[1])
 
 
 async def export_dialogues(store, lc, active: Version, run_id: int, folder: Path,
