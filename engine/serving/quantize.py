@@ -295,6 +295,11 @@ def weight_bytes(model: nn.Module) -> int:
                 seen.add(id(p))
                 total += p.numel() * p.element_size()
         packed = getattr(module, "_packed_params", None)
+        whole = getattr(module, "whole", None)  # a part of a fused int8 call (fastpath.linear.FusedPart)
+        if whole is not None and id(whole) not in seen:
+            seen.add(id(whole))
+            weight, bias = torch.ops.quantized.linear_unpack(whole.packed)
+            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
         if packed is not None and hasattr(packed, "_weight_bias"):
             weight, bias = packed._weight_bias()
             total += weight.numel() * weight.element_size()
