@@ -99,3 +99,51 @@ def test_a_burst_joining_one_running_row_merges_into_the_bursts_buffer():
     small = filled([2], 0, room=4)  # the burst's buffer has fewer columns than the running row's room
     small.merge(filled([9], 1000, room=0))
     assert small.lengths == [2, 9] and row_values(small, 1) == [1000 + c for c in range(9)]
+
+
+def test_int8_keeps_one_copy_of_the_tied_table_and_looks_rows_up_in_the_checkpoint(tiny_dialogpt):
+    """int8 (issue 23): the tied GPT-2 table is held once, as the int8 output head; the embedding
+    lookup reads the fp32 rows from the memory-mapped checkpoint (file pages, not a second 8-bit copy)."""
+    from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
+
+    from engine.serving.quantize import file_backed, quantize_int8
+
+    fp32 = load_model(str(tiny_dialogpt))
+    int8 = load_model(str(tiny_dialogpt), quantize="int8")
+    wte = int8.model.transformer.wte
+    assert type(wte) is nn.Embedding and file_backed(wte.weight)
+    assert [t.data_ptr() for t in int8.model.mapped_tables.tables] == [wte.weight.data_ptr(),
+                                                                       int8.model.transformer.wpe.weight.data_ptr()]
+    assert not any(isinstance(m, QuantizedEmbedding) for m in int8.model.modules())
+    ids = torch.tensor([[1, 5, 9, 200]])
+    assert torch.equal(wte(ids), fp32.model.transformer.wte(ids))  # the checkpoint's own rows
+    step = GPT2Step(int8.model)
+    assert step.wte is wte and step.head.kind == "int8"
+
+    in_memory = load_model(str(tiny_dialogpt))  # a table not in a file mapping (a GGUF conversion, a .bin) …
+    with torch.no_grad():
+        for table in (in_memory.model.transformer.wte, in_memory.model.transformer.wpe):
+            table.weight.data = table.weight.data.clone()
+    assert not file_backed(in_memory.model.transformer.wte.weight)
+    quantized = quantize_int8(in_memory.model)  # … is stored as 8-bit rows, as before
+    assert isinstance(quantized.transformer.wte, QuantizedEmbedding) and len(quantized.mapped_tables) == 0
+
+
+def test_mapped_tables_are_paged_out_when_due(tmp_path, monkeypatch):
+    from engine.serving import quantize
+
+    values = torch.arange(300_000, dtype=torch.float32)
+    path = tmp_path / "table.bin"
+    values.numpy().tofile(path)
+    table = torch.from_file(str(path), shared=False, size=values.numel(), dtype=torch.float32)
+    assert quantize.file_backed(table) and not quantize.file_backed(values)
+    calls = []
+    monkeypatch.setattr(quantize, "page_out", lambda tensors: calls.append(list(tensors)))
+    tables = quantize.MappedTables([table], every_s=0.2)
+    assert not tables.page_out_if_due() and not calls  # just loaded (and paged out then)
+    import time
+
+    time.sleep(0.25)
+    assert tables.page_out_if_due() and calls[0][0] is table
+    assert not tables.page_out_if_due()  # not again before every_s has passed
+    assert torch.equal(table, values)

@@ -22,6 +22,7 @@ import ctypes
 import gc
 import logging
 import mmap
+import time
 import warnings
 
 import torch
@@ -123,8 +124,12 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
     per_channel: one weight scale per output row (better quality than one per tensor, same speed).
     include_lm_head: also quantize the output projection (the largest matrix of a small
         GPT-2: 38.6M of its 124M parameters).
-    embeddings: store the token/position tables as 8-bit rows too (they are only looked
-        up, never multiplied, so this saves memory, not time).
+    embeddings: keep the token/position tables out of RSS too. They are only looked up,
+        never multiplied: a table read from the memory-mapped checkpoint stays there in fp32
+        (`file_backed`; its pages are paged out, and a lookup reads in only its rows' pages,
+        which `MappedTables` pages out again while the engine idles), so a tied table is held
+        once (as the int8 output head) instead of twice; a table in anonymous memory
+        (GGUF-converted, a .bin checkpoint) is stored as 8-bit rows.
     Remaining fp32 tensors are copied out of the checkpoint's memory map, so the fp32 file
     pages are released and RSS is what the int8 model needs.
     """
@@ -138,6 +143,7 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
     head = _output_head(model)
     conv1d = _conv1d_class()
     counts = {"linear": 0, "embedding": 0}
+    mapped: list[torch.Tensor] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
         for parent in list(model.modules()):
@@ -149,6 +155,8 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                     child.qconfig = qconfig
                     setattr(parent, name, DynamicInt8Linear.from_float(child))
                     counts["linear"] += 1
+                elif type(child) is nn.Embedding and embeddings and file_backed(child.weight):
+                    mapped.append(child.weight.data)  # looked up in place: only the rows read come in
                 elif type(child) is nn.Embedding and embeddings and child.padding_idx is None:
                     child.qconfig = float_qparams_weight_only_qconfig
                     setattr(parent, name, QuantizedEmbedding.from_float(child))
@@ -157,10 +165,52 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                     continue
                 page_out(read)
                 del child, read
-    _own_memory(model)
+    _own_memory(model, keep={t.data_ptr() for t in mapped})
+    page_out(mapped)
+    model.mapped_tables = MappedTables(mapped)
     release_freed_memory()
-    log.debug("int8: %d linear layers and %d embeddings quantized", counts["linear"], counts["embedding"])
+    log.debug("int8: %d linear layers and %d embeddings quantized, %d tables left memory-mapped", counts["linear"],
+              counts["embedding"], len(mapped))
     return model
+
+
+def file_backed(t: torch.Tensor) -> bool:
+    """Whether `t`'s bytes lie in a mapping of a file (e.g. the safetensors checkpoint), per /proc/self/maps."""
+    if t.device.type != "cpu" or t.is_mkldnn or t.numel() == 0:
+        return False
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            for line in maps:
+                fields = line.split()
+                low, high = (int(a, 16) for a in fields[0].split("-"))
+                if low <= start < high:
+                    return end <= high and len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
+    except OSError:
+        pass
+    return False
+
+
+class MappedTables:
+    """The embedding tables `quantize_int8` left in the memory-mapped checkpoint.
+
+    Lookups bring their rows' pages into RSS; `page_out_if_due` (called by the engine when
+    it idles) drops them again at most every `every_s` seconds, so a long-running bot's RSS
+    does not creep up to the whole fp32 table as it meets more of the vocabulary.
+    """
+
+    def __init__(self, tables: list[torch.Tensor], every_s: float = 60.0):
+        self.tables, self.every_s, self._last = tables, every_s, time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def page_out_if_due(self) -> bool:
+        if not self.tables or time.monotonic() - self._last < self.every_s:
+            return False
+        self._last = time.monotonic()
+        page_out(self.tables)
+        return True
 
 
 PACK_BATCH_HINT = 16  # rows oneDNN tunes the packed layout for (decode batches are 1-32 rows)
@@ -258,12 +308,13 @@ def pack_fp32(model: nn.Module) -> int:
     return packed
 
 
-def _own_memory(model: nn.Module) -> None:
-    """Copy every float tensor left in the model, dropping views onto the checkpoint's mmap."""
+def _own_memory(model: nn.Module, keep: set[int] = frozenset()) -> None:
+    """Copy every float tensor left in the model, dropping views onto the checkpoint's mmap
+    (except tensors whose data pointer is in `keep`)."""
     with torch.no_grad():
         for module in model.modules():
             for name, param in list(module.named_parameters(recurse=False)):
-                if not param.is_mkldnn:
+                if not param.is_mkldnn and param.data_ptr() not in keep:
                     param.data = param.data.clone()
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None and buffer.is_floating_point():
