@@ -147,3 +147,66 @@ def test_mapped_tables_are_paged_out_when_due(tmp_path, monkeypatch):
     assert tables.page_out_if_due() and calls[0][0] is table
     assert not tables.page_out_if_due()  # not again before every_s has passed
     assert torch.equal(table, values)
+
+
+ARENAS_PROBE = """
+import ctypes, os, sys, threading
+from engine.serving.quantize import limit_malloc_arenas
+if sys.argv[1] == "limit":
+    assert limit_malloc_arenas(1)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+done, hold = threading.Barrier(5), []
+def work():
+    hold.extend(libc.malloc(1 << 16) for _ in range(8))
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+[t.start() for t in threads]
+done.wait()
+path = os.path.join(sys.argv[2], "info.xml")
+libc.fopen.restype = ctypes.c_void_p
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(f))
+libc.fclose(ctypes.c_void_p(f))
+print(open(path).read().count("<heap nr="))
+"""
+
+
+def test_one_malloc_arena_for_every_thread_of_the_serving_process(tmp_path):
+    """`mynah run` limits glibc to one arena (issue 23): threads that allocate share it, so the
+    worker reuses what the load freed. Without the limit, four threads get arenas of their own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+
+    def heaps(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", ARENAS_PROBE, mode, str(tmp_path)], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    assert heaps("default") > 1
+    assert heaps("limit") == 1
+
+
+def test_mynah_run_limits_the_malloc_arenas_before_serving(monkeypatch, tmp_path):
+    import types
+
+    import bots.runner
+    from engine.serving import quantize
+    from scripts import run
+
+    calls = []
+    monkeypatch.setattr(quantize, "limit_malloc_arenas", lambda arenas=1: calls.append(("arenas", arenas)))
+
+    async def serve(config):
+        calls.append(("serve", None))
+        return 0
+
+    monkeypatch.setattr(bots.runner, "serve", serve)
+    monkeypatch.setattr("bots.config.load_config", lambda path: object())
+    assert run.run(types.SimpleNamespace(config=str(tmp_path / "config.toml"))) == 0
+    assert calls == [("arenas", 1), ("serve", None)]

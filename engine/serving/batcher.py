@@ -247,6 +247,7 @@ class Engine(WorkerThread, ModelEngine):
                 loaded.packed = False
             if loaded.packed:
                 log.info("fp32 weights packed for oneDNN in %.1f s", time.perf_counter() - started)
+        release_freed_memory()  # int8 Llama: the layers' own packed weights the fused calls replaced
         log.info("decoding with the %s decoder", self._decoder.name)
 
     def _run(self) -> None:

@@ -22,6 +22,7 @@ import ctypes
 import gc
 import logging
 import mmap
+import os
 import time
 import warnings
 
@@ -86,6 +87,25 @@ def release_freed_memory(collect: bool = True) -> None:
     trim = getattr(_libc(), "malloc_trim", None)   # not glibc: nothing to do
     if trim is not None:
         trim(0)
+
+
+_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+
+
+def limit_malloc_arenas(arenas: int = 1) -> bool:
+    """Let glibc give this process's threads at most `arenas` malloc arenas (call before they start).
+
+    By default each thread that allocates gets an arena of its own (up to 8 per core), and
+    memory one thread frees stays in its arena for that thread: the model loads in one
+    thread, the engine's worker decodes in another, so a burst's KV cache and activations
+    could not reuse the pages the load freed. One arena measured 665 MB peak RSS against
+    746 MB for a 16-chat burst on SmolLM2-135M int8 (docs/BENCHMARKS.md, issue 23). An
+    explicit MALLOC_ARENA_MAX in the environment wins. True when the limit was set.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt") or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, arenas))
 
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now, keeping their contents (re-read on the next touch)
