@@ -210,3 +210,30 @@ def test_mynah_run_limits_the_malloc_arenas_before_serving(monkeypatch, tmp_path
     monkeypatch.setattr("bots.config.load_config", lambda path: object())
     assert run.run(types.SimpleNamespace(config=str(tmp_path / "config.toml"))) == 0
     assert calls == [("arenas", 1), ("serve", None)]
+
+
+def test_a_big_layer_quantized_in_blocks_of_rows_is_exactly_from_floats(monkeypatch):
+    """The output head is quantized a block of rows at a time (issue 23: the int8 load's peak);
+    per-channel scales are per row, so the layer is identical to torch's from_float."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    from engine.serving import quantize
+
+    torch.manual_seed(5)
+    linear = nn.Linear(24, 50)
+    linear.qconfig = per_channel_dynamic_qconfig
+    expect = DynamicInt8Linear.from_float(linear)
+    monkeypatch.setattr(quantize, "CHUNK_ROWS", 16)  # 50 rows: blocks of 16, 16, 16 and 2
+    got = quantize._int8_in_chunks(linear)
+    (w1, b1), (w2, b2) = expect._weight_bias(), got._weight_bias()
+    assert torch.equal(w1.int_repr(), w2.int_repr()) and torch.equal(w1.q_per_channel_scales(), w2.q_per_channel_scales())
+    assert torch.equal(b1, b2) and (got.in_features, got.out_features) == (24, 50)
+    x = torch.randn(3, 24)
+    assert torch.equal(got(x), expect(x))
+
+    monkeypatch.setattr(quantize, "CHUNK_ROWS_ABOVE", 100)  # quantize_int8 takes the block path for big layers
+    used = []
+    monkeypatch.setattr(quantize, "_int8_in_chunks", lambda layer: used.append(layer) or expect)
+    quantize.quantize_int8(nn.Sequential(nn.Linear(24, 50), nn.Linear(4, 4)))
+    assert len(used) == 1 and used[0].weight.shape == (50, 24)

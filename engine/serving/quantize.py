@@ -173,7 +173,8 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                     child = as_linear(child)
                 if type(child) is nn.Linear and (include_lm_head or child is not head):
                     child.qconfig = qconfig
-                    setattr(parent, name, DynamicInt8Linear.from_float(child))
+                    big = per_channel and child.weight.numel() > CHUNK_ROWS_ABOVE
+                    setattr(parent, name, _int8_in_chunks(child) if big else DynamicInt8Linear.from_float(child))
                     counts["linear"] += 1
                 elif type(child) is nn.Embedding and embeddings and file_backed(child.weight):
                     mapped.append(child.weight.data)  # looked up in place: only the rows read come in
@@ -185,6 +186,7 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                     continue
                 page_out(read)
                 del child, read
+                release_freed_memory(collect=False)  # each layer's fp32 copies: the next reuses no fragments
     _own_memory(model, keep={t.data_ptr() for t in mapped})
     page_out(mapped)
     model.mapped_tables = MappedTables(mapped)
@@ -192,6 +194,42 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
     log.debug("int8: %d linear layers and %d embeddings quantized, %d tables left memory-mapped", counts["linear"],
               counts["embedding"], len(mapped))
     return model
+
+
+CHUNK_ROWS_ABOVE = 8_000_000  # weights with more elements than this are quantized a block of rows at a time
+CHUNK_ROWS = 4096
+
+
+def _int8_in_chunks(linear: nn.Linear) -> nn.Module:
+    """`DynamicInt8Linear.from_float(linear)` (per-channel qconfig), a block of rows at a time.
+
+    Per-channel scales depend on each row alone, so the result is identical; what differs is
+    the peak: from_float holds the whole fp32 matrix's pages, a placeholder int8 matrix and its
+    packing, the quantized matrix and its packing at once (+270 MB for GPT-2's 154 MB output
+    head); here the fp32 pages go as each block is done, and no placeholder is made.
+    """
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.nn.quantized.modules.utils import _quantize_weight
+
+    weight = linear.weight.detach()
+    rows = torch.empty(weight.shape, dtype=torch.int8)
+    scales, zeros = [], []
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        block = weight[start:start + CHUNK_ROWS]
+        observer = linear.qconfig.weight()
+        observer(block)
+        q = _quantize_weight(block.float(), observer)
+        rows[start:start + CHUNK_ROWS] = q.int_repr()
+        scales.append(q.q_per_channel_scales())
+        zeros.append(q.q_per_channel_zero_points())
+        page_out([block])
+        del q
+    qweight = torch._make_per_channel_quantized_tensor(rows, torch.cat(scales), torch.cat(zeros), 0)
+    del rows
+    qlinear = DynamicInt8Linear(1, 1, dtype=torch.qint8)  # a 1x1 placeholder, replaced below
+    qlinear.in_features, qlinear.out_features = linear.in_features, linear.out_features
+    qlinear.set_weight_bias(qweight, linear.bias)
+    return qlinear
 
 
 def file_backed(t: torch.Tensor) -> bool:
