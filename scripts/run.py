@@ -15,7 +15,10 @@ def run(args) -> int:
     from bots.config import load_config
     from bots.runner import serve
     from engine.model import ModelLoadError
+    from engine.serving.quantize import limit_malloc_arenas
     from storage.db import StorageError
+
+    limit_malloc_arenas(1)  # before any thread starts: the worker reuses what the model load freed
 
     config = load_config(args.config)
     try:

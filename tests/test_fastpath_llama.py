@@ -137,3 +137,30 @@ def test_int8_fused_projections_give_exactly_each_layers_own_outputs(per_channel
     x = torch.randn(5, 32)
     together = torch.cat([Linear(p)(x) for p in parts], dim=-1)
     assert torch.equal(fused(x), together)
+
+
+def test_int8_fused_layers_are_held_once_and_transformers_forward_is_unchanged(folder):
+    """The fused q/k/v and gate/up calls replace the layers' own packed weights (issue 23, RSS):
+    the model's layers become parts of the step's fused call, transformers' forward gives the
+    same logits as before, and a second step on the same model reuses the fused calls."""
+    from engine.serving.fastpath.linear import FusedPart
+    from engine.serving.fastpath.llama import LlamaStep
+    from engine.serving.quantize import weight_bytes
+
+    loaded = load_model(str(folder), quantize="int8")
+    model, ids = loaded.model, torch.tensor([[5, 17, 42, 9, 100, 7]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    bytes_before = weight_bytes(model)
+    step = LlamaStep(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+    assert all(isinstance(p, FusedPart) for p in parts)
+    assert attn.q_proj.whole is step.layers[0].qkv and mlp.up_proj.whole is step.layers[0].gate_up
+    assert not any(hasattr(p, "_packed_params") for p in parts)  # the layers' own int8 copies are gone
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    assert weight_bytes(model) == bytes_before
+    assert LlamaStep.supports(model) == ""
+    again = LlamaStep(model)
+    assert again.layers[0].qkv is step.layers[0].qkv and again.layers[1].gate_up is step.layers[1].gate_up

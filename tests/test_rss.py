@@ -99,3 +99,141 @@ def test_a_burst_joining_one_running_row_merges_into_the_bursts_buffer():
     small = filled([2], 0, room=4)  # the burst's buffer has fewer columns than the running row's room
     small.merge(filled([9], 1000, room=0))
     assert small.lengths == [2, 9] and row_values(small, 1) == [1000 + c for c in range(9)]
+
+
+def test_int8_keeps_one_copy_of_the_tied_table_and_looks_rows_up_in_the_checkpoint(tiny_dialogpt):
+    """int8 (issue 23): the tied GPT-2 table is held once, as the int8 output head; the embedding
+    lookup reads the fp32 rows from the memory-mapped checkpoint (file pages, not a second 8-bit copy)."""
+    from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
+
+    from engine.serving.quantize import file_backed, quantize_int8
+
+    fp32 = load_model(str(tiny_dialogpt))
+    int8 = load_model(str(tiny_dialogpt), quantize="int8")
+    wte = int8.model.transformer.wte
+    assert type(wte) is nn.Embedding and file_backed(wte.weight)
+    assert [t.data_ptr() for t in int8.model.mapped_tables.tables] == [wte.weight.data_ptr(),
+                                                                       int8.model.transformer.wpe.weight.data_ptr()]
+    assert not any(isinstance(m, QuantizedEmbedding) for m in int8.model.modules())
+    ids = torch.tensor([[1, 5, 9, 200]])
+    assert torch.equal(wte(ids), fp32.model.transformer.wte(ids))  # the checkpoint's own rows
+    step = GPT2Step(int8.model)
+    assert step.wte is wte and step.head.kind == "int8"
+
+    in_memory = load_model(str(tiny_dialogpt))  # a table not in a file mapping (a GGUF conversion, a .bin) …
+    with torch.no_grad():
+        for table in (in_memory.model.transformer.wte, in_memory.model.transformer.wpe):
+            table.weight.data = table.weight.data.clone()
+    assert not file_backed(in_memory.model.transformer.wte.weight)
+    quantized = quantize_int8(in_memory.model)  # … is stored as 8-bit rows, as before
+    assert isinstance(quantized.transformer.wte, QuantizedEmbedding) and len(quantized.mapped_tables) == 0
+
+
+def test_mapped_tables_are_paged_out_when_due(tmp_path, monkeypatch):
+    from engine.serving import quantize
+
+    values = torch.arange(300_000, dtype=torch.float32)
+    path = tmp_path / "table.bin"
+    values.numpy().tofile(path)
+    table = torch.from_file(str(path), shared=False, size=values.numel(), dtype=torch.float32)
+    assert quantize.file_backed(table) and not quantize.file_backed(values)
+    calls = []
+    monkeypatch.setattr(quantize, "page_out", lambda tensors: calls.append(list(tensors)))
+    tables = quantize.MappedTables([table], every_s=0.2)
+    assert not tables.page_out_if_due() and not calls  # just loaded (and paged out then)
+    import time
+
+    time.sleep(0.25)
+    assert tables.page_out_if_due() and calls[0][0] is table
+    assert not tables.page_out_if_due()  # not again before every_s has passed
+    assert torch.equal(table, values)
+
+
+ARENAS_PROBE = """
+import ctypes, os, sys, threading
+from engine.serving.quantize import limit_malloc_arenas
+if sys.argv[1] == "limit":
+    assert limit_malloc_arenas(1)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+done, hold = threading.Barrier(5), []
+def work():
+    hold.extend(libc.malloc(1 << 16) for _ in range(8))
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+[t.start() for t in threads]
+done.wait()
+path = os.path.join(sys.argv[2], "info.xml")
+libc.fopen.restype = ctypes.c_void_p
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(f))
+libc.fclose(ctypes.c_void_p(f))
+print(open(path).read().count("<heap nr="))
+"""
+
+
+def test_one_malloc_arena_for_every_thread_of_the_serving_process(tmp_path):
+    """`mynah run` limits glibc to one arena (issue 23): threads that allocate share it, so the
+    worker reuses what the load freed. Without the limit, four threads get arenas of their own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+
+    def heaps(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", ARENAS_PROBE, mode, str(tmp_path)], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    assert heaps("default") > 1
+    assert heaps("limit") == 1
+
+
+def test_mynah_run_limits_the_malloc_arenas_before_serving(monkeypatch, tmp_path):
+    import types
+
+    import bots.runner
+    from engine.serving import quantize
+    from scripts import run
+
+    calls = []
+    monkeypatch.setattr(quantize, "limit_malloc_arenas", lambda arenas=1: calls.append(("arenas", arenas)))
+
+    async def serve(config):
+        calls.append(("serve", None))
+        return 0
+
+    monkeypatch.setattr(bots.runner, "serve", serve)
+    monkeypatch.setattr("bots.config.load_config", lambda path: object())
+    assert run.run(types.SimpleNamespace(config=str(tmp_path / "config.toml"))) == 0
+    assert calls == [("arenas", 1), ("serve", None)]
+
+
+def test_a_big_layer_quantized_in_blocks_of_rows_is_exactly_from_floats(monkeypatch):
+    """The output head is quantized a block of rows at a time (issue 23: the int8 load's peak);
+    per-channel scales are per row, so the layer is identical to torch's from_float."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    from engine.serving import quantize
+
+    torch.manual_seed(5)
+    linear = nn.Linear(24, 50)
+    linear.qconfig = per_channel_dynamic_qconfig
+    expect = DynamicInt8Linear.from_float(linear)
+    monkeypatch.setattr(quantize, "CHUNK_ROWS", 16)  # 50 rows: blocks of 16, 16, 16 and 2
+    got = quantize._int8_in_chunks(linear)
+    (w1, b1), (w2, b2) = expect._weight_bias(), got._weight_bias()
+    assert torch.equal(w1.int_repr(), w2.int_repr()) and torch.equal(w1.q_per_channel_scales(), w2.q_per_channel_scales())
+    assert torch.equal(b1, b2) and (got.in_features, got.out_features) == (24, 50)
+    x = torch.randn(3, 24)
+    assert torch.equal(got(x), expect(x))
+
+    monkeypatch.setattr(quantize, "CHUNK_ROWS_ABOVE", 100)  # quantize_int8 takes the block path for big layers
+    used = []
+    monkeypatch.setattr(quantize, "_int8_in_chunks", lambda layer: used.append(layer) or expect)
+    quantize.quantize_int8(nn.Sequential(nn.Linear(24, 50), nn.Linear(4, 4)))
+    assert len(used) == 1 and used[0].weight.shape == (50, 24)

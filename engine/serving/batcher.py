@@ -247,6 +247,7 @@ class Engine(WorkerThread, ModelEngine):
                 loaded.packed = False
             if loaded.packed:
                 log.info("fp32 weights packed for oneDNN in %.1f s", time.perf_counter() - started)
+        release_freed_memory()  # int8 Llama: the layers' own packed weights the fused calls replaced
         log.info("decoding with the %s decoder", self._decoder.name)
 
     def _run(self) -> None:
@@ -299,6 +300,9 @@ class Engine(WorkerThread, ModelEngine):
                 if batch is None and not self._queue:
                     self._tell_busy(False)
                     release_freed_memory(collect=False)  # idle: hand the burst's KV cache and activations back to the OS
+                    tables = getattr(self._loaded.model, "mapped_tables", None)  # int8: looked-up embedding rows too
+                    if tables:
+                        tables.page_out_if_due()
 
     def _step(self, batch: "_Batch | None", admitted: list[_Request]) -> "_Batch | None":
         """Admit new requests (prefill, merge), then one decode step for every running row."""

@@ -22,6 +22,8 @@ import ctypes
 import gc
 import logging
 import mmap
+import os
+import time
 import warnings
 
 import torch
@@ -87,6 +89,25 @@ def release_freed_memory(collect: bool = True) -> None:
         trim(0)
 
 
+_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+
+
+def limit_malloc_arenas(arenas: int = 1) -> bool:
+    """Let glibc give this process's threads at most `arenas` malloc arenas (call before they start).
+
+    By default each thread that allocates gets an arena of its own (up to 8 per core), and
+    memory one thread frees stays in its arena for that thread: the model loads in one
+    thread, the engine's worker decodes in another, so a burst's KV cache and activations
+    could not reuse the pages the load freed. One arena measured 665 MB peak RSS against
+    746 MB for a 16-chat burst on SmolLM2-135M int8 (docs/BENCHMARKS.md, issue 23). An
+    explicit MALLOC_ARENA_MAX in the environment wins. True when the limit was set.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt") or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+
+
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now, keeping their contents (re-read on the next touch)
 
 
@@ -123,8 +144,12 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
     per_channel: one weight scale per output row (better quality than one per tensor, same speed).
     include_lm_head: also quantize the output projection (the largest matrix of a small
         GPT-2: 38.6M of its 124M parameters).
-    embeddings: store the token/position tables as 8-bit rows too (they are only looked
-        up, never multiplied, so this saves memory, not time).
+    embeddings: keep the token/position tables out of RSS too. They are only looked up,
+        never multiplied: a table read from the memory-mapped checkpoint stays there in fp32
+        (`file_backed`; its pages are paged out, and a lookup reads in only its rows' pages,
+        which `MappedTables` pages out again while the engine idles), so a tied table is held
+        once (as the int8 output head) instead of twice; a table in anonymous memory
+        (GGUF-converted, a .bin checkpoint) is stored as 8-bit rows.
     Remaining fp32 tensors are copied out of the checkpoint's memory map, so the fp32 file
     pages are released and RSS is what the int8 model needs.
     """
@@ -138,6 +163,7 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
     head = _output_head(model)
     conv1d = _conv1d_class()
     counts = {"linear": 0, "embedding": 0}
+    mapped: list[torch.Tensor] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
         for parent in list(model.modules()):
@@ -147,8 +173,11 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                     child = as_linear(child)
                 if type(child) is nn.Linear and (include_lm_head or child is not head):
                     child.qconfig = qconfig
-                    setattr(parent, name, DynamicInt8Linear.from_float(child))
+                    big = per_channel and child.weight.numel() > CHUNK_ROWS_ABOVE
+                    setattr(parent, name, _int8_in_chunks(child) if big else DynamicInt8Linear.from_float(child))
                     counts["linear"] += 1
+                elif type(child) is nn.Embedding and embeddings and file_backed(child.weight):
+                    mapped.append(child.weight.data)  # looked up in place: only the rows read come in
                 elif type(child) is nn.Embedding and embeddings and child.padding_idx is None:
                     child.qconfig = float_qparams_weight_only_qconfig
                     setattr(parent, name, QuantizedEmbedding.from_float(child))
@@ -157,10 +186,89 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                     continue
                 page_out(read)
                 del child, read
-    _own_memory(model)
+                release_freed_memory(collect=False)  # each layer's fp32 copies: the next reuses no fragments
+    _own_memory(model, keep={t.data_ptr() for t in mapped})
+    page_out(mapped)
+    model.mapped_tables = MappedTables(mapped)
     release_freed_memory()
-    log.debug("int8: %d linear layers and %d embeddings quantized", counts["linear"], counts["embedding"])
+    log.debug("int8: %d linear layers and %d embeddings quantized, %d tables left memory-mapped", counts["linear"],
+              counts["embedding"], len(mapped))
     return model
+
+
+CHUNK_ROWS_ABOVE = 8_000_000  # weights with more elements than this are quantized a block of rows at a time
+CHUNK_ROWS = 4096
+
+
+def _int8_in_chunks(linear: nn.Linear) -> nn.Module:
+    """`DynamicInt8Linear.from_float(linear)` (per-channel qconfig), a block of rows at a time.
+
+    Per-channel scales depend on each row alone, so the result is identical; what differs is
+    the peak: from_float holds the whole fp32 matrix's pages, a placeholder int8 matrix and its
+    packing, the quantized matrix and its packing at once (+270 MB for GPT-2's 154 MB output
+    head); here the fp32 pages go as each block is done, and no placeholder is made.
+    """
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.nn.quantized.modules.utils import _quantize_weight
+
+    weight = linear.weight.detach()
+    rows = torch.empty(weight.shape, dtype=torch.int8)
+    scales, zeros = [], []
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        block = weight[start:start + CHUNK_ROWS]
+        observer = linear.qconfig.weight()
+        observer(block)
+        q = _quantize_weight(block.float(), observer)
+        rows[start:start + CHUNK_ROWS] = q.int_repr()
+        scales.append(q.q_per_channel_scales())
+        zeros.append(q.q_per_channel_zero_points())
+        page_out([block])
+        del q
+    qweight = torch._make_per_channel_quantized_tensor(rows, torch.cat(scales), torch.cat(zeros), 0)
+    del rows
+    qlinear = DynamicInt8Linear(1, 1, dtype=torch.qint8)  # a 1x1 placeholder, replaced below
+    qlinear.in_features, qlinear.out_features = linear.in_features, linear.out_features
+    qlinear.set_weight_bias(qweight, linear.bias)
+    return qlinear
+
+
+def file_backed(t: torch.Tensor) -> bool:
+    """Whether `t`'s bytes lie in a mapping of a file (e.g. the safetensors checkpoint), per /proc/self/maps."""
+    if t.device.type != "cpu" or t.is_mkldnn or t.numel() == 0:
+        return False
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            for line in maps:
+                fields = line.split()
+                low, high = (int(a, 16) for a in fields[0].split("-"))
+                if low <= start < high:
+                    return end <= high and len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
+    except OSError:
+        pass
+    return False
+
+
+class MappedTables:
+    """The embedding tables `quantize_int8` left in the memory-mapped checkpoint.
+
+    Lookups bring their rows' pages into RSS; `page_out_if_due` (called by the engine when
+    it idles) drops them again at most every `every_s` seconds, so a long-running bot's RSS
+    does not creep up to the whole fp32 table as it meets more of the vocabulary.
+    """
+
+    def __init__(self, tables: list[torch.Tensor], every_s: float = 60.0):
+        self.tables, self.every_s, self._last = tables, every_s, time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def page_out_if_due(self) -> bool:
+        if not self.tables or time.monotonic() - self._last < self.every_s:
+            return False
+        self._last = time.monotonic()
+        page_out(self.tables)
+        return True
 
 
 PACK_BATCH_HINT = 16  # rows oneDNN tunes the packed layout for (decode batches are 1-32 rows)
@@ -258,12 +366,13 @@ def pack_fp32(model: nn.Module) -> int:
     return packed
 
 
-def _own_memory(model: nn.Module) -> None:
-    """Copy every float tensor left in the model, dropping views onto the checkpoint's mmap."""
+def _own_memory(model: nn.Module, keep: set[int] = frozenset()) -> None:
+    """Copy every float tensor left in the model, dropping views onto the checkpoint's mmap
+    (except tensors whose data pointer is in `keep`)."""
     with torch.no_grad():
         for module in model.modules():
             for name, param in list(module.named_parameters(recurse=False)):
-                if not param.is_mkldnn:
+                if not param.is_mkldnn and param.data_ptr() not in keep:
                     param.data = param.data.clone()
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None and buffer.is_floating_point():
@@ -295,6 +404,11 @@ def weight_bytes(model: nn.Module) -> int:
                 seen.add(id(p))
                 total += p.numel() * p.element_size()
         packed = getattr(module, "_packed_params", None)
+        whole = getattr(module, "whole", None)  # a part of a fused int8 call (fastpath.linear.FusedPart)
+        if whole is not None and id(whole) not in seen:
+            seen.add(id(whole))
+            weight, bias = torch.ops.quantized.linear_unpack(whole.packed)
+            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
         if packed is not None and hasattr(packed, "_weight_bias"):
             weight, bias = packed._weight_bias()
             total += weight.numel() * weight.element_size()

@@ -68,6 +68,10 @@ def stages(family: str, precision: str) -> None:
 
     mark("python")
     import torch  # noqa: F401
+
+    from engine.serving.quantize import limit_malloc_arenas
+
+    limit_malloc_arenas(1)  # as `mynah run` does
     mark("import torch")
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401

@@ -30,7 +30,9 @@ class Linear:
         self.gelu = gelu  # fused where the kernel can ("tanh"/"none"), else applied after
         self.fused = False
         conv1d = _conv1d_class()
-        if isinstance(module, PackedLinear):
+        if isinstance(module, FusedPart):
+            self.kind, self.whole, self.columns = "part", module.whole, slice(module.start, module.stop)
+        elif isinstance(module, PackedLinear):
             self.kind, self.weight, self.bias = "packed", module.weight, module.dense_bias
             self.fused = gelu is not None and module.pointwise
             self.pointwise = module.pointwise
@@ -57,6 +59,8 @@ class Linear:
                 y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             else:
                 y = torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias.to_mkldnn()).to_dense()
+        elif kind == "part":
+            y = self.whole(x)[:, self.columns]
         elif kind == "conv1d":
             y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
         else:
@@ -75,7 +79,8 @@ def fuse(modules: list[nn.Module]) -> Linear | None:
     repeated per row), and dynamic int8 quantizes the shared input once per call either way,
     so every output is exactly what its own layer computed; fbgemm packs the stacked weight
     once (the modules keep theirs: the fused layers' int8 bytes again, ~70 MB for SmolLM2).
-    fp32 gives None on purpose: stacking its weights measured no faster on SmolLM2's shape
+    `modules` that are already the parts of one fused call (`FusedPart`, in order) give that
+    call back. fp32 gives None on purpose: stacking its weights measured no faster on SmolLM2's shape
     and added the stacked copy to RSS (the checkpoint's memory-mapped pages stay resident),
     see docs/BENCHMARKS.md (issue 23, fusing).
     """
@@ -83,7 +88,50 @@ def fuse(modules: list[nn.Module]) -> Linear | None:
 
     if {type(m) for m in modules} == {DynamicInt8Linear} and len({m.version for m in modules}) == 1:
         return _fuse_int8(modules)
+    if all(isinstance(m, FusedPart) for m in modules) and len({id(m.whole) for m in modules}) == 1:
+        bounds = [(m.start, m.stop) for m in modules]
+        if bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) \
+                and bounds[-1][1] == modules[0].whole.out_features:
+            return modules[0].whole
     return None
+
+
+class FusedPart(nn.Module):
+    """A layer that one fused int8 call (`fuse`) computes together with its neighbours: its
+    outputs are columns start … stop-1 of that call's.
+
+    Put in the model in place of each fused layer (`replace_with_parts`), so the layer's own
+    fbgemm-packed weight is freed: the fused call holds the same int8 rows, and keeping both
+    cost ~70 MB of RSS on SmolLM2-135M (docs/BENCHMARKS.md, issue 23). transformers' forward
+    through the model still gives exactly the layer's outputs (a fused call's columns are
+    each layer's own, see `fuse`), at the price of running the whole fused call per part.
+    """
+
+    def __init__(self, whole: Linear, start: int, stop: int, in_features: int):
+        super().__init__()
+        self.whole, self.start, self.stop = whole, start, stop
+        self.in_features, self.out_features = in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.whole(x.reshape(-1, self.in_features).contiguous())[:, self.start:self.stop]
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, columns {self.start}-{self.stop - 1} of a fused int8 call"
+
+
+def replace_with_parts(parent: nn.Module, names: list[str], whole: Linear) -> None:
+    """Swap `parent`'s layers `names` (the ones `whole` fuses, in order) for `FusedPart`s of it."""
+    start = 0
+    for name in names:
+        layer = getattr(parent, name)
+        if isinstance(layer, FusedPart) and layer.whole is whole:
+            start = layer.stop
+            continue
+        width = layer.weight().shape[0]
+        setattr(parent, name, FusedPart(whole, start, start + width, whole.in_features))
+        start += width
 
 
 def _fuse_int8(modules: list[nn.Module]) -> Linear | None:
@@ -106,7 +154,8 @@ def _fuse_int8(modules: list[nn.Module]) -> Linear | None:
     bias = torch.cat(biases) if any(m.bias() is not None for m in modules) else None
     weight = torch._make_per_channel_quantized_tensor(torch.cat(rows), torch.cat(scales), torch.cat(zeros), 0)
     return _made("int8", packed=torch.ops.quantized.linear_prepack(weight, bias),
-                 reduce_range=modules[0].version is not None and modules[0].version >= 4)
+                 reduce_range=modules[0].version is not None and modules[0].version >= 4,
+                 in_features=weight.shape[1], out_features=weight.shape[0])
 
 
 def _made(kind: str, **fields) -> Linear:

@@ -15,13 +15,17 @@ the same arithmetic with nothing around it:
 - SwiGLU (silu(gate) * up, then down), q/k/v biases where the model has them (Qwen2);
 - in int8, q/k/v as one matrix call and gate/up as another (fastpath.linear.fuse: int8
   rows and per-channel scales stacked as quantized): five calls a layer instead of seven,
-  same outputs (fp32 keeps seven: stacking measured no faster and cost RSS);
+  same outputs (fp32 keeps seven: stacking measured no faster and cost RSS); the model's
+  fused layers become views of the fused call (fastpath.linear.FusedPart), so the int8
+  rows are held once, not twice;
 - the linear layers call the serving kernels directly (fastpath.linear: int8 fbgemm,
   fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
   itself (no second copy: a oneDNN-packed head was 10-15 % faster a step but cost 212 MB,
   docs/BENCHMARKS.md).
 
-It reads the weights of the transformers model it is built from (no copy).
+It reads the weights of the transformers model it is built from (no copy); in int8 the
+fused layers are swapped for parts of the fused call, and transformers' forward through
+the model gives the same outputs as before.
 `LlamaStep.supports(model)` says which models qualify.
 
 Shapes in comments: B rows, U new contexts in a prefill, W their padded width, T cached
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.serving.fastpath.cache import StaticKV
-from engine.serving.fastpath.linear import Linear, fuse
+from engine.serving.fastpath.linear import Linear, fuse, replace_with_parts
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load: a table is exact
@@ -55,6 +59,10 @@ class _Layer:
             (Linear(attn.q_proj), Linear(attn.k_proj), Linear(attn.v_proj))
         self.gate_up = fuse([mlp.gate_proj, mlp.up_proj]) if fused else None  # (N, 2·I), None: two calls
         self.gate, self.up = (None, None) if self.gate_up else (Linear(mlp.gate_proj), Linear(mlp.up_proj))
+        if self.qkv is not None:  # the fused call holds the int8 rows now: the layers' own copies go
+            replace_with_parts(attn, ["q_proj", "k_proj", "v_proj"], self.qkv)
+        if self.gate_up is not None:
+            replace_with_parts(mlp, ["gate_proj", "up_proj"], self.gate_up)
         self.scale = attn.scaling
 
     def project(self, h: torch.Tensor, split: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
