@@ -96,27 +96,20 @@ class GPT2Step:
     # ---- the two passes -----------------------------------------------------------
     def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:
         """Run U contexts into the U new last rows of `cache`: the matrix products on their tokens packed
-        end to end (fastpath.packing), attention on the right-padded grid.
+        end to end, a shared prefix once, attention on the right-padded grid (fastpath.packing).
 
         Returns the logits of each context's last token, (U, V). `cache` must have had
         `cache.add_rows(lengths)` for these contexts.
         """
         packed = Packed(contexts)
-        rows, width = packed.rows, packed.width
-        first = cache.rows - rows
+        first = cache.rows - packed.rows
         x = self.wte(packed.ids) + self.wpe(packed.positions)  # (N, E)
         H, D, E = self.n_head, self.head_dim, self.n_embd
         for layer, block in enumerate(self.blocks):
             h = F.layer_norm(x, (E,), *block.ln1, self.eps)
-            qkv = packed.pad(block.qkv(h)).view(rows, width, 3, H, D)
-            k_buf, v_buf = cache.layer(layer)  # (Bcap, H, Tcap, D)
-            k = qkv[:, :, 1].transpose(1, 2)  # (U, H, W, D)
-            v = qkv[:, :, 2].transpose(1, 2)
-            k_buf[first:first + rows, :, :width] = k
-            v_buf[first:first + rows, :, :width] = v
-            q = qkv[:, :, 0].transpose(1, 2)  # (U, H, W, D)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (U, H, W, D); padding sits after the text
-            x = x + block.proj(packed.unpad(a.transpose(1, 2)).reshape(-1, E))
+            q, k, v = block.qkv(h).view(-1, 3, H, D).unbind(1)  # (N, H, D) each
+            a = packed.attend(q, k, v, cache.layer(layer), first)  # (N, H, D)
+            x = x + block.proj(a.reshape(-1, E))
             h = F.layer_norm(x, (E,), *block.ln2, self.eps)
             x = x + block.fc_proj(block.fc(h))
         return self._logits(x.index_select(0, packed.last))

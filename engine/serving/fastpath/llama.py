@@ -154,31 +154,24 @@ class LlamaStep:
     # ---- the two passes -----------------------------------------------------------
     def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:
         """Run U contexts into the U new last rows of `cache`: the matrix products on their tokens packed
-        end to end (fastpath.packing), attention on the right-padded grid.
+        end to end, a shared prefix once, attention on the right-padded grid (fastpath.packing).
 
         Returns the logits of each context's last token, (U, V). `cache` must have had
         `cache.add_rows(lengths)` for these contexts.
         """
         packed = Packed(contexts)
-        rows, width = packed.rows, packed.width
-        first = cache.rows - rows
+        first = cache.rows - packed.rows
         H, K, D = self.n_head, self.n_kv, self.head_dim
-        cos, sin = self._rope(packed.positions, width)  # (N, D)
+        cos, sin = self._rope(packed.positions, packed.prefix + packed.width)  # (N, D)
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, D) broadcast over heads
         x = self.embed(packed.ids)  # (N, E)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1)
             q, k, v = layer.project(h, self.split)
-            q = packed.pad(_rotate(q.reshape(-1, H, D), cos, sin)).transpose(1, 2)  # (U, H, W, D)
-            k = packed.pad(_rotate(k.reshape(-1, K, D), cos, sin)).transpose(1, 2)  # (U, K, W, D)
-            v = packed.pad(v.reshape(-1, K, D)).transpose(1, 2)
-            k_buf, v_buf = cache.layer(index)  # (Bcap, K, Tcap, D)
-            k_buf[first:first + rows, :, :width] = k
-            v_buf[first:first + rows, :, :width] = v
-            if self.groups > 1:
-                k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)  # (U, H, W, D)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale)  # padding sits after the text
-            x = x + layer.o(packed.unpad(a.transpose(1, 2)).reshape(-1, H * D))
+            q = _rotate(q.reshape(-1, H, D), cos, sin)  # (N, H, D)
+            k = _rotate(k.reshape(-1, K, D), cos, sin)  # (N, K, D)
+            a = packed.attend(q, k, v.reshape(-1, K, D), cache.layer(index), first, scale=layer.scale)  # (N, H, D)
+            x = x + layer.o(a.reshape(-1, H * D))
             h = _rms_norm(x, layer.ln2)
             x = x + layer.mlp(h)
         return self._logits(x.index_select(0, packed.last))
