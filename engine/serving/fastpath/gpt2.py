@@ -18,7 +18,7 @@ It reads the weights of the transformers model it is built from (no copy), so th
 keeps working for anything else that uses it. `GPT2Step.supports(model)` says which models
 qualify; everything else takes the transformers path (engine.serving.hf_step).
 
-Shapes in comments: B rows, U new contexts in a prefill, W their padded width, T cached
+Shapes in comments: B rows, U new contexts in a prefill, W their padded width, N their tokens, T cached
 columns, E model width, H heads, D head width, V vocabulary.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import nn
 
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.linear import Linear as _Linear
+from engine.serving.fastpath.packing import Packed
 
 _GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
@@ -94,37 +95,24 @@ class GPT2Step:
 
     # ---- the two passes -----------------------------------------------------------
     def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:
-        """Run U contexts (right-padded into one pass) into the U new last rows of `cache`.
+        """Run U contexts into the U new last rows of `cache`: the matrix products on their tokens packed
+        end to end, a shared prefix once, attention on the right-padded grid (fastpath.packing).
 
         Returns the logits of each context's last token, (U, V). `cache` must have had
         `cache.add_rows(lengths)` for these contexts.
         """
-        lengths = [len(c) for c in contexts]
-        width = max(lengths)
-        rows = len(contexts)
-        first = cache.rows - rows
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        for i, c in enumerate(contexts):
-            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        x = self.wte(ids) + self.wpe(torch.arange(width))  # (U, W, E)
-        x = x.reshape(rows * width, self.n_embd)
+        packed = Packed(contexts)
+        first = cache.rows - packed.rows
+        x = self.wte(packed.ids) + self.wpe(packed.positions)  # (N, E)
         H, D, E = self.n_head, self.head_dim, self.n_embd
         for layer, block in enumerate(self.blocks):
             h = F.layer_norm(x, (E,), *block.ln1, self.eps)
-            qkv = block.qkv(h).view(rows, width, 3, H, D)
-            k_buf, v_buf = cache.layer(layer)  # (Bcap, H, Tcap, D)
-            k = qkv[:, :, 1].transpose(1, 2)  # (U, H, W, D)
-            v = qkv[:, :, 2].transpose(1, 2)
-            k_buf[first:first + rows, :, :width] = k
-            v_buf[first:first + rows, :, :width] = v
-            q = qkv[:, :, 0].transpose(1, 2)  # (U, H, W, D)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (U, H, W, D); padding sits after the text
-            a = a.transpose(1, 2).reshape(rows * width, E)
-            x = x + block.proj(a)
+            q, k, v = block.qkv(h).view(-1, 3, H, D).unbind(1)  # (N, H, D) each
+            a = packed.attend(q, k, v, cache.layer(layer), first)  # (N, H, D)
+            x = x + block.proj(a.reshape(-1, E))
             h = F.layer_norm(x, (E,), *block.ln2, self.eps)
             x = x + block.fc_proj(block.fc(h))
-        last = torch.tensor([i * width + n - 1 for i, n in enumerate(lengths)])
-        return self._logits(x.index_select(0, last))
+        return self._logits(x.index_select(0, packed.last))
 
     def decode(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:
         """One token per row (tokens: (B,)) at each row's own next position; returns (B, V) logits."""

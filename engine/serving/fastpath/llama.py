@@ -28,7 +28,7 @@ fused layers are swapped for parts of the fused call, and transformers' forward 
 the model gives the same outputs as before.
 `LlamaStep.supports(model)` says which models qualify.
 
-Shapes in comments: B rows, U new contexts in a prefill, W their padded width, T cached
+Shapes in comments: B rows, U new contexts in a prefill, W their padded width, N their tokens, T cached
 columns, E model width, H query heads, K key/value heads, G = H / K, D head width, V vocabulary.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import nn
 
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.linear import Linear, fuse, replace_with_parts
+from engine.serving.fastpath.packing import Packed
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load: a table is exact
@@ -160,38 +161,28 @@ class LlamaStep:
 
     # ---- the two passes -----------------------------------------------------------
     def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:
-        """Run U contexts (right-padded into one pass) into the U new last rows of `cache`.
+        """Run U contexts into the U new last rows of `cache`: the matrix products on their tokens packed
+        end to end, a shared prefix once, attention on the right-padded grid (fastpath.packing).
 
         Returns the logits of each context's last token, (U, V). `cache` must have had
         `cache.add_rows(lengths)` for these contexts.
         """
-        lengths = [len(c) for c in contexts]
-        width, rows = max(lengths), len(contexts)
-        first = cache.rows - rows
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        for i, c in enumerate(contexts):
-            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        packed = Packed(contexts)
+        first = cache.rows - packed.rows
         H, K, D = self.n_head, self.n_kv, self.head_dim
-        cos, sin = self._rope(torch.arange(width), width)  # (W, D)
-        cos, sin = cos[:, None], sin[:, None]  # (W, 1, D) broadcast over heads
-        x = self.embed(ids).reshape(rows * width, self.n_embd)  # (U·W, E)
+        cos, sin = self._rope(packed.positions, packed.prefix + packed.width)  # (N, D)
+        cos, sin = cos[:, None], sin[:, None]  # (N, 1, D) broadcast over heads
+        x = self.embed(packed.ids)  # (N, E)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1)
             q, k, v = layer.project(h, self.split)
-            q = _rotate(q.reshape(rows, width, H, D), cos, sin).transpose(1, 2)  # (U, H, W, D)
-            k = _rotate(k.reshape(rows, width, K, D), cos, sin).transpose(1, 2)  # (U, K, W, D)
-            v = v.reshape(rows, width, K, D).transpose(1, 2)
-            k_buf, v_buf = cache.layer(index)  # (Bcap, K, Tcap, D)
-            k_buf[first:first + rows, :, :width] = k
-            v_buf[first:first + rows, :, :width] = v
-            if self.groups > 1:
-                k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)  # (U, H, W, D)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale)  # padding sits after the text
-            x = x + layer.o(a.transpose(1, 2).reshape(rows * width, H * D))
+            q = _rotate(q.reshape(-1, H, D), cos, sin)  # (N, H, D)
+            k = _rotate(k.reshape(-1, K, D), cos, sin)  # (N, K, D)
+            a = packed.attend(q, k, v.reshape(-1, K, D), cache.layer(index), first, scale=layer.scale)  # (N, H, D)
+            x = x + layer.o(a.reshape(-1, H * D))
             h = _rms_norm(x, layer.ln2)
             x = x + layer.mlp(h)
-        last = torch.tensor([i * width + n - 1 for i, n in enumerate(lengths)])
-        return self._logits(x.index_select(0, last))
+        return self._logits(x.index_select(0, packed.last))
 
     def decode(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:
         """One token per row (tokens: (B,)) at each row's own next position; returns (B, V) logits."""

@@ -1,0 +1,66 @@
+"""A prefill of contexts of different lengths runs the matrix products on their real tokens only
+(engine/serving/fastpath/packing.py), with each context's logits and cache as if prefilled alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model import load_model
+from engine.serving.fastpath import pick_decoder
+from engine.serving.fastpath.packing import Packed
+from tests.test_fastpath_llama import build
+
+CONTEXTS = [[5, 9, 13, 2], [7, 3, 11, 4, 6, 8, 10, 12, 14, 16, 18], [21], [4, 4, 4, 4, 4, 4, 4]]
+SYSTEM = [30, 31, 32, 33, 34, 35, 36, 37, 38, 39]  # a system prompt every chat's context starts with
+SHARED = [SYSTEM + c for c in CONTEXTS]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def decoder(request, tiny_dialogpt, tmp_path_factory):
+    path = tiny_dialogpt if request.param == "gpt2" else build(tmp_path_factory.mktemp("llama") / "m", "llama")
+    dec = pick_decoder(load_model(str(path)).model)
+    assert dec.name == "fast"
+    return dec
+
+
+def _out_projection(step):
+    """The first layer's attention output projection (GPT-2: proj, Llama: o) and where it sits."""
+    layer = step.blocks[0] if hasattr(step, "blocks") else step.layers[0]
+    return layer, "proj" if hasattr(layer, "proj") else "o"
+
+
+@pytest.mark.parametrize("contexts, tokens", [(CONTEXTS, 23), (SHARED, 33)])
+def test_the_projections_see_only_real_tokens_once(decoder, contexts, tokens):
+    layer, name = _out_projection(decoder.step)
+    inner, rows = getattr(layer, name), []
+    setattr(layer, name, lambda x: rows.append(x.shape[0]) or inner(x))
+    try:
+        with torch.inference_mode():
+            decoder.prefill(contexts, list(range(len(contexts))), 4)
+    finally:
+        setattr(layer, name, inner)
+    # 23 tokens, where right-padding to the longest made 4 × 11 = 44; with the 10-token prefix once: 33, not 84
+    assert rows == [tokens]
+
+
+@pytest.mark.parametrize("contexts", [CONTEXTS, SHARED])
+def test_a_packed_prefill_gives_each_context_what_it_gets_alone(decoder, contexts):
+    with torch.inference_mode():
+        state, together = decoder.prefill(contexts, list(range(len(contexts))), 4)
+        step = decoder.decode(state, torch.tensor([1, 2, 3, 4]))
+        for i, context in enumerate(contexts):
+            alone_state, alone = decoder.prefill([context], [0], 4)
+            torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(step[i], decoder.decode(alone_state, torch.tensor([i + 1]))[0], atol=1e-4, rtol=1e-4)
+
+
+def test_packing_pads_and_unpads_in_place_order():
+    packed = Packed([[1, 2], [3], [4, 5, 6]])
+    x = torch.arange(6.0)[:, None]  # one value per real token
+    grid = packed.pad(x)
+    assert grid.shape == (3, 3, 1) and grid[:, :, 0].tolist() == [[0, 1, 0], [2, 0, 0], [3, 4, 5]]
+    assert packed.unpad(grid).tolist() == x.tolist()
+    assert packed.positions.tolist() == [0, 1, 0, 0, 1, 2] and packed.last.tolist() == [1, 2, 5]
+    shared = Packed(SHARED)
+    assert shared.prefix == 10 and shared.positions[:12].tolist() == list(range(12)) and shared.last.tolist() == [13, 24, 25, 32]
+    assert Packed([SYSTEM, SYSTEM + [1]]).prefix == 9  # every context keeps a token of its own
