@@ -54,13 +54,39 @@ def test_a_packed_prefill_gives_each_context_what_it_gets_alone(decoder, context
             torch.testing.assert_close(step[i], decoder.decode(alone_state, torch.tensor([i + 1]))[0], atol=1e-4, rtol=1e-4)
 
 
-def test_packing_pads_and_unpads_in_place_order():
+def test_packing_keeps_each_context_in_place_order():
     packed = Packed([[1, 2], [3], [4, 5, 6]])
-    x = torch.arange(6.0)[:, None]  # one value per real token
-    grid = packed.pad(x)
-    assert grid.shape == (3, 3, 1) and grid[:, :, 0].tolist() == [[0, 1, 0], [2, 0, 0], [3, 4, 5]]
-    assert packed.unpad(grid).tolist() == x.tolist()
+    assert packed.ids.tolist() == [1, 2, 3, 4, 5, 6] and packed.lengths == [2, 1, 3]
     assert packed.positions.tolist() == [0, 1, 0, 0, 1, 2] and packed.last.tolist() == [1, 2, 5]
     shared = Packed(SHARED)
     assert shared.prefix == 10 and shared.positions[:12].tolist() == list(range(12)) and shared.last.tolist() == [13, 24, 25, 32]
     assert Packed([SYSTEM, SYSTEM + [1]]).prefix == 9  # every context keeps a token of its own
+
+
+@torch.inference_mode()  # as the engine runs
+def test_a_finished_batch_leaves_its_kv_buffer_to_the_next_zeroed(decoder):
+    state, _ = decoder.prefill(SHARED, [0, 1, 2, 3], 4)
+    for token in range(3):
+        decoder.decode(state, torch.tensor([token + 1] * 4))
+    storage = state.cache.buffer.untyped_storage().data_ptr()
+    decoder.release(state)
+    assert state.cache.buffer is None and decoder.spare.flat is not None
+    again, logits = decoder.prefill(CONTEXTS[:2], [0, 1], 4)  # smaller: fits the spare
+    assert again.cache.buffer.untyped_storage().data_ptr() == storage and decoder.spare.flat is None
+    step = decoder.decode(again, torch.tensor([1, 2]))
+    for i, context in enumerate(CONTEXTS[:2]):  # nothing of the first batch shows through
+        alone_state, alone = decoder.prefill([context], [0], 4)
+        torch.testing.assert_close(logits[i], alone[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(step[i], decoder.decode(alone_state, torch.tensor([i + 1]))[0], atol=1e-4, rtol=1e-4)
+
+
+def test_the_spare_hands_out_zeros_and_only_once():
+    from engine.serving.fastpath.cache import SpareBuffer
+
+    spare = SpareBuffer()
+    spare.give(torch.full((2, 3, 4), 7.0))
+    taken = spare.take((2, 5), torch.float32)
+    assert taken.shape == (2, 5) and not taken.any()
+    assert spare.take((2, 5), torch.float32).untyped_storage().data_ptr() != taken.untyped_storage().data_ptr()
+    spare.give(torch.ones(4))
+    assert spare.take((8,), torch.float32).numel() == 8 and spare.flat is not None  # too small: a new one, spare kept

@@ -71,6 +71,9 @@ def _engine_reply(tiny_dialogpt, words: list[str], **params):
                     self.step += 1
                     return force(real.decode(state, tokens), self.step)
 
+                def release(self, state):
+                    real.release(state)
+
             self._decoder = Decoder()
 
     async def run():

@@ -371,6 +371,7 @@ class Engine(WorkerThread, ModelEngine):
         if len(keep) == len(batch.rows):
             return batch
         if not keep:
+            self._decoder.release(batch.state)
             return None
         batch.select(keep)
         return batch

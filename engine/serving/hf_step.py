@@ -91,6 +91,9 @@ class HFDecoder:
             kvcache.use_growing(cache)
         return HFState(cache, mask, mask.sum(-1), growing), logits
 
+    def release(self, state: HFState) -> None:
+        """The batch is done; transformers' cache is simply dropped."""
+
     def decode(self, state: HFState, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row at its next position; returns (B, V) logits."""
         state.mask = torch.cat([state.mask, state.mask.new_ones(state.rows, 1)], dim=1)  # (B, T + 1)

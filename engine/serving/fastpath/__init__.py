@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from engine.serving.fastpath.cache import StaticKV
+from engine.serving.fastpath.cache import SpareBuffer, StaticKV
 from engine.serving.fastpath.gpt2 import GPT2Step
 from engine.serving.fastpath.llama import LlamaStep
 
@@ -50,6 +50,7 @@ class FastDecoder:
     def __init__(self, model, step_class=GPT2Step):
         self.step = step_class(model)
         self.family = step_class.__name__.removesuffix("Step").lower()
+        self.spare = SpareBuffer()  # one KV buffer kept between batches (fastpath.cache)
 
     def prefill(self, contexts: list[list[int]], expand: list[int], room: int = 0) -> tuple[FastState, torch.Tensor]:
         """Prefill the U distinct `contexts`; rows = expand (index into contexts per request).
@@ -58,6 +59,7 @@ class FastDecoder:
         Returns the state of len(expand) rows and their logits (B, V).
         """
         cache = self.step.new_cache()
+        cache.spare = self.spare
         cache.add_rows([len(c) for c in contexts], room)
         logits = self.step.prefill(contexts, cache)  # (U, V)
         if len(expand) != len(contexts) or expand != list(range(len(expand))):
@@ -67,6 +69,10 @@ class FastDecoder:
 
     def decode(self, state: FastState, tokens: torch.Tensor) -> torch.Tensor:
         return self.step.decode(tokens, state.cache)
+
+    def release(self, state: FastState) -> None:
+        """The batch is done: its KV buffer is kept for the next one."""
+        state.cache.release()
 
 
 def pick_decoder(model, mode: str = "auto", *, pad_id: int = 0, grow_cache: bool = True):
