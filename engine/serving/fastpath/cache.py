@@ -17,33 +17,20 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 COLUMN_HEADROOM = 32   # spare columns allocated when the buffer grows (one re-allocation per 32 tokens)
 ROW_GRANULE = 4        # row capacity grows in multiples of this
 
 
-def zeros(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed tensor whose pages are only touched when written (calloc: a large one is fresh
-    zero pages from the kernel). torch.zeros writes every byte: a 16-chat burst's buffer
-    (76 MB for SmolLM2-135M) took 24 ms of a 0.21 s prefill, and columns reserved for tokens
-    not yet generated counted in RSS before any was."""
-    try:
-        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    except TypeError:  # bfloat16 and other types numpy lacks
-        return torch.zeros(shape, dtype=dtype)
-    return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
-
-
 class SpareBuffer:
     """The last KV buffer a batch let go of, kept for the next one: memory the process already has.
 
-    The engine hands freed memory back to the OS when it goes idle, and a page touched for the
-    first time is a page fault; on this project's VM a slow one. A burst's new buffer was faulted
-    in page by page inside its prefill: for 16 chats on GPT-2 124M int8 that took the prefill's
-    attention from 0.03 s to as much as 0.24 s, half of the first words' wait. One spare, the
-    largest seen, bounds what is kept to one burst's cache (the peak is unchanged).
+    The engine hands freed memory back to the OS when it goes idle, so each burst's new buffer
+    was zeroed page by page inside its prefill: ~24,000 page faults for 16 chats on GPT-2 124M
+    int8, a 16-context prefill of 0.14 s against 0.11 s on memory already held (SmolLM2-135M's
+    shape: 0.20 s against 0.18 s; docs/BENCHMARKS.md). One spare, the largest seen, bounds what
+    is kept to one burst's cache, which the peak held anyway.
     """
 
     def __init__(self):
@@ -53,7 +40,7 @@ class SpareBuffer:
         """A zeroed tensor of `shape`: the spare's memory when it is large enough, else a new one."""
         need, flat = math.prod(shape), self.flat
         if flat is None or flat.dtype != dtype or flat.numel() < need:
-            return zeros(shape, dtype)
+            return torch.zeros(shape, dtype=dtype)
         self.flat = None
         return flat[:need].view(shape).zero_()
 

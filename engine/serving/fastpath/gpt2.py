@@ -96,7 +96,7 @@ class GPT2Step:
     # ---- the two passes -----------------------------------------------------------
     def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:
         """Run U contexts into the U new last rows of `cache`: the matrix products on their tokens packed
-        end to end, a shared prefix once, attention on the right-padded grid (fastpath.packing).
+        end to end, a shared prefix once, attention context by context on its cache row (fastpath.packing).
 
         Returns the logits of each context's last token, (U, V). `cache` must have had
         `cache.add_rows(lengths)` for these contexts.
