@@ -62,46 +62,42 @@ class Packed:
         """
         k_buf, v_buf = cache_kv  # (Bcap, K, Tcap, D)
         P, U = self.prefix, self.rows
+        N, H, D = q.shape
         K = k.shape[1]
-        G = q.shape[1] // K
-        out = torch.empty_like(q)  # (N, H, D)
+        G = H // K
+        rows = q.view(N, K, G, D).transpose(0, 1).contiguous()  # (K, N, G, D): a context's rows are a view
+        out = q.new_empty(N, K, G, D)
         if P:
             k_buf[first:first + U, :, :P] = k[:P].transpose(0, 1)
             v_buf[first:first + U, :, :P] = v[:P].transpose(0, 1)
-            out[:P] = _attend(q[:P], k_buf[first, :, :P], v_buf[first, :, :P], self._mask(P, 0, G), K, G, scale)
+            _attend(rows, out, 0, P, k_buf[first, :, :P], v_buf[first, :, :P], self._mask(P, 0, G), scale)
         start = P
         for row, n in enumerate(self.lengths):
             k_buf[first + row, :, P:P + n] = k[start:start + n].transpose(0, 1)
             v_buf[first + row, :, P:P + n] = v[start:start + n].transpose(0, 1)
-            out[start:start + n] = _attend(q[start:start + n], k_buf[first + row, :, :P + n],
-                                           v_buf[first + row, :, :P + n], self._mask(n, P, G), K, G, scale)
+            _attend(rows, out, start, n, k_buf[first + row, :, :P + n], v_buf[first + row, :, :P + n],
+                    self._mask(n, P, G), scale)
             start += n
-        return out
-
-    def _places(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache row and column of each context's own tokens, (N - P,) each."""
-        if self._rows is None or self._first != first:
-            self._first = first
-            self._rows = torch.cat([torch.full((n,), first + i) for i, n in enumerate(self.lengths)])
-            self._columns = self.positions[self.prefix:]
-        return self._rows, self._columns
+        return out.view(N, H, D)
 
     def _mask(self, n: int, before: int, groups: int) -> torch.Tensor | None:
-        """(groups·n, before+n): n tokens see the `before` keys and their own ≤ themselves; None = plain causal."""
+        """(n·groups, before+n): n tokens (each repeated for its query heads) see the `before` keys and their
+        own ≤ themselves; None = plain causal."""
         if not before and groups == 1:
             return None
         key = (n, before, groups)
         if key not in self._masks:
             causal = torch.ones(n, n, dtype=torch.bool).tril()
-            self._masks[key] = torch.cat([torch.ones(n, before, dtype=torch.bool), causal], 1).repeat(groups, 1)
+            self._masks[key] = torch.cat([torch.ones(n, before, dtype=torch.bool), causal], 1).repeat_interleave(groups, 0)
         return self._masks[key]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, K: int, G: int,
-            scale: float | None) -> torch.Tensor:
-    """One context: q (n, H, D) against its keys and values (K, T, D); mask (G·n, T), None for plain causal
-    (T = n, G = 1). Query heads h = kv·G + g become key/value head kv's rows g·n + i. Returns (n, H, D)."""
-    n, D = q.shape[0], q.shape[2]
-    rows = q.reshape(n, K, G, D).permute(1, 2, 0, 3).reshape(1, K, G * n, D)
-    a = F.scaled_dot_product_attention(rows, k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale)
-    return a.view(K, G, n, D).permute(2, 0, 1, 3).reshape(n, K * G, D)
+def _attend(rows: torch.Tensor, out: torch.Tensor, start: int, n: int, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None, scale: float | None) -> None:
+    """Tokens start … start+n-1 of `rows` (K, N, G, D) against their keys and values (K, T, D), into `out`
+    (N, K, G, D). Key/value head kv's query rows are (position, query head) pairs, i·G + g: a view, no copy
+    of the queries and no repeated keys. mask (n·G, T); None: plain causal (T = n, G = 1)."""
+    K, _, G, D = rows.shape
+    q = rows[:, start:start + n].reshape(1, K, n * G, D)
+    a = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale)
+    out[start:start + n] = a.view(K, n, G, D).transpose(0, 1)
