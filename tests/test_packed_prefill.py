@@ -89,4 +89,4 @@ def test_the_spare_hands_out_zeros_and_only_once():
     assert taken.shape == (2, 5) and not taken.any()
     assert spare.take((2, 5), torch.float32).untyped_storage().data_ptr() != taken.untyped_storage().data_ptr()
     spare.give(torch.ones(4))
-    assert spare.take((8,), torch.float32).numel() == 8 and spare.flat is not None  # too small: a new one, spare kept
+    assert spare.take((8,), torch.float32).numel() == 8 and spare.flat is None  # too small: a new one, the spare let go

@@ -37,11 +37,13 @@ class SpareBuffer:
         self.flat: torch.Tensor | None = None  # (capacity,) the whole storage of a released buffer
 
     def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A zeroed tensor of `shape`: the spare's memory when it is large enough, else a new one."""
+        """A zeroed tensor of `shape`: the spare's memory when it is large enough, else a new one (the spare
+        is let go first: at most one buffer is kept beyond those in use)."""
         need, flat = math.prod(shape), self.flat
+        self.flat = None  # one holder at a time; too small a spare is let go before a new buffer is made
         if flat is None or flat.dtype != dtype or flat.numel() < need:
+            del flat
             return torch.zeros(shape, dtype=dtype)
-        self.flat = None
         return flat[:need].view(shape).zero_()
 
     def give(self, buffer: torch.Tensor | None) -> None:
