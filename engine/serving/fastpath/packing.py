@@ -47,7 +47,6 @@ class Packed:
         self.positions = torch.cat([torch.arange(self.prefix)] +
                                    [torch.arange(self.prefix, self.prefix + n) for n in self.lengths])  # (N,)
         self.last = self.prefix + torch.tensor(list(itertools.accumulate(self.lengths))) - 1  # (U,) each context's last token
-        self._rows = self._columns = self._first = None  # where the rests' keys go in the cache (_places)
         self._masks: dict[tuple, torch.Tensor] = {}  # attention masks by (tokens, keys before them, query heads per key head)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_kv: tuple, first: int,
@@ -65,7 +64,7 @@ class Packed:
         N, H, D = q.shape
         K = k.shape[1]
         G = H // K
-        rows = q.view(N, K, G, D).transpose(0, 1).contiguous()  # (K, N, G, D): a context's rows are a view
+        rows = q.reshape(N, K, G, D).transpose(0, 1).contiguous()  # (K, N, G, D): a context's rows are a view
         out = q.new_empty(N, K, G, D)
         if P:
             k_buf[first:first + U, :, :P] = k[:P].transpose(0, 1)
