@@ -30,6 +30,7 @@ from engine.model import LoadedModel
 from engine.serving import sentences
 from engine.serving.admission import AdmissionGate
 from engine.serving.fastpath import FAST_PATH_MODES, pick_decoder
+from engine.serving.fastpath.onednn import pack_if_faster
 # EngineBusy, EngineStopped and Reply are the contract's (protocol.py); importing them from here still works
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, ModelEngine, Reply,
                                      ReplyStream, SamplingParams, Route)
@@ -229,14 +230,21 @@ class Engine(WorkerThread, ModelEngine):
     def _make_decoder(self, loaded: LoadedModel) -> None:
         """THE model seam: pick the decoder every forward pass of the worker goes through.
 
-        GPT-2- and Llama-family models take the fast path (fastpath.FastDecoder: its fp32 weights stay
-        as they are, the plain BLAS path is quicker for 1-row steps than oneDNN's packed
-        layout); other models take transformers' forward, whose fp32 CPU weights are packed
-        for oneDNN once (quantize.pack_fp32; 1.5-2.4x its default path). In the worker thread
-        on purpose: once another thread has run torch's parallel regions, this thread's steps
+        GPT-2- and Llama-family models take the fast path (fastpath.FastDecoder), its fp32 layers
+        packed for oneDNN where a probe finds that faster on this CPU (fastpath.onednn: 2x on the
+        AMD box; MKL's one-row path was the quicker on Intel); other models take transformers'
+        forward, whose fp32 CPU weights are packed for oneDNN once (quantize.pack_fp32; 1.5-2.4x
+        its default path). In the worker thread on purpose: once another thread has run torch's parallel regions, this thread's steps
         ran ~1.5x slower on 2 cores (measured), so the worker does all the model's work itself.
         """
         self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id, grow_cache=self.grow_cache)
+        if self._decoder.name == "fast" and self.pack_weights and not getattr(loaded, "packed", False) \
+                and loaded.device.type == "cpu":
+            started = time.perf_counter()
+            loaded.packed = pack_if_faster(loaded.model) > 0  # fp32 layers only (int8 ones are not nn.Linear)
+            if loaded.packed:
+                log.info("fp32 layers packed for oneDNN (faster on this CPU) in %.1f s", time.perf_counter() - started)
+                self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id)
         if self._decoder.name == "transformers" and self.pack_weights and not getattr(loaded, "packed", False) \
                 and loaded.device.type == "cpu":
             started = time.perf_counter()
