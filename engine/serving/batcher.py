@@ -241,10 +241,11 @@ class Engine(WorkerThread, ModelEngine):
         if self._decoder.name == "fast" and self.pack_weights and not getattr(loaded, "packed", False) \
                 and loaded.device.type == "cpu":
             started = time.perf_counter()
+            self._decoder = None  # it holds the unpacked weights: each must be freed as soon as it is packed
             loaded.packed = pack_if_faster(loaded.model) > 0  # fp32 layers only (int8 ones are not nn.Linear)
             if loaded.packed:
                 log.info("fp32 layers packed for oneDNN (faster on this CPU) in %.1f s", time.perf_counter() - started)
-                self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id)
+            self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id, grow_cache=self.grow_cache)
         if self._decoder.name == "transformers" and self.pack_weights and not getattr(loaded, "packed", False) \
                 and loaded.device.type == "cpu":
             started = time.perf_counter()

@@ -25,8 +25,8 @@ from engine.serving.quantize import (PackedLinear, _conv1d_class, _output_head, 
 
 log = logging.getLogger(__name__)
 
-PROBE_SHAPE = (1024, 1024)  # fp32 matrices the probe multiplies: 8 of them, 32 MB, about an L3's worth
-PROBE_MATRICES = 8
+PROBE_SHAPE = (1024, 1024)  # fp32 matrices the probe multiplies: 4 of them, 16 MB (and their packed copies)
+PROBE_MATRICES = 4
 MARGIN = 0.9                # oneDNN must take at most this share of MKL's time at both row counts
 
 
