@@ -41,21 +41,23 @@ def onednn_is_faster() -> bool:
     verdicts = []
     for rows in (1, 16):
         x = torch.randn(rows, PROBE_SHAPE[1])
-        mkl = _best_time(lambda: [F.linear(x, w) for w in weights])
-        dnn = _best_time(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, bias, "none", [], "") for p in packed])
+        mkl, dnn = _best_times(lambda: [F.linear(x, w) for w in weights],
+                               lambda: [torch.ops.mkldnn._linear_pointwise(x, p, bias, "none", [], "") for p in packed])
         verdicts.append(dnn <= MARGIN * mkl)
         log.debug("fp32 linear, %d rows: MKL %.2f ms, oneDNN packed %.2f ms", rows, mkl * 1e3, dnn * 1e3)
     return all(verdicts)
 
 
-def _best_time(run, repeats: int = 5) -> float:
-    run()  # warm-up (first calls pick kernels)
-    best = float("inf")
+def _best_times(first, second, repeats: int = 15) -> tuple[float, float]:
+    """The fastest of `repeats` runs of each, taken in turns (a busy machine slows both alike)."""
+    first(), second()  # warm-up (first calls pick kernels)
+    best = [float("inf"), float("inf")]
     for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
+        for i, run in enumerate((first, second)):
+            started = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - started)
+    return best[0], best[1]
 
 
 def pack_if_faster(model: nn.Module) -> int:
