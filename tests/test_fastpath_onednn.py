@@ -62,3 +62,13 @@ def test_the_engine_serves_a_packed_fast_path(model_path, monkeypatch):
     reply, decoder = asyncio.run(run())
     assert decoder == "fast" and loaded.packed and reply.text.strip()
     assert any(isinstance(m, quantize.PackedLinear) for m in loaded.model.modules())
+
+
+@pytest.mark.parametrize("vendor, packs", [("GenuineIntel", False), ("AuthenticAMD", True), ("unknown", True)])
+def test_the_cpu_vendor_decides_where_mkl_keeps_fp32(vendor, packs, monkeypatch):
+    monkeypatch.setattr(onednn, "_cpu_vendor", lambda: vendor)
+    onednn.onednn_is_faster.cache_clear()
+    try:
+        assert onednn.onednn_is_faster() is packs
+    finally:
+        onednn.onednn_is_faster.cache_clear()
