@@ -65,6 +65,7 @@ class EngineConfig:
     breaker_cooldown_seconds: float = 30.0  # how long it stays open before one probe is let through
     extra_sampling: bool = True          # send top_k, repetition_penalty, min_tokens (vLLM, llama.cpp read them)
     fast_path: str = "auto"              # "auto": GPT-2-family models decode on the hand-written step; "off"
+    pack_weights: bool = True            # fp32 on CPU: layers packed for oneDNN where that is faster (not on Intel)
     threads_while_training: int = 0      # torch threads while a trainer child runs (0 = leave as is)
 
 

@@ -72,3 +72,21 @@ def test_the_cpu_vendor_decides_where_mkl_keeps_fp32(vendor, packs, monkeypatch)
         assert onednn.onednn_is_faster() is packs
     finally:
         onednn.onednn_is_faster.cache_clear()
+
+
+def test_pack_weights_false_in_the_config_serves_the_layers_as_loaded(tiny_dialogpt, monkeypatch):
+    from bots.app import build_engine
+    from bots.config import ConfigError, parse_config
+
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
+    config = parse_config({"engine": {"pack_weights": False}})
+    loaded = load_model(str(tiny_dialogpt))
+
+    async def run():
+        async with build_engine(config, loaded) as engine:
+            return (await engine.reply([("user", "hello there")])).text
+
+    assert asyncio.run(run()).strip()
+    assert not any(isinstance(m, quantize.PackedLinear) for m in loaded.model.modules())
+    with pytest.raises(ConfigError, match="pack_weights"):
+        parse_config({"engine": {"pack_weights": "yes"}})
