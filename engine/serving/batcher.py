@@ -231,10 +231,10 @@ class Engine(WorkerThread, ModelEngine):
         """THE model seam: pick the decoder every forward pass of the worker goes through.
 
         GPT-2- and Llama-family models take the fast path (fastpath.FastDecoder), its fp32 layers
-        packed for oneDNN where a probe finds that faster on this CPU (fastpath.onednn: 2x on the
-        AMD box; MKL's one-row path was the quicker on Intel); other models take transformers'
-        forward, whose fp32 CPU weights are packed for oneDNN once (quantize.pack_fp32; 1.5-2.4x
-        its default path). In the worker thread on purpose: once another thread has run torch's parallel regions, this thread's steps
+        packed for oneDNN on CPUs where MKL is the slower (fastpath.onednn: every CPU but Intel's;
+        2x on the AMD box); other models take transformers' forward, whose fp32 CPU weights are
+        packed for oneDNN once (quantize.pack_fp32; 1.5-2.4x its default path). In the worker
+        thread on purpose: once another thread has run torch's parallel regions, this thread's steps
         ran ~1.5x slower on 2 cores (measured), so the worker does all the model's work itself.
         """
         self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id, grow_cache=self.grow_cache)

@@ -338,13 +338,16 @@ def can_pack(model: nn.Module) -> bool:
     return bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
 
 
-def pack_fp32(model: nn.Module) -> int:
+def pack_fp32(model: nn.Module, *, keep_mapped: bool = False) -> int:
     """Replace every fp32 `nn.Linear` / `Conv1D` of an eval-mode CPU model by a `PackedLinear`.
 
     Returns how many layers were packed (0 when the model cannot be packed). The model is
     changed in place and is for inference only afterwards (no gradients, no saving).
     A tied output head stays as it is (it is the token-embedding table: packing it would keep
     a second copy of the largest matrix, 154 MB for GPT-2 124M).
+    keep_mapped: leave the rest of the model on the checkpoint's mmap and page out what each
+    packed layer came from (the fast path reads embedding rows from the mapped file); else
+    every float tensor left is copied into memory of its own (`_own_memory`).
     """
     if not can_pack(model):
         return 0
@@ -356,12 +359,15 @@ def pack_fp32(model: nn.Module) -> int:
         for name, child in list(parent.named_children()):
             if child is head and id(getattr(child, "weight", None)) in embeddings:
                 continue  # tied to the input embedding
-            if conv1d is not None and isinstance(child, conv1d):
-                child = as_linear(child)
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
-                packed += 1
-    _own_memory(model)
+            if type(child) is not nn.Linear and not (conv1d is not None and isinstance(child, conv1d)):
+                continue
+            original = [t.detach() for t in (child.weight, child.bias) if t is not None]
+            setattr(parent, name, PackedLinear(child if type(child) is nn.Linear else as_linear(child)))
+            if keep_mapped:
+                page_out(original)
+            packed += 1
+    if not keep_mapped:
+        _own_memory(model)
     release_freed_memory()
     return packed
 

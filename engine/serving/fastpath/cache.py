@@ -57,11 +57,10 @@ class SpareBuffer:
 
 
 class StaticKV:
-    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
-                 spare: SpareBuffer | None = None):
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype = torch.float32):
         self.shape = (layers, heads, head_dim)
         self.dtype = dtype
-        self.spare = spare or SpareBuffer()  # where buffers this cache lets go of go, and new ones come from
+        self.spare = SpareBuffer()  # where buffers this cache lets go of go, and new ones come from (shared: FastDecoder)
         self.buffer: torch.Tensor | None = None  # (L, 2, Bcap, H, Tcap, D)
         self.lengths: list[int] = []              # cached tokens per row
         self._lengths_t: torch.Tensor | None = None

@@ -17,8 +17,7 @@ import functools
 import torch
 from torch import nn
 
-from engine.serving.quantize import (PackedLinear, _conv1d_class, _output_head, _has_linear_pointwise, as_linear,
-                                     can_pack, page_out, release_freed_memory)
+from engine.serving import quantize
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,7 +29,7 @@ def onednn_is_faster() -> bool:
     MKL's one-row path was measured the quicker. A timing probe at load was tried first; in one
     benchmark run one bot process of eight served at MKL's speed: a fixed rule serves alike.
     """
-    if not torch.backends.mkldnn.is_available() or not _has_linear_pointwise():
+    if not torch.backends.mkldnn.is_available() or not quantize._has_linear_pointwise():
         return False
     return _cpu_vendor() != "GenuineIntel"
 
@@ -47,33 +46,6 @@ def _cpu_vendor() -> str:
 
 
 def pack_if_faster(model: nn.Module) -> int:
-    """Pack `model`'s fp32 layers for oneDNN when it has any and oneDNN is the faster on this CPU.
-    Returns how many were packed (0: served as they are)."""
-    if not can_pack(model) or not _plain_layers(model) or not onednn_is_faster():
-        return 0
-    conv1d = _conv1d_class()
-    packed = 0
-    for parent, name, child in _plain_layers(model):
-        original = [t.detach() for t in (child.weight, child.bias) if t is not None]
-        if conv1d is not None and isinstance(child, conv1d):
-            child = as_linear(child)
-        setattr(parent, name, PackedLinear(child))
-        page_out(original)
-        packed += 1
-    release_freed_memory()
-    return packed
-
-
-def _plain_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, name, layer) of every fp32 `nn.Linear` / `Conv1D` but a tied output head."""
-    conv1d = _conv1d_class()
-    head = _output_head(model)
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    found = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if child is head and id(getattr(child, "weight", None)) in embeddings:
-                continue
-            if type(child) is nn.Linear or (conv1d is not None and isinstance(child, conv1d)):
-                found.append((parent, name, child))
-    return found
+    """Pack `model`'s fp32 layers for oneDNN where oneDNN is the faster on this CPU, leaving the
+    rest on the checkpoint's mmap. Returns how many were packed (0: served as they are)."""
+    return quantize.pack_fp32(model, keep_mapped=True) if onednn_is_faster() else 0
