@@ -1,5 +1,5 @@
-"""fp32 fast-path layers packed for oneDNN where a probe finds it faster (engine/serving/fastpath/onednn.py):
-the same logits, the tied head left alone, and nothing packed where the probe says no."""
+"""fp32 fast-path layers packed for oneDNN where the CPU's vendor says it is faster (engine/serving/fastpath/onednn.py):
+the same logits, a tied head packed from its memory-mapped table (held once), and nothing packed where MKL is kept."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +10,7 @@ import torch
 from engine.model import load_model
 from engine.serving import quantize
 from engine.serving.batcher import Engine
+from engine.serving.file_rows import FileRows
 from engine.serving.fastpath import onednn, pick_decoder
 from engine.serving.sampling import SamplingParams
 from tests.test_fastpath_llama import build
@@ -31,16 +32,32 @@ def _logits(model) -> tuple[torch.Tensor, torch.Tensor]:
         return first, decoder.decode(state, torch.tensor([1, 2]))
 
 
-def test_packed_layers_give_the_same_logits_and_leave_the_tied_head(model_path, monkeypatch):
+def test_packed_layers_and_tied_head_give_the_same_logits(model_path, monkeypatch):
+    monkeypatch.setattr(onednn, "HEAD_BLOCK_ROWS", 100)  # several blocks even for a tiny vocabulary
     monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
     model = load_model(str(model_path)).model
     before = _logits(model)
-    head = model.get_output_embeddings()
+    table = model.get_input_embeddings().weight
+    assert quantize.file_backed(table)  # the safetensors checkpoint, memory-mapped
     packed = onednn.pack_if_faster(model)
-    assert packed > 0 and sum(isinstance(m, quantize.PackedLinear) for m in model.modules()) == packed
-    assert model.get_output_embeddings() is head and not isinstance(head, quantize.PackedLinear)
+    head = model.get_output_embeddings()
+    assert isinstance(head, onednn.PackedHead) and len(head.blocks) == -(-table.shape[0] // 100)
+    assert packed == sum(isinstance(m, quantize.PackedLinear) for m in model.modules()) + 1
+    embed = model.get_input_embeddings()  # looked up by reading rows from the file (outside RSS), not copied
+    assert isinstance(embed, FileRows) and embed.weight is table and quantize.file_backed(table)
     for got, want in zip(_logits(model), before):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    hidden = torch.randn(2, 3, head.in_features)  # transformers' forward through the model gets the same head
+    torch.testing.assert_close(head(hidden), hidden @ table.T, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tied_head_in_anonymous_memory_is_not_packed_twice(model_path, monkeypatch):
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
+    model = load_model(str(model_path)).model
+    embed = model.get_input_embeddings()
+    embed.weight.data = embed.weight.data.clone()  # e.g. a .bin checkpoint: the table is in anonymous memory
+    assert onednn.pack_if_faster(model) > 0
+    assert model.get_output_embeddings().weight is embed.weight
 
 
 def test_nothing_is_packed_where_the_probe_says_mkl_is_faster(model_path, monkeypatch):

@@ -101,6 +101,39 @@ def test_a_burst_joining_one_running_row_merges_into_the_bursts_buffer():
     assert small.lengths == [2, 9] and row_values(small, 1) == [1000 + c for c in range(9)]
 
 
+def _largest_allocation(action) -> int:
+    """Bytes of the largest single allocation any torch op made while running `action`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        action()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+def test_rows_leaving_or_joining_move_the_others_in_place_without_a_copy_of_them_all():
+    """The bot's peak in a 16-chat burst was one row leaving: a gather of the 15 rows behind it (+66 MB)."""
+    def filled(lengths, base):
+        cache = StaticKV(layers=2, heads=2, head_dim=8)
+        cache.add_rows(lengths, room=4)
+        for row, n in enumerate(lengths):
+            cache.buffer[:, :, row, :, :n] = torch.arange(n, dtype=torch.float32)[None, None, :, None] + base + 1000 * row
+        return cache
+
+    lengths = [30 + (row * 7) % 11 for row in range(16)]
+    cache = filled(lengths, 0)
+    row_bytes = cache.nbytes() // cache.capacity()[0]
+    expect = [cache.buffer[:, :, r, :, :lengths[r]].clone() for r in range(16)]
+    keep = [r for r in range(16) if r not in (0, 5)]
+    assert _largest_allocation(lambda: cache.select(keep)) < 2 * row_bytes
+    assert cache.lengths == [lengths[r] for r in keep]
+    assert all(torch.equal(cache.buffer[:, :, j, :, :lengths[r]], expect[r]) for j, r in enumerate(keep))
+
+    running, burst = filled([12], 50_000), filled(lengths[:15], 0)  # one running row, 15 joining: its buffer is reused
+    expect = [running.buffer[:, :, 0, :, :12].clone()] + [burst.buffer[:, :, r, :, :lengths[r]].clone() for r in range(15)]
+    assert _largest_allocation(lambda: running.merge(burst)) < 2 * row_bytes
+    assert all(torch.equal(running.buffer[:, :, j, :, :n], expect[j]) for j, n in enumerate(running.lengths))
+
+
 def test_int8_keeps_one_copy_of_the_tied_table_and_looks_rows_up_in_the_checkpoint(tiny_dialogpt):
     """int8 (issue 23): the tied GPT-2 table is held once, as the int8 output head; the embedding
     lookup reads the fp32 rows from the memory-mapped checkpoint (file pages, not a second 8-bit copy)."""

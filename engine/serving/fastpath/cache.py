@@ -29,8 +29,10 @@ class SpareBuffer:
     The engine hands freed memory back to the OS when it goes idle, so each burst's new buffer
     was zeroed page by page inside its prefill: ~24,000 page faults for 16 chats on GPT-2 124M
     int8, a 16-context prefill of 0.14 s against 0.11 s on memory already held (SmolLM2-135M's
-    shape: 0.20 s against 0.18 s; docs/BENCHMARKS.md). One spare, the largest seen, bounds what
-    is kept to one burst's cache, which the peak held anyway.
+    shape: 0.20 s against 0.18 s; docs/BENCHMARKS.md). One spare, the largest a finished batch
+    let go of, bounds what is kept to one burst's cache, which the peak held anyway; a buffer a
+    running batch outgrows is freed (kept as a spare beside the batch, it added ~19 MB to the bot's
+    peak in a 16-chat burst).
     """
 
     def __init__(self):
@@ -88,8 +90,7 @@ class StaticKV:
         if self.buffer is not None and self.rows:
             used = max(self.lengths)
             buffer[:, :, :self.rows, :, :used] = self.buffer[:, :, :self.rows, :, :used]
-        self.spare.give(self.buffer)
-        self.buffer = buffer
+        self.buffer = buffer  # the outgrown one is freed, not kept: the spare is what a finished batch lets go of
 
     def release(self) -> None:
         """Done with every row: the buffer goes to the spare for the next batch."""
@@ -118,7 +119,12 @@ class StaticKV:
         self._lengths_t = None
 
     def select(self, index: list[int]) -> None:
-        """Keep rows `index` in that order (repeats allowed: a shared prefill fanned out)."""
+        """Keep rows `index` in that order (repeats allowed: a shared prefill fanned out).
+
+        Rows leaving (an increasing `index`) move the rest up row by row in place: one gather of
+        every moving row held a copy of them all (+66 MB for 15 GPT-2 rows at ~100 columns, the
+        bot's RSS peak in a 16-chat burst).
+        """
         if index == list(range(len(index))):  # a prefix of the rows: nothing moves
             self.lengths = self.lengths[:len(index)]
             self._lengths_t = None
@@ -127,7 +133,10 @@ class StaticKV:
         self._reserve(len(index), max(lengths, default=0))
         start = next(j for j, i in enumerate(index) if i != j)  # rows before this one stay where they are
         used = max(lengths[start:], default=0)
-        if used:
+        if used and all(a < b for a, b in zip(index, index[1:])):  # rows leaving: the rest move up, one at a time
+            for j in range(start, len(index)):  # each source row lies below every row written before it
+                self.buffer[:, :, j, :, :lengths[j]] = self.buffer[:, :, index[j], :, :lengths[j]]
+        elif used:
             src = torch.tensor(index[start:], dtype=torch.long)
             self.buffer[:, :, start:len(index), :, :used] = self.buffer[:, :, src, :, :used]  # gather copies first
         self.lengths = lengths
@@ -152,20 +161,18 @@ class StaticKV:
         self.buffer[:, :, first:first + other.rows, :, :used] = other.buffer[:, :, :other.rows, :, :used]
         self.lengths = self.lengths + other.lengths
         self._lengths_t = None
-        other.release()
+        other.buffer, other.lengths, other._lengths_t = None, [], None  # freed: see _merge_into
 
     def _merge_into(self, other: "StaticKV") -> None:
-        """Move `other`'s rows behind where these go, copy these in front, and keep its buffer."""
-        first, used = self.rows, max(other.lengths)
-        buffer = other.buffer
-        moved = buffer[:, :, :other.rows, :, :used].clone()  # the joining rows only (not the whole buffer)
-        buffer[:, :, first:first + other.rows, :, :used] = moved
-        del moved
+        """Move `other`'s rows behind where these go (in place, row by row: no copy of them all), copy
+        these in front, and keep its buffer."""
+        first, buffer = self.rows, other.buffer
+        for r in reversed(range(other.rows)):  # last row first: a row is moved before any row lands on it
+            buffer[:, :, first + r, :, :other.lengths[r]] = buffer[:, :, r, :, :other.lengths[r]]
         mine = max(self.lengths)
         buffer[:, :, :first, :, :mine] = self.buffer[:, :, :first, :, :mine]
         buffer[:, :, :first, :, mine:] = 0  # columns these rows never wrote hold finite numbers
-        self.spare.give(self.buffer)
-        self.buffer = buffer
+        self.buffer = buffer  # this batch's old, smaller buffer is freed (a spare beside a running batch is dead weight)
         self.lengths = self.lengths + other.lengths
         self._lengths_t = None
         other.buffer, other.lengths = None, []

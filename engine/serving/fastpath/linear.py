@@ -25,6 +25,7 @@ class Linear:
     def __init__(self, module: nn.Module, gelu: str | None = None):
         from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+        from engine.serving.fastpath.onednn import PackedHead
         from engine.serving.quantize import PackedLinear
 
         self.gelu = gelu  # fused where the kernel can ("tanh"/"none"), else applied after
@@ -36,6 +37,8 @@ class Linear:
             self.kind, self.weight, self.bias = "packed", module.weight, module.dense_bias
             self.fused = gelu is not None and module.pointwise
             self.pointwise = module.pointwise
+        elif isinstance(module, PackedHead):
+            self.kind, self.blocks = "blocks", list(module.blocks)
         elif isinstance(module, DynamicInt8Linear):
             self.kind, self.packed = "int8", module._packed_params._packed_params
             self.reduce_range = module.version is not None and module.version >= 4
@@ -59,6 +62,8 @@ class Linear:
                 y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             else:
                 y = torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias.to_mkldnn()).to_dense()
+        elif kind == "blocks":
+            y = torch.cat([torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in self.blocks], 1)
         elif kind == "part":
             y = self.whole(x)[:, self.columns]
         elif kind == "conv1d":

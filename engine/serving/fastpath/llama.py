@@ -20,8 +20,8 @@ the same arithmetic with nothing around it:
   rows are held once, not twice;
 - the linear layers call the serving kernels directly (fastpath.linear: int8 fbgemm,
   fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
-  itself (no second copy: a oneDNN-packed head was 10-15 % faster a step but cost 212 MB,
-  docs/BENCHMARKS.md).
+  itself, or by a packed copy made from the memory-mapped table, whose pages then go
+  (fastpath.onednn.PackedHead): held once either way.
 
 It reads the weights of the transformers model it is built from (no copy); in int8 the
 fused layers are swapped for parts of the fused call, and transformers' forward through
@@ -143,7 +143,7 @@ class LlamaStep:
         self.embed = base.embed_tokens
         self.layers = [_Layer(layer, fused=not probe) for layer in base.layers]
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.head = Linear(model.lm_head)  # tied: the embedding table itself (F.linear), no copy
+        self.head = Linear(model.lm_head)  # tied: the table itself, or packed from it (fastpath.onednn.PackedHead)
         self.rotary = base.rotary_emb
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1
 

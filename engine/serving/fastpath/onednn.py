@@ -6,9 +6,13 @@ project runs on, torch's MKL reached 16 GB/s on a one-row step and oneDNN's pack
 95 -> 58 ms at 16; docs/BENCHMARKS.md), while on Intel with AVX-512 MKL's one-row path was
 measured the quicker. So the CPU's vendor decides (`onednn_is_faster`).
 
-Only the layers' own matrices are packed: a tied output head is the token-embedding table,
-and packing it would hold the largest matrix twice. The checkpoint's pages a packed matrix
-came from are paged out (`quantize.page_out`), so RSS holds each weight once.
+The checkpoint's pages a packed matrix came from are paged out (`quantize.page_out`), so RSS
+holds each weight once. That includes a tied output head, the token-embedding table read whole
+every step (a third of GPT-2 124M's bytes a step): it is packed a block of rows at a time
+(`PackedHead`) when the table lies in the memory-mapped checkpoint, whose pages then go; the
+embedding lookups read their rows from the file (`file_rows.FileRows`), outside RSS. One step: GPT-2 124M 22.3 -> 18.2 ms at 1 chat, 58.5 -> 44.1 at 16;
+SmolLM2-135M ~28 -> ~25 ms, ~65 -> ~52 (docs/BENCHMARKS.md). A table in anonymous memory (a
+.bin checkpoint) keeps the head as it is: packing would hold it twice.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import functools
 import torch
 from torch import nn
 
-from engine.serving import quantize
+from engine.serving import file_rows, quantize
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,6 +50,55 @@ def _cpu_vendor() -> str:
 
 
 def pack_if_faster(model: nn.Module) -> int:
-    """Pack `model`'s fp32 layers for oneDNN where oneDNN is the faster on this CPU, leaving the
-    rest on the checkpoint's mmap. Returns how many were packed (0: served as they are)."""
-    return quantize.pack_fp32(model, keep_mapped=True) if onednn_is_faster() else 0
+    """Pack `model`'s fp32 layers (and a tied head whose table is file-backed) for oneDNN where
+    oneDNN is the faster on this CPU, leaving the rest on the checkpoint's mmap. Returns how
+    many were packed (0: served as they are)."""
+    if not onednn_is_faster():
+        return 0
+    packed = quantize.pack_fp32(model, keep_mapped=True)
+    return packed + pack_tied_head(model) if packed else 0
+
+
+HEAD_BLOCK_ROWS = 4096  # rows packed at a time: the load's transient is one block (12.6 MB for GPT-2 124M)
+
+
+class PackedHead(nn.Module):
+    """A tied output head packed for oneDNN in blocks of rows: the logits are the blocks' outputs
+    side by side. Inference only; the embedding table it came from stays the model's."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = table.shape[1], table.shape[0]
+        self.blocks = nn.ParameterList()
+        for start in range(0, table.shape[0], HEAD_BLOCK_ROWS):
+            block = table[start:start + HEAD_BLOCK_ROWS].detach()
+            packed = torch.ops.mkldnn._reorder_linear_weight(block.float().contiguous(), quantize.PACK_BATCH_HINT)
+            self.blocks.append(nn.Parameter(packed, requires_grad=False))
+            quantize.page_out([block])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        logits = torch.cat([torch.ops.mkldnn._linear_pointwise(flat, w, None, "none", [], "") for w in self.blocks], 1)
+        return logits.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed fp32 in {len(self.blocks)} blocks"
+
+
+def pack_tied_head(model: nn.Module) -> int:
+    """Swap a bias-free fp32 output head tied to a memory-mapped embedding table for a `PackedHead`.
+
+    Returns 1 when swapped, else 0 (untied, int8, or a table in anonymous memory: packing it
+    would hold the largest matrix twice). The table's pages go as each block is packed, and
+    lookups read its rows from the file (`file_rows.FileRows`).
+    """
+    head, embed = quantize._output_head(model), model.get_input_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or type(embed) is not nn.Embedding \
+            or head.weight is not embed.weight or head.weight.dtype != torch.float32 \
+            or not quantize.file_backed(embed.weight):
+        return 0
+    model.set_output_embeddings(PackedHead(embed.weight))
+    file_rows.read_from_file(model, embed)
+    quantize.release_freed_memory()
+    return 1
