@@ -265,12 +265,13 @@ def test_int8_quantizes_every_layer_and_agrees_with_fp32(fp32, int8):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
     from transformers.pytorch_utils import Conv1D
 
+    from engine.serving.file_rows import FileRows
     from engine.serving.quantize import weight_bytes
 
     modules = list(int8.model.modules())
     assert not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in modules)
-    # token and position tables: left in the memory-mapped checkpoint (fp32, only looked up), not copied
-    assert not any(isinstance(m, QuantizedEmbedding) for m in modules) and len(int8.model.mapped_tables) == 2
+    # token and position tables: left in the memory-mapped checkpoint (fp32, rows read from the file), not copied
+    assert not any(isinstance(m, QuantizedEmbedding) for m in modules) and sum(isinstance(m, FileRows) for m in modules) == 2
     n_linear = sum(isinstance(m, DynamicInt8Linear) for m in int8.model.modules())
     assert n_linear == 4 * fp32.model.config.n_layer + 1  # every block's 4 layers + lm_head
     assert weight_bytes(int8.model) < 0.4 * weight_bytes(fp32.model)

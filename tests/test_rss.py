@@ -8,10 +8,12 @@ mapping included), and a burst joining one running row merges into the burst's b
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from engine.model import load_model
+from engine.serving.file_rows import FileRows
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.gpt2 import GPT2Step
 from engine.serving.fastpath.llama import LlamaStep
@@ -143,13 +145,12 @@ def test_int8_keeps_one_copy_of_the_tied_table_and_looks_rows_up_in_the_checkpoi
 
     fp32 = load_model(str(tiny_dialogpt))
     int8 = load_model(str(tiny_dialogpt), quantize="int8")
-    wte = int8.model.transformer.wte
-    assert type(wte) is nn.Embedding and file_backed(wte.weight)
-    assert [t.data_ptr() for t in int8.model.mapped_tables.tables] == [wte.weight.data_ptr(),
-                                                                       int8.model.transformer.wpe.weight.data_ptr()]
+    wte, wpe = int8.model.transformer.wte, int8.model.transformer.wpe
+    assert isinstance(wte, FileRows) and isinstance(wpe, FileRows) and file_backed(wte.weight)
     assert not any(isinstance(m, QuantizedEmbedding) for m in int8.model.modules())
     ids = torch.tensor([[1, 5, 9, 200]])
     assert torch.equal(wte(ids), fp32.model.transformer.wte(ids))  # the checkpoint's own rows
+    assert torch.equal(wpe(ids), fp32.model.transformer.wpe(ids))
     step = GPT2Step(int8.model)
     assert step.wte is wte and step.head.kind == "int8"
 
@@ -159,27 +160,40 @@ def test_int8_keeps_one_copy_of_the_tied_table_and_looks_rows_up_in_the_checkpoi
             table.weight.data = table.weight.data.clone()
     assert not file_backed(in_memory.model.transformer.wte.weight)
     quantized = quantize_int8(in_memory.model)  # … is stored as 8-bit rows, as before
-    assert isinstance(quantized.transformer.wte, QuantizedEmbedding) and len(quantized.mapped_tables) == 0
+    assert isinstance(quantized.transformer.wte, QuantizedEmbedding) and not any(isinstance(m, FileRows) for m in quantized.modules())
 
 
-def test_mapped_tables_are_paged_out_when_due(tmp_path, monkeypatch):
-    from engine.serving import quantize
+def test_file_rows_read_the_tables_rows_from_the_file_and_keep_them_out_of_rss(tmp_path):
+    from engine.serving.file_rows import FileRows, file_location, read_from_file
 
-    values = torch.arange(300_000, dtype=torch.float32)
+    values = torch.randn(4096, 256)
     path = tmp_path / "table.bin"
     values.numpy().tofile(path)
-    table = torch.from_file(str(path), shared=False, size=values.numel(), dtype=torch.float32)
-    assert quantize.file_backed(table) and not quantize.file_backed(values)
-    calls = []
-    monkeypatch.setattr(quantize, "page_out", lambda tensors: calls.append(list(tensors)))
-    tables = quantize.MappedTables([table], every_s=0.2)
-    assert not tables.page_out_if_due() and not calls  # just loaded (and paged out then)
-    import time
+    model = nn.Sequential(nn.Embedding(4096, 256))
+    model[0].weight.data = torch.from_file(str(path), shared=False, size=values.numel(), dtype=torch.float32).view(4096, 256)
+    assert file_location(model[0].weight) == (str(path), 0) and file_location(values) is None
+    assert read_from_file(model, model[0]) and isinstance(model[0], FileRows)
+    ids = torch.randint(0, 4096, (3, 700))
+    before = _resident_pages(model[0].weight)
+    assert torch.equal(model(ids), values[ids])  # a lookup through the map would have faulted its pages in
+    assert _resident_pages(model[0].weight) <= before == 0
+    assert torch.equal(model(torch.empty(0, dtype=torch.long)), torch.empty(0, 256))
+    with pytest.raises(IndexError, match="4096"):
+        model(torch.tensor([4096]))
+    assert not read_from_file(model, nn.Embedding(3, 4))  # a table in anonymous memory: nothing to read from
 
-    time.sleep(0.25)
-    assert tables.page_out_if_due() and calls[0][0] is table
-    assert not tables.page_out_if_due()  # not again before every_s has passed
-    assert torch.equal(table, values)
+
+def _resident_pages(t: torch.Tensor) -> int:
+    """How many of `t`'s pages are in this process's page tables (mincore does not say; /proc/self/pagemap does)."""
+    import mmap
+    import struct
+
+    page = mmap.PAGESIZE
+    first, last = t.data_ptr() // page, (t.data_ptr() + t.numel() * t.element_size() - 1) // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = struct.unpack(f"{last - first + 1}Q", pagemap.read((last - first + 1) * 8))
+    return sum(1 for e in entries if e >> 63)
 
 
 ARENAS_PROBE = """

@@ -309,9 +309,6 @@ class Engine(WorkerThread, ModelEngine):
                 if batch is None and not self._queue:
                     self._tell_busy(False)
                     release_freed_memory(collect=False)  # idle: hand the burst's KV cache and activations back to the OS
-                    tables = getattr(self._loaded.model, "mapped_tables", None)  # int8: looked-up embedding rows too
-                    if tables:
-                        tables.page_out_if_due()
 
     def _step(self, batch: "_Batch | None", admitted: list[_Request]) -> "_Batch | None":
         """Admit new requests (prefill, merge), then one decode step for every running row."""

@@ -72,10 +72,9 @@ class FileRows(nn.Module):
 
 
 def read_from_file(model: nn.Module, embedding: nn.Module) -> bool:
-    """Swap `embedding` (an `nn.Embedding` of `model` whose table lies in a mapped file) for `FileRows`
-    and page the table's mapped pages out. False (nothing changed) when the table is not in a file."""
-    from engine.serving.quantize import page_out
-
+    """Swap `embedding` (an `nn.Embedding` of `model` whose table lies in a mapped file) for `FileRows`.
+    False (nothing changed) when the table is not in a file. The caller pages the mapped table out
+    (`quantize.page_out`) once nothing else reads it whole."""
     location = file_location(embedding.weight) if type(embedding) is nn.Embedding else None
     if location is None:
         return False
@@ -84,5 +83,4 @@ def read_from_file(model: nn.Module, embedding: nn.Module) -> bool:
         for name, child in list(parent.named_children()):
             if child is embedding:
                 setattr(parent, name, rows)
-    page_out([embedding.weight.data])
     return True

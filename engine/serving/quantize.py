@@ -23,11 +23,12 @@ import gc
 import logging
 import mmap
 import os
-import time
 import warnings
 
 import torch
 from torch import nn
+
+from engine.serving import file_rows
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +147,10 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
         GPT-2: 38.6M of its 124M parameters).
     embeddings: keep the token/position tables out of RSS too. They are only looked up,
         never multiplied: a table read from the memory-mapped checkpoint stays there in fp32
-        (`file_backed`; its pages are paged out, and a lookup reads in only its rows' pages,
-        which `MappedTables` pages out again while the engine idles), so a tied table is held
-        once (as the int8 output head) instead of twice; a table in anonymous memory
-        (GGUF-converted, a .bin checkpoint) is stored as 8-bit rows.
+        (`file_backed`; its pages are paged out, and lookups read their rows from the file,
+        `file_rows.FileRows`), so a tied table is held once (as the int8 output head) instead
+        of twice; a table in anonymous memory (GGUF-converted, a .bin checkpoint) is stored as
+        8-bit rows.
     Remaining fp32 tensors are copied out of the checkpoint's memory map, so the fp32 file
     pages are released and RSS is what the int8 model needs.
     """
@@ -163,7 +164,7 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
     head = _output_head(model)
     conv1d = _conv1d_class()
     counts = {"linear": 0, "embedding": 0}
-    mapped: list[torch.Tensor] = []
+    in_file: list[nn.Embedding] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
         for parent in list(model.modules()):
@@ -177,7 +178,8 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                     setattr(parent, name, _int8_in_chunks(child) if big else DynamicInt8Linear.from_float(child))
                     counts["linear"] += 1
                 elif type(child) is nn.Embedding and embeddings and file_backed(child.weight):
-                    mapped.append(child.weight.data)  # looked up in place: only the rows read come in
+                    in_file.append(child)  # rows read from the file once the head (perhaps this table) is done
+                    continue
                 elif type(child) is nn.Embedding and embeddings and child.padding_idx is None:
                     child.qconfig = float_qparams_weight_only_qconfig
                     setattr(parent, name, QuantizedEmbedding.from_float(child))
@@ -187,12 +189,12 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                 page_out(read)
                 del child, read
                 release_freed_memory(collect=False)  # each layer's fp32 copies: the next reuses no fragments
-    _own_memory(model, keep={t.data_ptr() for t in mapped})
-    page_out(mapped)
-    model.mapped_tables = MappedTables(mapped)
+    _own_memory(model, keep={e.weight.data_ptr() for e in in_file})
+    read_from_file = [file_rows.read_from_file(model, e) for e in in_file]
+    page_out([e.weight.data for e in in_file])
     release_freed_memory()
-    log.debug("int8: %d linear layers and %d embeddings quantized, %d tables left memory-mapped", counts["linear"],
-              counts["embedding"], len(mapped))
+    log.debug("int8: %d linear layers and %d embeddings quantized, %d tables read from the checkpoint file",
+              counts["linear"], counts["embedding"], sum(read_from_file))
     return model
 
 
@@ -234,41 +236,7 @@ def _int8_in_chunks(linear: nn.Linear) -> nn.Module:
 
 def file_backed(t: torch.Tensor) -> bool:
     """Whether `t`'s bytes lie in a mapping of a file (e.g. the safetensors checkpoint), per /proc/self/maps."""
-    if t.device.type != "cpu" or t.is_mkldnn or t.numel() == 0:
-        return False
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-            for line in maps:
-                fields = line.split()
-                low, high = (int(a, 16) for a in fields[0].split("-"))
-                if low <= start < high:
-                    return end <= high and len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
-    except OSError:
-        pass
-    return False
-
-
-class MappedTables:
-    """The embedding tables `quantize_int8` left in the memory-mapped checkpoint.
-
-    Lookups bring their rows' pages into RSS; `page_out_if_due` (called by the engine when
-    it idles) drops them again at most every `every_s` seconds, so a long-running bot's RSS
-    does not creep up to the whole fp32 table as it meets more of the vocabulary.
-    """
-
-    def __init__(self, tables: list[torch.Tensor], every_s: float = 60.0):
-        self.tables, self.every_s, self._last = tables, every_s, time.monotonic()
-
-    def __len__(self) -> int:
-        return len(self.tables)
-
-    def page_out_if_due(self) -> bool:
-        if not self.tables or time.monotonic() - self._last < self.every_s:
-            return False
-        self._last = time.monotonic()
-        page_out(self.tables)
-        return True
+    return file_rows.file_location(t) is not None
 
 
 PACK_BATCH_HINT = 16  # rows oneDNN tunes the packed layout for (decode batches are 1-32 rows)
@@ -403,7 +371,7 @@ def weight_bytes(model: nn.Module) -> int:
     total = 0
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, (nn.Embedding, file_rows.FileRows)):
             continue
         for p in module.parameters(recurse=False):
             if id(p) not in seen:
