@@ -10,6 +10,7 @@ import torch
 from engine.model import load_model
 from engine.serving import quantize
 from engine.serving.batcher import Engine
+from engine.serving.fastpath.linear import FusedPart
 from engine.serving.file_rows import FileRows
 from engine.serving.fastpath import onednn, pick_decoder
 from engine.serving.sampling import SamplingParams
@@ -33,16 +34,23 @@ def _logits(model) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_packed_layers_and_tied_head_give_the_same_logits(model_path, monkeypatch):
-    monkeypatch.setattr(onednn, "HEAD_BLOCK_ROWS", 100)  # several blocks even for a tiny vocabulary
+    monkeypatch.setattr(quantize, "HEAD_BLOCK_ROWS", 100)  # several blocks even for a tiny vocabulary
     monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
     model = load_model(str(model_path)).model
     before = _logits(model)
     table = model.get_input_embeddings().weight
     assert quantize.file_backed(table)  # the safetensors checkpoint, memory-mapped
+    ids = torch.tensor([CONTEXTS[1]])
+    with torch.inference_mode():
+        hf_before = model(ids).logits
     packed = onednn.pack_if_faster(model)
     head = model.get_output_embeddings()
-    assert isinstance(head, onednn.PackedHead) and len(head.blocks) == -(-table.shape[0] // 100)
-    assert packed == sum(isinstance(m, quantize.PackedLinear) for m in model.modules()) + 1
+    assert isinstance(head, quantize.PackedHead) and len(head.blocks) == -(-table.shape[0] // 100)
+    fused = {id(m.whole) for m in model.modules() if isinstance(m, FusedPart)}  # Llama: q/k/v and gate/up, one call each
+    assert len(fused) == (2 * model.config.num_hidden_layers if model_path.name == "m" else 0)
+    assert packed == sum(isinstance(m, quantize.PackedLinear) for m in model.modules()) + len(fused) + 1
+    with torch.inference_mode():  # transformers' forward through the packed and fused layers: the same logits
+        torch.testing.assert_close(model(ids).logits, hf_before, atol=1e-4, rtol=1e-4)
     embed = model.get_input_embeddings()  # looked up by reading rows from the file (outside RSS), not copied
     assert isinstance(embed, FileRows) and embed.weight is table and quantize.file_backed(table)
     for got, want in zip(_logits(model), before):

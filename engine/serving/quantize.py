@@ -298,6 +298,33 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed fp32"
 
 
+HEAD_BLOCK_ROWS = 4096  # rows packed at a time: the load's transient is one block (12.6 MB for GPT-2 124M)
+
+
+class PackedHead(nn.Module):
+    """A tied output head packed for oneDNN in blocks of rows: the logits are the blocks' outputs
+    side by side. Inference only; the embedding table it came from stays the model's."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = table.shape[1], table.shape[0]
+        self.blocks = nn.ParameterList()
+        for start in range(0, table.shape[0], HEAD_BLOCK_ROWS):
+            block = table[start:start + HEAD_BLOCK_ROWS].detach()
+            packed = torch.ops.mkldnn._reorder_linear_weight(block.float().contiguous(), PACK_BATCH_HINT)
+            self.blocks.append(nn.Parameter(packed, requires_grad=False))
+            page_out([block])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        logits = torch.cat([torch.ops.mkldnn._linear_pointwise(flat, w, None, "none", [], "") for w in self.blocks], 1)
+        return logits.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed fp32 in {len(self.blocks)} blocks"
+
+
 def can_pack(model: nn.Module) -> bool:
     """fp32 weights on the CPU and a torch built with oneDNN."""
     if not torch.backends.mkldnn.is_available():
@@ -381,7 +408,7 @@ def weight_bytes(model: nn.Module) -> int:
         whole = getattr(module, "whole", None)  # a part of a fused int8 call (fastpath.linear.FusedPart)
         if whole is not None and id(whole) not in seen:
             seen.add(id(whole))
-            weight, bias = torch.ops.quantized.linear_unpack(whole.packed)
+            weight, bias = torch.ops.quantized.linear_unpack(whole.packed) if whole.kind == "int8" else (whole.weight, whole.bias)
             total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
         if packed is not None and hasattr(packed, "_weight_bias"):
             weight, bias = packed._weight_bias()

@@ -14,7 +14,7 @@ whole int8 matrix work of a 124M model. This is the same arithmetic with nothing
   or through the plain BLAS path for unpacked weights;
 - the tied fp32 output head multiplies by the token-embedding table itself, or, where the
   layers are packed for oneDNN, by a packed copy made from the memory-mapped table, whose
-  pages then go (fastpath.onednn.PackedHead): the table is held once either way.
+  pages then go (quantize.PackedHead): the table is held once either way.
 
 It reads the weights of the transformers model it is built from (no copy), so the model
 keeps working for anything else that uses it. `GPT2Step.supports(model)` says which models
@@ -86,7 +86,7 @@ class GPT2Step:
         self.wte, self.wpe = tr.wte, tr.wpe
         self.blocks = [_Block(b, gelu) for b in tr.h]
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
-        self.head = _Linear(model.lm_head)  # tied: the table itself, or packed from it (fastpath.onednn.PackedHead)
+        self.head = _Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
 
     def new_cache(self) -> StaticKV:
         return StaticKV(self.n_layer, self.n_head, self.head_dim)

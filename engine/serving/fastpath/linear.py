@@ -25,8 +25,7 @@ class Linear:
     def __init__(self, module: nn.Module, gelu: str | None = None):
         from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-        from engine.serving.fastpath.onednn import PackedHead
-        from engine.serving.quantize import PackedLinear
+        from engine.serving.quantize import PackedHead, PackedLinear
 
         self.gelu = gelu  # fused where the kernel can ("tanh"/"none"), else applied after
         self.fused = False
@@ -85,9 +84,10 @@ def fuse(modules: list[nn.Module]) -> Linear | None:
     so every output is exactly what its own layer computed; fbgemm packs the stacked weight
     once (the modules keep theirs: the fused layers' int8 bytes again, ~70 MB for SmolLM2).
     `modules` that are already the parts of one fused call (`FusedPart`, in order) give that
-    call back. fp32 gives None on purpose: stacking its weights measured no faster on SmolLM2's shape
-    and added the stacked copy to RSS (the checkpoint's memory-mapped pages stay resident),
-    see docs/BENCHMARKS.md (issue 23, fusing).
+    call back. Unpacked fp32 gives None on purpose: stacking its weights measured no faster on
+    SmolLM2's shape with MKL and added the stacked copy to RSS (docs/BENCHMARKS.md, issue 23,
+    fusing); fp32 layers packed for oneDNN are fused when they are packed
+    (fastpath.onednn.fuse_projections), and come here as `FusedPart`s.
     """
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
@@ -134,7 +134,7 @@ def replace_with_parts(parent: nn.Module, names: list[str], whole: Linear) -> No
         if isinstance(layer, FusedPart) and layer.whole is whole:
             start = layer.stop
             continue
-        width = layer.weight().shape[0]
+        width = layer.out_features
         setattr(parent, name, FusedPart(whole, start, start + width, whole.in_features))
         start += width
 
@@ -158,12 +158,12 @@ def _fuse_int8(modules: list[nn.Module]) -> Linear | None:
         biases.append(b.detach().float() if b is not None else torch.zeros(w.shape[0]))
     bias = torch.cat(biases) if any(m.bias() is not None for m in modules) else None
     weight = torch._make_per_channel_quantized_tensor(torch.cat(rows), torch.cat(scales), torch.cat(zeros), 0)
-    return _made("int8", packed=torch.ops.quantized.linear_prepack(weight, bias),
+    return made("int8", packed=torch.ops.quantized.linear_prepack(weight, bias),
                  reduce_range=modules[0].version is not None and modules[0].version >= 4,
                  in_features=weight.shape[1], out_features=weight.shape[0])
 
 
-def _made(kind: str, **fields) -> Linear:
+def made(kind: str, **fields) -> Linear:
     """A `Linear` of `kind` on weights made here (not a module's)."""
     layer = Linear.__new__(Linear)
     layer.gelu, layer.fused, layer.kind = None, False, kind

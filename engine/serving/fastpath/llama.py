@@ -13,15 +13,15 @@ the same arithmetic with nothing around it:
   query heads are its "query positions" (B, Hkv, G, D), so one SDPA call reads each
   cached key once; the cache (fastpath.cache.StaticKV) holds only the key/value heads;
 - SwiGLU (silu(gate) * up, then down), q/k/v biases where the model has them (Qwen2);
-- in int8, q/k/v as one matrix call and gate/up as another (fastpath.linear.fuse: int8
-  rows and per-channel scales stacked as quantized): five calls a layer instead of seven,
-  same outputs (fp32 keeps seven: stacking measured no faster and cost RSS); the model's
-  fused layers become views of the fused call (fastpath.linear.FusedPart), so the int8
-  rows are held once, not twice;
+- q/k/v as one matrix call and gate/up as another: five calls a layer instead of seven, same
+  outputs; in int8 by stacking rows and per-channel scales as quantized (fastpath.linear.fuse),
+  in fp32 when the layers are packed for oneDNN (fastpath.onednn.fuse_projections; unpacked
+  fp32 keeps seven: stacking measured no faster on MKL); the model's fused layers become
+  views of the fused call (fastpath.linear.FusedPart), so the weights are held once;
 - the linear layers call the serving kernels directly (fastpath.linear: int8 fbgemm,
   fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
   itself, or by a packed copy made from the memory-mapped table, whose pages then go
-  (fastpath.onednn.PackedHead): held once either way.
+  (quantize.PackedHead): held once either way.
 
 It reads the weights of the transformers model it is built from (no copy); in int8 the
 fused layers are swapped for parts of the fused call, and transformers' forward through
@@ -143,7 +143,7 @@ class LlamaStep:
         self.embed = base.embed_tokens
         self.layers = [_Layer(layer, fused=not probe) for layer in base.layers]
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.head = Linear(model.lm_head)  # tied: the table itself, or packed from it (fastpath.onednn.PackedHead)
+        self.head = Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
         self.rotary = base.rotary_emb
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1
 
