@@ -9,9 +9,11 @@ measured the quicker. So the CPU's vendor decides (`onednn_is_faster`).
 The checkpoint's pages a packed matrix came from are paged out (`quantize.page_out`), so RSS
 holds each weight once. That includes a tied output head, the token-embedding table read whole
 every step (a third of GPT-2 124M's bytes a step): it is packed a block of rows at a time
-(`quantize.PackedHead`) when the table lies in the memory-mapped checkpoint, whose pages then go; the
-embedding lookups read their rows from the file (`file_rows.FileRows`), outside RSS. One step: GPT-2 124M 22.3 -> 18.2 ms at 1 chat, 58.5 -> 44.1 at 16;
-SmolLM2-135M ~28 -> ~25 ms, ~65 -> ~52 (docs/BENCHMARKS.md). A table in anonymous memory (a
+(`quantize.PackedHead`) when the table lies in the memory-mapped checkpoint, whose pages then
+go; the embedding lookups read their rows from the file (`file_rows.FileRows`), outside RSS.
+One step: GPT-2 124M 22.3 -> 18.2 ms at 1 chat, 58.5 -> 44.1 at 16; SmolLM2-135M ~28 -> ~25 ms,
+~65 -> ~52 (docs/BENCHMARKS.md). Llama-family q/k/v and gate/up are packed as one matrix each
+(`fuse_projections`). A table in anonymous memory (a
 .bin checkpoint) keeps the head as it is: packing would hold it twice.
 """
 from __future__ import annotations
