@@ -7,7 +7,6 @@ import torch
 
 from engine.model import load_model
 from engine.serving.fastpath import pick_decoder
-from engine.serving.fastpath import packing
 from engine.serving.fastpath.packing import Packed
 from tests.test_fastpath_llama import build
 
@@ -44,10 +43,8 @@ def test_the_projections_see_only_real_tokens_once(decoder, contexts, tokens):
     assert rows == [tokens]
 
 
-@pytest.mark.parametrize("mlp_rows", [256, 5])  # 5: the MLP runs on the 23 (33) tokens in blocks, none aligned to a context
 @pytest.mark.parametrize("contexts", [CONTEXTS, SHARED])
-def test_a_packed_prefill_gives_each_context_what_it_gets_alone(decoder, contexts, mlp_rows, monkeypatch):
-    monkeypatch.setattr(packing, "MLP_ROWS", mlp_rows)
+def test_a_packed_prefill_gives_each_context_what_it_gets_alone(decoder, contexts):
     with torch.inference_mode():
         state, together = decoder.prefill(contexts, list(range(len(contexts))), 4)
         step = decoder.decode(state, torch.tensor([1, 2, 3, 4]))

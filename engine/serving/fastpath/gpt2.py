@@ -33,7 +33,7 @@ from torch import nn
 
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.linear import Linear as _Linear
-from engine.serving.fastpath.packing import Packed, add_mlp_in_chunks
+from engine.serving.fastpath.packing import Packed
 
 _GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
@@ -109,7 +109,7 @@ class GPT2Step:
             a = packed.attend(q, k, v, cache.layer(layer), first)  # (N, H, D)
             x = x + block.proj(a.reshape(-1, E))
             h = F.layer_norm(x, (E,), *block.ln2, self.eps)
-            x = add_mlp_in_chunks(x, h, lambda rows, b=block: b.fc_proj(b.fc(rows)))  # x: this pass's own tensor
+            x = x + block.fc_proj(block.fc(h))
         return self._logits(x.index_select(0, packed.last))
 
     def decode(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:

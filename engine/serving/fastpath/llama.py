@@ -39,7 +39,7 @@ from torch import nn
 
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.linear import Linear, fuse, replace_with_parts
-from engine.serving.fastpath.packing import Packed, add_mlp_in_chunks
+from engine.serving.fastpath.packing import Packed
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load: a table is exact
@@ -181,7 +181,7 @@ class LlamaStep:
             a = packed.attend(q, k, v.reshape(-1, K, D), cache.layer(index), first, scale=layer.scale)  # (N, H, D)
             x = x + layer.o(a.reshape(-1, H * D))
             h = _rms_norm(x, layer.ln2)
-            x = add_mlp_in_chunks(x, h, layer.mlp)  # x is this pass's own tensor: added in place
+            x = x + layer.mlp(h)
         return self._logits(x.index_select(0, packed.last))
 
     def decode(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:

@@ -22,19 +22,6 @@ import torch
 import torch.nn.functional as F
 
 SHARE_MIN = 8   # a common prefix shorter than this is run with each context (not worth the second attention call)
-MLP_ROWS = 256  # a prefill's MLP runs on this many tokens at a time
-
-
-def add_mlp_in_chunks(x: torch.Tensor, h: torch.Tensor, mlp) -> torch.Tensor:
-    """x += mlp(h), MLP_ROWS tokens at a time, in place; returns x.
-
-    A burst's prefill runs ~1,000 tokens: the MLP's wide intermediates (gate/up, the activation,
-    their product: ~27 MB for SmolLM2's shape) were the bot's RSS peak, layer after layer; in
-    blocks of 256 tokens they are a quarter of that, and the matrix calls stay wide enough.
-    """
-    for start in range(0, x.shape[0], MLP_ROWS):
-        x[start:start + MLP_ROWS] += mlp(h[start:start + MLP_ROWS])
-    return x
 
 
 def common_prefix(contexts: list[list[int]]) -> int:
