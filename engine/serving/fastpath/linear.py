@@ -37,7 +37,7 @@ class Linear:
             self.fused = gelu is not None and module.pointwise
             self.pointwise = module.pointwise
         elif isinstance(module, PackedHead):
-            self.kind, self.blocks = "blocks", list(module.blocks)
+            self.kind, self.head = "blocks", module  # a tied head packed in blocks: its own forward
         elif isinstance(module, DynamicInt8Linear):
             self.kind, self.packed = "int8", module._packed_params._packed_params
             self.reduce_range = module.version is not None and module.version >= 4
@@ -62,7 +62,7 @@ class Linear:
             else:
                 y = torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias.to_mkldnn()).to_dense()
         elif kind == "blocks":
-            y = torch.cat([torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in self.blocks], 1)
+            y = self.head(x)
         elif kind == "part":
             y = self.whole(x)[:, self.columns]
         elif kind == "conv1d":
