@@ -36,7 +36,13 @@ FINAL = ("sendMessage", "editMessageText")
 
 
 def available() -> str:
-    """"" when the fake Bot API can be imported (a source checkout), else why not."""
+    """"" when the fake Bot API can be imported (a source checkout), else why not.
+
+    The `mynah` console script does not put the checkout on sys.path, so `mynah bench` from a
+    checkout would drop the through-the-bot rows; the checkout's root is added when it holds
+    the fakes."""
+    if (ROOT / "tests" / "fakes" / "telegram_api.py").is_file() and str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
     try:
         import tests.fakes.telegram_api  # noqa: F401
     except ImportError as exc:
