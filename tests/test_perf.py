@@ -360,3 +360,32 @@ def test_bench_quick_prints_every_table(tmp_path):
                     "fp32 Llama: lone reply ≤ 1.0× CTranslate2", "int8 Llama: 8 chats vs a batch of 8 ≤ 1.0× CTranslate2",
                     "CTranslate2, window 0.1 s", "Mynah engine (continuous batching)"]:
             assert row in out, row
+
+
+def test_bench_names_the_cpus_instruction_sets_and_reads_them_from_cpuinfo():
+    from scripts.bench.machine import machine, simd_features
+
+    intel = {"fpu", "avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}
+    assert simd_features(intel) == ["AVX2", "AVX-512F", "AVX512-VNNI", "AMX-TILE", "AMX-INT8"]
+    assert simd_features({"fpu", "sse2", "avx"}) == []  # no kernel-relevant set: nothing claimed
+    facts = machine()
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    assert facts["cpu_features"] == simd_features(flags)
+
+
+def test_bench_from_outside_the_checkout_still_finds_the_fake_bot_api(tmp_path):
+    """The `mynah` console script does not put the checkout on sys.path; the bot rows must not vanish."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = "import sys; from scripts.bench import bot; print(repr(bot.available()))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=tmp_path)
+    if "No module named 'scripts'" in result.stderr:
+        pytest.skip("Mynah is not installed in this environment (`pip install -e .`)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "''", result.stdout

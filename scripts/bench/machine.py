@@ -86,17 +86,35 @@ def measure_bandwidth(mb: int = 512, repeats: int = 5) -> dict:
             "threads": torch.get_num_threads()}
 
 
+# The instruction sets that decide which kernels run (fbgemm/oneDNN/MKL pick by them), as /proc/cpuinfo
+# spells them (x86 "flags", Arm "Features") and as people say them.
+SIMD_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512_vnni": "AVX512-VNNI", "avx512_bf16": "AVX512-BF16",
+              "avx_vnni": "AVX-VNNI", "amx_tile": "AMX-TILE", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16",
+              "asimd": "NEON", "asimddp": "NEON-DOTPROD", "sve": "SVE", "i8mm": "I8MM", "bf16": "BF16"}
+
+
+def simd_features(flags: set[str]) -> list[str]:
+    """The SIMD features among a CPU's `flags` that matter to the kernels, by name, in SIMD_FLAGS' order.
+
+    The CPU's model name alone does not say them (a VM may show "Intel(R) Xeon(R) Processor"),
+    and the box changes between runs: AVX2-only AMD one time, AVX-512 with AMX Intel another."""
+    return [name for flag, name in SIMD_FLAGS.items() if flag in flags]
+
+
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    cpu = ""
+    cpu, flags = "", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not cpu:
+                cpu = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
     except OSError:
         pass
     import transformers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "loadavg": [round(x, 2) for x in load]}
+    return {"cpu": cpu, "cpu_features": simd_features(flags), "cores": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "loadavg": [round(x, 2) for x in load]}

@@ -93,6 +93,12 @@ def _fmt(value, spec: str = ".1f", none: str = "–") -> str:
     return none if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _features(m: dict) -> str:
+    """" (AVX2, AVX-512F, …)" — the CPU's kernel-relevant instruction sets; "" when unknown (older JSON too)."""
+    features = m.get("cpu_features") or []
+    return f" ({', '.join(features)})" if features else ""
+
+
 def format_report(results: dict, markdown: bool = False) -> str:
     """The tables `mynah bench` prints (markdown for docs/BENCHMARKS.md)."""
     s = summarize(results)
@@ -102,7 +108,7 @@ def format_report(results: dict, markdown: bool = False) -> str:
     context = s["baselines"].get("context_tokens_mean")
     head = (f"model: {results['model']} ({s['baselines']['parameters'] / 1e6:.0f}M parameters); "
             f"contexts of ≤{cfg['context_tokens']} tokens (mean {_fmt(context)}), {cfg['new_tokens']} new tokens per reply; "
-            f"{m['cpu'] or 'cpu'}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads; "
+            f"{m['cpu'] or 'cpu'}{_features(m)}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads; "
             f"load average {m['loadavg'][0]:.2f} at start, {m.get('loadavg_end', m['loadavg'])[0]:.2f} at end")
     lines.append(head)
     lines.append("")
