@@ -369,14 +369,9 @@ def test_bench_names_the_cpus_instruction_sets_and_reads_them_from_cpuinfo():
     assert simd_features(intel) == ["AVX2", "AVX-512F", "AVX512-VNNI", "AMX-TILE", "AMX-INT8"]
     assert simd_features({"fpu", "sse2", "avx"}) == []  # no kernel-relevant set: nothing claimed
     facts = machine()
-    flags = set()
     with open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-                break
-    assert facts["cpu_features"] == simd_features(flags)
+        first = next((line for line in f if line.split(":")[0].strip() in ("flags", "Features")), "")
+    assert facts["cpu_features"] == simd_features(set(first.partition(":")[2].split()))
 
 
 def test_bench_from_outside_the_checkout_still_finds_the_fake_bot_api(tmp_path):

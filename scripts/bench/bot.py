@@ -36,18 +36,25 @@ FINAL = ("sendMessage", "editMessageText")
 
 
 def available() -> str:
-    """"" when the fake Bot API can be imported (a source checkout), else why not.
+    """"" when the fake Bot API can be imported (a source checkout), else why not."""
+    try:
+        _fake_bot_api()
+    except ImportError as exc:
+        return f"the fake Telegram Bot API (tests/fakes) is not importable here: {exc}"
+    return ""
+
+
+def _fake_bot_api():
+    """The fake Bot API's module (tests/fakes/telegram_api.py).
 
     The `mynah` console script does not put the checkout on sys.path, so `mynah bench` from a
     checkout would drop the through-the-bot rows; the checkout's root is added when it holds
     the fakes."""
     if (ROOT / "tests" / "fakes" / "telegram_api.py").is_file() and str(ROOT) not in sys.path:
         sys.path.append(str(ROOT))
-    try:
-        import tests.fakes.telegram_api  # noqa: F401
-    except ImportError as exc:
-        return f"the fake Telegram Bot API (tests/fakes) is not importable here: {exc}"
-    return ""
+    import tests.fakes.telegram_api as fake
+
+    return fake
 
 
 def write_config(folder: Path, model_path: str, precision: str, cfg, base_url: str, stream: bool) -> Path:
@@ -114,12 +121,11 @@ class _Bot:
 
 
 async def _start(model_path: str, precision: str, cfg, folder: Path, stream: bool) -> _Bot:
-    from tests.fakes.telegram_api import TOKEN, FakeTelegram
-
-    fake = await FakeTelegram().start()
+    fake_api = _fake_bot_api()
+    fake = await fake_api.FakeTelegram().start()
     config = write_config(folder, model_path, precision, cfg, fake.base_url, stream)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
-               TELEGRAM_BOT_TOKEN=TOKEN, TOKENIZERS_PARALLELISM="false")
+               TELEGRAM_BOT_TOKEN=fake_api.TOKEN, TOKENIZERS_PARALLELISM="false")
     env.pop("DISCORD_BOT_TOKEN", None)
     log = open(folder / "bot.log", "wb")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "scripts.cli", "--config", str(config), "run",

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+from engine import cpu
+
 
 def rss_mb() -> float:
     """Resident set size of this process now (Linux), MB."""
@@ -103,18 +105,8 @@ def simd_features(flags: set[str]) -> list[str]:
 
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    cpu, flags = "", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not cpu:
-                cpu = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
     import transformers
 
-    return {"cpu": cpu, "cpu_features": simd_features(flags), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu.model_name(), "cpu_features": simd_features(cpu.flags()), "cores": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "loadavg": [round(x, 2) for x in load]}

@@ -23,6 +23,7 @@ import functools
 import torch
 from torch import nn
 
+from engine import cpu
 from engine.serving import file_rows, quantize
 from engine.serving.fastpath import linear
 
@@ -38,18 +39,7 @@ def onednn_is_faster() -> bool:
     """
     if not torch.backends.mkldnn.is_available() or not quantize._has_linear_pointwise():
         return False
-    return _cpu_vendor() != "GenuineIntel"
-
-
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    return cpu.vendor() != "GenuineIntel"
 
 
 def pack_if_faster(model: nn.Module) -> int:
