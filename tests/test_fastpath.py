@@ -245,3 +245,26 @@ async def test_trainer_child_is_paused_while_the_engine_answers(fp32):
     assert seen == [(True, "T"), (False, seen[1][1]), (True, "T"), (False, seen[3][1])]
     assert seen[1][1] != "T" and seen[3][1] != "T"
     assert engine._busy_hook is None  # removed when the run ended
+
+
+def test_the_int8_steps_run_without_asking_packed_weights_for_torch_function(int8, monkeypatch):
+    """With `__torch_function__` dispatch on, every int8 call made torch look the attribute up on
+    fbgemm's packed weights (a TorchScript object), a lookup that throws a C++ exception inside
+    libtorch (~12 us a call); FastDecoder runs its steps with that dispatch off."""
+    from engine.serving.fastpath import linear
+
+    seen = []
+    call = linear.Linear.__call__
+
+    def recording(self, x):
+        if self.kind == "int8":
+            seen.append(torch._C._is_torch_function_enabled())
+        return call(self, x)
+
+    monkeypatch.setattr(linear.Linear, "__call__", recording)
+    decoder = pick_decoder(int8.model, "auto", pad_id=int8.fmt.pad_id)
+    with torch.inference_mode():
+        state, logits = decoder.prefill([[5, 9, 13, 2], [7, 3, 11]], [0, 1], 4)
+        decoder.decode(state, logits.argmax(-1))
+    assert seen and not any(seen)
+    assert torch._C._is_torch_function_enabled()  # only inside the steps

@@ -66,11 +66,17 @@ class _Layer:
             replace_with_parts(mlp, ["gate_proj", "up_proj"], self.gate_up)
         self.scale = attn.scaling
 
-    def project(self, h: torch.Tensor, split: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
-        """q, k, v of `h` (N, E): views into one output when fused."""
+    def project(self, h: torch.Tensor, heads: tuple[int, int, int], cos: torch.Tensor,
+                signed_sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q (N, H, D) and k (N, K, D) of `h` (N, E), rotated, and v (N, K·D). heads: H, K, D.
+        Fused, q and k are adjacent columns of one output and are rotated in one go (one call, not two)."""
+        H, K, D = heads
         if self.qkv is None:
-            return self.q(h), self.k(h), self.v(h)
-        return self.qkv(h).split(split, dim=-1)
+            q, k = self.q(h).reshape(-1, H, D), self.k(h).reshape(-1, K, D)
+            return _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin), self.v(h)
+        out = self.qkv(h)  # (N, (H + 2K)·D)
+        qk = _rotate(out[:, :(H + K) * D].view(-1, H + K, D), cos, signed_sin)
+        return qk[:, :H], qk[:, H:], out[:, (H + K) * D:]
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """SwiGLU: down(silu(gate(h)) * up(h))."""
@@ -80,16 +86,34 @@ class _Layer:
         return self.down(F.silu(gate) * up)
 
 
-def _rms_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
+def _rms_norm_ops(x: torch.Tensor, norm: tuple) -> torch.Tensor:
     """transformers' LlamaRMSNorm, op for op (fp32)."""
     weight, eps = norm
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin (transformers' apply_rotary_pos_emb)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rms_norm_call(x: torch.Tensor, norm: tuple) -> torch.Tensor:
+    weight, eps = norm
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def _same_arithmetic() -> bool:
+    """Whether torch's rms_norm computes LlamaRMSNorm's ops in the same order here (bit for bit): one
+    call instead of six Python-dispatched ops, 61 of them a SmolLM2 step; a torch whose kernel fuses
+    them differently keeps the op-for-op version, so fp32 tokens stay exactly transformers'."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, 96, generator=generator) * 3, torch.randn(96, generator=generator)
+    return torch.equal(_rms_norm_call(x, (weight, 1e-5)), _rms_norm_ops(x, (weight, 1e-5)))
+
+
+_rms_norm = _rms_norm_call if _same_arithmetic() else _rms_norm_ops
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb, x * cos + rotate_half(x) * sin, in four ops instead of seven:
+    rotate_half(x) = cat(-x2, x1) is roll(x) = cat(x2, x1) with the sign moved into the table
+    (signed_sin = cat(-sin1, sin2); a product's sign flips exactly), bit for bit the same."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def _window(config) -> int | None:
@@ -138,25 +162,25 @@ class LlamaStep:
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_head
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_head
         self.groups = self.n_head // self.n_kv
-        self.split = (self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)  # q, k, v widths
         self.n_embd = config.hidden_size
         self.embed = base.embed_tokens
         self.layers = [_Layer(layer, fused=not probe) for layer in base.layers]
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
         self.head = Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
         self.rotary = base.rotary_emb
-        self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1
+        self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1; sin signed (_rotate)
 
     def new_cache(self) -> StaticKV:
         return StaticKV(self.n_layer, self.n_kv, self.head_dim)
 
     def _rope(self, positions: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin rows for `positions` (any shape) whose largest is below `upto`."""
+        """cos and signed sin rows (`_rotate`) for `positions` (any shape) whose largest is below `upto`."""
         if upto > self.cos.shape[0]:
             size = -(-upto // TABLE_GRANULE) * TABLE_GRANULE
             probe = torch.zeros(1, dtype=torch.float32)
             cos, sin = self.rotary(probe, torch.arange(size)[None])  # (1, P, D): the model's own rope
-            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+            half = self.head_dim // 2
+            self.cos, self.sin = cos[0].contiguous(), torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)
         return self.cos[positions], self.sin[positions]
 
     # ---- the two passes -----------------------------------------------------------
@@ -175,9 +199,7 @@ class LlamaStep:
         x = self.embed(packed.ids)  # (N, E)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1)
-            q, k, v = layer.project(h, self.split)
-            q = _rotate(q.reshape(-1, H, D), cos, sin)  # (N, H, D)
-            k = _rotate(k.reshape(-1, K, D), cos, sin)  # (N, K, D)
+            q, k, v = layer.project(h, (H, K, D), cos, sin)  # (N, H, D), (N, K, D), (N, K·D)
             a = packed.attend(q, k, v.reshape(-1, K, D), cache.layer(index), first, scale=layer.scale)  # (N, H, D)
             x = x + layer.o(a.reshape(-1, H * D))
             h = _rms_norm(x, layer.ln2)
@@ -197,13 +219,12 @@ class LlamaStep:
         new_kv = torch.empty(B, 2, K, D)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1)
-            q, k, v = layer.project(h, self.split)
-            q = _rotate(q.reshape(B, H, D), cos, sin)  # (B, H, D)
-            new_kv[:, 0] = _rotate(k.reshape(B, K, D), cos, sin)
+            q, k, v = layer.project(h, (H, K, D), cos, sin)  # (B, H, D), (B, K, D), (B, K·D)
+            new_kv[:, 0] = k
             new_kv[:, 1] = v.reshape(B, K, D)
             cache.buffer[index][write] = new_kv  # each row's new key and value column, in place
             k, v = kv[index]  # (B, K, T, D) each
-            a = F.scaled_dot_product_attention(q.view(B, K, G, D), k, v, attn_mask=mask, scale=layer.scale)  # (B, K, G, D)
+            a = F.scaled_dot_product_attention(q.reshape(B, K, G, D), k, v, attn_mask=mask, scale=layer.scale)  # (B, K, G, D)
             x = x + layer.o(a.reshape(B, H * D))
             h = _rms_norm(x, layer.ln2)
             x = x + layer.mlp(h)
