@@ -268,3 +268,21 @@ def test_the_int8_steps_run_without_asking_packed_weights_for_torch_function(int
         decoder.decode(state, logits.argmax(-1))
     assert seen and not any(seen)
     assert torch._C._is_torch_function_enabled()  # only inside the steps
+
+
+def test_transformers_forward_runs_its_int8_layers_without_torch_function_too(int8, monkeypatch):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    seen = []
+    forward = DynamicInt8Linear.forward
+
+    def recording(self, x):
+        seen.append(torch._C._is_torch_function_enabled())
+        return forward(self, x)
+
+    monkeypatch.setattr(DynamicInt8Linear, "forward", recording)
+    decoder = pick_decoder(int8.model, "off", pad_id=int8.fmt.pad_id)
+    with torch.inference_mode():
+        state, logits = decoder.prefill([[5, 9, 13, 2], [7, 3, 11]], [0, 1])
+        decoder.decode(state, logits.argmax(-1))
+    assert seen and not any(seen)
