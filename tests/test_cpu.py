@@ -20,11 +20,7 @@ CPU implementer\t: 0x41
 """
 
 
-_UNCACHED = cpu.first_processor.__wrapped__  # each test reads its own file
-
-
-def _read(path: str) -> dict[str, str]:
-    return _UNCACHED(path)
+_read = cpu.first_processor.__wrapped__  # uncached: each test reads its own file
 
 
 def test_the_first_processor_block_is_read_and_the_rest_is_not(tmp_path):

@@ -247,42 +247,32 @@ async def test_trainer_child_is_paused_while_the_engine_answers(fp32):
     assert engine._busy_hook is None  # removed when the run ended
 
 
-def test_the_int8_steps_run_without_asking_packed_weights_for_torch_function(int8, monkeypatch):
+@pytest.mark.parametrize("fast_path", ["auto", "off"])
+async def test_the_engine_runs_int8_layers_without_asking_packed_weights_for_torch_function(int8, fast_path, monkeypatch):
     """With `__torch_function__` dispatch on, every int8 call made torch look the attribute up on
     fbgemm's packed weights (a TorchScript object), a lookup that throws a C++ exception inside
-    libtorch (~12 us a call); FastDecoder runs its steps with that dispatch off."""
+    libtorch (~12 us a call); the engine's worker runs the fast path and transformers' forward
+    with that dispatch off."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
     from engine.serving.fastpath import linear
 
     seen = []
-    call = linear.Linear.__call__
+    call, forward = linear.Linear.__call__, DynamicInt8Linear.forward
 
-    def recording(self, x):
+    def recording_call(self, x):
         if self.kind == "int8":
             seen.append(torch._C._is_torch_function_enabled())
         return call(self, x)
 
-    monkeypatch.setattr(linear.Linear, "__call__", recording)
-    decoder = pick_decoder(int8.model, "auto", pad_id=int8.fmt.pad_id)
-    with torch.inference_mode():
-        state, logits = decoder.prefill([[5, 9, 13, 2], [7, 3, 11]], [0, 1], 4)
-        decoder.decode(state, logits.argmax(-1))
-    assert seen and not any(seen)
-    assert torch._C._is_torch_function_enabled()  # only inside the steps
-
-
-def test_transformers_forward_runs_its_int8_layers_without_torch_function_too(int8, monkeypatch):
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-
-    seen = []
-    forward = DynamicInt8Linear.forward
-
-    def recording(self, x):
+    def recording_forward(self, x):
         seen.append(torch._C._is_torch_function_enabled())
         return forward(self, x)
 
-    monkeypatch.setattr(DynamicInt8Linear, "forward", recording)
-    decoder = pick_decoder(int8.model, "off", pad_id=int8.fmt.pad_id)
-    with torch.inference_mode():
-        state, logits = decoder.prefill([[5, 9, 13, 2], [7, 3, 11]], [0, 1])
-        decoder.decode(state, logits.argmax(-1))
+    monkeypatch.setattr(linear.Linear, "__call__", recording_call)
+    monkeypatch.setattr(DynamicInt8Linear, "forward", recording_forward)
+    async with Engine(int8, SamplingParams(), max_batch_size=4, fast_path=fast_path) as engine:
+        await asyncio.gather(*[engine.reply(p, greedy(4)) for p in PROMPTS[:2]])
+        assert engine._decoder.name == ("fast" if fast_path == "auto" else "transformers")
     assert seen and not any(seen)
+    assert torch._C._is_torch_function_enabled()  # only in the worker

@@ -363,15 +363,13 @@ def test_bench_quick_prints_every_table(tmp_path):
 
 
 def test_bench_names_the_cpus_instruction_sets_and_reads_them_from_cpuinfo():
+    from engine import cpu
     from scripts.bench.machine import machine, simd_features
 
     intel = {"fpu", "avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}
     assert simd_features(intel) == ["AVX2", "AVX-512F", "AVX512-VNNI", "AMX-TILE", "AMX-INT8"]
     assert simd_features({"fpu", "sse2", "avx"}) == []  # no kernel-relevant set: nothing claimed
-    facts = machine()
-    with open("/proc/cpuinfo") as f:
-        first = next((line for line in f if line.split(":")[0].strip() in ("flags", "Features")), "")
-    assert facts["cpu_features"] == simd_features(set(first.partition(":")[2].split()))
+    assert machine()["cpu_features"] == simd_features(cpu.flags())  # cpu.flags() against the file: tests/test_cpu.py
 
 
 def test_bench_from_outside_the_checkout_still_finds_the_fake_bot_api(tmp_path):

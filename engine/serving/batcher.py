@@ -260,11 +260,19 @@ class Engine(WorkerThread, ModelEngine):
         log.info("decoding with the %s decoder", self._decoder.name)
 
     def _run(self) -> None:
+        """The worker thread: every forward pass runs here, with `__torch_function__` dispatch off.
+
+        The model work passes only plain tensors (no subclass relies on that dispatch), and with
+        it on every int8 call paid for a C++ exception: torch asks fbgemm's packed weights (a
+        TorchScript object) for `__torch_function__`, the lookup throws inside libtorch and is
+        caught, ~12 us a call (linear_dynamic 16.7 -> 4.3 us on a tiny matrix; 121 calls a
+        SmolLM2 step), on the fast path and in transformers' forward alike.
+        """
         torch.set_num_threads(self.threads if self.threads > 0 else auto_threads())
         self.threads_now = torch.get_num_threads()
         self._make_decoder(self._loaded)
         batch: _Batch | None = None
-        with torch.inference_mode():
+        with torch.inference_mode(), torch._C.DisableTorchFunctionSubclass():
             while True:
                 swapped, landed = False, None
                 if self._threads_wanted is not None:

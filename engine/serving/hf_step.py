@@ -80,8 +80,7 @@ class HFDecoder:
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)  # (U, T)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, T)
         extra = {"logits_to_keep": 1} if self.keeps_last_logits else {}
-        with torch._C.DisableTorchFunctionSubclass():  # as the fast path (fastpath.FastDecoder): int8 calls without an exception each
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra)
         cache = self._cache_of(out)
         logits = out.logits[:, -1, :]  # (U, V)
         if len(contexts) < len(expand):  # U unique contexts → B requests
@@ -102,11 +101,10 @@ class HFDecoder:
         if state.growing:  # write into the cache's spare room; the 4D mask hides what is not filled yet
             kvcache.reserve(state.cache, 1)
             attention_mask = kvcache.mask_4d(state.cache, state.mask)  # (B, 1, 1, capacity)
-        with torch._C.DisableTorchFunctionSubclass():
-            out = self.model(
-                input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=state.positions[:, None],
-                use_cache=True, **{self.cache_kwarg: state.cache},
-            )  # out.logits: (B, 1, V)
+        out = self.model(
+            input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=state.positions[:, None],
+            use_cache=True, **{self.cache_kwarg: state.cache},
+        )  # out.logits: (B, 1, V)
         state.cache = self._cache_of(out)
         state.positions = state.positions + 1  # (B,)
         return out.logits[:, -1, :]

@@ -45,14 +45,6 @@ class FastState:
 
 
 class FastDecoder:
-    """A fast path's prefill and decode, each run with torch's `__torch_function__` dispatch off.
-
-    The step passes only plain tensors (no subclass relies on it), and with it on every int8
-    call paid for a C++ exception: torch asks fbgemm's packed weights (a TorchScript object) for
-    `__torch_function__`, the lookup throws inside libtorch and is caught, ~12 us a call
-    (linear_dynamic 16.7 -> 4.3 us on a tiny matrix; 121 calls a SmolLM2 step).
-    """
-
     name = "fast"
 
     def __init__(self, model, step_class=GPT2Step):
@@ -69,16 +61,14 @@ class FastDecoder:
         cache = self.step.new_cache()
         cache.spare = self.spare
         cache.add_rows([len(c) for c in contexts], room)
-        with torch._C.DisableTorchFunctionSubclass():
-            logits = self.step.prefill(contexts, cache)  # (U, V)
+        logits = self.step.prefill(contexts, cache)  # (U, V)
         if len(expand) != len(contexts) or expand != list(range(len(expand))):
             cache.select(expand)
             logits = logits.index_select(0, torch.tensor(expand, dtype=torch.long))  # (B, V)
         return FastState(cache), logits
 
     def decode(self, state: FastState, tokens: torch.Tensor) -> torch.Tensor:
-        with torch._C.DisableTorchFunctionSubclass():
-            return self.step.decode(tokens, state.cache)
+        return self.step.decode(tokens, state.cache)
 
     def release(self, state: FastState) -> None:
         """The batch is done: its KV buffer is kept for the next one."""
