@@ -139,10 +139,11 @@ def test_int8_fused_projections_give_exactly_each_layers_own_outputs(per_channel
     assert torch.equal(fused(x), together)
 
 
-def test_int8_fused_layers_are_held_once_and_transformers_forward_is_unchanged(folder):
+def test_int8_fused_layers_are_held_once_and_transformers_forward_is_unchanged(folder, monkeypatch):
     """The fused q/k/v and gate/up calls replace the layers' own packed weights (issue 23, RSS):
     the model's layers become parts of the step's fused call, transformers' forward gives the
     same logits as before, and a second step on the same model reuses the fused calls."""
+    from engine.serving.fastpath import linear
     from engine.serving.fastpath.linear import FusedPart
     from engine.serving.fastpath.llama import LlamaStep
     from engine.serving.quantize import weight_bytes
@@ -152,15 +153,50 @@ def test_int8_fused_layers_are_held_once_and_transformers_forward_is_unchanged(f
     with torch.inference_mode():
         before = model(input_ids=ids).logits
     bytes_before = weight_bytes(model)
+    packs = []
+    fuse_int8 = linear._fuse_int8
+    monkeypatch.setattr(linear, "_fuse_int8", lambda modules: packs.append(fuse_int8(modules)) or packs[-1])
     step = LlamaStep(model)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     parts = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
     assert all(isinstance(p, FusedPart) for p in parts)
-    assert attn.q_proj.whole is step.layers[0].qkv and mlp.up_proj.whole is step.layers[0].gate_up
+    assert attn.q_proj.whole is packs[0] and mlp.up_proj.whole is packs[1] and len(packs) == 2 * len(model.model.layers)
+    assert [len(layer.qkv) for layer in step.layers.layers] == [1, 1]  # one call each in the step
     assert not any(hasattr(p, "_packed_params") for p in parts)  # the layers' own int8 copies are gone
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, before)
     assert weight_bytes(model) == bytes_before
     assert LlamaStep.supports(model) == ""
-    again = LlamaStep(model)
-    assert again.layers[0].qkv is step.layers[0].qkv and again.layers[1].gate_up is step.layers[1].gate_up
+    LlamaStep(model)
+    assert len(packs) == 2 * len(model.model.layers)  # the second step packed nothing new: it calls the same fused weights
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_compiled_layers_give_exactly_what_they_give_run_in_python(folder, precision, monkeypatch, caplog):
+    """The Llama layers run compiled by TorchScript where it can (the decode step's ~25 ops a layer without
+    Python between them); where it cannot, the same module runs in Python, with a warning, to the same bits."""
+    from engine.serving.fastpath.llama import LlamaLayers
+
+    loaded = load_model(str(folder), quantize=precision)
+    compiled = pick_decoder(loaded.model)
+    assert isinstance(compiled.step.layers, torch.jit.ScriptModule)
+
+    def no_torchscript(obj, *args, **kwargs):
+        raise RuntimeError("this torch cannot compile it")
+
+    monkeypatch.setattr(torch.jit, "script", no_torchscript)
+    with caplog.at_level("WARNING", logger="engine.serving.fastpath.llama"):
+        plain = pick_decoder(loaded.model)
+    assert type(plain.step.layers) is LlamaLayers and "not compiled by TorchScript" in caplog.text
+
+    def run(decoder) -> list[torch.Tensor]:
+        contexts = [[5, 9, 13, 2, 40], [7, 3, 11, 4, 6, 8, 21, 30]]
+        with torch.inference_mode():
+            state, logits = decoder.prefill(contexts, [0, 1], 6)
+            out = [logits]
+            for _ in range(5):  # rows of different lengths: the mask hides the shorter row's empty columns
+                out.append(decoder.decode(state, out[-1].argmax(-1)))
+        return out
+
+    for got, want in zip(run(compiled), run(plain)):
+        assert torch.equal(got, want)

@@ -23,22 +23,39 @@ def decoder(request, tiny_dialogpt, tmp_path_factory):
     return dec
 
 
-def _out_projection(step):
-    """The first layer's attention output projection (GPT-2: proj, Llama: o) and where it sits."""
-    layer = step.blocks[0] if hasattr(step, "blocks") else step.layers[0]
-    return layer, "proj" if hasattr(layer, "proj") else "o"
+class _FirstOutputRows:
+    """A Llama step's layers that record how many rows the first layer's output projection gets."""
+
+    def __init__(self, layers, rows: list):
+        self.layers, self.rows = layers, rows
+
+    def attention_inputs(self, index, x, cos, sin):
+        return self.layers.attention_inputs(index, x, cos, sin)
+
+    def finish(self, index, x, a):
+        if index == 0:
+            self.rows.append(a.shape[0])
+        return self.layers.finish(index, x, a)
 
 
 @pytest.mark.parametrize("contexts, tokens", [(CONTEXTS, 23), (SHARED, 33)])
 def test_the_projections_see_only_real_tokens_once(decoder, contexts, tokens):
-    layer, name = _out_projection(decoder.step)
-    inner, rows = getattr(layer, name), []
-    setattr(layer, name, lambda x: rows.append(x.shape[0]) or inner(x))
+    """The first layer's attention output projection (GPT-2: proj, Llama: o, inside the compiled layers) sees each real token once."""
+    step, rows = decoder.step, []
+    if hasattr(step, "blocks"):
+        holder, name = step.blocks[0], "proj"
+        inner = holder.proj
+        recording = lambda x: rows.append(x.shape[0]) or inner(x)  # noqa: E731
+    else:
+        holder, name = step, "layers"
+        inner = step.layers
+        recording = _FirstOutputRows(inner, rows)
+    setattr(holder, name, recording)
     try:
         with torch.inference_mode():
             decoder.prefill(contexts, list(range(len(contexts))), 4)
     finally:
-        setattr(layer, name, inner)
+        setattr(holder, name, inner)
     # 23 tokens, where right-padding to the longest made 4 × 11 = 44; with the 10-token prefix once: 33, not 84
     assert rows == [tokens]
 

@@ -21,13 +21,12 @@ from engine.serving.quantize import page_out
 
 
 def _step_tensors(step) -> list[torch.Tensor]:
-    """Every weight tensor a fast path's linear layers read."""
-    layers = getattr(step, "blocks", None) or step.layers
+    """Every weight tensor a fast path's linear layers read (Llama: its layers' projections, as compiled)."""
     found = []
-    for layer in layers:
-        for linear in vars(layer).values():
-            if hasattr(linear, "kind") and linear.kind != "int8":
-                found.append(linear.weight)
+    for block in getattr(step, "blocks", []):
+        found += [linear.weight for linear in vars(block).values() if hasattr(linear, "kind") and linear.kind != "int8"]
+    for layer in step.layers.layers if hasattr(step, "layers") else []:
+        found += [p.weight for p in [*layer.qkv, layer.o, *layer.gate_up, layer.down] if p.weight is not None]
     return found + ([step.head.weight] if step.head.kind != "int8" else [])
 
 

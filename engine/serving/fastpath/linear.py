@@ -6,9 +6,13 @@ asked), transformers' `Conv1D`, or plain `nn.Linear` (BLAS). No weight is copied
 """
 from __future__ import annotations
 
+from typing import List, Optional, Union
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+
+INT8, POINTWISE, MKLDNN, DENSE = 0, 1, 2, 3  # Projection kinds (`project` compares the numbers: TorchScript reads no globals)
 
 
 def _conv1d_class():
@@ -72,6 +76,55 @@ class Linear:
         if self.gelu is not None:
             y = F.gelu(y, approximate=self.gelu)
         return y
+
+
+class Projection:
+    """A linear layer as TorchScript can call it (`project`): its kind and its weights, no copy.
+
+    kind INT8: fbgemm's dynamic-quant call on `packed`; POINTWISE: oneDNN on a pre-packed
+    `weight`; MKLDNN: the same for a torch without the pointwise op; DENSE: `F.linear`
+    (weight (out, in)). The scripted decode steps (fastpath.llama) hold these instead of
+    `Linear`s, whose kinds a Python `if` tells apart per call.
+    """
+
+    def __init__(self, kind: int, packed: Optional[torch.classes.quantized.LinearPackedParamsBase], weight: Optional[Tensor], bias: Optional[Tensor],
+                 reduce_range: bool):
+        self.kind = kind
+        self.packed = packed
+        self.weight = weight
+        self.bias = bias
+        self.reduce_range = reduce_range
+
+
+def project(x: Tensor, p: Projection) -> Tensor:
+    """x (N, in) contiguous → (N, out) through `p`'s kernel (the same calls as `Linear.__call__`)."""
+    if p.kind == 0:  # INT8
+        packed = p.packed
+        assert packed is not None
+        return torch.ops.quantized.linear_dynamic(x, packed, p.reduce_range)
+    weight = p.weight
+    assert weight is not None
+    if p.kind == 1:  # POINTWISE
+        no_scalars = torch.jit.annotate(List[Optional[Union[int, float, complex]]], [])  # TorchScript's Scalar?[]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, p.bias, "none", no_scalars, "")
+    if p.kind == 2:  # MKLDNN
+        bias = p.bias
+        return torch.ops.aten.mkldnn_linear(x.to_mkldnn(), weight, None if bias is None else bias.to_mkldnn()).to_dense()
+    return F.linear(x, weight, p.bias)
+
+
+def as_projection(layer: Linear) -> Projection:
+    """`layer` as a `Projection` (its weights, not copies); TypeError for kinds only Python calls (a packed
+    head, a fused part, transformers' Conv1D, a fused GELU)."""
+    if layer.gelu is not None:
+        raise TypeError("a fused activation")
+    if layer.kind == "int8":
+        return Projection(INT8, layer.packed, None, None, bool(layer.reduce_range))
+    if layer.kind == "packed":
+        return Projection(POINTWISE if layer.pointwise else MKLDNN, None, layer.weight, layer.bias, False)
+    if layer.kind == "linear":
+        return Projection(DENSE, None, layer.weight, layer.bias, False)
+    raise TypeError(f"no projection for a {layer.kind!r} layer")
 
 
 def fuse(modules: list[nn.Module]) -> Linear | None:

@@ -21,7 +21,10 @@ the same arithmetic with nothing around it:
 - the linear layers call the serving kernels directly (fastpath.linear: int8 fbgemm,
   fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
   itself, or by a packed copy made from the memory-mapped table, whose pages then go
-  (quantize.PackedHead): held once either way.
+  (quantize.PackedHead): held once either way;
+- the layers and the code that runs them are one module (`LlamaLayers`) that TorchScript
+  compiles when the step is built: a decode step's ~750 small ops (SmolLM2) run without
+  Python between them. Where TorchScript cannot compile it, the same module runs in Python.
 
 It reads the weights of the transformers model it is built from (no copy); in int8 the
 fused layers are swapped for parts of the fused call, and transformers' forward through
@@ -33,13 +36,19 @@ columns, E model width, H query heads, K key/value heads, G = H / K, D head widt
 """
 from __future__ import annotations
 
+import logging
+import warnings
+from typing import List, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from engine.serving.fastpath.cache import StaticKV
-from engine.serving.fastpath.linear import Linear, fuse, replace_with_parts
+from engine.serving.fastpath.linear import FusedPart, Linear, Projection, as_projection, fuse, project, replace_with_parts
 from engine.serving.fastpath.packing import Packed
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load: a table is exact
@@ -47,73 +56,158 @@ MIN_WINDOW = 4096  # sliding windows at least this wide never bind (contexts are
 TABLE_GRANULE = 512  # rotary table grows in steps of this many positions
 
 
-class _Layer:
-    """One decoder layer's weights; q/k/v and gate/up as one matrix call each where the kind allows."""
+class LlamaLayer:
+    """One decoder layer's weights as TorchScript can hold them: q/k/v and gate/up each one projection
+    where fused (int8, packed fp32), else three and two (unpacked fp32)."""
 
-    def __init__(self, layer: nn.Module, fused: bool = True):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.ln1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        self.ln2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-        self.o, self.down = Linear(attn.o_proj), Linear(mlp.down_proj)
-        self.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj]) if fused else None  # (N, (H + 2K)·D), None: three calls
-        self.q, self.k, self.v = (None, None, None) if self.qkv else \
-            (Linear(attn.q_proj), Linear(attn.k_proj), Linear(attn.v_proj))
-        self.gate_up = fuse([mlp.gate_proj, mlp.up_proj]) if fused else None  # (N, 2·I), None: two calls
-        self.gate, self.up = (None, None) if self.gate_up else (Linear(mlp.gate_proj), Linear(mlp.up_proj))
-        if self.qkv is not None:  # the fused call holds the int8 rows now: the layers' own copies go
-            replace_with_parts(attn, ["q_proj", "k_proj", "v_proj"], self.qkv)
-        if self.gate_up is not None:
-            replace_with_parts(mlp, ["gate_proj", "up_proj"], self.gate_up)
-        self.scale = attn.scaling
-
-    def project(self, h: torch.Tensor, heads: tuple[int, int, int], cos: torch.Tensor,
-                signed_sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q (N, H, D) and k (N, K, D) of `h` (N, E), rotated, and v (N, K·D). heads: H, K, D.
-        Fused, q and k are adjacent columns of one output and are rotated in one go (one call, not two)."""
-        H, K, D = heads
-        if self.qkv is None:
-            q, k = self.q(h).reshape(-1, H, D), self.k(h).reshape(-1, K, D)
-            return _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin), self.v(h)
-        out = self.qkv(h)  # (N, (H + 2K)·D)
-        qk = _rotate(out[:, :(H + K) * D].view(-1, H + K, D), cos, signed_sin)
-        return qk[:, :H], qk[:, H:], out[:, (H + K) * D:]
-
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """SwiGLU: down(silu(gate(h)) * up(h))."""
-        if self.gate_up is None:
-            return self.down(F.silu(self.gate(h)) * self.up(h))
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def __init__(self, ln1: Tensor, eps1: float, ln2: Tensor, eps2: float, qkv: List[Projection], o: Projection,
+                 gate_up: List[Projection], down: Projection, scale: float):
+        self.ln1 = ln1
+        self.eps1 = eps1
+        self.ln2 = ln2
+        self.eps2 = eps2
+        self.qkv = qkv
+        self.o = o
+        self.gate_up = gate_up
+        self.down = down
+        self.scale = scale
 
 
-def _rms_norm_ops(x: torch.Tensor, norm: tuple) -> torch.Tensor:
+def _projections(parent: nn.Module, names: list[str], fused: bool) -> list:
+    """`parent`'s layers `names` as one fused projection where they fuse (the layers become parts of it,
+    so the weights are held once), else one each. probe (fused False): nothing is fused or replaced."""
+    modules = [getattr(parent, name) for name in names]
+    parts = all(isinstance(m, FusedPart) for m in modules)  # fused before: the whole call is already there
+    whole = fuse(modules) if fused or parts else None
+    if whole is None:
+        return [as_projection(Linear(m)) for m in modules]
+    if not parts:
+        replace_with_parts(parent, names, whole)
+    return [as_projection(whole)]
+
+
+def _layer(layer: nn.Module, fused: bool = True) -> LlamaLayer:
+    attn, mlp = layer.self_attn, layer.mlp
+    return LlamaLayer(layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
+                      layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
+                      _projections(attn, ["q_proj", "k_proj", "v_proj"], fused), as_projection(Linear(attn.o_proj)),
+                      _projections(mlp, ["gate_proj", "up_proj"], fused), as_projection(Linear(mlp.down_proj)),
+                      float(attn.scaling))
+
+
+def _rms_norm_ops(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """transformers' LlamaRMSNorm, op for op (fp32)."""
-    weight, eps = norm
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _rms_norm_call(x: torch.Tensor, norm: tuple) -> torch.Tensor:
-    weight, eps = norm
-    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def _same_arithmetic() -> bool:
     """Whether torch's rms_norm computes LlamaRMSNorm's ops in the same order here (bit for bit): one
-    call instead of six Python-dispatched ops, 61 of them a SmolLM2 step; a torch whose kernel fuses
-    them differently keeps the op-for-op version, so fp32 tokens stay exactly transformers'."""
+    call instead of six ops, 61 of them a SmolLM2 step; a torch whose kernel fuses them differently
+    keeps the op-for-op version, so fp32 tokens stay exactly transformers'."""
     generator = torch.Generator().manual_seed(0)
     x, weight = torch.randn(3, 96, generator=generator) * 3, torch.randn(96, generator=generator)
-    return torch.equal(_rms_norm_call(x, (weight, 1e-5)), _rms_norm_ops(x, (weight, 1e-5)))
+    return torch.equal(F.rms_norm(x, [96], weight, 1e-5), _rms_norm_ops(x, weight, 1e-5))
 
 
-_rms_norm = _rms_norm_call if _same_arithmetic() else _rms_norm_ops
+def _rms_norm_call(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return F.rms_norm(x, [weight.shape[0]], weight, eps)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+rms_norm = _rms_norm_call if _same_arithmetic() else _rms_norm_ops
+
+
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """transformers' apply_rotary_pos_emb, x * cos + rotate_half(x) * sin, in four ops instead of seven:
     rotate_half(x) = cat(-x2, x1) is roll(x) = cat(x2, x1) with the sign moved into the table
     (signed_sin = cat(-sin1, sin2); a product's sign flips exactly), bit for bit the same."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+    return x * cos + x.roll([x.shape[-1] // 2], [-1]) * signed_sin
+
+
+def layer_qkv(layer: LlamaLayer, h: Tensor, H: int, K: int, D: int, cos: Tensor,
+              signed_sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """q (N, H, D) and k (N, K, D) of `h` (N, E), rotated, and v (N, K·D). Fused, q and k are adjacent
+    columns of one output and are rotated in one go (one call, not two)."""
+    if len(layer.qkv) == 3:
+        q = project(h, layer.qkv[0]).reshape(-1, H, D)
+        k = project(h, layer.qkv[1]).reshape(-1, K, D)
+        return rotate(q, cos, signed_sin), rotate(k, cos, signed_sin), project(h, layer.qkv[2])
+    out = project(h, layer.qkv[0])  # (N, (H + 2K)·D)
+    qk = rotate(out[:, :(H + K) * D].view(-1, H + K, D), cos, signed_sin)
+    return qk[:, :H], qk[:, H:], out[:, (H + K) * D:]
+
+
+def layer_mlp(layer: LlamaLayer, h: Tensor) -> Tensor:
+    """SwiGLU: down(silu(gate(h)) * up(h))."""
+    if len(layer.gate_up) == 2:
+        return project(F.silu(project(h, layer.gate_up[0])) * project(h, layer.gate_up[1]), layer.down)
+    gate, up = project(h, layer.gate_up[0]).chunk(2, -1)
+    return project(F.silu(gate) * up, layer.down)
+
+
+class LlamaLayers(nn.Module):
+    """The decoder layers and the code that runs them, compiled by TorchScript as one module (`compile_layers`).
+
+    A decode step is ~25 small ops a layer, ~750 for SmolLM2's 30 layers; in Python each op costs a
+    few µs of interpreter around its kernel, in TorchScript's interpreter less (docs/BENCHMARKS.md,
+    issue 23). The layers live in the module, so a call passes only the step's tensors: handing 30
+    layer objects to a compiled function converted them on every call (~0.5 ms).
+    """
+
+    layers: List[LlamaLayer]
+
+    def __init__(self, layers: list, heads: tuple[int, int, int]):
+        super().__init__()
+        self.layers = layers
+        self.H, self.K, self.D = heads
+
+    @torch.jit.export
+    def attention_inputs(self, index: int, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Layer `index`'s rotated q (N, H, D) and k (N, K, D) and v (N, K·D) of its normed input x (N, E)."""
+        layer = self.layers[index]
+        return layer_qkv(layer, rms_norm(x, layer.ln1, layer.eps1), self.H, self.K, self.D, cos, signed_sin)
+
+    @torch.jit.export
+    def finish(self, index: int, x: Tensor, a: Tensor) -> Tensor:
+        """Layer `index`'s output: x plus its attention output `a` (N, H·D) projected, plus its MLP on that."""
+        layer = self.layers[index]
+        x = x + project(a, layer.o)
+        return x + layer_mlp(layer, rms_norm(x, layer.ln2, layer.eps2))
+
+    @torch.jit.export
+    def decode(self, x: Tensor, buffer: Tensor, rows: Tensor, positions: Tensor, mask: Optional[Tensor], columns: int,
+               cos: Tensor, signed_sin: Tensor) -> Tensor:
+        """Every layer of one decode step: x (B, E) → (B, E). Each row's new key and value go into `buffer`
+        (L, 2, Bcap, K, Tcap, D) at (row, its position); attention reads columns 0 … columns-1, `mask` hiding
+        each row's columns past its own length. cos, signed_sin: (B, 1, D)."""
+        B, H, K, D = x.shape[0], self.H, self.K, self.D
+        new_kv = torch.empty([B, 2, K, D])
+        for index, layer in enumerate(self.layers):
+            q, k, v = layer_qkv(layer, rms_norm(x, layer.ln1, layer.eps1), H, K, D, cos, signed_sin)
+            new_kv[:, 0] = k
+            new_kv[:, 1] = v.reshape(B, K, D)
+            buffer[index][:, rows, :, positions] = new_kv  # each row's new key and value column, in place
+            kv = buffer[index, :, :B, :, :columns]  # (2, B, K, T, D), a view
+            a = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), kv[0], kv[1], attn_mask=mask,
+                                               scale=layer.scale)  # (B, K, G, D)
+            x = self.finish(index, x, a.reshape(B, H * D))
+        return x
+
+
+LlamaLayers.__annotations__["layers"] = List[LlamaLayer]  # a type, not the string this module's annotations are: TorchScript reads it
+
+
+def compile_layers(layers: LlamaLayers) -> nn.Module:
+    """`layers` compiled by TorchScript, or as they are where this torch cannot (same ops; logged)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script announces its deprecation; it still ships and runs
+            for kind in (Projection, LlamaLayer):  # the layers' classes first: then their objects convert
+                torch.jit.script(kind)
+            return torch.jit.script(layers)
+    except Exception as exc:  # noqa: BLE001 - any failure to compile keeps the Python code
+        log.warning("Llama decode step not compiled by TorchScript (%s: %s): running it in Python",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return layers
 
 
 def _window(config) -> int | None:
@@ -161,14 +255,16 @@ class LlamaStep:
         self.n_head = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_head
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_head
-        self.groups = self.n_head // self.n_kv
         self.n_embd = config.hidden_size
         self.embed = base.embed_tokens
-        self.layers = [_Layer(layer, fused=not probe) for layer in base.layers]
+        layers = LlamaLayers([_layer(layer, fused=not probe) for layer in base.layers],
+                             (self.n_head, self.n_kv, self.head_dim))
+        self.layers = layers if probe else compile_layers(layers)
+        self.scales = [layer.scale for layer in layers.layers]  # attention scale per layer (prefill's attention runs here)
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
         self.head = Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
         self.rotary = base.rotary_emb
-        self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1; sin signed (_rotate)
+        self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1; sin signed (rotate)
 
     def new_cache(self) -> StaticKV:
         return StaticKV(self.n_layer, self.n_kv, self.head_dim)
@@ -197,38 +293,21 @@ class LlamaStep:
         cos, sin = self._rope(packed.positions, packed.prefix + packed.width)  # (N, D)
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, D) broadcast over heads
         x = self.embed(packed.ids)  # (N, E)
-        for index, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.ln1)
-            q, k, v = layer.project(h, (H, K, D), cos, sin)  # (N, H, D), (N, K, D), (N, K·D)
-            a = packed.attend(q, k, v.reshape(-1, K, D), cache.layer(index), first, scale=layer.scale)  # (N, H, D)
-            x = x + layer.o(a.reshape(-1, H * D))
-            h = _rms_norm(x, layer.ln2)
-            x = x + layer.mlp(h)
+        for index, scale in enumerate(self.scales):
+            q, k, v = self.layers.attention_inputs(index, x, cos, sin)  # (N, H, D), (N, K, D), (N, K·D)
+            a = packed.attend(q, k, v.reshape(-1, K, D), cache.layer(index), first, scale=scale)  # (N, H, D)
+            x = self.layers.finish(index, x, a.reshape(-1, H * D))
         return self._logits(x.index_select(0, packed.last))
 
     def decode(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:
         """One token per row (tokens: (B,)) at each row's own next position; returns (B, V) logits."""
-        B = tokens.shape[0]
-        H, K, G, D = self.n_head, self.n_kv, self.groups, self.head_dim
         positions = cache.lengths_tensor()  # (B,) each row's next position = its cached length
         cos, sin = self._rope(positions, max(cache.lengths) + 1)  # (B, D)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, D)
         x = self.embed(tokens)  # (B, E)
         write, mask, columns = cache.advance()  # mask: (B, 1, 1, T) additive, None when every row is full length
-        kv = cache.buffer[:, :, :B, :, :columns]  # (L, 2, B, K, T, D), a view
-        new_kv = torch.empty(B, 2, K, D)
-        for index, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.ln1)
-            q, k, v = layer.project(h, (H, K, D), cos, sin)  # (B, H, D), (B, K, D), (B, K·D)
-            new_kv[:, 0] = k
-            new_kv[:, 1] = v.reshape(B, K, D)
-            cache.buffer[index][write] = new_kv  # each row's new key and value column, in place
-            k, v = kv[index]  # (B, K, T, D) each
-            a = F.scaled_dot_product_attention(q.reshape(B, K, G, D), k, v, attn_mask=mask, scale=layer.scale)  # (B, K, G, D)
-            x = x + layer.o(a.reshape(B, H * D))
-            h = _rms_norm(x, layer.ln2)
-            x = x + layer.mlp(h)
+        x = self.layers.decode(x, cache.buffer, write[1], write[3], mask, columns, cos[:, None], sin[:, None])
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(_rms_norm(x, self.norm).contiguous())  # (N, V)
+        return self.head(rms_norm(x, *self.norm).contiguous())  # (N, V)
+
