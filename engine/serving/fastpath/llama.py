@@ -95,25 +95,11 @@ def _layer(layer: nn.Module, fused: bool = True) -> LlamaLayer:
                       float(attn.scaling))
 
 
-def _rms_norm_ops(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """transformers' LlamaRMSNorm, op for op (fp32)."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' LlamaRMSNorm, op for op (fp32), so fp32 tokens are exactly transformers'. Compiled by
+    TorchScript these six ops take 15 µs on one SmolLM2 row against 22 µs for torch's one rms_norm call
+    there (which runs a composite of more ops; in Python the call wins, 15 µs against 22)."""
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _same_arithmetic() -> bool:
-    """Whether torch's rms_norm computes LlamaRMSNorm's ops in the same order here (bit for bit): one
-    call instead of six ops, 61 of them a SmolLM2 step; a torch whose kernel fuses them differently
-    keeps the op-for-op version, so fp32 tokens stay exactly transformers'."""
-    generator = torch.Generator().manual_seed(0)
-    x, weight = torch.randn(3, 96, generator=generator) * 3, torch.randn(96, generator=generator)
-    return torch.equal(F.rms_norm(x, [96], weight, 1e-5), _rms_norm_ops(x, weight, 1e-5))
-
-
-def _rms_norm_call(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return F.rms_norm(x, [weight.shape[0]], weight, eps)
-
-
-rms_norm = _rms_norm_call if _same_arithmetic() else _rms_norm_ops
 
 
 def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
