@@ -170,33 +170,3 @@ def test_int8_fused_layers_are_held_once_and_transformers_forward_is_unchanged(f
     LlamaStep(model)
     assert len(packs) == 2 * len(model.model.layers)  # the second step packed nothing new: it calls the same fused weights
 
-
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_the_compiled_layers_give_exactly_what_they_give_run_in_python(folder, precision, monkeypatch, caplog):
-    """The Llama layers run compiled by TorchScript where it can (the decode step's ~25 ops a layer without
-    Python between them); where it cannot, the same module runs in Python, with a warning, to the same bits."""
-    from engine.serving.fastpath.llama import LlamaLayers
-
-    loaded = load_model(str(folder), quantize=precision)
-    compiled = pick_decoder(loaded.model)
-    assert isinstance(compiled.step.layers, torch.jit.ScriptModule)
-
-    def no_torchscript(obj, *args, **kwargs):
-        raise RuntimeError("this torch cannot compile it")
-
-    monkeypatch.setattr(torch.jit, "script", no_torchscript)
-    with caplog.at_level("WARNING", logger="engine.serving.fastpath.llama"):
-        plain = pick_decoder(loaded.model)
-    assert type(plain.step.layers) is LlamaLayers and "not compiled by TorchScript" in caplog.text
-
-    def run(decoder) -> list[torch.Tensor]:
-        contexts = [[5, 9, 13, 2, 40], [7, 3, 11, 4, 6, 8, 21, 30]]
-        with torch.inference_mode():
-            state, logits = decoder.prefill(contexts, [0, 1], 6)
-            out = [logits]
-            for _ in range(5):  # rows of different lengths: the mask hides the shorter row's empty columns
-                out.append(decoder.decode(state, out[-1].argmax(-1)))
-        return out
-
-    for got, want in zip(run(compiled), run(plain)):
-        assert torch.equal(got, want)

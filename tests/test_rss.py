@@ -23,9 +23,9 @@ from engine.serving.quantize import page_out
 def _step_tensors(step) -> list[torch.Tensor]:
     """Every weight tensor a fast path's linear layers read (Llama: its layers' projections, as compiled)."""
     found = []
-    for block in getattr(step, "blocks", []):
-        found += [linear.weight for linear in vars(block).values() if hasattr(linear, "kind") and linear.kind != "int8"]
-    for layer in step.layers.layers if hasattr(step, "layers") else []:
+    for block in getattr(step.layers, "blocks", []):
+        found += [p.weight for p in [block.qkv, block.proj, block.fc, block.fc_proj] if p.weight is not None]
+    for layer in getattr(step.layers, "layers", []):
         found += [p.weight for p in [*layer.qkv, layer.o, *layer.gate_up, layer.down] if p.weight is not None]
     return found + ([step.head.weight] if step.head.kind != "int8" else [])
 
@@ -38,12 +38,12 @@ def test_gpt2_fast_path_reads_the_modules_own_weights(tiny_dialogpt):
     fp32 = load_model(str(tiny_dialogpt))
     step = GPT2Step(fp32.model)
     assert {t.data_ptr() for t in _step_tensors(step)} <= _model_pointers(fp32.model)
-    assert step.blocks[0].qkv.weight.data_ptr() == fp32.model.transformer.h[0].attn.c_attn.weight.data_ptr()
+    assert step.layers.blocks[0].qkv.weight.data_ptr() == fp32.model.transformer.h[0].attn.c_attn.weight.data_ptr()
     assert step.head.weight.data_ptr() == fp32.model.transformer.wte.weight.data_ptr()  # tied: one table
 
     int8 = load_model(str(tiny_dialogpt), quantize="int8")
-    step = GPT2Step(int8.model)
-    assert step.blocks[0].fc.packed is int8.model.transformer.h[0].mlp.c_fc._packed_params._packed_params
+    step = GPT2Step(int8.model, probe=True)  # uncompiled: its objects are the ones it was given (compiled: copies of the handles)
+    assert step.layers.blocks[0].fc.packed is int8.model.transformer.h[0].mlp.c_fc._packed_params._packed_params
     assert step.head.packed is int8.model.lm_head._packed_params._packed_params
 
 

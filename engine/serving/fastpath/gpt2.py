@@ -14,7 +14,10 @@ whole int8 matrix work of a 124M model. This is the same arithmetic with nothing
   or through the plain BLAS path for unpacked weights;
 - the tied fp32 output head multiplies by the token-embedding table itself, or, where the
   layers are packed for oneDNN, by a packed copy made from the memory-mapped table, whose
-  pages then go (quantize.PackedHead): the table is held once either way.
+  pages then go (quantize.PackedHead): the table is held once either way;
+- the blocks and the code that runs them are one module (`GPT2Blocks`) that TorchScript
+  compiles when the step is built (fastpath.compiled), the same module running in Python
+  where it cannot.
 
 It reads the weights of the transformers model it is built from (no copy), so the model
 keeps working for anything else that uses it. `GPT2Step.supports(model)` says which models
@@ -26,26 +29,84 @@ columns, E model width, H heads, D head width, V vocabulary.
 from __future__ import annotations
 
 import math
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from engine.serving.fastpath.cache import StaticKV
+from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import Linear as _Linear
+from engine.serving.fastpath.linear import Projection, as_projection, project
 from engine.serving.fastpath.packing import Packed
 
 _GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
-class _Block:
-    def __init__(self, block: nn.Module, gelu: str):
-        self.ln1 = (block.ln_1.weight, block.ln_1.bias)
-        self.ln2 = (block.ln_2.weight, block.ln_2.bias)
-        self.qkv = _Linear(block.attn.c_attn)
-        self.proj = _Linear(block.attn.c_proj)
-        self.fc = _Linear(block.mlp.c_fc, gelu=gelu)
-        self.fc_proj = _Linear(block.mlp.c_proj)
+class GPT2Block:
+    """One block's weights as TorchScript can hold them."""
+
+    def __init__(self, ln1: Tuple[Tensor, Tensor], ln2: Tuple[Tensor, Tensor], qkv: Projection, proj: Projection,
+                 fc: Projection, fc_proj: Projection):
+        self.ln1 = ln1
+        self.ln2 = ln2
+        self.qkv = qkv
+        self.proj = proj
+        self.fc = fc  # the MLP's GELU with it (fused into oneDNN's call where packed)
+        self.fc_proj = fc_proj
+
+
+def _block(block: nn.Module, gelu: str) -> GPT2Block:
+    return GPT2Block((block.ln_1.weight, block.ln_1.bias), (block.ln_2.weight, block.ln_2.bias),
+                     as_projection(_Linear(block.attn.c_attn)), as_projection(_Linear(block.attn.c_proj)),
+                     as_projection(_Linear(block.mlp.c_fc, gelu=gelu)), as_projection(_Linear(block.mlp.c_proj)))
+
+
+class GPT2Blocks(nn.Module):
+    """The blocks and the code that runs them, compiled by TorchScript as one module (fastpath.compiled)."""
+
+    blocks: List[GPT2Block]
+
+    def __init__(self, blocks: list, heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.blocks = blocks
+        self.H, self.D, self.eps = heads, head_dim, eps
+
+    @torch.jit.export
+    def attention_inputs(self, index: int, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Block `index`'s q, k and v (N, H, D) each of its normed input x (N, E)."""
+        block = self.blocks[index]
+        h = F.layer_norm(x, [x.shape[1]], block.ln1[0], block.ln1[1], self.eps)
+        qkv = project(h, block.qkv).view(-1, 3, self.H, self.D)
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
+    @torch.jit.export
+    def finish(self, index: int, x: Tensor, a: Tensor) -> Tensor:
+        """Block `index`'s output: x plus its attention output `a` (N, E) projected, plus its MLP on that."""
+        block = self.blocks[index]
+        x = x + project(a, block.proj)
+        h = F.layer_norm(x, [x.shape[1]], block.ln2[0], block.ln2[1], self.eps)
+        return x + project(project(h, block.fc), block.fc_proj)
+
+    @torch.jit.export
+    def decode(self, x: Tensor, buffer: Tensor, rows: Tensor, positions: Tensor, mask: Optional[Tensor],
+               columns: int) -> Tensor:
+        """Every block of one decode step: x (B, E) → (B, E). Each row's new key and value go into `buffer`
+        (L, 2, Bcap, H, Tcap, D) at (row, its position); attention reads columns 0 … columns-1, `mask`
+        hiding each row's columns past its own length."""
+        B, E = x.shape[0], x.shape[1]
+        for index, block in enumerate(self.blocks):
+            h = F.layer_norm(x, [E], block.ln1[0], block.ln1[1], self.eps)
+            qkv = project(h, block.qkv).view(B, 3, self.H, self.D)
+            buffer[index][:, rows, :, positions] = qkv[:, 1:]  # keys and values of each row's new column, in place
+            kv = buffer[index, :, :B, :, :columns]  # (2, B, H, T, D), a view
+            a = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0], kv[1], attn_mask=mask)  # (B, H, 1, D)
+            x = self.finish(index, x, a.view(B, E))
+        return x
+
+
+GPT2Blocks.__annotations__["blocks"] = List[GPT2Block]  # a type, not the string this module's annotations are: TorchScript reads it
 
 
 class GPT2Step:
@@ -68,12 +129,13 @@ class GPT2Step:
         if any(p.device.type != "cpu" for p in model.parameters()):
             return "not on the CPU"
         try:
-            GPT2Step(model)
+            GPT2Step(model, probe=True)
         except (TypeError, AttributeError) as exc:
             return str(exc)
         return ""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, probe: bool = False):
+        """probe: only check that every weight has a kind the step can call (nothing compiled)."""
         config = model.config
         tr = model.transformer
         self.n_layer, self.n_head, self.n_embd = config.n_layer, config.n_head, config.n_embd
@@ -84,7 +146,8 @@ class GPT2Step:
         self.max_positions = config.n_positions
         gelu = _GELUS[config.activation_function]
         self.wte, self.wpe = tr.wte, tr.wpe
-        self.blocks = [_Block(b, gelu) for b in tr.h]
+        blocks = GPT2Blocks([_block(b, gelu) for b in tr.h], self.n_head, self.head_dim, self.eps)
+        self.layers = blocks if probe else compile_layers(blocks, (Projection, GPT2Block))
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
         self.head = _Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
 
@@ -102,34 +165,18 @@ class GPT2Step:
         packed = Packed(contexts)
         first = cache.rows - packed.rows
         x = self.wte(packed.ids) + self.wpe(packed.positions)  # (N, E)
-        H, D, E = self.n_head, self.head_dim, self.n_embd
-        for layer, block in enumerate(self.blocks):
-            h = F.layer_norm(x, (E,), *block.ln1, self.eps)
-            q, k, v = block.qkv(h).view(-1, 3, H, D).unbind(1)  # (N, H, D) each
+        for layer in range(self.n_layer):
+            q, k, v = self.layers.attention_inputs(layer, x)  # (N, H, D) each
             a = packed.attend(q, k, v, cache.layer(layer), first)  # (N, H, D)
-            x = x + block.proj(a.reshape(-1, E))
-            h = F.layer_norm(x, (E,), *block.ln2, self.eps)
-            x = x + block.fc_proj(block.fc(h))
+            x = self.layers.finish(layer, x, a.reshape(-1, self.n_embd))
         return self._logits(x.index_select(0, packed.last))
 
     def decode(self, tokens: torch.Tensor, cache: StaticKV) -> torch.Tensor:
         """One token per row (tokens: (B,)) at each row's own next position; returns (B, V) logits."""
-        B = tokens.shape[0]
-        H, D, E = self.n_head, self.head_dim, self.n_embd
         positions = cache.lengths_tensor()  # (B,) each row's next position = its cached length
         x = self.wte(tokens) + self.wpe(positions)  # (B, E)
         write, mask, columns = cache.advance()  # mask: (B, 1, 1, T) additive, None when every row is full length
-        kv = cache.buffer[:, :, :B, :, :columns]  # (L, 2, B, H, T, D), a view
-        for layer, block in enumerate(self.blocks):
-            h = F.layer_norm(x, (E,), *block.ln1, self.eps)
-            qkv = block.qkv(h).view(B, 3, H, D)
-            cache.buffer[layer][write] = qkv[:, 1:]  # keys and values of each row's new column, in place
-            k, v = kv[layer]  # (B, H, T, D) each
-            a = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v, attn_mask=mask)  # (B, H, 1, D)
-            x.add_(block.proj(a.view(B, E)))
-            h = F.layer_norm(x, (E,), *block.ln2, self.eps)
-            x.add_(block.fc_proj(block.fc(h)))
-        return self._logits(x)
+        return self._logits(self.layers.decode(x, cache.buffer, write[1], write[3], mask, columns))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x, (self.n_embd,), *self.ln_f, self.eps)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-INT8, POINTWISE, MKLDNN, DENSE = 0, 1, 2, 3  # Projection kinds (`project` compares the numbers: TorchScript reads no globals)
+INT8, POINTWISE, MKLDNN, DENSE, CONV1D = 0, 1, 2, 3, 4  # Projection kinds (`project` compares the numbers: TorchScript reads no globals)
 
 
 def _conv1d_class():
@@ -82,48 +82,64 @@ class Projection:
     """A linear layer as TorchScript can call it (`project`): its kind and its weights, no copy.
 
     kind INT8: fbgemm's dynamic-quant call on `packed`; POINTWISE: oneDNN on a pre-packed
-    `weight`; MKLDNN: the same for a torch without the pointwise op; DENSE: `F.linear`
-    (weight (out, in)). The scripted decode steps (fastpath.llama) hold these instead of
-    `Linear`s, whose kinds a Python `if` tells apart per call.
+    `weight` (with the GELU fused into it where `fused_gelu`); MKLDNN: the same for a torch
+    without the pointwise op; DENSE: `F.linear` (weight (out, in)); CONV1D: transformers'
+    Conv1D (weight (in, out)). gelu: "" for none, else the approximation applied to the
+    output ("tanh" or "none"). The compiled fast paths (fastpath.gpt2, fastpath.llama) hold
+    these instead of `Linear`s, whose kinds a Python `if` tells apart per call.
     """
 
-    def __init__(self, kind: int, packed: Optional[torch.classes.quantized.LinearPackedParamsBase], weight: Optional[Tensor], bias: Optional[Tensor],
-                 reduce_range: bool):
+    def __init__(self, kind: int, packed: Optional[torch.classes.quantized.LinearPackedParamsBase], weight: Optional[Tensor],
+                 bias: Optional[Tensor], reduce_range: bool, gelu: str = "", fused_gelu: bool = False):
         self.kind = kind
         self.packed = packed
         self.weight = weight
         self.bias = bias
         self.reduce_range = reduce_range
+        self.gelu = gelu
+        self.fused_gelu = fused_gelu
 
 
 def project(x: Tensor, p: Projection) -> Tensor:
     """x (N, in) contiguous → (N, out) through `p`'s kernel (the same calls as `Linear.__call__`)."""
+    weight, bias = p.weight, p.bias
     if p.kind == 0:  # INT8
         packed = p.packed
         assert packed is not None
-        return torch.ops.quantized.linear_dynamic(x, packed, p.reduce_range)
-    weight = p.weight
-    assert weight is not None
-    if p.kind == 1:  # POINTWISE
+        y = torch.ops.quantized.linear_dynamic(x, packed, p.reduce_range)
+    elif p.kind == 1:  # POINTWISE
+        assert weight is not None
         no_scalars = torch.jit.annotate(List[Optional[Union[int, float, complex]]], [])  # TorchScript's Scalar?[]
-        return torch.ops.mkldnn._linear_pointwise(x, weight, p.bias, "none", no_scalars, "")
-    if p.kind == 2:  # MKLDNN
-        bias = p.bias
-        return torch.ops.aten.mkldnn_linear(x.to_mkldnn(), weight, None if bias is None else bias.to_mkldnn()).to_dense()
-    return F.linear(x, weight, p.bias)
+        if p.fused_gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", no_scalars, p.gelu)
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", no_scalars, "")
+    elif p.kind == 2:  # MKLDNN
+        assert weight is not None
+        y = torch.ops.aten.mkldnn_linear(x.to_mkldnn(), weight, None if bias is None else bias.to_mkldnn()).to_dense()
+    elif p.kind == 4:  # CONV1D
+        assert weight is not None
+        y = torch.addmm(bias, x, weight) if bias is not None else x.mm(weight)
+    else:  # DENSE
+        assert weight is not None
+        y = F.linear(x, weight, bias)
+    if p.gelu != "":
+        y = F.gelu(y, approximate=p.gelu)
+    return y
+
+
+KINDS = {"int8": INT8, "linear": DENSE, "conv1d": CONV1D}
 
 
 def as_projection(layer: Linear) -> Projection:
-    """`layer` as a `Projection` (its weights, not copies); TypeError for kinds only Python calls (a packed
-    head, a fused part, transformers' Conv1D, a fused GELU)."""
-    if layer.gelu is not None:
-        raise TypeError("a fused activation")
+    """`layer` as a `Projection` (its weights, not copies); TypeError for kinds only Python calls (a tied
+    head packed in blocks, a fused part)."""
+    gelu = layer.gelu or ""
     if layer.kind == "int8":
-        return Projection(INT8, layer.packed, None, None, bool(layer.reduce_range))
+        return Projection(INT8, layer.packed, None, None, bool(layer.reduce_range), gelu)
     if layer.kind == "packed":
-        return Projection(POINTWISE if layer.pointwise else MKLDNN, None, layer.weight, layer.bias, False)
-    if layer.kind == "linear":
-        return Projection(DENSE, None, layer.weight, layer.bias, False)
+        return Projection(POINTWISE if layer.pointwise else MKLDNN, None, layer.weight, layer.bias, False, gelu, layer.fused)
+    if layer.kind in KINDS:
+        return Projection(KINDS[layer.kind], None, layer.weight, layer.bias, False, gelu)
     raise TypeError(f"no projection for a {layer.kind!r} layer")
 
 

@@ -36,8 +36,6 @@ columns, E model width, H query heads, K key/value heads, G = H / K, D head widt
 """
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -45,10 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.serving.fastpath.cache import StaticKV
+from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import FusedPart, Linear, Projection, as_projection, fuse, project, replace_with_parts
 from engine.serving.fastpath.packing import Packed
-
-log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load: a table is exact
@@ -131,13 +128,9 @@ def layer_mlp(layer: LlamaLayer, h: Tensor) -> Tensor:
 
 
 class LlamaLayers(nn.Module):
-    """The decoder layers and the code that runs them, compiled by TorchScript as one module (`compile_layers`).
-
-    A decode step is ~25 small ops a layer, ~750 for SmolLM2's 30 layers; in Python each op costs a
-    few µs of interpreter around its kernel, in TorchScript's interpreter less (docs/BENCHMARKS.md,
-    issue 23). The layers live in the module, so a call passes only the step's tensors: handing 30
-    layer objects to a compiled function converted them on every call (~0.5 ms).
-    """
+    """The decoder layers and the code that runs them, compiled by TorchScript as one module
+    (fastpath.compiled). The layers live in the module, so a call passes only the step's tensors:
+    handing 30 layer objects to a compiled function converted them on every call (~0.5 ms)."""
 
     layers: List[LlamaLayer]
 
@@ -180,20 +173,6 @@ class LlamaLayers(nn.Module):
 
 
 LlamaLayers.__annotations__["layers"] = List[LlamaLayer]  # a type, not the string this module's annotations are: TorchScript reads it
-
-
-def compile_layers(layers: LlamaLayers) -> nn.Module:
-    """`layers` compiled by TorchScript, or as they are where this torch cannot (same ops; logged)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.script announces its deprecation; it still ships and runs
-            for kind in (Projection, LlamaLayer):  # the layers' classes first: then their objects convert
-                torch.jit.script(kind)
-            return torch.jit.script(layers)
-    except Exception as exc:  # noqa: BLE001 - any failure to compile keeps the Python code
-        log.warning("Llama decode step not compiled by TorchScript (%s: %s): running it in Python",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return layers
 
 
 def _window(config) -> int | None:
@@ -245,7 +224,7 @@ class LlamaStep:
         self.embed = base.embed_tokens
         layers = LlamaLayers([_layer(layer, fused=not probe) for layer in base.layers],
                              (self.n_head, self.n_kv, self.head_dim))
-        self.layers = layers if probe else compile_layers(layers)
+        self.layers = layers if probe else compile_layers(layers, (Projection, LlamaLayer))
         self.scales = [layer.scale for layer in layers.layers]  # attention scale per layer (prefill's attention runs here)
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
         self.head = Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
