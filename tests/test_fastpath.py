@@ -276,3 +276,21 @@ async def test_the_engine_runs_int8_layers_without_asking_packed_weights_for_tor
         assert engine._decoder.name == ("fast" if fast_path == "auto" else "transformers")
     assert seen and not any(seen)
     assert torch._C._is_torch_function_enabled()  # only in the worker
+
+
+async def test_the_engines_worker_runs_the_compiled_layers_without_torchscripts_optimizing_executor(int8, monkeypatch):
+    """The optimizing executor profiles the first calls and keeps shape-specialised graphs (~12 MB of the
+    bot's RSS, no speed on the CPU); the worker turns it off for itself only."""
+    seen = []
+    decode = FastDecoder.decode
+
+    def recording_decode(self, state, tokens):
+        seen.append(torch._C._get_graph_executor_optimize())
+        return decode(self, state, tokens)
+
+    monkeypatch.setattr(FastDecoder, "decode", recording_decode)
+    async with Engine(int8, SamplingParams(), max_batch_size=4) as engine:
+        await engine.reply(PROMPTS[0], greedy(4))
+        assert isinstance(engine._decoder.step.layers, torch.jit.ScriptModule)
+    assert seen and not any(seen)
+    assert torch._C._get_graph_executor_optimize()  # only in the worker
