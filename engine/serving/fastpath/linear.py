@@ -3,6 +3,8 @@
 Shared by the fast paths (gpt2, llama): int8 through fbgemm's dynamic-quant op, fp32
 through oneDNN with a pre-packed weight (`quantize.PackedLinear`, with a fused GELU where
 asked), transformers' `Conv1D`, or plain `nn.Linear` (BLAS). No weight is copied.
+`Linear` is the Python call (the output head, `fuse`); `Projection` + `project` are the same
+calls in a form TorchScript compiles (the fast paths' layers, fastpath.compiled).
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def project(x: Tensor, p: Projection) -> Tensor:
     return y
 
 
-KINDS = {"int8": INT8, "linear": DENSE, "conv1d": CONV1D}
+KINDS = {"linear": DENSE, "conv1d": CONV1D}  # the unpacked fp32 kinds
 
 
 def as_projection(layer: Linear) -> Projection:
