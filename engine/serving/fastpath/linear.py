@@ -8,6 +8,7 @@ calls in a form TorchScript compiles (the fast paths' layers, fastpath.compiled)
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Union
 
 import torch
@@ -54,27 +55,20 @@ class Linear:
         else:
             raise TypeError(f"no fast path for {type(module).__name__}")
 
+    @functools.cached_property
+    def projection(self) -> "Projection":
+        """This layer's kernel call as `project` makes it (the kinds other than "blocks" and "part")."""
+        return as_projection(self)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, in) contiguous → (N, out)."""
-        kind = self.kind
-        if kind == "int8":
-            y = torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True) if self.reduce_range \
-                else torch.ops.quantized.linear_dynamic(x, self.packed)
-        elif kind == "packed":
-            if self.pointwise:
-                if self.fused:
-                    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], self.gelu)
-                y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-            else:
-                y = torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias.to_mkldnn()).to_dense()
-        elif kind == "blocks":
+        """x: (N, in) contiguous → (N, out). The kernel kinds go through `project`, the calls the compiled
+        layers make; a packed head and a fused part call what holds their weights."""
+        if self.kind == "blocks":
             y = self.head(x)
-        elif kind == "part":
+        elif self.kind == "part":
             y = self.whole(x)[:, self.columns]
-        elif kind == "conv1d":
-            y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
         else:
-            y = F.linear(x, self.weight, self.bias)
+            return project(x, self.projection)
         if self.gelu is not None:
             y = F.gelu(y, approximate=self.gelu)
         return y
