@@ -89,7 +89,7 @@ def fit_to_model(config: Config, loaded: LoadedModel) -> Config:
 async def load_configured_model(config: Config, path: str | None = None, *, version: str = "") -> LoadedModel:
     m = config.model
     return await asyncio.to_thread(load_model, path or m.path, fmt=m.format, device=m.device,
-                                   quantize=config.engine.quantize, version=version)
+                                   quantize=config.engine.quantize, version=version, lean=config.serves_lean())
 
 
 async def load_active_model(config: Config, registry) -> LoadedModel:
@@ -104,7 +104,8 @@ async def load_active_model(config: Config, registry) -> LoadedModel:
 
     def load_first(source: str) -> None:   # a [model] path that does not load is never registered
         m = config.model
-        first.append(load_model(source, fmt=m.format, device=m.device, quantize=config.engine.quantize))
+        first.append(load_model(source, fmt=m.format, device=m.device, quantize=config.engine.quantize,
+                                lean=config.serves_lean()))
 
     active, changed = await asyncio.to_thread(registry.ensure_configured, config.model.path, check=load_first)
     if changed:

@@ -211,6 +211,11 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     source: Path | None = None
 
+    def serves_lean(self) -> bool:
+        """Whether the served model may load without transformers (engine.lean): the local engine on its
+        fast path, and no MMI (its reranker runs the model's own forward)."""
+        return self.engine.backend == "local" and self.engine.fast_path == "auto" and not self.generation.mmi_model
+
 
 _CHOICES = {
     ("model", "format"): {"auto", "dialogpt", "chitchat", "chat_template"},

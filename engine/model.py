@@ -138,21 +138,48 @@ def lora_base_path(init: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
+def _try_lean(path: str, device: str):
+    """(tokenizer, model) loaded without transformers (engine.lean) where the fast path will serve
+    them on the CPU, else None (logged why: the caller loads through transformers)."""
+    from engine.lean import LeanLoadError, load_lean
+
+    if pick_device(device).type != "cpu":
+        return None
+    try:
+        tokenizer, model = load_lean(path)
+    except LeanLoadError as exc:
+        log.info("loading %s through transformers (%s)", path, exc)
+        return None
+    from engine.serving.fastpath.llama import LlamaStep
+
+    why_not = LlamaStep.supports(model)
+    if why_not:
+        log.info("loading %s through transformers: the fast path cannot serve it (%s)", path, why_not)
+        return None
+    log.info("loaded %s without transformers (lean: the fast path serves it)", path)
+    return tokenizer, model
+
+
 def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: str = "", quantize: str = "none",
-               merge: bool = True) -> LoadedModel:
+               merge: bool = True, lean: bool = False) -> LoadedModel:
     """Load model + tokenizer + dialogue format ready for generation (eval mode).
 
     A LoRA adapter folder (adapter_config.json) loads its base model plus the adapter, merged
-    (`merge=False`: a peft model whose adapter can be trained further)."""
+    (`merge=False`: a peft model whose adapter can be trained further).
+    lean: for serving on the fast path only: a Llama-family folder loads without importing
+    transformers (engine.lean; ~100-125 MB less RSS), anything else as usual."""
     path = resolve_path(path)
     folder = Path(path)
     if not folder.exists() and ("/" not in path or path.startswith((".", "/"))):
         raise ModelLoadError(f"model folder not found: {path}")
     try:
+        light = _try_lean(path, device) if lean else None
         from engine.gguf_import import find_gguf, load_gguf
 
-        gguf = find_gguf(path)
-        if gguf is not None:  # read (and de-quantized) on every load; the registry converts it once instead
+        gguf = None if light else find_gguf(path)
+        if light:
+            tokenizer, model = light
+        elif gguf is not None:  # read (and de-quantized) on every load; the registry converts it once instead
             tokenizer, model = load_gguf(gguf)
             version = version or gguf.stem
         elif (folder / "adapter_config.json").is_file():

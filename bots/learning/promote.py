@@ -87,7 +87,7 @@ class Promoter:
         from engine.model import load_model
 
         return load_model(path, fmt=self.config.model.format, device=self.config.model.device, version=version,
-                          quantize=self.config.engine.quantize)
+                          quantize=self.config.engine.quantize, lean=self.config.serves_lean())
 
     async def promote(self, candidate: Path, *, active: Version, run_id: int, trigger: str, through: int,
                       metrics: dict, activate: bool = True) -> Version:

@@ -23,6 +23,7 @@ import gc
 import logging
 import mmap
 import os
+import sys
 import warnings
 
 import torch
@@ -33,12 +34,11 @@ from engine.serving import file_rows
 log = logging.getLogger(__name__)
 
 
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers always has it today
-        return None
-    return Conv1D
+def conv1d_class():
+    """transformers' Conv1D where transformers' models are loaded, else None: a model holds Conv1D
+    layers only if its modeling code (which imports this module) ran, and a lean-loaded model
+    (engine.lean) must not pull transformers in just to ask."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 def as_linear(conv) -> nn.Linear:
@@ -54,7 +54,7 @@ def as_linear(conv) -> nn.Linear:
 
 def conv1d_to_linear(model: nn.Module) -> int:
     """Replace every transformers `Conv1D` in `model` by an equal `nn.Linear`; returns how many."""
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -162,7 +162,7 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
     model = model.to("cpu").eval()
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     head = _output_head(model)
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     counts = {"linear": 0, "embedding": 0}
     in_file: list[nn.Embedding] = []
     with warnings.catch_warnings():
@@ -346,7 +346,7 @@ def pack_fp32(model: nn.Module, *, keep_mapped: bool = False) -> int:
     """
     if not can_pack(model):
         return 0
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     head = _output_head(model)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     packed = 0

@@ -76,17 +76,22 @@ class FastDecoder:
 
 
 def pick_decoder(model, mode: str = "auto", *, pad_id: int = 0, grow_cache: bool = True):
-    """The fast path where it can serve `model` (and mode allows), else transformers' forward."""
-    from engine.serving.hf_step import HFDecoder
-
+    """The fast path where it can serve `model` (and mode allows), else transformers' forward.
+    A lean-loaded model (engine.lean) has no forward of its own: the fast path or a clear error."""
     if mode not in FAST_PATH_MODES:
         raise ValueError(f"fast_path must be one of {', '.join(FAST_PATH_MODES)}, not {mode!r}")
+    reasons = []
     if mode == "auto":
-        reasons = []
         for step_class in STEPS:
             why_not = step_class.supports(model)
             if not why_not:
                 return FastDecoder(model, step_class)
             reasons.append(why_not)
+    if getattr(model, "lean", False):
+        raise RuntimeError(f"this model was loaded without transformers, and only the fast path can serve it "
+                           f"({'; '.join(reasons) or 'fast_path is off'}): load it with transformers")
+    if reasons:
         log.info("fast decode path not used (%s): serving with transformers' forward", "; ".join(reasons))
+    from engine.serving.hf_step import HFDecoder  # imports transformers: only where it serves
+
     return HFDecoder(model, pad_id=pad_id, grow_cache=grow_cache)

@@ -15,15 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.serving.quantize import conv1d_class
+
 INT8, POINTWISE, MKLDNN, DENSE, CONV1D = 0, 1, 2, 3, 4  # Projection kinds (`project` compares the numbers: TorchScript reads no globals)
-
-
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-    return Conv1D
 
 
 class Linear:
@@ -36,7 +30,7 @@ class Linear:
 
         self.gelu = gelu  # fused where the kernel can ("tanh"/"none"), else applied after
         self.fused = False
-        conv1d = _conv1d_class()
+        conv1d = conv1d_class()
         if isinstance(module, FusedPart):
             self.kind, self.whole, self.columns = "part", module.whole, slice(module.start, module.stop)
         elif isinstance(module, PackedLinear):

@@ -46,6 +46,7 @@ from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import FusedPart, Linear, Projection, as_projection, fuse, project, replace_with_parts
 from engine.serving.fastpath.packing import Packed
+from engine.serving.quantize import release_freed_memory
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load: a table is exact
@@ -84,12 +85,18 @@ def _projections(parent: nn.Module, names: list[str], fused: bool) -> list:
 
 
 def _layer(layer: nn.Module, fused: bool = True) -> LlamaLayer:
+    """`layer`'s weights for the compiled layers. Fusing packs q/k/v and gate/up anew and frees their own
+    packs, whose sizes no later pack fits: they are handed back to the OS layer by layer, or the build
+    of SmolLM2 int8 peaked ~55 MB above what it keeps (docs/BENCHMARKS.md, issue 23)."""
     attn, mlp = layer.self_attn, layer.mlp
-    return LlamaLayer(layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
+    held = LlamaLayer(layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
                       layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
                       _projections(attn, ["q_proj", "k_proj", "v_proj"], fused), as_projection(Linear(attn.o_proj)),
                       _projections(mlp, ["gate_proj", "up_proj"], fused), as_projection(Linear(mlp.down_proj)),
                       float(attn.scaling))
+    if fused:
+        release_freed_memory(collect=False)
+    return held
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
