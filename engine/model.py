@@ -150,11 +150,11 @@ def _try_lean(path: str, device: str):
     except LeanLoadError as exc:
         log.info("loading %s through transformers (%s)", path, exc)
         return None
-    from engine.serving.fastpath.llama import LlamaStep
+    from engine.serving.fastpath import STEPS
 
-    why_not = LlamaStep.supports(model)
-    if why_not:
-        log.info("loading %s through transformers: the fast path cannot serve it (%s)", path, why_not)
+    reasons = [step.supports(model) for step in STEPS]
+    if all(reasons):
+        log.info("loading %s through transformers: the fast path cannot serve it (%s)", path, "; ".join(reasons))
         return None
     log.info("loaded %s without transformers (lean: the fast path serves it)", path)
     return tokenizer, model

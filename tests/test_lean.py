@@ -1,7 +1,7 @@
 """Serving without transformers (engine.lean) gives exactly what loading through transformers gives.
 
-Tiny random Llama (tied head, linear rope) and Qwen2 (q/k/v biases, untied head) folders as
-transformers saves them: the lean load holds the same tensors and the same rotary table, the
+Tiny random Llama (tied head, linear rope), Qwen2 (q/k/v biases, untied head) and GPT-2 (DialoGPT
+style) folders as transformers saves them: the lean load holds the same tensors and the same rotary table, the
 engine's fp32 replies are transformers' `generate` greedy tokens and its int8 replies the same
 as the int8 transformers-loaded model's; the tokenizer answers every call serving makes as
 transformers' tokenizer does (a chat-template one and a DialoGPT-style one); a served reply
@@ -26,7 +26,7 @@ from engine.model import load_model
 from engine.serving.batcher import Engine
 from engine.serving.fastpath import pick_decoder
 from engine.serving.sampling import SamplingParams
-from tests.conftest import CHATML, ENGLISH
+from tests.conftest import CHATML, ENGLISH, build_dialogpt_model
 from tests.test_fastpath_llama import PROMPTS, build, greedy, hf_generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +34,15 @@ TEXTS = ["hello there", "", "  two  spaces  ", "émoji 😀 and 中文 and ünï
          "i like to read books " * 200, "\n\n\t tabs \n"]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
 def folder(request, tmp_path_factory) -> Path:
-    return build(tmp_path_factory.mktemp(request.param) / "model", request.param)
+    where = tmp_path_factory.mktemp(request.param) / "model"
+    return build_dialogpt_model(where) if request.param == "gpt2" else build(where, request.param)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("llama") / "model", "llama")
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +113,12 @@ def test_the_lean_load_holds_transformers_tensors_and_rotary_table_bit_for_bit(f
     ours = lean.model.state_dict()
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
-    assert (lean.model.lm_head.weight is lean.model.model.embed_tokens.weight) == hf.model.config.tie_word_embeddings
-    positions, x = torch.arange(700)[None], torch.zeros(1)
-    for a, b in zip(lean.model.model.rotary_emb(x, positions), hf.model.model.rotary_emb(x, positions)):
-        assert torch.equal(a, b)
+    table = lean.model.get_submodule("transformer.wte" if hf.model.config.model_type == "gpt2" else "model.embed_tokens")
+    assert (lean.model.lm_head.weight is table.weight) == hf.model.config.tie_word_embeddings
+    if hf.model.config.model_type != "gpt2":
+        positions, x = torch.arange(700)[None], torch.zeros(1)
+        for a, b in zip(lean.model.model.rotary_emb(x, positions), hf.model.model.rotary_emb(x, positions)):
+            assert torch.equal(a, b)
 
 
 async def _replies(loaded, lengths, together: bool = True) -> list[str]:
@@ -167,7 +175,7 @@ def test_a_reply_served_lean_never_imports_transformers(folder):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["model"] == "LeanLlama" and result["tokens"] > 0
+    assert result["model"] in ("LeanLlama", "LeanGPT2") and result["tokens"] > 0
     assert result["heavy"] == []
 
 
@@ -179,19 +187,20 @@ def _rewrite_config(folder: Path, tmp_path: Path, **changes) -> Path:
     return copy
 
 
-def test_what_lean_loading_cannot_hold_loads_through_transformers(folder, tiny_dialogpt, tmp_path):
-    gpt2 = load_model(str(tiny_dialogpt), lean=True)
-    assert not is_lean(gpt2.model) and "model type 'gpt2'" in lean_reason(str(tiny_dialogpt))
-    llama3 = _rewrite_config(folder, tmp_path, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+def test_what_lean_loading_cannot_hold_loads_through_transformers(llama_folder, tiny_chitchat, tmp_path):
+    chitchat = load_model(str(tiny_chitchat), lean=True)  # an old config without model_type, a BERT vocab
+    assert not is_lean(chitchat.model) and lean_reason(str(tiny_chitchat))
+    llama3 = _rewrite_config(llama_folder, tmp_path, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                                "original_max_position_embeddings": 64})
     assert "rope 'llama3'" in lean_reason(str(llama3))
     assert not is_lean(load_model(str(llama3), lean=True).model)
 
 
-def test_weights_that_are_not_the_configs_are_refused_not_guessed(folder, tmp_path):
+def test_weights_that_are_not_the_configs_are_refused_not_guessed(llama_folder, tmp_path):
     from safetensors.torch import load_file, save_file
 
+    folder = llama_folder
     wrong_shape = _rewrite_config(folder, tmp_path, intermediate_size=96)
     with pytest.raises(LeanLoadError, match="do not match"):
         load_lean(str(wrong_shape))

@@ -7,8 +7,8 @@ safetensors files on their memory map as transformers does, so quantization, pac
 fast path treat it as they treat transformers' model, and the serving process never imports
 transformers' modeling code (docs/BENCHMARKS.md, issue 23). It has no forward of its own.
 
-`lean_model_reason(folder)` says when a folder needs transformers instead: another architecture,
-a rope scaling other than none or linear, weights not in safetensors, names it does not know.
+`lean_llama_reason` says when a folder needs transformers instead: a rope scaling other than none
+or linear, weights not in safetensors; `load_lean_llama` refuses names or shapes it does not know.
 """
 from __future__ import annotations
 
@@ -19,14 +19,12 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from engine.lean.weights import LeanLoadError, assign, embedding, linear, read_tensors, slot, weight_files
+
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear")  # inv_freq computed as transformers does; others load through transformers
 DEFAULT_THETA = 10000.0
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
-
-
-class LeanLoadError(Exception):
-    """The folder cannot be served without transformers (the message says why); load it the usual way."""
 
 
 def read_config(folder: Path) -> SimpleNamespace:
@@ -55,33 +53,16 @@ def rope_parameters(raw: dict) -> dict:
     return params
 
 
-def lean_model_reason(folder: Path) -> str:
-    """"" when `load_lean_llama(folder)` can hold the checkpoint, else why not (in words)."""
-    if not (folder / "config.json").is_file():
-        return "no config.json"
-    try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"config.json unreadable ({exc})"
-    if raw.get("model_type") not in MODEL_TYPES:
-        return f"model type {raw.get('model_type')!r}"
+def lean_llama_reason(folder: Path, raw: dict) -> str:
+    """"" when `load_lean_llama(folder)` can hold the checkpoint whose config.json is `raw`, else why not."""
     if raw.get("quantization_config"):
         return "a quantized checkpoint"
     rope = rope_parameters(raw)
     if rope.get("rope_type") not in ROPE_TYPES or "rope_theta" not in rope:
         return f"rope {rope.get('rope_type')!r}"
-    if not _weight_files(folder):
+    if not weight_files(folder):
         return "no safetensors weights"
     return ""
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
 
 
 class Rotary(nn.Module):
@@ -105,26 +86,10 @@ class Rotary(nn.Module):
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
-def _slot(*shape: int) -> nn.Parameter:
-    """A placeholder the checkpoint's tensor replaces (meta: no memory, no initialisation, which on the
-    meta device would import torch._dynamo, ~40 MB, for numbers nobody reads)."""
-    return nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
-
-
-def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    """A plain `nn.Linear` (what quantization and the fast path look for) with placeholder weights."""
-    layer = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(layer)
-    layer.in_features, layer.out_features = n_in, n_out
-    layer.weight = _slot(n_out, n_in)
-    layer.bias = _slot(n_out) if bias else None
-    return layer
-
-
 class RMSNormWeight(nn.Module):
     def __init__(self, width: int, eps: float):
         super().__init__()
-        self.weight = _slot(width)
+        self.weight = slot(width)
         self.variance_epsilon = eps
 
 
@@ -132,10 +97,10 @@ class Attention(nn.Module):
     def __init__(self, config: SimpleNamespace, bias: set[str]):
         super().__init__()
         E, H, K, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = _linear(E, H * D, "q_proj" in bias)
-        self.k_proj = _linear(E, K * D, "k_proj" in bias)
-        self.v_proj = _linear(E, K * D, "v_proj" in bias)
-        self.o_proj = _linear(H * D, E, "o_proj" in bias)
+        self.q_proj = linear(E, H * D, "q_proj" in bias)
+        self.k_proj = linear(E, K * D, "k_proj" in bias)
+        self.v_proj = linear(E, K * D, "v_proj" in bias)
+        self.o_proj = linear(H * D, E, "o_proj" in bias)
         self.scaling = D ** -0.5
 
 
@@ -143,9 +108,9 @@ class MLP(nn.Module):
     def __init__(self, config: SimpleNamespace, bias: set[str]):
         super().__init__()
         E, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(E, inner, "gate_proj" in bias)
-        self.up_proj = _linear(E, inner, "up_proj" in bias)
-        self.down_proj = _linear(inner, E, "down_proj" in bias)
+        self.gate_proj = linear(E, inner, "gate_proj" in bias)
+        self.up_proj = linear(E, inner, "up_proj" in bias)
+        self.down_proj = linear(inner, E, "down_proj" in bias)
 
 
 class Layer(nn.Module):
@@ -160,8 +125,7 @@ class Layer(nn.Module):
 class Base(nn.Module):
     def __init__(self, config: SimpleNamespace, bias: set[str]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=_slot(config.vocab_size, config.hidden_size))
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Layer(config, bias) for _ in range(config.num_hidden_layers))
         self.norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
 
@@ -175,7 +139,7 @@ class LeanLlama(nn.Module):
         super().__init__()
         self.config = config
         self.model = Base(config, bias)
-        self.lm_head = _linear(config.hidden_size, config.vocab_size, False)
+        self.lm_head = linear(config.hidden_size, config.vocab_size, False)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -185,34 +149,15 @@ class LeanLlama(nn.Module):
 
 
 def load_lean_llama(folder: str | Path) -> LeanLlama:
-    """The checkpoint in `folder` as a `LeanLlama` in eval mode, its tensors on the files' memory maps
-    (fp32 ones; other dtypes are converted, as transformers does for a float32 load). LeanLoadError
-    when `lean_model_reason` objects or the tensors' names or shapes are not the architecture's."""
-    from safetensors.torch import load_file
-
+    """The checkpoint in `folder` as a `LeanLlama` in eval mode, its tensors on the files' memory maps.
+    LeanLoadError when `lean_model_reason` objects or the tensors' names or shapes are not the architecture's."""
     folder = Path(folder)
-    why_not = lean_model_reason(folder)
+    why_not = lean_llama_reason(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
     if why_not:
         raise LeanLoadError(why_not)
     config = read_config(folder)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in _weight_files(folder):
-        tensors.update(load_file(str(file)))
-    tensors = {k: v if v.dtype == torch.float32 else v.float() for k, v in tensors.items()
-               if not k.endswith(IGNORED_SUFFIXES)}
-    bias = {k.split(".")[-2] for k in tensors if k.endswith(".bias")}
-    model = LeanLlama(config, bias)
-    tied = bool(config.tie_word_embeddings)
-    if tied:
-        tensors.pop("lm_head.weight", None)
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    except RuntimeError as exc:  # a shape that is not this config's
-        raise LeanLoadError(f"weights do not match config.json: {str(exc).splitlines()[0]}") from None
-    if tied:
-        missing = [k for k in missing if k != "lm_head.weight"]
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if missing or unexpected:
-        raise LeanLoadError(f"weights not as expected (missing {missing[:3]}, unknown {unexpected[:3]})")
+    tensors = {k: v for k, v in read_tensors(folder).items() if not k.endswith(IGNORED_SUFFIXES)}
+    model = LeanLlama(config, {k.split(".")[-2] for k in tensors if k.endswith(".bias")})
+    assign(model, tensors, ("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None)
     model.model.rotary_emb = Rotary(config)
     return model.eval()

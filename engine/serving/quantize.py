@@ -34,11 +34,14 @@ from engine.serving import file_rows
 log = logging.getLogger(__name__)
 
 
-def conv1d_class():
-    """transformers' Conv1D where transformers' models are loaded, else None: a model holds Conv1D
-    layers only if its modeling code (which imports this module) ran, and a lean-loaded model
-    (engine.lean) must not pull transformers in just to ask."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+def conv1d_class() -> tuple:
+    """The GPT-2 Conv1D classes a served model may hold (for isinstance): engine.lean's, and transformers'
+    where transformers' models are loaded. A model holds transformers' Conv1D only if its modeling code
+    (which imports that module) ran, so a lean-served bot never imports transformers just to ask."""
+    from engine.lean.gpt2 import Conv1D
+
+    theirs = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (Conv1D,) if theirs is None else (Conv1D, theirs)
 
 
 def as_linear(conv) -> nn.Linear:
@@ -58,7 +61,7 @@ def conv1d_to_linear(model: nn.Module) -> int:
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if conv1d is not None and isinstance(child, conv1d):
+            if isinstance(child, conv1d):
                 setattr(parent, name, as_linear(child))
                 replaced += 1
     return replaced
@@ -170,7 +173,7 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 read = [t for t in (getattr(child, "weight", None), getattr(child, "bias", None)) if t is not None]
-                if conv1d is not None and isinstance(child, conv1d):
+                if isinstance(child, conv1d):
                     child = as_linear(child)
                 if type(child) is nn.Linear and (include_lm_head or child is not head):
                     child.qconfig = qconfig
@@ -354,7 +357,7 @@ def pack_fp32(model: nn.Module, *, keep_mapped: bool = False) -> int:
         for name, child in list(parent.named_children()):
             if child is head and id(getattr(child, "weight", None)) in embeddings:
                 continue  # tied to the input embedding
-            if type(child) is not nn.Linear and not (conv1d is not None and isinstance(child, conv1d)):
+            if type(child) is not nn.Linear and not isinstance(child, conv1d):
                 continue
             original = [t.detach() for t in (child.weight, child.bias) if t is not None]
             setattr(parent, name, PackedLinear(child if type(child) is nn.Linear else as_linear(child)))

@@ -3,7 +3,8 @@
     python -m scripts.bench.rss_stages stages gpt2 fp32   # in-process: RSS after each stage
     python -m scripts.bench.rss_stages bot smollm2 int8   # a real `mynah run` behind the fake Bot API
 
-`stages` prints, after each stage (imports, load_model, engine start with its decoder, the
+`stages` prints, after each stage (imports, load_model as the bot loads it — without transformers
+where engine.lean can —, engine start with its decoder, the
 first reply, 16 replies at once), RSS now (anonymous / file-backed) and the stage's own peak
 (VmHWM, reset before each stage through /proc/self/clear_refs). `bot` runs the through-the-bot
 measurement of `mynah bench` (scripts/bench/bot.py: learning loop on, unstreamed, one lone
@@ -73,9 +74,6 @@ def stages(family: str, precision: str) -> None:
 
     limit_malloc_arenas(1)  # as `mynah run` does
     mark("import torch")
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
-    mark("import transformers")
     import bots.app  # noqa: F401
     import telegram.ext  # noqa: F401
     mark("import bots + PTB")
@@ -83,8 +81,8 @@ def stages(family: str, precision: str) -> None:
     from engine.serving.batcher import Engine
     from engine.serving.sampling import SamplingParams
 
-    loaded = load_model(path, quantize="int8" if precision == "int8" else "none")
-    mark("load_model")
+    loaded = load_model(path, quantize="int8" if precision == "int8" else "none", lean=True)  # as the bot loads it
+    mark("load_model (lean)" if getattr(loaded.model, "lean", False) else "load_model (transformers)")
     params = SamplingParams(max_new_tokens=32, min_new_tokens=32)
     engine = Engine(loaded, params, max_batch_size=16, max_queue=80, max_context_tokens=256)
 

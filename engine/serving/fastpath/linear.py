@@ -42,7 +42,7 @@ class Linear:
         elif isinstance(module, DynamicInt8Linear):
             self.kind, self.packed = "int8", module._packed_params._packed_params
             self.reduce_range = module.version is not None and module.version >= 4
-        elif conv1d is not None and isinstance(module, conv1d):
+        elif isinstance(module, conv1d):
             self.kind, self.weight, self.bias = "conv1d", module.weight, module.bias  # weight (in, out)
         elif type(module) is nn.Linear:
             self.kind, self.weight, self.bias = "linear", module.weight, module.bias
