@@ -50,29 +50,3 @@ def test_compiled_layers_give_exactly_what_they_give_run_in_python(model_path, w
     assert not isinstance(plain.step.layers, torch.jit.ScriptModule) and "not compiled by TorchScript" in caplog.text
     for got, want in zip(_outputs(compiled), _outputs(plain)):
         assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_a_long_prefill_runs_its_mlps_in_row_blocks_with_the_same_results(model_path, weights):
-    """MLP_ROWS bounds a burst's prefill activations; rows are independent, so fp32 logits match one pass
-    (to rounding: a matrix call's blocking may differ with its row count) and the greedy tokens are the
-    same; int8 quantizes each block with its own scale: nearly the same logits, mostly the same tokens."""
-    from engine.serving.fastpath.packing import MLP_ROWS
-
-    decoder = pick_decoder(load_model(str(model_path), quantize="int8" if weights == "int8" else "none").model)
-    assert decoder.step.layers.mlp_rows == MLP_ROWS
-    contexts = [[(7 * i + 3 * j) % 250 + 5 for j in range(20 + i)] for i in range(6)]  # 135 tokens
-
-    def prefill(rows: int) -> torch.Tensor:
-        decoder.step.layers.mlp_rows = rows
-        with torch.inference_mode():
-            return decoder.prefill(contexts, list(range(len(contexts))), 4)[1]
-
-    whole, blocks = prefill(10_000), prefill(16)
-    decoder.step.layers.mlp_rows = MLP_ROWS
-    if weights == "fp32":
-        assert torch.allclose(whole, blocks, atol=1e-4, rtol=1e-4)
-        assert torch.equal(whole.argmax(-1), blocks.argmax(-1))
-    else:
-        assert (whole.argmax(-1) == blocks.argmax(-1)).float().mean() >= 0.5
-        assert torch.nn.functional.cosine_similarity(whole, blocks, dim=-1).min() > 0.9

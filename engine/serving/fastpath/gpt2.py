@@ -39,7 +39,7 @@ from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import Linear as _Linear
 from engine.serving.fastpath.linear import Projection, as_projection, project
-from engine.serving.fastpath.packing import MLP_ROWS, Packed
+from engine.serving.fastpath.packing import Packed
 
 _GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
@@ -63,12 +63,6 @@ def _block(block: nn.Module, gelu: str) -> GPT2Block:
                      as_projection(_Linear(block.mlp.c_fc, gelu=gelu)), as_projection(_Linear(block.mlp.c_proj)))
 
 
-def block_mlp(block: GPT2Block, x: Tensor, eps: float) -> Tensor:
-    """The block's MLP on its normed input: fc (GELU), then its projection."""
-    h = F.layer_norm(x, [x.shape[1]], block.ln2[0], block.ln2[1], eps)
-    return project(project(h, block.fc), block.fc_proj)
-
-
 class GPT2Blocks(nn.Module):
     """The blocks and the code that runs them, compiled by TorchScript as one module (fastpath.compiled)."""
 
@@ -78,7 +72,6 @@ class GPT2Blocks(nn.Module):
         super().__init__()
         self.blocks = blocks
         self.H, self.D, self.eps = heads, head_dim, eps
-        self.mlp_rows = MLP_ROWS
 
     @torch.jit.export
     def attention_inputs(self, index: int, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -90,17 +83,11 @@ class GPT2Blocks(nn.Module):
 
     @torch.jit.export
     def finish(self, index: int, x: Tensor, a: Tensor) -> Tensor:
-        """Block `index`'s output: x plus its attention output `a` (N, E) projected, plus its MLP on that,
-        MLP_ROWS rows at a time (a prefill's 4E-wide activations are its peak memory; rows are independent)."""
+        """Block `index`'s output: x plus its attention output `a` (N, E) projected, plus its MLP on that."""
         block = self.blocks[index]
         x = x + project(a, block.proj)
-        if x.shape[0] <= self.mlp_rows:
-            return x + block_mlp(block, x, self.eps)
-        out = torch.empty_like(x)
-        for start in range(0, x.shape[0], self.mlp_rows):
-            part = x[start:start + self.mlp_rows]
-            out[start:start + self.mlp_rows] = part + block_mlp(block, part, self.eps)
-        return out
+        h = F.layer_norm(x, [x.shape[1]], block.ln2[0], block.ln2[1], self.eps)
+        return x + project(project(h, block.fc), block.fc_proj)
 
     @torch.jit.export
     def decode(self, x: Tensor, buffer: Tensor, rows: Tensor, positions: Tensor, mask: Optional[Tensor],

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import FusedPart, Linear, Projection, as_projection, fuse, project, replace_with_parts
-from engine.serving.fastpath.packing import MLP_ROWS, Packed
+from engine.serving.fastpath.packing import Packed
 from engine.serving.quantize import release_freed_memory
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -145,7 +145,6 @@ class LlamaLayers(nn.Module):
         super().__init__()
         self.layers = layers
         self.H, self.K, self.D = heads
-        self.mlp_rows = MLP_ROWS
 
     @torch.jit.export
     def attention_inputs(self, index: int, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -158,13 +157,7 @@ class LlamaLayers(nn.Module):
         """Layer `index`'s output: x plus its attention output `a` (N, H·D) projected, plus its MLP on that."""
         layer = self.layers[index]
         x = x + project(a, layer.o)
-        if x.shape[0] <= self.mlp_rows:  # MLP_ROWS rows at a time: a prefill's MLP activations are its peak memory
-            return x + layer_mlp(layer, rms_norm(x, layer.ln2, layer.eps2))
-        out = torch.empty_like(x)
-        for start in range(0, x.shape[0], self.mlp_rows):
-            part = x[start:start + self.mlp_rows]
-            out[start:start + self.mlp_rows] = part + layer_mlp(layer, rms_norm(part, layer.ln2, layer.eps2))
-        return out
+        return x + layer_mlp(layer, rms_norm(x, layer.ln2, layer.eps2))
 
     @torch.jit.export
     def decode(self, x: Tensor, buffer: Tensor, rows: Tensor, positions: Tensor, mask: Optional[Tensor], columns: int,

@@ -23,11 +23,6 @@ import torch.nn.functional as F
 
 SHARE_MIN = 8   # a common prefix shorter than this is run with each context (not worth the second attention call)
 
-# A prefill runs its layers' MLPs this many token rows at a time (fastpath.gpt2, fastpath.llama): their
-# activations (GPT-2's 4E wide, a Llama's gate/up pair) for a 16-chat burst's ~800 tokens were ~20 MB of the
-# bot's peak RSS, for work that is the same row by row (docs/BENCHMARKS.md, issue 23).
-MLP_ROWS = 256
-
 
 def common_prefix(contexts: list[list[int]]) -> int:
     """Tokens every context starts with, leaving each at least one of its own."""
