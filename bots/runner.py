@@ -17,7 +17,6 @@ import signal
 
 from bots.app import Mynah
 from bots.chat.events import PlatformStartError
-from bots.dashboard import DashboardError, check_dashboard, start_dashboard
 from bots.platforms.base import Platform
 from bots.platforms.redaction import register_token
 from bots.platforms.registry import discover, served
@@ -58,11 +57,16 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
         log.error("no platform to serve: set %s in the environment (or use `mynah chat`)",
                   " and/or ".join(spec.token_var for spec in served().values()))
         return 2
-    try:
-        check_dashboard(config, environ)
-    except DashboardError as exc:
-        log.error("%s", exc)
-        return 2
+    dashboard_error: tuple = ()  # bots.dashboard (aiohttp, ~20 MB of RSS) is imported only to serve one
+    if config.dashboard.enabled:
+        from bots.dashboard import DashboardError, check_dashboard
+
+        dashboard_error = (DashboardError,)
+        try:
+            check_dashboard(config, environ)
+        except DashboardError as exc:
+            log.error("%s", exc)
+            return 2
     stop_event = stop_event or asyncio.Event()
     _stop_on_signals(stop_event)
     app = await Mynah.open(config)
@@ -77,7 +81,10 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
         return on_fatal
 
     try:
-        dashboard = await start_dashboard(app, config, environ, platforms=list(platforms))
+        if config.dashboard.enabled:
+            from bots.dashboard import start_dashboard
+
+            dashboard = await start_dashboard(app, config, environ, platforms=list(platforms))
         if not platforms:   # the dashboard can be tried before any platform token exists
             log.warning("no platform configured (%s unset): serving the dashboard alone on %s",
                         " and ".join(spec.token_var for spec in served().values()), dashboard.url)
@@ -95,7 +102,7 @@ async def serve(config, *, environ=os.environ, stop_event: asyncio.Event | None 
             log.error("stopping because %s", reason)
         log.info("stopping: finishing replies in flight")
         return 1 if fatal else 0
-    except (PlatformStartError, DashboardError) as exc:
+    except (PlatformStartError, *dashboard_error) as exc:
         log.error("%s", exc)
         return 1
     finally:

@@ -46,7 +46,6 @@ from bots.platforms.telegram.sender import (NO_PRIVATE_CHAT_TEXT, PRIVATELY_TEXT
                                             TelegramSender)
 from bots.platforms.telegram.spec import SPEC
 from bots.platforms.telegram import reactions, workers
-from bots.platforms.telegram.webhook import WebhookServer
 from engine.serving.admission import AdmissionGate
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ class TelegramAdapter(Platform):
         self.on_fatal = None                        # runner: called with the reason when we must stop
         self.conflict: str | None = None            # set once a 409 Conflict made this instance stop
         self._polling_since = 0.0
-        self._webhook: WebhookServer | None = None
+        self._webhook = None  # telegram/webhook.WebhookServer in webhook mode
         self.api_root, self._api_url, self._file_url = api_urls(self.config.base_url)
         self.application: Application | None = None
         self._requests: tuple[HTTPXRequest, ...] = ()
@@ -235,7 +234,10 @@ class TelegramAdapter(Platform):
         cluster = getattr(self.app, "cluster", None)
         secret = workers.webhook_secret(self.webhook_secret, cluster)
         claims = None if cluster is None else workers.WebhookClaims(cluster, PLATFORM, self.application, self.tracker)
-        # Our own server (telegram/webhook.py): it answers 200 only once the message is stored.
+        # Our own server (telegram/webhook.py): it answers 200 only once the message is stored. Imported
+        # here: its aiohttp is ~20 MB of a polling bot's RSS otherwise.
+        from bots.platforms.telegram.webhook import WebhookServer
+
         server = WebhookServer(self.application, self.tracker, secret=secret, path=path,
                                listen=self.config.webhook_listen, port=self.config.webhook_port, claims=claims)
         try:

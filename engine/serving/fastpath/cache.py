@@ -23,6 +23,19 @@ COLUMN_HEADROOM = 32   # spare columns allocated when the buffer grows (one re-a
 ROW_GRANULE = 4        # row capacity grows in multiples of this
 
 
+def cache_dtype(projection) -> torch.dtype:
+    """The KV cache's dtype for a model whose layers are `projection`'s kind (fastpath.linear.Projection):
+    float16 beside int8 weights, float32 beside fp32 ones (their tokens are exactly transformers').
+
+    A 16-chat burst's fp32 cache was the largest thing an int8 bot adds to its RSS (SmolLM2-135M:
+    ~57 MB of its peak); float16 halves it, as llama.cpp's default cache and CTranslate2's
+    int8_float16 do, and its attention runs ~1.8x faster on this CPU. int8 is already approximate:
+    the agreement tests hold with it (docs/BENCHMARKS.md, issue 23)."""
+    from engine.serving.fastpath.linear import INT8
+
+    return torch.float16 if projection.kind == INT8 else torch.float32
+
+
 class SpareBuffer:
     """The last KV buffer a batch let go of, kept for the next one: memory the process already has.
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.serving.fastpath.cache import StaticKV
+from engine.serving.fastpath.cache import StaticKV, cache_dtype
 from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import FusedPart, Linear, Projection, as_projection, fuse, project, replace_with_parts
 from engine.serving.fastpath.packing import Packed
@@ -166,16 +166,18 @@ class LlamaLayers(nn.Module):
         (L, 2, Bcap, K, Tcap, D) at (row, its position); attention reads columns 0 … columns-1, `mask` hiding
         each row's columns past its own length. cos, signed_sin: (B, 1, D)."""
         B, H, K, D = x.shape[0], self.H, self.K, self.D
-        new_kv = torch.empty([B, 2, K, D])
+        new_kv = torch.empty([B, 2, K, D], dtype=buffer.dtype)  # the cache's dtype (fastpath.cache: float16 for int8)
+        if mask is not None:
+            mask = mask.to(buffer.dtype)
         for index, layer in enumerate(self.layers):
             q, k, v = layer_qkv(layer, rms_norm(x, layer.ln1, layer.eps1), H, K, D, cos, signed_sin)
             new_kv[:, 0] = k
             new_kv[:, 1] = v.reshape(B, K, D)
             buffer[index][:, rows, :, positions] = new_kv  # each row's new key and value column, in place
             kv = buffer[index, :, :B, :, :columns]  # (2, B, K, T, D), a view
-            a = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), kv[0], kv[1], attn_mask=mask,
-                                               scale=layer.scale)  # (B, K, G, D)
-            x = self.finish(index, x, a.reshape(B, H * D))
+            a = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D).to(buffer.dtype), kv[0], kv[1],
+                                               attn_mask=mask, scale=layer.scale)  # (B, K, G, D)
+            x = self.finish(index, x, a.reshape(B, H * D).to(x.dtype))
         return x
 
 
@@ -233,13 +235,14 @@ class LlamaStep:
                              (self.n_head, self.n_kv, self.head_dim))
         self.layers = layers if probe else compile_layers(layers, (Projection, LlamaLayer))
         self.scales = [layer.scale for layer in layers.layers]  # attention scale per layer (prefill's attention runs here)
+        self.kv_dtype = cache_dtype(layers.layers[0].o)
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
         self.head = Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
         self.rotary = base.rotary_emb
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (P, D) rotary tables for positions 0 … P-1; sin signed (rotate)
 
     def new_cache(self) -> StaticKV:
-        return StaticKV(self.n_layer, self.n_kv, self.head_dim)
+        return StaticKV(self.n_layer, self.n_kv, self.head_dim, self.kv_dtype)
 
     def _rope(self, positions: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin rows (`_rotate`) for `positions` (any shape) whose largest is below `upto`."""
