@@ -138,15 +138,26 @@ def lora_base_path(init: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
-def _try_lean(path: str, device: str):
+def _try_lean(path: str, device: str, merge: bool):
     """(tokenizer, model) loaded without transformers (engine.lean) where the fast path will serve
-    them on the CPU, else None (logged why: the caller loads through transformers)."""
+    them on the CPU, else None (logged why: the caller loads through transformers). An adapter
+    folder is merged into its base (engine.lean.lora) when its base is a local folder."""
     from engine.lean import LeanLoadError, load_lean
 
     if pick_device(device).type != "cpu":
         return None
+    base = None
+    if (Path(path) / "adapter_config.json").is_file():
+        if not merge:
+            return None
+        from engine.training.lora import adapter_base
+
+        try:
+            base = resolve_path(adapter_base(path))
+        except (ValueError, OSError, ModelLoadError):
+            return None
     try:
-        tokenizer, model = load_lean(path)
+        tokenizer, model = load_lean(path, base)
     except LeanLoadError as exc:
         log.info("loading %s through transformers (%s)", path, exc)
         return None
@@ -173,7 +184,7 @@ def load_model(path: str, *, fmt: str = "auto", device: str = "auto", version: s
     if not folder.exists() and ("/" not in path or path.startswith((".", "/"))):
         raise ModelLoadError(f"model folder not found: {path}")
     try:
-        light = _try_lean(path, device) if lean else None
+        light = _try_lean(path, device, merge) if lean else None
         from engine.gguf_import import find_gguf, load_gguf
 
         gguf = None if light else find_gguf(path)

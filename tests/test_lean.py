@@ -223,3 +223,39 @@ def test_serving_config_decides_lean_loading():
     assert not dataclasses.replace(config, engine=dataclasses.replace(config.engine, fast_path="off")).serves_lean()
     assert not dataclasses.replace(config, engine=dataclasses.replace(config.engine, backend="openai")).serves_lean()
     assert not dataclasses.replace(config, generation=dataclasses.replace(config.generation, mmi_model="x")).serves_lean()
+
+
+def _adapter(base: Path, where: Path, **config_changes) -> Path:
+    """A LoRA adapter on `base` as the learning loop saves one, with random (not zero) matrices."""
+    from engine.training.lora import LoraSettings, wrap
+
+    torch.manual_seed(3)
+    wrapped = wrap(load_model(str(base)).model, LoraSettings(), str(base))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.2)
+    wrapped.save_pretrained(str(where))
+    if config_changes:
+        config = json.loads((where / "adapter_config.json").read_text())
+        (where / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
+    return where
+
+
+async def test_a_lora_adapter_is_merged_lean_exactly_as_peft_merges_it(folder, tmp_path):
+    adapter = _adapter(folder, tmp_path / "adapter")
+    peft_merged, lean = load_model(str(adapter)), load_model(str(adapter), lean=True)
+    assert is_lean(lean.model) and not is_lean(peft_merged.model)
+    theirs, ours = peft_merged.model.state_dict(), lean.model.state_dict()
+    assert set(ours) == set(theirs)
+    before = load_model(str(folder), lean=True).model.state_dict()
+    changed = [n for n in ours if not torch.equal(ours[n], before[n])]
+    assert changed and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    lengths = [8] * len(PROMPTS)
+    assert await _replies(lean, lengths, together=False) == await _replies(peft_merged, lengths, together=False)
+
+
+def test_an_adapter_lean_merging_cannot_reproduce_loads_through_peft(llama_folder, tmp_path):
+    adapter = _adapter(llama_folder, tmp_path / "rslora", use_rslora=True)
+    assert "use_rslora" in lean_reason(str(adapter), str(llama_folder))
+    assert not is_lean(load_model(str(adapter), lean=True).model)

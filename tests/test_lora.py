@@ -134,8 +134,9 @@ async def test_lora_retrain_promotes_an_adapter_that_peft_loads_and_rollback_wor
         tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_model)), str(v2.folder))
         assert held_out_loss(tuned, base_model, dialogues) < before - 0.05
 
-        # served: the engine's model is the merged base + adapter; replies carry v0002
-        assert app.engine.version == "v0002" and type(app.engine.model.model).__name__ == "GPT2LMHeadModel"
+        # served: the engine's model is the merged base + adapter (merged without peft or transformers:
+        # engine.lean.lora); replies carry v0002
+        assert app.engine.version == "v0002" and type(app.engine.model.model).__name__ == "LeanGPT2"
         reply = await app.chat.handle(Incoming(platform="telegram", chat_id="s", user_id="7", text="hello there"))
         rows = await app.db.fetchall("SELECT model_version FROM messages WHERE id = ?", (reply[0].stored_id,))
         assert rows[0][0] == "v0002"
@@ -354,7 +355,7 @@ async def test_lora_on_a_chat_template_gguf_model_promotes_and_serves_the_adapte
         v2 = learning.registry.get("v0002")
         assert v2.kind == "lora" and v2.parent == "v0001" and v2.base_model == str(v1.folder.resolve())
         assert "model.safetensors" not in {p.name for p in v2.folder.iterdir()}   # an adapter, not a copy
-        assert app.engine.version == "v0002" and type(app.engine.model.model).__name__ == "LlamaForCausalLM"
+        assert app.engine.version == "v0002" and type(app.engine.model.model).__name__ == "LeanLlama"  # merged lean
         reply = await app.chat.handle(Incoming(platform="telegram", chat_id="s", user_id="7", text="hello there"))
         rows = await app.db.fetchall("SELECT model_version FROM messages WHERE id = ?", (reply[0].stored_id,))
         assert rows[0][0] == "v0002"
