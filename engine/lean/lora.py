@@ -56,6 +56,8 @@ def merge_adapter(model: nn.Module, folder: str | Path) -> int:
     layer the model has."""
     from safetensors.torch import load_file
 
+    from engine.serving.quantize import page_out
+
     folder = Path(folder)
     config = read_adapter_config(folder)
     scale = config["lora_alpha"] / config["r"]
@@ -77,5 +79,7 @@ def merge_adapter(model: nn.Module, folder: str | Path) -> int:
                 delta = delta.T
             if delta.shape != layer.weight.shape:
                 raise LeanLoadError(f"adapter layer {name} is {tuple(delta.shape)}, the model's {tuple(layer.weight.shape)}")
-            layer.weight = nn.Parameter(layer.weight + delta, requires_grad=False)
+            base = layer.weight.detach()
+            layer.weight = nn.Parameter(base + delta, requires_grad=False)
+            page_out([base])  # the checkpoint's pages the sum read leave RSS (fp32 serving keeps only the sum)
     return len(names)
