@@ -170,3 +170,18 @@ def test_int8_fused_layers_are_held_once_and_transformers_forward_is_unchanged(f
     LlamaStep(model)
     assert len(packs) == 2 * len(model.model.layers)  # the second step packed nothing new: it calls the same fused weights
 
+
+
+def test_int8_llama_keeps_its_kv_cache_in_float16_and_fp32_in_float32(folder, tiny_dialogpt):
+    """The cache grows with chats × context (chat-template models read ≥ 1,024 tokens): half the bytes
+    beside int8 weights; fp32 models keep fp32 (exact tokens), GPT-2's short contexts too."""
+    sizes = {}
+    for precision in ("none", "int8"):
+        decoder = pick_decoder(load_model(str(folder), quantize=precision).model)
+        with torch.inference_mode():
+            state, _ = decoder.prefill([[5, 9, 13, 2, 40]] * 4, [0, 1, 2, 3], 8)
+        sizes[precision] = (state.cache.buffer.dtype, state.cache.nbytes())
+    assert sizes["none"][0] == torch.float32 and sizes["int8"][0] == torch.float16
+    assert sizes["int8"][1] * 2 == sizes["none"][1]
+    gpt2 = pick_decoder(load_model(str(tiny_dialogpt), quantize="int8").model)
+    assert gpt2.step.new_cache().dtype == torch.float32

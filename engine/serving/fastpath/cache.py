@@ -24,13 +24,19 @@ ROW_GRANULE = 4        # row capacity grows in multiples of this
 
 
 def cache_dtype(projection) -> torch.dtype:
-    """The KV cache's dtype for a model whose layers are `projection`'s kind (fastpath.linear.Projection):
-    float16 beside int8 weights, float32 beside fp32 ones (their tokens are exactly transformers').
+    """The Llama-family fast path's KV cache dtype for layers of `projection`'s kind
+    (fastpath.linear.Projection): float16 beside int8 weights, float32 beside fp32 ones (their
+    tokens are exactly transformers').
 
-    A 16-chat burst's fp32 cache was the largest thing an int8 bot adds to its RSS (SmolLM2-135M:
-    ~57 MB of its peak); float16 halves it, as llama.cpp's default cache and CTranslate2's
-    int8_float16 do, and its attention runs ~1.8x faster on this CPU. int8 is already approximate:
-    the agreement tests hold with it (docs/BENCHMARKS.md, issue 23)."""
+    Chat-template models read long contexts (at least 1,024 tokens, engine.dialogue), so their cache
+    is what grows with chats: SmolLM2-135M's fp32 cache is 46 KB a token, ~57 MB for the bench's 16
+    short chats and ~0.7 GB for 16 full windows. float16 halves it, as llama.cpp's default cache
+    and CTranslate2's int8_float16 do. Measured on this CPU (docs/BENCHMARKS.md, issue 23, eighth
+    pass): teacher-forced agreement with transformers' int8 on the real SmolLM2 88.8 % (float32
+    cache 89.6 %, bfloat16 77.2 %: too coarse for attention logits); SDPA on float16 is ~2x slower
+    than on float32 here (no float16 arithmetic), which costs a 16-chat SmolLM2 step ~0-13 %.
+    GPT-2's fast path keeps float32: its dialogue contexts are short and its 12 full heads made a
+    float16 16-chat step ~25 % slower."""
     from engine.serving.fastpath.linear import INT8
 
     return torch.float16 if projection.kind == INT8 else torch.float32

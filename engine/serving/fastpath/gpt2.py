@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.serving.fastpath.cache import StaticKV, cache_dtype
+from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import Linear as _Linear
 from engine.serving.fastpath.linear import Projection, as_projection, project
@@ -96,16 +96,13 @@ class GPT2Blocks(nn.Module):
         (L, 2, Bcap, H, Tcap, D) at (row, its position); attention reads columns 0 … columns-1, `mask`
         hiding each row's columns past its own length."""
         B, E = x.shape[0], x.shape[1]
-        if mask is not None:
-            mask = mask.to(buffer.dtype)  # fastpath.cache: float16 for int8
         for index, block in enumerate(self.blocks):
             h = F.layer_norm(x, [E], block.ln1[0], block.ln1[1], self.eps)
             qkv = project(h, block.qkv).view(B, 3, self.H, self.D)
-            buffer[index][:, rows, :, positions] = qkv[:, 1:].to(buffer.dtype)  # each row's new column, in place
+            buffer[index][:, rows, :, positions] = qkv[:, 1:]  # keys and values of each row's new column, in place
             kv = buffer[index, :, :B, :, :columns]  # (2, B, H, T, D), a view
-            a = F.scaled_dot_product_attention(qkv[:, 0, :, None].to(buffer.dtype), kv[0], kv[1],
-                                               attn_mask=mask)  # (B, H, 1, D), the cache's dtype
-            x = self.finish(index, x, a.reshape(B, E).to(x.dtype))
+            a = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0], kv[1], attn_mask=mask)  # (B, H, 1, D)
+            x = self.finish(index, x, a.view(B, E))
         return x
 
 
@@ -151,12 +148,11 @@ class GPT2Step:
         self.wte, self.wpe = tr.wte, tr.wpe
         blocks = GPT2Blocks([_block(b, gelu) for b in tr.h], self.n_head, self.head_dim, self.eps)
         self.layers = blocks if probe else compile_layers(blocks, (Projection, GPT2Block))
-        self.kv_dtype = cache_dtype(blocks.blocks[0].proj)
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
         self.head = _Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
 
     def new_cache(self) -> StaticKV:
-        return StaticKV(self.n_layer, self.n_head, self.head_dim, self.kv_dtype)
+        return StaticKV(self.n_layer, self.n_head, self.head_dim)  # float32: fastpath.cache.cache_dtype says why
 
     # ---- the two passes -----------------------------------------------------------
     def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:

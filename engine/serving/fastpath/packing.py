@@ -97,6 +97,6 @@ def _attend(rows: torch.Tensor, out: torch.Tensor, start: int, n: int, k: torch.
     (N, K, G, D). Key/value head kv's query rows are (position, query head) pairs, i·G + g: a view, no copy
     of the queries and no repeated keys. mask (n·G, T); None: plain causal (T = n, G = 1)."""
     K, _, G, D = rows.shape
-    q = rows[:, start:start + n].reshape(1, K, n * G, D).to(k.dtype)  # the cache's dtype (float16 beside int8)
+    q = rows[:, start:start + n].reshape(1, K, n * G, D).to(k.dtype)  # the cache's dtype (float16 beside int8 Llama-family weights)
     a = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale)
     out[start:start + n] = a.view(K, n, G, D).transpose(0, 1)  # back in the queries' dtype
