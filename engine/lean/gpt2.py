@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from engine.lean.weights import LeanLoadError, assign, embedding, linear, read_tensors, slot, weight_files
+from engine.lean.weights import LeanModel, assign, embedding, read_tensors, slot, weight_files
 
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # the causal-mask buffers old checkpoints saved
 
@@ -93,22 +93,12 @@ class Transformer(nn.Module):
         self.ln_f = _norm(config.n_embd, config.layer_norm_epsilon)
 
 
-class LeanGPT2(nn.Module):
+class LeanGPT2(LeanModel):
     """A GPT-2 checkpoint's weights under transformers' names, for the fast path (no forward)."""
 
-    lean = True
-
     def __init__(self, config: SimpleNamespace):
-        super().__init__()
-        self.config = config
+        super().__init__(config, config.n_embd, config.vocab_size)
         self.transformer = Transformer(config)
-        self.lm_head = linear(config.n_embd, config.vocab_size, False)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError("a lean model is served by the fast path only; load it with transformers for its own forward")
 
 
 def load_lean_gpt2(folder: str | Path) -> LeanGPT2:

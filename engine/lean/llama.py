@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from engine.lean.weights import LeanLoadError, assign, embedding, linear, read_tensors, slot, weight_files
+from engine.lean.weights import LeanModel, assign, embedding, linear, read_tensors, slot, weight_files
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear")  # inv_freq computed as transformers does; others load through transformers
@@ -130,31 +130,19 @@ class Base(nn.Module):
         self.norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
 
 
-class LeanLlama(nn.Module):
+class LeanLlama(LeanModel):
     """A Llama-family checkpoint's weights under transformers' names, for the fast path (no forward)."""
 
-    lean = True  # engine.serving.fastpath: only the fast path can serve it
-
     def __init__(self, config: SimpleNamespace, bias: set[str]):
-        super().__init__()
-        self.config = config
+        super().__init__(config, config.hidden_size, config.vocab_size)
         self.model = Base(config, bias)
-        self.lm_head = linear(config.hidden_size, config.vocab_size, False)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError("a lean model is served by the fast path only; load it with transformers for its own forward")
 
 
 def load_lean_llama(folder: str | Path) -> LeanLlama:
-    """The checkpoint in `folder` as a `LeanLlama` in eval mode, its tensors on the files' memory maps.
-    LeanLoadError when `lean_model_reason` objects or the tensors' names or shapes are not the architecture's."""
+    """The checkpoint in `folder` (one `lean_llama_reason` accepts: engine.lean.load_lean asks) as a
+    `LeanLlama` in eval mode, its tensors on the files' memory maps; LeanLoadError when the tensors'
+    names or shapes are not the architecture's."""
     folder = Path(folder)
-    why_not = lean_llama_reason(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    if why_not:
-        raise LeanLoadError(why_not)
     config = read_config(folder)
     tensors = {k: v for k, v in read_tensors(folder).items() if not k.endswith(IGNORED_SUFFIXES)}
     model = LeanLlama(config, {k.split(".")[-2] for k in tensors if k.endswith(".bias")})

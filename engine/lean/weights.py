@@ -70,3 +70,21 @@ def assign(model: nn.Module, tensors: dict[str, torch.Tensor], tie: tuple[str, s
         head.weight = table.weight
     if missing or unexpected:
         raise LeanLoadError(f"weights not as expected (missing {missing[:3]}, unknown {unexpected[:3]})")
+
+
+class LeanModel(nn.Module):
+    """What every lean model is: its config, its (maybe tied) output head, no forward of its own
+    (engine.serving.fastpath serves it; `lean` tells pick_decoder so)."""
+
+    lean = True
+
+    def __init__(self, config, width: int, vocab: int):
+        super().__init__()
+        self.config = config
+        self.lm_head = linear(width, vocab, False)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("a lean model is served by the fast path only; load it with transformers for its own forward")

@@ -77,12 +77,13 @@ def stages(family: str, precision: str) -> None:
     import bots.app  # noqa: F401
     import telegram.ext  # noqa: F401
     mark("import bots + PTB")
+    from engine.lean import is_lean
     from engine.model import load_model
     from engine.serving.batcher import Engine
     from engine.serving.sampling import SamplingParams
 
     loaded = load_model(path, quantize="int8" if precision == "int8" else "none", lean=True)  # as the bot loads it
-    mark("load_model (lean)" if getattr(loaded.model, "lean", False) else "load_model (transformers)")
+    mark("load_model (lean)" if is_lean(loaded.model) else "load_model (transformers)")
     params = SamplingParams(max_new_tokens=32, min_new_tokens=32)
     engine = Engine(loaded, params, max_batch_size=16, max_queue=80, max_context_tokens=256)
 

@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from engine.lean import is_lean
 from engine.serving.fastpath.cache import SpareBuffer, StaticKV
 from engine.serving.fastpath.gpt2 import GPT2Step
 from engine.serving.fastpath.llama import LlamaStep
@@ -87,7 +88,7 @@ def pick_decoder(model, mode: str = "auto", *, pad_id: int = 0, grow_cache: bool
             if not why_not:
                 return FastDecoder(model, step_class)
             reasons.append(why_not)
-    if getattr(model, "lean", False):
+    if is_lean(model):
         raise RuntimeError(f"this model was loaded without transformers, and only the fast path can serve it "
                            f"({'; '.join(reasons) or 'fast_path is off'}): load it with transformers")
     if reasons:
