@@ -18,7 +18,7 @@ import torch
 
 from engine.model import load_model
 from engine.serving.batcher import Engine
-from engine.serving.fastpath import FastDecoder, pick_decoder
+from engine.serving.fastpath import FastDecoder, kernels, pick_decoder
 from engine.serving.sampling import SamplingParams
 from tests.conftest import ENGLISH
 
@@ -174,7 +174,8 @@ def test_int8_fused_layers_are_held_once_and_transformers_forward_is_unchanged(f
 
 def test_int8_llama_keeps_its_kv_cache_in_float16_and_fp32_in_float32(folder, tiny_dialogpt):
     """The cache grows with chats × context (chat-template models read ≥ 1,024 tokens): half the bytes
-    beside int8 weights; fp32 models keep fp32 (exact tokens), GPT-2's short contexts too."""
+    beside int8 weights; fp32 models keep fp32 (exact tokens); GPT-2 int8 is float16 where the float16
+    kernel reads it (fastpath.kernels), float32 where only torch's slower float16 SDPA could."""
     sizes = {}
     for precision in ("none", "int8"):
         decoder = pick_decoder(load_model(str(folder), quantize=precision).model)
@@ -184,4 +185,4 @@ def test_int8_llama_keeps_its_kv_cache_in_float16_and_fp32_in_float32(folder, ti
     assert sizes["none"][0] == torch.float32 and sizes["int8"][0] == torch.float16
     assert sizes["int8"][1] * 2 == sizes["none"][1]
     gpt2 = pick_decoder(load_model(str(tiny_dialogpt), quantize="int8").model)
-    assert gpt2.step.new_cache().dtype == torch.float32
+    assert gpt2.step.new_cache().dtype == (torch.float16 if kernels.available() else torch.float32)

@@ -19,27 +19,38 @@ import math
 
 import torch
 
+from engine.serving.fastpath.kernels import fits  # importing it registers torch.ops.mynah.decode_attention
+
 COLUMN_HEADROOM = 32   # spare columns allocated when the buffer grows (one re-allocation per 32 tokens)
 ROW_GRANULE = 4        # row capacity grows in multiples of this
 
 
-def cache_dtype(projection) -> torch.dtype:
-    """The Llama-family fast path's KV cache dtype for layers of `projection`'s kind
-    (fastpath.linear.Projection): float16 beside int8 weights, float32 beside fp32 ones (their
-    tokens are exactly transformers').
+def cache_dtype(projection, family: str, head_dim: int) -> torch.dtype:
+    """The fast path's KV cache dtype for layers of `projection`'s kind (fastpath.linear.Projection):
+    float16 beside int8 weights, float32 beside fp32 ones (their tokens are exactly transformers').
 
-    Chat-template models read long contexts (at least 1,024 tokens, engine.dialogue), so their cache
-    is what grows with chats: SmolLM2-135M's fp32 cache is 46 KB a token, ~57 MB for the bench's 16
-    short chats and ~0.7 GB for 16 full windows. float16 halves it, as llama.cpp's default cache
-    and CTranslate2's int8_float16 do. Measured on this CPU (docs/BENCHMARKS.md, issue 23, eighth
-    pass): teacher-forced agreement with transformers' int8 on the real SmolLM2 88.8 % (float32
-    cache 89.6 %, bfloat16 77.2 %: too coarse for attention logits); SDPA on float16 is ~2x slower
-    than on float32 here (no float16 arithmetic), which costs a 16-chat SmolLM2 step ~0-13 %.
-    GPT-2's fast path keeps float32: its dialogue contexts are short and its 12 full heads made a
-    float16 16-chat step ~25 % slower."""
+    A float16 cache is half the memory and half the bytes each decode step reads: SmolLM2-135M's
+    fp32 cache is 46 KB a token, ~0.7 GB for 16 full chat-template windows; GPT-2 124M's cache was
+    ~88 MB of the bot's ~540 MB peak in the bench's 16-chat burst. Agreement measured on the real
+    SmolLM2 int8 (docs/BENCHMARKS.md, issue 23, eighth pass): 88.8 % with a float16 cache against
+    89.6 % with float32 (bfloat16: 77.2 %, too coarse for attention logits), as llama.cpp's default
+    cache and CTranslate2's int8_float16 do.
+
+    Decode steps read it with the float16 kernel (fastpath.kernels) where it runs; without it, torch's
+    SDPA on float16 runs ~2x slower than on float32 on a CPU without float16 arithmetic, so then only
+    Llama-family models (long chat-template contexts: the memory matters most) keep float16, and
+    GPT-2 (short dialogue contexts; a float16 16-chat step measured ~25 % slower) float32.
+    """
     from engine.serving.fastpath.linear import INT8
 
-    return torch.float16 if projection.kind == INT8 else torch.float32
+    if projection.kind != INT8:
+        return torch.float32
+    return torch.float16 if family == "llama" or fits(head_dim) else torch.float32
+
+
+def kernel_reads(dtype: torch.dtype, head_dim: int) -> bool:
+    """True when decode steps read a cache of `dtype` with the float16 kernel (fastpath.kernels)."""
+    return dtype == torch.float16 and fits(head_dim)
 
 
 class SpareBuffer:

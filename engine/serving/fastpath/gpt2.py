@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.serving.fastpath.cache import StaticKV
+from engine.serving.fastpath.cache import StaticKV, cache_dtype, kernel_reads  # and torch.ops.mynah.decode_attention
 from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import Linear as _Linear
 from engine.serving.fastpath.linear import Projection, as_projection, project
@@ -68,10 +68,12 @@ class GPT2Blocks(nn.Module):
 
     blocks: List[GPT2Block]
 
-    def __init__(self, blocks: list, heads: int, head_dim: int, eps: float):
+    def __init__(self, blocks: list, heads: int, head_dim: int, eps: float, kernel: bool = False):
         super().__init__()
         self.blocks = blocks
         self.H, self.D, self.eps = heads, head_dim, eps
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.kernel = kernel  # decode attention by the float16 kernel (fastpath.kernels), else SDPA
 
     @torch.jit.export
     def attention_inputs(self, index: int, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -96,13 +98,18 @@ class GPT2Blocks(nn.Module):
         (L, 2, Bcap, H, Tcap, D) at (row, its position); attention reads columns 0 … columns-1, `mask`
         hiding each row's columns past its own length."""
         B, E = x.shape[0], x.shape[1]
+        lengths = positions + 1  # (B,) columns each row attends to, its new one included
         for index, block in enumerate(self.blocks):
             h = F.layer_norm(x, [E], block.ln1[0], block.ln1[1], self.eps)
             qkv = project(h, block.qkv).view(B, 3, self.H, self.D)
-            buffer[index][:, rows, :, positions] = qkv[:, 1:]  # keys and values of each row's new column, in place
-            kv = buffer[index, :, :B, :, :columns]  # (2, B, H, T, D), a view
-            a = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0], kv[1], attn_mask=mask)  # (B, H, 1, D)
-            x = self.finish(index, x, a.view(B, E))
+            buffer[index][:, rows, :, positions] = qkv[:, 1:].to(buffer.dtype)  # each row's new key and value column, in place
+            if self.kernel:
+                a = torch.ops.mynah.decode_attention(qkv[:, 0], buffer[index, 0], buffer[index, 1], lengths,
+                                                     self.scale)  # (B, H, D)
+            else:
+                kv = buffer[index, :, :B, :, :columns]  # (2, B, H, T, D), a view
+                a = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0], kv[1], attn_mask=mask)  # (B, H, 1, D)
+            x = self.finish(index, x, a.reshape(B, E))
         return x
 
 
@@ -147,12 +154,14 @@ class GPT2Step:
         gelu = _GELUS[config.activation_function]
         self.wte, self.wpe = tr.wte, tr.wpe
         blocks = GPT2Blocks([_block(b, gelu) for b in tr.h], self.n_head, self.head_dim, self.eps)
+        self.kv_dtype = torch.float32 if probe else cache_dtype(blocks.blocks[0].proj, "gpt2", self.head_dim)
+        blocks.kernel = kernel_reads(self.kv_dtype, self.head_dim)
         self.layers = blocks if probe else compile_layers(blocks, (Projection, GPT2Block))
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
         self.head = _Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
 
     def new_cache(self) -> StaticKV:
-        return StaticKV(self.n_layer, self.n_head, self.head_dim)  # float32: fastpath.cache.cache_dtype says why
+        return StaticKV(self.n_layer, self.n_head, self.head_dim, self.kv_dtype)  # fastpath.cache.cache_dtype says which
 
     # ---- the two passes -----------------------------------------------------------
     def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:

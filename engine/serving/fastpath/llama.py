@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.serving.fastpath.cache import StaticKV, cache_dtype
+from engine.serving.fastpath.cache import StaticKV, cache_dtype, kernel_reads  # and torch.ops.mynah.decode_attention
 from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import FusedPart, Linear, Projection, as_projection, fuse, project, replace_with_parts
 from engine.serving.fastpath.packing import Packed
@@ -141,10 +141,11 @@ class LlamaLayers(nn.Module):
 
     layers: List[LlamaLayer]
 
-    def __init__(self, layers: list, heads: tuple[int, int, int]):
+    def __init__(self, layers: list, heads: tuple[int, int, int], kernel: bool = False):
         super().__init__()
         self.layers = layers
         self.H, self.K, self.D = heads
+        self.kernel = kernel  # decode attention by the float16 kernel (fastpath.kernels), else SDPA
 
     @torch.jit.export
     def attention_inputs(self, index: int, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -167,6 +168,7 @@ class LlamaLayers(nn.Module):
         each row's columns past its own length. cos, signed_sin: (B, 1, D)."""
         B, H, K, D = x.shape[0], self.H, self.K, self.D
         new_kv = torch.empty([B, 2, K, D], dtype=buffer.dtype)  # the cache's dtype (fastpath.cache: float16 for int8)
+        lengths = positions + 1  # (B,) columns each row attends to, its new one included
         if mask is not None:
             mask = mask.to(buffer.dtype)
         for index, layer in enumerate(self.layers):
@@ -174,10 +176,14 @@ class LlamaLayers(nn.Module):
             new_kv[:, 0] = k
             new_kv[:, 1] = v.reshape(B, K, D)
             buffer[index][:, rows, :, positions] = new_kv  # each row's new key and value column, in place
-            kv = buffer[index, :, :B, :, :columns]  # (2, B, K, T, D), a view
-            a = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D).to(buffer.dtype), kv[0], kv[1],
-                                               attn_mask=mask, scale=layer.scale)  # (B, K, G, D)
-            x = self.finish(index, x, a.reshape(B, H * D).to(x.dtype))
+            if self.kernel:  # query head h reads key/value head h // G, as the (B, K, G, D) grouping below
+                a = torch.ops.mynah.decode_attention(q.reshape(B, H, D), buffer[index, 0], buffer[index, 1], lengths,
+                                                     layer.scale)  # (B, H, D) float32
+            else:
+                kv = buffer[index, :, :B, :, :columns]  # (2, B, K, T, D), a view
+                a = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D).to(buffer.dtype), kv[0], kv[1],
+                                                   attn_mask=mask, scale=layer.scale).to(x.dtype)  # (B, K, G, D)
+            x = self.finish(index, x, a.reshape(B, H * D))
         return x
 
 
@@ -233,9 +239,10 @@ class LlamaStep:
         self.embed = base.embed_tokens
         layers = LlamaLayers([_layer(layer, fused=not probe) for layer in base.layers],
                              (self.n_head, self.n_kv, self.head_dim))
+        self.kv_dtype = torch.float32 if probe else cache_dtype(layers.layers[0].o, "llama", self.head_dim)
+        layers.kernel = kernel_reads(self.kv_dtype, self.head_dim)
         self.layers = layers if probe else compile_layers(layers, (Projection, LlamaLayer))
         self.scales = [layer.scale for layer in layers.layers]  # attention scale per layer (prefill's attention runs here)
-        self.kv_dtype = cache_dtype(layers.layers[0].o)
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
         self.head = Linear(model.lm_head)  # tied: the table itself, or packed from it (quantize.PackedHead)
         self.rotary = base.rotary_emb

@@ -1,0 +1,141 @@
+"""The float16 decode-attention kernel (engine.serving.fastpath.kernels): its numbers against torch's
+attention over the same cache, its bounds checks, its build (no secrets in the compiler's
+environment; a broken compiler falls back), and the fast paths without it."""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.model import load_model
+from engine.serving.fastpath import kernels, pick_decoder
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavailable here: {kernels.why_not()}")
+
+
+def _case(rows: int, spare_rows: int, heads: int, kv_heads: int, columns: int, width: int, seed: int = 0):
+    """A query per row and one layer's float16 cache with spare rows and columns, as the fast paths hold it."""
+    g = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(2, rows + spare_rows, kv_heads, columns, width, generator=g).half()
+    q = torch.randn(rows, heads, width, generator=g)
+    lengths = torch.randint(1, columns + 1, (rows,), generator=g)
+    lengths[0], lengths[-1] = columns, 1  # a full row and a row that sees only its new column
+    return q, buffer[0], buffer[1], lengths
+
+
+def _reference(q, k, v, lengths, scale):
+    """torch's attention on the same numbers in float32, each row masked past its length."""
+    rows, heads, width = q.shape
+    kv_heads, columns = k.shape[1], k.shape[2]
+    see = torch.arange(columns)[None, :] < lengths[:, None]  # (B, T)
+    a = F.scaled_dot_product_attention(q.view(rows, kv_heads, heads // kv_heads, width), k[:rows].float(),
+                                       v[:rows].float(), attn_mask=see[:, None, None, :], scale=scale)
+    return a.reshape(rows, heads, width)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,width,columns", [(4, 4, 64, 37), (6, 2, 16, 9), (9, 3, 64, 300), (2, 1, 8, 8)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_gives_torchs_attention_over_the_float16_cache(heads, kv_heads, width, columns, threads):
+    q, k, v, lengths = _case(5, 3, heads, kv_heads, columns, width)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # two threads: the rows are split between them
+    try:
+        out = torch.ops.mynah.decode_attention(q, k, v, lengths, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, _reference(q, k, v, lengths, 0.3), atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_the_kernel_reads_nothing_outside_the_cache():
+    q, k, v, lengths = _case(3, 0, 4, 4, 10, 16)
+    for bad in (0, 11, -5):
+        wrong = lengths.clone()
+        wrong[1] = bad
+        with pytest.raises(ValueError, match="outside 1"):
+            torch.ops.mynah.decode_attention(q, k, v, wrong, 1.0)
+    with pytest.raises(ValueError):  # a float32 cache, a cache with its columns not contiguous, too few rows
+        kernels.decode_attention(q, k.float(), v.float(), lengths, 1.0)
+    with pytest.raises(ValueError):
+        kernels.decode_attention(q, k.transpose(2, 3), v.transpose(2, 3), lengths, 1.0)
+    with pytest.raises(ValueError):
+        kernels.decode_attention(torch.cat([q, q]), k, v, torch.cat([lengths, lengths]), 1.0)
+
+
+@needs_kernel
+def test_the_kernel_is_built_by_a_compiler_that_sees_no_secrets(tmp_path, monkeypatch):
+    seen = tmp_path / "compiler-env.txt"
+    compiler = tmp_path / "cc-spy"
+    compiler.write_text(f"#!/bin/sh\nenv > {seen}\nexec gcc \"$@\"\n")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("MYNAH_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123:secret-telegram")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    monkeypatch.setattr(kernels, "_state", {})  # a fresh process's state; the loaded kernel comes back after
+    assert kernels.why_not() == ""
+    env = seen.read_text()
+    assert "secret" not in env and "PATH=" in env
+    assert list((tmp_path / "kernels").glob("decode_attention-*.so"))
+    q, k, v, lengths = _case(2, 0, 2, 2, 4, 8)
+    torch.testing.assert_close(kernels.decode_attention(q, k, v, lengths, 0.5), _reference(q, k, v, lengths, 0.5))
+
+
+def test_a_broken_compiler_or_the_switch_leaves_the_fast_paths_on_sdpa(tmp_path, monkeypatch, tiny_dialogpt):
+    broken = tmp_path / "cc-broken"
+    broken.write_text("#!/bin/sh\necho 'cc: internal error' >&2\nexit 1\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("MYNAH_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(kernels, "_state", {})
+    why = kernels.why_not()
+    if kernels._cpu_has_flags():  # not an AVX2 x86-64 CPU: never built, said so
+        assert "CPU" in why
+    else:
+        assert "could not build" in why and "internal error" in why
+    decoder = pick_decoder(load_model(str(tiny_dialogpt), quantize="int8").model)
+    assert decoder.step.new_cache().dtype == torch.float32 and not decoder.step.layers.kernel
+    with torch.inference_mode():
+        state, logits = decoder.prefill([[5, 9, 13], [7, 2]], [0, 1], 4)
+        assert torch.isfinite(decoder.decode(state, logits.argmax(-1))).all()
+    monkeypatch.setenv("MYNAH_KERNELS", "off")
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.why_not() == "turned off (MYNAH_KERNELS=off)"
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_fast_paths_decode_through_the_kernel_as_sdpa_does_on_a_float32_cache(family, tiny_dialogpt, tmp_path):
+    """Both fast paths, a float16 cache read by the kernel against the float32 cache read by SDPA: the
+    same logits step after step up to the float16 rounding of keys and values (rows of different
+    lengths; Llama's grouped-query heads). fp32 weights, so nothing but the cache and the attention
+    call differs (int8's dynamic activation scales would magnify any rounding); a wrong head, row or
+    length would move logits by whole units."""
+    from tests.test_fastpath_llama import build
+
+    path = tiny_dialogpt if family == "gpt2" else build(tmp_path / "llama", "llama")
+    decoder = pick_decoder(load_model(str(path)).model)
+    contexts, steps, logits = [[5, 9, 13, 2, 40, 7], [7, 2], [11, 3, 8, 30]], 6, {}
+    for use in (True, False):
+        decoder.step.layers.kernel = use
+        decoder.step.kv_dtype = torch.float16 if use else torch.float32
+        out = []
+        with torch.inference_mode():
+            state, first = decoder.prefill(contexts, [0, 1, 2], steps)
+            tokens = first.argmax(-1)
+            for step in range(steps):
+                out.append(decoder.decode(state, tokens))
+                tokens = out[-1].argmax(-1)
+        logits[use] = torch.stack(out)
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-2, rtol=1e-2)
+
+
+def test_the_op_is_registered_for_torchscript_wherever_the_module_is_imported():
+    assert hasattr(torch.ops.mynah, "decode_attention")
+    assert "engine.serving.fastpath.kernels" in sys.modules
+    assert os.path.basename(kernels.SOURCE) == "decode_attention.c" and kernels.SOURCE.exists()
