@@ -14,6 +14,7 @@
  * Every length must be in 1 … t_cap (checked: -2 otherwise); scratch holds at least t_cap * Hq / Hkv floats.
  * Rows [row_begin, row_end) only, so callers may split a step's rows across threads.
  */
+#pragma GCC target("avx2,fma,f16c")  /* this file only: the loader checks the CPU has them */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
