@@ -65,6 +65,14 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def skip_httpx_cli() -> None:
+    """httpx imports its command-line client (click, rich, pygments: ~80 modules, ~5.5 MB of RSS) on
+    import whenever those packages are installed (huggingface_hub's CLI brings them). Mynah never runs
+    it: marking the module absent takes the path httpx itself takes without them (a stub `httpx.main`)."""
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -74,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its lines carry the bot token in URLs
     quiet_libraries()
+    skip_httpx_cli()
     from bots.config import ConfigError
 
     try:

@@ -4,11 +4,13 @@ its build (no secrets in the compiler's environment; a broken compiler falls bac
 paths with and without it."""
 from __future__ import annotations
 
+import os
 import stat
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engine.model import load_model
 from engine.serving.fastpath import kernels, pick_decoder
@@ -147,3 +149,26 @@ def test_the_reference_is_what_the_kernel_computes():
     torch.testing.assert_close(kernels.reference(q, k, v, lengths, 0.25), naive, atol=2e-6, rtol=1e-5)
     with pytest.raises(RuntimeError, match="outside 1"):
         kernels.reference(q, k, v, lengths * 0, 0.25)
+
+
+def test_a_damaged_kernel_file_falls_back_in_a_fresh_process(tmp_path):
+    """The cached library is not a library (a disk error, a half-copied home folder): a starting bot says
+    why, decodes on torch's SDPA, and the op still answers (through the reference)."""
+    import subprocess
+
+    code = """
+from engine.serving.fastpath import kernels
+path = kernels.library_path()
+path.parent.mkdir(parents=True, exist_ok=True)
+path.write_bytes(b"not a shared library")
+print("WHY", kernels.why_not())
+import torch
+k = torch.ones(1, 1, 4, 8, dtype=torch.float16)
+print("OUT", float(torch.ops.mynah.decode_attention(torch.ones(1, 1, 8), k, k * 2, torch.tensor([3]), 0.5).sum()))
+"""
+    env = dict(os.environ, MYNAH_KERNEL_DIR=str(tmp_path / "kernels"), PYTHONPATH=str(Path(__file__).parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    why = next(line for line in out.stdout.splitlines() if line.startswith("WHY"))
+    assert "could not build or load" in why or "CPU" in why or "compiler" in why
+    assert "OUT 16.0" in out.stdout  # every value row is 2s: attention gives 2 in each of 8 columns
