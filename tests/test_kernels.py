@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.model import load_model
 from engine.serving.fastpath import kernels, pick_decoder
@@ -163,6 +164,7 @@ path.parent.mkdir(parents=True, exist_ok=True)
 path.write_bytes(b"not a shared library")
 print("WHY", kernels.why_not())
 import torch
+import torch.nn.functional as F
 k = torch.ones(1, 1, 4, 8, dtype=torch.float16)
 print("OUT", float(torch.ops.mynah.decode_attention(torch.ones(1, 1, 8), k, k * 2, torch.tensor([3]), 0.5).sum()))
 """
@@ -172,3 +174,28 @@ print("OUT", float(torch.ops.mynah.decode_attention(torch.ones(1, 1, 8), k, k * 
     why = next(line for line in out.stdout.splitlines() if line.startswith("WHY"))
     assert "could not build or load" in why or "CPU" in why or "compiler" in why
     assert "OUT 16.0" in out.stdout  # every value row is 2s: attention gives 2 in each of 8 columns
+
+
+@needs_kernel
+def test_the_native_tanh_gelu_is_torchs_in_one_pass_in_place():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 301, generator=g) * 4  # not a multiple of 8: the tail runs too
+    x[0, :8] = torch.tensor([-1e4, -100.0, -30.0, -1e-30, 0.0, 1e-30, 30.0, 1e4])  # both ends of e^(-2u)
+    expected = F.gelu(x, approximate="tanh")
+    y = x.clone()
+    out = torch.ops.mynah.gelu_tanh_(y)
+    assert out.data_ptr() == y.data_ptr()  # in place: the linear layer's fresh output, no second buffer
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    assert torch.isfinite(out).all()
+    for bad in (x.t(), x.double()):  # not contiguous, not float32
+        with pytest.raises(RuntimeError, match="contiguous float32"):
+            torch.ops.mynah.gelu_tanh_(bad)
+    torch.testing.assert_close(kernels.reference_gelu_tanh_(x.clone()), expected)
+
+
+@needs_kernel
+def test_int8_gpt2s_mlp_calls_the_native_gelu_and_fp32_keeps_torchs(tiny_dialogpt):
+    int8 = pick_decoder(load_model(str(tiny_dialogpt), quantize="int8").model)
+    fp32 = pick_decoder(load_model(str(tiny_dialogpt)).model)
+    assert [b.fc.native_gelu for b in int8.step.layers.blocks] == [True] * len(int8.step.layers.blocks)
+    assert not any(b.fc.native_gelu for b in fp32.step.layers.blocks)  # transformers' exact greedy tokens

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.serving.fastpath.kernels import available as native_kernels_available
 from engine.serving.quantize import conv1d_class
 
 INT8, POINTWISE, MKLDNN, DENSE, CONV1D = 0, 1, 2, 3, 4  # Projection kinds (`project` compares the numbers: TorchScript reads no globals)
@@ -75,12 +76,14 @@ class Projection:
     `weight` (with the GELU fused into it where `fused_gelu`); MKLDNN: the same for a torch
     without the pointwise op; DENSE: `F.linear` (weight (out, in)); CONV1D: transformers'
     Conv1D (weight (in, out)). gelu: "" for none, else the approximation applied to the
-    output ("tanh" or "none"). The compiled fast paths (fastpath.gpt2, fastpath.llama) hold
+    output ("tanh" or "none"); native_gelu: the tanh one by the native kernel (int8 only: fp32 keeps
+    torch's, whose numbers transformers' greedy tokens are made with). The compiled fast paths (fastpath.gpt2, fastpath.llama) hold
     these instead of `Linear`s, whose kinds a Python `if` tells apart per call.
     """
 
     def __init__(self, kind: int, packed: Optional[torch.classes.quantized.LinearPackedParamsBase], weight: Optional[Tensor],
-                 bias: Optional[Tensor], reduce_range: bool, gelu: str = "", fused_gelu: bool = False):
+                 bias: Optional[Tensor], reduce_range: bool, gelu: str = "", fused_gelu: bool = False,
+                 native_gelu: bool = False):
         self.kind = kind
         self.packed = packed
         self.weight = weight
@@ -88,6 +91,7 @@ class Projection:
         self.reduce_range = reduce_range
         self.gelu = gelu
         self.fused_gelu = fused_gelu
+        self.native_gelu = native_gelu
 
 
 def project(x: Tensor, p: Projection) -> Tensor:
@@ -112,7 +116,9 @@ def project(x: Tensor, p: Projection) -> Tensor:
     else:  # DENSE
         assert weight is not None
         y = F.linear(x, weight, bias)
-    if p.gelu != "":
+    if p.native_gelu:
+        y = torch.ops.mynah.gelu_tanh_(y)  # in place on the fresh output, one pass (fastpath.kernels)
+    elif p.gelu != "":
         y = F.gelu(y, approximate=p.gelu)
     return y
 
@@ -125,7 +131,8 @@ def as_projection(layer: Linear) -> Projection:
     head packed in blocks, a fused part)."""
     gelu = layer.gelu or ""
     if layer.kind == "int8":
-        return Projection(INT8, layer.packed, None, None, bool(layer.reduce_range), gelu)
+        native = gelu == "tanh" and native_kernels_available()
+        return Projection(INT8, layer.packed, None, None, bool(layer.reduce_range), gelu, native_gelu=native)
     if layer.kind == "packed":
         return Projection(POINTWISE if layer.pointwise else MKLDNN, None, layer.weight, layer.bias, False, gelu, layer.fused)
     if layer.kind in KINDS:

@@ -7,8 +7,9 @@ the cache), but torch's CPU SDPA on float16 converts and ran ~2x slower than on 
 kernel (decode_attention.c) reads float16 and converts in registers (AVX2, FMA, F16C: every
 x86-64 CPU with AVX2, AMD and Intel); measured against SDPA in docs/BENCHMARKS.md (issue 23).
 
-This module defines the torch op `mynah::decode_attention` (so the fast paths' TorchScript-compiled
-layers can name it); op.cpp is its native CPU kernel, so a compiled step calls it without Python
+This module defines the torch ops `mynah::decode_attention` and `mynah::gelu_tanh_` (GELU's tanh
+approximation in one pass, for int8 GPT-2's MLPs: torch's ran ~5x slower here) so the fast paths'
+TorchScript-compiled layers can name them; op.cpp is their native CPU kernels, so a compiled step calls it without Python
 or the GIL. The library is built once (~10 s; g++ against the torch headers that ship in the
 wheel) into `kernel_dir()`, named by a hash of its sources, torch's version and the flags. Where
 it cannot be used (no C++ compiler, not x86-64, no AVX2, `MYNAH_KERNELS=off`) `why_not()` says
@@ -35,12 +36,14 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_attention.c", HERE / "op.cpp")
 CPU_FLAGS = ("avx2", "fma", "f16c")
-SCHEMA = "decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor"
+SCHEMAS = ("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor",
+           "gelu_tanh_(Tensor(a!) x) -> Tensor(a!)")
 
 _lock = threading.Lock()
 _state: dict = {}  # "path": the loaded library, or "why": why there is none
-_LIBRARY = torch.library.Library("mynah", "DEF")  # the op exists from import on: TorchScript can compile calls to it
-_LIBRARY.define(SCHEMA)
+_LIBRARY = torch.library.Library("mynah", "DEF")  # the ops exist from import on: TorchScript can compile calls to them
+for _schema in SCHEMAS:
+    _LIBRARY.define(_schema)
 _impl = ""  # the op's registered CPU implementation: "native", "reference" or none yet
 
 
@@ -112,8 +115,9 @@ def _load() -> None:
             detail = (getattr(exc, "stderr", b"") or b"")[-300:].decode(errors="replace").strip()
             why = f"could not build or load it ({type(exc).__name__}: {str(exc)[:200]}{'; ' + detail if detail else ''})"
     _state["why"] = why
-    if not _impl:  # the op still works (tests, a caller that asks anyway), through torch ops
+    if not _impl:  # the ops still work (tests, a caller that asks anyway), through torch ops
         _LIBRARY.impl("decode_attention", reference, "CPU")
+        _LIBRARY.impl("gelu_tanh_", reference_gelu_tanh_, "CPU")
         _impl = "reference"
 
 
@@ -147,3 +151,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.
     a = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, heads // kv_heads, width), k[:rows].float(),
                                        v[:rows].float(), attn_mask=see[:, None, None, :], scale=scale)
     return a.reshape(rows, heads, width)
+
+
+def reference_gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """What `mynah::gelu_tanh_` computes, in torch ops: GELU's tanh approximation, in place."""
+    return x.copy_(F.gelu(x, approximate="tanh"))

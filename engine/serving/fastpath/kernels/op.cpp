@@ -15,6 +15,7 @@ extern "C" int mynah_decode_attention(const float *q, const uint16_t *k, const u
                                       float *out, int64_t row_begin, int64_t row_end, int64_t hq, int64_t hkv,
                                       int64_t d, int64_t t_cap, int64_t row_stride, int64_t head_stride, float scale,
                                       float *scratch, int64_t scratch_len);
+extern "C" void mynah_gelu_tanh(float *x, int64_t n);
 
 static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                                    const at::Tensor &lengths, double scale) {
@@ -47,4 +48,15 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
     return out;
 }
 
-TORCH_LIBRARY_IMPL(mynah, CPU, m) { m.impl("decode_attention", decode_attention); }
+static at::Tensor &gelu_tanh_(at::Tensor &x) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+                "gelu_tanh_: a contiguous float32 CPU tensor");
+    float *data = x.data_ptr<float>();
+    at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) { mynah_gelu_tanh(data + begin, end - begin); });
+    return x;
+}
+
+TORCH_LIBRARY_IMPL(mynah, CPU, m) {
+    m.impl("decode_attention", decode_attention);
+    m.impl("gelu_tanh_", gelu_tanh_);
+}
