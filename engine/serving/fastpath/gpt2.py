@@ -68,12 +68,12 @@ class GPT2Blocks(nn.Module):
 
     blocks: List[GPT2Block]
 
-    def __init__(self, blocks: list, heads: int, head_dim: int, eps: float, kernel: bool = False):
+    def __init__(self, blocks: list, heads: int, head_dim: int, eps: float):
         super().__init__()
         self.blocks = blocks
         self.H, self.D, self.eps = heads, head_dim, eps
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.kernel = kernel  # decode attention by the float16 kernel (fastpath.kernels), else SDPA
+        self.kernel = False  # decode attention by the float16 kernel (fastpath.kernels), else SDPA; set by the step
 
     @torch.jit.export
     def attention_inputs(self, index: int, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -102,7 +102,8 @@ class GPT2Blocks(nn.Module):
         for index, block in enumerate(self.blocks):
             h = F.layer_norm(x, [E], block.ln1[0], block.ln1[1], self.eps)
             qkv = project(h, block.qkv).view(B, 3, self.H, self.D)
-            buffer[index][:, rows, :, positions] = qkv[:, 1:].to(buffer.dtype)  # each row's new key and value column, in place
+            # each row's new key and value column, in place, in the cache's dtype
+            buffer[index][:, rows, :, positions] = qkv[:, 1:].to(buffer.dtype)
             if self.kernel:
                 a = torch.ops.mynah.decode_attention(qkv[:, 0], buffer[index, 0], buffer[index, 1], lengths,
                                                      self.scale)  # (B, H, D)

@@ -77,8 +77,9 @@ class Projection:
     without the pointwise op; DENSE: `F.linear` (weight (out, in)); CONV1D: transformers'
     Conv1D (weight (in, out)). gelu: "" for none, else the approximation applied to the
     output ("tanh" or "none"); native_gelu: the tanh one by the native kernel (int8 only: fp32 keeps
-    torch's, whose numbers transformers' greedy tokens are made with). The compiled fast paths (fastpath.gpt2, fastpath.llama) hold
-    these instead of `Linear`s, whose kinds a Python `if` tells apart per call.
+    torch's, whose numbers transformers' greedy tokens are made with). The compiled fast paths
+    (fastpath.gpt2, fastpath.llama) hold these instead of `Linear`s, whose kinds a Python `if`
+    tells apart per call.
     """
 
     def __init__(self, kind: int, packed: Optional[torch.classes.quantized.LinearPackedParamsBase], weight: Optional[Tensor],

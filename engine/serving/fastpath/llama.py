@@ -141,11 +141,11 @@ class LlamaLayers(nn.Module):
 
     layers: List[LlamaLayer]
 
-    def __init__(self, layers: list, heads: tuple[int, int, int], kernel: bool = False):
+    def __init__(self, layers: list, heads: tuple[int, int, int]):
         super().__init__()
         self.layers = layers
         self.H, self.K, self.D = heads
-        self.kernel = kernel  # decode attention by the float16 kernel (fastpath.kernels), else SDPA
+        self.kernel = False  # decode attention by the float16 kernel (fastpath.kernels), else SDPA; set by the step
 
     @torch.jit.export
     def attention_inputs(self, index: int, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
