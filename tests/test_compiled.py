@@ -50,3 +50,37 @@ def test_compiled_layers_give_exactly_what_they_give_run_in_python(model_path, w
     assert not isinstance(plain.step.layers, torch.jit.ScriptModule) and "not compiled by TorchScript" in caplog.text
     for got, want in zip(_outputs(compiled), _outputs(plain)):
         assert torch.equal(got, want)
+
+
+RACE = """
+import threading, torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from engine.serving.fastpath.gpt2 import GPT2Step
+models = [GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0,
+                                     eos_token_id=0)).eval() for _ in range(4)]
+start, compiled = threading.Barrier(4), []
+def build(model):
+    start.wait()
+    compiled.append(isinstance(GPT2Step(model).layers, torch.jit.ScriptModule))
+threads = [threading.Thread(target=build, args=(m,)) for m in models]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(compiled)
+"""
+
+
+def test_engines_compiling_at_once_all_get_compiled_layers():
+    """TorchScript registers a class after compiling it: two engines' workers compiling at once (a canary
+    beside the bot, a test suite's leftover engine) each compiled it, the second under a mangled name, and
+    its layers fell back to Python (seen 3 times out of 3 with four threads). A fresh process: the
+    classes compile on first use."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=300, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[True, True, True, True]", out.stderr[-2000:]

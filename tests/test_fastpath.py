@@ -248,14 +248,19 @@ async def test_trainer_child_is_paused_while_the_engine_answers(fp32):
 
 
 @pytest.mark.parametrize("fast_path", ["auto", "off"])
-async def test_the_engine_runs_int8_layers_without_asking_packed_weights_for_torch_function(int8, fast_path, monkeypatch):
+async def test_the_engine_runs_int8_layers_without_asking_packed_weights_for_torch_function(tiny_dialogpt, fast_path,
+                                                                                             monkeypatch):
     """With `__torch_function__` dispatch on, every int8 call made torch look the attribute up on
     fbgemm's packed weights (a TorchScript object), a lookup that throws a C++ exception inside
     libtorch (~12 us a call); the engine's worker runs the fast path and transformers' forward
-    with that dispatch off."""
+    with that dispatch off (fbgemm's layers: where Mynah's int8 kernel does not run)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+    from engine.serving import int8_native
     from engine.serving.fastpath import linear
+
+    monkeypatch.setattr(int8_native, "int8_why_not", lambda: "not here")
+    int8 = load_model(str(tiny_dialogpt), quantize="int8")
 
     seen = []
     call, forward = linear.Linear.__call__, DynamicInt8Linear.forward

@@ -272,7 +272,9 @@ def test_int8_quantizes_every_layer_and_agrees_with_fp32(fp32, int8):
     assert not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in modules)
     # token and position tables: left in the memory-mapped checkpoint (fp32, rows read from the file), not copied
     assert not any(isinstance(m, QuantizedEmbedding) for m in modules) and sum(isinstance(m, FileRows) for m in modules) == 2
-    n_linear = sum(isinstance(m, DynamicInt8Linear) for m in int8.model.modules())
+    from engine.serving.int8_native import NativeInt8Linear
+
+    n_linear = sum(isinstance(m, (DynamicInt8Linear, NativeInt8Linear)) for m in int8.model.modules())
     assert n_linear == 4 * fp32.model.config.n_layer + 1  # every block's 4 layers + lm_head
     assert weight_bytes(int8.model) < 0.4 * weight_bytes(fp32.model)
     gen = torch.Generator().manual_seed(0)
@@ -299,8 +301,10 @@ def test_config_int8_reaches_the_engine(tmp_path, tiny_dialogpt):
     config.engine.quantize = "int8"
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+    from engine.serving.int8_native import NativeInt8Linear
+
     loaded = asyncio.run(load_configured_model(config))
-    assert any(isinstance(m, DynamicInt8Linear) for m in loaded.model.modules())
+    assert any(isinstance(m, (DynamicInt8Linear, NativeInt8Linear)) for m in loaded.model.modules())
 
 
 # --------------------------------------------------------------------------- overload

@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.model import load_model
 from engine.serving.file_rows import FileRows
+from engine.serving.int8_native import NativeInt8Linear
 from engine.serving.fastpath.cache import StaticKV
 from engine.serving.fastpath.gpt2 import GPT2Step
 from engine.serving.fastpath.llama import LlamaStep
@@ -43,8 +44,12 @@ def test_gpt2_fast_path_reads_the_modules_own_weights(tiny_dialogpt):
 
     int8 = load_model(str(tiny_dialogpt), quantize="int8")
     step = GPT2Step(int8.model, probe=True)  # uncompiled: its objects are the ones it was given (compiled: copies of the handles)
-    assert step.layers.blocks[0].fc.packed is int8.model.transformer.h[0].mlp.c_fc._packed_params._packed_params
-    assert step.head.packed is int8.model.lm_head._packed_params._packed_params
+    fc, head = int8.model.transformer.h[0].mlp.c_fc, int8.model.lm_head
+    if isinstance(fc, NativeInt8Linear):  # Mynah's int8 kernel (AVX-512 VNNI): its packed rows
+        assert step.layers.blocks[0].fc.weight is fc.packed and step.head.module is head
+    else:
+        assert step.layers.blocks[0].fc.packed is fc._packed_params._packed_params
+        assert step.head.packed is head._packed_params._packed_params
 
 
 def test_llama_fast_path_reads_the_modules_own_weights():
@@ -151,7 +156,7 @@ def test_int8_keeps_one_copy_of_the_tied_table_and_looks_rows_up_in_the_checkpoi
     assert torch.equal(wte(ids), fp32.model.transformer.wte(ids))  # the checkpoint's own rows
     assert torch.equal(wpe(ids), fp32.model.transformer.wpe(ids))
     step = GPT2Step(int8.model)
-    assert step.wte is wte and step.head.kind == "int8"
+    assert step.wte is wte and step.head.kind in ("int8", "native")
 
     in_memory = load_model(str(tiny_dialogpt))  # a table not in a file mapping (a GGUF conversion, a .bin) …
     with torch.no_grad():
@@ -264,8 +269,9 @@ def test_a_big_layer_quantized_in_blocks_of_rows_is_exactly_from_floats(monkeypa
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
-    from engine.serving import quantize
+    from engine.serving import int8_native, quantize
 
+    monkeypatch.setattr(int8_native, "int8_why_not", lambda: "fbgemm's layers here")  # test_int8_native: the kernel's
     torch.manual_seed(5)
     linear = nn.Linear(24, 50)
     linear.qconfig = per_channel_dynamic_qconfig

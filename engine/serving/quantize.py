@@ -9,7 +9,9 @@ equivalent `nn.Linear` (weight transposed; outputs identical), then quantize the
 
 At batch 1 decoding is memory-bandwidth bound, so reading a quarter of the bytes per
 token is the point; the effect on quality is measured by `mynah bench` (next-token
-agreement and held-out loss against fp32, see docs/BENCHMARKS.md).
+agreement and held-out loss against fp32, see docs/BENCHMARKS.md). Where the CPU has AVX-512
+VNNI the int8 layers run on Mynah's own kernel instead of fbgemm (engine.serving.int8_native:
+the same int8 weights, each input row quantized on its own, 12-25 % faster).
 
 fp32 models keep their numbers but not their layout: `pack_fp32` stores each linear
 layer's weight in oneDNN's blocked format once, so every decode step runs oneDNN's
@@ -162,6 +164,8 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
     from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, \
         per_channel_dynamic_qconfig
 
+    from engine.serving.int8_native import native_or_same  # here: it loads the fast paths, which import this module
+
     model = model.to("cpu").eval()
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     head = _output_head(model)
@@ -178,7 +182,7 @@ def quantize_int8(model: nn.Module, *, per_channel: bool = True, include_lm_head
                 if type(child) is nn.Linear and (include_lm_head or child is not head):
                     child.qconfig = qconfig
                     big = per_channel and child.weight.numel() > CHUNK_ROWS_ABOVE
-                    setattr(parent, name, _int8_in_chunks(child) if big else DynamicInt8Linear.from_float(child))
+                    setattr(parent, name, _int8_in_chunks(child) if big else native_or_same(DynamicInt8Linear.from_float(child)))
                     counts["linear"] += 1
                 elif type(child) is nn.Embedding and embeddings and file_backed(child.weight):
                     in_file.append(child)  # rows read from the file once the head (perhaps this table) is done
@@ -229,6 +233,10 @@ def _int8_in_chunks(linear: nn.Linear) -> nn.Module:
         zeros.append(q.q_per_channel_zero_points())
         page_out([block])
         del q
+    from engine.serving.int8_native import NativeInt8Linear, int8_why_not
+
+    if not int8_why_not() and not bool(torch.cat(zeros).any()):  # Mynah's kernel (int8_native): no fbgemm pack at all
+        return NativeInt8Linear(rows, torch.cat(scales), linear.bias)
     qweight = torch._make_per_channel_quantized_tensor(rows, torch.cat(scales), torch.cat(zeros), 0)
     del rows
     qlinear = DynamicInt8Linear(1, 1, dtype=torch.qint8)  # a 1x1 placeholder, replaced below
@@ -407,9 +415,14 @@ def weight_bytes(model: nn.Module) -> int:
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel() * p.element_size()
+        if hasattr(module, "weight_bytes"):  # int8_native.NativeInt8Linear: its weights are buffers
+            total += module.weight_bytes()
         packed = getattr(module, "_packed_params", None)
         whole = getattr(module, "whole", None)  # a part of a fused int8 call (fastpath.linear.FusedPart)
-        if whole is not None and id(whole) not in seen:
+        if whole is not None and id(whole) not in seen and whole.kind == "native":
+            seen.add(id(whole))
+            total += whole.module.weight_bytes()
+        elif whole is not None and id(whole) not in seen:
             seen.add(id(whole))
             weight, bias = torch.ops.quantized.linear_unpack(whole.packed) if whole.kind == "int8" else (whole.weight, whole.bias)
             total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)

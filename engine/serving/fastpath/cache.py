@@ -41,9 +41,9 @@ def cache_dtype(projection, family: str, head_dim: int) -> torch.dtype:
     Llama-family models (long chat-template contexts: the memory matters most) keep float16, and
     GPT-2 (short dialogue contexts; a float16 16-chat step measured ~25 % slower) float32.
     """
-    from engine.serving.fastpath.linear import INT8
+    from engine.serving.fastpath.linear import INT8, NATIVE_INT8
 
-    if projection.kind != INT8:
+    if projection.kind not in (INT8, NATIVE_INT8):
         return torch.float32
     return torch.float16 if family == "llama" or fits(head_dim) else torch.float32
 

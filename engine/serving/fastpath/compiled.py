@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import warnings
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+_compiling = threading.Lock()  # TorchScript registers a class after compiling it: two threads at once (two engines,
+# a canary beside the bot) each compiled it, the second under a mangled name its layers then failed to find
 
 
 def compile_layers(layers: nn.Module, classes: tuple) -> nn.Module:
@@ -25,7 +28,7 @@ def compile_layers(layers: nn.Module, classes: tuple) -> nn.Module:
     classes: the TorchScript classes its attributes hold, compiled first so their objects convert.
     """
     try:
-        with warnings.catch_warnings():
+        with _compiling, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.script announces its deprecation; it still ships and runs
             for kind in classes:  # names in a class's annotations resolve in its own module (script's default: here)
                 torch.jit.script(kind, _rcb=torch._jit_internal.createResolutionCallbackFromEnv(sys.modules[kind.__module__]))

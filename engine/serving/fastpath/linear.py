@@ -1,6 +1,7 @@
 """One linear layer of a served model as a plain function call on the module's own weights.
 
-Shared by the fast paths (gpt2, llama): int8 through fbgemm's dynamic-quant op, fp32
+Shared by the fast paths (gpt2, llama): int8 through Mynah's kernel where the CPU has AVX-512
+VNNI (engine.serving.int8_native) or else fbgemm's dynamic-quant op, fp32
 through oneDNN with a pre-packed weight (`quantize.PackedLinear`, with a fused GELU where
 asked), transformers' `Conv1D`, or plain `nn.Linear` (BLAS). No weight is copied.
 `Linear` is the Python call (the output head, `fuse`); `Projection` + `project` are the same
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from engine.serving.fastpath.kernels import available as native_kernels_available
 from engine.serving.quantize import conv1d_class
 
-INT8, POINTWISE, MKLDNN, DENSE, CONV1D = 0, 1, 2, 3, 4  # Projection kinds (`project` compares the numbers: TorchScript reads no globals)
+INT8, POINTWISE, MKLDNN, DENSE, CONV1D, NATIVE_INT8 = 0, 1, 2, 3, 4, 5  # Projection kinds (`project` compares the numbers: TorchScript reads no globals)
 
 
 class Linear:
@@ -27,6 +28,7 @@ class Linear:
     def __init__(self, module: nn.Module, gelu: str | None = None):
         from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+        from engine.serving.int8_native import NativeInt8Linear
         from engine.serving.quantize import PackedHead, PackedLinear
 
         self.gelu = gelu  # fused where the kernel can ("tanh"/"none"), else applied after
@@ -43,6 +45,8 @@ class Linear:
         elif isinstance(module, DynamicInt8Linear):
             self.kind, self.packed = "int8", module._packed_params._packed_params
             self.reduce_range = module.version is not None and module.version >= 4
+        elif isinstance(module, NativeInt8Linear):
+            self.kind, self.module = "native", module
         elif isinstance(module, conv1d):
             self.kind, self.weight, self.bias = "conv1d", module.weight, module.bias  # weight (in, out)
         elif type(module) is nn.Linear:
@@ -72,7 +76,8 @@ class Linear:
 class Projection:
     """A linear layer as TorchScript can call it (`project`): its kind and its weights, no copy.
 
-    kind INT8: fbgemm's dynamic-quant call on `packed`; POINTWISE: oneDNN on a pre-packed
+    kind INT8: fbgemm's dynamic-quant call on `packed`; NATIVE_INT8: Mynah's int8 kernel on `weight`
+    (packed by int8_native, with `w_sum`, `w_scale`, `out_features`); POINTWISE: oneDNN on a pre-packed
     `weight` (with the GELU fused into it where `fused_gelu`); MKLDNN: the same for a torch
     without the pointwise op; DENSE: `F.linear` (weight (out, in)); CONV1D: transformers'
     Conv1D (weight (in, out)). gelu: "" for none, else the approximation applied to the
@@ -84,7 +89,8 @@ class Projection:
 
     def __init__(self, kind: int, packed: Optional[torch.classes.quantized.LinearPackedParamsBase], weight: Optional[Tensor],
                  bias: Optional[Tensor], reduce_range: bool, gelu: str = "", fused_gelu: bool = False,
-                 native_gelu: bool = False):
+                 native_gelu: bool = False, w_sum: Optional[Tensor] = None, w_scale: Optional[Tensor] = None,
+                 out_features: int = 0):
         self.kind = kind
         self.packed = packed
         self.weight = weight
@@ -93,6 +99,9 @@ class Projection:
         self.gelu = gelu
         self.fused_gelu = fused_gelu
         self.native_gelu = native_gelu
+        self.w_sum = w_sum
+        self.w_scale = w_scale
+        self.out_features = out_features
 
 
 def project(x: Tensor, p: Projection) -> Tensor:
@@ -102,6 +111,10 @@ def project(x: Tensor, p: Projection) -> Tensor:
         packed = p.packed
         assert packed is not None
         y = torch.ops.quantized.linear_dynamic(x, packed, p.reduce_range)
+    elif p.kind == 5:  # NATIVE_INT8
+        w_sum, w_scale = p.w_sum, p.w_scale
+        assert weight is not None and w_sum is not None and w_scale is not None
+        y = torch.ops.mynah.linear_u8s8(x, weight, w_sum, w_scale, bias, p.out_features)
     elif p.kind == 1:  # POINTWISE
         assert weight is not None
         no_scalars = torch.jit.annotate(List[Optional[Union[int, float, complex]]], [])  # TorchScript's Scalar?[]
@@ -134,6 +147,11 @@ def as_projection(layer: Linear) -> Projection:
     if layer.kind == "int8":
         native = gelu == "tanh" and native_kernels_available()
         return Projection(INT8, layer.packed, None, None, bool(layer.reduce_range), gelu, native_gelu=native)
+    if layer.kind == "native":
+        m = layer.module
+        native = gelu == "tanh" and native_kernels_available()
+        return Projection(NATIVE_INT8, None, m.packed, m.bias_padded, False, gelu, native_gelu=native, w_sum=m.w_sum,
+                          w_scale=m.w_scale, out_features=m.out_features)
     if layer.kind == "packed":
         return Projection(POINTWISE if layer.pointwise else MKLDNN, None, layer.weight, layer.bias, False, gelu, layer.fused)
     if layer.kind in KINDS:
@@ -158,7 +176,10 @@ def fuse(modules: list[nn.Module]) -> Linear | None:
     """
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    if {type(m) for m in modules} == {DynamicInt8Linear} and len({m.version for m in modules}) == 1:
+    from engine.serving.int8_native import NativeInt8Linear
+
+    kinds = {type(m) for m in modules}
+    if kinds == {NativeInt8Linear} or (kinds == {DynamicInt8Linear} and len({m.version for m in modules}) == 1):
         return _fuse_int8(modules)
     if all(isinstance(m, FusedPart) for m in modules) and len({id(m.whole) for m in modules}) == 1:
         bounds = [(m.start, m.stop) for m in modules]
@@ -207,6 +228,11 @@ def replace_with_parts(parent: nn.Module, names: list[str], whole: Linear) -> No
 
 
 def _fuse_int8(modules: list[nn.Module]) -> Linear | None:
+    from engine.serving.int8_native import NativeInt8Linear, stacked
+
+    if isinstance(modules[0], NativeInt8Linear):  # Mynah's kernel: its rows stacked and packed again
+        whole = stacked(modules)
+        return made("native", module=whole, in_features=whole.in_features, out_features=whole.out_features)
     rows, scales, zeros, biases = [], [], [], []
     for m in modules:
         w = m.weight()  # (out, in) qint8

@@ -1,20 +1,25 @@
-"""Decode attention on a float16 KV cache: a small native kernel, built once with the system's C++ compiler.
+"""Mynah's native kernels, built once with the system's C++ compiler: decode attention on a float16
+KV cache, and an int8 linear layer.
 
-Why: at 16 chats a decode step's attention reads every cached key and value, and that read is
-memory-bound (GPT-2 124M: 7.4 MB a layer in float32). A float16 cache halves the read and the
-cache's memory (GPT-2 124M int8, the bench's 16-chat burst: ~88 of the bot's ~540 MB peak were
-the cache), but torch's CPU SDPA on float16 converts and ran ~2x slower than on float32. The
-kernel (decode_attention.c) reads float16 and converts in registers (AVX2, FMA, F16C: every
+Why the attention kernel: at 16 chats a decode step's attention reads every cached key and value,
+and that read is memory-bound (GPT-2 124M: 7.4 MB a layer in float32). A float16 cache halves the
+read and the cache's memory (GPT-2 124M int8, the bench's 16-chat burst: ~88 of the bot's ~540 MB
+peak were the cache), but torch's CPU SDPA on float16 converts and ran ~2x slower than on float32.
+The kernel (decode_attention.c) reads float16 and converts in registers (AVX2, FMA, F16C: every
 x86-64 CPU with AVX2, AMD and Intel); measured against SDPA in docs/BENCHMARKS.md (issue 23).
 
-This module defines the torch ops `mynah::decode_attention` and `mynah::gelu_tanh_` (GELU's tanh
-approximation in one pass, for int8 GPT-2's MLPs: torch's ran ~5x slower here) so the fast paths'
-TorchScript-compiled layers can name them; op.cpp is their native CPU kernels, so a compiled step calls it without Python
-or the GIL. The library is built once (~10 s; g++ against the torch headers that ship in the
-wheel) into `kernel_dir()`, named by a hash of its sources, torch's version and the flags. Where
-it cannot be used (no C++ compiler, not x86-64, no AVX2, `MYNAH_KERNELS=off`) `why_not()` says
-why, the fast paths keep torch's SDPA, and the op falls back to `reference` (torch ops, the same
-numbers, slower).
+Why the int8 kernel (int8_gemm.c, AVX-512 VNNI; engine.serving.int8_native packs its weights): a
+lone chat's int8 step is 121 one-row products on SmolLM2-135M, memory-bound, and fbgemm's call
+spent 12-25 % more at 1 to 300 rows. Where the CPU lacks VNNI (`int8_why_not`), fbgemm stays.
+
+This module defines the torch ops `mynah::decode_attention`, `mynah::gelu_tanh_` (GELU's tanh
+approximation in one pass, for int8 GPT-2's MLPs: torch's ran ~5x slower here) and
+`mynah::linear_u8s8` so the fast paths' TorchScript-compiled layers can name them; op.cpp is their
+native CPU kernels, so a compiled step calls them without Python or the GIL. The library is built
+once (~10 s; g++ against the torch headers that ship in the wheel) into `kernel_dir()`, named by a
+hash of its sources, torch's version and the flags. Where it cannot be used (no C++ compiler, not
+x86-64, no AVX2, `MYNAH_KERNELS=off`) `why_not()` says why, the fast paths keep torch's SDPA and
+fbgemm, and the ops fall back to `reference` & co. (torch ops, the same numbers, slower).
 """
 from __future__ import annotations
 
@@ -34,10 +39,12 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_attention.c", HERE / "op.cpp")
+SOURCES = (HERE / "decode_attention.c", HERE / "int8_gemm.c", HERE / "op.cpp")
 CPU_FLAGS = ("avx2", "fma", "f16c")
+INT8_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # int8_gemm.c's instructions
 SCHEMAS = ("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor",
-           "gelu_tanh_(Tensor(a!) x) -> Tensor(a!)")
+           "gelu_tanh_(Tensor(a!) x) -> Tensor(a!)",
+           "linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int n) -> Tensor")
 
 _lock = threading.Lock()
 _state: dict = {}  # "path": the loaded library, or "why": why there is none
@@ -55,8 +62,8 @@ def kernel_dir() -> Path:
     return cache / "mynah" / "kernels"
 
 
-def _cpu_has_flags() -> str:
-    """"" when this CPU runs the kernel, else why not."""
+def _cpu_has_flags(wanted: tuple[str, ...] = CPU_FLAGS) -> str:
+    """"" when this CPU has the instructions `wanted` (/proc/cpuinfo's names), else why not."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not an x86-64 CPU ({platform.machine()})"
     try:
@@ -64,7 +71,7 @@ def _cpu_has_flags() -> str:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         flags = []
-    missing = [flag for flag in CPU_FLAGS if flag not in flags]
+    missing = [flag for flag in wanted if flag not in flags]
     return f"the CPU lacks {', '.join(missing)}" if missing else ""
 
 
@@ -72,7 +79,8 @@ def _command(compiler: str, output: Path) -> list[str]:
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            f"-I{torch_dir / 'include'}", "-x", "c", str(SOURCES[0]), "-x", "c++", str(SOURCES[1]), "-x", "none",
+            f"-I{torch_dir / 'include'}", *[a for c in SOURCES[:-1] for a in ("-x", "c", str(c))],  # g++ takes a second file as C++ otherwise
+            "-x", "c++", str(SOURCES[-1]), "-x", "none",
             f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-lm", "-o", str(output)]
 
 
@@ -80,7 +88,7 @@ def library_path() -> Path:
     """The built library's path: its name changes with its sources, torch's version and the command."""
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + torch.__version__.encode()
                             + " ".join(_command("c++", Path("out"))).encode()).hexdigest()[:16]
-    return kernel_dir() / f"decode_attention-{digest}.so"
+    return kernel_dir() / f"kernels-{digest}.so"
 
 
 def build(compiler: str, target: Path) -> None:
@@ -104,7 +112,7 @@ def _load() -> None:
         target = library_path()
         try:
             if not target.exists():
-                log.info("building the float16 decode-attention kernel (once, ~10 s) …")
+                log.info("building the native kernels (once, ~10 s) …")
                 build(compiler, target)
             if _impl != "native":  # a library registers its implementation once per process
                 torch.ops.load_library(str(target))
@@ -118,6 +126,7 @@ def _load() -> None:
     if not _impl:  # the ops still work (tests, a caller that asks anyway), through torch ops
         _LIBRARY.impl("decode_attention", reference, "CPU")
         _LIBRARY.impl("gelu_tanh_", reference_gelu_tanh_, "CPU")
+        _LIBRARY.impl("linear_u8s8", reference_linear_u8s8, "CPU")
         _impl = "reference"
 
 
@@ -127,12 +136,17 @@ def why_not() -> str:
         if not _state:
             _load()
             if "why" in _state:
-                log.info("float16 decode-attention kernel not used: %s", _state["why"])
+                log.info("native kernels (float16 decode attention, int8 linear) not used: %s", _state["why"])
     return _state.get("why", "")
 
 
 def available() -> bool:
     return not why_not()
+
+
+def int8_why_not() -> str:
+    """"" when the int8 linear kernel (int8_gemm.c) runs here, else why not (then int8 layers stay on fbgemm)."""
+    return why_not() or _cpu_has_flags(INT8_CPU_FLAGS)
 
 
 def fits(head_dim: int) -> bool:
@@ -156,3 +170,19 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.
 def reference_gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     """What `mynah::gelu_tanh_` computes, in torch ops: GELU's tanh approximation, in place."""
     return x.copy_(F.gelu(x, approximate="tanh"))
+
+
+def reference_linear_u8s8(x: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
+                          bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """What `mynah::linear_u8s8` computes (int8_gemm.c's numbers), in torch ops: x (M, K) float32 → (M, n)."""
+    m, k = x.shape
+    panels, groups = w.shape[:2]
+    rows = w.permute(0, 2, 1, 3).reshape(panels * 64, groups * 4)[:n, :k]  # (n, k) int8: the packing undone
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    s = (hi - lo) / 255
+    s = torch.where((s > 0) & s.isfinite(), s, torch.ones_like(s))
+    z = torch.round(-lo / s).clamp(0, 255)
+    q = (torch.round(x * (1 / s)) + z).clamp(0, 255)
+    acc = (q.double() @ rows.double().t()).float()  # exact sums
+    y = (acc - z * w_sum[:n].float()) * (w_scale[:n] * s)
+    return y + bias[:n] if bias is not None else y

@@ -1,14 +1,16 @@
-// torch's CPU kernel for mynah::decode_attention (the schema is defined in __init__.py): checks, then
-// the C kernel (decode_attention.c) over the rows, split across torch's threads. Native, so the fast
+// torch's CPU kernels for the mynah:: ops (the schemas are defined in __init__.py): checks, then the C
+// kernels (decode_attention.c, int8_gemm.c) split across torch's threads. Native, so the fast
 // paths' TorchScript-compiled layers call it without taking Python's GIL (a Python-implemented op
 // waited for the GIL behind the event loop on every layer of every step while replies streamed).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <vector>
 
 extern "C" int mynah_decode_attention(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *lengths,
@@ -16,6 +18,11 @@ extern "C" int mynah_decode_attention(const float *q, const uint16_t *k, const u
                                       int64_t d, int64_t t_cap, int64_t row_stride, int64_t head_stride, float scale,
                                       float *scratch, int64_t scratch_len);
 extern "C" void mynah_gelu_tanh(float *x, int64_t n);
+extern "C" void mynah_quantize_rows(const float *x, int64_t m, int64_t k, int64_t kp, uint8_t *q, float *scale,
+                                    int32_t *zero);
+extern "C" void mynah_linear_u8s8(const uint8_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t n, const float *scale,
+                                  const int32_t *zero, const int32_t *w_sum, const float *w_scale, const float *bias,
+                                  float *y, int64_t p0, int64_t p1);
 
 static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                                    const at::Tensor &lengths, double scale) {
@@ -56,7 +63,38 @@ static at::Tensor &gelu_tanh_(at::Tensor &x) {
     return x;
 }
 
+// x (M, K) float32 times int8 weights packed by engine.serving.int8_native (int8_gemm.c's layout): (M, n).
+static at::Tensor linear_u8s8(const at::Tensor &x, const at::Tensor &w, const at::Tensor &w_sum, const at::Tensor &w_scale,
+                              const std::optional<at::Tensor> &bias, int64_t n) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, "linear_u8s8: x must be (M, K) float32");
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.size(2) == 64 && w.size(3) == 4 && w.is_contiguous(),
+                "linear_u8s8: w must be packed int8 (panels, kp / 4, 64, 4)");
+    const int64_t panels = w.size(0), kp = w.size(1) * 4, k = x.size(1), m = x.size(0);
+    TORCH_CHECK(k <= kp && kp - k < 4 && n > panels * 64 - 64 && n <= panels * 64, "linear_u8s8: x's width or n does not fit w");
+    TORCH_CHECK(w_sum.scalar_type() == at::kInt && w_scale.scalar_type() == at::kFloat && w_sum.is_contiguous()
+                    && w_scale.is_contiguous() && w_sum.numel() == panels * 64 && w_scale.numel() == panels * 64,
+                "linear_u8s8: w_sum (int32) and w_scale (float32) must hold one value per padded column");
+    const bool has_bias = bias.has_value() && bias->defined();
+    TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == panels * 64),
+                "linear_u8s8: bias must be float32, one value per padded column");
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty({m, n}, xc.options());
+    if (m == 0) return y;
+    std::vector<uint8_t> q(static_cast<size_t>(m * kp));
+    std::vector<float> scale(static_cast<size_t>(m));
+    std::vector<int32_t> zero(static_cast<size_t>(m));
+    mynah_quantize_rows(xc.data_ptr<float>(), m, k, kp, q.data(), scale.data(), zero.data());
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kp * 64 * std::min<int64_t>(m, 16)));
+    const float *b = has_bias ? bias->data_ptr<float>() : nullptr;
+    at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+        mynah_linear_u8s8(q.data(), m, kp, w.data_ptr<int8_t>(), n, scale.data(), zero.data(), w_sum.data_ptr<int32_t>(),
+                          w_scale.data_ptr<float>(), b, y.data_ptr<float>(), begin, end);
+    });
+    return y;
+}
+
 TORCH_LIBRARY_IMPL(mynah, CPU, m) {
     m.impl("decode_attention", decode_attention);
     m.impl("gelu_tanh_", gelu_tanh_);
+    m.impl("linear_u8s8", linear_u8s8);
 }

@@ -1,0 +1,101 @@
+"""int8 linear layers on Mynah's own kernel (fastpath/kernels/int8_gemm.c) where the CPU has AVX-512 VNNI.
+
+Why: a lone chat's int8 decode step is 121 one-row matrix products (SmolLM2-135M), memory-bound,
+and fbgemm's dynamic-int8 call, the one torch offers, spends 12-25 % more than this kernel at 1
+to 300 rows (docs/BENCHMARKS.md, issue 23). Each input row is quantized with its own scale, so
+a chat's outputs no longer depend on which other chats share its batch.
+
+`NativeInt8Linear` holds the same int8 weights fbgemm held (per-output-row symmetric scales,
+as quantize.quantize_int8 makes them), repacked in the kernel's layout; fbgemm's pack is freed,
+so nothing is held twice. Where the kernel does not run (no AVX-512 VNNI, no compiler,
+MYNAH_KERNELS=off), `native_or_same` leaves fbgemm's layers as they are.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.serving.fastpath.kernels import int8_why_not
+
+PANEL = 64   # output columns per packed panel (int8_gemm.c)
+GROUP = 4    # inputs per group
+PACK_ROWS = 4096  # rows packed at a time
+
+
+class NativeInt8Linear(nn.Module):
+    """y = x W^T + b with W int8 rows times per-row scales, through `mynah::linear_u8s8`."""
+
+    def __init__(self, rows: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        n, k = rows.shape
+        self.in_features, self.out_features = k, n
+        padded_n, padded_k = -(-n // PANEL) * PANEL, -(-k // GROUP) * GROUP
+        packed = torch.empty(padded_n // PANEL, padded_k // GROUP, PANEL, GROUP, dtype=torch.int8)
+        for start in range(0, padded_n, PACK_ROWS):  # a block at a time: an output head is packed without a second copy
+            block = torch.zeros(min(PACK_ROWS, padded_n - start), padded_k, dtype=torch.int8)
+            block[:max(0, min(n - start, PACK_ROWS)), :k] = rows[start:start + PACK_ROWS]
+            packed[start // PANEL:(start + block.shape[0]) // PANEL] = \
+                block.view(-1, PANEL, padded_k // GROUP, GROUP).permute(0, 2, 1, 3)
+        self.register_buffer("packed", packed)
+        self.register_buffer("w_sum", _padded(rows.sum(1, dtype=torch.int32), padded_n))
+        self.register_buffer("w_scale", _padded(scales.float(), padded_n))
+        self.register_buffer("bias_padded", None if bias is None else _padded(bias.detach().float(), padded_n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.mynah.linear_u8s8(x.reshape(-1, self.in_features), self.packed, self.w_sum, self.w_scale,
+                                        self.bias_padded, self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The int8 weight rows (out, in), their scales and the bias: the packing undone."""
+        panels, groups = self.packed.shape[:2]
+        rows = self.packed.permute(0, 2, 1, 3).reshape(panels * PANEL, groups * GROUP)
+        n, k = self.out_features, self.in_features
+        bias = None if self.bias_padded is None else self.bias_padded[:n]
+        return rows[:n, :k], self.w_scale[:n], bias
+
+    def weight_bytes(self) -> int:
+        """The weights' bytes as fbgemm's layers count them (int8 rows and the fp32 bias; no padding)."""
+        n = self.out_features
+        return n * self.in_features + (4 * n if self.bias_padded is not None else 0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 (Mynah's VNNI kernel)"
+
+
+def _padded(values: torch.Tensor, length: int) -> torch.Tensor:
+    out = torch.zeros(length, dtype=values.dtype)
+    out[:values.numel()] = values
+    return out
+
+
+def from_dynamic(layer: nn.Module) -> NativeInt8Linear | None:
+    """`layer` (torch's dynamic-int8 Linear) repacked for the kernel, or None when its weight has
+    zero points (the kernel takes symmetric weights: quantize_int8's are) or another scheme."""
+    weight = layer.weight()
+    if weight.qscheme() in (torch.per_channel_symmetric, torch.per_channel_affine):
+        if weight.q_per_channel_axis() != 0 or bool(weight.q_per_channel_zero_points().any()):
+            return None
+        scales = weight.q_per_channel_scales()
+    elif weight.qscheme() in (torch.per_tensor_symmetric, torch.per_tensor_affine) and weight.q_zero_point() == 0:
+        scales = torch.full((weight.shape[0],), weight.q_scale(), dtype=torch.double)
+    else:
+        return None
+    return NativeInt8Linear(weight.int_repr(), scales, layer.bias())
+
+
+def stacked(layers: list[NativeInt8Linear]) -> NativeInt8Linear:
+    """One layer computing `layers` side by side (outputs concatenated): their rows and scales
+    stacked as they are, so each output is exactly its own layer's (each row quantizes alike)."""
+    parts = [layer.rows() for layer in layers]
+    biases = [b if b is not None else torch.zeros(r.shape[0]) for r, _, b in parts]
+    bias = torch.cat(biases) if any(b is not None for _, _, b in parts) else None
+    return NativeInt8Linear(torch.cat([r for r, _, _ in parts]), torch.cat([s for _, s, _ in parts]), bias)
+
+
+def native_or_same(layer: nn.Module) -> nn.Module:
+    """`layer` on the native kernel where it runs and takes the layer, else `layer` itself."""
+    if int8_why_not():
+        return layer
+    return from_dynamic(layer) or layer

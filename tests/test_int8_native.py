@@ -1,0 +1,149 @@
+"""Mynah's int8 linear kernel (fastpath/kernels/int8_gemm.c, engine.serving.int8_native): its numbers
+against the reference and against fp32, each row quantized on its own (a chat's outputs do not
+depend on its batch-mates), the packing undone exactly, fused layers, hostile inputs, and that
+loading picks it where the CPU has AVX-512 VNNI and fbgemm elsewhere."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+from torch.ao.quantization import per_channel_dynamic_qconfig
+
+from engine.serving import int8_native, quantize
+from engine.serving.fastpath import kernels
+from engine.serving.int8_native import NativeInt8Linear, from_dynamic, stacked
+
+needs_int8_kernel = pytest.mark.skipif(bool(kernels.int8_why_not()),
+                                       reason=f"int8 kernel unavailable here: {kernels.int8_why_not()}")
+
+
+def _dynamic(out_features: int, in_features: int, bias: bool = True, seed: int = 0) -> tuple[nn.Linear, nn.Module]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    linear.qconfig = per_channel_dynamic_qconfig
+    return linear, DynamicInt8Linear.from_float(linear)
+
+
+def _op(layer: NativeInt8Linear, x: torch.Tensor, native: bool) -> torch.Tensor:
+    args = (x, layer.packed, layer.w_sum, layer.w_scale, layer.bias_padded, layer.out_features)
+    return torch.ops.mynah.linear_u8s8(*args) if native else kernels.reference_linear_u8s8(*args)
+
+
+@pytest.mark.parametrize("out_features,in_features,rows,bias",
+                         [(576, 576, 1, True), (100, 37, 5, False), (960, 64, 17, True), (3, 5, 3, True),
+                          (130, 1536, 300, False), (64, 8, 0, True)])
+def test_the_layer_is_the_int8_weights_times_each_row_quantized(out_features, in_features, rows, bias):
+    """The packing round-trips fbgemm's int8 rows exactly, and the layer's outputs are those rows times
+    the inputs to within 8-bit input quantization (half a step per input, at most)."""
+    linear, dynamic = _dynamic(out_features, in_features, bias)
+    layer = from_dynamic(dynamic)
+    weight, scales, b = layer.rows()
+    assert torch.equal(weight, dynamic.weight().int_repr()) and torch.equal(scales, dynamic.weight().q_per_channel_scales().float())
+    assert (b is None) == (not bias) and (b is None or torch.equal(b, linear.bias.detach()))
+    x = torch.randn(rows, in_features) * 3
+    got = _op(layer, x, native=False)
+    dequantized = weight.float() * scales[:, None]
+    exact = x @ dequantized.t() + (linear.bias.detach() if bias else 0)
+    step = (x.amax(1).clamp(min=0) - x.amin(1).clamp(max=0)) / 255  # each row's quantization step
+    bound = 0.5 * step[:, None] * dequantized.abs().sum(1)[None, :] + 1e-4
+    assert got.shape == (rows, out_features) and bool((got - exact).abs().le(bound).all())
+
+
+@needs_int8_kernel
+@pytest.mark.parametrize("out_features,in_features,rows,bias",
+                         [(576, 576, 1, True), (100, 37, 5, False), (960, 64, 17, True), (3, 5, 3, True),
+                          (130, 1536, 300, False), (64, 8, 0, True)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_native_kernel_gives_the_references_numbers(out_features, in_features, rows, bias, threads):
+    _, dynamic = _dynamic(out_features, in_features, bias, seed=1)
+    layer = from_dynamic(dynamic)
+    x = torch.randn(rows, in_features) * 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _op(layer, x, native=True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, _op(layer, x, native=False), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_int8_kernel), False])
+def test_a_rows_outputs_do_not_depend_on_its_batch_mates(native):
+    """fbgemm quantizes a whole call with one scale, so a chat's numbers moved with who else was in the
+    batch; here each row has its own."""
+    _, dynamic = _dynamic(192, 96)
+    layer = from_dynamic(dynamic)
+    lone = torch.randn(1, 96)
+    loud = torch.randn(6, 96) * 50  # batch-mates with far larger activations
+    together = _op(layer, torch.cat([loud[:3], lone, loud[3:]]), native)
+    assert torch.equal(together[3:4], _op(layer, lone, native))
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_int8_kernel), False])
+def test_hostile_rows_give_numbers_not_crashes(native):
+    """An all-zero row gives the bias; a row with NaN or inf gives whatever it gives, without a crash,
+    and leaves the other rows alone."""
+    linear, dynamic = _dynamic(64, 32)
+    layer = from_dynamic(dynamic)
+    x = torch.randn(4, 32)
+    x[0] = 0
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    y = _op(layer, x, native)
+    torch.testing.assert_close(y[0], linear.bias.detach())
+    assert torch.equal(y[3], _op(layer, x[3:], native)[0])
+
+
+@needs_int8_kernel
+def test_the_op_refuses_what_does_not_fit_its_weights_with_a_clear_message():
+    _, dynamic = _dynamic(64, 32)
+    layer = from_dynamic(dynamic)
+    with pytest.raises(RuntimeError, match="x's width or n does not fit w"):
+        torch.ops.mynah.linear_u8s8(torch.randn(2, 40), layer.packed, layer.w_sum, layer.w_scale, None, 64)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.mynah.linear_u8s8(torch.randn(2, 32).double(), layer.packed, layer.w_sum, layer.w_scale, None, 64)
+
+
+def test_stacked_layers_give_each_layers_own_outputs():
+    """q/k/v and gate/up run as one call (fastpath.linear.fuse): each output is exactly its layer's."""
+    layers = [from_dynamic(_dynamic(n, 48, seed=n)[1]) for n in (48, 16, 16)]
+    whole = stacked(layers)
+    x = torch.randn(5, 48)
+    together = whole(x)
+    assert torch.equal(together, torch.cat([layer(x) for layer in layers], 1))
+    assert whole.weight_bytes() == sum(layer.weight_bytes() for layer in layers)
+
+
+def test_weights_with_zero_points_stay_on_fbgemm():
+    """The kernel takes symmetric int8 weights (quantize_int8's); an affine one is left as it is."""
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 8)
+    weight = torch.quantize_per_tensor(linear.weight.detach(), 0.01, 3, torch.qint8)
+    dynamic = DynamicInt8Linear(8, 8)
+    dynamic.set_weight_bias(weight, linear.bias.detach())
+    assert from_dynamic(dynamic) is None
+
+
+def test_loading_picks_the_kernel_where_it_runs_and_fbgemm_elsewhere(monkeypatch):
+    model = nn.Sequential(nn.Linear(24, 50), nn.ReLU(), nn.Linear(50, 8))
+    quantized = quantize.quantize_int8(model)
+    kinds = {type(m) for m in quantized.modules()} & {NativeInt8Linear, DynamicInt8Linear}
+    assert kinds == ({DynamicInt8Linear} if kernels.int8_why_not() else {NativeInt8Linear})
+
+    monkeypatch.setattr(int8_native, "int8_why_not", lambda: "no AVX-512 VNNI here")
+    monkeypatch.setattr(quantize, "CHUNK_ROWS_ABOVE", 100)  # the block-of-rows path too
+    quantized = quantize.quantize_int8(nn.Sequential(nn.Linear(24, 50), nn.ReLU(), nn.Linear(50, 8)))
+    assert {type(m) for m in quantized.modules()} & {NativeInt8Linear, DynamicInt8Linear} == {DynamicInt8Linear}
+
+
+@needs_int8_kernel
+def test_the_block_of_rows_path_makes_the_same_layer_as_from_float(monkeypatch):
+    """The output head is quantized a block of rows at a time (no fbgemm pack made): the same rows and
+    scales as torch's from_float."""
+    linear, dynamic = _dynamic(50, 24)
+    monkeypatch.setattr(quantize, "CHUNK_ROWS", 16)
+    got = quantize._int8_in_chunks(linear)
+    expect = from_dynamic(dynamic)
+    assert isinstance(got, NativeInt8Linear)
+    for a, b in zip(got.rows(), expect.rows()):
+        assert torch.equal(a, b)
