@@ -53,9 +53,11 @@ def test_the_layer_is_the_int8_weights_times_each_row_quantized(out_features, in
 @needs_int8_kernel
 @pytest.mark.parametrize("out_features,in_features,rows,bias",
                          [(576, 576, 1, True), (100, 37, 5, False), (960, 64, 17, True), (3, 5, 3, True),
-                          (130, 1536, 300, False), (64, 8, 0, True)])
+                          (130, 1536, 300, False), (64, 8, 0, True), (200, 128, 48, True), (64, 576, 33, False)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_native_kernel_gives_the_references_numbers(out_features, in_features, rows, bias, threads):
+    """VNNI for a few rows; AMX, where the CPU has it, for each block of 16 rows when the inputs are a
+    multiple of 64 wide (17, 33, 48, 300 rows: blocks in pairs, an odd block, the rows left to VNNI)."""
     _, dynamic = _dynamic(out_features, in_features, bias, seed=1)
     layer = from_dynamic(dynamic)
     x = torch.randn(rows, in_features) * 2

@@ -2,8 +2,10 @@
 
 Why: a lone chat's int8 decode step is 121 one-row matrix products (SmolLM2-135M), memory-bound,
 and fbgemm's dynamic-int8 call, the one torch offers, spends 12-25 % more than this kernel at 1
-to 300 rows (docs/BENCHMARKS.md, issue 23). Each input row is quantized with its own scale, so
-a chat's outputs no longer depend on which other chats share its batch.
+to 300 rows (docs/BENCHMARKS.md, issue 23); calls of 16 rows or more (a prefill, a busy step)
+use AMX where the CPU has it (Intel since Sapphire Rapids; `MYNAH_AMX=off` turns it off), with
+bit-identical results. Each input row is quantized with its own scale, so a chat's outputs no
+longer depend on which other chats share its batch.
 
 `NativeInt8Linear` holds the same int8 weights fbgemm held (per-output-row symmetric scales,
 as quantize.quantize_int8 makes them), repacked in the kernel's layout; fbgemm's pack is freed,

@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 extern "C" int mynah_decode_attention(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *lengths,
@@ -23,6 +25,19 @@ extern "C" void mynah_quantize_rows(const float *x, int64_t m, int64_t k, int64_
 extern "C" void mynah_linear_u8s8(const uint8_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t n, const float *scale,
                                   const int32_t *zero, const int32_t *w_sum, const float *w_scale, const float *bias,
                                   float *y, int64_t p0, int64_t p1);
+extern "C" int mynah_amx_enable(void);
+extern "C" void mynah_linear_u8s8_amx(const uint8_t *q, int64_t blocks, int64_t kp, const int8_t *w, int64_t n,
+                                      const float *scale, const int32_t *zero, const int32_t *w_sum,
+                                      const float *w_scale, const float *bias, float *y, int64_t p0, int64_t p1);
+
+// AMX for calls of 16 rows or more, where the CPU has it, Linux lends it and MYNAH_AMX is not "off".
+static bool amx_ready() {
+    static const bool ready = [] {
+        const char *env = std::getenv("MYNAH_AMX");
+        return !(env && std::string(env) == "off") && mynah_amx_enable() != 0;
+    }();
+    return ready;
+}
 
 static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                                    const at::Tensor &lengths, double scale) {
@@ -86,9 +101,16 @@ static at::Tensor linear_u8s8(const at::Tensor &x, const at::Tensor &w, const at
     mynah_quantize_rows(xc.data_ptr<float>(), m, k, kp, q.data(), scale.data(), zero.data());
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kp * 64 * std::min<int64_t>(m, 16)));
     const float *b = has_bias ? bias->data_ptr<float>() : nullptr;
+    const int64_t tiled = (m >= 16 && kp % 64 == 0 && amx_ready()) ? m / 16 : 0;  // blocks of 16 rows by AMX
+    const int64_t rest = tiled * 16;
     at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-        mynah_linear_u8s8(q.data(), m, kp, w.data_ptr<int8_t>(), n, scale.data(), zero.data(), w_sum.data_ptr<int32_t>(),
-                          w_scale.data_ptr<float>(), b, y.data_ptr<float>(), begin, end);
+        if (tiled)
+            mynah_linear_u8s8_amx(q.data(), tiled, kp, w.data_ptr<int8_t>(), n, scale.data(), zero.data(),
+                                  w_sum.data_ptr<int32_t>(), w_scale.data_ptr<float>(), b, y.data_ptr<float>(), begin, end);
+        if (rest < m)
+            mynah_linear_u8s8(q.data() + rest * kp, m - rest, kp, w.data_ptr<int8_t>(), n, scale.data() + rest,
+                              zero.data() + rest, w_sum.data_ptr<int32_t>(), w_scale.data_ptr<float>(), b,
+                              y.data_ptr<float>() + rest * n, begin, end);
     });
     return y;
 }
