@@ -142,8 +142,8 @@ def test_loading_picks_the_kernel_where_it_runs_and_fbgemm_elsewhere(monkeypatch
 def test_the_block_of_rows_path_makes_the_same_layer_as_from_float(monkeypatch):
     """The output head is quantized a block of rows at a time (no fbgemm pack made): the same rows and
     scales as torch's from_float."""
-    linear, dynamic = _dynamic(50, 24)
-    monkeypatch.setattr(quantize, "CHUNK_ROWS", 16)
+    linear, dynamic = _dynamic(150, 24)
+    monkeypatch.setattr(quantize, "CHUNK_ROWS", 16)  # rounded up to whole panels: blocks of 64, 64 and 22 rows
     got = quantize._int8_in_chunks(linear)
     expect = from_dynamic(dynamic)
     assert isinstance(got, NativeInt8Linear)

@@ -27,21 +27,33 @@ PACK_ROWS = 4096  # rows packed at a time
 class NativeInt8Linear(nn.Module):
     """y = x W^T + b with W int8 rows times per-row scales, through `mynah::linear_u8s8`."""
 
-    def __init__(self, rows: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, rows: torch.Tensor | None, scales: torch.Tensor | None, bias: torch.Tensor | None,
+                 shape: tuple[int, int] | None = None):
+        """rows (out, in) int8 and their scales; or rows None and `shape`: an empty layer that `fill`
+        packs a block of rows at a time (an output head quantized in blocks never holds its rows twice)."""
         super().__init__()
-        n, k = rows.shape
+        n, k = rows.shape if rows is not None else shape
         self.in_features, self.out_features = k, n
         padded_n, padded_k = -(-n // PANEL) * PANEL, -(-k // GROUP) * GROUP
-        packed = torch.empty(padded_n // PANEL, padded_k // GROUP, PANEL, GROUP, dtype=torch.int8)
-        for start in range(0, padded_n, PACK_ROWS):  # a block at a time: an output head is packed without a second copy
-            block = torch.zeros(min(PACK_ROWS, padded_n - start), padded_k, dtype=torch.int8)
-            block[:max(0, min(n - start, PACK_ROWS)), :k] = rows[start:start + PACK_ROWS]
-            packed[start // PANEL:(start + block.shape[0]) // PANEL] = \
-                block.view(-1, PANEL, padded_k // GROUP, GROUP).permute(0, 2, 1, 3)
-        self.register_buffer("packed", packed)
-        self.register_buffer("w_sum", _padded(rows.sum(1, dtype=torch.int32), padded_n))
-        self.register_buffer("w_scale", _padded(scales.float(), padded_n))
+        self.register_buffer("packed", torch.empty(padded_n // PANEL, padded_k // GROUP, PANEL, GROUP, dtype=torch.int8))
+        self.register_buffer("w_sum", torch.zeros(padded_n, dtype=torch.int32))
+        self.register_buffer("w_scale", torch.zeros(padded_n))
         self.register_buffer("bias_padded", None if bias is None else _padded(bias.detach().float(), padded_n))
+        if rows is None:
+            self.packed.zero_()
+            return
+        for start in range(0, padded_n, PACK_ROWS):
+            self.fill(start, rows[start:start + PACK_ROWS], scales[start:start + PACK_ROWS])
+
+    def fill(self, start: int, rows: torch.Tensor, scales: torch.Tensor) -> None:
+        """Pack int8 `rows` (and their scales) as outputs start … start+len-1; start a multiple of 64."""
+        padded_k = self.packed.shape[1] * GROUP
+        count = -(-max(rows.shape[0], 1) // PANEL) * PANEL
+        block = torch.zeros(count, padded_k, dtype=torch.int8)
+        block[:rows.shape[0], :self.in_features] = rows
+        self.packed[start // PANEL:(start + count) // PANEL] = block.view(-1, PANEL, padded_k // GROUP, GROUP).permute(0, 2, 1, 3)
+        self.w_sum[start:start + rows.shape[0]] = rows.sum(1, dtype=torch.int32)
+        self.w_scale[start:start + rows.shape[0]] = scales.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -220,7 +220,22 @@ def _int8_in_chunks(linear: nn.Linear) -> nn.Module:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
     from torch.ao.nn.quantized.modules.utils import _quantize_weight
 
+    from engine.serving.int8_native import PANEL, NativeInt8Linear, int8_why_not
+
     weight = linear.weight.detach()
+    if not int8_why_not() and linear.qconfig.weight().qscheme == torch.per_channel_symmetric:
+        # Mynah's kernel (int8_native): each block packed as it is made (no fbgemm pack, no whole int8 copy)
+        layer = NativeInt8Linear(None, None, linear.bias, shape=tuple(weight.shape))
+        step = -(-CHUNK_ROWS // PANEL) * PANEL  # whole panels of the packed layout
+        for start in range(0, weight.shape[0], step):
+            block = weight[start:start + step]
+            observer = linear.qconfig.weight()
+            observer(block)
+            q = _quantize_weight(block.float(), observer)
+            layer.fill(start, q.int_repr(), q.q_per_channel_scales())
+            page_out([block])
+            del q
+        return layer
     rows = torch.empty(weight.shape, dtype=torch.int8)
     scales, zeros = [], []
     for start in range(0, weight.shape[0], CHUNK_ROWS):
@@ -233,10 +248,6 @@ def _int8_in_chunks(linear: nn.Linear) -> nn.Module:
         zeros.append(q.q_per_channel_zero_points())
         page_out([block])
         del q
-    from engine.serving.int8_native import NativeInt8Linear, int8_why_not
-
-    if not int8_why_not() and not bool(torch.cat(zeros).any()):  # Mynah's kernel (int8_native): no fbgemm pack at all
-        return NativeInt8Linear(rows, torch.cat(scales), linear.bias)
     qweight = torch._make_per_channel_quantized_tensor(rows, torch.cat(scales), torch.cat(zeros), 0)
     del rows
     qlinear = DynamicInt8Linear(1, 1, dtype=torch.qint8)  # a 1x1 placeholder, replaced below

@@ -44,7 +44,9 @@ from torch import Tensor, nn
 
 from engine.serving.fastpath.cache import StaticKV, cache_dtype, kernel_reads  # and torch.ops.mynah.decode_attention
 from engine.serving.fastpath.compiled import compile_layers
-from engine.serving.fastpath.linear import FusedPart, Linear, Projection, as_projection, fuse, project, replace_with_parts
+from engine.serving.fastpath.kernels import available as native_kernels_available
+from engine.serving.fastpath.linear import INT8, NATIVE_INT8, FusedPart, Linear, Projection, as_projection, fuse, project, \
+    replace_with_parts
 from engine.serving.fastpath.packing import Packed
 from engine.serving.quantize import release_freed_memory
 
@@ -126,10 +128,19 @@ def layer_qkv(layer: LlamaLayer, h: Tensor, H: int, K: int, D: int, cos: Tensor,
     return qk[:, :H], qk[:, H:], out[:, (H + K) * D:]
 
 
-def layer_mlp(layer: LlamaLayer, h: Tensor) -> Tensor:
-    """SwiGLU: down(silu(gate(h)) * up(h))."""
+def norm(x: Tensor, weight: Tensor, eps: float, native: bool) -> Tensor:
+    """RMSNorm: the native kernel's one pass (int8 models), else transformers' ops (`rms_norm`)."""
+    if native:
+        return torch.ops.mynah.rms_norm(x, weight, eps)
+    return rms_norm(x, weight, eps)
+
+
+def layer_mlp(layer: LlamaLayer, h: Tensor, native: bool) -> Tensor:
+    """SwiGLU: down(silu(gate(h)) * up(h)); native: the fused gate/up output's silu(gate) * up in one pass."""
     if len(layer.gate_up) == 2:
         return project(F.silu(project(h, layer.gate_up[0])) * project(h, layer.gate_up[1]), layer.down)
+    if native:
+        return project(torch.ops.mynah.silu_mul(project(h, layer.gate_up[0])), layer.down)
     gate, up = project(h, layer.gate_up[0]).chunk(2, -1)
     return project(F.silu(gate) * up, layer.down)
 
@@ -146,19 +157,20 @@ class LlamaLayers(nn.Module):
         self.layers = layers
         self.H, self.K, self.D = heads
         self.kernel = False  # decode attention by the float16 kernel (fastpath.kernels), else SDPA; set by the step
+        self.native = False  # RMSNorm and SwiGLU by the native kernels (int8 models; fp32 keeps exact ops); set by the step
 
     @torch.jit.export
     def attention_inputs(self, index: int, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Layer `index`'s rotated q (N, H, D) and k (N, K, D) and v (N, K·D) of its normed input x (N, E)."""
         layer = self.layers[index]
-        return layer_qkv(layer, rms_norm(x, layer.ln1, layer.eps1), self.H, self.K, self.D, cos, signed_sin)
+        return layer_qkv(layer, norm(x, layer.ln1, layer.eps1, self.native), self.H, self.K, self.D, cos, signed_sin)
 
     @torch.jit.export
     def finish(self, index: int, x: Tensor, a: Tensor) -> Tensor:
         """Layer `index`'s output: x plus its attention output `a` (N, H·D) projected, plus its MLP on that."""
         layer = self.layers[index]
         x = x + project(a, layer.o)
-        return x + layer_mlp(layer, rms_norm(x, layer.ln2, layer.eps2))
+        return x + layer_mlp(layer, norm(x, layer.ln2, layer.eps2, self.native), self.native)
 
     @torch.jit.export
     def decode(self, x: Tensor, buffer: Tensor, rows: Tensor, positions: Tensor, mask: Optional[Tensor], columns: int,
@@ -172,7 +184,7 @@ class LlamaLayers(nn.Module):
         if mask is not None:
             mask = mask.to(buffer.dtype)
         for index, layer in enumerate(self.layers):
-            q, k, v = layer_qkv(layer, rms_norm(x, layer.ln1, layer.eps1), H, K, D, cos, signed_sin)
+            q, k, v = layer_qkv(layer, norm(x, layer.ln1, layer.eps1, self.native), H, K, D, cos, signed_sin)
             new_kv[:, 0] = k
             new_kv[:, 1] = v.reshape(B, K, D)
             buffer[index][:, rows, :, positions] = new_kv  # each row's new key and value column, in place
@@ -241,6 +253,8 @@ class LlamaStep:
                              (self.n_head, self.n_kv, self.head_dim))
         self.kv_dtype = torch.float32 if probe else cache_dtype(layers.layers[0].o, "llama", self.head_dim)
         layers.kernel = kernel_reads(self.kv_dtype, self.head_dim)
+        self.native = layers.native = not probe and layers.layers[0].o.kind in (INT8, NATIVE_INT8) \
+            and native_kernels_available()  # int8: RMSNorm and SwiGLU in one pass each (fp32: transformers' exact ops)
         self.layers = layers if probe else compile_layers(layers, (Projection, LlamaLayer))
         self.scales = [layer.scale for layer in layers.layers]  # attention scale per layer (prefill's attention runs here)
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
@@ -291,5 +305,5 @@ class LlamaStep:
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(rms_norm(x, *self.norm).contiguous())  # (N, V)
+        return self.head(norm(x, *self.norm, self.native).contiguous())  # (N, V)
 

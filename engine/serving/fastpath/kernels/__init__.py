@@ -13,7 +13,9 @@ lone chat's int8 step is 121 one-row products on SmolLM2-135M, memory-bound, and
 spent 12-25 % more at 1 to 300 rows. Where the CPU lacks VNNI (`int8_why_not`), fbgemm stays.
 
 This module defines the torch ops `mynah::decode_attention`, `mynah::gelu_tanh_` (GELU's tanh
-approximation in one pass, for int8 GPT-2's MLPs: torch's ran ~5x slower here) and
+approximation in one pass, for int8 GPT-2's MLPs: torch's ran ~5x slower here), `mynah::silu_mul`
+and `mynah::rms_norm` (int8 Llama-family layers' SwiGLU middle and RMSNorm in one pass each: fewer
+passes and no temporaries; fp32 keeps transformers' ops for its exact tokens) and
 `mynah::linear_u8s8` so the fast paths' TorchScript-compiled layers can name them; op.cpp is their
 native CPU kernels, so a compiled step calls them without Python or the GIL. The library is built
 once (~10 s; g++ against the torch headers that ship in the wheel) into `kernel_dir()`, named by a
@@ -44,7 +46,9 @@ CPU_FLAGS = ("avx2", "fma", "f16c")
 INT8_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # int8_gemm.c's instructions
 SCHEMAS = ("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor",
            "gelu_tanh_(Tensor(a!) x) -> Tensor(a!)",
-           "linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int n) -> Tensor")
+           "linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int n) -> Tensor",
+           "silu_mul(Tensor gate_up) -> Tensor",
+           "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 
 _lock = threading.Lock()
 _state: dict = {}  # "path": the loaded library, or "why": why there is none
@@ -127,6 +131,8 @@ def _load() -> None:
         _LIBRARY.impl("decode_attention", reference, "CPU")
         _LIBRARY.impl("gelu_tanh_", reference_gelu_tanh_, "CPU")
         _LIBRARY.impl("linear_u8s8", reference_linear_u8s8, "CPU")
+        _LIBRARY.impl("silu_mul", reference_silu_mul, "CPU")
+        _LIBRARY.impl("rms_norm", reference_rms_norm, "CPU")
         _impl = "reference"
 
 
@@ -146,6 +152,8 @@ def available() -> bool:
 
 def int8_why_not() -> str:
     """"" when the int8 linear kernel (int8_gemm.c) runs here, else why not (then int8 layers stay on fbgemm)."""
+    if os.environ.get("MYNAH_INT8_KERNEL", "").lower() == "off":
+        return "turned off (MYNAH_INT8_KERNEL=off)"
     return why_not() or _cpu_has_flags(INT8_CPU_FLAGS)
 
 
@@ -186,3 +194,14 @@ def reference_linear_u8s8(x: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
     acc = (q.double() @ rows.double().t()).float()  # exact sums
     y = (acc - z * w_sum[:n].float()) * (w_scale[:n] * s)
     return y + bias[:n] if bias is not None else y
+
+
+def reference_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """What `mynah::silu_mul` computes, in torch ops: silu(gate) * up of gate_up (N, 2I) = [gate | up]."""
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """What `mynah::rms_norm` computes, in torch ops: transformers' LlamaRMSNorm on float32 (N, E)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))

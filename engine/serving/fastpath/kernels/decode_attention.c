@@ -144,3 +144,43 @@ void mynah_gelu_tanh(float *x, int64_t n) {
         x[i] = v / (1.f + expf(minus_2u < 88.3f ? minus_2u : 88.3f));
     }
 }
+
+/* SwiGLU's middle for int8 Llama-family MLPs: out (rows, width) = silu(gate) * up, where each row of
+ * gate_up (rows, 2 * width) is gate then up (the fused gate/up call's output). One pass instead of
+ * torch's silu on a strided half plus a multiply (two passes, two new tensors). */
+void mynah_silu_mul(const float *gate_up, int64_t rows, int64_t width, float *out) {
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * width, *u = g + width;
+        float *o = out + r * width;
+        int64_t i = 0;
+        for (; i + 8 <= width; i += 8) {
+            const __m256 v = _mm256_loadu_ps(g + i);
+            const __m256 silu = _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v))));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+        }
+        for (; i < width; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+/* RMSNorm for int8 Llama-family layers: out = weight * (x * 1 / sqrt(mean(x^2) + eps)), a row at a time,
+ * one read of x and one write (torch: six ops, five passes). */
+void mynah_rms_norm(const float *x, const float *weight, int64_t rows, int64_t width, float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * width;
+        float *o = out + r * width;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= width; i += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + i);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float sum = hsum(acc);
+        for (; i < width; i++) sum += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(sum / (float)width + eps);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (i = 0; i + 8 <= width; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv)));
+        for (; i < width; i++) o[i] = weight[i] * (xr[i] * inv);
+    }
+}

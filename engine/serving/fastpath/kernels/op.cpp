@@ -20,6 +20,8 @@ extern "C" int mynah_decode_attention(const float *q, const uint16_t *k, const u
                                       int64_t d, int64_t t_cap, int64_t row_stride, int64_t head_stride, float scale,
                                       float *scratch, int64_t scratch_len);
 extern "C" void mynah_gelu_tanh(float *x, int64_t n);
+extern "C" void mynah_silu_mul(const float *gate_up, int64_t rows, int64_t width, float *out);
+extern "C" void mynah_rms_norm(const float *x, const float *weight, int64_t rows, int64_t width, float eps, float *out);
 extern "C" void mynah_quantize_rows(const float *x, int64_t m, int64_t k, int64_t kp, uint8_t *q, float *scale,
                                     int32_t *zero);
 extern "C" void mynah_linear_u8s8(const uint8_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t n, const float *scale,
@@ -78,6 +80,35 @@ static at::Tensor &gelu_tanh_(at::Tensor &x) {
     return x;
 }
 
+static at::Tensor silu_mul(const at::Tensor &gate_up) {
+    TORCH_CHECK(gate_up.device().is_cpu() && gate_up.scalar_type() == at::kFloat && gate_up.dim() == 2
+                    && gate_up.size(1) % 2 == 0, "silu_mul: gate_up must be (N, 2 * I) float32");
+    const at::Tensor gu = gate_up.contiguous();
+    const int64_t rows = gu.size(0), width = gu.size(1) / 2;
+    at::Tensor out = at::empty({rows, width}, gu.options());
+    const float *in = gu.data_ptr<float>();
+    float *o = out.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t begin, int64_t end) {
+        mynah_silu_mul(in + begin * 2 * width, end - begin, width, o + begin * width);
+    });
+    return out;
+}
+
+static at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &weight, double eps) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, "rms_norm: x must be (N, E) float32");
+    TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 1 && weight.size(0) == x.size(1),
+                "rms_norm: weight must be (E,) float32");
+    const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+    const int64_t rows = xc.size(0), width = xc.size(1);
+    at::Tensor out = at::empty_like(xc);
+    const float *in = xc.data_ptr<float>(), *w = wc.data_ptr<float>();
+    float *o = out.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t begin, int64_t end) {
+        mynah_rms_norm(in + begin * width, w, end - begin, width, static_cast<float>(eps), o + begin * width);
+    });
+    return out;
+}
+
 // x (M, K) float32 times int8 weights packed by engine.serving.int8_native (int8_gemm.c's layout): (M, n).
 static at::Tensor linear_u8s8(const at::Tensor &x, const at::Tensor &w, const at::Tensor &w_sum, const at::Tensor &w_scale,
                               const std::optional<at::Tensor> &bias, int64_t n) {
@@ -119,4 +150,6 @@ TORCH_LIBRARY_IMPL(mynah, CPU, m) {
     m.impl("decode_attention", decode_attention);
     m.impl("gelu_tanh_", gelu_tanh_);
     m.impl("linear_u8s8", linear_u8s8);
+    m.impl("silu_mul", silu_mul);
+    m.impl("rms_norm", rms_norm);
 }
