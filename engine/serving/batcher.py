@@ -328,7 +328,7 @@ class Engine(WorkerThread, ModelEngine):
         loaded = self._loaded
         if admitted:
             started = time.perf_counter()
-            joining = self._prefill(loaded, admitted)
+            joining = self._prefill(loaded, admitted, batch)
             self.timing["prefill_s"] += time.perf_counter() - started
             self.timing["prefilled_tokens"] += sum(len(r.context_ids) for r in admitted)
             if joining is not None:
@@ -347,8 +347,9 @@ class Engine(WorkerThread, ModelEngine):
         self.timing["decode_rows"] += len(batch.rows)
         return self._retire(batch, tokens)
 
-    def _prefill(self, loaded: LoadedModel, admitted: list[_Request]) -> "_Batch | None":
-        """Run the new requests' contexts (one pass) and sample their first tokens.
+    def _prefill(self, loaded: LoadedModel, admitted: list[_Request], running: "_Batch | None" = None) -> "_Batch | None":
+        """Run the new requests' contexts (one pass) and sample their first tokens (`running`: the batch
+        they will join, whose rows the new cache makes room for).
 
         Requests with the same context (MMI candidates, retries) share one prefill row; their
         KV cache rows are copied afterwards.
@@ -359,7 +360,8 @@ class Engine(WorkerThread, ModelEngine):
         unique: dict[tuple[int, ...], int] = {}
         expand = [unique.setdefault(tuple(r.context_ids), len(unique)) for r in admitted]
         room = max(r.params.max_new_tokens for r in admitted)
-        state, logits = self._decoder.prefill([list(c) for c in unique], expand, room)  # (B, V): the model seam
+        state, logits = self._decoder.prefill([list(c) for c in unique], expand, room,
+                                              running.state if running else None)  # (B, V): the model seam
         sampler = BatchSampler([r.sampler for r in admitted], loaded.fmt.stop_ids)
         tokens = sampler.sample(logits, [0] * len(admitted), inplace=True)
         next_input = torch.tensor(tokens, device=loaded.device)  # (B,)

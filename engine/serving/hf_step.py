@@ -69,7 +69,8 @@ class HFDecoder:
         cache = getattr(out, self.cache_kwarg, None)
         return cache if cache is not None else out.past_key_values
 
-    def prefill(self, contexts: list[list[int]], expand: list[int], room: int = 0) -> tuple[HFState, torch.Tensor]:
+    def prefill(self, contexts: list[list[int]], expand: list[int], room: int = 0,
+                joins: HFState | None = None) -> tuple[HFState, torch.Tensor]:
         """The U distinct contexts in one left-padded pass; rows = expand. Returns (state, (B, V) logits).
 
         room (tokens still to generate) is not used: transformers' cache grows as it goes.

@@ -122,6 +122,10 @@ class StaticKV:
             buffer[:, :, :self.rows, :, :used] = self.buffer[:, :, :self.rows, :, :used]
         self.buffer = buffer  # the outgrown one is freed, not kept: the spare is what a finished batch lets go of
 
+    def reserve(self, rows: int, columns: int) -> None:
+        """Room for `rows` rows of `columns` columns now (no headroom), before any row is added."""
+        self._reserve(rows, columns, 0)
+
     def release(self) -> None:
         """Done with every row: the buffer goes to the spare for the next batch."""
         self.spare.give(self.buffer)
@@ -175,15 +179,16 @@ class StaticKV:
     def merge(self, other: "StaticKV") -> None:
         """Append `other`'s rows after these.
 
-        Where these rows do not fit this buffer but all rows fit `other`'s (a burst joining
-        one running chat), `other`'s buffer is used instead of allocating a third one: a
-        new buffer beside both would hold the cache about twice at the peak.
+        Where the rows do not all fit this buffer but fit `other`'s (a burst joining one running
+        chat; the prefill made `other`'s big enough, FastDecoder.prefill `joins`), `other`'s buffer
+        is used instead of allocating a third one: a new buffer beside both would hold the cache
+        about twice at the peak.
         """
         if not other.rows:
             return
         first, total = self.rows, self.rows + other.rows
-        if self.rows and total > self.capacity()[0] and total <= other.capacity()[0] \
-                and self.capacity()[1] <= other.capacity()[1]:
+        fits_here = total <= self.capacity()[0] and other.capacity()[1] <= self.capacity()[1]
+        if self.rows and not fits_here and total <= other.capacity()[0] and self.capacity()[1] <= other.capacity()[1]:
             self._merge_into(other)
             return
         self._reserve(total, max(max(self.lengths + other.lengths), other.capacity()[1]), 0)

@@ -165,15 +165,15 @@ class GPT2Step:
         return StaticKV(self.n_layer, self.n_head, self.head_dim, self.kv_dtype)  # fastpath.cache.cache_dtype says which
 
     # ---- the two passes -----------------------------------------------------------
-    def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:
+    def prefill(self, contexts: list[list[int]], cache: StaticKV, first: int | None = None) -> torch.Tensor:
         """Run U contexts into the U new last rows of `cache`: the matrix products on their tokens packed
         end to end, a shared prefix once, attention context by context on its cache row (fastpath.packing).
 
         Returns the logits of each context's last token, (U, V). `cache` must have had
-        `cache.add_rows(lengths)` for these contexts.
+        `cache.add_rows(lengths)` for these contexts; they go into rows first … first+U-1 (default: the last U).
         """
         packed = Packed(contexts)
-        first = cache.rows - packed.rows
+        first = cache.rows - packed.rows if first is None else first
         x = self.wte(packed.ids) + self.wpe(packed.positions)  # (N, E)
         for layer in range(self.n_layer):
             q, k, v = self.layers.attention_inputs(layer, x)  # (N, H, D) each

@@ -276,15 +276,15 @@ class LlamaStep:
         return self.cos[positions], self.sin[positions]
 
     # ---- the two passes -----------------------------------------------------------
-    def prefill(self, contexts: list[list[int]], cache: StaticKV) -> torch.Tensor:
+    def prefill(self, contexts: list[list[int]], cache: StaticKV, first: int | None = None) -> torch.Tensor:
         """Run U contexts into the U new last rows of `cache`: the matrix products on their tokens packed
         end to end, a shared prefix once, attention context by context on its cache row (fastpath.packing).
 
         Returns the logits of each context's last token, (U, V). `cache` must have had
-        `cache.add_rows(lengths)` for these contexts.
+        `cache.add_rows(lengths)` for these contexts; they go into rows first … first+U-1 (default: the last U).
         """
         packed = Packed(contexts)
-        first = cache.rows - packed.rows
+        first = cache.rows - packed.rows if first is None else first
         H, K, D = self.n_head, self.n_kv, self.head_dim
         cos, sin = self._rope(packed.positions, packed.prefix + packed.width)  # (N, D)
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, D) broadcast over heads
