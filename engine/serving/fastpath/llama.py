@@ -5,7 +5,8 @@ time in per-step Python (module calls, cache objects, mask building, rotary-embe
 recomputation, output dataclasses) than a small model spends in its matrix work. This is
 the same arithmetic with nothing around it:
 
-- RMSNorm written as transformers writes it (so fp32 tokens are exactly transformers');
+- RMSNorm written as transformers writes it (so fp32 tokens are exactly transformers'); int8
+  models take RMSNorm and SwiGLU's silu(gate) * up as native one-pass ops (fastpath.kernels);
 - rotary embeddings from a cos/sin table computed once by the model's own rotary module
   (so rope_theta and rope scaling — linear, llama3, yarn — are whatever the config says)
   and grown when a longer position comes;
@@ -18,8 +19,8 @@ the same arithmetic with nothing around it:
   in fp32 when the layers are packed for oneDNN (fastpath.onednn.fuse_projections; unpacked
   fp32 keeps seven: stacking measured no faster on MKL); the model's fused layers become
   views of the fused call (fastpath.linear.FusedPart), so the weights are held once;
-- the linear layers call the serving kernels directly (fastpath.linear: int8 fbgemm,
-  fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
+- the linear layers call the serving kernels directly (fastpath.linear: int8 Mynah's VNNI/AMX
+  kernel or fbgemm, fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
   itself, or by a packed copy made from the memory-mapped table, whose pages then go
   (quantize.PackedHead): held once either way;
 - the layers and the code that runs them are one module (`LlamaLayers`) that TorchScript
