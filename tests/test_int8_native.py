@@ -149,3 +149,31 @@ def test_the_block_of_rows_path_makes_the_same_layer_as_from_float(monkeypatch):
     assert isinstance(got, NativeInt8Linear)
     for a, b in zip(got.rows(), expect.rows()):
         assert torch.equal(a, b)
+
+
+AMX_OFF = """
+import torch
+from engine.serving.int8_native import NativeInt8Linear
+torch.manual_seed(3)
+rows, scales, x = torch.randint(-127, 128, (200, 128), dtype=torch.int8), torch.rand(200) / 100, torch.randn(48, 128)
+torch.save(NativeInt8Linear(rows, scales, None)(x), OUT)
+"""
+
+
+@needs_int8_kernel
+def test_amx_and_vnni_give_the_same_bits(tmp_path):
+    """Calls of 16 rows or more take AMX where the CPU has it; `MYNAH_AMX=off` (a fresh process: the
+    choice is made once) keeps VNNI. Integer sums are exact either way, and the scaling is the same."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    here = tmp_path / "here.pt"
+    code = AMX_OFF.replace("OUT", repr(str(tmp_path / "vnni.pt")))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root), "MYNAH_AMX": "off"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    exec(AMX_OFF.replace("OUT", repr(str(here))), {})
+    assert torch.equal(torch.load(here), torch.load(tmp_path / "vnni.pt"))

@@ -32,6 +32,7 @@ class NativeInt8Linear(nn.Module):
         """rows (out, in) int8 and their scales; or rows None and `shape`: an empty layer that `fill`
         packs a block of rows at a time (an output head quantized in blocks never holds its rows twice)."""
         super().__init__()
+        int8_why_not()  # the op's implementation is loaded (the native kernel, or its torch-ops reference)
         n, k = rows.shape if rows is not None else shape
         self.in_features, self.out_features = k, n
         padded_n, padded_k = -(-n // PANEL) * PANEL, -(-k // GROUP) * GROUP

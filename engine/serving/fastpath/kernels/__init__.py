@@ -152,9 +152,10 @@ def available() -> bool:
 
 def int8_why_not() -> str:
     """"" when the int8 linear kernel (int8_gemm.c) runs here, else why not (then int8 layers stay on fbgemm)."""
+    why = why_not()  # loads the library, or registers the ops' torch-ops references
     if os.environ.get("MYNAH_INT8_KERNEL", "").lower() == "off":
         return "turned off (MYNAH_INT8_KERNEL=off)"
-    return why_not() or _cpu_has_flags(INT8_CPU_FLAGS)
+    return why or _cpu_has_flags(INT8_CPU_FLAGS)
 
 
 def fits(head_dim: int) -> bool:

@@ -133,7 +133,17 @@ VNNI void mynah_linear_u8s8(const uint8_t *q, int64_t m, int64_t kp, const int8_
  * bytes apart. Linux lends a process the tile registers on request (arch_prctl); 1 when granted. */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
+/* Compilers without AMX intrinsics (GCC < 11, Clang < 12) build the rest: AMX is then never enabled. */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define MYNAH_HAVE_AMX 1
+#endif
 
+#ifndef MYNAH_HAVE_AMX
+int mynah_amx_enable(void) { return 0; }
+void mynah_linear_u8s8_amx(const uint8_t *q, int64_t blocks, int64_t kp, const int8_t *w, int64_t n, const float *scale,
+                           const int32_t *zero, const int32_t *w_sum, const float *w_scale, const float *bias, float *y,
+                           int64_t p0, int64_t p1) {}
+#else
 int mynah_amx_enable(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return 0;
@@ -210,3 +220,4 @@ AMX void mynah_linear_u8s8_amx(const uint8_t *q, int64_t blocks, int64_t kp, con
     }
     _tile_release();
 }
+#endif  /* MYNAH_HAVE_AMX */
