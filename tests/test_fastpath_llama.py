@@ -82,6 +82,24 @@ async def test_fp32_llama_fast_path_gives_hf_generates_greedy_tokens_with_rows_j
     assert got == expected and alone == expected
 
 
+async def test_a_burst_prefilled_in_groups_gives_transformers_greedy_tokens(folder, monkeypatch):
+    """A burst's contexts are prefilled a group at a time (fastpath.prefill_groups), each group into its own
+    cache rows; groups of one or two contexts here (a budget of 12 tokens) must give every chat exactly what
+    transformers' generate gives it alone."""
+    import engine.serving.fastpath as fastpath
+
+    loaded = load_model(str(folder))
+    lengths = [6 + 3 * i for i in range(len(PROMPTS))]
+    expected = [hf_generate(loaded, p, n) for p, n in zip(PROMPTS, lengths)]
+    contexts = [loaded.fmt.context_ids(p, 200) for p in PROMPTS]
+    assert len(fastpath.prefill_groups(contexts, 12)) > 1 and len(fastpath.prefill_groups(contexts, 10_000)) == 1
+    monkeypatch.setattr(fastpath, "PREFILL_CHUNK_TOKENS", 12)
+    async with Engine(loaded, SamplingParams(finish_sentences=False), max_batch_size=8) as engine:
+        got = await asyncio.gather(*[engine.reply(p, greedy(n)) for p, n in zip(PROMPTS, lengths)])
+        assert engine._decoder.name == "fast"
+    assert [r.text for r in got] == expected
+
+
 def _teacher_forced_argmax(loaded, fast: bool, ids: list[int]) -> list[int]:
     """Next-token argmax after each prefix of `ids` (prefill of 4 tokens, then decode steps)."""
     decoder = pick_decoder(loaded.model, "auto" if fast else "off", pad_id=loaded.fmt.pad_id)

@@ -68,7 +68,8 @@ class FastDecoder:
         cache.spare = self.spare
         if joins is not None and joins.rows:  # rows and columns the merged batch needs, where its buffer lacks them
             rows, columns = joins.rows + len(expand), max(joins.cache.capacity()[1], max(map(len, contexts)) + room)
-            if joins.cache.capacity() < (rows, columns) or joins.cache.capacity()[1] < columns:
+            have_rows, have_columns = joins.cache.capacity()
+            if have_rows < rows or have_columns < columns:
                 cache.reserve(rows, columns)
         cache.add_rows([len(c) for c in contexts], room)
         first, parts = cache.rows - len(contexts), []
@@ -92,9 +93,9 @@ class FastDecoder:
 def prefill_groups(contexts: list[list[int]], budget: int) -> list[list[list[int]]]:
     """`contexts` in order, in groups of at most `budget` tokens (a longer context alone).
 
-    Why: a prefill's activations grow with its tokens; a 16-chat SmolLM2 burst's ~1,350 context
-    tokens held ~25 MB of them at once, the largest part of the bot's int8 peak after the KV cache.
-    Groups of ~384 tokens keep the matrix products wide enough to run at full speed (AMX, MKL).
+    Why: a prefill's activations grow with its tokens (a 16-chat SmolLM2 burst's ~1,000 packed
+    tokens: ~25 MB of them at once, all resident at the peak); groups of ~384 tokens hold a third
+    of that and keep the matrix products wide enough to run at full speed (AMX, MKL).
     """
     groups, size = [[]], 0
     for context in contexts:
