@@ -250,9 +250,9 @@ async def test_a_held_burst_is_prefilled_as_one_batch_and_an_unused_ticket_relea
     groups: list[int] = []
     real = Engine._prefill
 
-    def spy(self, loaded, admitted):
+    def spy(self, loaded, admitted, running=None):
         groups.append(len(admitted))
-        return real(self, loaded, admitted)
+        return real(self, loaded, admitted, running)
 
     monkeypatch.setattr(Engine, "_prefill", spy)
     async with Engine(dialogpt, SamplingParams(max_new_tokens=3, min_new_tokens=3)) as engine:

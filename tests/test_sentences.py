@@ -62,8 +62,8 @@ def _engine_reply(tiny_dialogpt, words: list[str], **params):
             class Decoder:
                 name, step = real.name, 0
 
-                def prefill(self, contexts, expand, room=0):
-                    state, logits = real.prefill(contexts, expand, room)
+                def prefill(self, contexts, expand, room=0, joins=None):
+                    state, logits = real.prefill(contexts, expand, room, joins)
                     self.step = 0
                     return state, force(logits, 0)
 

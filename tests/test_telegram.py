@@ -675,9 +675,9 @@ async def test_sixteen_messages_fetched_together_reach_the_engine_in_one_batch(b
     groups: list[int] = []
     real = Engine._prefill
 
-    def spy(self, loaded, admitted):
+    def spy(self, loaded, admitted, running=None):
         groups.append(len(admitted))
-        return real(self, loaded, admitted)
+        return real(self, loaded, admitted, running)
 
     monkeypatch.setattr(Engine, "_prefill", spy)
     fake.message(1, "hello there")                      # the bot is polling: the burst comes in one fetch
