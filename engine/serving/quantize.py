@@ -218,7 +218,6 @@ def _int8_in_chunks(linear: nn.Linear) -> nn.Module:
     head); here the fp32 pages go as each block is done, and no placeholder is made.
     """
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-    from torch.ao.nn.quantized.modules.utils import _quantize_weight
 
     from engine.serving.int8_native import PANEL, NativeInt8Linear, int8_why_not
 
@@ -226,34 +225,35 @@ def _int8_in_chunks(linear: nn.Linear) -> nn.Module:
     if not int8_why_not() and linear.qconfig.weight().qscheme == torch.per_channel_symmetric:
         # Mynah's kernel (int8_native): each block packed as it is made (no fbgemm pack, no whole int8 copy)
         layer = NativeInt8Linear(None, None, linear.bias, shape=tuple(weight.shape))
-        step = -(-CHUNK_ROWS // PANEL) * PANEL  # whole panels of the packed layout
-        for start in range(0, weight.shape[0], step):
-            block = weight[start:start + step]
-            observer = linear.qconfig.weight()
-            observer(block)
-            q = _quantize_weight(block.float(), observer)
+        for start, q in _quantized_blocks(linear, -(-CHUNK_ROWS // PANEL) * PANEL):  # whole panels of the layout
             layer.fill(start, q.int_repr(), q.q_per_channel_scales())
-            page_out([block])
-            del q
         return layer
     rows = torch.empty(weight.shape, dtype=torch.int8)
     scales, zeros = [], []
-    for start in range(0, weight.shape[0], CHUNK_ROWS):
-        block = weight[start:start + CHUNK_ROWS]
-        observer = linear.qconfig.weight()
-        observer(block)
-        q = _quantize_weight(block.float(), observer)
+    for start, q in _quantized_blocks(linear, CHUNK_ROWS):
         rows[start:start + CHUNK_ROWS] = q.int_repr()
         scales.append(q.q_per_channel_scales())
         zeros.append(q.q_per_channel_zero_points())
-        page_out([block])
-        del q
     qweight = torch._make_per_channel_quantized_tensor(rows, torch.cat(scales), torch.cat(zeros), 0)
     del rows
     qlinear = DynamicInt8Linear(1, 1, dtype=torch.qint8)  # a 1x1 placeholder, replaced below
     qlinear.in_features, qlinear.out_features = linear.in_features, linear.out_features
     qlinear.set_weight_bias(qweight, linear.bias)
     return qlinear
+
+
+def _quantized_blocks(linear: nn.Linear, step: int):
+    """(first row, that block of `step` rows quantized by the layer's per-channel qconfig), block by block;
+    each block's fp32 pages are paged out once the caller has taken its int8 rows."""
+    from torch.ao.nn.quantized.modules.utils import _quantize_weight
+
+    weight = linear.weight.detach()
+    for start in range(0, weight.shape[0], step):
+        block = weight[start:start + step]
+        observer = linear.qconfig.weight()
+        observer(block)
+        yield start, _quantize_weight(block.float(), observer)
+        page_out([block])
 
 
 def file_backed(t: torch.Tensor) -> bool:
