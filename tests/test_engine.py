@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from engine.serving.batcher import Engine, EngineBusy
 from engine.dialogue import DialogueFormat
 from engine.model import ModelLoadError, load_model
-from engine.serving.protocol import EngineStats, EngineStopped, ModelEngine, ReplyEngine
+from engine.serving.protocol import EngineStats, EngineStopped, EngineUnavailable, ModelEngine, ReplyEngine
 from engine.serving.sampling import SamplingParams
 from engine.types import max_positions, percentile
 
@@ -199,6 +199,43 @@ async def test_hot_swap_between_batches(tiny_dialogpt, dialogpt):
         engine.swap(other)
         second = await engine.reply(PROMPTS[0])
     assert first.model_version == dialogpt.version and second.model_version == "v0002"
+
+
+async def test_a_worker_that_dies_fails_every_waiting_chat_at_once(tiny_dialogpt, monkeypatch):
+    """A model the worker cannot serve (here its decoder fails to build) once killed the worker thread
+    and left every chat waiting for ever; now each waiting and later request fails with why."""
+    loaded = load_model(str(tiny_dialogpt))
+
+    def broken(self, loaded):
+        raise AttributeError("'LeanGPT2' object has no attribute 'get_input_embeddings'")
+
+    monkeypatch.setattr(Engine, "_make_decoder", broken)
+    async with Engine(loaded, SamplingParams(max_new_tokens=4)) as engine:
+        results = await asyncio.wait_for(asyncio.gather(*[engine.reply(PROMPTS[0]) for _ in range(3)],
+                                                        return_exceptions=True), 60)
+        assert all(isinstance(r, EngineUnavailable) and "get_input_embeddings" in str(r) for r in results), results
+        with pytest.raises(EngineUnavailable, match="the engine stopped"):
+            await engine.reply(PROMPTS[0])
+
+
+async def test_a_model_that_cannot_be_served_is_not_swapped_in(tiny_dialogpt, dialogpt, monkeypatch):
+    """A promoted model whose decoder fails to build: the swap reports the error and the engine goes
+    on serving the model it had."""
+    other = load_model(str(tiny_dialogpt), version="v0009")
+    make = Engine._make_decoder
+
+    def picky(self, loaded):
+        if loaded.version == "v0009":
+            raise RuntimeError("cannot serve this one")
+        make(self, loaded)
+
+    monkeypatch.setattr(Engine, "_make_decoder", picky)
+    async with Engine(dialogpt, SamplingParams(max_new_tokens=4)) as engine:
+        await engine.reply(PROMPTS[0])
+        with pytest.raises(RuntimeError, match="cannot serve this one"):
+            await asyncio.wait_for(asyncio.wrap_future(engine.swap(other)), 60)
+        reply = await engine.reply(PROMPTS[0])
+    assert reply.model_version == dialogpt.version
 
 
 def test_missing_and_corrupt_models_give_clear_errors(tmp_path, tiny_dialogpt):

@@ -90,6 +90,25 @@ def test_the_engine_serves_a_packed_fast_path(model_path, monkeypatch):
     assert any(isinstance(m, quantize.PackedLinear) for m in loaded.model.modules())
 
 
+def test_a_lean_model_is_packed_and_served_as_transformers_one_is(model_path, monkeypatch):
+    """`mynah run` serves lean models (engine.lean); on every CPU but Intel's their fp32 layers and
+    tied head are packed too (a missing get_input_embeddings once killed the engine thread there)."""
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
+    before = _logits(load_model(str(model_path), lean=True).model)
+    loaded = load_model(str(model_path), lean=True)
+    assert getattr(loaded.model, "lean", False)
+
+    async def run():
+        async with Engine(loaded, SamplingParams(max_new_tokens=6)) as engine:
+            return await engine.reply([("user", "hello there")])
+
+    assert asyncio.run(run()).text.strip() and loaded.packed
+    assert isinstance(loaded.model.get_output_embeddings(), quantize.PackedHead)
+    assert isinstance(loaded.model.get_input_embeddings(), FileRows)
+    for got, want in zip(_logits(loaded.model), before):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("vendor, packs", [("GenuineIntel", False), ("AuthenticAMD", True), ("unknown", True)])
 def test_the_cpu_vendor_decides_where_mkl_keeps_fp32(vendor, packs, monkeypatch):
     monkeypatch.setattr(cpu, "vendor", lambda: vendor)

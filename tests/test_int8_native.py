@@ -151,29 +151,34 @@ def test_the_block_of_rows_path_makes_the_same_layer_as_from_float(monkeypatch):
         assert torch.equal(a, b)
 
 
-AMX_OFF = """
+ISA_PROBE = """
 import torch
 from engine.serving.int8_native import NativeInt8Linear
 torch.manual_seed(3)
-rows, scales, x = torch.randint(-127, 128, (200, 128), dtype=torch.int8), torch.rand(200) / 100, torch.randn(48, 128)
-torch.save(NativeInt8Linear(rows, scales, None)(x), OUT)
+outs = []
+for n, k, m in ((203, 128, 48), (77, 130, 5), (64, 576, 1)):  # AMX blocks, odd widths (masked tails), one row
+    rows, scales, x = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100, torch.randn(m, k) * 3
+    outs.append(NativeInt8Linear(rows, scales, torch.randn(n))(x))
+torch.save(outs, OUT)
 """
 
 
 @needs_int8_kernel
-def test_amx_and_vnni_give_the_same_bits(tmp_path):
-    """Calls of 16 rows or more take AMX where the CPU has it; `MYNAH_AMX=off` (a fresh process: the
-    choice is made once) keeps VNNI. Integer sums are exact either way, and the scaling is the same."""
+@pytest.mark.parametrize("switch", ["MYNAH_AMX", "MYNAH_VNNI"])
+def test_every_instruction_set_gives_the_same_bits(tmp_path, switch):
+    """The kernel takes AMX for blocks of 16 rows and VNNI for the rest where the CPU has them, AVX2
+    elsewhere (AMD before Zen 4). `MYNAH_AMX=off` keeps VNNI and `MYNAH_VNNI=off` takes AVX2 (a fresh
+    process: the choice is made once); integer sums are exact on each, and the scaling is the same."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    here = tmp_path / "here.pt"
-    code = AMX_OFF.replace("OUT", repr(str(tmp_path / "vnni.pt")))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root), "MYNAH_AMX": "off"})
+    here, there = tmp_path / "here.pt", tmp_path / "there.pt"
+    out = subprocess.run([sys.executable, "-c", ISA_PROBE.replace("OUT", repr(str(there)))], capture_output=True,
+                         text=True, timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root), switch: "off"})
     assert out.returncode == 0, out.stderr[-2000:]
-    exec(AMX_OFF.replace("OUT", repr(str(here))), {})
-    assert torch.equal(torch.load(here), torch.load(tmp_path / "vnni.pt"))
+    exec(ISA_PROBE.replace("OUT", repr(str(here))), {})
+    for a, b in zip(torch.load(here), torch.load(there), strict=True):
+        assert torch.equal(a, b)

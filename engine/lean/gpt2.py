@@ -100,6 +100,9 @@ class LeanGPT2(LeanModel):
         super().__init__(config, config.n_embd, config.vocab_size)
         self.transformer = Transformer(config)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.transformer.wte
+
 
 def load_lean_gpt2(folder: str | Path) -> LeanGPT2:
     """The checkpoint in `folder` as a `LeanGPT2` in eval mode; LeanLoadError when its names or shapes

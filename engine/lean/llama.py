@@ -137,6 +137,9 @@ class LeanLlama(LeanModel):
         super().__init__(config, config.hidden_size, config.vocab_size)
         self.model = Base(config, bias)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
 
 def load_lean_llama(folder: str | Path) -> LeanLlama:
     """The checkpoint in `folder` (one `lean_llama_reason` accepts: engine.lean.load_lean asks) as a

@@ -86,5 +86,12 @@ class LeanModel(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def set_output_embeddings(self, head: nn.Module) -> None:
+        self.lm_head = head
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token-embedding table (transformers' name for it: what the serving code asks for)."""
+        raise NotImplementedError
+
     def forward(self, *args, **kwargs):
         raise NotImplementedError("a lean model is served by the fast path only; load it with transformers for its own forward")

@@ -242,7 +242,11 @@ class Engine(WorkerThread, ModelEngine):
                 and loaded.device.type == "cpu":
             started = time.perf_counter()
             self._decoder = None  # it holds the unpacked weights: each must be freed as soon as it is packed
-            loaded.packed = pack_if_faster(loaded.model) > 0  # fp32 layers only (int8 ones are not nn.Linear)
+            try:
+                loaded.packed = pack_if_faster(loaded.model) > 0  # fp32 layers only (int8 ones are not nn.Linear)
+            except Exception:  # an optimisation only: serve what is packed and what is not as they are
+                log.exception("could not pack the fp32 layers for oneDNN; serving them as they are")
+                loaded.packed = True  # do not try again on the next swap of this model
             if loaded.packed:
                 log.info("fp32 layers packed for oneDNN (faster on this CPU) in %.1f s", time.perf_counter() - started)
             self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id, grow_cache=self.grow_cache)
@@ -284,6 +288,7 @@ class Engine(WorkerThread, ModelEngine):
                     self._apply_threads()
                 with self._wake:
                     if batch is None and self._pending_swap is not None:
+                        previous = self._loaded
                         (self._loaded, landed), self._pending_swap = self._pending_swap, None
                         self._prepare(self._loaded)
                         swapped = True
@@ -303,10 +308,14 @@ class Engine(WorkerThread, ModelEngine):
                 if swapped:  # outside the lock: reply() must not wait for this
                     try:
                         self._make_decoder(self._loaded)
-                    except BaseException as exc:
+                    except Exception as exc:  # a model that cannot be served: keep serving the one that could
+                        log.exception("model version %s cannot be served; still serving %s", self._loaded.version,
+                                      previous.version)
                         landed.set_exception(exc)
-                        raise
-                    landed.set_result(self._loaded.version)
+                        self._loaded = previous
+                        self._make_decoder(previous)
+                    else:
+                        landed.set_result(self._loaded.version)
                     if batch is None and not admitted:
                         continue
                 if admitted and batch is None:

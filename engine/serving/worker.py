@@ -3,12 +3,15 @@ woken through the condition `self._wake`, stopped after what is in flight has fi
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
 
-from engine.serving.protocol import EngineBusy, EngineStats, EngineStopped
+from engine.serving.protocol import EngineBusy, EngineStats, EngineStopped, EngineUnavailable
 from engine.types import percentile
+
+log = logging.getLogger(__name__)
 
 
 def auto_threads() -> int:
@@ -26,19 +29,44 @@ def auto_threads() -> int:
     return max(1, cores - 1)
 
 
+def fail(request, exc: BaseException) -> None:
+    """Resolve a queued request's future (on its event loop) with `exc`."""
+    def _set():
+        if not request.future.done():
+            request.future.set_exception(exc)
+
+    request.loop.call_soon_threadsafe(_set)
+
+
 class WorkerThread:
     """start / stop / `async with` and queue admission for an engine that sets `_wake` (a
     Condition), `_running`, `_thread`, `_queue` and `max_queue` in its constructor and defines
     `_run` (the worker loop)."""
 
     thread_name = "mynah-engine"
+    died: str = ""  # why the worker thread stopped on an error ("" while it serves)
 
     def start(self) -> None:
         if self._running:
             return
-        self._running = True
-        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._running, self.died = True, ""
+        self._thread = threading.Thread(target=self._guarded_run, name=self.thread_name, daemon=True)
         self._thread.start()
+
+    def _guarded_run(self) -> None:
+        """`_run`; should it die (a model that cannot be served, a bug), every waiting request fails
+        with why at once and later ones are refused (EngineUnavailable: the bot apologises),
+        instead of each chat waiting for a reply that never comes."""
+        try:
+            self._run()
+        except BaseException as exc:
+            log.exception("the engine's worker thread stopped")
+            with self._wake:
+                self._running, self.died = False, f"{type(exc).__name__}: {exc}"[:300]
+                waiting = list(self._queue)
+                self._queue.clear()
+            for request in waiting:
+                fail(request, EngineUnavailable(f"the engine stopped: {self.died}"))
 
     async def stop(self) -> None:
         """Finish what is in flight, then stop the worker."""
@@ -53,6 +81,8 @@ class WorkerThread:
         """Queue `request` (it has a `future`) for the worker and await its reply; EngineStopped
         when stopped, EngineBusy when max_queue requests already wait."""
         with self._wake:
+            if self.died:
+                raise EngineUnavailable(f"the engine stopped: {self.died}")
             if not self._running:
                 raise EngineStopped("the engine is not running")
             if len(self._queue) >= self.max_queue:

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_attention.c", HERE / "int8_gemm.c", HERE / "op.cpp")
 CPU_FLAGS = ("avx2", "fma", "f16c")
-INT8_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # int8_gemm.c's instructions
 SCHEMAS = ("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor",
            "gelu_tanh_(Tensor(a!) x) -> Tensor(a!)",
            "linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int n) -> Tensor",
@@ -155,7 +154,7 @@ def int8_why_not() -> str:
     why = why_not()  # loads the library, or registers the ops' torch-ops references
     if os.environ.get("MYNAH_INT8_KERNEL", "").lower() == "off":
         return "turned off (MYNAH_INT8_KERNEL=off)"
-    return why or _cpu_has_flags(INT8_CPU_FLAGS)
+    return why
 
 
 def fits(head_dim: int) -> bool:

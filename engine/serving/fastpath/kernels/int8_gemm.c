@@ -127,6 +127,119 @@ VNNI void mynah_linear_u8s8(const uint8_t *q, int64_t m, int64_t kp, const int8_
     }
 }
 
+/* AVX2 (every x86-64 CPU the library builds for: AMD before Zen 4 has no VNNI). The same numbers, the
+ * same packed weights: rows are quantized exactly as above but kept as 16-bit integers, and VPMADDWD
+ * multiplies a row's 4 inputs (broadcast) by 4 columns' 4 weights (widened to 16 bits), two inputs
+ * summed per 32-bit lane; adjacent lanes are added at the end. 16-bit products cannot saturate (VPMADDUBSW,
+ * fbgemm's AVX2 instruction, can, which is why torch's x86 int8 quantizes its inputs to 7 bits), so the
+ * integer sums are exact and the outputs VNNI's bit for bit. */
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* mynah_quantize_rows, into 16-bit integers (the same q values). */
+AVX2 void mynah_quantize_rows_avx2(const float *x, int64_t m, int64_t k, int64_t kp, int16_t *q, float *scale,
+                                   int32_t *zero) {
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = x + r * k;
+        int16_t *qr = q + r * kp;
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + i);
+            lo = _mm256_min_ps(lo, v);
+            hi = _mm256_max_ps(hi, v);
+        }
+        float lo_s = 0.0f, hi_s = 0.0f, lanes[16];
+        _mm256_storeu_ps(lanes, lo);
+        _mm256_storeu_ps(lanes + 8, hi);
+        for (int j = 0; j < 8; j++) {
+            lo_s = lanes[j] < lo_s ? lanes[j] : lo_s;
+            hi_s = lanes[8 + j] > hi_s ? lanes[8 + j] : hi_s;
+        }
+        for (; i < k; i++) {
+            lo_s = xr[i] < lo_s ? xr[i] : lo_s;
+            hi_s = xr[i] > hi_s ? xr[i] : hi_s;
+        }
+        float s = (hi_s - lo_s) / 255.0f;
+        if (!(s > 0.0f) || !isfinite(s)) s = 1.0f;
+        int32_t z = (int32_t)nearbyintf(-lo_s / s);
+        z = z < 0 ? 0 : z > 255 ? 255 : z;
+        scale[r] = s;
+        zero[r] = z;
+        const float inv = 1.0f / s;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        const __m256i vz = _mm256_set1_epi32(z), zeros = _mm256_setzero_si256(), top = _mm256_set1_epi32(255);
+        for (i = 0; i + 8 <= k; i += 8) {
+            __m256i v = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv)), vz);
+            v = _mm256_min_epi32(_mm256_max_epi32(v, zeros), top);
+            _mm_storeu_si128((__m128i *)(qr + i), _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+        }
+        for (; i < k; i++) {
+            const int32_t v = (int32_t)nearbyintf(xr[i] * inv) + z;
+            qr[i] = (int16_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+        }
+        for (; i < kp; i++) qr[i] = (int16_t)z;
+    }
+}
+
+/* rows (1 or 2) x 16 columns of a panel (w: the panel plus 4 x the first column), cols of them real. */
+static inline __attribute__((always_inline)) AVX2 void tile_avx2(const int16_t *q, int64_t kp, const int8_t *w,
+                                                                 const int rows, const float *scale,
+                                                                 const int32_t *zero, const int32_t *w_sum,
+                                                                 const float *w_scale, const float *bias, float *y,
+                                                                 int64_t ldy, int64_t cols) {
+    __m256i acc[2][4];
+    for (int r = 0; r < 2; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm256_setzero_si256();
+    for (int64_t g = 0; g < kp / 4; g++) {
+        const int8_t *wg = w + g * 256;  /* 4 columns x 4 inputs per 16 bytes */
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wg));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16)));
+        const __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 32)));
+        const __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 48)));
+        for (int r = 0; r < rows; r++) {
+            const __m256i xb = _mm256_set1_epi64x(*(const int64_t *)(q + r * kp + 4 * g));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xb, w0));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xb, w1));
+            acc[r][2] = _mm256_add_epi32(acc[r][2], _mm256_madd_epi16(xb, w2));
+            acc[r][3] = _mm256_add_epi32(acc[r][3], _mm256_madd_epi16(xb, w3));
+        }
+    }
+    for (int h = 0; h < 2 && 8 * h < cols; h++) {  /* columns 8h … 8h+7 */
+        const int64_t left = cols - 8 * h;
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 8 ? left : 8)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(w_sum + 8 * h)));
+        const __m256 ws = _mm256_loadu_ps(w_scale + 8 * h);
+        const __m256 b = bias ? _mm256_loadu_ps(bias + 8 * h) : _mm256_setzero_ps();
+        for (int r = 0; r < rows; r++) {
+            /* lanes (c0 c0 c1 c1 | c2 c2 c3 c3) and the next 4 columns: pairwise sums, back in column order */
+            const __m256i pairs = _mm256_hadd_epi32(acc[r][2 * h], acc[r][2 * h + 1]);
+            const __m256i sum = _mm256_permute4x64_epi64(pairs, 0xd8);
+            const __m256 a = _mm256_fnmadd_ps(_mm256_set1_ps((float)zero[r]), sums, _mm256_cvtepi32_ps(sum));
+            _mm256_maskstore_ps(y + r * ldy + 8 * h, mask, _mm256_fmadd_ps(a, _mm256_mul_ps(ws, _mm256_set1_ps(scale[r])), b));
+        }
+    }
+}
+
+/* mynah_linear_u8s8 on AVX2: q (m, kp) from mynah_quantize_rows_avx2. */
+AVX2 void mynah_linear_u8s8_avx2(const int16_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t n,
+                                 const float *scale, const int32_t *zero, const int32_t *w_sum, const float *w_scale,
+                                 const float *bias, float *y, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+        for (int64_t at = p * 64; at < p * 64 + 64 && at < n; at += 16) {
+            const int8_t *strip = w + p * kp * 64 + 4 * (at - p * 64);
+            const int64_t cols = n - at < 16 ? n - at : 16;
+            const float *b = bias ? bias + at : 0;
+            for (int64_t r = 0; r < m; r += 2) {
+                if (m - r >= 2)
+                    tile_avx2(q + r * kp, kp, strip, 2, scale + r, zero + r, w_sum + at, w_scale + at, b, y + r * n + at, n, cols);
+                else
+                    tile_avx2(q + r * kp, kp, strip, 1, scale + r, zero + r, w_sum + at, w_scale + at, b, y + r * n + at, n, cols);
+            }
+        }
+    }
+}
+
 /* AMX (Intel since Sapphire Rapids): 16 rows x 16 columns x 64 inputs per instruction, ~16x VNNI's
  * work per cycle, for the calls with 16 rows or more (a prefill, a busy decode step). The packed
  * layout is already what a B tile reads: 16 groups of 4 inputs, 64 bytes of 16 columns each, 256

@@ -27,14 +27,31 @@ extern "C" void mynah_quantize_rows(const float *x, int64_t m, int64_t k, int64_
 extern "C" void mynah_linear_u8s8(const uint8_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t n, const float *scale,
                                   const int32_t *zero, const int32_t *w_sum, const float *w_scale, const float *bias,
                                   float *y, int64_t p0, int64_t p1);
+extern "C" void mynah_quantize_rows_avx2(const float *x, int64_t m, int64_t k, int64_t kp, int16_t *q, float *scale,
+                                         int32_t *zero);
+extern "C" void mynah_linear_u8s8_avx2(const int16_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t n,
+                                       const float *scale, const int32_t *zero, const int32_t *w_sum,
+                                       const float *w_scale, const float *bias, float *y, int64_t p0, int64_t p1);
 extern "C" int mynah_amx_enable(void);
 extern "C" void mynah_linear_u8s8_amx(const uint8_t *q, int64_t blocks, int64_t kp, const int8_t *w, int64_t n,
                                       const float *scale, const int32_t *zero, const int32_t *w_sum,
                                       const float *w_scale, const float *bias, float *y, int64_t p0, int64_t p1);
 
+// AVX-512 VNNI where the CPU has it and MYNAH_VNNI is not "off"; else the AVX2 kernel (the same numbers).
+static bool vnni_ready() {
+    static const bool ready = [] {
+        const char *env = std::getenv("MYNAH_VNNI");
+        return !(env && std::string(env) == "off") && __builtin_cpu_supports("avx512vnni")
+               && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+               && __builtin_cpu_supports("avx512dq");
+    }();
+    return ready;
+}
+
 // AMX for calls of 16 rows or more, where the CPU has it, Linux lends it and MYNAH_AMX is not "off".
 static bool amx_ready() {
     static const bool ready = [] {
+        if (!vnni_ready()) return false;
         const char *env = std::getenv("MYNAH_AMX");
         return !(env && std::string(env) == "off") && mynah_amx_enable() != 0;
     }();
@@ -126,12 +143,21 @@ static at::Tensor linear_u8s8(const at::Tensor &x, const at::Tensor &w, const at
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty({m, n}, xc.options());
     if (m == 0) return y;
-    std::vector<uint8_t> q(static_cast<size_t>(m * kp));
     std::vector<float> scale(static_cast<size_t>(m));
     std::vector<int32_t> zero(static_cast<size_t>(m));
-    mynah_quantize_rows(xc.data_ptr<float>(), m, k, kp, q.data(), scale.data(), zero.data());
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kp * 64 * std::min<int64_t>(m, 16)));
     const float *b = has_bias ? bias->data_ptr<float>() : nullptr;
+    if (!vnni_ready()) {
+        std::vector<int16_t> q16(static_cast<size_t>(m * kp));
+        mynah_quantize_rows_avx2(xc.data_ptr<float>(), m, k, kp, q16.data(), scale.data(), zero.data());
+        at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+            mynah_linear_u8s8_avx2(q16.data(), m, kp, w.data_ptr<int8_t>(), n, scale.data(), zero.data(),
+                                   w_sum.data_ptr<int32_t>(), w_scale.data_ptr<float>(), b, y.data_ptr<float>(), begin, end);
+        });
+        return y;
+    }
+    std::vector<uint8_t> q(static_cast<size_t>(m * kp));
+    mynah_quantize_rows(xc.data_ptr<float>(), m, k, kp, q.data(), scale.data(), zero.data());
     const int64_t tiled = (m >= 16 && kp % 64 == 0 && amx_ready()) ? m / 16 : 0;  // blocks of 16 rows by AMX
     const int64_t rest = tiled * 16;
     at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
