@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.serving.fastpath.kernels import int8_why_not
+from engine.serving.fastpath.kernels import int8_vnni, int8_why_not
 
-PANEL = 64   # output columns per packed panel (int8_gemm.c)
+VNNI_PANEL, AVX2_PANEL = 64, 16  # output columns per packed panel (int8_gemm.c)
 GROUP = 4    # inputs per group
 PACK_ROWS = 4096  # rows packed at a time
 
@@ -35,8 +35,9 @@ class NativeInt8Linear(nn.Module):
         int8_why_not()  # the op's implementation is loaded (the native kernel, or its torch-ops reference)
         n, k = rows.shape if rows is not None else shape
         self.in_features, self.out_features = k, n
-        padded_n, padded_k = -(-n // PANEL) * PANEL, -(-k // GROUP) * GROUP
-        self.register_buffer("packed", torch.empty(padded_n // PANEL, padded_k // GROUP, PANEL, GROUP, dtype=torch.int8))
+        panel = panel_width()
+        padded_n, padded_k = -(-n // panel) * panel, -(-k // GROUP) * GROUP
+        self.register_buffer("packed", torch.empty(padded_n // panel, padded_k // GROUP, panel, GROUP, dtype=torch.int8))
         self.register_buffer("w_sum", torch.zeros(padded_n, dtype=torch.int32))
         self.register_buffer("w_scale", torch.zeros(padded_n))
         self.register_buffer("bias_padded", None if bias is None else _padded(bias.detach().float(), padded_n))
@@ -48,11 +49,11 @@ class NativeInt8Linear(nn.Module):
 
     def fill(self, start: int, rows: torch.Tensor, scales: torch.Tensor) -> None:
         """Pack int8 `rows` (and their scales) as outputs start … start+len-1; start a multiple of 64."""
-        padded_k = self.packed.shape[1] * GROUP
-        count = -(-max(rows.shape[0], 1) // PANEL) * PANEL
+        padded_k, panel = self.packed.shape[1] * GROUP, self.packed.shape[2]
+        count = -(-max(rows.shape[0], 1) // panel) * panel
         block = torch.zeros(count, padded_k, dtype=torch.int8)
         block[:rows.shape[0], :self.in_features] = rows
-        self.packed[start // PANEL:(start + count) // PANEL] = block.view(-1, PANEL, padded_k // GROUP, GROUP).permute(0, 2, 1, 3)
+        self.packed[start // panel:(start + count) // panel] = block.view(-1, panel, padded_k // GROUP, GROUP).permute(0, 2, 1, 3)
         self.w_sum[start:start + rows.shape[0]] = rows.sum(1, dtype=torch.int32)
         self.w_scale[start:start + rows.shape[0]] = scales.float()
 
@@ -64,8 +65,8 @@ class NativeInt8Linear(nn.Module):
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The int8 weight rows (out, in), their scales and the bias: the packing undone."""
-        panels, groups = self.packed.shape[:2]
-        rows = self.packed.permute(0, 2, 1, 3).reshape(panels * PANEL, groups * GROUP)
+        panels, groups, panel = self.packed.shape[:3]
+        rows = self.packed.permute(0, 2, 1, 3).reshape(panels * panel, groups * GROUP)
         n, k = self.out_features, self.in_features
         bias = None if self.bias_padded is None else self.bias_padded[:n]
         return rows[:n, :k], self.w_scale[:n], bias
@@ -76,7 +77,14 @@ class NativeInt8Linear(nn.Module):
         return n * self.in_features + (4 * n if self.bias_padded is not None else 0)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 (Mynah's VNNI kernel)"
+        isa = "VNNI" if self.packed.shape[2] == VNNI_PANEL else "AVX2"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 (Mynah's {isa} kernel)"
+
+
+def panel_width() -> int:
+    """Output columns per packed panel: 64 for the VNNI/AMX kernel, 16 for the AVX2 one (each
+    16-column strip then lies front to back in memory: a one-row step streams it)."""
+    return VNNI_PANEL if int8_vnni() else AVX2_PANEL
 
 
 def _padded(values: torch.Tensor, length: int) -> torch.Tensor:

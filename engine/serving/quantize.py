@@ -219,13 +219,13 @@ def _int8_in_chunks(linear: nn.Linear) -> nn.Module:
     """
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    from engine.serving.int8_native import PANEL, NativeInt8Linear, int8_why_not
+    from engine.serving.int8_native import VNNI_PANEL, NativeInt8Linear, int8_why_not
 
     weight = linear.weight.detach()
     if not int8_why_not() and linear.qconfig.weight().qscheme == torch.per_channel_symmetric:
         # Mynah's kernel (int8_native): each block packed as it is made (no fbgemm pack, no whole int8 copy)
         layer = NativeInt8Linear(None, None, linear.bias, shape=tuple(weight.shape))
-        for start, q in _quantized_blocks(linear, -(-CHUNK_ROWS // PANEL) * PANEL):  # whole panels of the layout
+        for start, q in _quantized_blocks(linear, -(-CHUNK_ROWS // VNNI_PANEL) * VNNI_PANEL):  # whole panels of the layout
             layer.fill(start, q.int_repr(), q.q_per_channel_scales())
         return layer
     rows = torch.empty(weight.shape, dtype=torch.int8)

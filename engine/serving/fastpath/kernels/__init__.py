@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_attention.c", HERE / "int8_gemm.c", HERE / "op.cpp")
 CPU_FLAGS = ("avx2", "fma", "f16c")
+VNNI_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # int8_gemm.c's VNNI/AMX path
 SCHEMAS = ("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor",
            "gelu_tanh_(Tensor(a!) x) -> Tensor(a!)",
            "linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int n) -> Tensor",
@@ -157,6 +158,12 @@ def int8_why_not() -> str:
     return why
 
 
+def int8_vnni() -> bool:
+    """Whether int8 layers take the AVX-512 VNNI kernel (and AMX where there is one) rather than the
+    AVX2 one: the CPU has VNNI and `MYNAH_VNNI` is not "off". Their weights are packed to suit."""
+    return os.environ.get("MYNAH_VNNI", "").lower() != "off" and not _cpu_has_flags(VNNI_CPU_FLAGS)
+
+
 def fits(head_dim: int) -> bool:
     """True when the kernel is ready and serves heads `head_dim` wide (a multiple of 8, at most 256)."""
     return head_dim % 8 == 0 and head_dim <= 256 and available()
@@ -184,8 +191,8 @@ def reference_linear_u8s8(x: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
                           bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """What `mynah::linear_u8s8` computes (int8_gemm.c's numbers), in torch ops: x (M, K) float32 → (M, n)."""
     m, k = x.shape
-    panels, groups = w.shape[:2]
-    rows = w.permute(0, 2, 1, 3).reshape(panels * 64, groups * 4)[:n, :k]  # (n, k) int8: the packing undone
+    panels, groups, width = w.shape[:3]
+    rows = w.permute(0, 2, 1, 3).reshape(panels * width, groups * 4)[:n, :k]  # (n, k) int8: the packing undone
     lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
     s = (hi - lo) / 255
     s = torch.where((s > 0) & s.isfinite(), s, torch.ones_like(s))

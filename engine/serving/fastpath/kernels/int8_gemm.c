@@ -181,9 +181,17 @@ AVX2 void mynah_quantize_rows_avx2(const float *x, int64_t m, int64_t k, int64_t
     }
 }
 
-/* rows (1 or 2) x 16 columns of a panel (w: the panel plus 4 x the first column), cols of them real. */
+/* 8 floats to y, or the first `cols` of them (a masked store is slow on AMD: only for a last, short group). */
+static inline __attribute__((always_inline)) AVX2 void store8(float *y, int64_t cols, __m256i mask, __m256 v) {
+    if (cols >= 8)
+        _mm256_storeu_ps(y, v);
+    else
+        _mm256_maskstore_ps(y, mask, v);
+}
+
+/* rows (1 or 2) x 16 columns: w the first column's 4 bytes of group 0, groups `step` bytes apart. */
 static inline __attribute__((always_inline)) AVX2 void tile_avx2(const int16_t *q, int64_t kp, const int8_t *w,
-                                                                 const int rows, const float *scale,
+                                                                 int64_t step, const int rows, const float *scale,
                                                                  const int32_t *zero, const int32_t *w_sum,
                                                                  const float *w_scale, const float *bias, float *y,
                                                                  int64_t ldy, int64_t cols) {
@@ -191,7 +199,7 @@ static inline __attribute__((always_inline)) AVX2 void tile_avx2(const int16_t *
     for (int r = 0; r < 2; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm256_setzero_si256();
     for (int64_t g = 0; g < kp / 4; g++) {
-        const int8_t *wg = w + g * 256;  /* 4 columns x 4 inputs per 16 bytes */
+        const int8_t *wg = w + g * step;  /* 4 columns x 4 inputs per 16 bytes */
         const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wg));
         const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16)));
         const __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 32)));
@@ -216,25 +224,64 @@ static inline __attribute__((always_inline)) AVX2 void tile_avx2(const int16_t *
             const __m256i pairs = _mm256_hadd_epi32(acc[r][2 * h], acc[r][2 * h + 1]);
             const __m256i sum = _mm256_permute4x64_epi64(pairs, 0xd8);
             const __m256 a = _mm256_fnmadd_ps(_mm256_set1_ps((float)zero[r]), sums, _mm256_cvtepi32_ps(sum));
-            _mm256_maskstore_ps(y + r * ldy + 8 * h, mask, _mm256_fmadd_ps(a, _mm256_mul_ps(ws, _mm256_set1_ps(scale[r])), b));
+            store8(y + r * ldy + 8 * h, left, mask, _mm256_fmadd_ps(a, _mm256_mul_ps(ws, _mm256_set1_ps(scale[r])), b));
         }
     }
 }
 
-/* mynah_linear_u8s8 on AVX2: q (m, kp) from mynah_quantize_rows_avx2. */
-AVX2 void mynah_linear_u8s8_avx2(const int16_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t n,
+/* 4 rows x 8 columns (w as in tile_avx2, the strip's first or second 8 columns): more rows per weight load. */
+static inline __attribute__((always_inline)) AVX2 void tile4_avx2(const int16_t *q, int64_t kp, const int8_t *w,
+                                                                  int64_t step, const float *scale, const int32_t *zero,
+                                                                  const int32_t *w_sum, const float *w_scale,
+                                                                  const float *bias, float *y, int64_t ldy, int64_t cols) {
+    __m256i acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int64_t g = 0; g < kp / 4; g++) {
+        const int8_t *wg = w + g * step;
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wg));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16)));
+        for (int r = 0; r < 4; r++) {
+            const __m256i xb = _mm256_set1_epi64x(*(const int64_t *)(q + r * kp + 4 * g));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xb, w0));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xb, w1));
+        }
+    }
+    if (cols <= 0) return;
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(cols < 8 ? cols : 8)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 sums = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)w_sum));
+    const __m256 ws = _mm256_loadu_ps(w_scale);
+    const __m256 b = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    for (int r = 0; r < 4; r++) {
+        const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xd8);
+        const __m256 a = _mm256_fnmadd_ps(_mm256_set1_ps((float)zero[r]), sums, _mm256_cvtepi32_ps(sum));
+        store8(y + r * ldy, cols, mask, _mm256_fmadd_ps(a, _mm256_mul_ps(ws, _mm256_set1_ps(scale[r])), b));
+    }
+}
+
+/* mynah_linear_u8s8 on AVX2 for panels [p0, p1) `width` columns wide (16: AVX2's own packing, each
+ * 16-column strip read front to back; 64: VNNI's, read a strip at a time); q from mynah_quantize_rows_avx2. */
+AVX2 void mynah_linear_u8s8_avx2(const int16_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t width, int64_t n,
                                  const float *scale, const int32_t *zero, const int32_t *w_sum, const float *w_scale,
                                  const float *bias, float *y, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; p++) {
-        for (int64_t at = p * 64; at < p * 64 + 64 && at < n; at += 16) {
-            const int8_t *strip = w + p * kp * 64 + 4 * (at - p * 64);
+        for (int64_t at = p * width; at < (p + 1) * width && at < n; at += 16) {
+            const int8_t *strip = w + p * kp * width + 4 * (at - p * width);
             const int64_t cols = n - at < 16 ? n - at : 16;
             const float *b = bias ? bias + at : 0;
-            for (int64_t r = 0; r < m; r += 2) {
+            int64_t r = 0;
+            for (; r + 4 <= m; r += 4)
+                for (int h = 0; h < 2; h++)
+                    tile4_avx2(q + r * kp, kp, strip + 32 * h, 4 * width, scale + r, zero + r, w_sum + at + 8 * h,
+                               w_scale + at + 8 * h, b ? b + 8 * h : 0, y + r * n + at + 8 * h, n, cols - 8 * h);
+            for (; r < m; r += 2) {
                 if (m - r >= 2)
-                    tile_avx2(q + r * kp, kp, strip, 2, scale + r, zero + r, w_sum + at, w_scale + at, b, y + r * n + at, n, cols);
+                    tile_avx2(q + r * kp, kp, strip, 4 * width, 2, scale + r, zero + r, w_sum + at, w_scale + at, b,
+                              y + r * n + at, n, cols);
                 else
-                    tile_avx2(q + r * kp, kp, strip, 1, scale + r, zero + r, w_sum + at, w_scale + at, b, y + r * n + at, n, cols);
+                    tile_avx2(q + r * kp, kp, strip, 4 * width, 1, scale + r, zero + r, w_sum + at, w_scale + at, b,
+                              y + r * n + at, n, cols);
             }
         }
     }

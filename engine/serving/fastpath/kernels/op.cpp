@@ -29,7 +29,7 @@ extern "C" void mynah_linear_u8s8(const uint8_t *q, int64_t m, int64_t kp, const
                                   float *y, int64_t p0, int64_t p1);
 extern "C" void mynah_quantize_rows_avx2(const float *x, int64_t m, int64_t k, int64_t kp, int16_t *q, float *scale,
                                          int32_t *zero);
-extern "C" void mynah_linear_u8s8_avx2(const int16_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t n,
+extern "C" void mynah_linear_u8s8_avx2(const int16_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t width, int64_t n,
                                        const float *scale, const int32_t *zero, const int32_t *w_sum,
                                        const float *w_scale, const float *bias, float *y, int64_t p0, int64_t p1);
 extern "C" int mynah_amx_enable(void);
@@ -37,14 +37,10 @@ extern "C" void mynah_linear_u8s8_amx(const uint8_t *q, int64_t blocks, int64_t 
                                       const float *scale, const int32_t *zero, const int32_t *w_sum,
                                       const float *w_scale, const float *bias, float *y, int64_t p0, int64_t p1);
 
-// AVX-512 VNNI where the CPU has it and MYNAH_VNNI is not "off"; else the AVX2 kernel (the same numbers).
+// AVX-512 VNNI where the CPU has it (weights packed 64 columns wide by int8_native there; 16 wide: AVX2's).
 static bool vnni_ready() {
-    static const bool ready = [] {
-        const char *env = std::getenv("MYNAH_VNNI");
-        return !(env && std::string(env) == "off") && __builtin_cpu_supports("avx512vnni")
-               && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
-               && __builtin_cpu_supports("avx512dq");
-    }();
+    static const bool ready = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
+                              && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     return ready;
 }
 
@@ -127,31 +123,34 @@ static at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &weight, double
 }
 
 // x (M, K) float32 times int8 weights packed by engine.serving.int8_native (int8_gemm.c's layout): (M, n).
+// Panels 64 columns wide go to VNNI (and AMX) where the CPU has them; 16 wide (int8_native packs so where
+// it has not) to the AVX2 kernel, as does a 64-wide pack on a CPU without VNNI.
 static at::Tensor linear_u8s8(const at::Tensor &x, const at::Tensor &w, const at::Tensor &w_sum, const at::Tensor &w_scale,
                               const std::optional<at::Tensor> &bias, int64_t n) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, "linear_u8s8: x must be (M, K) float32");
-    TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.size(2) == 64 && w.size(3) == 4 && w.is_contiguous(),
-                "linear_u8s8: w must be packed int8 (panels, kp / 4, 64, 4)");
-    const int64_t panels = w.size(0), kp = w.size(1) * 4, k = x.size(1), m = x.size(0);
-    TORCH_CHECK(k <= kp && kp - k < 4 && n > panels * 64 - 64 && n <= panels * 64, "linear_u8s8: x's width or n does not fit w");
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && (w.size(2) == 64 || w.size(2) == 16) && w.size(3) == 4
+                    && w.is_contiguous(), "linear_u8s8: w must be packed int8 (panels, kp / 4, 64 or 16, 4)");
+    const int64_t panels = w.size(0), width = w.size(2), kp = w.size(1) * 4, k = x.size(1), m = x.size(0);
+    const int64_t padded = panels * width;
+    TORCH_CHECK(k <= kp && kp - k < 4 && n > padded - width && n <= padded, "linear_u8s8: x's width or n does not fit w");
     TORCH_CHECK(w_sum.scalar_type() == at::kInt && w_scale.scalar_type() == at::kFloat && w_sum.is_contiguous()
-                    && w_scale.is_contiguous() && w_sum.numel() == panels * 64 && w_scale.numel() == panels * 64,
+                    && w_scale.is_contiguous() && w_sum.numel() == padded && w_scale.numel() == padded,
                 "linear_u8s8: w_sum (int32) and w_scale (float32) must hold one value per padded column");
     const bool has_bias = bias.has_value() && bias->defined();
-    TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == panels * 64),
+    TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == padded),
                 "linear_u8s8: bias must be float32, one value per padded column");
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty({m, n}, xc.options());
     if (m == 0) return y;
     std::vector<float> scale(static_cast<size_t>(m));
     std::vector<int32_t> zero(static_cast<size_t>(m));
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kp * 64 * std::min<int64_t>(m, 16)));
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kp * width * std::min<int64_t>(m, 16)));
     const float *b = has_bias ? bias->data_ptr<float>() : nullptr;
-    if (!vnni_ready()) {
+    if (width == 16 || !vnni_ready()) {
         std::vector<int16_t> q16(static_cast<size_t>(m * kp));
         mynah_quantize_rows_avx2(xc.data_ptr<float>(), m, k, kp, q16.data(), scale.data(), zero.data());
         at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-            mynah_linear_u8s8_avx2(q16.data(), m, kp, w.data_ptr<int8_t>(), n, scale.data(), zero.data(),
+            mynah_linear_u8s8_avx2(q16.data(), m, kp, w.data_ptr<int8_t>(), width, n, scale.data(), zero.data(),
                                    w_sum.data_ptr<int32_t>(), w_scale.data_ptr<float>(), b, y.data_ptr<float>(), begin, end);
         });
         return y;
