@@ -82,6 +82,19 @@ async def test_fp32_llama_fast_path_gives_hf_generates_greedy_tokens_with_rows_j
     assert got == expected and alone == expected
 
 
+def test_a_prefix_every_context_shares_counts_once_in_a_prefill_group():
+    """A persona's system prompt runs once per group (packing.Packed), so the group budget counts it once:
+    15 chats of 44 tokens sharing 24 are one group of 324 tokens run, not two."""
+    import engine.serving.fastpath as fastpath
+
+    prefix = list(range(100, 124))
+    shared = [prefix + [i] * 20 for i in range(15)]
+    assert [len(g) for g in fastpath.prefill_groups(shared, 384)] == [15]
+    assert [len(g) for g in fastpath.prefill_groups(shared, 200)] == [8, 7]   # 24 + 8 x 20 = 184 tokens each at most
+    unshared = [[i] + prefix + [i] * 19 for i in range(15)]
+    assert [len(g) for g in fastpath.prefill_groups(unshared, 384)] == [8, 7]  # 44 tokens each, all run
+
+
 async def test_a_burst_prefilled_in_groups_gives_transformers_greedy_tokens(folder, monkeypatch):
     """A burst's contexts are prefilled a group at a time (fastpath.prefill_groups), each group into its own
     cache rows; groups of one or two contexts here (a budget of 12 tokens) must give every chat exactly what

@@ -1,7 +1,7 @@
 """Mynah's int8 linear kernel (fastpath/kernels/int8_gemm.c, engine.serving.int8_native): its numbers
 against the reference and against fp32, each row quantized on its own (a chat's outputs do not
 depend on its batch-mates), the packing undone exactly, fused layers, hostile inputs, and that
-loading picks it where the CPU has AVX-512 VNNI and fbgemm elsewhere."""
+loading picks it where it builds (VNNI or AVX2, every ISA the same bits) and fbgemm elsewhere."""
 from __future__ import annotations
 
 import pytest
@@ -132,7 +132,7 @@ def test_loading_picks_the_kernel_where_it_runs_and_fbgemm_elsewhere(monkeypatch
     kinds = {type(m) for m in quantized.modules()} & {NativeInt8Linear, DynamicInt8Linear}
     assert kinds == ({DynamicInt8Linear} if kernels.int8_why_not() else {NativeInt8Linear})
 
-    monkeypatch.setattr(int8_native, "int8_why_not", lambda: "no AVX-512 VNNI here")
+    monkeypatch.setattr(int8_native, "int8_why_not", lambda: "no C++ compiler here")
     monkeypatch.setattr(quantize, "CHUNK_ROWS_ABOVE", 100)  # the block-of-rows path too
     quantized = quantize.quantize_int8(nn.Sequential(nn.Linear(24, 50), nn.ReLU(), nn.Linear(50, 8)))
     assert {type(m) for m in quantized.modules()} & {NativeInt8Linear, DynamicInt8Linear} == {DynamicInt8Linear}
@@ -149,6 +149,22 @@ def test_the_block_of_rows_path_makes_the_same_layer_as_from_float(monkeypatch):
     assert isinstance(got, NativeInt8Linear)
     for a, b in zip(got.rows(), expect.rows()):
         assert torch.equal(a, b)
+
+
+@needs_int8_kernel
+@pytest.mark.parametrize("out_features,in_features,rows", [(203, 128, 48), (77, 130, 5), (64, 576, 1), (3, 8, 17)])
+def test_both_packings_give_the_same_bits(out_features, in_features, rows, monkeypatch):
+    """Weights packed 64 columns wide (VNNI's panels; on a CPU without VNNI the AVX2 path reads them a
+    strip at a time) and 16 wide (AVX2's own): the same rows back and the same output bits."""
+    torch.manual_seed(5)
+    weights = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+    scales, bias, x = torch.rand(out_features) / 100, torch.randn(out_features), torch.randn(rows, in_features) * 3
+    layers = {}
+    for width, vnni in ((64, True), (16, False)):
+        monkeypatch.setattr(int8_native, "int8_vnni", lambda vnni=vnni: vnni)
+        layers[width] = NativeInt8Linear(weights, scales, bias)
+        assert layers[width].packed.shape[2] == width and torch.equal(layers[width].rows()[0], weights)
+    assert torch.equal(layers[64](x), layers[16](x))
 
 
 ISA_PROBE = """

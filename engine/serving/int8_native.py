@@ -1,16 +1,19 @@
-"""int8 linear layers on Mynah's own kernel (fastpath/kernels/int8_gemm.c) where the CPU has AVX-512 VNNI.
+"""int8 linear layers on Mynah's own kernel (fastpath/kernels/int8_gemm.c): AVX-512 VNNI, or AVX2.
 
 Why: a lone chat's int8 decode step is 121 one-row matrix products (SmolLM2-135M), memory-bound,
 and fbgemm's dynamic-int8 call, the one torch offers, spends 12-25 % more than this kernel at 1
 to 300 rows (docs/BENCHMARKS.md, issue 23); calls of 16 rows or more (a prefill, a busy step)
 use AMX where the CPU has it (Intel since Sapphire Rapids; `MYNAH_AMX=off` turns it off), with
-bit-identical results. Each input row is quantized with its own scale, so a chat's outputs no
-longer depend on which other chats share its batch.
+bit-identical results. CPUs without VNNI (AMD before Zen 4) take the kernel's AVX2 path, whose
+weights are packed 16 columns wide instead of 64 (`panel_width`): the same bits, a one-row step
+~1.2-1.4x fbgemm's on the AMD EPYC (Zen 3), busy steps ~0.8-0.95x (docs/BENCHMARKS.md, eleventh
+pass). Each input row is quantized with its own scale, so a chat's outputs no longer depend on
+which other chats share its batch.
 
 `NativeInt8Linear` holds the same int8 weights fbgemm held (per-output-row symmetric scales,
 as quantize.quantize_int8 makes them), repacked in the kernel's layout; fbgemm's pack is freed,
-so nothing is held twice. Where the kernel does not run (no AVX-512 VNNI, no compiler,
-MYNAH_KERNELS=off), `native_or_same` leaves fbgemm's layers as they are.
+so nothing is held twice. Where the kernel does not run (no compiler, no AVX2, MYNAH_KERNELS=off or
+MYNAH_INT8_KERNEL=off), `native_or_same` leaves fbgemm's layers as they are.
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ equivalent `nn.Linear` (weight transposed; outputs identical), then quantize the
 
 At batch 1 decoding is memory-bandwidth bound, so reading a quarter of the bytes per
 token is the point; the effect on quality is measured by `mynah bench` (next-token
-agreement and held-out loss against fp32, see docs/BENCHMARKS.md). Where the CPU has AVX-512
-VNNI the int8 layers run on Mynah's own kernel instead of fbgemm (engine.serving.int8_native:
-the same int8 weights, each input row quantized on its own, 12-25 % faster).
+agreement and held-out loss against fp32, see docs/BENCHMARKS.md). Where the native kernels
+build (x86-64 with AVX2) the int8 layers run on Mynah's own kernel instead of fbgemm
+(engine.serving.int8_native: the same int8 weights, each input row quantized on its own).
 
 fp32 models keep their numbers but not their layout: `pack_fp32` stores each linear
 layer's weight in oneDNN's blocked format once, so every decode step runs oneDNN's

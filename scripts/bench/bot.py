@@ -28,11 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bots.chat.service import BUSY_TEXT, ERROR_TEXT, UNAVAILABLE_TEXT
 from engine.types import percentile
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOWN = ("sendMessageDraft", "sendMessage", "editMessageText")  # calls that put reply words on the screen
 FINAL = ("sendMessage", "editMessageText")
+APOLOGIES = (BUSY_TEXT, ERROR_TEXT, UNAVAILABLE_TEXT)  # what the bot sends when it has no reply
 
 
 def available() -> str:
@@ -109,6 +111,9 @@ class _Bot:
                 if time.monotonic() - last > quiet:
                     break
                 await asyncio.sleep(0.25)
+        apology = next((c.params.get("text") for c in calls(FINAL) if c.params.get("text") in APOLOGIES), None)
+        if apology:  # a bot that failed answers fast: that would read as speed
+            raise RuntimeError(f"the bot under test answered chat {chat} with an apology, not a reply: {apology!r}")
         first = min(c.at for c in calls(SHOWN)) - since
         final = max(c.at for c in calls(FINAL)) - since
         return first, final

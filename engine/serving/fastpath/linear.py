@@ -1,7 +1,7 @@
 """One linear layer of a served model as a plain function call on the module's own weights.
 
-Shared by the fast paths (gpt2, llama): int8 through Mynah's kernel where the CPU has AVX-512
-VNNI (engine.serving.int8_native) or else fbgemm's dynamic-quant op, fp32
+Shared by the fast paths (gpt2, llama): int8 through Mynah's kernel (AVX-512 VNNI or AVX2,
+engine.serving.int8_native) or else fbgemm's dynamic-quant op, fp32
 through oneDNN with a pre-packed weight (`quantize.PackedLinear`, with a fused GELU where
 asked), transformers' `Conv1D`, or plain `nn.Linear` (BLAS). No weight is copied.
 `Linear` is the Python call (the output head, `fuse`); `Projection` + `project` are the same

@@ -19,7 +19,7 @@ the same arithmetic with nothing around it:
   in fp32 when the layers are packed for oneDNN (fastpath.onednn.fuse_projections; unpacked
   fp32 keeps seven: stacking measured no faster on MKL); the model's fused layers become
   views of the fused call (fastpath.linear.FusedPart), so the weights are held once;
-- the linear layers call the serving kernels directly (fastpath.linear: int8 Mynah's VNNI/AMX
+- the linear layers call the serving kernels directly (fastpath.linear: int8 Mynah's VNNI/AMX/AVX2
   kernel or fbgemm, fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
   itself, or by a packed copy made from the memory-mapped table, whose pages then go
   (quantize.PackedHead): held once either way;

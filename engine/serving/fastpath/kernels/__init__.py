@@ -8,9 +8,11 @@ peak were the cache), but torch's CPU SDPA on float16 converts and ran ~2x slowe
 The kernel (decode_attention.c) reads float16 and converts in registers (AVX2, FMA, F16C: every
 x86-64 CPU with AVX2, AMD and Intel); measured against SDPA in docs/BENCHMARKS.md (issue 23).
 
-Why the int8 kernel (int8_gemm.c, AVX-512 VNNI; engine.serving.int8_native packs its weights): a
-lone chat's int8 step is 121 one-row products on SmolLM2-135M, memory-bound, and fbgemm's call
-spent 12-25 % more at 1 to 300 rows. Where the CPU lacks VNNI (`int8_why_not`), fbgemm stays.
+Why the int8 kernel (int8_gemm.c, AVX-512 VNNI and AMX, or AVX2 where the CPU has no VNNI;
+engine.serving.int8_native packs its weights for the one that runs, `int8_vnni`): a lone chat's
+int8 step is 121 one-row products on SmolLM2-135M, memory-bound, and fbgemm's call spent 12-25 %
+more at 1 to 300 rows on Intel, ~20-40 % more at one row on AMD (Zen 3). Where the library cannot
+be used, or with MYNAH_INT8_KERNEL=off (`int8_why_not`), fbgemm stays.
 
 This module defines the torch ops `mynah::decode_attention`, `mynah::gelu_tanh_` (GELU's tanh
 approximation in one pass, for int8 GPT-2's MLPs: torch's ran ~5x slower here), `mynah::silu_mul`

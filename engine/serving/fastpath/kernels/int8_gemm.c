@@ -1,6 +1,7 @@
 /* An int8 linear layer: float32 rows in, each row quantized to 8 bits on the fly, int8 weights
  * packed for AVX-512 VNNI, float32 out (AVX-512 F/BW/VL/DQ + VNNI: Intel since Cascade Lake,
- * AMD since Zen 4; the loader checks the CPU has them).
+ * AMD since Zen 4; op.cpp checks the CPU has them); an AVX2 path below for every other x86-64
+ * CPU the library builds for, with the same numbers.
  *
  * Why: a lone chat's decode step is one row times every weight, memory-bound, and fbgemm's
  * dynamic-int8 call (what torch offers) pays per call for its generality; at 1 to 300 rows this
