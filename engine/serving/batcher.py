@@ -36,7 +36,7 @@ from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, En
                                      ReplyStream, SamplingParams, Route)
 from engine.serving.quantize import pack_fp32, release_freed_memory
 from engine.serving.sampling import BatchSampler, RowSampler, banned_ids
-from engine.serving.worker import WorkerThread, auto_threads
+from engine.serving.worker import WorkerThread, auto_threads, resolve
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,7 @@ class _Request:
         return delta
 
     def finish(self, result) -> None:
-        def _set():
-            if not self.future.done():
-                if isinstance(result, BaseException):
-                    self.future.set_exception(result)
-                else:
-                    self.future.set_result(result)
-
-        self.loop.call_soon_threadsafe(_set)
+        resolve(self, result)
 
 
 class Engine(WorkerThread, ModelEngine):

@@ -34,7 +34,7 @@ from engine.model import LoadedModel
 from engine.serving import sentences
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, Reply, ReplyStream,
                                      SamplingParams, Route)
-from engine.serving.worker import WorkerThread, auto_threads
+from engine.serving.worker import WorkerThread, auto_threads, resolve
 from engine.types import Turn, max_positions, percentile
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class CT2Engine(WorkerThread):
             except Exception as exc:  # a broken model must not take the bot down
                 log.exception("generation failed")
                 for job in batch:
-                    _finish(job, RuntimeError(f"generation failed: {exc}"))
+                    resolve(job, RuntimeError(f"generation failed: {exc}"))
             self._active = 0
 
     def _serve(self, generator, loaded: LoadedModel, batch: list[_Job]) -> None:
@@ -187,13 +187,5 @@ class CT2Engine(WorkerThread):
             latency = time.monotonic() - job.enqueued_at
             self._latencies.append(latency)
             self.replies_served += 1
-            _finish(job, Reply(text=text or self.fallback_reply, model_version=loaded.version, new_tokens=len(ids),
-                               latency_s=latency, fallback=not text))
-
-
-def _finish(job: _Job, result) -> None:
-    def _set():
-        if not job.future.done():
-            (job.future.set_exception if isinstance(result, BaseException) else job.future.set_result)(result)
-
-    job.loop.call_soon_threadsafe(_set)
+            resolve(job, Reply(text=text or self.fallback_reply, model_version=loaded.version, new_tokens=len(ids),
+                              latency_s=latency, fallback=not text))

@@ -29,11 +29,15 @@ def auto_threads() -> int:
     return max(1, cores - 1)
 
 
-def fail(request, exc: BaseException) -> None:
-    """Resolve a queued request's future (on its event loop) with `exc`."""
+def resolve(request, result) -> None:
+    """From the worker thread: settle a request's `future` on its `loop` with `result` (an exception
+    is raised to the awaiting caller), unless it is already done (cancelled: the chat went away)."""
     def _set():
         if not request.future.done():
-            request.future.set_exception(exc)
+            if isinstance(result, BaseException):
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
 
     request.loop.call_soon_threadsafe(_set)
 
@@ -66,7 +70,7 @@ class WorkerThread:
                 waiting = list(self._queue)
                 self._queue.clear()
             for request in waiting:
-                fail(request, EngineUnavailable(f"the engine stopped: {self.died}"))
+                resolve(request, EngineUnavailable(f"the engine stopped: {self.died}"))
 
     async def stop(self) -> None:
         """Finish what is in flight, then stop the worker."""
