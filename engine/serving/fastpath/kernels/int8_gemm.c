@@ -35,6 +35,21 @@
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")))
 
+/* A row's scale and zero point from its min (lo <= 0) and max (hi >= 0), and one value quantized with them:
+ * the numbers every path shares (the header's formula). */
+static inline void row_scale(float lo, float hi, float *scale, int32_t *zero) {
+    float s = (hi - lo) / 255.0f;
+    if (!(s > 0.0f) || !isfinite(s)) s = 1.0f;  /* all zeros, or a non-finite row: garbage out, no crash */
+    const int32_t z = (int32_t)nearbyintf(-lo / s);
+    *scale = s;
+    *zero = z < 0 ? 0 : z > 255 ? 255 : z;
+}
+
+static inline int32_t quantize_one(float x, float inv, int32_t z) {
+    const int32_t v = (int32_t)nearbyintf(x * inv) + z;
+    return v < 0 ? 0 : v > 255 ? 255 : v;
+}
+
 /* Rows [0, m) of x (m, k) into q (m, kp): u8 with each row's own scale and zero point. */
 VNNI void mynah_quantize_rows(const float *x, int64_t m, int64_t k, int64_t kp, uint8_t *q, float *scale,
                               int32_t *zero) {
@@ -53,23 +68,16 @@ VNNI void mynah_quantize_rows(const float *x, int64_t m, int64_t k, int64_t kp, 
             lo = _mm512_min_ps(lo, v);
             hi = _mm512_max_ps(hi, v);
         }
-        float s = (_mm512_reduce_max_ps(hi) - _mm512_reduce_min_ps(lo)) / 255.0f;
-        if (!(s > 0.0f) || !isfinite(s)) s = 1.0f;  /* all zeros, or a non-finite row: garbage out, no crash */
-        int32_t z = (int32_t)nearbyintf(-_mm512_reduce_min_ps(lo) / s);
-        z = z < 0 ? 0 : z > 255 ? 255 : z;
-        scale[r] = s;
-        zero[r] = z;
-        const float inv = 1.0f / s;
+        row_scale(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), scale + r, zero + r);
+        const float inv = 1.0f / scale[r];
+        const int32_t z = zero[r];
         const __m512 vinv = _mm512_set1_ps(inv);
         const __m512i vz = _mm512_set1_epi32(z), zeros = _mm512_setzero_si512();
         for (i = 0; i + 16 <= k; i += 16) {
             __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + i), vinv)), vz);
             _mm_storeu_si128((__m128i *)(qr + i), _mm512_cvtusepi32_epi8(_mm512_max_epi32(v, zeros)));  /* clamps */
         }
-        for (; i < k; i++) {
-            const int32_t v = (int32_t)nearbyintf(xr[i] * inv) + z;
-            qr[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
-        }
+        for (; i < k; i++) qr[i] = (uint8_t)quantize_one(xr[i], inv, z);
         for (; i < kp; i++) qr[i] = (uint8_t)z;  /* padding: times zero weights */
     }
 }
@@ -160,13 +168,9 @@ AVX2 void mynah_quantize_rows_avx2(const float *x, int64_t m, int64_t k, int64_t
             lo_s = xr[i] < lo_s ? xr[i] : lo_s;
             hi_s = xr[i] > hi_s ? xr[i] : hi_s;
         }
-        float s = (hi_s - lo_s) / 255.0f;
-        if (!(s > 0.0f) || !isfinite(s)) s = 1.0f;
-        int32_t z = (int32_t)nearbyintf(-lo_s / s);
-        z = z < 0 ? 0 : z > 255 ? 255 : z;
-        scale[r] = s;
-        zero[r] = z;
-        const float inv = 1.0f / s;
+        row_scale(lo_s, hi_s, scale + r, zero + r);
+        const float inv = 1.0f / scale[r];
+        const int32_t z = zero[r];
         const __m256 vinv = _mm256_set1_ps(inv);
         const __m256i vz = _mm256_set1_epi32(z), zeros = _mm256_setzero_si256(), top = _mm256_set1_epi32(255);
         for (i = 0; i + 8 <= k; i += 8) {
@@ -174,10 +178,7 @@ AVX2 void mynah_quantize_rows_avx2(const float *x, int64_t m, int64_t k, int64_t
             v = _mm256_min_epi32(_mm256_max_epi32(v, zeros), top);
             _mm_storeu_si128((__m128i *)(qr + i), _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
         }
-        for (; i < k; i++) {
-            const int32_t v = (int32_t)nearbyintf(xr[i] * inv) + z;
-            qr[i] = (int16_t)(v < 0 ? 0 : v > 255 ? 255 : v);
-        }
+        for (; i < k; i++) qr[i] = (int16_t)quantize_one(xr[i], inv, z);
         for (; i < kp; i++) qr[i] = (int16_t)z;
     }
 }
