@@ -8,7 +8,7 @@ import torch
 
 from engine.model import load_model
 from engine.serving import quantize
-from engine.serving.fastpath import onednn, pick_decoder
+from engine.serving.fastpath import kernels, onednn, pick_decoder
 from tests.test_fastpath_llama import build
 
 CONTEXTS = [[5, 9, 13, 2, 40], [7, 3, 11, 4, 6, 8, 21, 30]]
@@ -29,14 +29,18 @@ def _outputs(decoder) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("weights", ["fp32", "packed", "int8"])
+@pytest.mark.parametrize("weights", ["fp32", "packed", "native_f32", "int8"])
 def test_compiled_layers_give_exactly_what_they_give_run_in_python(model_path, weights, monkeypatch, caplog):
     if weights == "packed":
         if not quantize._has_linear_pointwise():
             pytest.skip("torch without oneDNN's packed linear")
-        monkeypatch.setattr(onednn, "onednn_is_faster", lambda: True)
+        monkeypatch.setattr(onednn, "fp32_packing", lambda: "onednn")
+    if weights == "native_f32":
+        if kernels.f32_why_not():
+            pytest.skip(f"no fp32 kernel here: {kernels.f32_why_not()}")
+        monkeypatch.setattr(onednn, "fp32_packing", lambda: "native")
     model = load_model(str(model_path), quantize="int8" if weights == "int8" else "none").model
-    if weights == "packed":
+    if weights in ("packed", "native_f32"):
         assert onednn.pack_if_faster(model) > 0
     compiled = pick_decoder(model)
     assert compiled.name == "fast" and isinstance(compiled.step.layers, torch.jit.ScriptModule)

@@ -30,7 +30,7 @@ from engine.model import LoadedModel
 from engine.serving import sentences
 from engine.serving.admission import AdmissionGate
 from engine.serving.fastpath import FAST_PATH_MODES, pick_decoder
-from engine.serving.fastpath.onednn import pack_if_faster
+from engine.serving.fastpath.onednn import fp32_packing, pack_if_faster
 # EngineBusy, EngineStopped and Reply are the contract's (protocol.py); importing them from here still works
 from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, EngineStopped, ModelEngine, Reply,
                                      ReplyStream, SamplingParams, Route)
@@ -224,8 +224,8 @@ class Engine(WorkerThread, ModelEngine):
         """THE model seam: pick the decoder every forward pass of the worker goes through.
 
         GPT-2- and Llama-family models take the fast path (fastpath.FastDecoder), its fp32 layers
-        packed for oneDNN on CPUs where MKL is the slower (fastpath.onednn: every CPU but Intel's;
-        2x on the AMD box); other models take transformers' forward, whose fp32 CPU weights are
+        packed for Mynah's fp32 kernel (or oneDNN) on CPUs where MKL is the slower (fastpath.onednn:
+        every CPU but Intel's; 1.5-2x on the AMD boxes); other models take transformers' forward, whose fp32 CPU weights are
         packed for oneDNN once (quantize.pack_fp32; 1.5-2.4x its default path). In the worker
         thread on purpose: once another thread has run torch's parallel regions, this thread's steps
         ran ~1.5x slower on 2 cores (measured), so the worker does all the model's work itself.
@@ -238,10 +238,11 @@ class Engine(WorkerThread, ModelEngine):
             try:
                 loaded.packed = pack_if_faster(loaded.model) > 0  # fp32 layers only (int8 ones are not nn.Linear)
             except Exception:  # an optimisation only: serve what is packed and what is not as they are
-                log.exception("could not pack the fp32 layers for oneDNN; serving them as they are")
+                log.exception("could not pack the fp32 layers; serving them as they are")
                 loaded.packed = True  # do not try again on the next swap of this model
             if loaded.packed:
-                log.info("fp32 layers packed for oneDNN (faster on this CPU) in %.1f s", time.perf_counter() - started)
+                log.info("fp32 layers packed for %s (faster on this CPU) in %.1f s",
+                         "Mynah's fp32 kernel" if fp32_packing() == "native" else "oneDNN", time.perf_counter() - started)
             self._decoder = pick_decoder(loaded.model, self.fast_path, pad_id=loaded.fmt.pad_id, grow_cache=self.grow_cache)
         if self._decoder.name == "transformers" and self.pack_weights and not getattr(loaded, "packed", False) \
                 and loaded.device.type == "cpu":

@@ -430,7 +430,7 @@ def weight_bytes(model: nn.Module) -> int:
             total += module.weight_bytes()
         packed = getattr(module, "_packed_params", None)
         whole = getattr(module, "whole", None)  # a part of a fused int8 call (fastpath.linear.FusedPart)
-        if whole is not None and id(whole) not in seen and whole.kind == "native":
+        if whole is not None and id(whole) not in seen and whole.kind in ("native", "native_f32"):
             seen.add(id(whole))
             total += whole.module.weight_bytes()
         elif whole is not None and id(whole) not in seen:

@@ -1,9 +1,9 @@
 """One linear layer of a served model as a plain function call on the module's own weights.
 
 Shared by the fast paths (gpt2, llama): int8 through Mynah's kernel (AVX-512 VNNI or AVX2,
-engine.serving.int8_native) or else fbgemm's dynamic-quant op, fp32
-through oneDNN with a pre-packed weight (`quantize.PackedLinear`, with a fused GELU where
-asked), transformers' `Conv1D`, or plain `nn.Linear` (BLAS). No weight is copied.
+engine.serving.int8_native) or else fbgemm's dynamic-quant op, fp32 through Mynah's AVX2 kernel
+(engine.serving.f32_native) or oneDNN with a pre-packed weight (`quantize.PackedLinear`, with a
+fused GELU where asked), transformers' `Conv1D`, or plain `nn.Linear` (BLAS). No weight is copied.
 `Linear` is the Python call (the output head, `fuse`); `Projection` + `project` are the same
 calls in a form TorchScript compiles (the fast paths' layers, fastpath.compiled).
 """
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from engine.serving.fastpath.kernels import available as native_kernels_available
 from engine.serving.quantize import conv1d_class
 
-INT8, POINTWISE, MKLDNN, DENSE, CONV1D, NATIVE_INT8 = 0, 1, 2, 3, 4, 5  # Projection kinds (`project` compares the numbers: TorchScript reads no globals)
+INT8, POINTWISE, MKLDNN, DENSE, CONV1D, NATIVE_INT8, NATIVE_F32 = 0, 1, 2, 3, 4, 5, 6  # Projection kinds (`project` compares the numbers: TorchScript reads no globals)
 
 
 class Linear:
@@ -28,6 +28,7 @@ class Linear:
     def __init__(self, module: nn.Module, gelu: str | None = None):
         from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+        from engine.serving.f32_native import NativeF32Linear
         from engine.serving.int8_native import NativeInt8Linear
         from engine.serving.quantize import PackedHead, PackedLinear
 
@@ -47,6 +48,8 @@ class Linear:
             self.reduce_range = module.version is not None and module.version >= 4
         elif isinstance(module, NativeInt8Linear):
             self.kind, self.module = "native", module
+        elif isinstance(module, NativeF32Linear):
+            self.kind, self.module = "native_f32", module
         elif isinstance(module, conv1d):
             self.kind, self.weight, self.bias = "conv1d", module.weight, module.bias  # weight (in, out)
         elif type(module) is nn.Linear:
@@ -77,7 +80,8 @@ class Projection:
     """A linear layer as TorchScript can call it (`project`): its kind and its weights, no copy.
 
     kind INT8: fbgemm's dynamic-quant call on `packed`; NATIVE_INT8: Mynah's int8 kernel on `weight`
-    (packed by int8_native, with `w_sum`, `w_scale`, `out_features`); POINTWISE: oneDNN on a pre-packed
+    (packed by int8_native, with `w_sum`, `w_scale`, `out_features`); NATIVE_F32: Mynah's fp32 kernel
+    on `weight` (packed by f32_native, with `out_features`); POINTWISE: oneDNN on a pre-packed
     `weight` (with the GELU fused into it where `fused_gelu`); MKLDNN: the same for a torch
     without the pointwise op; DENSE: `F.linear` (weight (out, in)); CONV1D: transformers'
     Conv1D (weight (in, out)). gelu: "" for none, else the approximation applied to the
@@ -115,6 +119,9 @@ def project(x: Tensor, p: Projection) -> Tensor:
         w_sum, w_scale = p.w_sum, p.w_scale
         assert weight is not None and w_sum is not None and w_scale is not None
         y = torch.ops.mynah.linear_u8s8(x, weight, w_sum, w_scale, bias, p.out_features)
+    elif p.kind == 6:  # NATIVE_F32
+        assert weight is not None
+        y = torch.ops.mynah.linear_f32(x, weight, bias, p.out_features)
     elif p.kind == 1:  # POINTWISE
         assert weight is not None
         no_scalars = torch.jit.annotate(List[Optional[Union[int, float, complex]]], [])  # TorchScript's Scalar?[]
@@ -152,6 +159,9 @@ def as_projection(layer: Linear) -> Projection:
         native = gelu == "tanh" and native_kernels_available()
         return Projection(NATIVE_INT8, None, m.packed, m.bias_padded, False, gelu, native_gelu=native, w_sum=m.w_sum,
                           w_scale=m.w_scale, out_features=m.out_features)
+    if layer.kind == "native_f32":
+        m = layer.module
+        return Projection(NATIVE_F32, None, m.packed, m.bias_padded, False, gelu, out_features=m.out_features)
     if layer.kind == "packed":
         return Projection(POINTWISE if layer.pointwise else MKLDNN, None, layer.weight, layer.bias, False, gelu, layer.fused)
     if layer.kind in KINDS:

@@ -1,5 +1,5 @@
 """Mynah's native kernels, built once with the system's C++ compiler: decode attention on a float16
-KV cache, and an int8 linear layer.
+KV cache, an int8 linear layer and an fp32 one.
 
 Why the attention kernel: at 16 chats a decode step's attention reads every cached key and value,
 and that read is memory-bound (GPT-2 124M: 7.4 MB a layer in float32). A float16 cache halves the
@@ -14,11 +14,17 @@ int8 step is 121 one-row products on SmolLM2-135M, memory-bound, and fbgemm's ca
 more at 1 to 300 rows on Intel, ~20-40 % more at one row on AMD (Zen 3). Where the library cannot
 be used, or with MYNAH_INT8_KERNEL=off (`int8_why_not`), fbgemm stays.
 
+Why the fp32 kernel (f32_gemm.c, AVX2 + FMA; engine.serving.f32_native packs its weights): on CPUs
+where torch's fp32 libraries stream weights below memory's speed (fastpath.onednn decides where:
+every CPU but Intel's) a lone chat's fp32 step ran at 9.2 GB/s through oneDNN and 11.6 through MKL
+on the AMD EPYC (Zen 3) against 15.5 through this kernel; MYNAH_F32_KERNEL=off (`f32_why_not`) keeps
+oneDNN.
+
 This module defines the torch ops `mynah::decode_attention`, `mynah::gelu_tanh_` (GELU's tanh
 approximation in one pass, for int8 GPT-2's MLPs: torch's ran ~5x slower here), `mynah::silu_mul`
 and `mynah::rms_norm` (int8 Llama-family layers' SwiGLU middle and RMSNorm in one pass each: fewer
 passes and no temporaries; fp32 keeps transformers' ops for its exact tokens) and
-`mynah::linear_u8s8` so the fast paths' TorchScript-compiled layers can name them; op.cpp is their
+`mynah::linear_u8s8` / `mynah::linear_f32` so the fast paths' TorchScript-compiled layers can name them; op.cpp is their
 native CPU kernels, so a compiled step calls them without Python or the GIL. The library is built
 once (~10 s; g++ against the torch headers that ship in the wheel) into `kernel_dir()`, named by a
 hash of its sources, torch's version and the flags. Where it cannot be used (no C++ compiler, not
@@ -43,12 +49,13 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_attention.c", HERE / "int8_gemm.c", HERE / "op.cpp")
+SOURCES = (HERE / "decode_attention.c", HERE / "int8_gemm.c", HERE / "f32_gemm.c", HERE / "op.cpp")
 CPU_FLAGS = ("avx2", "fma", "f16c")
 VNNI_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # int8_gemm.c's VNNI/AMX path
 SCHEMAS = ("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor",
            "gelu_tanh_(Tensor(a!) x) -> Tensor(a!)",
            "linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int n) -> Tensor",
+           "linear_f32(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor",
            "silu_mul(Tensor gate_up) -> Tensor",
            "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 
@@ -133,6 +140,7 @@ def _load() -> None:
         _LIBRARY.impl("decode_attention", reference, "CPU")
         _LIBRARY.impl("gelu_tanh_", reference_gelu_tanh_, "CPU")
         _LIBRARY.impl("linear_u8s8", reference_linear_u8s8, "CPU")
+        _LIBRARY.impl("linear_f32", reference_linear_f32, "CPU")
         _LIBRARY.impl("silu_mul", reference_silu_mul, "CPU")
         _LIBRARY.impl("rms_norm", reference_rms_norm, "CPU")
         _impl = "reference"
@@ -157,6 +165,14 @@ def int8_why_not() -> str:
     why = why_not()  # loads the library, or registers the ops' torch-ops references
     if os.environ.get("MYNAH_INT8_KERNEL", "").lower() == "off":
         return "turned off (MYNAH_INT8_KERNEL=off)"
+    return why
+
+
+def f32_why_not() -> str:
+    """"" when the fp32 linear kernel (f32_gemm.c) runs here, else why not (MYNAH_F32_KERNEL=off turns it off)."""
+    why = why_not()
+    if os.environ.get("MYNAH_F32_KERNEL", "").lower() == "off":
+        return "turned off (MYNAH_F32_KERNEL=off)"
     return why
 
 
@@ -203,6 +219,13 @@ def reference_linear_u8s8(x: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
     acc = (q.double() @ rows.double().t()).float()  # exact sums
     y = (acc - z * w_sum[:n].float()) * (w_scale[:n] * s)
     return y + bias[:n] if bias is not None else y
+
+
+def reference_linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """What `mynah::linear_f32` computes (f32_gemm.c), in torch ops: x (M, K) float32 → (M, n), to float32 rounding."""
+    panels, k, width = w.shape
+    rows = w.permute(0, 2, 1).reshape(panels * width, k)[:n]  # (n, k): the packing undone
+    return F.linear(x, rows, None if bias is None else bias[:n])
 
 
 def reference_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 // torch's CPU kernels for the mynah:: ops (the schemas are defined in __init__.py): checks, then the C
-// kernels (decode_attention.c, int8_gemm.c) split across torch's threads. Native, so the fast
+// kernels (decode_attention.c, int8_gemm.c, f32_gemm.c) split across torch's threads. Native, so the fast
 // paths' TorchScript-compiled layers call it without taking Python's GIL (a Python-implemented op
 // waited for the GIL behind the event loop on every layer of every step while replies streamed).
 #include <ATen/Parallel.h>
@@ -32,6 +32,8 @@ extern "C" void mynah_quantize_rows_avx2(const float *x, int64_t m, int64_t k, i
 extern "C" void mynah_linear_u8s8_avx2(const int16_t *q, int64_t m, int64_t kp, const int8_t *w, int64_t width, int64_t n,
                                        const float *scale, const int32_t *zero, const int32_t *w_sum,
                                        const float *w_scale, const float *bias, float *y, int64_t p0, int64_t p1);
+extern "C" void mynah_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias,
+                                 float *y, int64_t p0, int64_t p1);
 extern "C" int mynah_amx_enable(void);
 extern "C" void mynah_linear_u8s8_amx(const uint8_t *q, int64_t blocks, int64_t kp, const int8_t *w, int64_t n,
                                       const float *scale, const int32_t *zero, const int32_t *w_sum,
@@ -171,7 +173,29 @@ static at::Tensor linear_u8s8(const at::Tensor &x, const at::Tensor &w, const at
     return y;
 }
 
+// x (M, K) float32 times fp32 weights packed by engine.serving.f32_native (f32_gemm.c's layout): (M, n).
+static at::Tensor linear_f32(const at::Tensor &x, const at::Tensor &w, const std::optional<at::Tensor> &bias, int64_t n) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, "linear_f32: x must be (M, K) float32");
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(2) == 16 && w.is_contiguous(),
+                "linear_f32: w must be packed float32 (panels, k, 16)");
+    const int64_t panels = w.size(0), k = w.size(1), m = x.size(0);
+    TORCH_CHECK(x.size(1) == k && n > panels * 16 - 16 && n <= panels * 16, "linear_f32: x's width or n does not fit w");
+    const bool has_bias = bias.has_value() && bias->defined();
+    TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == panels * 16),
+                "linear_f32: bias must be float32, one value per padded column");
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty({m, n}, xc.options());
+    if (m == 0) return y;
+    const float *b = has_bias ? bias->data_ptr<float>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (k * 16 * std::min<int64_t>(m, 16)));
+    at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+        mynah_linear_f32(xc.data_ptr<float>(), m, k, w.data_ptr<float>(), n, b, y.data_ptr<float>(), begin, end);
+    });
+    return y;
+}
+
 TORCH_LIBRARY_IMPL(mynah, CPU, m) {
+    m.impl("linear_f32", linear_f32);
     m.impl("decode_attention", decode_attention);
     m.impl("gelu_tanh_", gelu_tanh_);
     m.impl("linear_u8s8", linear_u8s8);
