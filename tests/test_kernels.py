@@ -76,6 +76,19 @@ def test_the_op_the_fast_paths_call_is_native_not_python():
 
 
 @needs_kernel
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_kernels_run_on_torchs_threads(threads):
+    """Built with OpenMP, as torch's own loops are: built without it, at::parallel_for ran every kernel
+    (int8 and fp32 linear layers, decode attention) on one thread whatever `[engine] threads` said."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.ops.mynah.kernel_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_kernel_is_built_by_a_compiler_that_sees_no_secrets(tmp_path, monkeypatch):
     seen = tmp_path / "compiler-env.txt"
     compiler = tmp_path / "cxx-spy"

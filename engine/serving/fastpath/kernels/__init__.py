@@ -57,7 +57,8 @@ SCHEMAS = ("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float
            "linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias, int n) -> Tensor",
            "linear_f32(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor",
            "silu_mul(Tensor gate_up) -> Tensor",
-           "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+           "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
+           "kernel_threads() -> int")
 
 _lock = threading.Lock()
 _state: dict = {}  # "path": the loaded library, or "why": why there is none
@@ -89,9 +90,11 @@ def _cpu_has_flags(wanted: tuple[str, ...] = CPU_FLAGS) -> str:
 
 
 def _command(compiler: str, output: Path) -> list[str]:
+    """g++'s command line. -fopenmp: torch's at::parallel_for is OpenMP in the header, so without it every
+    kernel loop ran on one thread (the library then shares the libgomp torch has loaded, by its soname)."""
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    return [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-w", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             f"-I{torch_dir / 'include'}", *[a for c in SOURCES[:-1] for a in ("-x", "c", str(c))],  # g++ takes a second file as C++ otherwise
             "-x", "c++", str(SOURCES[-1]), "-x", "none",
             f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-lm", "-o", str(output)]
@@ -143,6 +146,7 @@ def _load() -> None:
         _LIBRARY.impl("linear_f32", reference_linear_f32, "CPU")
         _LIBRARY.impl("silu_mul", reference_silu_mul, "CPU")
         _LIBRARY.impl("rms_norm", reference_rms_norm, "CPU")
+        _LIBRARY.impl("kernel_threads", lambda: 1, "CompositeExplicitAutograd")
         _impl = "reference"
 
 

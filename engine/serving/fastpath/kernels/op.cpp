@@ -194,6 +194,18 @@ static at::Tensor linear_f32(const at::Tensor &x, const at::Tensor &w, const std
     return y;
 }
 
+// How many threads one of these kernels' parallel loops runs on: torch's intra-op threads when the library
+// was built with OpenMP, as torch's own loops are (built without it, every kernel ran on one thread).
+static int64_t kernel_threads() {
+    std::atomic<int64_t> seen{0};
+    at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { seen.fetch_or(int64_t{1} << at::get_thread_num()); });
+    return __builtin_popcountll(static_cast<unsigned long long>(seen.load()));
+}
+
+TORCH_LIBRARY_IMPL(mynah, CompositeExplicitAutograd, m) {
+    m.impl("kernel_threads", kernel_threads);
+}
+
 TORCH_LIBRARY_IMPL(mynah, CPU, m) {
     m.impl("linear_f32", linear_f32);
     m.impl("decode_attention", decode_attention);
