@@ -103,6 +103,19 @@ def test_the_kernel_is_built_by_a_compiler_that_sees_no_secrets(tmp_path, monkey
     assert target.stat().st_size > 0 and not [p for p in target.parent.iterdir() if p != target]  # no half-built leftovers
 
 
+@needs_kernel
+def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path, caplog):
+    """-fopenmp refused (a compiler without OpenMP): built again without it, the kernels run on one thread."""
+    compiler = tmp_path / "cxx-no-openmp"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported option" >&2; exit 1; }; done\n'
+                        'exec g++ "$@"\n')
+    compiler.chmod(compiler.stat().st_mode | stat.S_IXUSR)
+    target = tmp_path / "kernels" / "kernels-test.so"
+    with caplog.at_level("WARNING", logger="engine.serving.fastpath.kernels"):
+        kernels.build(str(compiler), target)
+    assert target.stat().st_size > 0 and "without OpenMP" in caplog.text
+
+
 def test_a_broken_compiler_or_the_switch_leaves_the_fast_paths_on_sdpa(tmp_path, monkeypatch, tiny_dialogpt):
     broken = tmp_path / "cxx-broken"
     broken.write_text("#!/bin/sh\necho 'c++: internal error' >&2\nexit 1\n")

@@ -19,7 +19,7 @@ import torch
 
 from engine.lean import is_lean
 from engine.serving.fastpath.cache import SpareBuffer, StaticKV
-from engine.serving.fastpath.packing import SHARE_MIN, common_prefix
+from engine.serving.fastpath.packing import SHARE_MIN, KeptPrefix, common_prefix
 from engine.serving.fastpath.gpt2 import GPT2Step
 from engine.serving.fastpath.llama import LlamaStep
 
@@ -54,6 +54,7 @@ class FastDecoder:
         self.step = step_class(model)
         self.family = step_class.__name__.removesuffix("Step").lower()
         self.spare = SpareBuffer()  # one KV buffer kept between batches (fastpath.cache)
+        self.kept = KeptPrefix()  # the last context's first keys and values (a persona's system prompt runs once)
 
     def prefill(self, contexts: list[list[int]], expand: list[int], room: int = 0,
                 joins: FastState | None = None) -> tuple[FastState, torch.Tensor]:
@@ -75,7 +76,10 @@ class FastDecoder:
         cache.add_rows([len(c) for c in contexts], room)
         first, parts = cache.rows - len(contexts), []
         for group in prefill_groups(contexts, PREFILL_CHUNK_TOKENS):
-            parts.append(self.step.prefill(group, cache, first))
+            reuse = self.kept.match(group)
+            parts.append(self.step.prefill(group, cache, first, self.kept, reuse))
+            self.kept.hits += bool(reuse)
+            self.kept.keep(group[0], cache.buffer, first)  # the newest: the next chat's persona, this chat's next turn
             first += len(group)
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # (U, V)
         if len(expand) != len(contexts) or expand != list(range(len(expand))):

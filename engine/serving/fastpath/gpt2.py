@@ -9,12 +9,13 @@ whole int8 matrix work of a 124M model. This is the same arithmetic with nothing
   length per row, so rows of different lengths need no padding columns and a decode step
   writes one column per row in place;
 - the linear layers call the serving kernels directly: int8 through fbgemm's dynamic-quant
-  op (VNNI where the CPU has it; fbgemm picks the kernel at run time), fp32 through oneDNN
-  with the weight pre-packed once (`quantize.PackedLinear`), the MLP's GELU fused into it,
-  or through the plain BLAS path for unpacked weights;
+  op (VNNI where the CPU has it; fbgemm picks the kernel at run time), fp32 through Mynah's
+  AVX2 kernel (`f32_native.NativeF32Linear`) or oneDNN with the weight pre-packed once
+  (`quantize.PackedLinear`, the MLP's GELU fused into it) where MKL is the slower
+  (fastpath.onednn), or through the plain BLAS path for unpacked weights;
 - the tied fp32 output head multiplies by the token-embedding table itself, or, where the
   layers are packed for oneDNN, by a packed copy made from the memory-mapped table, whose
-  pages then go (quantize.PackedHead): the table is held once either way;
+  pages then go (quantize.PackedHead, f32_native.NativeF32Linear): the table is held once either way;
 - the blocks and the code that runs them are one module (`GPT2Blocks`) that TorchScript
   compiles when the step is built (fastpath.compiled), the same module running in Python
   where it cannot.
@@ -39,7 +40,7 @@ from engine.serving.fastpath.cache import StaticKV, cache_dtype, kernel_reads  #
 from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.linear import Linear as _Linear
 from engine.serving.fastpath.linear import Projection, as_projection, project
-from engine.serving.fastpath.packing import Packed
+from engine.serving.fastpath.packing import KeptPrefix, Packed
 
 _GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
@@ -165,19 +166,21 @@ class GPT2Step:
         return StaticKV(self.n_layer, self.n_head, self.head_dim, self.kv_dtype)  # fastpath.cache.cache_dtype says which
 
     # ---- the two passes -----------------------------------------------------------
-    def prefill(self, contexts: list[list[int]], cache: StaticKV, first: int | None = None) -> torch.Tensor:
+    def prefill(self, contexts: list[list[int]], cache: StaticKV, first: int | None = None,
+                kept: KeptPrefix | None = None, reuse: int = 0) -> torch.Tensor:
         """Run U contexts into the U new last rows of `cache`: the matrix products on their tokens packed
         end to end, a shared prefix once, attention context by context on its cache row (fastpath.packing).
 
         Returns the logits of each context's last token, (U, V). `cache` must have had
         `cache.add_rows(lengths)` for these contexts; they go into rows first … first+U-1 (default: the last U).
+        reuse: each context's first `reuse` tokens are `kept`'s (packing.KeptPrefix.match): copied, not run.
         """
-        packed = Packed(contexts)
+        packed = Packed(contexts, kept, reuse)
         first = cache.rows - packed.rows if first is None else first
         x = self.wte(packed.ids) + self.wpe(packed.positions)  # (N, E)
         for layer in range(self.n_layer):
             q, k, v = self.layers.attention_inputs(layer, x)  # (N, H, D) each
-            a = packed.attend(q, k, v, cache.layer(layer), first)  # (N, H, D)
+            a = packed.attend(q, k, v, cache.layer(layer), first, layer=layer)  # (N, H, D)
             x = self.layers.finish(layer, x, a.reshape(-1, self.n_embd))
         return self._logits(x.index_select(0, packed.last))
 

@@ -16,13 +16,13 @@ the same arithmetic with nothing around it:
 - SwiGLU (silu(gate) * up, then down), q/k/v biases where the model has them (Qwen2);
 - q/k/v as one matrix call and gate/up as another: five calls a layer instead of seven, same
   outputs; in int8 by stacking rows and per-channel scales as quantized (fastpath.linear.fuse),
-  in fp32 when the layers are packed for oneDNN (fastpath.onednn.fuse_projections; unpacked
+  in fp32 when the layers are packed (fastpath.onednn.fuse_projections: Mynah's fp32 kernel or oneDNN; unpacked
   fp32 keeps seven: stacking measured no faster on MKL); the model's fused layers become
   views of the fused call (fastpath.linear.FusedPart), so the weights are held once;
 - the linear layers call the serving kernels directly (fastpath.linear: int8 Mynah's VNNI/AMX/AVX2
-  kernel or fbgemm, fp32 BLAS or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
+  kernel or fbgemm, fp32 BLAS, Mynah's AVX2 kernel or oneDNN-packed); a tied fp32 output head multiplies by the embedding table
   itself, or by a packed copy made from the memory-mapped table, whose pages then go
-  (quantize.PackedHead): held once either way;
+  (quantize.PackedHead, f32_native.NativeF32Linear): held once either way;
 - the layers and the code that runs them are one module (`LlamaLayers`) that TorchScript
   compiles when the step is built: a decode step's ~750 small ops (SmolLM2) run without
   Python between them. Where TorchScript cannot compile it, the same module runs in Python.
@@ -48,7 +48,7 @@ from engine.serving.fastpath.compiled import compile_layers
 from engine.serving.fastpath.kernels import available as native_kernels_available
 from engine.serving.fastpath.linear import INT8, NATIVE_INT8, FusedPart, Linear, Projection, as_projection, fuse, project, \
     replace_with_parts
-from engine.serving.fastpath.packing import Packed
+from engine.serving.fastpath.packing import KeptPrefix, Packed
 from engine.serving.quantize import release_freed_memory
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -277,14 +277,16 @@ class LlamaStep:
         return self.cos[positions], self.sin[positions]
 
     # ---- the two passes -----------------------------------------------------------
-    def prefill(self, contexts: list[list[int]], cache: StaticKV, first: int | None = None) -> torch.Tensor:
+    def prefill(self, contexts: list[list[int]], cache: StaticKV, first: int | None = None,
+                kept: KeptPrefix | None = None, reuse: int = 0) -> torch.Tensor:
         """Run U contexts into the U new last rows of `cache`: the matrix products on their tokens packed
         end to end, a shared prefix once, attention context by context on its cache row (fastpath.packing).
 
         Returns the logits of each context's last token, (U, V). `cache` must have had
         `cache.add_rows(lengths)` for these contexts; they go into rows first … first+U-1 (default: the last U).
+        reuse: each context's first `reuse` tokens are `kept`'s (packing.KeptPrefix.match): copied, not run.
         """
-        packed = Packed(contexts)
+        packed = Packed(contexts, kept, reuse)
         first = cache.rows - packed.rows if first is None else first
         H, K, D = self.n_head, self.n_kv, self.head_dim
         cos, sin = self._rope(packed.positions, packed.prefix + packed.width)  # (N, D)
@@ -292,7 +294,7 @@ class LlamaStep:
         x = self.embed(packed.ids)  # (N, E)
         for index, scale in enumerate(self.scales):
             q, k, v = self.layers.attention_inputs(index, x, cos, sin)  # (N, H, D), (N, K, D), (N, K·D)
-            a = packed.attend(q, k, v.reshape(-1, K, D), cache.layer(index), first, scale=scale)  # (N, H, D)
+            a = packed.attend(q, k, v.reshape(-1, K, D), cache.layer(index), first, scale=scale, layer=index)  # (N, H, D)
             x = self.layers.finish(index, x, a.reshape(-1, H * D))
         return self._logits(x.index_select(0, packed.last))
 

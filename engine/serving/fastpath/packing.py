@@ -11,6 +11,12 @@ Contexts that start the same way (a chat template's system prompt: every chat of
 one persona) share that prefix: it runs once, as the run's first tokens, and every context's
 own tokens attend to its keys (SmolLM2's template: ~30 of a short message's ~45 tokens).
 
+Across prefills, `KeptPrefix` keeps the keys and values of the last prefilled context's first
+tokens: a later prefill whose contexts all start with some of them (the same persona's system
+prompt; the same chat's earlier turns) copies those columns instead of running the tokens (the
+prefix is then not in the run at all). A lone SmolLM2 reply's prefill ran its ~30-token system
+prompt every time before.
+
 Shapes: U contexts, P the shared prefix (0: none), W the longest rest, N the tokens run, T keys,
 H query heads, K key/value heads, D head width.
 """
@@ -35,24 +41,53 @@ def common_prefix(contexts: list[list[int]]) -> int:
     return n
 
 
+class KeptPrefix:
+    """The keys and values of the last prefilled context's first tokens (at most LIMIT), kept for the next
+    prefill (`match`); the decoder that keeps it belongs to one model, so a swap starts a new one."""
+
+    LIMIT = 64  # tokens kept: a system prompt and a turn or two (SmolLM2-135M int8: 1.5 MB; GPT-2 124M fp32: 4.7 MB)
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.kv: torch.Tensor | None = None  # (L, 2, K, T, D), the cache's dtype
+        self.hits = 0  # prefills that reused it (tests, the bench)
+
+    def match(self, contexts: list[list[int]]) -> int:
+        """Tokens every context starts with that are kept, leaving each a token of its own (0 below SHARE_MIN)."""
+        if not self.tokens:
+            return 0
+        n = common_prefix([self.tokens + [-1]] + contexts)
+        return n if n >= SHARE_MIN else 0
+
+    def keep(self, context: list[int], buffer: torch.Tensor, row: int) -> None:
+        """Keep `context`'s first tokens from cache `buffer` (L, 2, Bcap, K, Tcap, D), row `row`, just prefilled."""
+        n = min(len(context), self.LIMIT)
+        self.kv = buffer[:, :, row, :, :n].clone()
+        self.tokens = list(context[:n])
+
+
 class Packed:
-    def __init__(self, contexts: list[list[int]]):
-        self.prefix = common_prefix(contexts) if len(contexts) > 1 else 0
+    def __init__(self, contexts: list[list[int]], kept: KeptPrefix | None = None, reuse: int = 0):
+        """reuse: the first `reuse` tokens of every context are `kept`'s (KeptPrefix.match): not run, copied."""
+        self.kept = kept if reuse else None
+        self.prefix = reuse or (common_prefix(contexts) if len(contexts) > 1 else 0)
         if self.prefix < SHARE_MIN:
             self.prefix = 0
+        run = 0 if self.kept is not None else self.prefix  # prefix tokens in the run
         rests = [c[self.prefix:] for c in contexts]
         self.lengths = [len(c) for c in rests]
-        self.rows, self.width = len(contexts), max(self.lengths)
-        self.ids = torch.tensor(contexts[0][:self.prefix] + [t for c in rests for t in c], dtype=torch.long)  # (N,)
-        self.positions = torch.cat([torch.arange(self.prefix)] +
+        self.rows, self.width, self.run_prefix = len(contexts), max(self.lengths), run
+        self.ids = torch.tensor(contexts[0][:run] + [t for c in rests for t in c], dtype=torch.long)  # (N,)
+        self.positions = torch.cat([torch.arange(run)] +
                                    [torch.arange(self.prefix, self.prefix + n) for n in self.lengths])  # (N,)
-        self.last = self.prefix + torch.tensor(list(itertools.accumulate(self.lengths))) - 1  # (U,) each context's last token
+        self.last = run + torch.tensor(list(itertools.accumulate(self.lengths))) - 1  # (U,) each context's last token
         self._masks: dict[tuple, torch.Tensor] = {}  # attention masks by (tokens, keys before them, query heads per key head)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_kv: tuple, first: int,
-               scale: float | None = None) -> torch.Tensor:
+               scale: float | None = None, layer: int = 0) -> torch.Tensor:
         """Causal attention of the run (q: (N, H, D), k and v: (N, K, D)); each context's keys and values
-        go into cache rows first … first+U-1 (the prefix's into every row). Returns (N, H, D).
+        go into cache rows first … first+U-1 (the prefix's into every row: run, or copied from the kept
+        prefix's `layer`). Returns (N, H, D).
 
         Attention runs context by context on the cache rows just written, with each key/value
         head's query heads stacked as its query rows (no repeated keys): on the padded grid it
@@ -66,11 +101,14 @@ class Packed:
         G = H // K
         rows = q.reshape(N, K, G, D).transpose(0, 1).contiguous()  # (K, N, G, D): a context's rows are a view
         out = q.new_empty(N, K, G, D)
-        if P:
+        if P and self.kept is not None:
+            k_buf[first:first + U, :, :P] = self.kept.kv[layer, 0, :, :P]
+            v_buf[first:first + U, :, :P] = self.kept.kv[layer, 1, :, :P]
+        elif P:
             k_buf[first:first + U, :, :P] = k[:P].transpose(0, 1)
             v_buf[first:first + U, :, :P] = v[:P].transpose(0, 1)
             _attend(rows, out, 0, P, k_buf[first, :, :P], v_buf[first, :, :P], self._mask(P, 0, G), scale)
-        start = P
+        start = self.run_prefix
         for row, n in enumerate(self.lengths):
             k_buf[first + row, :, P:P + n] = k[start:start + n].transpose(0, 1)
             v_buf[first + row, :, P:P + n] = v[start:start + n].transpose(0, 1)

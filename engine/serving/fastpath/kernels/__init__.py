@@ -89,12 +89,13 @@ def _cpu_has_flags(wanted: tuple[str, ...] = CPU_FLAGS) -> str:
     return f"the CPU lacks {', '.join(missing)}" if missing else ""
 
 
-def _command(compiler: str, output: Path) -> list[str]:
+def _command(compiler: str, output: Path, openmp: bool = True) -> list[str]:
     """g++'s command line. -fopenmp: torch's at::parallel_for is OpenMP in the header, so without it every
     kernel loop ran on one thread (the library then shares the libgomp torch has loaded, by its soname)."""
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-w", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    return [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-w", *(["-fopenmp"] if openmp else []),
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             f"-I{torch_dir / 'include'}", *[a for c in SOURCES[:-1] for a in ("-x", "c", str(c))],  # g++ takes a second file as C++ otherwise
             "-x", "c++", str(SOURCES[-1]), "-x", "none",
             f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-lm", "-o", str(output)]
@@ -114,7 +115,11 @@ def build(compiler: str, target: Path) -> None:
     env = {key: os.environ[key] for key in ("PATH", "LANG", "LC_ALL", "TMPDIR") if key in os.environ}
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run(_command(compiler, built), env=env, check=True, capture_output=True, timeout=300)
+        try:
+            subprocess.run(_command(compiler, built), env=env, check=True, capture_output=True, timeout=300)
+        except subprocess.CalledProcessError:  # a compiler without OpenMP: the kernels on one thread beat none
+            subprocess.run(_command(compiler, built, openmp=False), env=env, check=True, capture_output=True, timeout=300)
+            log.warning("native kernels built without OpenMP (the compiler refused -fopenmp): they run on one thread")
         os.replace(built, target)
 
 
