@@ -161,7 +161,7 @@ async def test_identical_contexts_share_one_prefill_and_still_match_alone(fp32):
     with torch.inference_mode():
         step = engine._decoder.step
         original, seen = step.prefill, []
-        step.prefill = lambda contexts, cache, first=None: seen.append(len(contexts)) or original(contexts, cache, first)
+        step.prefill = lambda contexts, cache, *rest: seen.append(len(contexts)) or original(contexts, cache, *rest)
         fast = engine._prefill(fp32, [_Request(c, params, loop, loop.create_future(), 0.0) for c in contexts])
     assert engine._decoder.name == "fast" and seen == [2] and fast.state.rows == 6
     assert fast.next_input.tolist() == batch.next_input.tolist()

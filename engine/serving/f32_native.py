@@ -2,7 +2,7 @@
 
 Why: where torch's fp32 libraries stream weights below memory's speed (every CPU but Intel's,
 fastpath.onednn), a lone chat's fp32 step is the weights read once at whatever speed the library
-manages: 9.2 GB/s through oneDNN's packed layout on the AMD EPYC (Zen 3), 15.5 through this
+manages: 10.6 GB/s through oneDNN's packed layout on the AMD EPYC (Zen 3), 15.3 through this
 kernel, which also ran 1.1-1.4x oneDNN at 16 to 320 rows (docs/BENCHMARKS.md, issue 23).
 
 `NativeF32Linear` holds the layer's weight once, in the kernel's layout (panels of 16 output

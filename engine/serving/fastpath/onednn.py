@@ -5,7 +5,7 @@ Which library multiplies fp32 fastest depends on the CPU. On Intel with AVX-512,
 path was measured the quicker, so the weights stay as loaded. Elsewhere MKL streams weights well
 below memory's speed: on the AMD EPYC (Zen 4) oneDNN's packed layout ran 2.0-2.3x MKL at 1 to 351
 rows, and on the AMD EPYC (Zen 3) Mynah's AVX2 kernel (fastpath/kernels/f32_gemm.c) ran a one-row
-GPT-2 124M step's products at 15.5 GB/s against oneDNN's 9.2 and MKL's 11.6 (one thread), and
+GPT-2 124M step's products at 15.3 GB/s against oneDNN's 10.6 and MKL's 12.8 (one thread), and
 1.1-1.4x oneDNN at 16 to 320 rows (docs/BENCHMARKS.md, issue 23). So the CPU's vendor decides
 whether to pack (`fp32_packing`), and the kernel is taken where it builds (else oneDNN;
 `MYNAH_F32_KERNEL=off` keeps oneDNN).

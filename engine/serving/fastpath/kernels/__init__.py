@@ -16,8 +16,8 @@ be used, or with MYNAH_INT8_KERNEL=off (`int8_why_not`), fbgemm stays.
 
 Why the fp32 kernel (f32_gemm.c, AVX2 + FMA; engine.serving.f32_native packs its weights): on CPUs
 where torch's fp32 libraries stream weights below memory's speed (fastpath.onednn decides where:
-every CPU but Intel's) a lone chat's fp32 step ran at 9.2 GB/s through oneDNN and 11.6 through MKL
-on the AMD EPYC (Zen 3) against 15.5 through this kernel; MYNAH_F32_KERNEL=off (`f32_why_not`) keeps
+every CPU but Intel's) a lone chat's fp32 step ran at 10.6 GB/s through oneDNN and 12.8 through MKL
+on the AMD EPYC (Zen 3) against 15.3 through this kernel; MYNAH_F32_KERNEL=off (`f32_why_not`) keeps
 oneDNN.
 
 This module defines the torch ops `mynah::decode_attention`, `mynah::gelu_tanh_` (GELU's tanh

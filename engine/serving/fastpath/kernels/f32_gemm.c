@@ -2,9 +2,10 @@
  *
  * Why: a lone chat's fp32 decode step is one row times every weight, ~0.5 GB for GPT-2 124M, so it
  * runs at the speed weights stream from memory. On the AMD EPYC (Zen 3) box one thread streamed
- * 15-16 GB/s (a plain sum), while the step's matrix products ran at 9.2 GB/s through oneDNN's
- * packed layout (the one Mynah used on non-Intel CPUs) and 11.6 GB/s through MKL; this kernel
- * runs them at 15.5 GB/s, and 1.1-1.4x oneDNN at 16 to 320 rows too (docs/BENCHMARKS.md, issue 23).
+ * 15-16.7 GB/s (a plain sum), while the step's matrix products ran at 10.6 GB/s through oneDNN's
+ * packed layout (the one Mynah used on non-Intel CPUs) and 12.8 GB/s through MKL; this kernel
+ * runs them at 15.3 GB/s, and 1.13-1.31x oneDNN at 16 to 320 rows too (scripts/bench/f32_linear.py,
+ * docs/BENCHMARKS.md, issue 23, twelfth pass).
  *
  * Packed weight layout (engine.serving.f32_native): output columns in panels of 16 (n padded to a
  * multiple of 16 with zero rows); panel p is (k, 16) floats, input i's 16 weights contiguous. A
