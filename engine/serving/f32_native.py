@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engine.serving.fastpath.kernels import f32_why_not
+from engine.serving.int8_native import _padded  # a bias padded to the panels' width, as the int8 layers pad theirs
 
 PANEL = 16  # output columns per packed panel (f32_gemm.c)
 PACK_ROWS = 4096  # rows packed at a time (a tied head's transient is one block)
@@ -67,12 +68,6 @@ class NativeF32Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp32 (Mynah's AVX2 kernel)"
-
-
-def _padded(values: torch.Tensor, length: int) -> torch.Tensor:
-    out = torch.zeros(length, dtype=values.dtype)
-    out[:values.numel()] = values
-    return out
 
 
 def stacked(weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> NativeF32Linear:
