@@ -17,7 +17,7 @@ import secrets
 import socket
 import time
 
-from storage.cluster import CLAIM_DONE, CLAIM_MINE, ClusterStore
+from storage.cluster import CLAIM_DONE, CLAIM_MINE, CLAIM_TAKEN_OVER, ClusterStore
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,21 @@ class Presence:
 
     # --- update claims ----------------------------------------------------------------------
     async def claim(self, platform: str, key: str, payload: str | None, *, wait_s: float = 50.0,
-                    poll_s: float = 0.2) -> bool:
-        """True: this worker handles the update now. False: another worker stored or finished
-        it (acknowledge it, do nothing). Raises TimeoutError when the other worker neither
-        stores it nor dies within `wait_s` (do not acknowledge; the platform retries)."""
+                    poll_s: float = 0.2) -> str | None:
+        """CLAIM_MINE or CLAIM_TAKEN_OVER (from a dead worker): this worker handles the update
+        now. None: another worker stored or finished it (acknowledge it, do nothing). Raises
+        TimeoutError when the other worker neither stores it nor dies within `wait_s` (do not
+        acknowledge; the platform retries)."""
         deadline = time.monotonic() + wait_s
         while True:
             state = await self.store.claim(platform, key, self.id, stale_after=self.stale_after_s, payload=payload)
-            if state == CLAIM_MINE:
-                return True
+            if state in (CLAIM_MINE, CLAIM_TAKEN_OVER):
+                return state
             if state == CLAIM_DONE:
-                return False
+                return None
             found = await self.store.claim_state(platform, key)
             if found is not None and found[1] is not None:   # stored by its owner: it answers (or a survivor)
-                return False
+                return None
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{platform} update {key} is still being stored by another worker")
             await asyncio.sleep(poll_s)

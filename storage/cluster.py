@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 CLAIM_MINE, CLAIM_TAKEN, CLAIM_DONE = "mine", "taken", "done"
+CLAIM_TAKEN_OVER = "taken over"    # mine now, from a worker that died with it unfinished
 
 
 @dataclass
@@ -59,7 +60,8 @@ class ClusterStore:
                     payload: str | None = None) -> str:
         """CLAIM_MINE: handle it. CLAIM_DONE: handled already (by anyone). CLAIM_TAKEN: another
         live worker has it. A claim whose worker stopped or fell silent for `stale_after`
-        seconds, and is not done, is taken over."""
+        seconds, and is not done, is taken over: CLAIM_TAKEN_OVER (the caller deals with what
+        the dead worker left half done, such as a reply it never confirmed)."""
         now = time.time()
         async with self.db.transaction() as conn:
             rows = await conn.execute_fetchall(
@@ -69,12 +71,17 @@ class ClusterStore:
             if list(rows):
                 return CLAIM_MINE
             rows = list(await conn.execute_fetchall(
-                "UPDATE update_claims SET worker = ?, claimed_at = ? "
-                "WHERE platform = ? AND update_key = ? AND done_at IS NULL AND (worker = ? OR worker NOT IN ("
-                "  SELECT id FROM workers WHERE stopped_at IS NULL AND last_seen >= ?)) RETURNING worker",
-                (worker, now, platform, key, worker, now - stale_after)))
+                "UPDATE update_claims SET claimed_at = ? WHERE platform = ? AND update_key = ? AND done_at IS NULL "
+                "AND worker = ? RETURNING worker", (now, platform, key, worker)))
             if rows:
                 return CLAIM_MINE
+            rows = list(await conn.execute_fetchall(
+                "UPDATE update_claims SET worker = ?, claimed_at = ? "
+                "WHERE platform = ? AND update_key = ? AND done_at IS NULL AND worker NOT IN ("
+                "  SELECT id FROM workers WHERE stopped_at IS NULL AND last_seen >= ?) RETURNING worker",
+                (worker, now, platform, key, now - stale_after)))
+            if rows:
+                return CLAIM_TAKEN_OVER
             done = list(await conn.execute_fetchall(
                 "SELECT done_at FROM update_claims WHERE platform = ? AND update_key = ?", (platform, key)))
         return CLAIM_DONE if done and done[0][0] is not None else CLAIM_TAKEN
@@ -112,15 +119,17 @@ class ClusterStore:
                                      (older_than,))
         return cur.rowcount
 
-    async def fail_pending_replies(self, platform: str, platform_chat_id: str, platform_message_id: str) -> int:
+    async def fail_pending_replies(self, platform: str, platform_chat_id: str | None, platform_message_id: str) -> int:
         """Replies a dead worker stored for this user message but never confirmed sent become
-        'failed', so the worker that takes the message over answers it."""
+        'failed', so the worker that takes the message over answers it. No `platform_chat_id`:
+        the message id alone names it (Discord's snowflakes are unique across channels)."""
+        chat = "" if platform_chat_id is None else "AND c.platform_chat_id = ? "
+        params = (platform,) + (() if platform_chat_id is None else (platform_chat_id,)) + (platform_message_id,)
         async with self.db.transaction() as conn:
             cur = await conn.execute(
                 "UPDATE messages SET status = 'failed' WHERE role = 'bot' AND status = 'pending' AND reply_to_id IN ("
                 "  SELECT m.id FROM messages m JOIN chats c ON c.id = m.chat_id WHERE c.platform = ? "
-                "  AND c.platform_chat_id = ? AND m.platform_message_id = ? AND m.role = 'user')",
-                (platform, platform_chat_id, platform_message_id))
+                f"  {chat}AND m.platform_message_id = ? AND m.role = 'user')", params)
         return cur.rowcount
 
     # --- leases ---------------------------------------------------------------------------

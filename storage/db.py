@@ -24,6 +24,18 @@ class TransientStorageError(StorageError):
     """The database is briefly out of reach (a lost connection, a server restart): retry the write."""
 
 
+_VIOLATIONS = {"unique": ("23505", "UNIQUE constraint failed"),
+               "foreign key": ("23503", "FOREIGN KEY constraint failed")}
+
+
+def violates(error: BaseException, kind: str) -> bool:
+    """Whether `error`, from either backend, is a "unique" or "foreign key" violation (SQLite
+    says so in its message, PostgreSQL in its SQLSTATE)."""
+    sqlstate, message = _VIOLATIONS[kind]
+    return getattr(error, "sqlstate", None) == sqlstate or (
+        isinstance(error, sqlite3.IntegrityError) and message in str(error))
+
+
 # Each entry is one schema version; entry i moves user_version from i to i + 1.
 # Never edit an entry that has shipped: append a new one.
 MIGRATIONS: list[str] = [
@@ -263,6 +275,26 @@ MIGRATIONS: list[str] = [
         noticed_at REAL,
         PRIMARY KEY (key, window_start)
     );
+    """,
+    # 9: one stored copy of each platform message and one live answer to it, kept by the
+    # database itself: two workers that both handle one delivery (a live worker taken for
+    # dead under load) can no longer store a message twice or confirm two replies to it.
+    # Copies from before keep their text; a later copy loses only its platform id (it was
+    # never the one redelivery checks found), a second live answer becomes 'failed' (out of
+    # context and training, as it should have been).
+    """
+    UPDATE messages SET platform_message_id = NULL
+    WHERE role = 'user' AND platform_message_id IS NOT NULL AND id NOT IN (
+        SELECT MIN(id) FROM messages WHERE role = 'user' AND platform_message_id IS NOT NULL
+        GROUP BY chat_id, platform_message_id);
+    CREATE UNIQUE INDEX messages_one_copy ON messages (chat_id, platform_message_id)
+        WHERE role = 'user' AND platform_message_id IS NOT NULL;
+    UPDATE messages SET status = 'failed'
+    WHERE role = 'bot' AND status IN ('ok', 'pending') AND reply_to_id IS NOT NULL AND id NOT IN (
+        SELECT COALESCE(MIN(CASE WHEN status = 'ok' THEN id END), MIN(id)) FROM messages
+        WHERE role = 'bot' AND status IN ('ok', 'pending') AND reply_to_id IS NOT NULL GROUP BY reply_to_id);
+    CREATE UNIQUE INDEX messages_one_answer ON messages (reply_to_id)
+        WHERE role = 'bot' AND status IN ('ok', 'pending');
     """,
 ]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from storage.feedback import delete_user_rows
 from storage.memory import delete_user_facts
 from storage.ledger import ForgetLedger
+from storage.db import StorageError, violates
 from storage.protocol import StorageBackend
 
 ROLES = ("user", "bot")
@@ -53,8 +54,25 @@ class RecentChat:
     newest_platform_id: int | None
 
 
+class MessageGone(StorageError):
+    """The stored message a reply answers was forgotten (/forget) while the reply was written."""
+
+
+_INSERT = ("INSERT INTO messages (chat_id, user_id, role, text, platform_message_id, reply_to_platform_id, "
+           "model_version, status, created_at, reply_to_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
 def _id(value: str | int | None) -> str | None:
     return None if value is None else str(value)
+
+
+def _row(chat_id, role, text, user_id, platform_message_id, reply_to, model_version, status, reply_to_id) -> tuple:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+    return (chat_id, user_id, role, text, _id(platform_message_id), _id(reply_to), model_version, status,
+            time.time(), reply_to_id)
 
 
 class Messages:
@@ -74,30 +92,55 @@ class Messages:
         """Store one message and return its id; it is committed when this returns.
 
         `reply_to_id` links a bot reply to the stored user message it answers (/forget uses it)."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+        row = _row(chat_id, role, text, user_id, platform_message_id, reply_to, model_version, status, reply_to_id)
         async with self.db.transaction() as conn:
-            cursor = await conn.execute(
-                "INSERT INTO messages (chat_id, user_id, role, text, platform_message_id, "
-                "reply_to_platform_id, model_version, status, created_at, reply_to_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (chat_id, user_id, role, text, _id(platform_message_id), _id(reply_to),
-                 model_version, status, time.time(), reply_to_id))
+            cursor = await conn.execute(_INSERT, row)
             return cursor.lastrowid
 
+    async def log_once(self, chat_id: int, role: str, text: str, *, user_id: int | None = None,
+                       platform_message_id: str | int | None = None, reply_to: str | int | None = None,
+                       model_version: str | None = None, status: str = "ok",
+                       reply_to_id: int | None = None) -> int | None:
+        """`log_message`, unless the database already holds this user message (its platform id
+        in this chat) or a reply sent or pending to the stored message `reply_to_id`: None then.
+
+        One statement against the unique indexes of migration 9, so of two workers that handle
+        one delivery at the same moment exactly one stores the message, and one its answer.
+        Raises MessageGone when `reply_to_id` was forgotten (/forget) meanwhile."""
+        row = _row(chat_id, role, text, user_id, platform_message_id, reply_to, model_version, status, reply_to_id)
+        try:
+            async with self.db.transaction() as conn:
+                rows = list(await conn.execute_fetchall(_INSERT + " ON CONFLICT DO NOTHING RETURNING id", row))
+        except Exception as e:
+            if violates(e, "foreign key"):
+                raise MessageGone(f"message {reply_to_id} was forgotten") from e
+            raise
+        return rows[0][0] if rows else None
+
     async def set_status(self, message_id: int, status: str, *, platform_message_id: str | int | None = None,
-                         text: str | None = None, model_version: str | None = None) -> None:
+                         text: str | None = None, model_version: str | None = None) -> bool:
         """Mark a bot reply sent ('ok') or 'failed', and remember the id the platform gave it;
-        `text` (and `model_version`) complete a reply stored while it was being written."""
+        `text` (and `model_version`) complete a reply stored while it was being written.
+        False when it could not become 'ok' or 'pending' because the message it answers has
+        another live reply (it is 'failed' then)."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
-        async with self.db.transaction() as conn:
-            await conn.execute(
-                "UPDATE messages SET status = ?, platform_message_id = COALESCE(?, platform_message_id), "
-                "text = COALESCE(?, text), model_version = COALESCE(?, model_version) WHERE id = ?",
-                (status, _id(platform_message_id), text, model_version, message_id))
+        try:
+            async with self.db.transaction() as conn:
+                await conn.execute(
+                    "UPDATE messages SET status = ?, platform_message_id = COALESCE(?, platform_message_id), "
+                    "text = COALESCE(?, text), model_version = COALESCE(?, model_version) WHERE id = ?",
+                    (status, _id(platform_message_id), text, model_version, message_id))
+        except Exception as e:
+            if not violates(e, "unique"):
+                raise
+            # Another worker took the message over (this one was taken for dead), marked this
+            # reply failed and holds its own answer: this one stays 'failed', the other is the
+            # confirmed one, and the chat got the message twice (docs/SCALING.md).
+            await self.set_status(message_id, "failed", platform_message_id=platform_message_id, text=text,
+                                  model_version=model_version)
+            return False
+        return True
 
     async def seen_message(self, chat_id: int, platform_message_id: str | int) -> tuple[int, bool] | None:
         """(messages.id, handled) when this user message is already stored, else None.

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from storage import open_database
-from storage.cluster import CLAIM_DONE, CLAIM_MINE, CLAIM_TAKEN, ClusterStore
+from storage.cluster import CLAIM_DONE, CLAIM_MINE, CLAIM_TAKEN, CLAIM_TAKEN_OVER, ClusterStore
 
 
 @pytest.fixture
@@ -46,6 +46,9 @@ async def test_a_dead_workers_claims_are_taken_over_with_their_payload(stores):
     assert await b.orphaned("telegram", "b", stale_after=1.0) == [("7", '{"update_id": 7}')]
     assert (await b.claim_state("telegram", "7"))[0] == "b"
     assert await b.orphaned("telegram", "b", stale_after=1.0) == []      # taken once
+    assert await a.claim("telegram", "8", "a", stale_after=1.0) == CLAIM_MINE   # a's, a dead worker's now
+    assert await b.claim("telegram", "8", "b", stale_after=1.0) == CLAIM_TAKEN_OVER   # a redelivery takes it over
+    assert await b.claim("telegram", "8", "b", stale_after=1.0) == CLAIM_MINE         # and b has it
     await b.stopped("b")
     assert not [w for w in await a.workers() if w.alive(time.time(), 1.0)]
 

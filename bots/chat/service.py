@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from bots.chat.user_commands import UserCommands, chat_row
 from bots.metrics import record_reply
 from bots.platforms.registry import admin_ids, forgetting_for_chats, unlimited_platforms
 from engine.serving.protocol import EngineBusy, EngineStopped, EngineUnavailable, Reply
+from storage.messages import MessageGone
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +204,14 @@ class ChatService:
             if seen is not None:
                 return chat_id, seen[0], seen[1]
             user_id = await self.store.chats.user(msg.platform, msg.user_id, name=msg.user_name)
-            stored = await self.store.messages.log_message(
+            stored = await self.store.messages.log_once(
                 chat_id, "user", text, user_id=user_id, platform_message_id=msg.message_id,
                 reply_to=msg.reply_to_message_id, status=status)
+            if stored is None:   # another worker stored it this very moment: that one answers it
+                seen = await self.store.messages.seen_message(chat_id, msg.message_id)
+                log.warning("%s message %s in chat %s: another worker is handling it too; leaving it to that one",
+                            msg.platform, msg.message_id, msg.chat_id)
+                return chat_id, None if seen is None else seen[0], True
             return chat_id, stored, False
 
         return await self.writes.run(f"{msg.platform} message {msg.message_id} in chat {msg.chat_id}", write)
@@ -246,18 +251,22 @@ class ChatService:
     async def hold_reply(self, chat_id: int, answered: int, msg: Incoming, text: str = "",
                          model_version: str | None = None) -> int | None:
         """Store a pending reply row (empty while a streamed reply is still being written, so
-        that after a crash start-up recovery writes and sends it). None when the message it
-        answers was forgotten (/forget) meanwhile: the reply is dropped."""
+        that after a crash start-up recovery writes and sends it). None, and the reply is
+        dropped, when the message it answers was forgotten (/forget) meanwhile or already has
+        a reply sent or on its way (another worker handled the same delivery)."""
         try:
-            return await self.writes.run(
+            held = await self.writes.run(
                 f"{msg.platform} reply in chat {msg.chat_id}",
-                lambda: self.store.messages.log_message(chat_id, "bot", text, model_version=model_version,
-                                                       reply_to=msg.message_id, status="pending",
-                                                       reply_to_id=answered))
-        except sqlite3.IntegrityError:    # the message it answers is gone (the foreign key)
+                lambda: self.store.messages.log_once(chat_id, "bot", text, model_version=model_version,
+                                                    reply_to=msg.message_id, status="pending", reply_to_id=answered))
+        except MessageGone:
             log.info("%s chat %s: the message was forgotten while its reply was written; the reply is dropped",
                      msg.platform, msg.chat_id)
             return None
+        if held is None:
+            log.warning("%s message %s in chat %s: another worker answered it; this reply is dropped",
+                        msg.platform, msg.message_id, msg.chat_id)
+        return held
 
     async def log_reply(self, chat_id: int, answered: int, msg: Incoming, reply, *, held: int | None = None
                         ) -> Outgoing | None:
@@ -270,16 +279,21 @@ class ChatService:
                 return None
         else:
             stored = held
-            await self.writes.run(f"{msg.platform} reply in chat {msg.chat_id}", lambda: self.store.messages.set_status(
-                held, "pending", text=reply.text, model_version=reply.model_version))
+            if not await self.writes.run(f"{msg.platform} reply in chat {msg.chat_id}", lambda: self.store.messages.
+                                         set_status(held, "pending", text=reply.text, model_version=reply.model_version)):
+                log.warning("%s message %s in chat %s: another worker took it over and answers it; this reply is "
+                            "dropped", msg.platform, msg.message_id, msg.chat_id)
+                return None
         record_reply(msg.platform, "fallback" if reply.fallback else "ok", reply.latency_s, reply.new_tokens)
         return Outgoing(reply.text, stored_id=stored, reply_to=msg.message_id)
 
     # ---- delivery reports from the adapters ---------------------------------------------
     async def delivered(self, out: Outgoing, platform_message_id: str | None) -> None:
         if out.stored_id is not None:
-            await self.writes.run(f"delivery of reply {out.stored_id}", lambda: self.store.messages.set_status(
-                out.stored_id, "ok", platform_message_id=platform_message_id))
+            if not await self.writes.run(f"delivery of reply {out.stored_id}", lambda: self.store.messages.set_status(
+                    out.stored_id, "ok", platform_message_id=platform_message_id)):
+                log.warning("reply %s was sent, but another worker had taken its message over and answers it too: "
+                            "the chat may see two answers (this one is recorded as failed)", out.stored_id)
 
     async def failed(self, out: Outgoing, platform_message_id: str | None = None) -> None:
         """Not (wholly) delivered; a partly sent reply keeps its first part's id, so a reply

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from storage.cluster import CLAIM_MINE
+from storage.cluster import CLAIM_MINE, CLAIM_TAKEN_OVER
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,14 @@ class SharedClaims:
             log.warning("discord: could not claim message %s in the database (%s); answering it here",
                         message_id, type(exc).__name__)
             return True
-        return state == CLAIM_MINE
+        if state == CLAIM_TAKEN_OVER:   # its worker died mid-answer: an unconfirmed reply is failed first
+            log.warning("discord message %s: its worker died before finishing it; answering it here", message_id)
+            try:
+                await self.cluster.store.fail_pending_replies(PLATFORM, None, str(message_id))
+            except Exception as exc:
+                log.warning("discord: could not fail message %s's unconfirmed reply (%s)", message_id,
+                            type(exc).__name__)
+        return state in (CLAIM_MINE, CLAIM_TAKEN_OVER)
 
     async def done(self, message_id: int) -> None:
         try:

@@ -24,6 +24,7 @@ from telegram import Update
 
 from bots.chat.events import PlatformStartError
 from bots.platforms.redaction import register_secret
+from storage.cluster import CLAIM_TAKEN_OVER
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,19 @@ class WebhookClaims:
         cluster.takeovers[platform] = self.take_over
 
     async def claim(self, update_id: int, payload: str) -> bool:
-        return await self.cluster.claim(self.platform, str(update_id), payload)
+        """True: handle it here. Taken over from a dead worker (a redelivery reached this one
+        first), the dead one's unconfirmed reply is failed first, as the takeover loop does."""
+        state = await self.cluster.claim(self.platform, str(update_id), payload)
+        if state == CLAIM_TAKEN_OVER:
+            log.warning("telegram update %s: its worker died before finishing it; handling it here", update_id)
+            await self._fail_pending(payload)
+        return state is not None
+
+    async def _fail_pending(self, payload: str) -> None:
+        update = Update.de_json(json.loads(payload), self.application.bot)
+        message = update.message if update is not None else None
+        if message is not None:
+            await self.cluster.store.fail_pending_replies(self.platform, str(message.chat.id), str(message.message_id))
 
     async def stored(self, update_id: int) -> None:
         await self.cluster.stored(self.platform, str(update_id))
@@ -129,8 +142,13 @@ class WebhookClaims:
             await self.cluster.done(self.platform, key)
             return
         update = Update.de_json(json.loads(payload), self.application.bot)
-        message = update.message if update is not None else None
-        if message is not None:
-            await self.cluster.store.fail_pending_replies(self.platform, str(message.chat.id), str(message.message_id))
+        if update is None:
+            await self.cluster.done(self.platform, key)
+            return
+        if self.tracker.in_progress(update.update_id):    # a redelivery got here first
+            return
+        await self._fail_pending(payload)
+        if self.tracker.in_progress(update.update_id):     # ... or while its reply was being failed
+            return
         self.tracker.fetched([update.update_id])
         await self.application.update_queue.put(update)
