@@ -235,15 +235,20 @@ static inline __attribute__((always_inline)) AVX2 void tile_avx2(const int16_t *
                 y + 8 * h, ldy, cols - 8 * h);
 }
 
-/* 4 rows x 8 columns (w as in tile_avx2, the strip's first or second 8 columns): more rows per weight load. */
+/* 4 rows x 8 columns (w as in tile_avx2, the strip's first or second 8 columns): more rows per weight load.
+ * `next` (or NULL): the next strip (groups 64 bytes apart), whose group g this pass asks into L2 when
+ * g % every == phase: a strip's passes share the fetch of the next one, as in f32_gemm.c's tile. */
 static inline __attribute__((always_inline)) AVX2 void tile4_avx2(const int16_t *q, int64_t kp, const int8_t *w,
                                                                   int64_t step, const float *scale, const int32_t *zero,
                                                                   const int32_t *w_sum, const float *w_scale,
-                                                                  const float *bias, float *y, int64_t ldy, int64_t cols) {
+                                                                  const float *bias, float *y, int64_t ldy, int64_t cols,
+                                                                  const int8_t *next, int64_t every, int64_t phase) {
     __m256i acc[4][2];
     for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    int64_t due = phase + 1;
 #pragma GCC unroll 4
     for (int64_t g = 0; g < kp / 4; g++) {
+        if (next && --due == 0) due = every, _mm_prefetch((const char *)(next + g * 64), _MM_HINT_T1);
         const int8_t *wg = w + g * step;
         const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wg));
         const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16)));
@@ -266,11 +271,14 @@ AVX2 void mynah_linear_u8s8_avx2(const int16_t *q, int64_t m, int64_t kp, const 
             const int8_t *strip = w + p * kp * width + 4 * (at - p * width);
             const int64_t cols = n - at < 16 ? n - at : 16;
             const float *b = bias ? bias + at : 0;
+            const int64_t passes = 2 * (m / 4);   /* a lone pass is the stream itself; a prefill's has time enough */
+            const int8_t *next = width == 16 && passes > 1 && passes <= 32 && p + 1 < p1 ? strip + kp * 16 : 0;
             int64_t r = 0;
             for (; r + 4 <= m; r += 4)
                 for (int h = 0; h < 2; h++)
                     tile4_avx2(q + r * kp, kp, strip + 32 * h, 4 * width, scale + r, zero + r, w_sum + at + 8 * h,
-                               w_scale + at + 8 * h, b ? b + 8 * h : 0, y + r * n + at + 8 * h, n, cols - 8 * h);
+                               w_scale + at + 8 * h, b ? b + 8 * h : 0, y + r * n + at + 8 * h, n, cols - 8 * h,
+                               next, passes, r / 2 + h);
             for (; r < m; r += 2) {
                 if (m - r >= 2)
                     tile_avx2(q + r * kp, kp, strip, 4 * width, 2, scale + r, zero + r, w_sum + at, w_scale + at, b,
