@@ -71,7 +71,7 @@ class WebhookServer:
         if not self.tracker.in_progress(update.update_id):     # a repeat of one in progress: just wait
             if self.claims is not None:
                 try:
-                    if not await self.claims.claim(update.update_id, body):
+                    if not await self.claims.claim(update, body):
                         return web.Response(status=200)      # another worker stored or handled it
                 except TimeoutError:
                     return web.Response(status=503)          # still with a live worker: Telegram retries

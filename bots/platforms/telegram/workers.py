@@ -107,18 +107,17 @@ class WebhookClaims:
         tracker.on_finished = self._finished
         cluster.takeovers[platform] = self.take_over
 
-    async def claim(self, update_id: int, payload: str) -> bool:
+    async def claim(self, update: Update, payload: str) -> bool:
         """True: handle it here. Taken over from a dead worker (a redelivery reached this one
         first), the dead one's unconfirmed reply is failed first, as the takeover loop does."""
-        state = await self.cluster.claim(self.platform, str(update_id), payload)
+        state = await self.cluster.claim(self.platform, str(update.update_id), payload)
         if state == CLAIM_TAKEN_OVER:
-            log.warning("telegram update %s: its worker died before finishing it; handling it here", update_id)
-            await self._fail_pending(payload)
+            log.warning("telegram update %s: its worker died before finishing it; handling it here", update.update_id)
+            await self._fail_pending(update)
         return state is not None
 
-    async def _fail_pending(self, payload: str) -> None:
-        update = Update.de_json(json.loads(payload), self.application.bot)
-        message = update.message if update is not None else None
+    async def _fail_pending(self, update: Update) -> None:
+        message = update.message
         if message is not None:
             await self.cluster.store.fail_pending_replies(self.platform, str(message.chat.id), str(message.message_id))
 
@@ -147,7 +146,7 @@ class WebhookClaims:
             return
         if self.tracker.in_progress(update.update_id):    # a redelivery got here first
             return
-        await self._fail_pending(payload)
+        await self._fail_pending(update)
         if self.tracker.in_progress(update.update_id):     # ... or while its reply was being failed
             return
         self.tracker.fetched([update.update_id])
