@@ -39,7 +39,7 @@ def build_engine(config: Config, loaded: LoadedModel) -> Engine:
         max_batch_size=config.engine.max_batch_size, max_queue=config.engine.max_queue,
         max_context_tokens=config.generation.max_context_tokens,
         fallback_reply=config.generation.fallback_reply, threads=config.engine.threads,
-        fast_path=config.engine.fast_path, pack_weights=config.engine.pack_weights,
+        prefill_threads=config.engine.prefill_threads, fast_path=config.engine.fast_path, pack_weights=config.engine.pack_weights,
     )
 
 

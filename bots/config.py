@@ -67,6 +67,7 @@ class EngineConfig:
     fast_path: str = "auto"              # "auto": GPT-2-family models decode on the hand-written step; "off"
     pack_weights: bool = True            # fp32 on CPU: layers packed for oneDNN where that is faster (not on Intel)
     threads_while_training: int = 0      # torch threads while a trainer child runs (0 = leave as is)
+    prefill_threads: int = 0             # a prefill's threads: 0 = `threads` plus the cores other processes leave idle
 
 
 @dataclass
@@ -314,7 +315,7 @@ def _check_section(name: str, section: Any) -> None:
         if not 0.0 <= section.mmi_weight <= 1.0:
             raise ConfigError(f"[generation] mmi_weight must be in [0, 1], got {section.mmi_weight}")
     if name == "engine":
-        for key in ("threads", "threads_while_training"):
+        for key in ("threads", "threads_while_training", "prefill_threads"):
             if getattr(section, key) < 0:
                 raise ConfigError(f"[engine] {key} must be 0 (automatic / leave as is) or more, "
                                   f"got {getattr(section, key)}")

@@ -36,6 +36,7 @@ from engine.serving.protocol import (FALLBACK_REPLY, EngineBusy, EngineStats, En
                                      ReplyStream, SamplingParams, Route)
 from engine.serving.quantize import pack_fp32, release_freed_memory
 from engine.serving.sampling import BatchSampler, RowSampler, banned_ids
+from engine.serving.spare_cores import SpareCores
 from engine.serving.worker import WorkerThread, auto_threads, resolve
 from engine.types import Turn, max_positions, percentile
 
@@ -102,6 +103,7 @@ class Engine(WorkerThread, ModelEngine):
         max_context_tokens: int = 256,
         fallback_reply: str = FALLBACK_REPLY,
         threads: int = 0,
+        prefill_threads: int = 0,
         grow_cache: bool = True,
         pack_weights: bool = True,
         fast_path: str = "auto",
@@ -115,6 +117,10 @@ class Engine(WorkerThread, ModelEngine):
         self.max_context_tokens = max_context_tokens
         self.fallback_reply = fallback_reply
         self.threads = threads
+        # A prefill (a burst's first words wait on it) may also take cores no other process is using:
+        # 0 = all such cores, N = at most N in all; N <= the decode threads turns it off (spare_cores.py).
+        self.prefill_threads = prefill_threads
+        self._spare = SpareCores()
         self.grow_cache = grow_cache  # KV cache with spare room (kvcache.GrowingLayer) where the model allows it
         self.pack_weights = pack_weights  # fp32 CPU models: linear weights pre-packed for oneDNN (quantize.pack_fp32)
         self.fast_path = fast_path  # "auto": GPT-2- and Llama-family models decode on engine.serving.fastpath; "off": transformers
@@ -135,7 +141,8 @@ class Engine(WorkerThread, ModelEngine):
         self.replies_served = 0
         self.started_at = time.time()
         # Where the worker's time goes (read by `mynah bench`): seconds and counts since start.
-        self.timing = {"prefill_s": 0.0, "prefilled_tokens": 0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
+        self.timing = {"prefill_s": 0.0, "prefilled_tokens": 0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0,
+                       "prefills": 0, "spread_prefills": 0, "prefill_threads": 0, "decode_threads": 0}
 
     # ---- public, event-loop side -------------------------------------------------
     async def reply(self, turns: Sequence[Turn], overrides: dict | None = None, *, system: str = "",
@@ -278,6 +285,7 @@ class Engine(WorkerThread, ModelEngine):
         with torch.inference_mode(), torch._C.DisableTorchFunctionSubclass(), torch.jit.optimized_execution(False):
             while True:
                 swapped, landed = False, None
+                self._spare.tick()  # at most every 0.5 s: what other processes use, for the next prefill
                 if self._threads_wanted is not None:
                     self._apply_threads()
                 with self._wake:
@@ -331,7 +339,7 @@ class Engine(WorkerThread, ModelEngine):
         loaded = self._loaded
         if admitted:
             started = time.perf_counter()
-            joining = self._prefill(loaded, admitted, batch)
+            joining = self._spread(lambda: self._prefill(loaded, admitted, batch))
             self.timing["prefill_s"] += time.perf_counter() - started
             self.timing["prefilled_tokens"] += sum(len(r.context_ids) for r in admitted)
             if joining is not None:
@@ -348,7 +356,27 @@ class Engine(WorkerThread, ModelEngine):
         self.timing["decode_s"] += time.perf_counter() - started
         self.timing["decode_steps"] += 1
         self.timing["decode_rows"] += len(batch.rows)
+        self.timing["decode_threads"] = torch.get_num_threads()
         return self._retire(batch, tokens)
+
+    def _spread(self, prefill):
+        """Run `prefill` on the decode threads plus the cores other processes leave idle (spare_cores.py):
+        a burst's first words come after its prefill, and the event loop's core is mostly idle then."""
+        base = self.threads_now or torch.get_num_threads()
+        if self._loaded.device.type != "cpu":
+            return prefill()
+        most = self.prefill_threads or len(self._spare.cpus)
+        threads = self._spare.threads(base, most)
+        self.timing["prefills"] += 1
+        self.timing["prefill_threads"] = threads
+        if threads == base:
+            return prefill()
+        self.timing["spread_prefills"] += 1
+        torch.set_num_threads(threads)
+        try:
+            return prefill()
+        finally:
+            torch.set_num_threads(base)
 
     def _prefill(self, loaded: LoadedModel, admitted: list[_Request], running: "_Batch | None" = None) -> "_Batch | None":
         """Run the new requests' contexts (one pass) and sample their first tokens (`running`: the batch

@@ -45,6 +45,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precisions", default=None, metavar="fp32,int8", help="engine precisions (default fp32,int8)")
     parser.add_argument("--rounds", type=int, default=None, help="replies per chat in an engine run (default 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    parser.add_argument("--prefill-threads", type=int, default=0,
+                        help="the engine's threads for a prefill (default 0: --threads plus the cores other processes "
+                             "leave idle, as [engine] prefill_threads; 1 keeps every prefill on one thread)")
     parser.add_argument("--storage-messages", type=int, default=None, metavar="N",
                         help="messages stored for the storage part (default 1,000,000; quick 5,000; 0 skips it)")
     parser.add_argument("--no-pack", action="store_true",
@@ -75,6 +78,7 @@ def _config(args):
             raise SystemExit(f"mynah bench: unknown precision(s) {', '.join(sorted(unknown))}; use fp32 and/or int8")
         overrides["precisions"] = precisions
     overrides["threads"] = args.threads
+    overrides["prefill_threads"] = args.prefill_threads
     if args.model:
         overrides["model"] = args.model
     if args.in_process:

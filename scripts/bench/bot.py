@@ -66,6 +66,7 @@ def write_config(folder: Path, model_path: str, precision: str, cfg, base_url: s
         "[generation]", f"max_new_tokens = {cfg.new_tokens}", f"min_new_tokens = {cfg.new_tokens}",
         f"max_context_tokens = {cfg.max_context_tokens}",
         "[engine]", f'quantize = "{"int8" if precision == "int8" else "none"}"', f"threads = {cfg.threads}",
+        f"prefill_threads = {cfg.prefill_threads}",
         f'fast_path = "{cfg.fast_path}"',
         "[storage]", f'path = "{folder / "bot.sqlite3"}"',
         "[chat]", f"stream = {'true' if stream else 'false'}", "rate_limit_messages = 1000",

@@ -28,6 +28,7 @@ class BenchConfig:
     quality_dialogues: int = 80      # held-out dialogues for int8 vs fp32 (the 2% split has 80)
     prefix_conversations: int = 80   # held-out dialogues replayed for the prefix-reuse estimate
     threads: int = 0                 # torch threads (0: torch's default, one per core)
+    prefill_threads: int = 0         # [engine] prefill_threads: 0 = threads + the cores other processes leave idle
     isolate: bool = True             # each configuration in its own process (own RSS)
     pack_weights: bool = True        # the engine's default: fp32 linear weights pre-packed for oneDNN
     max_history_turns: int = 6       # the chat defaults, for the prefix-reuse estimate

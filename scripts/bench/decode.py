@@ -104,7 +104,7 @@ def make_engine(loaded, cfg: BenchConfig):
     params = SamplingParams(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens)
     top = max(cfg.concurrency + [cfg.burst])
     return Engine(loaded, params, max_batch_size=top, max_queue=4 * top + 8, max_context_tokens=cfg.context_tokens,
-                  threads=cfg.threads, pack_weights=cfg.pack_weights, fast_path=cfg.fast_path)
+                  threads=cfg.threads, prefill_threads=cfg.prefill_threads, pack_weights=cfg.pack_weights, fast_path=cfg.fast_path)
 
 
 def run_engine(engine, prompts: list, concurrency: int, rounds: int) -> dict:

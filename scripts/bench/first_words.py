@@ -76,6 +76,7 @@ def row(r: dict, round_: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prefill-threads", type=int, default=0, help="[engine] prefill_threads (0: spare cores too)")
     parser.add_argument("--chats", type=int, default=16)
     parser.add_argument("--cases", default="gpt2:int8,gpt2:fp32,llama:int8")
     parser.add_argument("--tokenizer", default="smollm2", choices=["smollm2", "starter"])
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.bench.engine import build_random_gpt2
     from scripts.bench.llama import build_random_llama
 
-    cfg = BenchConfig(threads=args.threads, burst=args.chats, tokenizer=args.tokenizer)
+    cfg = BenchConfig(threads=args.threads, prefill_threads=args.prefill_threads, burst=args.chats, tokenizer=args.tokenizer)
     cases = [c.split(":") for c in args.cases.split(",")]
     results, started = [], time.perf_counter()
     print("| model, precision | burst | context tokens (mean) | first words p50 / p95 s | unstreamed whole p95 s "
