@@ -24,12 +24,14 @@ HZ = os.sysconf("SC_CLK_TCK")
 
 
 class FakeProc:
-    """A /proc with `stat` (per-CPU busy and idle ticks) and `self/stat` (this process's ticks), and a clock."""
+    """A /proc/stat (per-CPU busy and idle ticks), this process's and its worker thread's CPU seconds, and a clock.
+    The engine's worker runs on CPU 0; the event loop and a spread prefill's helper thread on CPU 1."""
 
     def __init__(self, root: Path, cpus: int = 2):
         self.root, self.now = root, 100.0
-        self.busy, self.idle, self.ours = [0] * cpus, [0] * cpus, 0
-        (root / "self").mkdir(parents=True)
+        self.busy, self.idle = [0] * cpus, [0] * cpus
+        self.process_s = self.worker_s = 0.0
+        root.mkdir(parents=True)
         self.write()
 
     def write(self) -> None:
@@ -38,17 +40,18 @@ class FakeProc:
             # user nice system idle iowait irq softirq steal guest guest_nice: busy split over user and steal
             lines.append(f"cpu{i} {busy - busy // 4} 0 0 {idle} 0 0 0 {busy // 4} 0 0")
         (self.root / "stat").write_text("\n".join(lines) + "\nintr 1 2 3\nctxt 5\n")
-        fields = ["S"] + ["0"] * 10 + [str(self.ours), "0"] + ["0"] * 30   # utime, stime: fields 14 and 15
-        (self.root / "self" / "stat").write_text("4242 (a (strange) name) " + " ".join(fields) + "\n")
 
-    def advance(self, seconds: float, others: dict[int, float], ours: dict[int, float] | None = None) -> None:
-        """`seconds` pass; CPU i is busy for others[i] + ours[i] of them (fractions of the CPU)."""
-        ours = ours or {}
+    def advance(self, seconds: float, others: dict[int, float] | None = None, *, worker: float = 0.0,
+                loop: float = 0.0, helper: float = 0.0) -> None:
+        """`seconds` pass; CPU i is busy others[i] of them, plus this process's threads (fractions of a CPU)."""
+        used = dict(others or {})
+        used[0] = used.get(0, 0.0) + worker
+        used[1] = used.get(1, 0.0) + loop + helper
         for i in range(len(self.busy)):
-            used = others.get(i, 0.0) + ours.get(i, 0.0)
-            self.busy[i] += round(used * seconds * HZ)
-            self.idle[i] += round((1 - used) * seconds * HZ)
-        self.ours += round(sum(ours.values()) * seconds * HZ)
+            self.busy[i] += round(used.get(i, 0.0) * seconds * HZ)
+            self.idle[i] += round((1 - used.get(i, 0.0)) * seconds * HZ)
+        self.process_s += (worker + loop + helper) * seconds
+        self.worker_s += worker * seconds
         self.now += seconds
         self.write()
 
@@ -59,14 +62,15 @@ def proc(tmp_path) -> FakeProc:
 
 
 def cores(proc: FakeProc, cpus=(0, 1)) -> SpareCores:
-    spare = SpareCores(proc.root, cpus=set(cpus), clock=lambda: proc.now)
+    spare = SpareCores(proc.root, cpus=set(cpus), clock=lambda: proc.now, process_cpu=lambda: proc.process_s,
+                       thread_cpu=lambda: proc.worker_s)
     spare.tick()
     return spare
 
 
 def test_idle_cores_are_taken_and_a_busy_one_is_left_alone(proc):
     spare = cores(proc)
-    proc.advance(1.0, others={})
+    proc.advance(1.0)
     assert spare.threads(1, 8) == 2            # nobody else on either CPU
     proc.advance(1.0, others={1: 0.9})
     assert spare.threads(1, 8) == 1            # a busy process on the second: the prefill stays on one thread
@@ -77,10 +81,34 @@ def test_idle_cores_are_taken_and_a_busy_one_is_left_alone(proc):
     assert spare.threads(1, 8) == 1            # but over a quarter of a core does
 
 
-def test_this_process_own_work_is_not_another_process(proc):
+def test_the_engine_its_helpers_and_a_burst_intake_are_not_load(proc):
     spare = cores(proc)
-    proc.advance(1.0, others={}, ours={0: 1.0, 1: 0.6})   # the engine decoding, the event loop busy
+    for _ in range(8):                          # seconds of decoding, with spread prefills now and then
+        proc.advance(0.5, worker=1.0, helper=0.5, loop=0.02)
+        spare.helpers_s += 0.25                 # what `spreading()` measured around those prefills
+        spare.tick()
+    proc.advance(0.5, worker=0.05, loop=0.3)    # a burst's 16 updates stored just before its prefill
     assert spare.threads(1, 8) == 2
+    for _ in range(12):                         # a busy bot streaming to many chats
+        proc.advance(0.5, worker=1.0, loop=0.25)
+        spare.tick()
+    assert spare.threads(1, 8) == 2
+
+
+def test_an_event_loop_kept_busy_is_load(proc):
+    spare = cores(proc)
+    for _ in range(12):                         # a flood: the loop busy for seconds
+        proc.advance(0.5, worker=0.2, loop=0.7)
+        spare.tick()
+    assert spare.threads(1, 8) == 1
+    assert spare.others == pytest.approx(0.7 - 0.3, abs=0.1)   # beyond the loop's ordinary share
+
+
+def test_spreading_counts_the_helper_threads_time(proc):
+    spare = cores(proc)
+    with spare.spreading():
+        proc.advance(0.2, worker=1.0, helper=0.9)
+    assert spare.helpers_s == pytest.approx(0.18)
 
 
 def test_only_the_cpus_this_process_may_run_on_count(tmp_path):
@@ -94,7 +122,7 @@ def test_only_the_cpus_this_process_may_run_on_count(tmp_path):
 
 def test_the_most_threads_and_the_base_bound_the_answer(proc):
     spare = cores(proc)
-    proc.advance(1.0, others={})
+    proc.advance(1.0)
     assert spare.threads(1, 1) == 1            # [engine] prefill_threads = 1 (or <= threads): never spread
     assert spare.threads(2, 8) == 2            # the decode threads already take every core
     proc.advance(1.0, others={0: 1.0, 1: 1.0})
@@ -102,11 +130,12 @@ def test_the_most_threads_and_the_base_bound_the_answer(proc):
 
 
 def test_without_a_window_or_without_proc_nothing_is_spread(proc, tmp_path):
-    spare = SpareCores(proc.root, cpus={0, 1}, clock=lambda: proc.now)
+    spare = SpareCores(proc.root, cpus={0, 1}, clock=lambda: proc.now, process_cpu=lambda: proc.process_s,
+                       thread_cpu=lambda: proc.worker_s)
     assert spare.threads(1, 8) == 1 and spare.others is None          # first look: no window yet
-    proc.advance(10 * 60, others={})
+    proc.advance(10 * 60)
     assert spare.threads(1, 8) == 1                                   # a stale sample says nothing about now
-    proc.advance(0.6, others={})
+    proc.advance(0.6)
     assert spare.threads(1, 8) == 2                                   # …and is replaced
     gone = SpareCores(tmp_path / "no-proc", cpus={0, 1})
     gone.tick()

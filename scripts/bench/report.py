@@ -99,6 +99,16 @@ def _features(m: dict) -> str:
     return f" ({', '.join(features)})" if features else ""
 
 
+def _prefill_threads(cfg: dict) -> str:
+    """How the engine's prefills were run ([engine] prefill_threads; runs before it had none: one thread)."""
+    most = cfg.get("prefill_threads")
+    if most is None:
+        return "prefills on the engine's threads"
+    if most == 0:
+        return "prefills on the engine's threads plus the cores other processes left idle"
+    return f"prefills on at most {most} thread(s)"
+
+
 def format_report(results: dict, markdown: bool = False) -> str:
     """The tables `mynah bench` prints (markdown for docs/BENCHMARKS.md)."""
     s = summarize(results)
@@ -109,6 +119,7 @@ def format_report(results: dict, markdown: bool = False) -> str:
     head = (f"model: {results['model']} ({s['baselines']['parameters'] / 1e6:.0f}M parameters); "
             f"contexts of ≤{cfg['context_tokens']} tokens (mean {_fmt(context)}), {cfg['new_tokens']} new tokens per reply; "
             f"{m['cpu'] or 'cpu'}{_features(m)}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads; "
+            f"{_prefill_threads(cfg)}; "
             f"load average {m['loadavg'][0]:.2f} at start, {m.get('loadavg_end', m['loadavg'])[0]:.2f} at end")
     lines.append(head)
     lines.append("")
