@@ -444,9 +444,14 @@ class Database:
             return list(await self.conn.execute_fetchall(sql, tuple(params)))
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
+        """The first row of a query that returns one (a lookup by key, an aggregate, LIMIT 1).
+
+        One trip to aiosqlite's thread (execute and fetch there together) instead of three (execute,
+        fetch, close the cursor): every incoming message makes several of these before the engine
+        sees it, and each trip waits for the event loop to come round."""
         async with self._lock:
-            async with self.conn.execute(sql, tuple(params)) as cursor:
-                return await cursor.fetchone()
+            rows = await self.conn.execute_fetchall(sql, tuple(params))
+        return rows[0] if rows else None
 
     async def compact_wal(self) -> bool:
         """Checkpoint and empty the WAL so deleted text leaves the disk, not just the tables.
