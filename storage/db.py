@@ -449,8 +449,7 @@ class Database:
         One trip to aiosqlite's thread (execute and fetch there together) instead of three (execute,
         fetch, close the cursor): every incoming message makes several of these before the engine
         sees it, and each trip waits for the event loop to come round."""
-        async with self._lock:
-            rows = await self.conn.execute_fetchall(sql, tuple(params))
+        rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
     async def compact_wal(self) -> bool:

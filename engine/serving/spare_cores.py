@@ -26,6 +26,8 @@ import os
 import time
 from pathlib import Path
 
+from engine.serving.worker import usable_cpus
+
 WINDOW_S = 0.5        # a sample is kept at most this often
 OWN_WINDOW_S = 5.0    # this process's other threads are judged over about this long
 STALE_S = 10.0        # samples further apart than this say nothing about now: start again
@@ -43,7 +45,7 @@ class SpareCores:
     def __init__(self, proc: str | os.PathLike = "/proc", cpus: set[int] | None = None, clock=time.monotonic,
                  process_cpu=time.process_time, thread_cpu=time.thread_time):
         self.proc = Path(proc)
-        self.cpus = cpus if cpus is not None else _usable_cpus()
+        self.cpus = cpus if cpus is not None else usable_cpus()
         self.clock, self.process_cpu, self.thread_cpu = clock, process_cpu, thread_cpu
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100   # /proc/stat's ticks per second
         self.helpers_s = 0.0  # CPU seconds the spread prefills' helper threads used (not the event loop's)
@@ -100,8 +102,8 @@ class SpareCores:
             return base
         self.tick()
         now = self._sample()
-        recent = [s for s in self._samples if now is not None and 0.4 <= now[0] - s[0] <= STALE_S]
-        if now is None or not recent:
+        recent = [] if now is None else [s for s in self._samples if 0.4 <= now[0] - s[0] <= STALE_S]
+        if not recent:
             self.others = None   # no window yet (the first prefill after start-up)
             return base
         short, long = recent[-1], recent[0]
@@ -112,10 +114,3 @@ class SpareCores:
         self.others = max(0.0, other_processes) + max(0.0, own_threads - OWN_SHARE)
         free = int(len(self.cpus) - self.others + HEADROOM)
         return max(base, min(most, free))
-
-
-def _usable_cpus() -> set[int]:
-    try:
-        return set(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux: no /proc either; threads() then keeps the base
-        return set(range(os.cpu_count() or 1))

@@ -22,11 +22,15 @@ def auto_threads() -> int:
     thread of the process (or of the machine) takes one of its cores. On a loaded 2-core
     box a 124M reply took 19 s on two threads and 4.4 s on one (docs/BENCHMARKS.md).
     """
+    return max(1, len(usable_cpus()) - 1)
+
+
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity mask; every CPU where there is none)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+        return set(range(os.cpu_count() or 1))
 
 
 def resolve(request, result) -> None:
